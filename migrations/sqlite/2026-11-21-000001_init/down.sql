@@ -1,0 +1,3 @@
+DROP TABLE ws_settings;
+DROP TABLE instances;
+DROP TABLE accounts;

@@ -1,0 +1,76 @@
+//! The command line: `serve`, `migrate`, `check-config`, and offline account
+//! and instance management against the configured database.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// eventgate: a real-time event gateway for WhatsApp-style instances.
+///
+/// Producers publish events with POST /api/events/publish/:instance;
+/// WebSocket clients receive them on GET /ws/:instance. Settings come from
+/// built-in defaults, then the TOML file (--config or EVENTGATE_CONFIG), then
+/// EVENTGATE_* environment variables.
+#[derive(Debug, Parser)]
+#[command(name = "eventgate", version, about, long_about)]
+pub struct Cli {
+    /// Settings file (TOML). Every key is documented in config/eventgate.toml.
+    #[arg(long, global = true, env = "EVENTGATE_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What to do; `serve` when omitted.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Validate the settings and print them, secrets masked.
+    CheckConfig,
+    /// Manage accounts (TokenAccount holders).
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// Manage instances offline.
+    #[command(subcommand)]
+    Instance(InstanceCommand),
+}
+
+/// `eventgate account …`
+#[derive(Debug, Subcommand)]
+pub enum AccountCommand {
+    /// Create an account; prints its new TokenAccount alone on the last line.
+    Create {
+        /// A name for people; need not be unique.
+        name: String,
+    },
+    /// List accounts (tokens are stored hashed and cannot be shown).
+    List,
+}
+
+/// `eventgate instance …`
+#[derive(Debug, Subcommand)]
+pub enum InstanceCommand {
+    /// Create an instance in an account; prints its TokenInstance on the last line.
+    Create {
+        /// The account's id (see `eventgate account list`).
+        #[arg(long)]
+        account: i64,
+        /// Instance name: 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit.
+        name: String,
+    },
+    /// List instances (of one account with --account).
+    List {
+        #[arg(long)]
+        account: Option<i64>,
+    },
+    /// Delete an instance of an account (its settings go with it).
+    Delete {
+        #[arg(long)]
+        account: i64,
+        name: String,
+    },
+}

@@ -1,0 +1,154 @@
+//! Published events: parsing and validating a publish body (contract §9), and
+//! building the envelope clients receive (contract §1, §7).
+//!
+//! An envelope is serialised once per event and mediaBase64 variant; the
+//! resulting text is shared by every client that receives it.
+
+use bytestring::ByteString;
+use serde_json::{Map, Value};
+
+use crate::domain::EventKind;
+
+/// One accepted event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub kind: EventKind,
+    /// The producer's `data` object, as sent.
+    pub data: Map<String, Value>,
+}
+
+/// Parses a publish body: one `{"event","data"}` object or an array of up to
+/// `max_batch` of them. Every item is checked before any is accepted; the
+/// error text says what was wrong (it goes to `error.details`).
+pub fn parse_publish(body: &[u8], max_batch: usize) -> Result<Vec<Event>, String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    match value {
+        Value::Array(items) => {
+            if items.len() > max_batch {
+                return Err(format!(
+                    "at most {max_batch} events per request, got {}",
+                    items.len()
+                ));
+            }
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| parse_item(item).map_err(|e| format!("item {i}: {e}")))
+                .collect()
+        }
+        item @ Value::Object(_) => Ok(vec![parse_item(item)?]),
+        _ => Err("body must be an event object or an array of them".into()),
+    }
+}
+
+fn parse_item(item: Value) -> Result<Event, String> {
+    let Value::Object(mut fields) = item else {
+        return Err("an event must be an object".into());
+    };
+    let kind = match fields.get("event") {
+        Some(Value::String(name)) => {
+            EventKind::parse(name).ok_or_else(|| format!("unknown event `{name}`"))?
+        }
+        Some(_) => return Err("`event` must be a string".into()),
+        None => return Err("`event` is required".into()),
+    };
+    match fields.remove("data") {
+        Some(Value::Object(data)) => Ok(Event { kind, data }),
+        Some(_) => Err("`data` must be an object".into()),
+        None => Err("`data` is required".into()),
+    }
+}
+
+/// The `instanceData` object of an instance's envelopes, serialised once.
+pub fn instance_data_json(base_url: &str, instance: &str, token: &str) -> String {
+    serde_json::json!({"baseUrl": base_url, "instance": instance, "token": token}).to_string()
+}
+
+/// Whether the event carries a `data.message.media.base64` to strip.
+fn has_media_base64(data: &Map<String, Value>) -> bool {
+    data.get("message")
+        .and_then(|m| m.get("media"))
+        .and_then(Value::as_object)
+        .is_some_and(|media| media.contains_key("base64"))
+}
+
+/// The envelope text of one event. `media_base64 = false` strips
+/// `data.message.media.base64` from `message.exchange` (and only there).
+pub fn envelope(event: &Event, instance_data: &str, media_base64: bool) -> ByteString {
+    let strip = !media_base64 && event.kind == EventKind::MessageExchange && has_media_base64(&event.data);
+    let mut out = String::with_capacity(64 + instance_data.len() + 256);
+    out.push_str("{\"event\":\"");
+    out.push_str(event.kind.as_str());
+    out.push_str("\",\"data\":");
+    let data = if strip {
+        let mut copy = event.data.clone();
+        if let Some(Value::Object(media)) = copy
+            .get_mut("message")
+            .and_then(|m| m.get_mut("media"))
+        {
+            media.remove("base64");
+        }
+        Value::Object(copy).to_string()
+    } else {
+        // A Map serialises infallibly: keys are strings and numbers are finite.
+        serde_json::to_string(&event.data).unwrap_or_else(|_| "{}".into())
+    };
+    out.push_str(&data);
+    out.push_str(",\"instanceData\":");
+    out.push_str(instance_data);
+    out.push('}');
+    ByteString::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_one_and_many() {
+        let one = parse_publish(br#"{"event":"call.update","data":{"a":1},"x":2}"#, 10).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].kind, EventKind::CallUpdate);
+        let many = parse_publish(br#"[{"event":"group.flow","data":{}},{"event":"label.update","data":{"b":[1]}}]"#, 10).unwrap();
+        assert_eq!(many.len(), 2);
+        assert!(parse_publish(b"[]", 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rejects_bad_items() {
+        for bad in [
+            &br#"{"event":"nope","data":{}}"#[..],
+            br#"{"event":"call.update","data":[]}"#,
+            br#"{"event":"call.update"}"#,
+            br#"{"data":{}}"#,
+            br#"{"event":5,"data":{}}"#,
+            br#"[{"event":"call.update","data":{}}, 3]"#,
+            br#"{"event":"call.update","data":{"n":1e999}}"#,
+            b"\"x\"",
+            b"{",
+        ] {
+            assert!(parse_publish(bad, 10).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let eleven = serde_json::to_vec(&vec![json!({"event":"call.update","data":{}}); 11]).unwrap();
+        assert!(parse_publish(&eleven, 10).unwrap_err().contains("at most 10"));
+    }
+
+    #[test]
+    fn envelope_strips_media_only_when_asked() {
+        let ev = parse_publish(
+            br#"{"event":"message.exchange","data":{"message":{"media":{"base64":"AAA","mime":"x"}}}}"#,
+            1,
+        )
+        .unwrap()
+        .remove(0);
+        let idata = instance_data_json("http://h", "i", "t");
+        let kept: Value = serde_json::from_str(&envelope(&ev, &idata, true)).unwrap();
+        assert_eq!(kept["data"]["message"]["media"]["base64"], "AAA");
+        let stripped: Value = serde_json::from_str(&envelope(&ev, &idata, false)).unwrap();
+        assert_eq!(stripped["data"]["message"]["media"], json!({"mime":"x"}));
+        assert_eq!(stripped["instanceData"], json!({"baseUrl":"http://h","instance":"i","token":"t"}));
+        assert_eq!(stripped["event"], "message.exchange");
+    }
+}

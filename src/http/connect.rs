@@ -1,0 +1,112 @@
+//! `GET /ws/:instance` (contract §6): every check before the upgrade, in the
+//! contract's order, then a session actor joined to the instance's actor.
+
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws::WsResponseBuilder;
+
+use super::{instance_param, AppState};
+use crate::auth::{self, query_values, Scope};
+use crate::domain::{EventKind, EventSet};
+use crate::error::ApiError;
+use crate::instance::InstanceInfo;
+use crate::ws::session::{Session, SessionLimits};
+
+/// Parses every `?events=` value (comma-separated, repeatable); empty = no narrowing.
+pub fn parse_narrowing(query: &str) -> Result<EventSet, ApiError> {
+    let mut kinds = Vec::new();
+    for value in query_values(query, "events") {
+        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let kind = EventKind::parse(name).ok_or_else(|| {
+                ApiError::invalid_body(format!("`events` has an unknown event name: {name}"))
+            })?;
+            kinds.push(kind);
+        }
+    }
+    Ok(EventSet::of(&kinds))
+}
+
+/// `GET /ws/:instance`.
+pub async fn connect(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let refused = |e: ApiError| {
+        state
+            .metrics
+            .upgrades
+            .with_label_values(&[e.reason()])
+            .inc();
+        e
+    };
+    if state.is_shutting_down() {
+        return Err(refused(ApiError::ShuttingDown));
+    }
+    let token = auth::request_token(&req);
+    let name = instance_param(&req);
+    let access = state
+        .db(None, move |conn| {
+            auth::authorize(
+                conn,
+                token.as_deref(),
+                Scope::Instance {
+                    name: &name,
+                    account_only: false,
+                },
+            )
+        })
+        .await
+        .map_err(refused)?;
+    let instance = access.instance.ok_or(ApiError::InstanceNotFound).map_err(refused)?;
+    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or("\u{0}"));
+    if !state.origins.read().allows(origin) {
+        return Err(refused(ApiError::OriginNotAllowed));
+    }
+    let narrowing = parse_narrowing(req.query_string()).map_err(refused)?;
+    if !instance.config.as_ref().is_some_and(|c| c.config.enabled) {
+        return Err(refused(ApiError::WebSocketNotEnabled {
+            instance: instance.name.clone(),
+        }));
+    }
+    if actix_http::ws::handshake(req.head()).is_err() {
+        return Err(refused(ApiError::UpgradeExpected));
+    }
+    let ws = &state.settings.ws;
+    let limits = SessionLimits {
+        mailbox: ws.client_buffer,
+        max_message_bytes: ws.max_message_bytes,
+        ping_interval: Duration::from_secs(ws.ping_interval_secs),
+        idle_timeout: Duration::from_secs(ws.idle_timeout_secs),
+    };
+    let info = InstanceInfo {
+        id: instance.id,
+        account: instance.account,
+        name: instance.name.clone(),
+        token: instance.token.clone(),
+    };
+    let addr = state.registry.get_or_start(info, instance.config.clone());
+    let session = Session::new(addr, instance.name, narrowing, limits, state.metrics.clone());
+    let reply = WsResponseBuilder::new(session, &req, payload)
+        .frame_size(ws.max_message_bytes)
+        .start()
+        .map_err(|_| refused(ApiError::UpgradeExpected))?;
+    state.metrics.upgrades.with_label_values(&["accepted"]).inc();
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn narrowing() {
+        assert_eq!(parse_narrowing("").unwrap(), EventSet::default());
+        assert_eq!(parse_narrowing("events=").unwrap(), EventSet::default());
+        let set = parse_narrowing("events=call.update,group.flow&events=label.update").unwrap();
+        assert!(set.allows(EventKind::LabelUpdate) && !set.allows(EventKind::MessageStatus));
+        assert!(parse_narrowing("events=call.update,nope").is_err());
+    }
+}

@@ -1,0 +1,205 @@
+//! `POST /api/instance/new`, `GET /api/instance/list`,
+//! `DELETE /api/instance/delete/:instance` (contract §8).
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::{json, Map, Value};
+
+use super::{instance_param, is_json, read_body, AppState};
+use crate::auth::{self, Principal, Scope};
+use crate::domain::{InstanceName, WsConfig};
+use crate::error::ApiError;
+use crate::http::websocket::parse_events;
+use crate::instance::messages::Deleted;
+use crate::storage::instances::{CreateError, InstanceRecord};
+use crate::storage::{self};
+
+/// The body of `POST /api/instance/new`, validated.
+#[derive(Debug)]
+struct NewInstance {
+    name: InstanceName,
+    token: Option<String>,
+    config: Option<WsConfig>,
+}
+
+fn parse_new_instance(body: &[u8]) -> Result<NewInstance, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_body(format!("body is not valid JSON: {e}")))?;
+    let Value::Object(fields) = value else {
+        return Err(ApiError::invalid_body("body must be a JSON object"));
+    };
+    let name = match fields.get("name") {
+        Some(Value::String(s)) => InstanceName::parse(s).ok_or_else(|| {
+            ApiError::invalid_body(
+                "`name` must be 1-64 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit",
+            )
+        })?,
+        _ => return Err(ApiError::invalid_body("`name` is required and must be a string")),
+    };
+    let token = match fields.get("token") {
+        None => None,
+        Some(Value::String(t)) if auth::is_valid_custom_token(t) => Some(t.clone()),
+        Some(_) => {
+            return Err(ApiError::invalid_body(
+                "`token` must be 32-128 visible ASCII characters",
+            ))
+        }
+    };
+    let enabled = optional_bool(&fields, "websocketEnabled")?;
+    let events = match fields.get("websocketEvents") {
+        None => Vec::new(),
+        Some(v) => parse_events(v, "websocketEvents")?,
+    };
+    let media = optional_bool(&fields, "websocketMediaBase64")?.unwrap_or(false);
+    Ok(NewInstance {
+        name,
+        token,
+        config: enabled.map(|enabled| WsConfig::normalized(enabled, events, media)),
+    })
+}
+
+/// A key that, when present, must be a boolean (`null` is not).
+pub(super) fn optional_bool(fields: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    match fields.get(key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::invalid_body(format!("`{key}` must be a boolean"))),
+    }
+}
+
+fn config_json(rec: &InstanceRecord) -> Value {
+    match &rec.config {
+        Some(c) => json!(c.config),
+        None => Value::Null,
+    }
+}
+
+/// `POST /api/instance/new`: TokenAccount only.
+pub async fn create(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let token = auth::request_token(&req);
+    let access = state
+        .db(None, move |conn| auth::authorize(conn, token.as_deref(), Scope::AccountOnly))
+        .await?;
+    let body = read_body(&req, payload, state.settings.limits.body_bytes).await?;
+    if !is_json(&req) {
+        return Err(ApiError::invalid_body("Content-Type must be application/json"));
+    }
+    let new = parse_new_instance(&body)?;
+    let account = access.principal.account();
+    let token = new.token.unwrap_or_else(auth::generate_token);
+    let record = state
+        .db(None, move |conn| {
+            let hash = auth::token_hash(&token);
+            storage::instances::create(conn, account, &new.name, &token, &hash, new.config.as_ref())
+                .map_err(|e| match e {
+                    CreateError::NameTaken => ApiError::InstanceExists,
+                    CreateError::TokenTaken => ApiError::TokenInUse,
+                    CreateError::Storage(e) => ApiError::from(e),
+                })
+        })
+        .await?;
+    log::info!("instance={} created", record.name);
+    Ok(HttpResponse::Created().json(json!({
+        "success": true,
+        "message": "Instance created",
+        "instance": {
+            "name": record.name,
+            "token": record.token,
+            "websocket": config_json(&record),
+        }
+    })))
+}
+
+/// `GET /api/instance/list`: the account's instances, or the caller's own one.
+pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let token = auth::request_token(&req);
+    let (principal, records) = state
+        .db(None, move |conn| {
+            let access = auth::authorize(conn, token.as_deref(), Scope::AnyToken)?;
+            let records = match &access.principal {
+                Principal::Account(account) => storage::instances::list(conn, *account)?,
+                Principal::Instance(own) => vec![own.clone()],
+            };
+            Ok((access.principal, records))
+        })
+        .await?;
+    let show_token = matches!(principal, Principal::Account(_));
+    let mut instances = Vec::with_capacity(records.len());
+    for rec in &records {
+        let mut item = json!({
+            "name": rec.name,
+            "websocket": config_json(rec),
+            "connectedClients": state.registry.connected(rec.id).await,
+        });
+        if show_token {
+            item["token"] = json!(rec.token);
+        }
+        instances.push(item);
+    }
+    let message = match records.len() {
+        1 => "1 Instance found".to_string(),
+        n => format!("{n} Instances found"),
+    };
+    Ok(HttpResponse::Ok().json(json!({
+        "success": true,
+        "message": message,
+        "instances": instances,
+    })))
+}
+
+/// `DELETE /api/instance/delete/:instance`: TokenAccount only.
+pub async fn delete(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let token = auth::request_token(&req);
+    let name = instance_param(&req);
+    let deleted = state
+        .db(None, move |conn| {
+            let access = auth::authorize(
+                conn,
+                token.as_deref(),
+                Scope::Instance {
+                    name: &name,
+                    account_only: true,
+                },
+            )?;
+            let account = access.principal.account();
+            storage::instances::delete(conn, account, &name)?.ok_or(ApiError::InstanceNotFound)
+        })
+        .await?;
+    if let Some(addr) = state.registry.get(deleted.id) {
+        addr.do_send(Deleted);
+    }
+    log::info!("instance={} deleted", deleted.name);
+    Ok(HttpResponse::Ok().json(json!({
+        "success": true,
+        "message": "Instance deleted",
+        "instance": {"status": "deleted"},
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_instance_bodies() {
+        let ok = parse_new_instance(br#"{"name":"a-1","websocketEnabled":true,"websocketEvents":["call.update","call.update"]}"#).unwrap();
+        assert_eq!(ok.config.unwrap().events.len(), 1);
+        let none = parse_new_instance(br#"{"name":"a","websocketMediaBase64":true}"#).unwrap();
+        assert!(none.config.is_none());
+        for bad in [
+            &br#"{"name":"-a"}"#[..],
+            br#"{"name":5}"#,
+            br#"{}"#,
+            br#"[]"#,
+            br#"{"name":"a","token":"short"}"#,
+            br#"{"name":"a","websocketEnabled":null}"#,
+            br#"{"name":"a","websocketEvents":["nope"]}"#,
+            br#"{"name":"a","websocketMediaBase64":"yes"}"#,
+        ] {
+            assert!(parse_new_instance(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}

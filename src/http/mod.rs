@@ -1,0 +1,229 @@
+//! The HTTP surface: routes, the shared state handlers see, and the helpers
+//! every handler uses (storage off the worker thread, body limits, the
+//! contract's 404/405 replies). Handlers live in one file per resource.
+
+pub mod connect;
+pub mod health;
+pub mod instances;
+pub mod publish;
+pub mod websocket;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header;
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, Error, HttpRequest};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use parking_lot::RwLock;
+
+use crate::error::ApiError;
+use crate::instance::Registry;
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+use crate::storage::{DbConn, DbPool};
+
+/// The browser Origin allowlist (contract §6). Reloadable on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPolicy {
+    any: bool,
+    allowed: Vec<String>,
+}
+
+impl OriginPolicy {
+    pub fn new(list: &[String]) -> Self {
+        Self {
+            any: list.iter().any(|o| o == "*"),
+            allowed: list.iter().map(|o| o.to_ascii_lowercase()).collect(),
+        }
+    }
+
+    /// A request without an Origin is always allowed.
+    pub fn allows(&self, origin: Option<&str>) -> bool {
+        match origin {
+            None => true,
+            Some(_) if self.any => true,
+            Some(o) => self.allowed.iter().any(|a| a.eq_ignore_ascii_case(o)),
+        }
+    }
+}
+
+/// What every handler can reach. Built once before the server starts.
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub pool: DbPool,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub origins: RwLock<OriginPolicy>,
+    /// Set when a graceful shutdown begins: upgrades get 503, `/readyz` 503.
+    pub shutting_down: AtomicBool,
+}
+
+impl AppState {
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Runs blocking storage work on the blocking pool with a pooled
+    /// connection. Checkout and query failures become 500s with `failure`.
+    pub async fn db<T, F>(&self, failure: Option<&'static str>, f: F) -> Result<T, ApiError>
+    where
+        F: FnOnce(&mut DbConn) -> Result<T, ApiError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let outcome = web::block(move || {
+            let mut conn = pool.get().map_err(|e| ApiError::internal(&e))?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| ApiError::internal(&e))
+        .and_then(|r| r);
+        match (outcome, failure) {
+            (Err(ApiError::Internal), Some(message)) => Err(ApiError::Storage { message }),
+            (other, _) => other,
+        }
+    }
+}
+
+/// Reads the request body up to `limit` bytes (413 beyond it). Called after
+/// authentication, as the contract orders the checks.
+pub async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid_body(format!("body could not be read: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Whether the request declares a JSON body (`application/json`, parameters allowed).
+pub fn is_json(req: &HttpRequest) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Whether the request has no Content-Type at all.
+pub fn has_no_content_type(req: &HttpRequest) -> bool {
+    req.headers().get(header::CONTENT_TYPE).is_none()
+}
+
+/// The path's `{instance}` segment.
+pub fn instance_param(req: &HttpRequest) -> String {
+    req.match_info().get("instance").unwrap_or_default().to_string()
+}
+
+/// A resource answering `method` with `handler` and 405 (with `Allow`) otherwise.
+macro_rules! resource {
+    ($path:expr, $method:ident, $allow:literal, $handler:expr) => {
+        web::resource($path)
+            .route(web::$method().to($handler))
+            .default_service(web::to(|| async {
+                Err::<actix_web::HttpResponse, _>(crate::error::ApiError::MethodNotAllowed {
+                    allow: $allow,
+                })
+            }))
+    };
+}
+
+/// Every route of the contract.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource!("/api/instance/new", post, "POST", instances::create))
+        .service(resource!("/api/instance/list", get, "GET", instances::list))
+        .service(resource!(
+            "/api/instance/delete/{instance}",
+            delete,
+            "DELETE",
+            instances::delete
+        ))
+        .service(resource!(
+            "/api/events/websocket/{instance}",
+            post,
+            "POST",
+            websocket::set
+        ))
+        .service(resource!(
+            "/api/events/getWebsocket/{instance}",
+            get,
+            "GET",
+            websocket::get
+        ))
+        .service(resource!(
+            "/api/events/publish/{instance}",
+            post,
+            "POST",
+            publish::publish
+        ))
+        .service(resource!("/ws/{instance}", get, "GET", connect::connect))
+        .service(resource!("/healthz", get, "GET", health::healthz))
+        .service(resource!("/readyz", get, "GET", health::readyz))
+        .service(resource!("/metrics", get, "GET", health::metrics))
+        .service(resource!("/openapi.yaml", get, "GET", health::openapi));
+}
+
+/// The contract's 404 for unknown paths.
+pub async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound)
+}
+
+/// Counts requests by route pattern and status.
+pub async fn count_requests(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let metrics = req.app_data::<web::Data<Metrics>>().cloned();
+    let res = next.call(req).await?;
+    if let Some(metrics) = metrics {
+        let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+        metrics
+            .http_requests
+            .with_label_values(&[&route, res.status().as_str()])
+            .inc();
+    }
+    Ok(res)
+}
+
+/// The application: routes, 404, rate limits and request counting.
+pub fn app(
+    state: web::Data<AppState>,
+    limiter: web::Data<crate::rate_limit::RateLimiter>,
+    metrics: web::Data<Metrics>,
+) -> actix_web::App<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = Error,
+        InitError = (),
+    >,
+> {
+    actix_web::App::new()
+        .app_data(state)
+        .app_data(limiter)
+        .app_data(metrics)
+        .configure(routes)
+        .default_service(web::to(not_found))
+        .wrap(from_fn(crate::rate_limit::middleware))
+        .wrap(from_fn(count_requests))
+}

@@ -1,0 +1,59 @@
+//! `POST /api/events/publish/:instance` (contract §9): validate every event,
+//! then hand them, in order, to the instance's actor on this node. The reply
+//! does not wait for delivery.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::json;
+
+use super::{has_no_content_type, instance_param, is_json, read_body, AppState};
+use crate::auth::{self, Scope};
+use crate::error::ApiError;
+use crate::events::parse_publish;
+use crate::instance::messages::Publish;
+
+/// `POST /api/events/publish/:instance`: TokenAccount only.
+pub async fn publish(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let token = auth::request_token(&req);
+    let name = instance_param(&req);
+    let access = state
+        .db(None, move |conn| {
+            auth::authorize(
+                conn,
+                token.as_deref(),
+                Scope::Instance {
+                    name: &name,
+                    account_only: true,
+                },
+            )
+        })
+        .await?;
+    let instance = access.instance.ok_or(ApiError::InstanceNotFound)?;
+    let limits = &state.settings.limits;
+    let body = read_body(&req, payload, limits.publish_body_bytes).await?;
+    if !(is_json(&req) || has_no_content_type(&req)) {
+        return Err(ApiError::invalid_body("Content-Type must be application/json"));
+    }
+    let events = parse_publish(&body, limits.publish_batch).map_err(ApiError::invalid_body)?;
+    let accepted = events.len();
+    state.metrics.events_published.inc_by(accepted as u64);
+    if accepted > 0 {
+        if let Some(addr) = state.registry.get(instance.id) {
+            addr.do_send(Publish {
+                events: Arc::from(events),
+                accepted_at: Instant::now(),
+            });
+        }
+    }
+    Ok(HttpResponse::Accepted().json(json!({
+        "success": true,
+        "message": "Events accepted",
+        "accepted": accepted,
+    })))
+}

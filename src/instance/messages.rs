@@ -1,0 +1,113 @@
+//! Messages between HTTP handlers, instance actors and session actors.
+
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use bytestring::ByteString;
+
+use crate::domain::{EventSet, VersionedConfig};
+use crate::events::Event;
+use crate::ws::close::CloseCode;
+
+/// A session's identity within its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub u64);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// State a session shares with its instance actor, outside both mailboxes.
+#[derive(Debug, Default)]
+pub struct SessionShared {
+    /// Bytes of frames sent to the session and not yet handed to its socket.
+    pub queued_bytes: AtomicUsize,
+    /// A close the instance asked for (0 = none); read before every delivery.
+    pub close_code: AtomicU16,
+}
+
+impl SessionShared {
+    /// Marks the session for closing with `code`, unless already marked.
+    pub fn request_close(&self, code: CloseCode) {
+        let _ = self
+            .close_code
+            .compare_exchange(0, code.0, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The close asked for, if any.
+    pub fn requested_close(&self) -> Option<CloseCode> {
+        match self.close_code.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(CloseCode(code)),
+        }
+    }
+}
+
+/// Envelopes for one session from one publish request: one mailbox message,
+/// however many events the request carried.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub frames: Arc<[ByteString]>,
+    pub bytes: usize,
+}
+
+/// What an instance actor sends a session.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub enum ToSession {
+    /// Write these frames, in order.
+    Deliver(Batch),
+    /// Close with this code and stop.
+    Close(CloseCode),
+}
+
+/// A session joins its instance's fan-out (sent from the session's `started`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Join {
+    pub session: SessionId,
+    /// The one stored address used for every send to this session.
+    pub recipient: Recipient<ToSession>,
+    /// The client's `?events=` narrowing (empty = none).
+    pub narrowing: EventSet,
+    pub shared: Arc<SessionShared>,
+}
+
+/// A session leaves (sent from the session's `stopping`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leave {
+    pub session: SessionId,
+}
+
+/// Events accepted by the publish endpoint, in accepted order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Publish {
+    pub events: Arc<[Event]>,
+    pub accepted_at: Instant,
+}
+
+/// The instance's settings as persisted; older versions than the one held are ignored.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UpdateSettings(pub Option<VersionedConfig>);
+
+/// The instance was deleted: close every session with 4004 and stop.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deleted;
+
+/// The node is shutting down: close every session with 1001.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CloseAll(pub CloseCode);
+
+/// How many sessions the instance has on this node.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CountSessions;

@@ -1,0 +1,24 @@
+//! Instances at run time: one actor per instance holding its WebSocket
+//! settings and its connected sessions, found through the `Registry`.
+//!
+//! The instance actor never touches the database: HTTP handlers persist first
+//! and then tell it what was persisted.
+
+pub mod actor;
+pub mod messages;
+pub mod registry;
+
+pub use actor::InstanceActor;
+pub use registry::Registry;
+
+use crate::domain::{AccountId, InstanceId};
+
+/// What an instance actor knows of its instance besides its settings.
+#[derive(Debug, Clone)]
+pub struct InstanceInfo {
+    pub id: InstanceId,
+    pub account: AccountId,
+    pub name: String,
+    /// The TokenInstance, for envelopes.
+    pub token: String,
+}

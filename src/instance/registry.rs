@@ -1,0 +1,134 @@
+//! The registry of instance actors on this node: created once before the HTTP
+//! server, it starts an instance's actor on demand (spread over a few
+//! arbiters so one busy instance does not hold the others back) and finds it
+//! again for publishes and settings changes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use actix::prelude::*;
+use parking_lot::Mutex;
+
+use super::actor::{FanoutEnv, InstanceActor};
+use super::messages::{CloseAll, CountSessions};
+use super::InstanceInfo;
+use crate::domain::{InstanceId, VersionedConfig};
+use crate::metrics::MAX_INSTANCE_LABELS;
+use crate::ws::close::CloseCode;
+
+/// The per-instance metrics label shared by instances past the first
+/// `MAX_INSTANCE_LABELS`.
+pub const OTHER_LABEL: &str = "_other";
+
+/// Instance actors by id, and the threads they run on.
+pub struct Registry {
+    instances: Mutex<HashMap<InstanceId, Addr<InstanceActor>>>,
+    arbiters: Vec<Arbiter>,
+    next_arbiter: AtomicUsize,
+    env: FanoutEnv,
+    labelled: AtomicUsize,
+    me: Weak<Registry>,
+}
+
+impl Registry {
+    /// Starts `arbiters` threads for instance actors. Call inside an actix system.
+    pub fn new(arbiters: usize, env: FanoutEnv) -> Arc<Self> {
+        Arc::new_cyclic(|me| Registry {
+            instances: Mutex::new(HashMap::new()),
+            arbiters: (0..arbiters.max(1)).map(|_| Arbiter::new()).collect(),
+            next_arbiter: AtomicUsize::new(0),
+            env,
+            labelled: AtomicUsize::new(0),
+            me: me.clone(),
+        })
+    }
+
+    /// The instance's actor, if it runs on this node.
+    pub fn get(&self, id: InstanceId) -> Option<Addr<InstanceActor>> {
+        self.instances.lock().get(&id).cloned()
+    }
+
+    /// The instance's actor, started with `config` when it is not running.
+    pub fn get_or_start(
+        &self,
+        info: InstanceInfo,
+        config: Option<VersionedConfig>,
+    ) -> Addr<InstanceActor> {
+        let mut instances = self.instances.lock();
+        if let Some(addr) = instances.get(&info.id).filter(|a| a.connected()) {
+            return addr.clone();
+        }
+        let label = if self.labelled.fetch_add(1, Ordering::AcqRel) < MAX_INSTANCE_LABELS {
+            format!("{}#{}", info.name, info.id.0)
+        } else {
+            self.labelled.fetch_sub(1, Ordering::AcqRel);
+            OTHER_LABEL.to_string()
+        };
+        let i = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
+        let (id, env, me) = (info.id, self.env.clone(), self.me.clone());
+        let addr = InstanceActor::start_in_arbiter(&self.arbiters[i].handle(), move |_| {
+            InstanceActor::new(info, config, env, me, label)
+        });
+        instances.insert(id, addr.clone());
+        addr
+    }
+
+    /// Forgets a stopped actor (only if it is still the one registered).
+    pub(super) fn remove(&self, id: InstanceId, addr: &Addr<InstanceActor>, label: &str) {
+        let mut instances = self.instances.lock();
+        if instances.get(&id) == Some(addr) {
+            instances.remove(&id);
+        }
+        if label != OTHER_LABEL {
+            self.labelled.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Every running instance actor.
+    pub fn all(&self) -> Vec<Addr<InstanceActor>> {
+        self.instances.lock().values().cloned().collect()
+    }
+
+    /// Clients of the instance connected to this node.
+    pub async fn connected(&self, id: InstanceId) -> usize {
+        match self.get(id) {
+            Some(addr) => addr.send(CountSessions).await.unwrap_or(0),
+            None => 0,
+        }
+    }
+
+    /// Closes every session of every instance with `code`; returns how many.
+    pub async fn close_all(&self, code: CloseCode) -> usize {
+        let mut closed = 0;
+        for addr in self.all() {
+            closed += addr.send(CloseAll(code)).await.unwrap_or(0);
+        }
+        closed
+    }
+
+    /// Whether every instance thread runs tasks within `timeout` (watchdog).
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let mut answers = Vec::with_capacity(self.arbiters.len());
+        for arbiter in &self.arbiters {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if !arbiter.spawn(async move {
+                let _ = tx.send(());
+            }) {
+                return false;
+            }
+            answers.push(rx);
+        }
+        let all = futures_util::future::join_all(answers);
+        matches!(tokio::time::timeout(timeout, all).await, Ok(r) if r.iter().all(Result::is_ok))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! # eventgate
+//!
+//! A real-time event gateway. Producers publish an instance's events over
+//! HTTP; eventgate fans them out to that instance's WebSocket clients,
+//! filtered by the instance's WebSocket settings. The public contract is
+//! `../shared/spec/events-api.md`.
+//!
+//! ## A tour
+//! - [`settings`]: the settings tree (defaults ← TOML file ← `EVENTGATE_*`).
+//! - [`storage`]: diesel on SQLite (default) or PostgreSQL; accounts,
+//!   instances and WebSocket settings. Only HTTP handlers and the command
+//!   line call it, always off the actor threads.
+//! - [`auth`], [`rate_limit`]: tokens and fixed-window limits.
+//! - [`http`]: the REST API and the `/ws/:instance` upgrade.
+//! - [`instance`]: one actor per instance (settings + its sessions), found
+//!   through the [`instance::Registry`] started once before the server.
+//! - [`ws`]: one session actor per client with a bounded mailbox; a client
+//!   that falls behind is closed with 4008 and nobody else waits.
+//! - [`events`]: publish bodies and envelopes (serialised once per event).
+//! - [`lifecycle`], [`metrics`]: systemd, signals, drain, Prometheus.
+//!
+//! [`run`] takes settings and an already-bound listener, so tests bind
+//! `127.0.0.1:0` and run exactly what production runs.
+
+pub mod auth;
+pub mod cli;
+pub mod domain;
+pub mod error;
+pub mod events;
+pub mod http;
+pub mod instance;
+pub mod lifecycle;
+pub mod metrics;
+pub mod rate_limit;
+pub mod settings;
+pub mod storage;
+pub mod ws;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, HttpServer};
+use parking_lot::RwLock;
+
+use crate::http::{AppState, OriginPolicy};
+use crate::instance::actor::FanoutEnv;
+use crate::instance::Registry;
+use crate::metrics::Metrics;
+use crate::rate_limit::RateLimiter;
+use crate::settings::Settings;
+use crate::storage::DbPool;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Settings(#[from] settings::SettingsError),
+    #[error("storage: {0}")]
+    Storage(#[from] storage::StorageError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the database (failing fast with the real error), applies migrations
+/// and ensures the configured account exists. Blocking.
+pub fn open_storage(settings: &Settings) -> Result<DbPool, StartError> {
+    let pool = storage::connect(
+        &settings.database_url(),
+        settings.storage.pool_size,
+        Duration::from_secs(settings.storage.connect_timeout_secs),
+    )?;
+    if !settings.auth.account_token.is_empty() {
+        let mut conn = pool.get().map_err(storage::StorageError::from)?;
+        let hash = auth::token_hash(&settings.auth.account_token);
+        storage::accounts::ensure(&mut conn, "default", &hash)?;
+    }
+    Ok(pool)
+}
+
+/// Runs the gateway on `listener` until SIGTERM/SIGINT; SIGHUP re-reads the
+/// environment. See [`serve`] to reload from a file.
+pub async fn run(settings: Settings, listener: TcpListener) -> Result<(), StartError> {
+    serve(settings, listener, None).await
+}
+
+/// Runs the gateway; SIGHUP re-reads `config_path` (when given) and the environment.
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    config_path: Option<PathBuf>,
+) -> Result<(), StartError> {
+    let settings = Arc::new(settings);
+    let opened = {
+        let settings = settings.clone();
+        tokio::task::spawn_blocking(move || open_storage(&settings)).await
+    };
+    let pool = opened.map_err(|e| std::io::Error::other(e.to_string()))??;
+    let local = listener.local_addr()?;
+    let base_url = if settings.server.public_base_url.is_empty() {
+        format!("http://{local}")
+    } else {
+        settings.server.public_base_url.trim_end_matches('/').to_string()
+    };
+    let metrics = Arc::new(Metrics::new()?);
+    let registry = Registry::new(
+        settings.server.instance_arbiters,
+        FanoutEnv {
+            base_url: base_url.into(),
+            client_buffer_bytes: settings.ws.client_buffer_bytes,
+            metrics: metrics.clone(),
+        },
+    );
+    let state = web::Data::new(AppState {
+        settings: settings.clone(),
+        pool,
+        registry,
+        metrics: metrics.clone(),
+        origins: RwLock::new(OriginPolicy::new(&settings.ws.allowed_origins)),
+        shutting_down: AtomicBool::new(false),
+    });
+    let limiter = web::Data::new(RateLimiter::new(settings.rate_limit.clone()));
+    let metrics_data = web::Data::from(metrics);
+    let user_timeout = Duration::from_secs(settings.ws.tcp_user_timeout_secs);
+    let server = {
+        let (state, limiter) = (state.clone(), limiter.clone());
+        HttpServer::new(move || http::app(state.clone(), limiter.clone(), metrics_data.clone()))
+            .workers(settings.server.workers)
+            .disable_signals()
+            .keep_alive(Duration::from_secs(settings.server.keep_alive_secs))
+            .client_request_timeout(Duration::from_secs(
+                settings.server.client_request_timeout_secs,
+            ))
+            .shutdown_timeout(settings.server.shutdown_drain_secs)
+            .on_connect(move |conn, _| set_user_timeout(conn, user_timeout))
+            .listen(listener)?
+            .run()
+    };
+    log::info!("eventgate listening on {local}");
+    lifecycle::notify_ready(0);
+    actix_web::rt::spawn(lifecycle::watchdog(state.clone()));
+    let reload = move || {
+        let file = config_path.clone();
+        Settings::load(file.as_deref(), &|k| std::env::var(k).ok()).map_err(|e| e.to_string())
+    };
+    actix_web::rt::spawn(lifecycle::handle_signals(
+        state.clone(),
+        limiter,
+        server.handle(),
+        reload,
+    ));
+    server.await?;
+    log::info!("eventgate stopped");
+    Ok(())
+}
+
+/// Sets `TCP_USER_TIMEOUT` on an accepted socket, so a peer that stops
+/// reading is dropped by the kernel even while its session actor is frozen.
+fn set_user_timeout(conn: &dyn std::any::Any, timeout: Duration) {
+    if timeout.is_zero() {
+        return;
+    }
+    if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(timeout)) {
+            log::debug!("cannot set TCP_USER_TIMEOUT: {e}");
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Life under systemd: readiness and status notifications, a watchdog that
+//! pings the actor system rather than a timer, signals (SIGTERM/SIGINT drain
+//! and stop, SIGHUP reload), and the graceful drain itself.
+//!
+//! Outside systemd (no `NOTIFY_SOCKET`) the notifications do nothing.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use actix_web::web;
+use sd_notify::NotifyState;
+
+use crate::http::{AppState, OriginPolicy};
+use crate::rate_limit::RateLimiter;
+use crate::settings::Settings;
+use crate::ws::close::CloseCode;
+
+/// How long the watchdog waits for the instance threads to answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long closing frames get to reach clients before connections are dropped.
+const CLOSE_FLUSH: Duration = Duration::from_millis(300);
+
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        log::debug!("sd_notify failed: {e}");
+    }
+}
+
+/// Tells systemd the gateway is ready (migrations ran, listener bound).
+pub fn notify_ready(clients: i64) {
+    let status = format!("STATUS=ready; {clients} clients connected");
+    notify(&[NotifyState::Ready, NotifyState::Custom(&status)]);
+}
+
+/// Sends `WATCHDOG=1` at half the interval systemd asks for, and `STATUS=`
+/// with the client count, but only while the instance threads answer.
+pub async fn watchdog(state: web::Data<AppState>) {
+    let interval = sd_notify::watchdog_enabled();
+    let enabled = interval.is_some();
+    let period = interval
+        .filter(|d| !d.is_zero())
+        .map_or(Duration::from_secs(10), |d| d / 2);
+    loop {
+        tokio::time::sleep(period).await;
+        if state.is_shutting_down() {
+            return;
+        }
+        if state.registry.ping(PING_TIMEOUT).await {
+            let status = format!(
+                "STATUS=serving; {} clients connected",
+                state.metrics.connected_clients.get()
+            );
+            if enabled {
+                notify(&[NotifyState::Watchdog, NotifyState::Custom(&status)]);
+            } else {
+                notify(&[NotifyState::Custom(&status)]);
+            }
+        } else {
+            log::error!("watchdog: instance threads did not answer within {PING_TIMEOUT:?}");
+        }
+    }
+}
+
+/// Drains and stops the server: refuse upgrades, close every WebSocket with
+/// 1001, let in-flight requests finish, stop within the drain time.
+pub async fn drain(state: web::Data<AppState>, server: ServerHandle) {
+    state.shutting_down.store(true, Ordering::Release);
+    notify(&[NotifyState::Stopping, NotifyState::Custom("STATUS=draining")]);
+    let closed = state.registry.close_all(CloseCode::GOING_AWAY).await;
+    log::info!("shutting down: closed {closed} WebSocket sessions");
+    tokio::time::sleep(CLOSE_FLUSH).await;
+    server.stop(true).await;
+}
+
+/// Applies what can change safely at run time; logs what changed.
+pub fn reload(state: &AppState, limiter: &RateLimiter, fresh: &Settings) {
+    let level = fresh.log.level.parse::<log::LevelFilter>().ok();
+    if let Some(level) = level {
+        if level != log::max_level() {
+            log::set_max_level(level);
+            log::info!("reload: log level is now {level}");
+        }
+    }
+    let origins = OriginPolicy::new(&fresh.ws.allowed_origins);
+    let mut held = state.origins.write();
+    if *held != origins {
+        *held = origins;
+        log::info!(
+            "reload: allowed origins are now {}",
+            fresh.ws.allowed_origins.join(",")
+        );
+    }
+    drop(held);
+    limiter.set_limits(fresh.rate_limit.clone());
+    log::info!(
+        "reload: rate limits {}/min, instance creation {}/min, publish {}/min",
+        fresh.rate_limit.per_minute,
+        fresh.rate_limit.instance_new_per_minute,
+        fresh.rate_limit.publish_per_minute
+    );
+}
+
+/// Waits for signals: SIGTERM/SIGINT drain and stop; SIGHUP calls `reload_settings`.
+pub async fn handle_signals(
+    state: web::Data<AppState>,
+    limiter: web::Data<RateLimiter>,
+    server: ServerHandle,
+    reload_settings: impl Fn() -> Result<Settings, String>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        log::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { log::info!("SIGTERM: draining"); break; }
+            _ = int.recv() => { log::info!("SIGINT: draining"); break; }
+            _ = hup.recv() => match reload_settings() {
+                Ok(fresh) => reload(&state, &limiter, &fresh),
+                Err(e) => log::error!("reload failed, settings unchanged: {e}"),
+            },
+        }
+    }
+    drain(state, server).await;
+}

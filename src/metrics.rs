@@ -1,0 +1,135 @@
+//! Prometheus metrics: one registry per server, rendered by `GET /metrics`.
+//! Owns the metric definitions only; the code that observes things holds a
+//! `Metrics` handle and bumps them.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Most instances reported by name in the per-instance gauge; the rest are
+/// summed under `instance="_other"` so cardinality stays bounded.
+pub const MAX_INSTANCE_LABELS: usize = 100;
+
+/// Every metric eventgate exports.
+pub struct Metrics {
+    registry: Registry,
+    pub connected_clients: IntGauge,
+    pub connected_by_instance: IntGaugeVec,
+    pub upgrades: IntCounterVec,
+    pub events_published: IntCounter,
+    pub events_delivered: IntCounter,
+    pub clients_evicted: IntCounterVec,
+    pub disconnects: IntCounterVec,
+    pub fanout_seconds: Histogram,
+    pub http_requests: IntCounterVec,
+    pub rate_limited: IntCounter,
+    pub bus_errors: IntCounterVec,
+}
+
+impl Metrics {
+    /// Builds and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let connected_clients = IntGauge::new(
+            "eventgate_connected_clients",
+            "WebSocket clients connected to this node",
+        )?;
+        let connected_by_instance = IntGaugeVec::new(
+            Opts::new(
+                "eventgate_instance_connected_clients",
+                "WebSocket clients connected to this node, per instance (bounded; the rest under _other)",
+            ),
+            &["instance"],
+        )?;
+        let upgrades = IntCounterVec::new(
+            Opts::new(
+                "eventgate_ws_upgrades_total",
+                "WebSocket upgrade attempts by result (accepted, or the refusal reason)",
+            ),
+            &["result"],
+        )?;
+        let events_published = IntCounter::new(
+            "eventgate_events_published_total",
+            "Events accepted by the publish endpoint",
+        )?;
+        let events_delivered = IntCounter::new(
+            "eventgate_events_delivered_total",
+            "Envelopes queued to WebSocket clients",
+        )?;
+        let clients_evicted = IntCounterVec::new(
+            Opts::new(
+                "eventgate_clients_evicted_total",
+                "Clients closed by the server, by reason (slow_consumer, heartbeat)",
+            ),
+            &["reason"],
+        )?;
+        let disconnects = IntCounterVec::new(
+            Opts::new(
+                "eventgate_client_disconnects_total",
+                "WebSocket sessions ended, by close reason",
+            ),
+            &["reason"],
+        )?;
+        let fanout_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "eventgate_fanout_seconds",
+                "Time from a publish being accepted to its events being queued to every client",
+            )
+            .buckets(vec![
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 1.0,
+            ]),
+        )?;
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "eventgate_http_requests_total",
+                "HTTP requests by route and status",
+            ),
+            &["route", "status"],
+        )?;
+        let rate_limited = IntCounter::new(
+            "eventgate_rate_limited_total",
+            "Requests refused with 429 by the rate limiter",
+        )?;
+        let bus_errors = IntCounterVec::new(
+            Opts::new(
+                "eventgate_bus_errors_total",
+                "Messages that could not cross to other nodes, by kind",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(connected_clients.clone()))?;
+        registry.register(Box::new(connected_by_instance.clone()))?;
+        registry.register(Box::new(upgrades.clone()))?;
+        registry.register(Box::new(events_published.clone()))?;
+        registry.register(Box::new(events_delivered.clone()))?;
+        registry.register(Box::new(clients_evicted.clone()))?;
+        registry.register(Box::new(disconnects.clone()))?;
+        registry.register(Box::new(fanout_seconds.clone()))?;
+        registry.register(Box::new(http_requests.clone()))?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        registry.register(Box::new(bus_errors.clone()))?;
+        Ok(Self {
+            registry,
+            connected_clients,
+            connected_by_instance,
+            upgrades,
+            events_published,
+            events_delivered,
+            clients_evicted,
+            disconnects,
+            fanout_seconds,
+            http_requests,
+            rate_limited,
+            bus_errors,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
+        String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}

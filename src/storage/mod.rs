@@ -1,0 +1,78 @@
+//! Persistent state: accounts, instances and their WebSocket settings, on
+//! SQLite (the default, embedded) or PostgreSQL (when the URL says so).
+//!
+//! Owns the connection pool, migrations and every query. Functions here take
+//! a `&mut DbConn` and block: callers run them inside `web::block` (or on a
+//! command-line thread), never on an actor's thread.
+
+pub mod accounts;
+pub mod instances;
+pub mod pool;
+pub mod schema;
+pub mod ws_settings;
+
+pub use pool::{connect, DbConn, DbPool};
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Failures of the storage layer. The text is for logs only.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("database connection failed: {0}")]
+    Connection(String),
+    #[error("database pool: {0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("migrations failed: {0}")]
+    Migration(String),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+/// Whether a diesel error is a unique-constraint violation.
+pub fn is_unique_violation(e: &diesel::result::Error) -> bool {
+    matches!(
+        e,
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
+    )
+}
+
+/// Unix time in milliseconds, as stored in `*_at` columns.
+pub fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A trivial query: whether the connection still works.
+pub fn ping(conn: &mut DbConn) -> Result<(), StorageError> {
+    use diesel::connection::SimpleConnection;
+    with_conn!(conn, c => c.batch_execute("SELECT 1")).map_err(StorageError::from)
+}
+
+/// Runs `$body` with `$c` bound to the concrete connection of either backend,
+/// so one query text serves both even where diesel's generic types differ.
+macro_rules! with_conn {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            $crate::storage::DbConn::Sqlite($c) => $body,
+            $crate::storage::DbConn::Pg($c) => $body,
+        }
+    };
+}
+
+/// Runs `$body` in a write transaction on either backend: `BEGIN IMMEDIATE`
+/// on SQLite (takes the write lock up front, so no "database is locked" on
+/// upgrade), an ordinary transaction on PostgreSQL.
+macro_rules! write_tx {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            $crate::storage::DbConn::Sqlite(conn) => conn.immediate_transaction(|$c| $body),
+            $crate::storage::DbConn::Pg(conn) => conn.transaction(|$c| $body),
+        }
+    };
+}
+
+pub(crate) use {with_conn, write_tx};

@@ -1,0 +1,140 @@
+//! The connection pool: a connection manager that picks the backend from the
+//! URL scheme (so a down PostgreSQL reports its real error at once), SQLite
+//! pragmas on every connection, and the embedded migrations of both backends.
+
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::sqlite::SqliteConnection;
+use diesel::Connection;
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+use super::StorageError;
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// Most SQLite connections pooled: writes serialise on one lock anyway.
+const SQLITE_MAX_POOL: u32 = 4;
+
+/// Milliseconds a SQLite writer waits for the lock before failing.
+const SQLITE_BUSY_TIMEOUT_MS: u32 = 10_000;
+
+/// One connection to either backend.
+pub enum DbConn {
+    Pg(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+/// Which backend a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    /// `postgres://` and `postgresql://` are PostgreSQL; anything else is a SQLite path or URL.
+    pub fn of(url: &str) -> Backend {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+}
+
+/// Opens connections for r2d2, choosing the backend by URL scheme.
+#[derive(Debug, Clone)]
+pub struct DbManager {
+    url: String,
+    backend: Backend,
+}
+
+impl DbManager {
+    pub fn new(url: &str) -> Self {
+        let backend = Backend::of(url);
+        let url = match backend {
+            Backend::Postgres => url.to_string(),
+            Backend::Sqlite => url.strip_prefix("sqlite://").unwrap_or(url).to_string(),
+        };
+        Self { url, backend }
+    }
+}
+
+impl r2d2::ManageConnection for DbManager {
+    type Connection = DbConn;
+    type Error = StorageError;
+
+    fn connect(&self) -> Result<DbConn, StorageError> {
+        match self.backend {
+            Backend::Postgres => PgConnection::establish(&self.url)
+                .map(DbConn::Pg)
+                .map_err(|e| StorageError::Connection(e.to_string())),
+            Backend::Sqlite => {
+                let mut conn = SqliteConnection::establish(&self.url)
+                    .map_err(|e| StorageError::Connection(e.to_string()))?;
+                // One statement each, busy_timeout first: the WAL switch itself may wait.
+                for pragma in [
+                    format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};"),
+                    "PRAGMA journal_mode = WAL;".to_string(),
+                    "PRAGMA synchronous = FULL;".to_string(),
+                    "PRAGMA foreign_keys = ON;".to_string(),
+                ] {
+                    conn.batch_execute(&pragma)
+                        .map_err(|e| StorageError::Connection(e.to_string()))?;
+                }
+                Ok(DbConn::Sqlite(conn))
+            }
+        }
+    }
+
+    fn is_valid(&self, conn: &mut DbConn) -> Result<(), StorageError> {
+        super::with_conn!(conn, c => c.batch_execute("SELECT 1").map_err(StorageError::from))
+    }
+
+    fn has_broken(&self, _conn: &mut DbConn) -> bool {
+        false
+    }
+}
+
+/// The shared pool of connections.
+pub type DbPool = r2d2::Pool<DbManager>;
+
+/// Opens the pool, failing within `timeout` with the real error when the
+/// database cannot be reached, then applies pending migrations.
+pub fn connect(url: &str, pool_size: u32, timeout: Duration) -> Result<DbPool, StorageError> {
+    let manager = DbManager::new(url);
+    if manager.backend == Backend::Sqlite {
+        if let Some(dir) = std::path::Path::new(&manager.url).parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StorageError::Connection(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+        }
+    }
+    // Connect once by hand: r2d2 would only report a timeout, hiding the cause.
+    let mut first = r2d2::ManageConnection::connect(&manager)?;
+    run_migrations(&mut first)?;
+    drop(first);
+    let size = match manager.backend {
+        Backend::Sqlite => pool_size.min(SQLITE_MAX_POOL),
+        Backend::Postgres => pool_size,
+    };
+    Ok(r2d2::Pool::builder()
+        .max_size(size)
+        .min_idle(Some(1))
+        .connection_timeout(timeout)
+        .build(manager)?)
+}
+
+/// Applies every pending migration of the connection's backend.
+pub fn run_migrations(conn: &mut DbConn) -> Result<usize, StorageError> {
+    let applied = match conn {
+        DbConn::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
+        DbConn::Pg(c) => c.run_pending_migrations(POSTGRES_MIGRATIONS).map(|v| v.len()),
+    };
+    applied.map_err(|e| StorageError::Migration(e.to_string()))
+}

@@ -1,0 +1,37 @@
+//! Table definitions shared by the SQLite and PostgreSQL backends. Written by
+//! hand: only types both backends share (BigInt, Text, Bool).
+
+diesel::table! {
+    accounts (id) {
+        id -> BigInt,
+        name -> Text,
+        token_hash -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    instances (id) {
+        id -> BigInt,
+        account_id -> BigInt,
+        name -> Text,
+        token -> Text,
+        token_hash -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    ws_settings (instance_id) {
+        instance_id -> BigInt,
+        enabled -> Bool,
+        events -> Text,
+        media_base64 -> Bool,
+        version -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::joinable!(instances -> accounts (account_id));
+diesel::joinable!(ws_settings -> instances (instance_id));
+diesel::allow_tables_to_appear_in_same_query!(accounts, instances, ws_settings);

@@ -1,0 +1,212 @@
+//! The session actor: one per WebSocket client. It joins its instance's
+//! fan-out from `started` (after raising its mailbox capacity), writes the
+//! frames it is given, answers pings, pings on a timer, and closes with the
+//! contract's codes. It never touches the database.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_http::ws::{CloseReason, Item, Message, ProtocolError};
+use actix_web_actors::ws::WebsocketContext;
+
+use super::close::CloseCode;
+use super::rules::{Heartbeat, Reassembly, Verdict};
+use crate::domain::EventSet;
+use crate::instance::messages::{Join, Leave, SessionId, SessionShared, ToSession};
+use crate::instance::InstanceActor;
+use crate::metrics::Metrics;
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Per-session limits, from the `[ws]` settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub mailbox: usize,
+    pub max_message_bytes: usize,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// One connected client.
+pub struct Session {
+    id: SessionId,
+    instance: Addr<InstanceActor>,
+    instance_name: String,
+    narrowing: EventSet,
+    shared: Arc<SessionShared>,
+    limits: SessionLimits,
+    heartbeat: Heartbeat,
+    reassembly: Reassembly,
+    metrics: Arc<Metrics>,
+    /// Why the session ended, for the disconnect counter.
+    ended: CloseCode,
+}
+
+impl Session {
+    pub fn new(
+        instance: Addr<InstanceActor>,
+        instance_name: String,
+        narrowing: EventSet,
+        limits: SessionLimits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            id: SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed)),
+            instance,
+            instance_name,
+            narrowing,
+            shared: Arc::new(SessionShared::default()),
+            limits,
+            heartbeat: Heartbeat::new(limits.idle_timeout),
+            reassembly: Reassembly::default(),
+            metrics,
+            ended: CloseCode::NORMAL,
+        }
+    }
+
+    /// Sends a close frame with `code` and stops the actor.
+    fn close(&mut self, ctx: &mut WebsocketContext<Self>, code: CloseCode) {
+        self.ended = code;
+        ctx.close(Some(CloseReason {
+            code: code.0.into(),
+            description: Some(code.reason().to_string()),
+        }));
+        ctx.stop();
+    }
+
+    fn verdict(&mut self, ctx: &mut WebsocketContext<Self>, verdict: Verdict) {
+        if let Verdict::Close(code) = verdict {
+            log::warn!(
+                "instance={} session={} client frame refused: {}",
+                self.instance_name,
+                self.id,
+                code.reason()
+            );
+            self.close(ctx, code);
+        }
+    }
+}
+
+impl Actor for Session {
+    type Context = WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.limits.mailbox);
+        self.instance.do_send(Join {
+            session: self.id,
+            recipient: ctx.address().recipient(),
+            narrowing: self.narrowing,
+            shared: self.shared.clone(),
+        });
+        self.metrics.connected_clients.inc();
+        log::debug!("instance={} session={} connected", self.instance_name, self.id);
+        ctx.run_interval(self.limits.ping_interval, |act, ctx| {
+            if let Some(code) = act.shared.requested_close() {
+                act.close(ctx, code);
+            } else if act.heartbeat.expired(Instant::now()) {
+                act.metrics
+                    .clients_evicted
+                    .with_label_values(&[CloseCode::HEARTBEAT_TIMEOUT.label()])
+                    .inc();
+                log::warn!(
+                    "instance={} session={} heartbeat timeout",
+                    act.instance_name,
+                    act.id
+                );
+                act.close(ctx, CloseCode::HEARTBEAT_TIMEOUT);
+            } else {
+                ctx.ping(b"");
+            }
+        });
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.instance.do_send(Leave { session: self.id });
+        Running::Stop
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.metrics.connected_clients.dec();
+        self.metrics
+            .disconnects
+            .with_label_values(&[self.ended.label()])
+            .inc();
+        log::debug!(
+            "instance={} session={} disconnected: {}",
+            self.instance_name,
+            self.id,
+            self.ended.reason()
+        );
+    }
+}
+
+impl Handler<ToSession> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: ToSession, ctx: &mut Self::Context) {
+        match msg {
+            ToSession::Deliver(batch) => {
+                self.shared
+                    .queued_bytes
+                    .fetch_sub(batch.bytes, Ordering::AcqRel);
+                if let Some(code) = self.shared.requested_close() {
+                    return self.close(ctx, code);
+                }
+                for frame in batch.frames.iter() {
+                    ctx.text(frame.clone());
+                }
+            }
+            ToSession::Close(code) => self.close(ctx, code),
+        }
+    }
+}
+
+impl StreamHandler<Result<Message, ProtocolError>> for Session {
+    fn handle(&mut self, msg: Result<Message, ProtocolError>, ctx: &mut Self::Context) {
+        self.heartbeat.heard();
+        let max = self.limits.max_message_bytes;
+        let msg = match msg {
+            Ok(msg) => msg,
+            Err(ProtocolError::Overflow) => return self.verdict(ctx, Verdict::Close(CloseCode::TOO_BIG)),
+            Err(ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
+                return self.verdict(ctx, Verdict::Close(CloseCode::INVALID_UTF8))
+            }
+            Err(ProtocolError::Io(_)) => {
+                // The connection itself failed: nothing to send a close on.
+                self.ended = CloseCode::PROTOCOL_ERROR;
+                return ctx.stop();
+            }
+            Err(_) => return self.verdict(ctx, Verdict::Close(CloseCode::PROTOCOL_ERROR)),
+        };
+        match msg {
+            Message::Ping(payload) => ctx.pong(&payload),
+            Message::Pong(_) | Message::Nop => {}
+            Message::Text(_) | Message::Binary(_) => {
+                if self.reassembly.is_open() {
+                    self.verdict(ctx, Verdict::Close(CloseCode::PROTOCOL_ERROR));
+                }
+            }
+            Message::Continuation(item) => {
+                let verdict = match item {
+                    Item::FirstText(data) => self.reassembly.first(true, &data, max),
+                    Item::FirstBinary(data) => self.reassembly.first(false, &data, max),
+                    Item::Continue(data) => self.reassembly.more(&data, max),
+                    Item::Last(data) => self.reassembly.last(&data, max),
+                };
+                self.verdict(ctx, verdict);
+            }
+            Message::Close(reason) => {
+                // Echo the client's code, as the close handshake asks.
+                self.ended = CloseCode::NORMAL;
+                ctx.close(reason);
+                ctx.stop();
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}

@@ -1,0 +1,395 @@
+//! The test harness: a real eventgate on `127.0.0.1:0` with a fresh database
+//! per test (a temporary SQLite file, or a new PostgreSQL database when
+//! `EVENTGATE_TEST_DATABASE_URL` names a server), plus HTTP and WebSocket
+//! helpers and a stalled raw-TCP client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use diesel::{Connection, RunQueryDsl};
+use eventgate::settings::Settings;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The TokenAccount every test server provisions.
+pub const ACCOUNT: &str = "test-account-token-0123456789abcdef";
+
+/// The PostgreSQL server tests use instead of SQLite, when set.
+pub const PG_ENV: &str = "EVENTGATE_TEST_DATABASE_URL";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A database that lives as long as the test.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg_admin: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// A fresh database: a temporary SQLite file, or a new PostgreSQL database.
+    pub fn fresh() -> TestDb {
+        match std::env::var(PG_ENV).ok().filter(|u| !u.is_empty()) {
+            Some(admin_url) => {
+                let name = format!(
+                    "eg_{}_{}_{}",
+                    std::process::id(),
+                    COUNTER.fetch_add(1, Ordering::Relaxed),
+                    rand_suffix()
+                );
+                let mut admin = diesel::PgConnection::establish(&admin_url).unwrap();
+                diesel::sql_query(format!("CREATE DATABASE {name}"))
+                    .execute(&mut admin)
+                    .unwrap();
+                let url = match admin_url.rfind('/') {
+                    Some(i) if admin_url[..i].contains("://") && i > admin_url.find("://").unwrap() + 2 => {
+                        format!("{}/{}", &admin_url[..i], name)
+                    }
+                    _ => panic!("{PG_ENV} must end with /<database>"),
+                };
+                TestDb {
+                    url,
+                    _dir: None,
+                    pg_admin: Some((admin_url, name)),
+                }
+            }
+            None => {
+                let dir = tempfile::tempdir().unwrap();
+                let url = dir.path().join("eventgate.sqlite3").to_string_lossy().into_owned();
+                TestDb {
+                    url,
+                    _dir: Some(dir),
+                    pg_admin: None,
+                }
+            }
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.pg_admin.is_some()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin_url, name)) = &self.pg_admin {
+            if let Ok(mut admin) = diesel::PgConnection::establish(admin_url) {
+                let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut admin);
+            }
+        }
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::time::SystemTime::now().elapsed().map(|d| d.as_nanos() as u64).unwrap_or(0));
+    h.finish() as u32
+}
+
+/// Settings for a test server: contract defaults, the test account, the given database.
+pub fn test_settings(db: &TestDb) -> Settings {
+    let mut s = Settings::default();
+    s.server.bind = "127.0.0.1:0".into();
+    s.storage.database_url = db.url.clone();
+    s.auth.account_token = ACCOUNT.into();
+    s.server.shutdown_drain_secs = 2;
+    s
+}
+
+/// A running in-process server.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub db: TestDb,
+    pub settings: Settings,
+}
+
+impl TestServer {
+    /// Starts a server with default test settings.
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server after `tweak` adjusts its settings.
+    pub async fn start_with(tweak: impl FnOnce(&mut Settings)) -> TestServer {
+        Self::start_on(TestDb::fresh(), tweak).await
+    }
+
+    /// Starts a server on an existing database.
+    pub async fn start_on(db: TestDb, tweak: impl FnOnce(&mut Settings)) -> TestServer {
+        let mut settings = test_settings(&db);
+        tweak(&mut settings);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let s = settings.clone();
+        actix_rt::spawn(async move {
+            if let Err(e) = eventgate::run(s, listener).await {
+                panic!("server failed: {e}");
+            }
+        });
+        let server = TestServer { addr, db, settings };
+        for _ in 0..200 {
+            if let Ok((200, _, _)) = server.try_request("GET", "/readyz", &[], None).await {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("server did not become ready");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    async fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Vec<(String, String)>, Value), String> {
+        let client = awc::Client::builder().timeout(Duration::from_secs(20)).finish();
+        let method = awc::http::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = client.request(method, self.url(path));
+        for (k, v) in headers {
+            req = req.insert_header((*k, *v));
+        }
+        let mut res = match body {
+            Some(b) => req.send_body(b.to_vec()).await,
+            None => req.send().await,
+        }
+        .map_err(|e| e.to_string())?;
+        let status = res.status().as_u16();
+        let headers = res
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let bytes = res.body().limit(64 << 20).await.map_err(|e| e.to_string())?;
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Ok((status, headers, value))
+    }
+
+    /// Any request; returns status, headers and the body (JSON, or a JSON string of the text).
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Reply {
+        let (status, headers, body) = self.try_request(method, path, headers, body).await.unwrap();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// A request with a `token` header (when given) and a JSON body (when given).
+    pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> Reply {
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(t) = token {
+            headers.push(("token", t));
+        }
+        let body = body.map(|b| serde_json::to_vec(&b).unwrap());
+        self.raw(method, path, &headers, body.as_deref()).await
+    }
+
+    /// Creates an instance with WebSocket enabled (all events); returns its TokenInstance.
+    pub async fn instance(&self, name: &str) -> String {
+        self.instance_with(name, json!({"name": name, "websocketEnabled": true})).await
+    }
+
+    /// Creates an instance from a full body; returns its TokenInstance.
+    pub async fn instance_with(&self, name: &str, body: Value) -> String {
+        let r = self.call("POST", "/api/instance/new", Some(ACCOUNT), Some(body)).await;
+        assert_eq!(r.status, 201, "creating {name}: {:?}", r.body);
+        r.body["instance"]["token"].as_str().unwrap().to_string()
+    }
+
+    /// Sets an instance's WebSocket settings (asserting 200).
+    pub async fn configure(&self, name: &str, settings: Value) -> Value {
+        let r = self
+            .call("POST", &format!("/api/events/websocket/{name}"), Some(ACCOUNT), Some(settings))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["websocket"].clone()
+    }
+
+    /// Publishes a body (one event or an array) with the account token.
+    pub async fn publish(&self, name: &str, body: Value) -> Reply {
+        self.call("POST", &format!("/api/events/publish/{name}"), Some(ACCOUNT), Some(body)).await
+    }
+
+    /// Opens a WebSocket to the instance with the account token and `query` appended.
+    pub async fn connect(&self, name: &str, query: &str) -> Ws {
+        let url = self.ws_url(&format!("/ws/{name}?token={ACCOUNT}{query}"));
+        let (ws, res) = tokio_tungstenite::connect_async(url).await.unwrap();
+        assert_eq!(res.status().as_u16(), 101);
+        let ws = Ws { inner: ws };
+        self.wait_clients(name, None).await;
+        ws
+    }
+
+    /// Waits until the instance has at least one client (or exactly `n`) on this node.
+    pub async fn wait_clients(&self, name: &str, n: Option<u64>) {
+        for _ in 0..200 {
+            let r = self.call("GET", "/api/instance/list", Some(ACCOUNT), None).await;
+            if let Some(item) = r.body["instances"]
+                .as_array()
+                .and_then(|a| a.iter().find(|i| i["name"] == name))
+            {
+                let c = item["connectedClients"].as_u64().unwrap_or(0);
+                if n.map_or(c > 0, |n| c == n) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("instance {name} never reached {n:?} clients");
+    }
+
+    /// The value of a metric line (`name{labels}` exactly as rendered), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let r = self.raw("GET", "/metrics", &[], None).await;
+        let text = r.body.as_str().unwrap_or("").to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+/// An HTTP reply.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts the contract's error envelope with this status and message.
+    pub fn assert_error(&self, status: u16, message: &str) {
+        assert_eq!(self.status, status, "body: {}", self.body);
+        assert_eq!(self.body["success"], json!(false), "body: {}", self.body);
+        assert_eq!(self.body["error"]["message"], json!(message), "body: {}", self.body);
+        let keys: Vec<_> = self.body.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, vec!["success", "error"], "nothing else at the top level");
+    }
+}
+
+/// A WebSocket client.
+pub struct Ws {
+    pub inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What the next frame was.
+#[derive(Debug, PartialEq)]
+pub enum Got {
+    Text(Value),
+    Closed(Option<u16>),
+    Nothing,
+}
+
+impl Ws {
+    /// The next text frame or close within `wait` (pings are answered and skipped).
+    pub async fn next_within(&mut self, wait: Duration) -> Got {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.inner.next()).await {
+                Err(_) => return Got::Nothing,
+                Ok(None) => return Got::Closed(None),
+                Ok(Some(Err(_))) => return Got::Closed(None),
+                Ok(Some(Ok(Message::Text(t)))) => return Got::Text(serde_json::from_str(&t).unwrap()),
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    return Got::Closed(frame.map(|f| u16::from(f.code)))
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// The next envelope (panics on anything else within 5 s).
+    pub async fn envelope(&mut self) -> Value {
+        match self.next_within(Duration::from_secs(5)).await {
+            Got::Text(v) => v,
+            other => panic!("expected an envelope, got {other:?}"),
+        }
+    }
+
+    /// Asserts nothing arrives within `wait`.
+    pub async fn silent(&mut self, wait: Duration) {
+        let got = self.next_within(wait).await;
+        assert_eq!(got, Got::Nothing);
+    }
+
+    /// Waits for a close and returns its code.
+    pub async fn closed(&mut self, wait: Duration) -> Option<u16> {
+        loop {
+            match self.next_within(wait).await {
+                Got::Closed(code) => return code,
+                Got::Text(_) => continue,
+                Got::Nothing => panic!("no close within {wait:?}"),
+            }
+        }
+    }
+
+    pub async fn send(&mut self, msg: Message) {
+        self.inner.send(msg).await.unwrap();
+    }
+}
+
+/// The code the contract names, for readable asserts.
+pub fn code(c: CloseCode) -> u16 {
+    u16::from(c)
+}
+
+/// A raw TCP client that completes the WebSocket handshake and then never
+/// reads again (small receive buffer), to play a stalled consumer.
+pub async fn stalled_client(addr: SocketAddr, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream
+}
+
+/// An event body for publishing.
+pub fn event(kind: &str, data: Value) -> Value {
+    json!({"event": kind, "data": data})
+}
