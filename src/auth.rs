@@ -47,7 +47,10 @@ pub fn request_token(req: &HttpRequest) -> Option<String> {
             return Some(t.trim().to_string());
         }
     }
-    if let Some(auth) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(auth) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         let auth = auth.trim();
         if let Some((scheme, rest)) = auth.split_once(' ') {
             if scheme.eq_ignore_ascii_case("bearer") && !rest.trim().is_empty() {

@@ -19,20 +19,32 @@ pub enum ApiError {
     InstanceTokenMismatch,
     InstanceNotFound,
     WebSocketNotConfigured,
-    WebSocketNotEnabled { instance: String },
+    WebSocketNotEnabled {
+        instance: String,
+    },
     OriginNotAllowed,
     UpgradeExpected,
-    InvalidBody { details: Option<String> },
+    InvalidBody {
+        details: Option<String>,
+    },
     PayloadTooLarge,
     InstanceExists,
     TokenInUse,
-    RateLimited { retry_after_secs: u64 },
+    RateLimited {
+        retry_after_secs: u64,
+    },
     ShuttingDown,
-    TooManyConnections { details: String },
+    TooManyConnections {
+        details: String,
+    },
     NotFound,
-    MethodNotAllowed { allow: &'static str },
+    MethodNotAllowed {
+        allow: &'static str,
+    },
     /// A storage failure on a path whose contract names its own 500 message.
-    Storage { message: &'static str },
+    Storage {
+        message: &'static str,
+    },
     Internal,
 }
 

@@ -76,16 +76,15 @@ fn has_media_base64(data: &Map<String, Value>) -> bool {
 /// The envelope text of one event. `media_base64 = false` strips
 /// `data.message.media.base64` from `message.exchange` (and only there).
 pub fn envelope(event: &Event, instance_data: &str, media_base64: bool) -> ByteString {
-    let strip = !media_base64 && event.kind == EventKind::MessageExchange && has_media_base64(&event.data);
+    let strip =
+        !media_base64 && event.kind == EventKind::MessageExchange && has_media_base64(&event.data);
     let mut out = String::with_capacity(64 + instance_data.len() + 256);
     out.push_str("{\"event\":\"");
     out.push_str(event.kind.as_str());
     out.push_str("\",\"data\":");
     let data = if strip {
         let mut copy = event.data.clone();
-        if let Some(Value::Object(media)) = copy
-            .get_mut("message")
-            .and_then(|m| m.get_mut("media"))
+        if let Some(Value::Object(media)) = copy.get_mut("message").and_then(|m| m.get_mut("media"))
         {
             media.remove("base64");
         }
@@ -111,7 +110,11 @@ mod tests {
         let one = parse_publish(br#"{"event":"call.update","data":{"a":1},"x":2}"#, 10).unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].kind, EventKind::CallUpdate);
-        let many = parse_publish(br#"[{"event":"group.flow","data":{}},{"event":"label.update","data":{"b":[1]}}]"#, 10).unwrap();
+        let many = parse_publish(
+            br#"[{"event":"group.flow","data":{}},{"event":"label.update","data":{"b":[1]}}]"#,
+            10,
+        )
+        .unwrap();
         assert_eq!(many.len(), 2);
         assert!(parse_publish(b"[]", 10).unwrap().is_empty());
     }
@@ -129,10 +132,17 @@ mod tests {
             b"\"x\"",
             b"{",
         ] {
-            assert!(parse_publish(bad, 10).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_publish(bad, 10).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
-        let eleven = serde_json::to_vec(&vec![json!({"event":"call.update","data":{}}); 11]).unwrap();
-        assert!(parse_publish(&eleven, 10).unwrap_err().contains("at most 10"));
+        let eleven =
+            serde_json::to_vec(&vec![json!({"event":"call.update","data":{}}); 11]).unwrap();
+        assert!(parse_publish(&eleven, 10)
+            .unwrap_err()
+            .contains("at most 10"));
     }
 
     #[test]
@@ -148,7 +158,10 @@ mod tests {
         assert_eq!(kept["data"]["message"]["media"]["base64"], "AAA");
         let stripped: Value = serde_json::from_str(&envelope(&ev, &idata, false)).unwrap();
         assert_eq!(stripped["data"]["message"]["media"], json!({"mime":"x"}));
-        assert_eq!(stripped["instanceData"], json!({"baseUrl":"http://h","instance":"i","token":"t"}));
+        assert_eq!(
+            stripped["instanceData"],
+            json!({"baseUrl":"http://h","instance":"i","token":"t"})
+        );
         assert_eq!(stripped["event"], "message.exchange");
     }
 }

@@ -104,7 +104,11 @@ pub async fn serve(
     let base_url = if settings.server.public_base_url.is_empty() {
         format!("http://{local}")
     } else {
-        settings.server.public_base_url.trim_end_matches('/').to_string()
+        settings
+            .server
+            .public_base_url
+            .trim_end_matches('/')
+            .to_string()
     };
     let metrics = Arc::new(Metrics::new()?);
     let registry = Registry::new(
@@ -141,7 +145,7 @@ pub async fn serve(
             .run()
     };
     log::info!("eventgate listening on {local}");
-    lifecycle::notify_ready(0);
+    lifecycle::notify_ready(local);
     actix_web::rt::spawn(lifecycle::watchdog(state.clone()));
     let reload = move || {
         let file = config_path.clone();

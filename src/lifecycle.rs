@@ -20,7 +20,7 @@ use crate::ws::close::CloseCode;
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long closing frames get to reach clients before connections are dropped.
-const CLOSE_FLUSH: Duration = Duration::from_millis(300);
+const CLOSE_FLUSH: Duration = Duration::from_millis(500);
 
 fn notify(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -29,8 +29,8 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 /// Tells systemd the gateway is ready (migrations ran, listener bound).
-pub fn notify_ready(clients: i64) {
-    let status = format!("STATUS=ready; {clients} clients connected");
+pub fn notify_ready(listening: std::net::SocketAddr) {
+    let status = format!("STATUS=listening on {listening}");
     notify(&[NotifyState::Ready, NotifyState::Custom(&status)]);
 }
 
@@ -67,7 +67,10 @@ pub async fn watchdog(state: web::Data<AppState>) {
 /// 1001, let in-flight requests finish, stop within the drain time.
 pub async fn drain(state: web::Data<AppState>, server: ServerHandle) {
     state.shutting_down.store(true, Ordering::Release);
-    notify(&[NotifyState::Stopping, NotifyState::Custom("STATUS=draining")]);
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Custom("STATUS=draining"),
+    ]);
     let closed = state.registry.close_all(CloseCode::GOING_AWAY).await;
     log::info!("shutting down: closed {closed} WebSocket sessions");
     tokio::time::sleep(CLOSE_FLUSH).await;

@@ -74,7 +74,10 @@ fn account(settings: &Settings, cmd: AccountCommand) -> Result<(), String> {
             let token = auth::generate_token();
             let id = storage::accounts::create(&mut conn, &name, &auth::token_hash(&token))
                 .map_err(|e| e.to_string())?;
-            println!("account {} created (id {}). Its TokenAccount, shown only now:", name, id.0);
+            println!(
+                "account {} created (id {}). Its TokenAccount, shown only now:",
+                name, id.0
+            );
             println!("{token}");
         }
         AccountCommand::List => {
@@ -90,8 +93,9 @@ fn instance(settings: &Settings, cmd: InstanceCommand) -> Result<(), String> {
     let mut conn = connection(settings)?;
     match cmd {
         InstanceCommand::Create { account, name } => {
-            let name = InstanceName::parse(&name)
-                .ok_or("instance names are 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")?;
+            let name = InstanceName::parse(&name).ok_or(
+                "instance names are 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit",
+            )?;
             let token = auth::generate_token();
             let rec = storage::instances::create(
                 &mut conn,
@@ -102,7 +106,10 @@ fn instance(settings: &Settings, cmd: InstanceCommand) -> Result<(), String> {
                 None,
             )
             .map_err(|e| e.to_string())?;
-            println!("instance {} created in account {account}. Its TokenInstance:", rec.name);
+            println!(
+                "instance {} created in account {account}. Its TokenInstance:",
+                rec.name
+            );
             println!("{}", rec.token);
         }
         InstanceCommand::List { account } => {

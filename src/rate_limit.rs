@@ -6,7 +6,7 @@
 //! Keys are kept as keyed 64-bit hashes, so no token is held here.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix_web::body::MessageBody;
@@ -87,9 +87,7 @@ impl RateLimiter {
     }
 
     fn key(&self, key: &str) -> u64 {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        h.finish()
+        self.hasher.hash_one(key)
     }
 
     /// Counts one request of `key` in `bucket` (when `consume`), or only
@@ -227,7 +225,12 @@ mod tests {
         );
         assert!(seen[2].allowed && !seen[3].allowed);
         assert!(seen[3].retry_after >= 1 && seen[3].retry_after <= 60);
-        assert!(limiter.check(Bucket::General, "other", true).unwrap().allowed);
+        assert!(
+            limiter
+                .check(Bucket::General, "other", true)
+                .unwrap()
+                .allowed
+        );
         assert!(limiter.check(Bucket::Publish, "t", true).is_none());
         let peek = limiter.check(Bucket::General, "fresh", false).unwrap();
         assert_eq!(peek.remaining, 3);

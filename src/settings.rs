@@ -27,7 +27,7 @@ pub enum SettingsError {
 }
 
 /// The whole settings tree. Every field has a default; see `config/eventgate.toml`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub server: ServerSettings,
@@ -76,7 +76,7 @@ pub struct StorageSettings {
 }
 
 /// Accounts provisioned at start-up.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     /// Ensures an account with this TokenAccount exists (`EVENTGATE_ACCOUNT_TOKEN`). Secret.
@@ -170,14 +170,6 @@ impl Default for StorageSettings {
     }
 }
 
-impl Default for AuthSettings {
-    fn default() -> Self {
-        Self {
-            account_token: String::new(),
-        }
-    }
-}
-
 impl Default for LogSettings {
     fn default() -> Self {
         Self {
@@ -229,30 +221,18 @@ impl Default for ClusterSettings {
     }
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            server: ServerSettings::default(),
-            storage: StorageSettings::default(),
-            auth: AuthSettings::default(),
-            log: LogSettings::default(),
-            ws: WsSettings::default(),
-            rate_limit: RateLimitSettings::default(),
-            limits: LimitSettings::default(),
-            cluster: ClusterSettings::default(),
-        }
-    }
-}
-
 /// Parses an environment value into `T`, naming the variable on failure.
 fn parse_env<T: std::str::FromStr>(var: &'static str, value: &str) -> Result<T, SettingsError>
 where
     T::Err: std::fmt::Display,
 {
-    value.trim().parse().map_err(|e: T::Err| SettingsError::Env {
-        var,
-        message: format!("`{value}` is not valid: {e}"),
-    })
+    value
+        .trim()
+        .parse()
+        .map_err(|e: T::Err| SettingsError::Env {
+            var,
+            message: format!("`{value}` is not valid: {e}"),
+        })
 }
 
 impl Settings {
@@ -350,7 +330,7 @@ impl Settings {
             ));
         }
         let base = &self.server.public_base_url;
-        if !base.is_empty() && !(base.starts_with("http://") || base.starts_with("https://")) {
+        if !(base.is_empty() || base.starts_with("http://") || base.starts_with("https://")) {
             return Err(invalid(
                 "server.public_base_url",
                 "must start with http:// or https://",
@@ -358,9 +338,15 @@ impl Settings {
         }
         let positive: [(&'static str, u64); 9] = [
             ("server.workers", self.server.workers as u64),
-            ("server.instance_arbiters", self.server.instance_arbiters as u64),
+            (
+                "server.instance_arbiters",
+                self.server.instance_arbiters as u64,
+            ),
             ("storage.pool_size", u64::from(self.storage.pool_size)),
-            ("storage.connect_timeout_secs", self.storage.connect_timeout_secs),
+            (
+                "storage.connect_timeout_secs",
+                self.storage.connect_timeout_secs,
+            ),
             ("ws.ping_interval_secs", self.ws.ping_interval_secs),
             ("ws.client_buffer", self.ws.client_buffer as u64),
             ("ws.client_buffer_bytes", self.ws.client_buffer_bytes as u64),
@@ -486,7 +472,11 @@ mod tests {
         let mut s = Settings::default();
         s.ws.idle_timeout_secs = 5;
         s.ws.ping_interval_secs = 10;
-        assert!(s.validate().unwrap_err().to_string().contains("ws.idle_timeout_secs"));
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("ws.idle_timeout_secs"));
     }
 
     #[test]
@@ -498,7 +488,10 @@ mod tests {
         };
         let s = Settings::load(None, &env).unwrap();
         assert_eq!(s.ws.client_buffer, 12);
-        assert_eq!(s.ws.allowed_origins, vec!["https://a.example", "https://b.example"]);
+        assert_eq!(
+            s.ws.allowed_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
         let bad = |k: &str| (k == "EVENTGATE_WS_PING_INTERVAL_SECS").then(|| "soon".to_string());
         let err = Settings::load(None, &bad).unwrap_err().to_string();
         assert!(err.contains("EVENTGATE_WS_PING_INTERVAL_SECS"), "{err}");

@@ -13,27 +13,68 @@ const MISSING: &str = "Missing token in header, Authorization header, or query p
 async fn token_sources_and_precedence() {
     let s = TestServer::start().await;
     let list = "/api/instance/list";
-    assert_eq!(s.raw("GET", list, &[("token", ACCOUNT)], None).await.status, 200);
+    assert_eq!(
+        s.raw("GET", list, &[("token", ACCOUNT)], None).await.status,
+        200
+    );
     let bearer = format!("bEaReR {ACCOUNT}");
-    assert_eq!(s.raw("GET", list, &[("authorization", &bearer)], None).await.status, 200);
-    assert_eq!(s.raw("GET", &format!("{list}?token={ACCOUNT}"), &[], None).await.status, 200);
-    s.raw("GET", list, &[], None).await.assert_error(401, MISSING);
-    s.raw("GET", list, &[("token", "")], None).await.assert_error(401, MISSING);
-    s.raw("GET", list, &[("authorization", &format!("Basic {ACCOUNT}"))], None)
+    assert_eq!(
+        s.raw("GET", list, &[("authorization", &bearer)], None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        s.raw("GET", &format!("{list}?token={ACCOUNT}"), &[], None)
+            .await
+            .status,
+        200
+    );
+    s.raw("GET", list, &[], None)
         .await
         .assert_error(401, MISSING);
-    s.raw("GET", &format!("{list}?token="), &[], None).await.assert_error(401, MISSING);
-    s.raw("GET", list, &[("token", "wrong")], None).await.assert_error(401, "Invalid token");
+    s.raw("GET", list, &[("token", "")], None)
+        .await
+        .assert_error(401, MISSING);
+    s.raw(
+        "GET",
+        list,
+        &[("authorization", &format!("Basic {ACCOUNT}"))],
+        None,
+    )
+    .await
+    .assert_error(401, MISSING);
+    s.raw("GET", &format!("{list}?token="), &[], None)
+        .await
+        .assert_error(401, MISSING);
+    s.raw("GET", list, &[("token", "wrong")], None)
+        .await
+        .assert_error(401, "Invalid token");
     // The first present source wins: a bad header is not rescued by a good query.
-    s.raw("GET", &format!("{list}?token={ACCOUNT}"), &[("token", "wrong")], None)
-        .await
-        .assert_error(401, "Invalid token");
-    s.raw("GET", list, &[("token", "wrong"), ("authorization", &bearer)], None)
-        .await
-        .assert_error(401, "Invalid token");
+    s.raw(
+        "GET",
+        &format!("{list}?token={ACCOUNT}"),
+        &[("token", "wrong")],
+        None,
+    )
+    .await
+    .assert_error(401, "Invalid token");
+    s.raw(
+        "GET",
+        list,
+        &[("token", "wrong"), ("authorization", &bearer)],
+        None,
+    )
+    .await
+    .assert_error(401, "Invalid token");
     // An empty header is skipped, and so is another Authorization scheme.
     let r = s
-        .raw("GET", &format!("{list}?token={ACCOUNT}"), &[("token", ""), ("authorization", "Basic x")], None)
+        .raw(
+            "GET",
+            &format!("{list}?token={ACCOUNT}"),
+            &[("token", ""), ("authorization", "Basic x")],
+            None,
+        )
         .await;
     assert_eq!(r.status, 200);
 }
@@ -41,15 +82,30 @@ async fn token_sources_and_precedence() {
 #[actix_rt::test]
 async fn unknown_paths_and_wrong_methods() {
     let s = TestServer::start().await;
-    s.raw("GET", "/nope", &[], None).await.assert_error(404, "Not found");
-    s.raw("GET", "/api/nope", &[("token", ACCOUNT)], None).await.assert_error(404, "Not found");
-    let r = s.raw("GET", "/api/events/websocket/x", &[("token", ACCOUNT)], None).await;
+    s.raw("GET", "/nope", &[], None)
+        .await
+        .assert_error(404, "Not found");
+    s.raw("GET", "/api/nope", &[("token", ACCOUNT)], None)
+        .await
+        .assert_error(404, "Not found");
+    let r = s
+        .raw(
+            "GET",
+            "/api/events/websocket/x",
+            &[("token", ACCOUNT)],
+            None,
+        )
+        .await;
     r.assert_error(405, "Method not allowed");
     assert_eq!(r.header("allow"), Some("POST"));
-    let r = s.raw("POST", "/api/instance/list", &[("token", ACCOUNT)], None).await;
+    let r = s
+        .raw("POST", "/api/instance/list", &[("token", ACCOUNT)], None)
+        .await;
     r.assert_error(405, "Method not allowed");
     assert_eq!(r.header("allow"), Some("GET"));
-    let r = s.raw("GET", "/api/instance/delete/x", &[("token", ACCOUNT)], None).await;
+    let r = s
+        .raw("GET", "/api/instance/delete/x", &[("token", ACCOUNT)], None)
+        .await;
     assert_eq!(r.header("allow"), Some("DELETE"));
     let r = s.raw("POST", "/ws/x", &[("token", ACCOUNT)], None).await;
     r.assert_error(405, "Method not allowed");
@@ -57,7 +113,7 @@ async fn unknown_paths_and_wrong_methods() {
 
 #[actix_rt::test]
 async fn rate_limit_headers_and_429() {
-    let s = TestServer::start().await;
+    let s = TestServer::start_with(|st| st.rate_limit.per_minute = 100).await;
     let other = s.instance("other").await;
     let path = "/api/instance/list";
     let mut last_reset = 0;
@@ -67,13 +123,20 @@ async fn rate_limit_headers_and_429() {
         assert_eq!(r.header("x-ratelimit-limit"), Some("100"));
         let remaining: u32 = r.header("x-ratelimit-remaining").unwrap().parse().unwrap();
         assert_eq!(remaining, 99 - i);
-        last_reset = r.header("x-ratelimit-reset").unwrap().parse::<u64>().unwrap();
+        last_reset = r
+            .header("x-ratelimit-reset")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    assert!(last_reset > now && last_reset <= now + 61, "reset {last_reset} vs now {now}");
+    assert!(
+        last_reset > now && last_reset <= now + 61,
+        "reset {last_reset} vs now {now}"
+    );
     let r = s.raw("GET", path, &[("token", ACCOUNT)], None).await;
     r.assert_error(429, "Rate limit exceeded. Try again later.");
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
@@ -92,23 +155,50 @@ async fn rate_limit_headers_and_429() {
     assert_eq!(r.status, 200);
     assert!(r.header("x-ratelimit-limit").is_none());
     // Publish shows the 100/min bucket without consuming it.
-    let r = s.raw("POST", "/api/events/publish/other", &[("token", &other)], Some(b"{}")).await;
+    let r = s
+        .raw(
+            "POST",
+            "/api/events/publish/other",
+            &[("token", &other)],
+            Some(b"{}"),
+        )
+        .await;
     assert_eq!(r.header("x-ratelimit-remaining"), Some("99"));
 }
 
 #[actix_rt::test]
 async fn instance_creation_has_its_own_bucket() {
-    let s = TestServer::start_with(|st| st.rate_limit.instance_new_per_minute = 3).await;
+    let s = TestServer::start_with(|st| {
+        st.rate_limit.instance_new_per_minute = 3;
+        st.rate_limit.per_minute = 100;
+    })
+    .await;
     for i in 0..3 {
-        let r = s.call("POST", "/api/instance/new", Some(ACCOUNT), Some(json!({"name": format!("n{i}")}))).await;
+        let r = s
+            .call(
+                "POST",
+                "/api/instance/new",
+                Some(ACCOUNT),
+                Some(json!({"name": format!("n{i}")})),
+            )
+            .await;
         assert_eq!(r.status, 201);
         assert_eq!(r.header("x-ratelimit-limit"), Some("3"));
     }
-    let r = s.call("POST", "/api/instance/new", Some(ACCOUNT), Some(json!({"name":"n9"}))).await;
+    let r = s
+        .call(
+            "POST",
+            "/api/instance/new",
+            Some(ACCOUNT),
+            Some(json!({"name":"n9"})),
+        )
+        .await;
     r.assert_error(429, "Rate limit exceeded. Try again later.");
     assert!(r.header("retry-after").is_some());
     // The general bucket was not consumed by creations.
-    let r = s.call("GET", "/api/instance/list", Some(ACCOUNT), None).await;
+    let r = s
+        .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+        .await;
     assert_eq!(r.header("x-ratelimit-remaining"), Some("99"));
     assert_eq!(r.body["message"], "3 Instances found");
 }
@@ -117,7 +207,9 @@ async fn instance_creation_has_its_own_bucket() {
 async fn requests_without_token_are_limited_per_ip() {
     let s = TestServer::start_with(|st| st.rate_limit.per_minute = 2).await;
     for _ in 0..2 {
-        s.raw("GET", "/api/instance/list", &[], None).await.assert_error(401, MISSING);
+        s.raw("GET", "/api/instance/list", &[], None)
+            .await
+            .assert_error(401, MISSING);
     }
     let r = s.raw("GET", "/api/instance/list", &[], None).await;
     r.assert_error(429, "Rate limit exceeded. Try again later.");

@@ -30,12 +30,23 @@ async fn create_list_delete() {
     );
 
     let r = s
-        .call("POST", "/api/instance/new", Some(ACCOUNT), Some(json!({"name":"b","websocketEvents":["group.flow"]})))
+        .call(
+            "POST",
+            "/api/instance/new",
+            Some(ACCOUNT),
+            Some(json!({"name":"b","websocketEvents":["group.flow"]})),
+        )
         .await;
     assert_eq!(r.status, 201);
-    assert_eq!(r.body["instance"]["websocket"], json!(null), "no websocketEnabled → none stored");
+    assert_eq!(
+        r.body["instance"]["websocket"],
+        json!(null),
+        "no websocketEnabled → none stored"
+    );
 
-    let r = s.call("GET", "/api/instance/list", Some(ACCOUNT), None).await;
+    let r = s
+        .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["message"], "2 Instances found");
     let list = r.body["instances"].as_array().unwrap();
@@ -46,21 +57,34 @@ async fn create_list_delete() {
     assert_eq!(list[1]["websocket"], json!(null));
 
     // A TokenInstance sees only its own instance, without the token key.
-    let r = s.call("GET", "/api/instance/list", Some(&token), None).await;
+    let r = s
+        .call("GET", "/api/instance/list", Some(&token), None)
+        .await;
     assert_eq!(r.body["message"], "1 Instance found");
     let own = &r.body["instances"][0];
     assert_eq!(own["name"], "sales-1");
     assert!(own.get("token").is_none());
 
-    let r = s.call("DELETE", "/api/instance/delete/b", Some(ACCOUNT), None).await;
+    let r = s
+        .call("DELETE", "/api/instance/delete/b", Some(ACCOUNT), None)
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(
         r.body,
         json!({"success":true,"message":"Instance deleted","instance":{"status":"deleted"}})
     );
-    let r = s.call("DELETE", "/api/instance/delete/sales-1", Some(ACCOUNT), None).await;
+    let r = s
+        .call(
+            "DELETE",
+            "/api/instance/delete/sales-1",
+            Some(ACCOUNT),
+            None,
+        )
+        .await;
     assert_eq!(r.status, 200);
-    let r = s.call("GET", "/api/instance/list", Some(ACCOUNT), None).await;
+    let r = s
+        .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+        .await;
     assert_eq!(r.body["message"], "0 Instances found");
     // The deleted instance's token stops working at once.
     s.call("GET", "/api/instance/list", Some(&token), None)
@@ -72,21 +96,41 @@ async fn create_list_delete() {
 async fn creation_errors() {
     let s = TestServer::start().await;
     let token = s.instance("dup").await;
-    s.call("POST", "/api/instance/new", Some(ACCOUNT), Some(json!({"name":"dup"})))
-        .await
-        .assert_error(409, "Instance already exists");
+    s.call(
+        "POST",
+        "/api/instance/new",
+        Some(ACCOUNT),
+        Some(json!({"name":"dup"})),
+    )
+    .await
+    .assert_error(409, "Instance already exists");
     let custom = "c".repeat(40);
     let r = s
-        .call("POST", "/api/instance/new", Some(ACCOUNT), Some(json!({"name":"c1","token":custom})))
+        .call(
+            "POST",
+            "/api/instance/new",
+            Some(ACCOUNT),
+            Some(json!({"name":"c1","token":custom})),
+        )
         .await;
     assert_eq!(r.status, 201);
     assert_eq!(r.body["instance"]["token"], json!(custom));
-    s.call("POST", "/api/instance/new", Some(ACCOUNT), Some(json!({"name":"c2","token":custom})))
-        .await
-        .assert_error(409, "Token already in use");
-    s.call("POST", "/api/instance/new", Some(ACCOUNT), Some(json!({"name":"c3","token":ACCOUNT})))
-        .await
-        .assert_error(409, "Token already in use");
+    s.call(
+        "POST",
+        "/api/instance/new",
+        Some(ACCOUNT),
+        Some(json!({"name":"c2","token":custom})),
+    )
+    .await
+    .assert_error(409, "Token already in use");
+    s.call(
+        "POST",
+        "/api/instance/new",
+        Some(ACCOUNT),
+        Some(json!({"name":"c3","token":ACCOUNT})),
+    )
+    .await
+    .assert_error(409, "Token already in use");
     for bad in [
         json!({}),
         json!({"name": ""}),
@@ -102,27 +146,52 @@ async fn creation_errors() {
         json!({"name": "ok", "websocketMediaBase64": 1}),
         json!(["ok"]),
     ] {
-        s.call("POST", "/api/instance/new", Some(ACCOUNT), Some(bad.clone()))
-            .await
-            .assert_error(400, "Invalid request body");
+        s.call(
+            "POST",
+            "/api/instance/new",
+            Some(ACCOUNT),
+            Some(bad.clone()),
+        )
+        .await
+        .assert_error(400, "Invalid request body");
     }
     // Malformed JSON and a wrong content type.
-    s.raw("POST", "/api/instance/new", &[("token", ACCOUNT), ("content-type", "application/json")], Some(b"{"))
-        .await
-        .assert_error(400, "Invalid request body");
-    s.raw("POST", "/api/instance/new", &[("token", ACCOUNT), ("content-type", "text/plain")], Some(br#"{"name":"ok"}"#))
-        .await
-        .assert_error(400, "Invalid request body");
+    s.raw(
+        "POST",
+        "/api/instance/new",
+        &[("token", ACCOUNT), ("content-type", "application/json")],
+        Some(b"{"),
+    )
+    .await
+    .assert_error(400, "Invalid request body");
+    s.raw(
+        "POST",
+        "/api/instance/new",
+        &[("token", ACCOUNT), ("content-type", "text/plain")],
+        Some(br#"{"name":"ok"}"#),
+    )
+    .await
+    .assert_error(400, "Invalid request body");
     // A TokenInstance may not create, delete or publish.
-    s.call("POST", "/api/instance/new", Some(&token), Some(json!({"name":"z"})))
-        .await
-        .assert_error(401, "Invalid token");
+    s.call(
+        "POST",
+        "/api/instance/new",
+        Some(&token),
+        Some(json!({"name":"z"})),
+    )
+    .await
+    .assert_error(401, "Invalid token");
     s.call("DELETE", "/api/instance/delete/dup", Some(&token), None)
         .await
         .assert_error(401, "Invalid token");
-    s.call("POST", "/api/events/publish/dup", Some(&token), Some(json!({"event":"call.update","data":{}})))
-        .await
-        .assert_error(401, "Invalid token");
+    s.call(
+        "POST",
+        "/api/events/publish/dup",
+        Some(&token),
+        Some(json!({"event":"call.update","data":{}})),
+    )
+    .await
+    .assert_error(401, "Invalid token");
     s.call("DELETE", "/api/instance/delete/ghost", Some(ACCOUNT), None)
         .await
         .assert_error(404, "Instance not found");
@@ -132,13 +201,26 @@ async fn creation_errors() {
 async fn body_over_one_mib_is_413_after_auth() {
     let s = TestServer::start().await;
     let big = format!(r#"{{"name":"x","pad":"{}"}}"#, "a".repeat(1024 * 1024));
-    s.raw("POST", "/api/instance/new", &[("token", ACCOUNT), ("content-type", "application/json")], Some(big.as_bytes()))
-        .await
-        .assert_error(413, "Payload too large");
+    s.raw(
+        "POST",
+        "/api/instance/new",
+        &[("token", ACCOUNT), ("content-type", "application/json")],
+        Some(big.as_bytes()),
+    )
+    .await
+    .assert_error(413, "Payload too large");
     // Token is checked before size.
-    s.raw("POST", "/api/instance/new", &[("content-type", "application/json")], Some(big.as_bytes()))
-        .await
-        .assert_error(401, "Missing token in header, Authorization header, or query parameter");
+    s.raw(
+        "POST",
+        "/api/instance/new",
+        &[("content-type", "application/json")],
+        Some(big.as_bytes()),
+    )
+    .await
+    .assert_error(
+        401,
+        "Missing token in header, Authorization header, or query parameter",
+    );
 }
 
 #[actix_rt::test]
@@ -148,15 +230,39 @@ async fn instances_are_per_account() {
     // A second account, made offline as an operator would.
     let other = "second-account-token-abcdefabcdef0123";
     {
-        let pool = eventgate::storage::connect(&s.db.url, 2, std::time::Duration::from_secs(5)).unwrap();
+        let pool =
+            eventgate::storage::connect(&s.db.url, 2, std::time::Duration::from_secs(5)).unwrap();
         let mut conn = pool.get().unwrap();
-        eventgate::storage::accounts::ensure(&mut conn, "second", &eventgate::auth::token_hash(other)).unwrap();
+        eventgate::storage::accounts::ensure(
+            &mut conn,
+            "second",
+            &eventgate::auth::token_hash(other),
+        )
+        .unwrap();
     }
-    let r = s.call("POST", "/api/instance/new", Some(other), Some(json!({"name":"shared-name"}))).await;
+    let r = s
+        .call(
+            "POST",
+            "/api/instance/new",
+            Some(other),
+            Some(json!({"name":"shared-name"})),
+        )
+        .await;
     assert_eq!(r.status, 201, "names are unique per account only");
     let r = s.call("GET", "/api/instance/list", Some(other), None).await;
     assert_eq!(r.body["message"], "1 Instance found");
-    s.call("DELETE", "/api/instance/delete/shared-name", Some(other), None).await;
-    let r = s.call("GET", "/api/instance/list", Some(ACCOUNT), None).await;
-    assert_eq!(r.body["message"], "1 Instance found", "the other account's instance is untouched");
+    s.call(
+        "DELETE",
+        "/api/instance/delete/shared-name",
+        Some(other),
+        None,
+    )
+    .await;
+    let r = s
+        .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+        .await;
+    assert_eq!(
+        r.body["message"], "1 Instance found",
+        "the other account's instance is untouched"
+    );
 }

@@ -60,8 +60,14 @@ pub async fn connect(
         })
         .await
         .map_err(refused)?;
-    let instance = access.instance.ok_or(ApiError::InstanceNotFound).map_err(refused)?;
-    let origin = req.headers().get(header::ORIGIN).map(|v| v.to_str().unwrap_or("\u{0}"));
+    let instance = access
+        .instance
+        .ok_or(ApiError::InstanceNotFound)
+        .map_err(refused)?;
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
     if !state.origins.read().allows(origin) {
         return Err(refused(ApiError::OriginNotAllowed));
     }
@@ -88,12 +94,22 @@ pub async fn connect(
         token: instance.token.clone(),
     };
     let addr = state.registry.get_or_start(info, instance.config.clone());
-    let session = Session::new(addr, instance.name, narrowing, limits, state.metrics.clone());
+    let session = Session::new(
+        addr,
+        instance.name,
+        narrowing,
+        limits,
+        state.metrics.clone(),
+    );
     let reply = WsResponseBuilder::new(session, &req, payload)
         .frame_size(ws.max_message_bytes)
         .start()
         .map_err(|_| refused(ApiError::UpgradeExpected))?;
-    state.metrics.upgrades.with_label_values(&["accepted"]).inc();
+    state
+        .metrics
+        .upgrades
+        .with_label_values(&["accepted"])
+        .inc();
     Ok(reply)
 }
 

@@ -34,9 +34,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
     let pool = state.pool.clone();
     let check = web::block(move || -> Result<(), String> {
-        let mut conn = pool
-            .get_timeout(READY_TIMEOUT)
-            .map_err(|e| e.to_string())?;
+        let mut conn = pool.get_timeout(READY_TIMEOUT).map_err(|e| e.to_string())?;
         crate::storage::ping(&mut conn).map_err(|e| e.to_string())
     });
     match tokio::time::timeout(READY_TIMEOUT * 2, check).await {

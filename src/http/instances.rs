@@ -58,7 +58,10 @@ fn parse_new_instance(body: &[u8]) -> Result<NewInstance, ApiError> {
 }
 
 /// A key that, when present, must be a boolean (`null` is not).
-pub(super) fn optional_bool(fields: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+pub(super) fn optional_bool(
+    fields: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<bool>, ApiError> {
     match fields.get(key) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -81,11 +84,15 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let token = auth::request_token(&req);
     let access = state
-        .db(None, move |conn| auth::authorize(conn, token.as_deref(), Scope::AccountOnly))
+        .db(None, move |conn| {
+            auth::authorize(conn, token.as_deref(), Scope::AccountOnly)
+        })
         .await?;
     let body = read_body(&req, payload, state.settings.limits.body_bytes).await?;
     if !is_json(&req) {
-        return Err(ApiError::invalid_body("Content-Type must be application/json"));
+        return Err(ApiError::invalid_body(
+            "Content-Type must be application/json",
+        ));
     }
     let new = parse_new_instance(&body)?;
     let account = access.principal.account();
@@ -151,7 +158,10 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
 }
 
 /// `DELETE /api/instance/delete/:instance`: TokenAccount only.
-pub async fn delete(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn delete(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let token = auth::request_token(&req);
     let name = instance_param(&req);
     let deleted = state
@@ -199,7 +209,11 @@ mod tests {
             br#"{"name":"a","websocketEvents":["nope"]}"#,
             br#"{"name":"a","websocketMediaBase64":"yes"}"#,
         ] {
-            assert!(parse_new_instance(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_new_instance(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -106,7 +106,8 @@ pub async fn read_body(
     }
     let mut body = BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid_body(format!("body could not be read: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::invalid_body(format!("body could not be read: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge);
         }
@@ -131,7 +132,10 @@ pub fn has_no_content_type(req: &HttpRequest) -> bool {
 
 /// The path's `{instance}` segment.
 pub fn instance_param(req: &HttpRequest) -> String {
-    req.match_info().get("instance").unwrap_or_default().to_string()
+    req.match_info()
+        .get("instance")
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A resource answering `method` with `handler` and 405 (with `Allow`) otherwise.
@@ -149,37 +153,42 @@ macro_rules! resource {
 
 /// Every route of the contract.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource!("/api/instance/new", post, "POST", instances::create))
-        .service(resource!("/api/instance/list", get, "GET", instances::list))
-        .service(resource!(
-            "/api/instance/delete/{instance}",
-            delete,
-            "DELETE",
-            instances::delete
-        ))
-        .service(resource!(
-            "/api/events/websocket/{instance}",
-            post,
-            "POST",
-            websocket::set
-        ))
-        .service(resource!(
-            "/api/events/getWebsocket/{instance}",
-            get,
-            "GET",
-            websocket::get
-        ))
-        .service(resource!(
-            "/api/events/publish/{instance}",
-            post,
-            "POST",
-            publish::publish
-        ))
-        .service(resource!("/ws/{instance}", get, "GET", connect::connect))
-        .service(resource!("/healthz", get, "GET", health::healthz))
-        .service(resource!("/readyz", get, "GET", health::readyz))
-        .service(resource!("/metrics", get, "GET", health::metrics))
-        .service(resource!("/openapi.yaml", get, "GET", health::openapi));
+    cfg.service(resource!(
+        "/api/instance/new",
+        post,
+        "POST",
+        instances::create
+    ))
+    .service(resource!("/api/instance/list", get, "GET", instances::list))
+    .service(resource!(
+        "/api/instance/delete/{instance}",
+        delete,
+        "DELETE",
+        instances::delete
+    ))
+    .service(resource!(
+        "/api/events/websocket/{instance}",
+        post,
+        "POST",
+        websocket::set
+    ))
+    .service(resource!(
+        "/api/events/getWebsocket/{instance}",
+        get,
+        "GET",
+        websocket::get
+    ))
+    .service(resource!(
+        "/api/events/publish/{instance}",
+        post,
+        "POST",
+        publish::publish
+    ))
+    .service(resource!("/ws/{instance}", get, "GET", connect::connect))
+    .service(resource!("/healthz", get, "GET", health::healthz))
+    .service(resource!("/readyz", get, "GET", health::readyz))
+    .service(resource!("/metrics", get, "GET", health::metrics))
+    .service(resource!("/openapi.yaml", get, "GET", health::openapi));
 }
 
 /// The contract's 404 for unknown paths.
@@ -195,7 +204,10 @@ pub async fn count_requests(
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let res = next.call(req).await?;
     if let Some(metrics) = metrics {
-        let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+        let route = res
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".into());
         metrics
             .http_requests
             .with_label_values(&[&route, res.status().as_str()])

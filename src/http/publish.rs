@@ -38,7 +38,9 @@ pub async fn publish(
     let limits = &state.settings.limits;
     let body = read_body(&req, payload, limits.publish_body_bytes).await?;
     if !(is_json(&req) || has_no_content_type(&req)) {
-        return Err(ApiError::invalid_body("Content-Type must be application/json"));
+        return Err(ApiError::invalid_body(
+            "Content-Type must be application/json",
+        ));
     }
     let events = parse_publish(&body, limits.publish_batch).map_err(ApiError::invalid_body)?;
     let accepted = events.len();

@@ -20,14 +20,16 @@ const GET_FAILED: &str = "Failed to get websocket configuration";
 /// An `events` list: an array of the six names (duplicates allowed here).
 pub fn parse_events(value: &Value, key: &str) -> Result<Vec<EventKind>, ApiError> {
     let Value::Array(items) = value else {
-        return Err(ApiError::invalid_body(format!("`{key}` must be a list of event names")));
+        return Err(ApiError::invalid_body(format!(
+            "`{key}` must be a list of event names"
+        )));
     };
     items
         .iter()
         .map(|item| {
-            item.as_str()
-                .and_then(EventKind::parse)
-                .ok_or_else(|| ApiError::invalid_body(format!("`{key}` has an unknown event name: {item}")))
+            item.as_str().and_then(EventKind::parse).ok_or_else(|| {
+                ApiError::invalid_body(format!("`{key}` has an unknown event name: {item}"))
+            })
         })
         .collect()
 }
@@ -72,7 +74,9 @@ pub async fn set(
     let instance = access.instance.ok_or(ApiError::InstanceNotFound)?;
     let body = read_body(&req, payload, state.settings.limits.body_bytes).await?;
     if !is_json(&req) {
-        return Err(ApiError::invalid_body("Content-Type must be application/json"));
+        return Err(ApiError::invalid_body(
+            "Content-Type must be application/json",
+        ));
     }
     let config = parse_settings(&body)?;
     let id = instance.id;
@@ -129,7 +133,9 @@ mod tests {
     fn settings_bodies() {
         let c = parse_settings(br#"{"enabled":true,"events":["call.update","group.flow","call.update"],"mediaBase64":true,"x":1}"#).unwrap();
         assert_eq!(c.events, vec![EventKind::CallUpdate, EventKind::GroupFlow]);
-        let off = parse_settings(br#"{"enabled":false,"events":["call.update"],"mediaBase64":true}"#).unwrap();
+        let off =
+            parse_settings(br#"{"enabled":false,"events":["call.update"],"mediaBase64":true}"#)
+                .unwrap();
         assert!(off.events.is_empty() && !off.media_base64);
         for bad in [
             &br#"{}"#[..],
@@ -142,7 +148,11 @@ mod tests {
             br#"[true]"#,
             br#"nope"#,
         ] {
-            assert!(parse_settings(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_settings(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -22,6 +22,9 @@ use crate::events::{envelope, instance_data_json};
 use crate::metrics::Metrics;
 use crate::ws::close::CloseCode;
 
+/// Mailbox capacity of an instance actor (see `started`).
+const INSTANCE_MAILBOX: usize = 1 << 16;
+
 /// What the actor needs from the node, shared by all instance actors.
 #[derive(Clone)]
 pub struct FanoutEnv {
@@ -120,9 +123,10 @@ impl Actor for InstanceActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // Control and publish messages arrive by `do_send`; the capacity only
-        // matters for `try_send` callers, of which there are none.
-        ctx.set_mailbox_capacity(usize::MAX);
+        // Publishes and control messages arrive by `do_send`, which ignores
+        // the capacity; it only makes `send` (counts, shutdown) wait less
+        // behind a backlog than the default of 16 would.
+        ctx.set_mailbox_capacity(INSTANCE_MAILBOX);
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
@@ -253,16 +257,25 @@ impl Handler<Publish> for InstanceActor {
             if batch.frames.is_empty() {
                 continue;
             }
-            let queued = entry.shared.queued_bytes.fetch_add(batch.bytes, Ordering::AcqRel);
+            let queued = entry
+                .shared
+                .queued_bytes
+                .fetch_add(batch.bytes, Ordering::AcqRel);
             if queued + batch.bytes > self.env.client_buffer_bytes {
-                entry.shared.queued_bytes.fetch_sub(batch.bytes, Ordering::AcqRel);
+                entry
+                    .shared
+                    .queued_bytes
+                    .fetch_sub(batch.bytes, Ordering::AcqRel);
                 full.push((*id, CloseCode::SLOW_CONSUMER));
                 continue;
             }
             match entry.recipient.try_send(ToSession::Deliver(batch.clone())) {
                 Ok(()) => delivered += batch.frames.len() as u64,
                 Err(SendError::Full(_)) => {
-                    entry.shared.queued_bytes.fetch_sub(batch.bytes, Ordering::AcqRel);
+                    entry
+                        .shared
+                        .queued_bytes
+                        .fetch_sub(batch.bytes, Ordering::AcqRel);
                     full.push((*id, CloseCode::SLOW_CONSUMER));
                 }
                 Err(SendError::Closed(_)) => full.push((*id, CloseCode::NORMAL)),

@@ -31,7 +31,16 @@ pub enum CreateError {
     Storage(#[from] StorageError),
 }
 
-type InstanceRow = (i64, i64, String, String, Option<bool>, Option<String>, Option<bool>, Option<i64>);
+type InstanceRow = (
+    i64,
+    i64,
+    String,
+    String,
+    Option<bool>,
+    Option<String>,
+    Option<bool>,
+    Option<i64>,
+);
 
 fn record(row: InstanceRow) -> Result<InstanceRecord, StorageError> {
     let (id, account, name, token, enabled, events, media, version) = row;
@@ -88,7 +97,9 @@ pub fn find(
 ) -> Result<Option<InstanceRecord>, StorageError> {
     let found = load_instances!(
         conn,
-        instances::account_id.eq(account.0).and(instances::name.eq(name))
+        instances::account_id
+            .eq(account.0)
+            .and(instances::name.eq(name))
     )?;
     Ok(found.into_iter().next())
 }
@@ -113,60 +124,59 @@ pub fn create(
 ) -> Result<InstanceRecord, CreateError> {
     let now = now_millis();
     let events = config.map(|c| encode_events(&c.events));
-    let outcome: Result<Result<(i64, Option<ConfigRow>), CreateError>, diesel::result::Error> =
-        write_tx!(conn, c => {
-            let name_taken: i64 = instances::table
-                .filter(instances::account_id.eq(account.0))
-                .filter(instances::name.eq(name.as_str()))
-                .count()
-                .get_result(c)?;
-            if name_taken > 0 {
-                return Ok(Err(CreateError::NameTaken));
-            }
-            let token_taken: i64 = instances::table
-                .filter(instances::token_hash.eq(token_hash))
-                .count()
-                .get_result(c)?;
-            let account_taken: i64 = accounts::table
-                .filter(accounts::token_hash.eq(token_hash))
-                .count()
-                .get_result(c)?;
-            if token_taken + account_taken > 0 {
-                return Ok(Err(CreateError::TokenTaken));
-            }
-            let id: i64 = diesel::insert_into(instances::table)
-                .values((
-                    instances::account_id.eq(account.0),
-                    instances::name.eq(name.as_str()),
-                    instances::token.eq(token),
-                    instances::token_hash.eq(token_hash),
-                    instances::created_at.eq(now),
-                ))
-                .returning(instances::id)
-                .get_result(c)?;
-            let row = match (config, &events) {
-                (Some(cfg), Some(events)) => Some(
-                    diesel::insert_into(ws_settings::table)
-                        .values((
-                            ws_settings::instance_id.eq(id),
-                            ws_settings::enabled.eq(cfg.enabled),
-                            ws_settings::events.eq(events),
-                            ws_settings::media_base64.eq(cfg.media_base64),
-                            ws_settings::version.eq(1_i64),
-                            ws_settings::updated_at.eq(now),
-                        ))
-                        .returning((
-                            ws_settings::enabled,
-                            ws_settings::events,
-                            ws_settings::media_base64,
-                            ws_settings::version,
-                        ))
-                        .get_result::<ConfigRow>(c)?,
-                ),
-                _ => None,
-            };
-            Ok(Ok((id, row)))
-        });
+    let outcome: Result<Result<(i64, Option<ConfigRow>), CreateError>, diesel::result::Error> = write_tx!(conn, c => {
+        let name_taken: i64 = instances::table
+            .filter(instances::account_id.eq(account.0))
+            .filter(instances::name.eq(name.as_str()))
+            .count()
+            .get_result(c)?;
+        if name_taken > 0 {
+            return Ok(Err(CreateError::NameTaken));
+        }
+        let token_taken: i64 = instances::table
+            .filter(instances::token_hash.eq(token_hash))
+            .count()
+            .get_result(c)?;
+        let account_taken: i64 = accounts::table
+            .filter(accounts::token_hash.eq(token_hash))
+            .count()
+            .get_result(c)?;
+        if token_taken + account_taken > 0 {
+            return Ok(Err(CreateError::TokenTaken));
+        }
+        let id: i64 = diesel::insert_into(instances::table)
+            .values((
+                instances::account_id.eq(account.0),
+                instances::name.eq(name.as_str()),
+                instances::token.eq(token),
+                instances::token_hash.eq(token_hash),
+                instances::created_at.eq(now),
+            ))
+            .returning(instances::id)
+            .get_result(c)?;
+        let row = match (config, &events) {
+            (Some(cfg), Some(events)) => Some(
+                diesel::insert_into(ws_settings::table)
+                    .values((
+                        ws_settings::instance_id.eq(id),
+                        ws_settings::enabled.eq(cfg.enabled),
+                        ws_settings::events.eq(events),
+                        ws_settings::media_base64.eq(cfg.media_base64),
+                        ws_settings::version.eq(1_i64),
+                        ws_settings::updated_at.eq(now),
+                    ))
+                    .returning((
+                        ws_settings::enabled,
+                        ws_settings::events,
+                        ws_settings::media_base64,
+                        ws_settings::version,
+                    ))
+                    .get_result::<ConfigRow>(c)?,
+            ),
+            _ => None,
+        };
+        Ok(Ok((id, row)))
+    });
     let (id, row) = match outcome {
         Ok(result) => result?,
         // A concurrent creation on PostgreSQL won the race between check and insert.

@@ -134,7 +134,9 @@ pub fn connect(url: &str, pool_size: u32, timeout: Duration) -> Result<DbPool, S
 pub fn run_migrations(conn: &mut DbConn) -> Result<usize, StorageError> {
     let applied = match conn {
         DbConn::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
-        DbConn::Pg(c) => c.run_pending_migrations(POSTGRES_MIGRATIONS).map(|v| v.len()),
+        DbConn::Pg(c) => c
+            .run_pending_migrations(POSTGRES_MIGRATIONS)
+            .map(|v| v.len()),
     };
     applied.map_err(|e| StorageError::Migration(e.to_string()))
 }

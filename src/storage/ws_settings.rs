@@ -77,7 +77,10 @@ pub fn upsert(
 }
 
 /// The instance's configuration, if it was ever set.
-pub fn get(conn: &mut DbConn, instance: InstanceId) -> Result<Option<VersionedConfig>, StorageError> {
+pub fn get(
+    conn: &mut DbConn,
+    instance: InstanceId,
+) -> Result<Option<VersionedConfig>, StorageError> {
     let row: Option<ConfigRow> = with_conn!(conn, c => ws_settings::table
         .find(instance.0)
         .select((

@@ -132,7 +132,10 @@ mod tests {
         let mut r = Reassembly::default();
         assert_eq!(r.first(true, &bytes[..2], 100), Verdict::Ok);
         assert_eq!(r.last(&bytes[2..], 100), Verdict::Ok);
-        assert_eq!(r.first(true, &[0xff], 100), Verdict::Close(CloseCode::INVALID_UTF8));
+        assert_eq!(
+            r.first(true, &[0xff], 100),
+            Verdict::Close(CloseCode::INVALID_UTF8)
+        );
         let mut r = Reassembly::default();
         assert_eq!(r.first(true, &[0xc3], 100), Verdict::Ok);
         assert_eq!(r.last(&[], 100), Verdict::Close(CloseCode::INVALID_UTF8));
@@ -143,7 +146,10 @@ mod tests {
         let mut r = Reassembly::default();
         assert_eq!(r.more(b"x", 10), Verdict::Close(CloseCode::PROTOCOL_ERROR));
         assert_eq!(r.first(true, b"x", 10), Verdict::Ok);
-        assert_eq!(r.first(true, b"x", 10), Verdict::Close(CloseCode::PROTOCOL_ERROR));
+        assert_eq!(
+            r.first(true, b"x", 10),
+            Verdict::Close(CloseCode::PROTOCOL_ERROR)
+        );
     }
 
     #[test]

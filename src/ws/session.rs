@@ -101,7 +101,11 @@ impl Actor for Session {
             shared: self.shared.clone(),
         });
         self.metrics.connected_clients.inc();
-        log::debug!("instance={} session={} connected", self.instance_name, self.id);
+        log::debug!(
+            "instance={} session={} connected",
+            self.instance_name,
+            self.id
+        );
         ctx.run_interval(self.limits.ping_interval, |act, ctx| {
             if let Some(code) = act.shared.requested_close() {
                 act.close(ctx, code);
@@ -169,7 +173,9 @@ impl StreamHandler<Result<Message, ProtocolError>> for Session {
         let max = self.limits.max_message_bytes;
         let msg = match msg {
             Ok(msg) => msg,
-            Err(ProtocolError::Overflow) => return self.verdict(ctx, Verdict::Close(CloseCode::TOO_BIG)),
+            Err(ProtocolError::Overflow) => {
+                return self.verdict(ctx, Verdict::Close(CloseCode::TOO_BIG))
+            }
             Err(ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
                 return self.verdict(ctx, Verdict::Close(CloseCode::INVALID_UTF8))
             }

@@ -23,6 +23,9 @@ pub const ACCOUNT: &str = "test-account-token-0123456789abcdef";
 /// The PostgreSQL server tests use instead of SQLite, when set.
 pub const PG_ENV: &str = "EVENTGATE_TEST_DATABASE_URL";
 
+/// The machine's PostgreSQL, for tests that always need one.
+pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A database that lives as long as the test.
@@ -33,41 +36,72 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// A fresh database: a temporary SQLite file, or a new PostgreSQL database.
+    /// A fresh database: a temporary SQLite file, or a new PostgreSQL database
+    /// when `EVENTGATE_TEST_DATABASE_URL` is set.
     pub fn fresh() -> TestDb {
         match std::env::var(PG_ENV).ok().filter(|u| !u.is_empty()) {
-            Some(admin_url) => {
-                let name = format!(
-                    "eg_{}_{}_{}",
-                    std::process::id(),
-                    COUNTER.fetch_add(1, Ordering::Relaxed),
-                    rand_suffix()
-                );
-                let mut admin = diesel::PgConnection::establish(&admin_url).unwrap();
-                diesel::sql_query(format!("CREATE DATABASE {name}"))
-                    .execute(&mut admin)
-                    .unwrap();
-                let url = match admin_url.rfind('/') {
-                    Some(i) if admin_url[..i].contains("://") && i > admin_url.find("://").unwrap() + 2 => {
-                        format!("{}/{}", &admin_url[..i], name)
-                    }
-                    _ => panic!("{PG_ENV} must end with /<database>"),
-                };
-                TestDb {
-                    url,
-                    _dir: None,
-                    pg_admin: Some((admin_url, name)),
-                }
-            }
-            None => {
-                let dir = tempfile::tempdir().unwrap();
-                let url = dir.path().join("eventgate.sqlite3").to_string_lossy().into_owned();
-                TestDb {
-                    url,
-                    _dir: Some(dir),
-                    pg_admin: None,
-                }
-            }
+            Some(admin_url) => Self::postgres_on(admin_url),
+            None => Self::sqlite(),
+        }
+    }
+
+    /// A fresh PostgreSQL database whatever the environment says (for tests
+    /// that need a server they can take away): `EVENTGATE_TEST_DATABASE_URL`,
+    /// or the machine's PostgreSQL.
+    pub fn postgres() -> TestDb {
+        let url = std::env::var(PG_ENV)
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| DEFAULT_PG.to_string());
+        Self::postgres_on(url)
+    }
+
+    fn postgres_on(admin_url: String) -> TestDb {
+        let name = format!(
+            "eg_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            rand_suffix()
+        );
+        let mut admin = diesel::PgConnection::establish(&admin_url).unwrap();
+        diesel::sql_query(format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .unwrap();
+        let scheme_end = admin_url.find("://").expect("a URL") + 3;
+        let slash = admin_url[scheme_end..]
+            .find('/')
+            .map(|i| i + scheme_end)
+            .unwrap_or_else(|| panic!("{PG_ENV} must end with /<database>"));
+        let url = format!("{}/{}", &admin_url[..slash], name);
+        TestDb {
+            url,
+            _dir: None,
+            pg_admin: Some((admin_url, name)),
+        }
+    }
+
+    /// A fresh SQLite file in a temporary directory.
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir
+            .path()
+            .join("eventgate.sqlite3")
+            .to_string_lossy()
+            .into_owned();
+        TestDb {
+            url,
+            _dir: Some(dir),
+            pg_admin: None,
+        }
+    }
+
+    /// Drops the PostgreSQL database under a running server (connections are cut).
+    pub fn take_away(&self) {
+        if let Some((admin_url, name)) = &self.pg_admin {
+            let mut admin = diesel::PgConnection::establish(admin_url).unwrap();
+            diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut admin)
+                .unwrap();
         }
     }
 
@@ -90,17 +124,25 @@ impl Drop for TestDb {
 fn rand_suffix() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::time::SystemTime::now().elapsed().map(|d| d.as_nanos() as u64).unwrap_or(0));
+    h.write_u64(
+        std::time::SystemTime::now()
+            .elapsed()
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
     h.finish() as u32
 }
 
-/// Settings for a test server: contract defaults, the test account, the given database.
+/// Settings for a test server: contract defaults (but a high general rate
+/// limit), the test account, the given database.
 pub fn test_settings(db: &TestDb) -> Settings {
     let mut s = Settings::default();
     s.server.bind = "127.0.0.1:0".into();
     s.storage.database_url = db.url.clone();
     s.auth.account_token = ACCOUNT.into();
     s.server.shutdown_drain_secs = 2;
+    // Helpers poll the API; tests of the limits set them back explicitly.
+    s.rate_limit.per_minute = 100_000;
     s
 }
 
@@ -159,7 +201,9 @@ impl TestServer {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Result<(u16, Vec<(String, String)>, Value), String> {
-        let client = awc::Client::builder().timeout(Duration::from_secs(20)).finish();
+        let client = awc::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .finish();
         let method = awc::http::Method::from_bytes(method.as_bytes()).unwrap();
         let mut req = client.request(method, self.url(path));
         for (k, v) in headers {
@@ -176,7 +220,11 @@ impl TestServer {
             .iter()
             .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
             .collect();
-        let bytes = res.body().limit(64 << 20).await.map_err(|e| e.to_string())?;
+        let bytes = res
+            .body()
+            .limit(64 << 20)
+            .await
+            .map_err(|e| e.to_string())?;
         let value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         Ok((status, headers, value))
@@ -199,7 +247,13 @@ impl TestServer {
     }
 
     /// A request with a `token` header (when given) and a JSON body (when given).
-    pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> Reply {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
         let mut headers = vec![("content-type", "application/json")];
         if let Some(t) = token {
             headers.push(("token", t));
@@ -210,12 +264,15 @@ impl TestServer {
 
     /// Creates an instance with WebSocket enabled (all events); returns its TokenInstance.
     pub async fn instance(&self, name: &str) -> String {
-        self.instance_with(name, json!({"name": name, "websocketEnabled": true})).await
+        self.instance_with(name, json!({"name": name, "websocketEnabled": true}))
+            .await
     }
 
     /// Creates an instance from a full body; returns its TokenInstance.
     pub async fn instance_with(&self, name: &str, body: Value) -> String {
-        let r = self.call("POST", "/api/instance/new", Some(ACCOUNT), Some(body)).await;
+        let r = self
+            .call("POST", "/api/instance/new", Some(ACCOUNT), Some(body))
+            .await;
         assert_eq!(r.status, 201, "creating {name}: {:?}", r.body);
         r.body["instance"]["token"].as_str().unwrap().to_string()
     }
@@ -223,7 +280,12 @@ impl TestServer {
     /// Sets an instance's WebSocket settings (asserting 200).
     pub async fn configure(&self, name: &str, settings: Value) -> Value {
         let r = self
-            .call("POST", &format!("/api/events/websocket/{name}"), Some(ACCOUNT), Some(settings))
+            .call(
+                "POST",
+                &format!("/api/events/websocket/{name}"),
+                Some(ACCOUNT),
+                Some(settings),
+            )
             .await;
         assert_eq!(r.status, 200, "{:?}", r.body);
         r.body["websocket"].clone()
@@ -231,7 +293,13 @@ impl TestServer {
 
     /// Publishes a body (one event or an array) with the account token.
     pub async fn publish(&self, name: &str, body: Value) -> Reply {
-        self.call("POST", &format!("/api/events/publish/{name}"), Some(ACCOUNT), Some(body)).await
+        self.call(
+            "POST",
+            &format!("/api/events/publish/{name}"),
+            Some(ACCOUNT),
+            Some(body),
+        )
+        .await
     }
 
     /// Opens a WebSocket to the instance with the account token and `query` appended.
@@ -247,7 +315,9 @@ impl TestServer {
     /// Waits until the instance has at least one client (or exactly `n`) on this node.
     pub async fn wait_clients(&self, name: &str, n: Option<u64>) {
         for _ in 0..200 {
-            let r = self.call("GET", "/api/instance/list", Some(ACCOUNT), None).await;
+            let r = self
+                .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+                .await;
             if let Some(item) = r.body["instances"]
                 .as_array()
                 .and_then(|a| a.iter().find(|i| i["name"] == name))
@@ -259,7 +329,10 @@ impl TestServer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("instance {name} never reached {n:?} clients");
+        let r = self
+            .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+            .await;
+        panic!("instance {name} never reached {n:?} clients: {}", r.body);
     }
 
     /// The value of a metric line (`name{labels}` exactly as rendered), 0 when absent.
@@ -267,7 +340,10 @@ impl TestServer {
         let r = self.raw("GET", "/metrics", &[], None).await;
         let text = r.body.as_str().unwrap_or("").to_string();
         text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .map(|v| v.trim().parse().unwrap())
             .unwrap_or(0.0)
     }
@@ -293,9 +369,18 @@ impl Reply {
     pub fn assert_error(&self, status: u16, message: &str) {
         assert_eq!(self.status, status, "body: {}", self.body);
         assert_eq!(self.body["success"], json!(false), "body: {}", self.body);
-        assert_eq!(self.body["error"]["message"], json!(message), "body: {}", self.body);
+        assert_eq!(
+            self.body["error"]["message"],
+            json!(message),
+            "body: {}",
+            self.body
+        );
         let keys: Vec<_> = self.body.as_object().unwrap().keys().cloned().collect();
-        assert_eq!(keys, vec!["success", "error"], "nothing else at the top level");
+        assert_eq!(
+            keys,
+            vec!["success", "error"],
+            "nothing else at the top level"
+        );
     }
 }
 
@@ -322,7 +407,9 @@ impl Ws {
                 Err(_) => return Got::Nothing,
                 Ok(None) => return Got::Closed(None),
                 Ok(Some(Err(_))) => return Got::Closed(None),
-                Ok(Some(Ok(Message::Text(t)))) => return Got::Text(serde_json::from_str(&t).unwrap()),
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return Got::Text(serde_json::from_str(&t).unwrap())
+                }
                 Ok(Some(Ok(Message::Close(frame)))) => {
                     return Got::Closed(frame.map(|f| u16::from(f.code)))
                 }
@@ -392,4 +479,109 @@ pub async fn stalled_client(addr: SocketAddr, path: &str) -> tokio::net::TcpStre
 /// An event body for publishing.
 pub fn event(kind: &str, data: Value) -> Value {
     json!({"event": kind, "data": data})
+}
+
+/// The real `eventgate` binary, started as an operator would.
+pub struct Process {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub stderr_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Process {
+    /// Starts `eventgate <args>` with `env` (plus a free port and the test
+    /// account) and waits until `/healthz` answers.
+    pub fn start(db: &TestDb, args: &[&str], env: &[(&str, String)]) -> Process {
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_eventgate"));
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("EVENTGATE_BIND", addr.to_string())
+            .env("EVENTGATE_DATABASE_URL", &db.url)
+            .env("EVENTGATE_ACCOUNT_TOKEN", ACCOUNT)
+            .env("EVENTGATE_RATE_LIMIT_PER_MINUTE", "100000")
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let mut p = Process {
+            child,
+            addr,
+            stderr_path,
+            _dir: dir,
+        };
+        for _ in 0..400 {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return p;
+            }
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("eventgate exited with {status}: {}", p.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let _ = p.child.kill();
+        panic!("eventgate did not listen: {}", p.stderr());
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends a signal by name (TERM, INT, HUP, KILL).
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits up to `wait` for the process to exit.
+    pub fn wait_exit(&mut self, wait: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// A `TestServer` view for the HTTP and WebSocket helpers (no database of its own).
+    pub fn client(&self, settings: &Settings) -> TestServer {
+        TestServer {
+            addr: self.addr,
+            db: TestDb {
+                url: String::new(),
+                _dir: None,
+                pg_admin: None,
+            },
+            settings: settings.clone(),
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

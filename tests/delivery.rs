@@ -1,0 +1,409 @@
+//! Real-time delivery with real WebSocket clients (contract §6, §7, §9):
+//! envelopes, filters, mediaBase64, isolation, order, live settings changes,
+//! deletion, and publish validation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{event, TestServer, ACCOUNT};
+use serde_json::json;
+
+const KINDS: [&str; 6] = [
+    "message.exchange",
+    "message.status",
+    "call.update",
+    "group.flow",
+    "instance.state",
+    "label.update",
+];
+const QUIET: Duration = Duration::from_millis(300);
+
+#[actix_rt::test]
+async fn every_event_type_arrives_in_the_exact_envelope() {
+    let s = TestServer::start().await;
+    let token = s.instance("env").await;
+    let mut ws = s.connect("env", "").await;
+    for (i, kind) in KINDS.iter().enumerate() {
+        let data =
+            json!({"seq": i, "nested": {"a": [1, 2.5, "x", null, true]}, "unicode": "héllo ✓"});
+        let r = s.publish("env", event(kind, data.clone())).await;
+        assert_eq!(r.status, 202);
+        assert_eq!(
+            r.body,
+            json!({"success":true,"message":"Events accepted","accepted":1})
+        );
+        let got = ws.envelope().await;
+        assert_eq!(
+            got,
+            json!({"event": kind, "data": data,
+                   "instanceData": {"baseUrl": format!("http://{}", s.addr), "instance": "env", "token": token}})
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn instance_token_client_gets_the_instance_token_in_envelopes() {
+    let s =
+        TestServer::start_with(|st| st.server.public_base_url = "https://gw.example.com".into())
+            .await;
+    let token = s.instance("tok").await;
+    let url = s.ws_url(&format!("/ws/tok?token={token}"));
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut ws = common::Ws { inner: ws };
+    s.wait_clients("tok", Some(1)).await;
+    s.publish("tok", event("call.update", json!({}))).await;
+    let got = ws.envelope().await;
+    assert_eq!(
+        got["instanceData"],
+        json!({"baseUrl":"https://gw.example.com","instance":"tok","token":token})
+    );
+}
+
+#[actix_rt::test]
+async fn instance_filter_and_client_narrowing() {
+    let s = TestServer::start().await;
+    s.instance_with("f", json!({"name":"f","websocketEnabled":true,"websocketEvents":["call.update","group.flow","label.update"]})).await;
+    let mut all = s.connect("f", "").await;
+    let mut narrow = s
+        .connect("f", "&events=group.flow,message.status&events=label.update")
+        .await;
+    s.wait_clients("f", Some(2)).await;
+    let batch: Vec<_> = KINDS.iter().map(|k| event(k, json!({"k": k}))).collect();
+    assert_eq!(s.publish("f", json!(batch)).await.body["accepted"], 6);
+    for kind in ["call.update", "group.flow", "label.update"] {
+        assert_eq!(all.envelope().await["event"], kind);
+    }
+    all.silent(QUIET).await;
+    for kind in ["group.flow", "label.update"] {
+        assert_eq!(narrow.envelope().await["event"], kind);
+    }
+    narrow.silent(QUIET).await;
+}
+
+#[actix_rt::test]
+async fn media_base64_on_and_off() {
+    let s = TestServer::start().await;
+    s.instance("m").await;
+    let mut ws = s.connect("m", "").await;
+    let data =
+        json!({"message": {"id": "1", "media": {"base64": "QUJD", "mimetype": "image/png"}}});
+    let other = json!({"message": {"media": {"base64": "QUJD"}}});
+    s.publish(
+        "m",
+        json!([
+            event("message.exchange", data.clone()),
+            event("message.status", other.clone())
+        ]),
+    )
+    .await;
+    let got = ws.envelope().await;
+    assert_eq!(
+        got["data"],
+        json!({"message": {"id": "1", "media": {"mimetype": "image/png"}}})
+    );
+    assert_eq!(
+        ws.envelope().await["data"],
+        other,
+        "other types are never altered"
+    );
+    s.configure("m", json!({"enabled": true, "mediaBase64": true}))
+        .await;
+    s.publish("m", event("message.exchange", data.clone()))
+        .await;
+    assert_eq!(ws.envelope().await["data"], data);
+}
+
+#[actix_rt::test]
+async fn instances_never_see_each_other() {
+    let s = TestServer::start().await;
+    s.instance("a").await;
+    s.instance("b").await;
+    let mut wa = s.connect("a", "").await;
+    let mut wb = s.connect("b", "").await;
+    s.publish("a", event("call.update", json!({"to":"a"})))
+        .await;
+    s.publish("b", event("call.update", json!({"to":"b"})))
+        .await;
+    assert_eq!(wa.envelope().await["data"]["to"], "a");
+    assert_eq!(wb.envelope().await["data"]["to"], "b");
+    wa.silent(QUIET).await;
+    wb.silent(QUIET).await;
+}
+
+#[actix_rt::test]
+async fn several_clients_each_get_every_event_in_order() {
+    let s = TestServer::start().await;
+    s.instance("o").await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(s.connect("o", "").await);
+    }
+    s.wait_clients("o", Some(5)).await;
+    let mut seq = 0;
+    for round in 0..20 {
+        let batch: Vec<_> = (0..(round % 4 + 1))
+            .map(|_| {
+                seq += 1;
+                event("message.status", json!({"seq": seq}))
+            })
+            .collect();
+        assert_eq!(s.publish("o", json!(batch)).await.status, 202);
+    }
+    for ws in &mut clients {
+        for expected in 1..=seq {
+            assert_eq!(ws.envelope().await["data"]["seq"], expected);
+        }
+        ws.silent(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn disabling_keeps_open_clients_and_refuses_new_ones() {
+    let s = TestServer::start().await;
+    s.instance("d").await;
+    let mut ws = s.connect("d", "").await;
+    s.configure("d", json!({"enabled": false})).await;
+    s.publish("d", event("call.update", json!({"n":1}))).await;
+    ws.silent(QUIET).await;
+    let r = s
+        .raw(
+            "GET",
+            &format!("/ws/d?token={ACCOUNT}"),
+            &[
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+                ("sec-websocket-version", "13"),
+                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ],
+            None,
+        )
+        .await;
+    r.assert_error(
+        400,
+        "WebSocket is not enabled for this instance. Configure it first using POST /api/events/websocket/d",
+    );
+    s.configure("d", json!({"enabled": true, "events": ["call.update"]}))
+        .await;
+    s.publish(
+        "d",
+        json!([
+            event("group.flow", json!({})),
+            event("call.update", json!({"n":2}))
+        ]),
+    )
+    .await;
+    let got = ws.envelope().await;
+    assert_eq!(
+        got["data"]["n"], 2,
+        "events flow again under the new settings"
+    );
+}
+
+#[actix_rt::test]
+async fn settings_change_mid_stream_applies_to_the_next_event() {
+    let s = TestServer::start().await;
+    s.instance("live").await;
+    let mut ws = s.connect("live", "").await;
+    s.publish("live", event("label.update", json!({"n":1})))
+        .await;
+    assert_eq!(ws.envelope().await["data"]["n"], 1);
+    s.configure("live", json!({"enabled": true, "events": ["call.update"]}))
+        .await;
+    s.publish(
+        "live",
+        json!([
+            event("label.update", json!({"n":2})),
+            event("call.update", json!({"n":3}))
+        ]),
+    )
+    .await;
+    assert_eq!(ws.envelope().await["data"]["n"], 3);
+    ws.silent(QUIET).await;
+}
+
+#[actix_rt::test]
+async fn deleting_an_instance_closes_its_sockets_with_4004() {
+    let s = TestServer::start().await;
+    let token = s.instance("gone").await;
+    let mut a = s.connect("gone", "").await;
+    let mut b = s.connect("gone", "").await;
+    s.wait_clients("gone", Some(2)).await;
+    let r = s
+        .call("DELETE", "/api/instance/delete/gone", Some(ACCOUNT), None)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(a.closed(Duration::from_secs(5)).await, Some(4004));
+    assert_eq!(b.closed(Duration::from_secs(5)).await, Some(4004));
+    let url = s.ws_url(&format!("/ws/gone?token={token}"));
+    let err = tokio_tungstenite::connect_async(url).await.unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+}
+
+#[actix_rt::test]
+async fn upgrade_refusals_come_before_the_upgrade() {
+    let s = TestServer::start_with(|st| {
+        st.ws.allowed_origins = vec!["https://ok.example".into()];
+        st.rate_limit.per_minute = 100;
+    })
+    .await;
+    let t1 = s.instance("u1").await;
+    s.instance("u2").await;
+    s.instance_with("u3", json!({"name":"u3"})).await;
+    let upgrade = [
+        ("connection", "Upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut h = upgrade.to_vec();
+        h.extend_from_slice(extra);
+        h
+    };
+    s.raw("GET", "/ws/u1", &upgrade, None).await.assert_error(
+        401,
+        "Missing token in header, Authorization header, or query parameter",
+    );
+    s.raw("GET", "/ws/u1?token=nope", &upgrade, None)
+        .await
+        .assert_error(401, "Invalid token");
+    let r = s
+        .raw("GET", &format!("/ws/u2?token={t1}"), &upgrade, None)
+        .await;
+    r.assert_error(403, "Instance token does not match this instance");
+    assert_eq!(r.header("x-ratelimit-limit"), Some("100"));
+    s.raw("GET", &format!("/ws/nope?token={ACCOUNT}"), &upgrade, None)
+        .await
+        .assert_error(404, "Instance not found");
+    s.raw(
+        "GET",
+        &format!("/ws/u1?token={ACCOUNT}"),
+        &with(&[("origin", "https://evil.example")]),
+        None,
+    )
+    .await
+    .assert_error(403, "Origin not allowed");
+    s.raw(
+        "GET",
+        &format!("/ws/u1?token={ACCOUNT}&events=bogus"),
+        &upgrade,
+        None,
+    )
+    .await
+    .assert_error(400, "Invalid request body");
+    s.raw("GET", &format!("/ws/u3?token={ACCOUNT}"), &upgrade, None).await.assert_error(
+        400,
+        "WebSocket is not enabled for this instance. Configure it first using POST /api/events/websocket/u3",
+    );
+    s.raw("GET", &format!("/ws/u1?token={ACCOUNT}"), &[], None)
+        .await
+        .assert_error(400, "WebSocket upgrade expected");
+    // Order: Origin is checked before ?events= and settings.
+    s.raw(
+        "GET",
+        &format!("/ws/u3?token={ACCOUNT}&events=bogus"),
+        &with(&[("origin", "https://evil.example")]),
+        None,
+    )
+    .await
+    .assert_error(403, "Origin not allowed");
+    // Allowed origin (any case), and no origin at all, upgrade.
+    for origin in ["https://OK.example", ""] {
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                s.ws_url(&format!("/ws/u1?token={ACCOUNT}")),
+            )
+            .unwrap();
+        if !origin.is_empty() {
+            req.headers_mut().insert("origin", origin.parse().unwrap());
+        }
+        let (_, res) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(res.status().as_u16(), 101);
+        assert_eq!(
+            res.headers().get("x-ratelimit-limit").unwrap(),
+            "100",
+            "the 101 carries the headers"
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn publish_validation_delivers_nothing_of_a_bad_request() {
+    let s = TestServer::start().await;
+    s.instance("p").await;
+    let mut ws = s.connect("p", "").await;
+    let good = event("call.update", json!({"ok": true}));
+    for bad in [
+        json!({"event": "call.nope", "data": {}}),
+        json!({"event": "call.update", "data": []}),
+        json!({"event": "call.update", "data": "x"}),
+        json!({"event": "call.update"}),
+        json!({"data": {}}),
+        json!([good.clone(), {"event": "bad", "data": {}}]),
+        json!([good.clone(), 5]),
+        json!(vec![good.clone(); 1001]),
+        json!("call.update"),
+    ] {
+        s.publish("p", bad)
+            .await
+            .assert_error(400, "Invalid request body");
+    }
+    let headers = [("token", ACCOUNT), ("content-type", "application/json")];
+    for raw in [
+        &br#"{"event":"call.update","data":{"n":1e999}}"#[..],
+        br#"[{"event":"call.update","data":{}},"#,
+    ] {
+        s.raw("POST", "/api/events/publish/p", &headers, Some(raw))
+            .await
+            .assert_error(400, "Invalid request body");
+    }
+    ws.silent(QUIET).await;
+    let r = s.publish("p", json!([])).await;
+    assert_eq!(r.status, 202);
+    assert_eq!(r.body["accepted"], 0);
+    let r = s.publish("p", json!(vec![good.clone(); 1000])).await;
+    assert_eq!(r.body["accepted"], 1000);
+    for _ in 0..1000 {
+        assert_eq!(ws.envelope().await["data"], json!({"ok": true}));
+    }
+    // Auth before size: 413 only for an authorised caller.
+    let big = format!(
+        r#"{{"event":"call.update","data":{{"pad":"{}"}}}}"#,
+        "x".repeat(16 << 20)
+    );
+    s.raw(
+        "POST",
+        "/api/events/publish/p",
+        &headers,
+        Some(big.as_bytes()),
+    )
+    .await
+    .assert_error(413, "Payload too large");
+    s.raw(
+        "POST",
+        "/api/events/publish/ghost",
+        &headers,
+        Some(big.as_bytes()),
+    )
+    .await
+    .assert_error(404, "Instance not found");
+    // Unconfigured or disabled: accepted and discarded.
+    s.instance_with("quiet", json!({"name":"quiet"})).await;
+    let r = s.publish("quiet", good).await;
+    assert_eq!(r.status, 202);
+    assert_eq!(r.body["accepted"], 1);
+}
+
+#[actix_rt::test]
+async fn connected_clients_are_counted() {
+    let s = TestServer::start().await;
+    s.instance("c").await;
+    let a = s.connect("c", "").await;
+    let _b = s.connect("c", "").await;
+    s.wait_clients("c", Some(2)).await;
+    drop(a);
+    s.wait_clients("c", Some(1)).await;
+    assert_eq!(s.metric("eventgate_connected_clients").await, 1.0);
+}

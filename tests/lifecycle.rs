@@ -1,0 +1,326 @@
+//! The service under systemd, with the real binary (contract §10):
+//! readiness, watchdog and stopping through a real `NOTIFY_SOCKET`, SIGTERM
+//! drain (1001, 503 for new upgrades, exit 0), SIGHUP reload, `/readyz`,
+//! `/metrics`, the command line, and settings errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use common::{event, Process, TestDb, TestServer, ACCOUNT};
+use eventgate::settings::Settings;
+use serde_json::json;
+
+fn read_notifications(sock: &UnixDatagram, until: &str, wait: Duration) -> Vec<String> {
+    let deadline = Instant::now() + wait;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            let done = msg.lines().any(|l| l == until);
+            seen.push(msg);
+            if done {
+                return seen;
+            }
+        }
+    }
+    panic!("no {until} within {wait:?}; saw {seen:?}");
+}
+
+#[actix_rt::test]
+async fn notify_socket_sees_ready_watchdog_and_stopping() {
+    let db = TestDb::fresh();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let mut p = Process::start(
+        &db,
+        &["serve"],
+        &[
+            ("NOTIFY_SOCKET", path.to_string_lossy().into_owned()),
+            ("WATCHDOG_USEC", "400000".into()),
+        ],
+    );
+    let ready = read_notifications(&sock, "READY=1", Duration::from_secs(10));
+    let all = ready.join("\n");
+    assert!(all.contains(&format!("STATUS=listening on {}", p.addr)), "{all}");
+    // READY=1 came only once the listener answers and migrations ran.
+    let s = p.client(&Settings::default());
+    assert_eq!(s.raw("GET", "/readyz", &[], None).await.status, 200);
+    read_notifications(&sock, "WATCHDOG=1", Duration::from_secs(5));
+    let later = read_notifications(&sock, "WATCHDOG=1", Duration::from_secs(5));
+    assert!(later.join("\n").contains("clients connected"));
+    p.signal("TERM");
+    read_notifications(&sock, "STOPPING=1", Duration::from_secs(5));
+    let status = p.wait_exit(Duration::from_secs(10)).expect("exited");
+    assert!(status.success(), "{status}");
+}
+
+#[actix_rt::test]
+async fn sigterm_closes_clients_with_1001_refuses_upgrades_and_exits_zero() {
+    let db = TestDb::fresh();
+    let mut p = Process::start(&db, &["serve"], &[("EVENTGATE_SHUTDOWN_DRAIN_SECS", "5".into())]);
+    let s = p.client(&Settings::default());
+    s.instance("drain").await;
+    let mut a = s.connect("drain", "").await;
+    let mut b = s.connect("drain", "").await;
+    s.wait_clients("drain", Some(2)).await;
+    let started = Instant::now();
+    p.signal("TERM");
+    assert_eq!(a.closed(Duration::from_secs(5)).await, Some(1001));
+    // Still draining: a new upgrade gets 503 in the envelope.
+    let upgrade = [
+        ("connection", "Upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let r = s.raw("GET", &format!("/ws/drain?token={ACCOUNT}"), &upgrade, None).await;
+    r.assert_error(503, "Server is shutting down");
+    assert_eq!(b.closed(Duration::from_secs(5)).await, Some(1001));
+    let status = p.wait_exit(Duration::from_secs(10)).expect("exited");
+    assert!(status.success(), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(6), "within the drain time");
+}
+
+#[actix_rt::test]
+async fn sighup_changes_the_origin_allowlist_without_dropping_clients() {
+    let db = TestDb::fresh();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("eventgate.toml");
+    std::fs::write(&config, "[ws]\nallowed_origins = [\"https://a.example\"]\n").unwrap();
+    let p = Process::start(&db, &["--config", config.to_str().unwrap(), "serve"], &[]);
+    let s = p.client(&Settings::default());
+    s.instance("hup").await;
+    let connect = |origin: &'static str| {
+        let url = s.ws_url(&format!("/ws/hup?token={ACCOUNT}"));
+        async move {
+            let mut req =
+                tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                    .unwrap();
+            req.headers_mut().insert("origin", origin.parse().unwrap());
+            tokio_tungstenite::connect_async(req).await
+        }
+    };
+    let (ws, _) = connect("https://a.example").await.unwrap();
+    let mut first = common::Ws { inner: ws };
+    assert!(connect("https://b.example").await.is_err());
+    std::fs::write(&config, "[ws]\nallowed_origins = [\"https://b.example\"]\n").unwrap();
+    p.signal("HUP");
+    let mut switched = false;
+    for _ in 0..100 {
+        if connect("https://b.example").await.is_ok() {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(switched, "b.example allowed after SIGHUP");
+    let err = connect("https://a.example").await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    // The client connected under the old list is still there.
+    s.publish("hup", event("call.update", json!({"n": 1}))).await;
+    assert_eq!(first.envelope().await["data"]["n"], 1);
+    assert!(p.stderr().contains("allowed origins are now https://b.example"));
+}
+
+#[actix_rt::test]
+async fn readyz_and_storage_errors_when_postgres_goes_away() {
+    let s = TestServer::start_on(TestDb::postgres(), |_| {}).await;
+    s.instance("pg").await;
+    let mut ws = s.connect("pg", "").await;
+    assert_eq!(s.raw("GET", "/readyz", &[], None).await.status, 200);
+    s.db.take_away();
+    let r = s.raw("GET", "/readyz", &[], None).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.body["success"], false);
+    assert_eq!(s.raw("GET", "/healthz", &[], None).await.status, 200);
+    s.call("POST", "/api/events/websocket/pg", Some(ACCOUNT), Some(json!({"enabled": true})))
+        .await
+        .assert_error(500, "Failed to get instance");
+    s.call("GET", "/api/events/getWebsocket/pg", Some(ACCOUNT), None)
+        .await
+        .assert_error(500, "Failed to get websocket configuration");
+    s.call("GET", "/api/instance/list", Some(ACCOUNT), None)
+        .await
+        .assert_error(500, "Internal server error");
+    // Connected clients are still there (delivery needs no database, but
+    // publishing needs the token check, which does).
+    ws.silent(Duration::from_millis(200)).await;
+}
+
+/// Parses Prometheus text strictly enough to catch a malformed exposition.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            assert!(rest.starts_with("HELP ") || rest.starts_with("TYPE "), "{line}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "{line}");
+        }
+        samples.push((series.to_string(), value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"))));
+    }
+    samples
+}
+
+#[actix_rt::test]
+async fn metrics_parse_and_move() {
+    let s = TestServer::start_with(|st| {
+        st.ws.tcp_user_timeout_secs = 2;
+        st.ws.client_buffer = 4;
+    })
+    .await;
+    s.instance("m").await;
+    let mut ws = s.connect("m", "").await;
+    let _stalled = common::stalled_client(s.addr, &format!("/ws/m?token={ACCOUNT}")).await;
+    s.wait_clients("m", Some(2)).await;
+    let r = s.raw("GET", "/metrics", &[], None).await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    assert!(r.header("x-ratelimit-limit").is_none());
+    let before = parse_prometheus(r.body.as_str().unwrap());
+    for name in [
+        "eventgate_connected_clients",
+        "eventgate_events_published_total",
+        "eventgate_events_delivered_total",
+    ] {
+        assert!(before.iter().any(|(n, _)| n == name), "{name} missing");
+    }
+    assert_eq!(s.metric("eventgate_connected_clients").await, 2.0);
+    let pad = "x".repeat(64 * 1024);
+    // The reading client keeps up; the stalled one falls behind and is evicted.
+    for i in 0..200 {
+        s.publish("m", event("call.update", json!({"i": i, "pad": pad}))).await;
+        assert_eq!(ws.envelope().await["data"]["i"], i);
+    }
+    assert_eq!(s.metric("eventgate_events_published_total").await, 200.0);
+    assert!(s.metric("eventgate_events_delivered_total").await >= 200.0);
+    assert_eq!(
+        s.metric("eventgate_clients_evicted_total{reason=\"slow_consumer\"}").await,
+        1.0
+    );
+    assert_eq!(s.metric("eventgate_ws_upgrades_total{result=\"accepted\"}").await, 2.0);
+    let text = s.raw("GET", "/metrics", &[], None).await.body.as_str().unwrap().to_string();
+    let samples = parse_prometheus(&text);
+    assert!(samples
+        .iter()
+        .any(|(n, v)| n.starts_with("eventgate_http_requests_total{route=\"/api/events/publish/{instance}\",status=\"202\"}") && *v == 200.0));
+    assert!(samples.iter().any(|(n, _)| n.starts_with("eventgate_fanout_seconds_bucket")));
+    assert!(samples
+        .iter()
+        .any(|(n, v)| n.starts_with("eventgate_instance_connected_clients{instance=\"m#") && *v == 1.0));
+}
+
+fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eventgate"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_masks_secrets() {
+    let secret = "super-secret-account-token-value-123";
+    let (code, out, _) = run_cli(
+        &["check-config"],
+        &[
+            ("EVENTGATE_ACCOUNT_TOKEN", secret),
+            ("EVENTGATE_DATABASE_URL", "postgres://app:hunter2@db.example:5432/eg"),
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(!out.contains(secret) && !out.contains("hunter2"), "{out}");
+    assert!(out.contains("account_token = \"********\""), "{out}");
+    assert!(out.contains("postgres://app:********@db.example:5432/eg"), "{out}");
+    let parsed = Settings::from_toml(&out).unwrap();
+    assert_eq!(parsed.server.bind, "127.0.0.1:8080");
+}
+
+#[test]
+fn settings_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[ws]\nping_interval = 5\n").unwrap();
+    let (code, _, err) = run_cli(&["--config", file.to_str().unwrap(), "check-config"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("ping_interval"), "{err}");
+    std::fs::write(&file, "[rate_limit]\nper_minute = \"lots\"\n").unwrap();
+    let (code, _, err) = run_cli(&["--config", file.to_str().unwrap(), "check-config"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("per_minute"), "{err}");
+    let (code, _, err) = run_cli(&["check-config"], &[("EVENTGATE_WS_CLIENT_BUFFER", "-1")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("EVENTGATE_WS_CLIENT_BUFFER"), "{err}");
+    let (code, _, err) = run_cli(&["check-config"], &[("EVENTGATE_BIND", "nowhere")]);
+    assert_eq!(code, 2);
+    assert!(err.contains("server.bind"), "{err}");
+}
+
+#[test]
+fn down_database_fails_start_up_fast_with_the_real_error() {
+    let started = Instant::now();
+    let port = common::free_port();
+    let (code, _, err) = run_cli(
+        &["serve"],
+        &[
+            ("EVENTGATE_DATABASE_URL", &format!("postgres://postgres@127.0.0.1:{port}/none")),
+            ("EVENTGATE_BIND", "127.0.0.1:0"),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(err.contains("Connection refused") || err.contains("connection"), "{err}");
+}
+
+#[test]
+fn account_and_instance_commands() {
+    let db = TestDb::fresh();
+    let env = [("EVENTGATE_DATABASE_URL", db.url.as_str())];
+    let (code, out, _) = run_cli(&["account", "create", "ops"], &env);
+    assert_eq!(code, 0);
+    let token = out.lines().last().unwrap().trim().to_string();
+    assert_eq!(token.len(), 64);
+    let (code, out, _) = run_cli(&["account", "list"], &env);
+    assert_eq!(code, 0);
+    assert!(out.contains("\tops"), "{out}");
+    let id = out.lines().next().unwrap().split('\t').next().unwrap().to_string();
+    let (code, out, _) = run_cli(&["instance", "create", "--account", &id, "line-1"], &env);
+    assert_eq!(code, 0, "{out}");
+    let (_, out, _) = run_cli(&["instance", "list"], &env);
+    assert!(out.contains("line-1\tunconfigured"), "{out}");
+    let (code, _, _) = run_cli(&["instance", "delete", "--account", &id, "line-1"], &env);
+    assert_eq!(code, 0);
+    let (code, _, _) = run_cli(&["instance", "delete", "--account", &id, "line-1"], &env);
+    assert_ne!(code, 0);
+    let (code, out, _) = run_cli(&["--help"], &[]);
+    assert_eq!(code, 0);
+    for word in ["serve", "migrate", "check-config", "account", "instance"] {
+        assert!(out.contains(word), "{out}");
+    }
+    let (code, out, _) = run_cli(&["--version"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("eventgate "));
+}

@@ -1,0 +1,258 @@
+//! Clients that misbehave (contract §6): a stalled reader is evicted with
+//! 4008 and dropped while fast clients get everything; a silent client is
+//! closed with 4001; oversize, fragmented-oversize and invalid UTF-8 client
+//! messages close with 1009 and 1007.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{event, stalled_client, TestServer, Ws, ACCOUNT};
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Reads a raw socket until EOF or a reset, returning what arrived, or
+/// `None` when it is still open after `wait`.
+async fn read_until_gone(stream: &mut tokio::net::TcpStream, wait: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + wait;
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(all),
+            Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Server → client frames (unmasked) in a byte stream: (opcode, payload).
+fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while bytes.len() >= 2 {
+        let opcode = bytes[0] & 0x0f;
+        let (len, head) = match bytes[1] & 0x7f {
+            126 if bytes.len() >= 4 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+            127 if bytes.len() >= 10 => (
+                u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n if n < 126 => (n as usize, 2),
+            _ => break,
+        };
+        if bytes.len() < head + len {
+            break;
+        }
+        out.push((opcode, bytes[head..head + len].to_vec()));
+        bytes = &bytes[head + len..];
+    }
+    out
+}
+
+#[actix_rt::test]
+async fn stalled_client_is_evicted_while_fast_clients_get_everything() {
+    let s = TestServer::start_with(|st| {
+        st.ws.tcp_user_timeout_secs = 2;
+        st.ws.client_buffer = 64;
+    })
+    .await;
+    s.instance("busy").await;
+    let mut fast: Vec<Ws> = Vec::new();
+    for _ in 0..10 {
+        fast.push(s.connect("busy", "").await);
+    }
+    let mut stalled = stalled_client(s.addr, &format!("/ws/busy?token={ACCOUNT}")).await;
+    s.wait_clients("busy", Some(11)).await;
+
+    // Readers drain the fast clients concurrently while the producer publishes.
+    let total = 300;
+    let readers: Vec<_> = fast
+        .into_iter()
+        .map(|mut ws| {
+            actix_rt::spawn(async move {
+                for seq in 0..total {
+                    let got = ws.envelope().await;
+                    assert_eq!(got["data"]["seq"], seq, "in order, nothing lost");
+                }
+                ws
+            })
+        })
+        .collect();
+    // 300 × 32 KiB: more than the kernel's socket buffers and the client's bounds.
+    let pad = "p".repeat(32 * 1024);
+    for seq in 0..total {
+        let r = s
+            .publish(
+                "busy",
+                event("message.status", json!({"seq": seq, "pad": pad})),
+            )
+            .await;
+        assert_eq!(r.status, 202);
+    }
+    let mut still_open = Vec::new();
+    for r in readers {
+        still_open.push(r.await.unwrap());
+    }
+    assert_eq!(
+        s.metric("eventgate_clients_evicted_total{reason=\"slow_consumer\"}")
+            .await,
+        1.0
+    );
+    s.wait_clients("busy", Some(10)).await;
+    // The stalled socket is gone within seconds although it never read.
+    let started = Instant::now();
+    let got = read_until_gone(&mut stalled, Duration::from_secs(20)).await;
+    assert!(
+        got.is_some(),
+        "the stalled socket was still open after 20 s"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[actix_rt::test]
+async fn byte_bound_evicts_before_the_message_bound() {
+    let s = TestServer::start_with(|st| {
+        st.ws.tcp_user_timeout_secs = 2;
+        st.ws.client_buffer_bytes = 256 * 1024;
+    })
+    .await;
+    s.instance("bytes").await;
+    let _stalled = stalled_client(s.addr, &format!("/ws/bytes?token={ACCOUNT}")).await;
+    s.wait_clients("bytes", Some(1)).await;
+    let pad = "b".repeat(60 * 1024);
+    // 200 messages: under the 256-message bound, far over 256 KiB plus socket buffers.
+    for seq in 0..200 {
+        s.publish(
+            "bytes",
+            event("message.exchange", json!({"seq": seq, "pad": pad})),
+        )
+        .await;
+    }
+    for _ in 0..100 {
+        if s.metric("eventgate_clients_evicted_total{reason=\"slow_consumer\"}")
+            .await
+            == 1.0
+        {
+            s.wait_clients("bytes", Some(0)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the byte bound did not evict the stalled client");
+}
+
+#[actix_rt::test]
+async fn silent_client_is_closed_with_4001() {
+    let s = TestServer::start_with(|st| {
+        st.ws.ping_interval_secs = 1;
+        st.ws.idle_timeout_secs = 2;
+    })
+    .await;
+    s.instance("hb").await;
+    // A raw client that never answers pings (it reads nothing until the end).
+    let mut silent = stalled_client(s.addr, &format!("/ws/hb?token={ACCOUNT}")).await;
+    // A well-behaved client answers pings and stays.
+    let mut good = s.connect("hb", "").await;
+    s.wait_clients("hb", Some(2)).await;
+    // The good client keeps reading (so it answers pings) past the idle timeout.
+    good.silent(Duration::from_secs(4)).await;
+    let bytes = read_until_gone(&mut silent, Duration::from_secs(10))
+        .await
+        .expect("closed");
+    let frames = frames(&bytes);
+    assert!(frames.iter().any(|(op, _)| *op == 0x9), "pings were sent");
+    let close = frames
+        .iter()
+        .find(|(op, _)| *op == 0x8)
+        .expect("a close frame");
+    assert_eq!(u16::from_be_bytes([close.1[0], close.1[1]]), 4001);
+    s.publish("hb", event("call.update", json!({}))).await;
+    assert_eq!(good.envelope().await["event"], "call.update");
+    assert_eq!(
+        s.metric("eventgate_clients_evicted_total{reason=\"heartbeat\"}")
+            .await,
+        1.0
+    );
+}
+
+#[actix_rt::test]
+async fn oversize_and_invalid_client_messages() {
+    let s = TestServer::start().await;
+    s.instance("big").await;
+    // Small frames are ignored.
+    let mut ws = s.connect("big", "").await;
+    ws.send(Message::Text("hello".into())).await;
+    ws.send(Message::Binary(vec![1, 2, 3])).await;
+    s.publish("big", event("call.update", json!({}))).await;
+    assert_eq!(ws.envelope().await["event"], "call.update");
+    // One 65 KiB frame.
+    ws.send(Message::Text("x".repeat(65 * 1024))).await;
+    assert_eq!(ws.closed(Duration::from_secs(5)).await, Some(1009));
+    // Fragments that add up past 64 KiB.
+    let mut ws = s.connect("big", "").await;
+    let part = vec![b'y'; 40 * 1024];
+    ws.send(Message::Frame(Frame::message(
+        part.clone(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await;
+    let _ = ws
+        .inner
+        .send(Message::Frame(Frame::message(
+            part,
+            OpCode::Data(Data::Continue),
+            true,
+        )))
+        .await;
+    assert_eq!(ws.closed(Duration::from_secs(5)).await, Some(1009));
+    // Invalid UTF-8 in a text message, whole and fragmented.
+    let mut ws = s.connect("big", "").await;
+    ws.send(Message::Frame(Frame::message(
+        vec![0xff, 0xfe],
+        OpCode::Data(Data::Text),
+        true,
+    )))
+    .await;
+    assert_eq!(ws.closed(Duration::from_secs(5)).await, Some(1007));
+    let mut ws = s.connect("big", "").await;
+    ws.send(Message::Frame(Frame::message(
+        vec![b'a', 0xc3],
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await;
+    let _ = ws
+        .inner
+        .send(Message::Frame(Frame::message(
+            vec![0x28],
+            OpCode::Data(Data::Continue),
+            true,
+        )))
+        .await;
+    assert_eq!(ws.closed(Duration::from_secs(5)).await, Some(1007));
+}
+
+#[actix_rt::test]
+async fn client_close_is_answered() {
+    let s = TestServer::start().await;
+    s.instance("bye").await;
+    let mut ws = s.connect("bye", "").await;
+    ws.inner
+        .close(Some(CloseFrame {
+            code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+            reason: "".into(),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(ws.closed(Duration::from_secs(5)).await, Some(1000));
+    s.wait_clients("bye", Some(0)).await;
+}
+
+use futures_util::SinkExt;
