@@ -17,7 +17,8 @@ fn read_notifications(sock: &UnixDatagram, until: &str, wait: Duration) -> Vec<S
     let deadline = Instant::now() + wait;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
-    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     while Instant::now() < deadline {
         if let Ok(n) = sock.recv(&mut buf) {
             let msg = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -47,7 +48,10 @@ async fn notify_socket_sees_ready_watchdog_and_stopping() {
     );
     let ready = read_notifications(&sock, "READY=1", Duration::from_secs(10));
     let all = ready.join("\n");
-    assert!(all.contains(&format!("STATUS=listening on {}", p.addr)), "{all}");
+    assert!(
+        all.contains(&format!("STATUS=listening on {}", p.addr)),
+        "{all}"
+    );
     // READY=1 came only once the listener answers and migrations ran.
     let s = p.client(&Settings::default());
     assert_eq!(s.raw("GET", "/readyz", &[], None).await.status, 200);
@@ -63,7 +67,11 @@ async fn notify_socket_sees_ready_watchdog_and_stopping() {
 #[actix_rt::test]
 async fn sigterm_closes_clients_with_1001_refuses_upgrades_and_exits_zero() {
     let db = TestDb::fresh();
-    let mut p = Process::start(&db, &["serve"], &[("EVENTGATE_SHUTDOWN_DRAIN_SECS", "5".into())]);
+    let mut p = Process::start(
+        &db,
+        &["serve"],
+        &[("EVENTGATE_SHUTDOWN_DRAIN_SECS", "5".into())],
+    );
     let s = p.client(&Settings::default());
     s.instance("drain").await;
     let mut a = s.connect("drain", "").await;
@@ -79,12 +87,17 @@ async fn sigterm_closes_clients_with_1001_refuses_upgrades_and_exits_zero() {
         ("sec-websocket-version", "13"),
         ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
     ];
-    let r = s.raw("GET", &format!("/ws/drain?token={ACCOUNT}"), &upgrade, None).await;
+    let r = s
+        .raw("GET", &format!("/ws/drain?token={ACCOUNT}"), &upgrade, None)
+        .await;
     r.assert_error(503, "Server is shutting down");
     assert_eq!(b.closed(Duration::from_secs(5)).await, Some(1001));
     let status = p.wait_exit(Duration::from_secs(10)).expect("exited");
     assert!(status.success(), "{status}");
-    assert!(started.elapsed() < Duration::from_secs(6), "within the drain time");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "within the drain time"
+    );
 }
 
 #[actix_rt::test]
@@ -123,9 +136,12 @@ async fn sighup_changes_the_origin_allowlist_without_dropping_clients() {
     let err = connect("https://a.example").await.unwrap_err();
     assert!(err.to_string().contains("403"), "{err}");
     // The client connected under the old list is still there.
-    s.publish("hup", event("call.update", json!({"n": 1}))).await;
+    s.publish("hup", event("call.update", json!({"n": 1})))
+        .await;
     assert_eq!(first.envelope().await["data"]["n"], 1);
-    assert!(p.stderr().contains("allowed origins are now https://b.example"));
+    assert!(p
+        .stderr()
+        .contains("allowed origins are now https://b.example"));
 }
 
 #[actix_rt::test]
@@ -139,9 +155,14 @@ async fn readyz_and_storage_errors_when_postgres_goes_away() {
     assert_eq!(r.status, 503);
     assert_eq!(r.body["success"], false);
     assert_eq!(s.raw("GET", "/healthz", &[], None).await.status, 200);
-    s.call("POST", "/api/events/websocket/pg", Some(ACCOUNT), Some(json!({"enabled": true})))
-        .await
-        .assert_error(500, "Failed to get instance");
+    s.call(
+        "POST",
+        "/api/events/websocket/pg",
+        Some(ACCOUNT),
+        Some(json!({"enabled": true})),
+    )
+    .await
+    .assert_error(500, "Failed to get instance");
     s.call("GET", "/api/events/getWebsocket/pg", Some(ACCOUNT), None)
         .await
         .assert_error(500, "Failed to get websocket configuration");
@@ -161,20 +182,27 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
             continue;
         }
         if let Some(rest) = line.strip_prefix("# ") {
-            assert!(rest.starts_with("HELP ") || rest.starts_with("TYPE "), "{line}");
+            assert!(
+                rest.starts_with("HELP ") || rest.starts_with("TYPE "),
+                "{line}"
+            );
             continue;
         }
         let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
         let name_end = series.find('{').unwrap_or(series.len());
         let name = &series[..name_end];
         assert!(
-            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
             "{line}"
         );
         if name_end < series.len() {
             assert!(series.ends_with('}'), "{line}");
         }
-        samples.push((series.to_string(), value.parse::<f64>().unwrap_or_else(|_| panic!("{line}"))));
+        samples.push((
+            series.to_string(),
+            value.parse::<f64>().unwrap_or_else(|_| panic!("{line}")),
+        ));
     }
     samples
 }
@@ -206,25 +234,39 @@ async fn metrics_parse_and_move() {
     let pad = "x".repeat(64 * 1024);
     // The reading client keeps up; the stalled one falls behind and is evicted.
     for i in 0..200 {
-        s.publish("m", event("call.update", json!({"i": i, "pad": pad}))).await;
+        s.publish("m", event("call.update", json!({"i": i, "pad": pad})))
+            .await;
         assert_eq!(ws.envelope().await["data"]["i"], i);
     }
     assert_eq!(s.metric("eventgate_events_published_total").await, 200.0);
     assert!(s.metric("eventgate_events_delivered_total").await >= 200.0);
     assert_eq!(
-        s.metric("eventgate_clients_evicted_total{reason=\"slow_consumer\"}").await,
+        s.metric("eventgate_clients_evicted_total{reason=\"slow_consumer\"}")
+            .await,
         1.0
     );
-    assert_eq!(s.metric("eventgate_ws_upgrades_total{result=\"accepted\"}").await, 2.0);
-    let text = s.raw("GET", "/metrics", &[], None).await.body.as_str().unwrap().to_string();
+    assert_eq!(
+        s.metric("eventgate_ws_upgrades_total{result=\"accepted\"}")
+            .await,
+        2.0
+    );
+    let text = s
+        .raw("GET", "/metrics", &[], None)
+        .await
+        .body
+        .as_str()
+        .unwrap()
+        .to_string();
     let samples = parse_prometheus(&text);
+    assert!(samples.iter().any(|(n, v)| n.starts_with(
+        "eventgate_http_requests_total{route=\"/api/events/publish/{instance}\",status=\"202\"}"
+    ) && *v == 200.0));
     assert!(samples
         .iter()
-        .any(|(n, v)| n.starts_with("eventgate_http_requests_total{route=\"/api/events/publish/{instance}\",status=\"202\"}") && *v == 200.0));
-    assert!(samples.iter().any(|(n, _)| n.starts_with("eventgate_fanout_seconds_bucket")));
-    assert!(samples
-        .iter()
-        .any(|(n, v)| n.starts_with("eventgate_instance_connected_clients{instance=\"m#") && *v == 1.0));
+        .any(|(n, _)| n.starts_with("eventgate_fanout_seconds_bucket")));
+    assert!(samples.iter().any(|(n, v)| n
+        .starts_with("eventgate_instance_connected_clients{instance=\"m#")
+        && *v == 1.0));
 }
 
 fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
@@ -248,13 +290,19 @@ fn check_config_masks_secrets() {
         &["check-config"],
         &[
             ("EVENTGATE_ACCOUNT_TOKEN", secret),
-            ("EVENTGATE_DATABASE_URL", "postgres://app:hunter2@db.example:5432/eg"),
+            (
+                "EVENTGATE_DATABASE_URL",
+                "postgres://app:hunter2@db.example:5432/eg",
+            ),
         ],
     );
     assert_eq!(code, 0);
     assert!(!out.contains(secret) && !out.contains("hunter2"), "{out}");
     assert!(out.contains("account_token = \"********\""), "{out}");
-    assert!(out.contains("postgres://app:********@db.example:5432/eg"), "{out}");
+    assert!(
+        out.contains("postgres://app:********@db.example:5432/eg"),
+        "{out}"
+    );
     let parsed = Settings::from_toml(&out).unwrap();
     assert_eq!(parsed.server.bind, "127.0.0.1:8080");
 }
@@ -286,13 +334,19 @@ fn down_database_fails_start_up_fast_with_the_real_error() {
     let (code, _, err) = run_cli(
         &["serve"],
         &[
-            ("EVENTGATE_DATABASE_URL", &format!("postgres://postgres@127.0.0.1:{port}/none")),
+            (
+                "EVENTGATE_DATABASE_URL",
+                &format!("postgres://postgres@127.0.0.1:{port}/none"),
+            ),
             ("EVENTGATE_BIND", "127.0.0.1:0"),
         ],
     );
     assert_ne!(code, 0);
     assert!(started.elapsed() < Duration::from_secs(10));
-    assert!(err.contains("Connection refused") || err.contains("connection"), "{err}");
+    assert!(
+        err.contains("Connection refused") || err.contains("connection"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -306,7 +360,14 @@ fn account_and_instance_commands() {
     let (code, out, _) = run_cli(&["account", "list"], &env);
     assert_eq!(code, 0);
     assert!(out.contains("\tops"), "{out}");
-    let id = out.lines().next().unwrap().split('\t').next().unwrap().to_string();
+    let id = out
+        .lines()
+        .next()
+        .unwrap()
+        .split('\t')
+        .next()
+        .unwrap()
+        .to_string();
     let (code, out, _) = run_cli(&["instance", "create", "--account", &id, "line-1"], &env);
     assert_eq!(code, 0, "{out}");
     let (_, out, _) = run_cli(&["instance", "list"], &env);

@@ -137,7 +137,7 @@ impl Actor for Session {
             .disconnects
             .with_label_values(&[self.ended.label()])
             .inc();
-        log::debug!(
+        log::info!(
             "instance={} session={} disconnected: {}",
             self.instance_name,
             self.id,
