@@ -9,9 +9,10 @@ use serde_json::{Map, Value};
 
 use crate::domain::EventKind;
 
-/// One accepted event.
-#[derive(Debug, Clone, PartialEq)]
+/// One accepted event (serialised as `{"event","data"}` between nodes).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
+    #[serde(rename = "event")]
     pub kind: EventKind,
     /// The producer's `data` object, as sent.
     pub data: Map<String, Value>,

@@ -23,6 +23,7 @@
 //! `127.0.0.1:0` and run exactly what production runs.
 
 pub mod auth;
+pub mod bus;
 pub mod cli;
 pub mod domain;
 pub mod error;
@@ -45,6 +46,8 @@ use std::time::Duration;
 use actix_web::{web, HttpServer};
 use parking_lot::RwLock;
 
+use crate::auth::AccessCache;
+use crate::bus::Bus;
 use crate::http::{AppState, OriginPolicy};
 use crate::instance::actor::FanoutEnv;
 use crate::instance::Registry;
@@ -64,6 +67,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Bus(#[from] bus::BusError),
 }
 
 /// Opens the database (failing fast with the real error), applies migrations
@@ -111,14 +116,18 @@ pub async fn serve(
             .to_string()
     };
     let metrics = Arc::new(Metrics::new()?);
+    let bus = Bus::connect(&settings.cluster, metrics.clone()).await?;
     let registry = Registry::new(
         settings.server.instance_arbiters,
         FanoutEnv {
             base_url: base_url.into(),
             client_buffer_bytes: settings.ws.client_buffer_bytes,
             metrics: metrics.clone(),
+            bus: bus.clone(),
         },
     );
+    let access = Arc::new(AccessCache::default());
+    bus.listen_control(registry.clone(), access.clone());
     let state = web::Data::new(AppState {
         settings: settings.clone(),
         pool,
@@ -126,7 +135,15 @@ pub async fn serve(
         metrics: metrics.clone(),
         origins: RwLock::new(OriginPolicy::new(&settings.ws.allowed_origins)),
         shutting_down: AtomicBool::new(false),
+        bus: bus.clone(),
+        access,
     });
+    if matches!(bus, Bus::Nats(_)) {
+        actix_web::rt::spawn(refresh_from_storage(
+            state.clone(),
+            Duration::from_secs(settings.cluster.refresh_secs),
+        ));
+    }
     let limiter = web::Data::new(RateLimiter::new(settings.rate_limit.clone()));
     let metrics_data = web::Data::from(metrics);
     let user_timeout = Duration::from_secs(settings.ws.tcp_user_timeout_secs);
@@ -160,6 +177,37 @@ pub async fn serve(
     server.await?;
     log::info!("eventgate stopped");
     Ok(())
+}
+
+/// Cluster safety net: re-reads every running instance's settings from the
+/// database now and then, in case a change notice was lost on the bus.
+async fn refresh_from_storage(state: web::Data<AppState>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        if state.is_shutting_down() {
+            return;
+        }
+        for addr_id in state.registry.ids() {
+            let looked_up = state
+                .db(None, move |conn| {
+                    storage::instances::find_by_id(conn, addr_id).map_err(error::ApiError::from)
+                })
+                .await;
+            match looked_up {
+                Ok(Some(rec)) => {
+                    if let Some(addr) = state.registry.get(addr_id) {
+                        addr.do_send(instance::messages::UpdateSettings(rec.config));
+                    }
+                }
+                Ok(None) => bus::apply(
+                    &state.registry,
+                    &state.access,
+                    bus::Control::Deleted { instance: addr_id.0 },
+                ),
+                Err(_) => break,
+            }
+        }
+    }
 }
 
 /// Sets `TCP_USER_TIMEOUT` on an accepted socket, so a peer that stops

@@ -143,6 +143,9 @@ pub struct ClusterSettings {
     pub nats_url: String,
     /// Prefix of every NATS subject this cluster uses.
     pub subject_prefix: String,
+    /// Seconds between re-reads of running instances' settings from the
+    /// database (a safety net behind NATS invalidation; cluster mode only).
+    pub refresh_secs: u64,
 }
 
 impl Default for ServerSettings {
@@ -217,6 +220,7 @@ impl Default for ClusterSettings {
         Self {
             nats_url: String::new(),
             subject_prefix: "eventgate".into(),
+            refresh_secs: 30,
         }
     }
 }
@@ -336,7 +340,7 @@ impl Settings {
                 "must start with http:// or https://",
             ));
         }
-        let positive: [(&'static str, u64); 9] = [
+        let positive: [(&'static str, u64); 10] = [
             ("server.workers", self.server.workers as u64),
             (
                 "server.instance_arbiters",
@@ -352,6 +356,7 @@ impl Settings {
             ("ws.client_buffer_bytes", self.ws.client_buffer_bytes as u64),
             ("ws.max_message_bytes", self.ws.max_message_bytes as u64),
             ("limits.publish_batch", self.limits.publish_batch as u64),
+            ("cluster.refresh_secs", self.cluster.refresh_secs),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -379,6 +384,19 @@ impl Settings {
         let url = &self.cluster.nats_url;
         if !url.is_empty() && !url.starts_with("nats://") {
             return Err(invalid("cluster.nats_url", "must start with nats://"));
+        }
+        let prefix = &self.cluster.subject_prefix;
+        if prefix.is_empty()
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            || prefix.starts_with('.')
+            || prefix.ends_with('.')
+        {
+            return Err(invalid(
+                "cluster.subject_prefix",
+                "must be a NATS subject token: A-Z a-z 0-9 _ - . (not at the ends)",
+            ));
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws::WsResponseBuilder;
 
 use super::{instance_param, AppState};
-use crate::auth::{self, query_values, Scope};
+use crate::auth::{self, query_values};
 use crate::domain::{EventKind, EventSet};
 use crate::error::ApiError;
 use crate::instance::InstanceInfo;
@@ -45,19 +45,8 @@ pub async fn connect(
     if state.is_shutting_down() {
         return Err(refused(ApiError::ShuttingDown));
     }
-    let token = auth::request_token(&req);
-    let name = instance_param(&req);
     let access = state
-        .db(None, move |conn| {
-            auth::authorize(
-                conn,
-                token.as_deref(),
-                Scope::Instance {
-                    name: &name,
-                    account_only: false,
-                },
-            )
-        })
+        .authorize_instance(auth::request_token(&req), instance_param(&req), false)
         .await
         .map_err(refused)?;
     let instance = access

@@ -45,6 +45,9 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         }
         _ => return not_ready("storage unreachable"),
     }
+    if let Err(reason) = state.bus.readiness() {
+        return not_ready(reason);
+    }
     HttpResponse::Ok().json(json!({"success": true, "message": "ready"}))
 }
 

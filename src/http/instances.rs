@@ -9,7 +9,6 @@ use crate::auth::{self, Principal, Scope};
 use crate::domain::{InstanceName, WsConfig};
 use crate::error::ApiError;
 use crate::http::websocket::parse_events;
-use crate::instance::messages::Deleted;
 use crate::storage::instances::{CreateError, InstanceRecord};
 use crate::storage::{self};
 
@@ -178,9 +177,7 @@ pub async fn delete(
             storage::instances::delete(conn, account, &name)?.ok_or(ApiError::InstanceNotFound)
         })
         .await?;
-    if let Some(addr) = state.registry.get(deleted.id) {
-        addr.do_send(Deleted);
-    }
+    state.instance_deleted(deleted.id);
     log::info!("instance={} deleted", deleted.name);
     Ok(HttpResponse::Ok().json(json!({
         "success": true,

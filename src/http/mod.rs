@@ -20,7 +20,12 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use parking_lot::RwLock;
 
+use crate::auth::cache::CacheKey;
+use crate::auth::{self, Access, AccessCache, Scope};
+use crate::bus::{Bus, Control};
+use crate::domain::{InstanceId, VersionedConfig};
 use crate::error::ApiError;
+use crate::instance::messages::{Deleted, UpdateSettings};
 use crate::instance::Registry;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
@@ -60,11 +65,73 @@ pub struct AppState {
     pub origins: RwLock<OriginPolicy>,
     /// Set when a graceful shutdown begins: upgrades get 503, `/readyz` 503.
     pub shutting_down: AtomicBool,
+    /// How events and changes reach other nodes.
+    pub bus: Bus,
+    /// Remembered authorisations of the hot paths.
+    pub access: Arc<AccessCache>,
 }
 
 impl AppState {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Authorises an instance-scoped request (contract §2 order): from memory
+    /// when a fresh answer is remembered, else from storage; when storage
+    /// fails, a remembered answer of any age still serves.
+    pub async fn authorize_instance(
+        &self,
+        token: Option<String>,
+        name: String,
+        account_only: bool,
+    ) -> Result<Access, ApiError> {
+        let token = token.ok_or(ApiError::MissingToken)?;
+        let key = CacheKey::new(&token, &name, account_only);
+        if let Some(hit) = self.access.fresh(&key) {
+            return Ok(hit);
+        }
+        let looked_up = self
+            .db(None, move |conn| {
+                auth::authorize(
+                    conn,
+                    Some(&token),
+                    Scope::Instance {
+                        name: &name,
+                        account_only,
+                    },
+                )
+            })
+            .await;
+        match looked_up {
+            Ok(access) => {
+                self.access.insert(key, access.clone());
+                Ok(access)
+            }
+            Err(ApiError::Internal) => self.access.stale(&key).ok_or(ApiError::Internal),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Applies persisted settings on this node and sends them to the others.
+    pub fn settings_changed(&self, id: InstanceId, persisted: &VersionedConfig) {
+        self.access.forget_instance(id);
+        if let Some(addr) = self.registry.get(id) {
+            addr.do_send(UpdateSettings(Some(persisted.clone())));
+        }
+        self.bus.publish_control(&Control::Settings {
+            instance: id.0,
+            config: persisted.config.clone(),
+            version: persisted.version,
+        });
+    }
+
+    /// Closes a deleted instance's sockets on this node and tells the others.
+    pub fn instance_deleted(&self, id: InstanceId) {
+        self.access.forget_instance(id);
+        if let Some(addr) = self.registry.get(id) {
+            addr.do_send(Deleted);
+        }
+        self.bus.publish_control(&Control::Deleted { instance: id.0 });
     }
 
     /// Runs blocking storage work on the blocking pool with a pooled

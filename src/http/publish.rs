@@ -9,7 +9,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
 use super::{has_no_content_type, instance_param, is_json, read_body, AppState};
-use crate::auth::{self, Scope};
+use crate::auth;
 use crate::error::ApiError;
 use crate::events::parse_publish;
 use crate::instance::messages::Publish;
@@ -20,19 +20,8 @@ pub async fn publish(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let token = auth::request_token(&req);
-    let name = instance_param(&req);
     let access = state
-        .db(None, move |conn| {
-            auth::authorize(
-                conn,
-                token.as_deref(),
-                Scope::Instance {
-                    name: &name,
-                    account_only: true,
-                },
-            )
-        })
+        .authorize_instance(auth::request_token(&req), instance_param(&req), true)
         .await?;
     let instance = access.instance.ok_or(ApiError::InstanceNotFound)?;
     let limits = &state.settings.limits;
@@ -46,6 +35,7 @@ pub async fn publish(
     let accepted = events.len();
     state.metrics.events_published.inc_by(accepted as u64);
     if accepted > 0 {
+        state.bus.publish_events(instance.id, &events);
         if let Some(addr) = state.registry.get(instance.id) {
             addr.do_send(Publish {
                 events: Arc::from(events),

@@ -9,7 +9,6 @@ use super::{instance_param, is_json, read_body, AppState};
 use crate::auth::{self, Scope};
 use crate::domain::{EventKind, WsConfig};
 use crate::error::ApiError;
-use crate::instance::messages::UpdateSettings;
 use crate::storage;
 
 /// 500 message of the set endpoint.
@@ -85,9 +84,7 @@ pub async fn set(
             storage::ws_settings::upsert(conn, id, &config).map_err(ApiError::from)
         })
         .await?;
-    if let Some(addr) = state.registry.get(id) {
-        addr.do_send(UpdateSettings(Some(persisted.clone())));
-    }
+    state.settings_changed(id, &persisted);
     log::info!(
         "instance={} websocket configured (enabled={})",
         instance.name,

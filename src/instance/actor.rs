@@ -33,6 +33,8 @@ pub struct FanoutEnv {
     /// Bytes of frames a session may have queued before it is a slow consumer.
     pub client_buffer_bytes: usize,
     pub metrics: Arc<Metrics>,
+    /// Where this instance's events from other nodes come from.
+    pub bus: crate::bus::Bus,
 }
 
 struct SessionEntry {
@@ -54,6 +56,8 @@ pub struct InstanceActor {
     metrics_label: String,
     /// What this actor has added to that label's gauge.
     reported: i64,
+    /// Follows this instance's events from other nodes while it has sessions.
+    following: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl InstanceActor {
@@ -74,6 +78,7 @@ impl InstanceActor {
             registry,
             metrics_label,
             reported: 0,
+            following: None,
         }
     }
 
@@ -106,6 +111,18 @@ impl InstanceActor {
         n
     }
 
+    /// Subscribes to other nodes' events while there are sessions, and only then.
+    fn update_interest(&mut self, ctx: &mut Context<Self>) {
+        match (self.sessions.is_empty(), &self.following) {
+            (false, None) => self.following = self.env.bus.follow(self.info.id, ctx.address()),
+            (true, Some(task)) => {
+                task.abort();
+                self.following = None;
+            }
+            _ => {}
+        }
+    }
+
     /// Brings the per-instance gauge up to date (by difference: instances
     /// past the label limit share one series).
     fn report_count(&mut self) {
@@ -132,6 +149,9 @@ impl Actor for InstanceActor {
     fn stopped(&mut self, ctx: &mut Self::Context) {
         self.sessions.clear();
         self.report_count();
+        if let Some(task) = self.following.take() {
+            task.abort();
+        }
         if self.metrics_label != super::registry::OTHER_LABEL {
             let _ = self
                 .env
@@ -148,7 +168,7 @@ impl Actor for InstanceActor {
 impl Handler<Join> for InstanceActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Join, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Join, ctx: &mut Self::Context) {
         self.sessions.insert(
             msg.session,
             SessionEntry {
@@ -158,15 +178,17 @@ impl Handler<Join> for InstanceActor {
             },
         );
         self.report_count();
+        self.update_interest(ctx);
     }
 }
 
 impl Handler<Leave> for InstanceActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Leave, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Leave, ctx: &mut Self::Context) {
         if self.sessions.remove(&msg.session).is_some() {
             self.report_count();
+            self.update_interest(ctx);
         }
     }
 }
@@ -198,8 +220,10 @@ impl Handler<Deleted> for InstanceActor {
 impl Handler<CloseAll> for InstanceActor {
     type Result = usize;
 
-    fn handle(&mut self, msg: CloseAll, _: &mut Self::Context) -> usize {
-        self.close_all(msg.0)
+    fn handle(&mut self, msg: CloseAll, ctx: &mut Self::Context) -> usize {
+        let n = self.close_all(msg.0);
+        self.update_interest(ctx);
+        n
     }
 }
 
@@ -214,7 +238,7 @@ impl Handler<CountSessions> for InstanceActor {
 impl Handler<Publish> for InstanceActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Publish, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) {
         if self.sessions.is_empty() {
             return;
         }
@@ -281,6 +305,7 @@ impl Handler<Publish> for InstanceActor {
                 Err(SendError::Closed(_)) => full.push((*id, CloseCode::NORMAL)),
             }
         }
+        let lost_some = !full.is_empty();
         for (id, code) in full {
             if code == CloseCode::SLOW_CONSUMER {
                 self.evict(id, code);
@@ -288,6 +313,9 @@ impl Handler<Publish> for InstanceActor {
                 self.sessions.remove(&id);
                 self.report_count();
             }
+        }
+        if lost_some {
+            self.update_interest(ctx);
         }
         self.env.metrics.events_delivered.inc_by(delivered);
         self.env

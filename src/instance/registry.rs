@@ -86,6 +86,11 @@ impl Registry {
         }
     }
 
+    /// Ids of every running instance actor.
+    pub fn ids(&self) -> Vec<InstanceId> {
+        self.instances.lock().keys().copied().collect()
+    }
+
     /// Every running instance actor.
     pub fn all(&self) -> Vec<Addr<InstanceActor>> {
         self.instances.lock().values().cloned().collect()

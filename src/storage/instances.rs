@@ -104,6 +104,12 @@ pub fn find(
     Ok(found.into_iter().next())
 }
 
+/// The instance with this id (any account).
+pub fn find_by_id(conn: &mut DbConn, id: InstanceId) -> Result<Option<InstanceRecord>, StorageError> {
+    let found = load_instances!(conn, instances::id.eq(id.0))?;
+    Ok(found.into_iter().next())
+}
+
 /// The instance whose TokenInstance hashes to `token_hash`.
 pub fn find_by_token_hash(
     conn: &mut DbConn,

@@ -15,6 +15,10 @@ use crate::domain::AccountId;
 use crate::error::ApiError;
 use crate::storage::{self, instances::InstanceRecord, DbConn, StorageError};
 
+pub mod cache;
+
+pub use cache::AccessCache;
+
 /// Random bytes in a generated token: 256 bits from the OS CSPRNG.
 const TOKEN_BYTES: usize = 32;
 

@@ -1,0 +1,285 @@
+//! How events and setting changes reach other nodes: `local` (one node, no
+//! external service) or NATS (`cluster.nats_url`).
+//!
+//! A publish is delivered to this node's clients directly and sent once to
+//! `<prefix>.ev.<instance id>`; a node subscribes to that subject only while
+//! it has clients of the instance (interest-based), and skips what it sent
+//! itself. Settings changes and deletions go to `<prefix>.ctl`. Sending goes
+//! through a bounded queue and is skipped while NATS is unreachable, so a
+//! NATS outage never blocks a request or grows memory: what could not cross
+//! is counted (`eventgate_bus_errors_total`) and logged.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::auth::AccessCache;
+use crate::domain::{InstanceId, VersionedConfig, WsConfig};
+use crate::events::Event;
+use crate::instance::messages::{Deleted, Publish, UpdateSettings};
+use crate::instance::{InstanceActor, Registry};
+use crate::metrics::Metrics;
+use crate::settings::ClusterSettings;
+
+/// Messages waiting to be sent to NATS before new ones are dropped.
+const OUTBOX: usize = 10_000;
+
+/// Header naming the node a message came from.
+const ORIGIN_HEADER: &str = "Eventgate-Node";
+
+/// Longest wait between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How often at most a "could not cross" warning is logged.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// A change other nodes must apply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Control {
+    /// New WebSocket settings, as persisted.
+    Settings {
+        instance: i64,
+        config: WsConfig,
+        version: i64,
+    },
+    /// The instance was deleted.
+    Deleted { instance: i64 },
+}
+
+/// Why the bus could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("NATS: {0}")]
+    Connect(String),
+}
+
+/// The bus chosen by settings.
+#[derive(Clone)]
+pub enum Bus {
+    /// Single node: nothing crosses.
+    Local,
+    /// Several nodes through NATS.
+    Nats(Arc<NatsBus>),
+}
+
+/// The NATS side of the bus.
+pub struct NatsBus {
+    client: Client,
+    node: String,
+    prefix: String,
+    outbox: mpsc::Sender<(String, Bytes)>,
+    metrics: Arc<Metrics>,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+impl Bus {
+    /// Connects in the background when `cluster.nats_url` is set (a NATS that
+    /// is down at start-up is retried, and `/readyz` says so meanwhile).
+    pub async fn connect(cluster: &ClusterSettings, metrics: Arc<Metrics>) -> Result<Bus, BusError> {
+        if cluster.nats_url.is_empty() {
+            return Ok(Bus::Local);
+        }
+        let node = crate::auth::generate_token()[..16].to_string();
+        let events_metrics = metrics.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("eventgate-{node}"))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            .reconnect_delay_callback(|attempt| {
+                let exp = u32::try_from(attempt.min(6)).unwrap_or(6);
+                (Duration::from_millis(100) * 2u32.pow(exp)).min(MAX_BACKOFF)
+            })
+            .event_callback(move |event| {
+                let metrics = events_metrics.clone();
+                async move {
+                    match event {
+                        async_nats::Event::SlowConsumer(sid) => {
+                            metrics.bus_errors.with_label_values(&["slow_consumer"]).inc();
+                            log::warn!("NATS subscription {sid} overflowed: cross-node events were dropped");
+                        }
+                        async_nats::Event::Connected => log::info!("NATS connected"),
+                        async_nats::Event::Disconnected => {
+                            log::warn!("NATS disconnected; reconnecting")
+                        }
+                        other => log::warn!("NATS: {other}"),
+                    }
+                }
+            })
+            .connect(cluster.nats_url.as_str())
+            .await
+            .map_err(|e| BusError::Connect(e.to_string()))?;
+        let (outbox, mut rx) = mpsc::channel::<(String, Bytes)>(OUTBOX);
+        let bus = Arc::new(NatsBus {
+            client: client.clone(),
+            node: node.clone(),
+            prefix: cluster.subject_prefix.clone(),
+            outbox,
+            metrics,
+            last_warning: Mutex::new(None),
+        });
+        let sender = bus.clone();
+        actix_web::rt::spawn(async move {
+            while let Some((subject, payload)) = rx.recv().await {
+                let mut headers = HeaderMap::new();
+                headers.insert(ORIGIN_HEADER, sender.node.as_str());
+                if let Err(e) = sender
+                    .client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                {
+                    sender.could_not_cross("publish_failed", &e);
+                }
+            }
+        });
+        log::info!("cluster mode: node {node}, NATS {}", crate::settings::mask_url_password(&cluster.nats_url));
+        Ok(Bus::Nats(bus))
+    }
+
+    /// Whether the bus can reach the other nodes (`Err` says why not).
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        match self {
+            Bus::Local => Ok(()),
+            Bus::Nats(bus) => match bus.client.connection_state() {
+                async_nats::connection::State::Connected => Ok(()),
+                _ => Err("NATS unreachable"),
+            },
+        }
+    }
+
+    /// Sends accepted events to the other nodes (not waiting, never blocking).
+    pub fn publish_events(&self, instance: InstanceId, events: &[Event]) {
+        if let Bus::Nats(bus) = self {
+            match serde_json::to_vec(events) {
+                Ok(payload) => bus.send(format!("{}.ev.{}", bus.prefix, instance.0), payload),
+                Err(e) => bus.could_not_cross("encode", &e),
+            }
+        }
+    }
+
+    /// Sends a settings change or deletion to the other nodes.
+    pub fn publish_control(&self, msg: &Control) {
+        if let Bus::Nats(bus) = self {
+            match serde_json::to_vec(msg) {
+                Ok(payload) => bus.send(format!("{}.ctl", bus.prefix), payload),
+                Err(e) => bus.could_not_cross("encode", &e),
+            }
+        }
+    }
+
+    /// Follows the instance's events from other nodes into its actor, until
+    /// the returned task is aborted. `None` on a single node.
+    pub fn follow(
+        &self,
+        instance: InstanceId,
+        addr: Addr<InstanceActor>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let Bus::Nats(bus) = self else {
+            return None;
+        };
+        let bus = bus.clone();
+        Some(actix_web::rt::spawn(async move {
+            let subject = format!("{}.ev.{}", bus.prefix, instance.0);
+            let mut sub = match bus.client.subscribe(subject).await {
+                Ok(sub) => sub,
+                Err(e) => return bus.could_not_cross("subscribe", &e),
+            };
+            while let Some(msg) = sub.next().await {
+                if bus.is_own(&msg) {
+                    continue;
+                }
+                match serde_json::from_slice::<Vec<Event>>(&msg.payload) {
+                    Ok(events) if !events.is_empty() => addr.do_send(Publish {
+                        events: events.into(),
+                        accepted_at: Instant::now(),
+                    }),
+                    Ok(_) => {}
+                    Err(e) => bus.could_not_cross("decode", &e),
+                }
+            }
+        }))
+    }
+
+    /// Applies settings changes and deletions from other nodes.
+    pub fn listen_control(&self, registry: Arc<Registry>, cache: Arc<AccessCache>) {
+        let Bus::Nats(bus) = self else {
+            return;
+        };
+        let bus = bus.clone();
+        actix_web::rt::spawn(async move {
+            let mut sub = match bus.client.subscribe(format!("{}.ctl", bus.prefix)).await {
+                Ok(sub) => sub,
+                Err(e) => return bus.could_not_cross("subscribe", &e),
+            };
+            while let Some(msg) = sub.next().await {
+                if bus.is_own(&msg) {
+                    continue;
+                }
+                match serde_json::from_slice::<Control>(&msg.payload) {
+                    Ok(control) => apply(&registry, &cache, control),
+                    Err(e) => bus.could_not_cross("decode", &e),
+                }
+            }
+        });
+    }
+}
+
+/// Applies a change locally: forgets cached access, tells the instance's actor.
+pub fn apply(registry: &Registry, cache: &AccessCache, control: Control) {
+    match control {
+        Control::Settings {
+            instance,
+            config,
+            version,
+        } => {
+            let id = InstanceId(instance);
+            cache.forget_instance(id);
+            if let Some(addr) = registry.get(id) {
+                addr.do_send(UpdateSettings(Some(VersionedConfig { config, version })));
+            }
+        }
+        Control::Deleted { instance } => {
+            let id = InstanceId(instance);
+            cache.forget_instance(id);
+            if let Some(addr) = registry.get(id) {
+                addr.do_send(Deleted);
+            }
+        }
+    }
+}
+
+impl NatsBus {
+    fn send(&self, subject: String, payload: Vec<u8>) {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return self.could_not_cross("disconnected", &"NATS is not connected");
+        }
+        if self.outbox.try_send((subject, Bytes::from(payload))).is_err() {
+            self.could_not_cross("queue_full", &"the outgoing queue is full");
+        }
+    }
+
+    fn is_own(&self, msg: &async_nats::Message) -> bool {
+        msg.headers
+            .as_ref()
+            .and_then(|h| h.get(ORIGIN_HEADER))
+            .is_some_and(|v| v.as_str() == self.node)
+    }
+
+    /// Counts a message that could not cross, and logs it now and then.
+    fn could_not_cross(&self, kind: &'static str, cause: &dyn std::fmt::Display) {
+        self.metrics.bus_errors.with_label_values(&[kind]).inc();
+        let mut last = self.last_warning.lock();
+        if last.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            *last = Some(Instant::now());
+            log::warn!("cross-node message not sent ({kind}): {cause}");
+        }
+    }
+}
