@@ -478,6 +478,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_cluster_example_is_valid() {
+        let text = include_str!("../config/eventgate.cluster.toml");
+        let s = Settings::from_toml(text).unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.cluster.nats_url, "nats://nats.internal:4222");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Settings::from_toml("[ws]\nping_interval = 3\n").unwrap_err();
         assert!(err.contains("ping_interval"), "{err}");

@@ -105,6 +105,16 @@ impl TestDb {
         }
     }
 
+    /// Another handle on an existing database (for a second node); dropping
+    /// it leaves the database alone.
+    pub fn shared(&self) -> TestDb {
+        TestDb {
+            url: self.url.clone(),
+            _dir: None,
+            pg_admin: None,
+        }
+    }
+
     pub fn is_postgres(&self) -> bool {
         self.pg_admin.is_some()
     }
