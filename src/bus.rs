@@ -83,7 +83,10 @@ pub struct NatsBus {
 impl Bus {
     /// Connects in the background when `cluster.nats_url` is set (a NATS that
     /// is down at start-up is retried, and `/readyz` says so meanwhile).
-    pub async fn connect(cluster: &ClusterSettings, metrics: Arc<Metrics>) -> Result<Bus, BusError> {
+    pub async fn connect(
+        cluster: &ClusterSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Bus, BusError> {
         if cluster.nats_url.is_empty() {
             return Ok(Bus::Local);
         }
@@ -140,7 +143,10 @@ impl Bus {
                 }
             }
         });
-        log::info!("cluster mode: node {node}, NATS {}", crate::settings::mask_url_password(&cluster.nats_url));
+        log::info!(
+            "cluster mode: node {node}, NATS {}",
+            crate::settings::mask_url_password(&cluster.nats_url)
+        );
         Ok(Bus::Nats(bus))
     }
 
@@ -261,7 +267,11 @@ impl NatsBus {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return self.could_not_cross("disconnected", &"NATS is not connected");
         }
-        if self.outbox.try_send((subject, Bytes::from(payload))).is_err() {
+        if self
+            .outbox
+            .try_send((subject, Bytes::from(payload)))
+            .is_err()
+        {
             self.could_not_cross("queue_full", &"the outgoing queue is full");
         }
     }

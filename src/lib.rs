@@ -157,7 +157,7 @@ pub async fn serve(
                 settings.server.client_request_timeout_secs,
             ))
             .shutdown_timeout(settings.server.shutdown_drain_secs)
-            .on_connect(move |conn, _| set_user_timeout(conn, user_timeout))
+            .on_connect(move |conn, _| tune_socket(conn, user_timeout))
             .listen(listener)?
             .run()
     };
@@ -202,7 +202,9 @@ async fn refresh_from_storage(state: web::Data<AppState>, every: Duration) {
                 Ok(None) => bus::apply(
                     &state.registry,
                     &state.access,
-                    bus::Control::Deleted { instance: addr_id.0 },
+                    bus::Control::Deleted {
+                        instance: addr_id.0,
+                    },
                 ),
                 Err(_) => break,
             }
@@ -210,14 +212,20 @@ async fn refresh_from_storage(state: web::Data<AppState>, every: Duration) {
     }
 }
 
-/// Sets `TCP_USER_TIMEOUT` on an accepted socket, so a peer that stops
-/// reading is dropped by the kernel even while its session actor is frozen.
-fn set_user_timeout(conn: &dyn std::any::Any, timeout: Duration) {
-    if timeout.is_zero() {
+/// Tunes an accepted socket: `TCP_NODELAY`, since every frame is a complete
+/// message that should leave at once (Nagle's algorithm would hold small
+/// frames back until the peer's delayed ACK), and `TCP_USER_TIMEOUT`, so a
+/// peer that stops reading is dropped by the kernel even while its session
+/// actor is frozen.
+fn tune_socket(conn: &dyn std::any::Any, user_timeout: Duration) {
+    let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else {
         return;
+    };
+    if let Err(e) = tcp.set_nodelay(true) {
+        log::debug!("cannot set TCP_NODELAY: {e}");
     }
-    if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(timeout)) {
+    if !user_timeout.is_zero() {
+        if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(user_timeout)) {
             log::debug!("cannot set TCP_USER_TIMEOUT: {e}");
         }
     }

@@ -52,7 +52,8 @@ pub struct ServerSettings {
     pub data_dir: PathBuf,
     /// HTTP worker threads (each a single-threaded runtime).
     pub workers: usize,
-    /// Arbiters (threads) that instance actors are spread over.
+    /// Threads that instance actors are spread over; 0 = each instance's
+    /// actor runs on the HTTP worker thread that first needs it.
     pub instance_arbiters: usize,
     /// Seconds a graceful shutdown may take before the process exits anyway.
     pub shutdown_drain_secs: u64,
@@ -308,6 +309,7 @@ impl Settings {
         }
         numeric! {
             "EVENTGATE_WORKERS" => self.server.workers,
+            "EVENTGATE_INSTANCE_ARBITERS" => self.server.instance_arbiters,
             "EVENTGATE_SHUTDOWN_DRAIN_SECS" => self.server.shutdown_drain_secs,
             "EVENTGATE_WS_PING_INTERVAL_SECS" => self.ws.ping_interval_secs,
             "EVENTGATE_WS_IDLE_TIMEOUT_SECS" => self.ws.idle_timeout_secs,
@@ -340,12 +342,8 @@ impl Settings {
                 "must start with http:// or https://",
             ));
         }
-        let positive: [(&'static str, u64); 10] = [
+        let positive: [(&'static str, u64); 9] = [
             ("server.workers", self.server.workers as u64),
-            (
-                "server.instance_arbiters",
-                self.server.instance_arbiters as u64,
-            ),
             ("storage.pool_size", u64::from(self.storage.pool_size)),
             (
                 "storage.connect_timeout_secs",

@@ -54,7 +54,11 @@ impl Drop for Nats {
     }
 }
 
-async fn node(db: &TestDb, nats: &str, tweak: impl FnOnce(&mut eventgate::settings::Settings)) -> TestServer {
+async fn node(
+    db: &TestDb,
+    nats: &str,
+    tweak: impl FnOnce(&mut eventgate::settings::Settings),
+) -> TestServer {
     let url = nats.to_string();
     TestServer::start_on(db.shared(), move |s| {
         s.cluster.nats_url = url;
@@ -72,7 +76,9 @@ async fn until_following(publisher: &TestServer, name: &str, clients: &mut [&mut
     while seen.iter().any(|s| !s) {
         assert!(Instant::now() < deadline, "nodes never followed {name}");
         n += 1;
-        publisher.publish(name, event("instance.state", json!({"marker": n}))).await;
+        publisher
+            .publish(name, event("instance.state", json!({"marker": n})))
+            .await;
         for (i, ws) in clients.iter_mut().enumerate() {
             while let Got::Text(_) = ws.next_within(Duration::from_millis(100)).await {
                 seen[i] = true;
@@ -106,18 +112,22 @@ async fn publish_on_one_node_reaches_clients_on_every_node_once() {
     let mut wc = c.connect("multi", "").await;
     until_following(&a, "multi", &mut [&mut wa, &mut wb, &mut wc]).await;
     for seq in 0..20 {
-        a.publish("multi", event("message.status", json!({"seq": seq}))).await;
+        a.publish("multi", event("message.status", json!({"seq": seq})))
+            .await;
     }
     expect_sequence(&mut wa, 20).await;
     expect_sequence(&mut wb, 20).await;
     expect_sequence(&mut wc, 20).await;
     // Publishing on B reaches A too, with A's own base URL in the envelope.
-    b.publish("multi", event("call.update", json!({"from": "b"}))).await;
+    b.publish("multi", event("call.update", json!({"from": "b"})))
+        .await;
     let got = wa.envelope().await;
     assert_eq!(got["data"]["from"], "b");
     assert_eq!(got["instanceData"]["baseUrl"], format!("http://{}", a.addr));
     // connectedClients counts the answering node only.
-    let r = a.call("GET", "/api/instance/list", Some(ACCOUNT), None).await;
+    let r = a
+        .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+        .await;
     assert_eq!(r.body["instances"][0]["connectedClients"], 1);
 }
 
@@ -133,9 +143,20 @@ async fn settings_disable_and_deletion_apply_on_every_node() {
     until_following(&a, "shared", &mut [&mut wa, &mut wb]).await;
 
     // A settings change on B applies to A's clients within a second.
-    b.configure("shared", json!({"enabled": true, "events": ["call.update"]})).await;
+    b.configure(
+        "shared",
+        json!({"enabled": true, "events": ["call.update"]}),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    a.publish("shared", json!([event("label.update", json!({})), event("call.update", json!({"n": 1}))])).await;
+    a.publish(
+        "shared",
+        json!([
+            event("label.update", json!({})),
+            event("call.update", json!({"n": 1}))
+        ]),
+    )
+    .await;
     assert_eq!(wa.envelope().await["data"]["n"], 1);
     assert_eq!(wb.envelope().await["data"]["n"], 1);
     wa.silent(Duration::from_millis(300)).await;
@@ -151,7 +172,9 @@ async fn settings_disable_and_deletion_apply_on_every_node() {
 
     // Deleting on A closes B's sockets with 4004, and the token stops working on B.
     let _ = tokio_tungstenite::connect_async(b.ws_url(&format!("/ws/shared?token={token}"))).await;
-    let r = a.call("DELETE", "/api/instance/delete/shared", Some(ACCOUNT), None).await;
+    let r = a
+        .call("DELETE", "/api/instance/delete/shared", Some(ACCOUNT), None)
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(wb.closed(Duration::from_secs(5)).await, Some(4004));
     assert_eq!(wa.closed(Duration::from_secs(5)).await, Some(4004));
@@ -186,12 +209,21 @@ async fn nats_outage_keeps_local_delivery_and_heals() {
     }
     // Local clients still get local publishes, at once.
     let started = Instant::now();
-    let r = a.publish("outage", event("call.update", json!({"local": true}))).await;
+    let r = a
+        .publish("outage", event("call.update", json!({"local": true})))
+        .await;
     assert_eq!(r.status, 202);
     assert_eq!(wa.envelope().await["data"]["local"], true);
-    assert!(started.elapsed() < Duration::from_secs(2), "publishing did not block");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "publishing did not block"
+    );
     wb.silent(Duration::from_millis(300)).await;
-    assert!(a.metric("eventgate_bus_errors_total{kind=\"disconnected\"}").await >= 1.0);
+    assert!(
+        a.metric("eventgate_bus_errors_total{kind=\"disconnected\"}")
+            .await
+            >= 1.0
+    );
 
     // NATS comes back on the same port: the nodes reconnect by themselves.
     let _nats = Nats::start_on(port);
@@ -203,7 +235,8 @@ async fn nats_outage_keeps_local_delivery_and_heals() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     until_following(&a, "outage", &mut [&mut wa, &mut wb]).await;
-    a.publish("outage", event("call.update", json!({"seq": 0}))).await;
+    a.publish("outage", event("call.update", json!({"seq": 0})))
+        .await;
     expect_sequence(&mut wb, 1).await;
 }
 
@@ -218,9 +251,10 @@ async fn storage_refresh_is_a_safety_net_behind_nats() {
     {
         let pool = eventgate::storage::connect(&db.url, 1, Duration::from_secs(5)).unwrap();
         let mut conn = pool.get().unwrap();
-        let rec = eventgate::storage::instances::find(&mut conn, eventgate::domain::AccountId(1), "net")
-            .unwrap()
-            .unwrap();
+        let rec =
+            eventgate::storage::instances::find(&mut conn, eventgate::domain::AccountId(1), "net")
+                .unwrap()
+                .unwrap();
         let config = eventgate::domain::WsConfig::normalized(
             true,
             vec![eventgate::domain::EventKind::GroupFlow],
@@ -229,7 +263,14 @@ async fn storage_refresh_is_a_safety_net_behind_nats() {
         eventgate::storage::ws_settings::upsert(&mut conn, rec.id, &config).unwrap();
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    a.publish("net", json!([event("call.update", json!({})), event("group.flow", json!({"n": 1}))])).await;
+    a.publish(
+        "net",
+        json!([
+            event("call.update", json!({})),
+            event("group.flow", json!({"n": 1}))
+        ]),
+    )
+    .await;
     assert_eq!(ws.envelope().await["data"]["n"], 1);
     ws.silent(Duration::from_millis(300)).await;
 }

@@ -131,7 +131,8 @@ impl AppState {
         if let Some(addr) = self.registry.get(id) {
             addr.do_send(Deleted);
         }
-        self.bus.publish_control(&Control::Deleted { instance: id.0 });
+        self.bus
+            .publish_control(&Control::Deleted { instance: id.0 });
     }
 
     /// Runs blocking storage work on the blocking pool with a pooled

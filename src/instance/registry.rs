@@ -33,11 +33,14 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Starts `arbiters` threads for instance actors. Call inside an actix system.
+    /// Starts `arbiters` threads for instance actors; with 0, an instance's
+    /// actor runs on the HTTP worker thread that first needs it (no
+    /// cross-thread hand-off on the way to its sessions). Call inside an
+    /// actix system.
     pub fn new(arbiters: usize, env: FanoutEnv) -> Arc<Self> {
         Arc::new_cyclic(|me| Registry {
             instances: Mutex::new(HashMap::new()),
-            arbiters: (0..arbiters.max(1)).map(|_| Arbiter::new()).collect(),
+            arbiters: (0..arbiters).map(|_| Arbiter::new()).collect(),
             next_arbiter: AtomicUsize::new(0),
             env,
             labelled: AtomicUsize::new(0),
@@ -66,9 +69,12 @@ impl Registry {
             self.labelled.fetch_sub(1, Ordering::AcqRel);
             OTHER_LABEL.to_string()
         };
-        let i = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
+        let arbiter = match self.arbiters.len() {
+            0 => Arbiter::current(),
+            n => self.arbiters[self.next_arbiter.fetch_add(1, Ordering::Relaxed) % n].handle(),
+        };
         let (id, env, me) = (info.id, self.env.clone(), self.me.clone());
-        let addr = InstanceActor::start_in_arbiter(&self.arbiters[i].handle(), move |_| {
+        let addr = InstanceActor::start_in_arbiter(&arbiter, move |_| {
             InstanceActor::new(info, config, env, me, label)
         });
         instances.insert(id, addr.clone());
@@ -113,9 +119,10 @@ impl Registry {
         closed
     }
 
-    /// Whether every instance thread runs tasks within `timeout` (watchdog).
+    /// Whether every instance thread, and every instance actor, answers
+    /// within `timeout` (watchdog).
     pub async fn ping(&self, timeout: Duration) -> bool {
-        let mut answers = Vec::with_capacity(self.arbiters.len());
+        let mut threads = Vec::with_capacity(self.arbiters.len());
         for arbiter in &self.arbiters {
             let (tx, rx) = tokio::sync::oneshot::channel();
             if !arbiter.spawn(async move {
@@ -123,10 +130,19 @@ impl Registry {
             }) {
                 return false;
             }
-            answers.push(rx);
+            threads.push(rx);
         }
-        let all = futures_util::future::join_all(answers);
-        matches!(tokio::time::timeout(timeout, all).await, Ok(r) if r.iter().all(Result::is_ok))
+        let actors: Vec<_> = self
+            .all()
+            .into_iter()
+            .map(|a| a.send(CountSessions))
+            .collect();
+        let all = async {
+            let threads = futures_util::future::join_all(threads).await;
+            let actors = futures_util::future::join_all(actors).await;
+            threads.iter().all(Result::is_ok) && actors.iter().all(Result::is_ok)
+        };
+        matches!(tokio::time::timeout(timeout, all).await, Ok(true))
     }
 }
 

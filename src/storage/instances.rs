@@ -105,7 +105,10 @@ pub fn find(
 }
 
 /// The instance with this id (any account).
-pub fn find_by_id(conn: &mut DbConn, id: InstanceId) -> Result<Option<InstanceRecord>, StorageError> {
+pub fn find_by_id(
+    conn: &mut DbConn,
+    id: InstanceId,
+) -> Result<Option<InstanceRecord>, StorageError> {
     let found = load_instances!(conn, instances::id.eq(id.0))?;
     Ok(found.into_iter().next())
 }

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# The benchmark: eventgate against the two reference gateways of
+# ../shared/peers (gorilla hub, Node ws), every scenario on a freshly started
+# server, all in one run on this machine. Prints the tables of BENCHMARKS.md.
+#
+#   bash bench/run.sh                      # everything (about 10 minutes)
+#   TARGETS="eventgate" bash bench/run.sh  # one target
+#   SECS=5 IDLE_CLIENTS=5000 bash bench/run.sh
+#
+# Env: TARGETS ("eventgate gorilla node"), SECS (10), IDLE_CLIENTS (19000),
+# CLUSTER (1: also two eventgate nodes on PostgreSQL + NATS), PEERS_DIR
+# (/tmp/eventgate-peers), OUT (results file), PG_URL, NATS_URL.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+TARGETS=${TARGETS:-"eventgate gorilla node"}
+SECS=${SECS:-10}
+IDLE_CLIENTS=${IDLE_CLIENTS:-19000}
+CLUSTER=${CLUSTER:-1}
+PEERS_DIR=${PEERS_DIR:-/tmp/eventgate-peers}
+PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
+mkdir -p bench/results
+OUT=${OUT:-bench/results/run-$(date +%Y%m%d-%H%M%S).jsonl}
+BENCH=$ROOT/target/release/eventgate-bench
+GATE=$ROOT/target/release/eventgate
+TOKEN=bench-account-token-0123456789abcdef0123
+WORK=$(mktemp -d)
+
+cargo build --release --bins --quiet || exit 1
+
+build_peers() {
+    mkdir -p "$PEERS_DIR"
+    if [[ " $TARGETS " == *" gorilla "* ]] && [ ! -x "$PEERS_DIR/gorilla-hub/gorilla-hub" ]; then
+        command -v go >/dev/null || { apt-get update -qq && apt-get install -y -qq golang-go golang-github-gorilla-websocket-dev; } || return 1
+        cp -r "$ROOT/../shared/peers/gorilla-hub" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
+        (cd "$PEERS_DIR" && sh gorilla-hub/build.sh) || return 1
+    fi
+    if [[ " $TARGETS " == *" node "* ]] && [ ! -d "$PEERS_DIR/node-ws/node_modules/ws" ]; then
+        cp -r "$ROOT/../shared/peers/node-ws" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
+        (cd "$PEERS_DIR/node-ws" && npm install --no-audit --no-fund --silent) || return 1
+    fi
+}
+build_peers || { echo "could not build the reference peers"; exit 1; }
+ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+echo "open-files limit: $(ulimit -n); results -> $OUT"
+
+PIDS=()
+SERVER_PID=
+PORT=
+wait_port() {
+    for _ in $(seq 200); do
+        ss -ltnH "sport = :$1" | grep -q LISTEN && return 0
+        sleep 0.05
+    done
+    return 1
+}
+start_eventgate() { # $1 port, $2 database url, rest: extra env
+    local port=$1 db=$2; shift 2
+    env EVENTGATE_BIND=127.0.0.1:$port EVENTGATE_DATABASE_URL="$db" EVENTGATE_ACCOUNT_TOKEN=$TOKEN \
+        EVENTGATE_RATE_LIMIT_PER_MINUTE=100000000 EVENTGATE_RATE_LIMIT_INSTANCE_NEW_PER_MINUTE=100000000 \
+        EVENTGATE_LOG=warn "$@" "$GATE" serve >>"$OUT.eventgate.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$port"
+}
+start_server() { # $1 = eventgate|gorilla|node
+    PIDS=()
+    case $1 in
+        eventgate) PORT=8090; rm -f "$WORK/eg.sqlite3"*; start_eventgate 8090 "$WORK/eg.sqlite3" || return 1 ;;
+        gorilla) PORT=8081; "$PEERS_DIR/gorilla-hub/gorilla-hub" -addr 127.0.0.1:8081 >>"$OUT.gorilla.log" 2>&1 &
+                 PIDS+=($!); wait_port 8081 || return 1 ;;
+        node)    PORT=8082; (cd "$PEERS_DIR/node-ws" && HOST=127.0.0.1 PORT=8082 exec node server.js) >>"$OUT.node.log" 2>&1 &
+                 PIDS+=($!); wait_port 8082 || return 1 ;;
+    esac
+    SERVER_PID=${PIDS[0]}
+}
+stop_servers() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    done
+    PIDS=()
+}
+trap 'stop_servers; rm -rf "$WORK"' EXIT INT TERM
+
+# Waits (up to 90 s) for a quiet machine: a compile on the two cores distorts results.
+busy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
+wait_quiet() {
+    local n=0 b0 t0 b1 t1 pct ncpu; ncpu=$(nproc)
+    while :; do
+        read -r b0 t0 < <(busy); sleep 1; read -r b1 t1 < <(busy)
+        pct=$(( 100 * ncpu * (b1 - b0) / (t1 - t0 + 1) ))
+        { [ "$pct" -lt 25 ] || [ "$n" -ge 90 ]; } && return 0
+        n=$((n + 1))
+    done
+}
+
+run() { # $1 target, $2 label, $3 time limit, rest: bench args
+    local target=$1 label=$2 limit=$3; shift 3
+    wait_quiet
+    start_server "$target" || { echo "!!! $target did not start"; return; }
+    local extra=()
+    [ "$target" = eventgate ] && extra=(--token "$TOKEN")
+    local cmd=("$BENCH" "$@" --target "$target" --url "http://127.0.0.1:$PORT" --server-pid "$SERVER_PID" --label "$label" --json "${extra[@]}")
+    echo "### $target / $label"
+    echo "\$ ${cmd[*]}"
+    local line
+    if line=$(timeout "$limit" "${cmd[@]}"); then echo "$line" >>"$OUT"; else echo "!!! $target/$label failed"; fi
+    stop_servers
+    sleep 1
+}
+
+for target in $TARGETS; do
+    run "$target" fanout-1x1000    120 fanout  --clients 1000 --instances 1   --secs "$SECS"
+    run "$target" fanout-100x10    120 fanout  --clients 1000 --instances 100 --secs "$SECS" --publishers 16
+    run "$target" latency-50x1000  120 latency --clients 1000 --instances 1   --rate 50 --secs "$SECS"
+    run "$target" idle-$IDLE_CLIENTS 240 idle  --clients "$IDLE_CLIENTS"
+    run "$target" fast10-5000      120 latency --clients 10 --instances 1 --rate 5000 --secs "$SECS"
+    run "$target" stalled-5000     150 stalled --clients 10 --rate 5000 --secs "$SECS"
+done
+
+# Two eventgate nodes on one PostgreSQL database and NATS: clients split over
+# both, events published on the first.
+if [ "$CLUSTER" = 1 ] && [[ " $TARGETS " == *" eventgate "* ]]; then
+    db="eg_bench_$$"
+    if psql -q "$PG_URL" -c "CREATE DATABASE $db" >/dev/null 2>&1; then
+        node_url="${PG_URL%/*}/$db"
+        wait_quiet
+        PIDS=()
+        start_eventgate 8091 "$node_url" EVENTGATE_NATS_URL="$NATS_URL" &&
+        start_eventgate 8092 "$node_url" EVENTGATE_NATS_URL="$NATS_URL" && {
+            sleep 1
+            cmd=("$BENCH" fanout --clients 1000 --instances 1 --secs "$SECS" --target eventgate --token "$TOKEN"
+                 --url http://127.0.0.1:8091 --client-urls http://127.0.0.1:8091,http://127.0.0.1:8092
+                 --server-pid "${PIDS[0]}" --label cluster2-fanout-1x1000 --json)
+            echo "### eventgate x2 / cluster2-fanout-1x1000"; echo "\$ ${cmd[*]}"
+            line=$(timeout 120 "${cmd[@]}") && echo "$line" >>"$OUT"
+        }
+        stop_servers
+        psql -q "$PG_URL" -c "DROP DATABASE $db WITH (FORCE)" >/dev/null 2>&1
+    else
+        echo "(no PostgreSQL at $PG_URL: two-node run skipped)"
+    fi
+fi
+
+echo
+python3 "$ROOT/bench/report.py" "$OUT"
