@@ -37,6 +37,7 @@ pub enum ApiError {
     TooManyConnections {
         details: String,
     },
+    NodeFull,
     NotFound,
     MethodNotAllowed {
         allow: &'static str,
@@ -90,6 +91,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "Rate limit exceeded. Try again later.".into(),
             ApiError::ShuttingDown => "Server is shutting down".into(),
             ApiError::TooManyConnections { .. } => "Too many connections".into(),
+            ApiError::NodeFull => "Server at capacity".into(),
             ApiError::NotFound => "Not found".into(),
             ApiError::MethodNotAllowed { .. } => "Method not allowed".into(),
             ApiError::Storage { message } => (*message).into(),
@@ -123,6 +125,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::TooManyConnections { .. } => "connection_limit",
+            ApiError::NodeFull => "node_full",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed { .. } => "method",
             ApiError::Storage { .. } | ApiError::Internal => "internal",
@@ -158,7 +161,7 @@ impl ResponseError for ApiError {
             ApiError::RateLimited { .. } | ApiError::TooManyConnections { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ShuttingDown | ApiError::NodeFull => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Storage { .. } | ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -31,6 +31,7 @@ pub mod events;
 pub mod http;
 pub mod instance;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod rate_limit;
 pub mod settings;
@@ -137,6 +138,7 @@ pub async fn serve(
         shutting_down: AtomicBool::new(false),
         bus: bus.clone(),
         access,
+        connections: limits::ConnectionLimits::new(&settings.limits),
     });
     if matches!(bus, Bus::Nats(_)) {
         actix_web::rt::spawn(refresh_from_storage(

@@ -36,6 +36,8 @@ pub enum Bucket {
     InstanceNew,
     /// `POST /api/events/publish/:instance` (only when limited).
     Publish,
+    /// `/ws` upgrade attempts per client IP (only when limited).
+    UpgradeIp,
 }
 
 /// The outcome for one request: what its headers show.
@@ -83,6 +85,7 @@ impl RateLimiter {
             Bucket::General => limits.per_minute,
             Bucket::InstanceNew => limits.instance_new_per_minute,
             Bucket::Publish => limits.publish_per_minute,
+            Bucket::UpgradeIp => limits.upgrades_per_ip_per_minute,
         }
     }
 
@@ -179,13 +182,23 @@ pub async fn middleware(
         let publish_limited = l.limit_of(Bucket::Publish) > 0;
         classify(req.method(), req.path(), publish_limited).map(|c| (l, c))
     });
+    let peer_ip = req
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
     let quota = classified.and_then(|(limiter, (bucket, consume))| {
-        let key = crate::auth::request_token(req.request()).unwrap_or_else(|| {
-            req.peer_addr()
-                .map(|a| a.ip().to_string())
-                .unwrap_or_default()
-        });
-        limiter.check(bucket, &key, consume)
+        let key = crate::auth::request_token(req.request()).unwrap_or_else(|| peer_ip.clone());
+        let quota = limiter.check(bucket, &key, consume);
+        // An upgrade also counts against its IP's bucket, when that is limited;
+        // whichever bucket refuses is the one shown.
+        if req.path().starts_with("/ws/") && quota.is_none_or(|q| q.allowed) {
+            if let Some(ip_quota) = limiter.check(Bucket::UpgradeIp, &peer_ip, true) {
+                if !ip_quota.allowed {
+                    return Some(ip_quota);
+                }
+            }
+        }
+        quota
     });
     if let Some(q) = quota.filter(|q| !q.allowed) {
         if let Some(metrics) = req.app_data::<web::Data<Metrics>>() {
@@ -215,6 +228,7 @@ mod tests {
             per_minute: 3,
             instance_new_per_minute: 1,
             publish_per_minute: 0,
+            upgrades_per_ip_per_minute: 0,
         });
         let seen: Vec<_> = (0..4)
             .map(|_| limiter.check(Bucket::General, "t", true).unwrap())

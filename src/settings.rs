@@ -122,6 +122,8 @@ pub struct RateLimitSettings {
     pub instance_new_per_minute: u32,
     /// `POST /api/events/publish/:instance`; 0 = not limited (the default).
     pub publish_per_minute: u32,
+    /// `/ws` upgrade attempts per client IP, whatever the token; 0 = not limited.
+    pub upgrades_per_ip_per_minute: u32,
 }
 
 /// Sizes of what clients may send.
@@ -134,6 +136,12 @@ pub struct LimitSettings {
     pub publish_body_bytes: usize,
     /// Most events in one publish request.
     pub publish_batch: usize,
+    /// WebSocket clients on this node; 0 = unlimited (503 over it).
+    pub max_connections: usize,
+    /// WebSocket clients of one account on this node; 0 = unlimited (429 over it).
+    pub max_connections_per_account: usize,
+    /// WebSocket clients of one instance on this node; 0 = unlimited (429 over it).
+    pub max_connections_per_instance: usize,
 }
 
 /// Several nodes sharing PostgreSQL and NATS.
@@ -202,6 +210,7 @@ impl Default for RateLimitSettings {
             per_minute: 100,
             instance_new_per_minute: 20,
             publish_per_minute: 0,
+            upgrades_per_ip_per_minute: 0,
         }
     }
 }
@@ -212,6 +221,9 @@ impl Default for LimitSettings {
             body_bytes: 1024 * 1024,
             publish_body_bytes: 16 * 1024 * 1024,
             publish_batch: 1000,
+            max_connections: 0,
+            max_connections_per_account: 0,
+            max_connections_per_instance: 0,
         }
     }
 }
@@ -317,6 +329,7 @@ impl Settings {
             "EVENTGATE_WS_CLIENT_BUFFER_BYTES" => self.ws.client_buffer_bytes,
             "EVENTGATE_RATE_LIMIT_PER_MINUTE" => self.rate_limit.per_minute,
             "EVENTGATE_RATE_LIMIT_INSTANCE_NEW_PER_MINUTE" => self.rate_limit.instance_new_per_minute,
+            "EVENTGATE_MAX_CONNECTIONS" => self.limits.max_connections,
         }
         Ok(())
     }

@@ -69,6 +69,10 @@ pub async fn connect(
     if actix_http::ws::handshake(req.head()).is_err() {
         return Err(refused(ApiError::UpgradeExpected));
     }
+    let slot = state
+        .connections
+        .acquire(instance.id, instance.account)
+        .map_err(refused)?;
     let ws = &state.settings.ws;
     let limits = SessionLimits {
         mailbox: ws.client_buffer,
@@ -89,6 +93,7 @@ pub async fn connect(
         narrowing,
         limits,
         state.metrics.clone(),
+        slot,
     );
     let reply = WsResponseBuilder::new(session, &req, payload)
         .frame_size(ws.max_message_bytes)

@@ -69,6 +69,8 @@ pub struct AppState {
     pub bus: Bus,
     /// Remembered authorisations of the hot paths.
     pub access: Arc<AccessCache>,
+    /// WebSocket clients per instance, account and node.
+    pub connections: Arc<crate::limits::ConnectionLimits>,
 }
 
 impl AppState {

@@ -16,6 +16,7 @@ use super::rules::{Heartbeat, Reassembly, Verdict};
 use crate::domain::EventSet;
 use crate::instance::messages::{Join, Leave, SessionId, SessionShared, ToSession};
 use crate::instance::InstanceActor;
+use crate::limits::ConnectionSlot;
 use crate::metrics::Metrics;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -42,6 +43,8 @@ pub struct Session {
     metrics: Arc<Metrics>,
     /// Why the session ended, for the disconnect counter.
     ended: CloseCode,
+    /// This client's place in the connection limits, given back on drop.
+    _slot: ConnectionSlot,
 }
 
 impl Session {
@@ -51,6 +54,7 @@ impl Session {
         narrowing: EventSet,
         limits: SessionLimits,
         metrics: Arc<Metrics>,
+        slot: ConnectionSlot,
     ) -> Self {
         Self {
             id: SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed)),
@@ -63,6 +67,7 @@ impl Session {
             reassembly: Reassembly::default(),
             metrics,
             ended: CloseCode::NORMAL,
+            _slot: slot,
         }
     }
 
