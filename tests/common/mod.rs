@@ -204,7 +204,7 @@ impl TestServer {
         format!("ws://{}{}", self.addr, path)
     }
 
-    async fn try_request(
+    pub async fn try_request(
         &self,
         method: &str,
         path: &str,
