@@ -14,13 +14,13 @@ use crate::storage::{self};
 
 /// The body of `POST /api/instance/new`, validated.
 #[derive(Debug)]
-struct NewInstance {
-    name: InstanceName,
-    token: Option<String>,
-    config: Option<WsConfig>,
+pub struct NewInstance {
+    pub name: InstanceName,
+    pub token: Option<String>,
+    pub config: Option<WsConfig>,
 }
 
-fn parse_new_instance(body: &[u8]) -> Result<NewInstance, ApiError> {
+pub fn parse_new_instance(body: &[u8]) -> Result<NewInstance, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid_body(format!("body is not valid JSON: {e}")))?;
     let Value::Object(fields) = value else {
