@@ -1,0 +1,112 @@
+//! Micro-benchmarks of the delivery hot path: building an event's envelope
+//! variants, and one publish fanned out by an instance actor to 1, 100 and
+//! 1000 sessions (sink actors that only account for what they receive).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use eventgate::bus::Bus;
+use eventgate::domain::{AccountId, EventSet, InstanceId, VersionedConfig, WsConfig};
+use eventgate::events::{envelope, instance_data_json, parse_publish, Event};
+use eventgate::instance::actor::{FanoutEnv, InstanceActor};
+use eventgate::instance::messages::{Join, Publish, SessionId, SessionShared, ToSession};
+use eventgate::instance::InstanceInfo;
+use eventgate::metrics::Metrics;
+
+/// A 200-byte `message.exchange` with media, like the load benchmark's.
+fn sample_event() -> Event {
+    let body = br#"{"event":"message.exchange","data":{"key":{"id":"3EB0C431C26A1916B4F5","fromMe":false},
+        "message":{"conversation":"hello there","media":{"mimetype":"image/jpeg","base64":"/9j/4AAQSkZJRgABAQAAAQABAAD"}},
+        "pushName":"Ana","timestamp":1795300000}}"#;
+    parse_publish(body, 1).map(|mut v| v.remove(0)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn envelopes(c: &mut Criterion) {
+    let event = sample_event();
+    let idata = instance_data_json("https://gw.example.com", "sales-1", &"t".repeat(64));
+    let mut group = c.benchmark_group("envelope");
+    group.bench_function("media_kept", |b| b.iter(|| envelope(&event, &idata, true)));
+    group.bench_function("media_stripped", |b| b.iter(|| envelope(&event, &idata, false)));
+    group.finish();
+}
+
+/// A session stand-in: takes deliveries off its queue and counts nothing else.
+struct Sink {
+    shared: Arc<SessionShared>,
+}
+
+impl Actor for Sink {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(1 << 20);
+    }
+}
+
+impl Handler<ToSession> for Sink {
+    type Result = ();
+
+    fn handle(&mut self, msg: ToSession, _: &mut Self::Context) {
+        if let ToSession::Deliver(batch) = msg {
+            self.shared.queued_bytes.fetch_sub(batch.bytes, Ordering::AcqRel);
+        }
+    }
+}
+
+fn fan_out(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fan_out_one_event");
+    for sessions in [1usize, 100, 1000] {
+        let system = System::new();
+        let metrics = Arc::new(Metrics::new().unwrap_or_else(|e| panic!("{e}")));
+        let addr = system.block_on(async {
+            let env = FanoutEnv {
+                base_url: "https://gw.example.com".into(),
+                client_buffer_bytes: 1 << 30,
+                metrics,
+                bus: Bus::Local,
+            };
+            let info = InstanceInfo {
+                id: InstanceId(1),
+                account: AccountId(1),
+                name: "sales-1".into(),
+                token: "t".repeat(64),
+            };
+            let config = VersionedConfig {
+                config: WsConfig::normalized(true, Vec::new(), false),
+                version: 1,
+            };
+            let addr = InstanceActor::new(info, Some(config), env, std::sync::Weak::new(), "bench".into()).start();
+            for i in 0..sessions {
+                let shared = Arc::new(SessionShared::default());
+                let sink = Sink { shared: shared.clone() }.start();
+                addr.do_send(Join {
+                    session: SessionId(i as u64),
+                    recipient: sink.recipient(),
+                    narrowing: EventSet::default(),
+                    shared,
+                });
+            }
+            addr
+        });
+        let events: Arc<[Event]> = Arc::from(vec![sample_event()]);
+        group.throughput(Throughput::Elements(sessions as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(sessions), &sessions, |b, _| {
+            b.iter(|| {
+                let publish = Publish {
+                    events: events.clone(),
+                    accepted_at: Instant::now(),
+                };
+                system
+                    .block_on(addr.send(publish))
+                    .unwrap_or_else(|e| panic!("{e}"));
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, envelopes, fan_out);
+criterion_main!(benches);
