@@ -21,7 +21,9 @@ fn sample_event() -> Event {
     let body = br#"{"event":"message.exchange","data":{"key":{"id":"3EB0C431C26A1916B4F5","fromMe":false},
         "message":{"conversation":"hello there","media":{"mimetype":"image/jpeg","base64":"/9j/4AAQSkZJRgABAQAAAQABAAD"}},
         "pushName":"Ana","timestamp":1795300000}}"#;
-    parse_publish(body, 1).map(|mut v| v.remove(0)).unwrap_or_else(|e| panic!("{e}"))
+    parse_publish(body, 1)
+        .map(|mut v| v.remove(0))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn envelopes(c: &mut Criterion) {
@@ -29,7 +31,9 @@ fn envelopes(c: &mut Criterion) {
     let idata = instance_data_json("https://gw.example.com", "sales-1", &"t".repeat(64));
     let mut group = c.benchmark_group("envelope");
     group.bench_function("media_kept", |b| b.iter(|| envelope(&event, &idata, true)));
-    group.bench_function("media_stripped", |b| b.iter(|| envelope(&event, &idata, false)));
+    group.bench_function("media_stripped", |b| {
+        b.iter(|| envelope(&event, &idata, false))
+    });
     group.finish();
 }
 
@@ -51,7 +55,9 @@ impl Handler<ToSession> for Sink {
 
     fn handle(&mut self, msg: ToSession, _: &mut Self::Context) {
         if let ToSession::Deliver(batch) = msg {
-            self.shared.queued_bytes.fetch_sub(batch.bytes, Ordering::AcqRel);
+            self.shared
+                .queued_bytes
+                .fetch_sub(batch.bytes, Ordering::AcqRel);
         }
     }
 }
@@ -78,10 +84,20 @@ fn fan_out(c: &mut Criterion) {
                 config: WsConfig::normalized(true, Vec::new(), false),
                 version: 1,
             };
-            let addr = InstanceActor::new(info, Some(config), env, std::sync::Weak::new(), "bench".into()).start();
+            let addr = InstanceActor::new(
+                info,
+                Some(config),
+                env,
+                std::sync::Weak::new(),
+                "bench".into(),
+            )
+            .start();
             for i in 0..sessions {
                 let shared = Arc::new(SessionShared::default());
-                let sink = Sink { shared: shared.clone() }.start();
+                let sink = Sink {
+                    shared: shared.clone(),
+                }
+                .start();
                 addr.do_send(Join {
                     session: SessionId(i as u64),
                     recipient: sink.recipient(),

@@ -140,12 +140,10 @@ pub async fn serve(
         access,
         connections: limits::ConnectionLimits::new(&settings.limits),
     });
-    if matches!(bus, Bus::Nats(_)) {
-        actix_web::rt::spawn(refresh_from_storage(
-            state.clone(),
-            Duration::from_secs(settings.cluster.refresh_secs),
-        ));
-    }
+    actix_web::rt::spawn(refresh_from_storage(
+        state.clone(),
+        Duration::from_secs(settings.cluster.refresh_secs),
+    ));
     let limiter = web::Data::new(RateLimiter::new(settings.rate_limit.clone()));
     let metrics_data = web::Data::from(metrics);
     let user_timeout = Duration::from_secs(settings.ws.tcp_user_timeout_secs);
@@ -181,8 +179,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// Cluster safety net: re-reads every running instance's settings from the
-/// database now and then, in case a change notice was lost on the bus.
+/// Safety net: re-reads every running instance's settings from the database
+/// now and then, in case a change notice was lost on the bus or the change
+/// was made offline (`eventgate instance delete` on a running node's database).
 async fn refresh_from_storage(state: web::Data<AppState>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;

@@ -153,7 +153,7 @@ pub struct ClusterSettings {
     /// Prefix of every NATS subject this cluster uses.
     pub subject_prefix: String,
     /// Seconds between re-reads of running instances' settings from the
-    /// database (a safety net behind NATS invalidation; cluster mode only).
+    /// database (a safety net behind NATS invalidation and offline changes).
     pub refresh_secs: u64,
 }
 

@@ -10,22 +10,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Process, TestDb, TestServer, ACCOUNT};
+use common::{Process, TestDb, TestServer, ACCOUNT, KINDS};
 use eventgate::settings::Settings;
 use serde_json::{json, Value};
 
-const KINDS: [&str; 6] = [
-    "message.exchange",
-    "message.status",
-    "call.update",
-    "group.flow",
-    "instance.state",
-    "label.update",
-];
-
 /// The settings body that encodes generation `g` (distinct for g in 1..=127).
 fn settings_for(g: u32) -> Value {
-    let events: Vec<&str> = (0..6).filter(|b| g & (1 << b) != 0).map(|b| KINDS[b]).collect();
+    let events: Vec<&str> = (0..6)
+        .filter(|b| g & (1 << b) != 0)
+        .map(|b| KINDS[b])
+        .collect();
     json!({"enabled": true, "events": events, "mediaBase64": g & 64 != 0})
 }
 
@@ -40,8 +34,19 @@ struct Acked {
 
 async fn writer(s: Arc<TestServer>, name: String, acked: Arc<Mutex<Acked>>) {
     for g in 1..=127u32 {
-        acked.lock().unwrap().settings.entry(name.clone()).or_default().1 = g;
-        let r = send(&s, &format!("/api/events/websocket/{name}"), settings_for(g)).await;
+        acked
+            .lock()
+            .unwrap()
+            .settings
+            .entry(name.clone())
+            .or_default()
+            .1 = g;
+        let r = send(
+            &s,
+            &format!("/api/events/websocket/{name}"),
+            settings_for(g),
+        )
+        .await;
         match r {
             Some(200) => acked.lock().unwrap().settings.get_mut(&name).unwrap().0 = g,
             _ => return,
@@ -53,7 +58,8 @@ async fn creator(s: Arc<TestServer>, acked: Arc<Mutex<Acked>>) {
     for i in 0..10_000 {
         let name = format!("new-{i}");
         acked.lock().unwrap().attempted.push(name.clone());
-        let body = json!({"name": name, "websocketEnabled": true, "websocketEvents": ["group.flow"]});
+        let body =
+            json!({"name": name, "websocketEnabled": true, "websocketEvents": ["group.flow"]});
         match send(&s, "/api/instance/new", body).await {
             Some(201) => acked.lock().unwrap().created.push(name),
             _ => return,
@@ -72,7 +78,10 @@ async fn send(s: &TestServer, path: &str, body: Value) -> Option<u16> {
 }
 
 async fn crash_and_check(db: TestDb) {
-    let env = [("EVENTGATE_RATE_LIMIT_INSTANCE_NEW_PER_MINUTE", "1000000".to_string())];
+    let env = [(
+        "EVENTGATE_RATE_LIMIT_INSTANCE_NEW_PER_MINUTE",
+        "1000000".to_string(),
+    )];
     let mut p = Process::start(&db, &["serve"], &env);
     let s = Arc::new(p.client(&Settings::default()));
     let names: Vec<String> = (0..4).map(|i| format!("hot-{i}")).collect();
@@ -82,7 +91,11 @@ async fn crash_and_check(db: TestDb) {
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut tasks = Vec::new();
     for name in &names {
-        tasks.push(actix_rt::spawn(writer(s.clone(), name.clone(), acked.clone())));
+        tasks.push(actix_rt::spawn(writer(
+            s.clone(),
+            name.clone(),
+            acked.clone(),
+        )));
     }
     tasks.push(actix_rt::spawn(creator(s.clone(), acked.clone())));
     // Let the stream run, then pull the plug.
@@ -94,7 +107,10 @@ async fn crash_and_check(db: TestDb) {
     }
     let acked = Arc::try_unwrap(acked).ok().unwrap().into_inner().unwrap();
     let total: u32 = acked.settings.values().map(|(a, _)| *a).sum();
-    assert!(total > 0 && !acked.created.is_empty(), "the stream was under way when killed");
+    assert!(
+        total > 0 && !acked.created.is_empty(),
+        "the stream was under way when killed"
+    );
     assert!(
         acked.settings.values().any(|(done, _)| *done < 127),
         "the kill came before the writers finished"
@@ -103,29 +119,53 @@ async fn crash_and_check(db: TestDb) {
     let p2 = Process::start(&db, &["serve"], &[]);
     let s2 = p2.client(&Settings::default());
     for (name, (last_acked, in_flight)) in &acked.settings {
-        let r = s2.call("GET", &format!("/api/events/getWebsocket/{name}"), Some(ACCOUNT), None).await;
+        let r = s2
+            .call(
+                "GET",
+                &format!("/api/events/getWebsocket/{name}"),
+                Some(ACCOUNT),
+                None,
+            )
+            .await;
         assert_eq!(r.status, 200, "{name}");
         let stored = &r.body["websocket"];
         let ok = *stored == settings_for(*last_acked)
             || *stored == settings_for(*in_flight)
             || (*last_acked == 0 && stored["events"] == json!([]));
-        assert!(ok, "{name}: stored {stored}, acknowledged generation {last_acked}, in flight {in_flight}");
+        assert!(
+            ok,
+            "{name}: stored {stored}, acknowledged generation {last_acked}, in flight {in_flight}"
+        );
     }
-    let r = s2.call("GET", "/api/instance/list", Some(ACCOUNT), None).await;
+    let r = s2
+        .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+        .await;
     let listed: HashMap<String, Value> = r.body["instances"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| (i["name"].as_str().unwrap().to_string(), i["websocket"].clone()))
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap().to_string(),
+                i["websocket"].clone(),
+            )
+        })
         .collect();
     for name in &acked.created {
-        assert!(listed.contains_key(name), "acknowledged instance {name} lost");
+        assert!(
+            listed.contains_key(name),
+            "acknowledged instance {name} lost"
+        );
     }
     for (name, ws) in &listed {
         if name.starts_with("new-") {
             assert!(acked.attempted.contains(name));
             // Created with its settings in one transaction: never one without the other.
-            assert_eq!(ws, &json!({"enabled": true, "events": ["group.flow"], "mediaBase64": false}), "{name}");
+            assert_eq!(
+                ws,
+                &json!({"enabled": true, "events": ["group.flow"], "mediaBase64": false}),
+                "{name}"
+            );
         }
     }
 }

@@ -7,17 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{event, TestServer, ACCOUNT};
+use common::{event, TestServer, ACCOUNT, KINDS};
 use serde_json::json;
 
-const KINDS: [&str; 6] = [
-    "message.exchange",
-    "message.status",
-    "call.update",
-    "group.flow",
-    "instance.state",
-    "label.update",
-];
 const QUIET: Duration = Duration::from_millis(300);
 
 #[actix_rt::test]

@@ -26,7 +26,10 @@ async fn refused(s: &TestServer, name: &str, token: &str) -> (u16, serde_json::V
     match tokio_tungstenite::connect_async(url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
             let body = res.body().clone().unwrap_or_default();
-            (res.status().as_u16(), serde_json::from_slice(&body).unwrap())
+            (
+                res.status().as_u16(),
+                serde_json::from_slice(&body).unwrap(),
+            )
         }
         other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
@@ -55,25 +58,42 @@ async fn connection_limits_per_instance_account_and_node() {
     let (status, body) = refused(&s, "a", ACCOUNT).await;
     assert_eq!(status, 429);
     assert_eq!(body["error"]["message"], "Too many connections");
-    assert!(body["error"]["details"].as_str().unwrap().contains("per instance"));
+    assert!(body["error"]["details"]
+        .as_str()
+        .unwrap()
+        .contains("per instance"));
     let _b1 = s.connect("b", "").await;
     let (status, body) = refused(&s, "b", ACCOUNT).await;
     assert_eq!(status, 429);
     assert_eq!(body["error"]["message"], "Too many connections");
-    assert!(body["error"]["details"].as_str().unwrap().contains("per account"));
+    assert!(body["error"]["details"]
+        .as_str()
+        .unwrap()
+        .contains("per account"));
     // Another account fills the node.
     let other = "other-account-token-0123456789abcdef";
     {
         let pool = eventgate::storage::connect(&s.db.url, 1, Duration::from_secs(5)).unwrap();
         let mut conn = pool.get().unwrap();
-        eventgate::storage::accounts::ensure(&mut conn, "o", &eventgate::auth::token_hash(other)).unwrap();
+        eventgate::storage::accounts::ensure(&mut conn, "o", &eventgate::auth::token_hash(other))
+            .unwrap();
     }
-    let r = s.call("POST", "/api/instance/new", Some(other), Some(json!({"name":"c","websocketEnabled":true}))).await;
+    let r = s
+        .call(
+            "POST",
+            "/api/instance/new",
+            Some(other),
+            Some(json!({"name":"c","websocketEnabled":true})),
+        )
+        .await;
     assert_eq!(r.status, 201);
     let _c1 = try_connect(&s, "c", other).await.unwrap();
     let (status, body) = refused(&s, "c", other).await;
     assert_eq!(status, 503);
-    assert_eq!(body, json!({"success": false, "error": {"message": "Server at capacity"}}));
+    assert_eq!(
+        body,
+        json!({"success": false, "error": {"message": "Server at capacity"}})
+    );
     // A slot comes back when its client leaves.
     drop(a1);
     s.wait_clients("a", Some(1)).await;
@@ -86,7 +106,11 @@ async fn connection_limits_per_instance_account_and_node() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(again.is_some(), "the freed slot is usable");
-    assert!(s.metric("eventgate_ws_upgrades_total{result=\"connection_limit\"}").await >= 2.0);
+    assert!(
+        s.metric("eventgate_ws_upgrades_total{result=\"connection_limit\"}")
+            .await
+            >= 2.0
+    );
 }
 
 #[actix_rt::test]
@@ -97,24 +121,35 @@ async fn upgrade_attempts_are_limited_per_ip() {
         assert!(try_connect(&s, "ip", token).await.is_ok());
     }
     // A fourth attempt from the same address, even with another token, is refused.
-    let r = s.raw("GET", &format!("/ws/ip?token={t}"), &UPGRADE, None).await;
+    let r = s
+        .raw("GET", &format!("/ws/ip?token={t}"), &UPGRADE, None)
+        .await;
     r.assert_error(429, "Rate limit exceeded. Try again later.");
     assert_eq!(r.header("x-ratelimit-limit"), Some("3"));
     assert!(r.header("retry-after").is_some());
     // The REST API is not affected by the upgrade bucket.
-    assert_eq!(s.call("GET", "/api/instance/list", Some(ACCOUNT), None).await.status, 200);
+    assert_eq!(
+        s.call("GET", "/api/instance/list", Some(ACCOUNT), None)
+            .await
+            .status,
+        200
+    );
 }
 
 /// Reads from a raw socket until the server closes it; returns how long that took.
 fn time_until_closed(mut stream: std::net::TcpStream, limit: Duration) -> Option<Duration> {
-    stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 4096];
     while started.elapsed() < limit {
         match stream.read(&mut buf) {
             Ok(0) => return Some(started.elapsed()),
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => return Some(started.elapsed()),
         }
     }
@@ -132,11 +167,13 @@ async fn slow_request_heads_and_idle_keep_alive_time_out() {
     let (slow, idle) = tokio::task::spawn_blocking(move || {
         // Slow loris: a request head that never ends.
         let mut slow = std::net::TcpStream::connect(addr).unwrap();
-        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .unwrap();
         let slow = time_until_closed(slow, Duration::from_secs(10));
         // Keep-alive: one request answered, then silence.
         let mut idle = std::net::TcpStream::connect(addr).unwrap();
-        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         let idle = time_until_closed(idle, Duration::from_secs(10));
         (slow, idle)
     })
@@ -157,46 +194,103 @@ async fn an_instance_token_stays_within_its_instance() {
     {
         let pool = eventgate::storage::connect(&s.db.url, 1, Duration::from_secs(5)).unwrap();
         let mut conn = pool.get().unwrap();
-        eventgate::storage::accounts::ensure(&mut conn, "f", &eventgate::auth::token_hash(other)).unwrap();
+        eventgate::storage::accounts::ensure(&mut conn, "f", &eventgate::auth::token_hash(other))
+            .unwrap();
     }
-    let r = s.call("POST", "/api/instance/new", Some(other), Some(json!({"name":"foreign","websocketEnabled":true}))).await;
+    let r = s
+        .call(
+            "POST",
+            "/api/instance/new",
+            Some(other),
+            Some(json!({"name":"foreign","websocketEnabled":true})),
+        )
+        .await;
     let foreign_token = r.body["instance"]["token"].as_str().unwrap().to_string();
     let forbidden = "Instance token does not match this instance";
     for name in ["theirs", "foreign", "nope"] {
-        s.call("GET", &format!("/api/events/getWebsocket/{name}"), Some(&mine), None)
-            .await
-            .assert_error(403, forbidden);
-        s.call("POST", &format!("/api/events/websocket/{name}"), Some(&mine), Some(json!({"enabled": false})))
-            .await
-            .assert_error(403, forbidden);
+        s.call(
+            "GET",
+            &format!("/api/events/getWebsocket/{name}"),
+            Some(&mine),
+            None,
+        )
+        .await
+        .assert_error(403, forbidden);
+        s.call(
+            "POST",
+            &format!("/api/events/websocket/{name}"),
+            Some(&mine),
+            Some(json!({"enabled": false})),
+        )
+        .await
+        .assert_error(403, forbidden);
         s.raw("GET", &format!("/ws/{name}?token={mine}"), &UPGRADE, None)
             .await
             .assert_error(403, forbidden);
-        s.call("POST", &format!("/api/events/publish/{name}"), Some(&mine), Some(event("call.update", json!({}))))
-            .await
-            .assert_error(401, "Invalid token");
-        s.call("DELETE", &format!("/api/instance/delete/{name}"), Some(&mine), None)
-            .await
-            .assert_error(401, "Invalid token");
+        s.call(
+            "POST",
+            &format!("/api/events/publish/{name}"),
+            Some(&mine),
+            Some(event("call.update", json!({}))),
+        )
+        .await
+        .assert_error(401, "Invalid token");
+        s.call(
+            "DELETE",
+            &format!("/api/instance/delete/{name}"),
+            Some(&mine),
+            None,
+        )
+        .await
+        .assert_error(401, "Invalid token");
     }
     // Listing shows only its own instance, without tokens.
     let r = s.call("GET", "/api/instance/list", Some(&mine), None).await;
     assert_eq!(r.body["instances"].as_array().unwrap().len(), 1);
     assert!(!r.body.to_string().contains(&foreign_token));
     // An account token reaches only its own account's instances.
-    s.call("GET", "/api/events/getWebsocket/foreign", Some(ACCOUNT), None)
-        .await
-        .assert_error(404, "Instance not found");
-    s.call("POST", "/api/events/publish/foreign", Some(ACCOUNT), Some(event("call.update", json!({}))))
-        .await
-        .assert_error(404, "Instance not found");
-    s.call("DELETE", "/api/instance/delete/foreign", Some(ACCOUNT), None)
-        .await
-        .assert_error(404, "Instance not found");
-    let r = s.call("GET", "/api/events/getWebsocket/theirs", Some(&foreign_token), None).await;
+    s.call(
+        "GET",
+        "/api/events/getWebsocket/foreign",
+        Some(ACCOUNT),
+        None,
+    )
+    .await
+    .assert_error(404, "Instance not found");
+    s.call(
+        "POST",
+        "/api/events/publish/foreign",
+        Some(ACCOUNT),
+        Some(event("call.update", json!({}))),
+    )
+    .await
+    .assert_error(404, "Instance not found");
+    s.call(
+        "DELETE",
+        "/api/instance/delete/foreign",
+        Some(ACCOUNT),
+        None,
+    )
+    .await
+    .assert_error(404, "Instance not found");
+    let r = s
+        .call(
+            "GET",
+            "/api/events/getWebsocket/theirs",
+            Some(&foreign_token),
+            None,
+        )
+        .await;
     r.assert_error(403, forbidden);
     // Nothing changed for the others.
-    let r = s.call("GET", "/api/events/getWebsocket/theirs", Some(ACCOUNT), None).await;
+    let r = s
+        .call(
+            "GET",
+            "/api/events/getWebsocket/theirs",
+            Some(ACCOUNT),
+            None,
+        )
+        .await;
     assert_eq!(r.body["websocket"]["enabled"], true);
 }
 
@@ -206,28 +300,72 @@ async fn no_token_appears_in_any_log_line() {
     let p = Process::start(&db, &["serve"], &[("RUST_LOG", "trace".into())]);
     let s = p.client(&Settings::default());
     let custom = "custom-instance-token-abcdefghijklmnopqrstuvwxyz";
-    let r = s.call("POST", "/api/instance/new", Some(ACCOUNT), Some(json!({"name":"logme","token":custom,"websocketEnabled":true}))).await;
+    let r = s
+        .call(
+            "POST",
+            "/api/instance/new",
+            Some(ACCOUNT),
+            Some(json!({"name":"logme","token":custom,"websocketEnabled":true})),
+        )
+        .await;
     assert_eq!(r.status, 201);
     let generated = s.instance("logme2").await;
     // Every way of presenting a token, good and bad, REST and WebSocket.
     let bad = "wrong-token-that-must-not-be-logged-0123456789";
     for token in [ACCOUNT, custom, generated.as_str(), bad] {
-        s.raw("GET", "/api/instance/list", &[("token", token)], None).await;
-        s.raw("GET", "/api/instance/list", &[("authorization", &format!("Bearer {token}"))], None).await;
-        s.raw("GET", &format!("/api/instance/list?token={token}"), &[], None).await;
-        s.raw("GET", &format!("/ws/logme?token={token}"), &UPGRADE, None).await;
-        s.call("POST", "/api/events/publish/logme", Some(token), Some(event("call.update", json!({"secret": "payload"})))).await;
+        s.raw("GET", "/api/instance/list", &[("token", token)], None)
+            .await;
+        s.raw(
+            "GET",
+            "/api/instance/list",
+            &[("authorization", &format!("Bearer {token}"))],
+            None,
+        )
+        .await;
+        s.raw(
+            "GET",
+            &format!("/api/instance/list?token={token}"),
+            &[],
+            None,
+        )
+        .await;
+        s.raw("GET", &format!("/ws/logme?token={token}"), &UPGRADE, None)
+            .await;
+        s.call(
+            "POST",
+            "/api/events/publish/logme",
+            Some(token),
+            Some(event("call.update", json!({"secret": "payload"}))),
+        )
+        .await;
     }
     let mut ws = s.connect("logme", "").await;
-    s.publish("logme", event("message.exchange", json!({"text": "payload-text-never-logged"}))).await;
+    s.publish(
+        "logme",
+        event(
+            "message.exchange",
+            json!({"text": "payload-text-never-logged"}),
+        ),
+    )
+    .await;
     ws.envelope().await;
     drop(ws);
-    s.call("DELETE", "/api/instance/delete/logme", Some(ACCOUNT), None).await;
+    s.call("DELETE", "/api/instance/delete/logme", Some(ACCOUNT), None)
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = p.stderr();
     assert!(log.lines().count() > 10, "trace logging produced output");
-    for secret in [ACCOUNT, custom, generated.as_str(), bad, "payload-text-never-logged"] {
+    for secret in [
+        ACCOUNT,
+        custom,
+        generated.as_str(),
+        bad,
+        "payload-text-never-logged",
+    ] {
         assert!(!log.contains(secret), "a secret appeared in the log");
     }
-    assert!(log.contains("instance=logme"), "lines carry instance context");
+    assert!(
+        log.contains("instance=logme"),
+        "lines carry instance context"
+    );
 }

@@ -389,3 +389,61 @@ fn account_and_instance_commands() {
     assert_eq!(code, 0);
     assert!(out.starts_with("eventgate "));
 }
+
+#[actix_rt::test]
+async fn offline_deletion_reaches_a_running_node() {
+    let s = TestServer::start_with(|st| st.cluster.refresh_secs = 1).await;
+    s.instance("offline").await;
+    let mut ws = s.connect("offline", "").await;
+    {
+        let pool = eventgate::storage::connect(&s.db.url, 1, Duration::from_secs(5)).unwrap();
+        let mut conn = pool.get().unwrap();
+        let gone = eventgate::storage::instances::delete(
+            &mut conn,
+            eventgate::domain::AccountId(1),
+            "offline",
+        )
+        .unwrap();
+        assert!(gone.is_some());
+    }
+    assert_eq!(ws.closed(Duration::from_secs(5)).await, Some(4004));
+}
+
+#[test]
+fn journal_lines_have_no_timestamp_and_migrate_runs() {
+    let db = TestDb::fresh();
+    let env = [
+        ("EVENTGATE_DATABASE_URL", db.url.as_str()),
+        ("EVENTGATE_LOG", "info"),
+    ];
+    let (code, out, _) = run_cli(&["migrate"], &env);
+    assert_eq!(code, 0);
+    assert!(out.contains("migrations applied"));
+    // An error line (bad port) under the journal and outside it.
+    let mut journal = env.to_vec();
+    journal.push(("JOURNAL_STREAM", "8:12345"));
+    journal.push((
+        "EVENTGATE_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:1/none",
+    ));
+    let (_, _, err) = run_cli(&["serve"], &journal);
+    let line = err
+        .lines()
+        .find(|l| l.contains("ERROR"))
+        .expect("an error line");
+    assert!(line.starts_with("[ERROR"), "{line}");
+    let mut plain = env.to_vec();
+    plain.push((
+        "EVENTGATE_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:1/none",
+    ));
+    let (_, _, err) = run_cli(&["serve"], &plain);
+    let line = err
+        .lines()
+        .find(|l| l.contains("ERROR"))
+        .expect("an error line");
+    assert!(
+        line.starts_with("[20"),
+        "timestamped outside the journal: {line}"
+    );
+}

@@ -25,10 +25,17 @@ fn any_json() -> impl Strategy<Value = Value> {
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
         any::<u64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
         ".*".prop_map(Value::String),
-        prop::sample::select(EventKind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>())
-            .prop_map(|s| Value::String(s.to_string())),
+        prop::sample::select(
+            EventKind::ALL
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+        )
+        .prop_map(|s| Value::String(s.to_string())),
     ];
     leaf.prop_recursive(6, 64, 8, |inner| {
         prop_oneof![
@@ -131,7 +138,11 @@ fn deep_nesting_and_huge_batches_are_refused_cleanly() {
     let many = serde_json::to_vec(&vec![json!({"event":"call.update","data":{}}); 1001]).unwrap();
     assert!(parse_publish(&many, 1000).unwrap_err().contains("1000"));
     // Duplicate keys: the last one wins, as in every JSON parser clients use.
-    let dup = parse_publish(br#"{"event":"nope","event":"call.update","data":{"a":1,"a":2}}"#, 10).unwrap();
+    let dup = parse_publish(
+        br#"{"event":"nope","event":"call.update","data":{"a":1,"a":2}}"#,
+        10,
+    )
+    .unwrap();
     assert_eq!(dup[0].data["a"], 2);
 }
 
@@ -141,14 +152,22 @@ async fn hostile_bodies_over_http_get_the_envelope() {
     s.instance("h").await;
     let headers = [("token", ACCOUNT), ("content-type", "application/json")];
     let deep = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
-    let odd = serde_json::to_vec(&json!({"event": "call.update", "data": {"\u{202e}\u{0}\u{fffd}": "\u{1F600}"}}))
-        .unwrap();
+    let odd = serde_json::to_vec(
+        &json!({"event": "call.update", "data": {"\u{202e}\u{0}\u{fffd}": "\u{1F600}"}}),
+    )
+    .unwrap();
     for (path, body) in [
         ("/api/events/publish/h", deep.as_bytes()),
         ("/api/events/websocket/h", deep.as_bytes()),
         ("/api/instance/new", deep.as_bytes()),
-        ("/api/events/publish/h", br#"{"event":"call.update","data":{"n":-1e400}}"#),
-        ("/api/events/publish/h", br#"{"event":"call.update","data":{"s":"\ud800"}}"#),
+        (
+            "/api/events/publish/h",
+            br#"{"event":"call.update","data":{"n":-1e400}}"#,
+        ),
+        (
+            "/api/events/publish/h",
+            br#"{"event":"call.update","data":{"s":"\ud800"}}"#,
+        ),
         ("/api/events/publish/h", b"\xff\xfe{}"),
         ("/api/instance/new", "{\"name\":\"caf\u{e9}\"}".as_bytes()),
         ("/api/instance/new", br#"{"name":"a\u0000b"}"#),
@@ -156,8 +175,13 @@ async fn hostile_bodies_over_http_get_the_envelope() {
         let r = s.raw("POST", path, &headers, Some(body)).await;
         r.assert_error(400, "Invalid request body");
     }
-    let r = s.raw("POST", "/api/events/publish/h", &headers, Some(&odd)).await;
-    assert_eq!(r.status, 202, "odd but valid Unicode is data like any other");
+    let r = s
+        .raw("POST", "/api/events/publish/h", &headers, Some(&odd))
+        .await;
+    assert_eq!(
+        r.status, 202,
+        "odd but valid Unicode is data like any other"
+    );
     // Odd paths and query strings.
     for path in [
         "/api/events/getWebsocket/%FF%FE",
@@ -167,11 +191,20 @@ async fn hostile_bodies_over_http_get_the_envelope() {
     ] {
         let r = s.raw("GET", path, &[("token", ACCOUNT)], None).await;
         assert!(r.status < 500, "{path}: {}", r.status);
-        assert_eq!(r.body["success"], json!(r.status < 300), "{path}: {}", r.body);
+        assert_eq!(
+            r.body["success"],
+            json!(r.status < 300),
+            "{path}: {}",
+            r.body
+        );
     }
     // A token with odd bytes is just an unknown token.
-    let r = s.raw("GET", "/api/instance/list", &[("token", "\t x ~%00")], None).await;
+    let r = s
+        .raw("GET", "/api/instance/list", &[("token", "\t x ~%00")], None)
+        .await;
     r.assert_error(401, "Invalid token");
-    let r = s.raw("GET", "/api/instance/list?token=%00%FF%FE", &[], None).await;
+    let r = s
+        .raw("GET", "/api/instance/list?token=%00%FF%FE", &[], None)
+        .await;
     r.assert_error(401, "Invalid token");
 }

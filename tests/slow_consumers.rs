@@ -256,3 +256,23 @@ async fn client_close_is_answered() {
 }
 
 use futures_util::SinkExt;
+
+#[actix_rt::test]
+async fn one_batch_larger_than_the_byte_bound_reaches_a_client_that_keeps_up() {
+    let s = TestServer::start_with(|st| st.ws.client_buffer_bytes = 64 * 1024).await;
+    s.instance("wide").await;
+    let mut ws = s.connect("wide", "").await;
+    let pad = "w".repeat(20 * 1024);
+    let batch: Vec<_> = (0..10)
+        .map(|i| event("message.exchange", json!({"i": i, "pad": pad})))
+        .collect();
+    assert_eq!(s.publish("wide", json!(batch)).await.status, 202);
+    for i in 0..10 {
+        assert_eq!(ws.envelope().await["data"]["i"], i);
+    }
+    assert_eq!(
+        s.metric("eventgate_clients_evicted_total{reason=\"slow_consumer\"}")
+            .await,
+        0.0
+    );
+}

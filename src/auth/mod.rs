@@ -11,7 +11,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::domain::AccountId;
+use crate::domain::{AccountId, InstanceName};
 use crate::error::ApiError;
 use crate::storage::{self, instances::InstanceRecord, DbConn, StorageError};
 
@@ -171,6 +171,11 @@ pub fn authorize(
                 }
             }
             Principal::Account(account) => {
+                // A name that breaks the naming rules cannot exist: no query
+                // (PostgreSQL refuses some bytes, such as NUL, outright).
+                if InstanceName::parse(name).is_none() {
+                    return Err(ApiError::InstanceNotFound);
+                }
                 let found = storage::instances::find(conn, *account, name)?;
                 match found {
                     Some(rec) => Ok(Access {

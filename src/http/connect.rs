@@ -1,8 +1,6 @@
 //! `GET /ws/:instance` (contract §6): every check before the upgrade, in the
 //! contract's order, then a session actor joined to the instance's actor.
 
-use std::time::Duration;
-
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws::WsResponseBuilder;
@@ -74,12 +72,7 @@ pub async fn connect(
         .acquire(instance.id, instance.account)
         .map_err(refused)?;
     let ws = &state.settings.ws;
-    let limits = SessionLimits {
-        mailbox: ws.client_buffer,
-        max_message_bytes: ws.max_message_bytes,
-        ping_interval: Duration::from_secs(ws.ping_interval_secs),
-        idle_timeout: Duration::from_secs(ws.idle_timeout_secs),
-    };
+    let limits = SessionLimits::from_settings(ws);
     let info = InstanceInfo {
         id: instance.id,
         account: instance.account,

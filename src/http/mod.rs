@@ -3,6 +3,8 @@
 //! contract's 404/405 replies). Handlers live in one file per resource.
 
 pub mod connect;
+#[cfg(feature = "test-echo")]
+pub mod echo;
 pub mod health;
 pub mod instances;
 pub mod publish;
@@ -112,6 +114,32 @@ impl AppState {
             Err(ApiError::Internal) => self.access.stale(&key).ok_or(ApiError::Internal),
             Err(e) => Err(e),
         }
+    }
+
+    /// The instance a request's path names, authorised from storage (no
+    /// remembered answers: the caller reads or changes what is stored).
+    /// Storage failures answer 500 with `failure` when given.
+    pub async fn target_instance(
+        &self,
+        req: &HttpRequest,
+        account_only: bool,
+        failure: Option<&'static str>,
+    ) -> Result<crate::storage::instances::InstanceRecord, ApiError> {
+        let token = auth::request_token(req);
+        let name = instance_param(req);
+        let access = self
+            .db(failure, move |conn| {
+                auth::authorize(
+                    conn,
+                    token.as_deref(),
+                    Scope::Instance {
+                        name: &name,
+                        account_only,
+                    },
+                )
+            })
+            .await?;
+        access.instance.ok_or(ApiError::InstanceNotFound)
     }
 
     /// Applies persisted settings on this node and sends them to the others.
@@ -259,6 +287,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource!("/readyz", get, "GET", health::readyz))
     .service(resource!("/metrics", get, "GET", health::metrics))
     .service(resource!("/openapi.yaml", get, "GET", health::openapi));
+    #[cfg(feature = "test-echo")]
+    cfg.service(resource!("/test/echo", get, "GET", echo::echo));
 }
 
 /// The contract's 404 for unknown paths.

@@ -5,8 +5,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
 use super::instances::optional_bool;
-use super::{instance_param, is_json, read_body, AppState};
-use crate::auth::{self, Scope};
+use super::{is_json, read_body, AppState};
 use crate::domain::{EventKind, WsConfig};
 use crate::error::ApiError;
 use crate::storage;
@@ -56,21 +55,7 @@ pub async fn set(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let token = auth::request_token(&req);
-    let name = instance_param(&req);
-    let access = state
-        .db(Some(SET_FAILED), move |conn| {
-            auth::authorize(
-                conn,
-                token.as_deref(),
-                Scope::Instance {
-                    name: &name,
-                    account_only: false,
-                },
-            )
-        })
-        .await?;
-    let instance = access.instance.ok_or(ApiError::InstanceNotFound)?;
+    let instance = state.target_instance(&req, false, Some(SET_FAILED)).await?;
     let body = read_body(&req, payload, state.settings.limits.body_bytes).await?;
     if !is_json(&req) {
         return Err(ApiError::invalid_body(
@@ -99,21 +84,7 @@ pub async fn set(
 
 /// `GET /api/events/getWebsocket/:instance`.
 pub async fn get(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let token = auth::request_token(&req);
-    let name = instance_param(&req);
-    let access = state
-        .db(Some(GET_FAILED), move |conn| {
-            auth::authorize(
-                conn,
-                token.as_deref(),
-                Scope::Instance {
-                    name: &name,
-                    account_only: false,
-                },
-            )
-        })
-        .await?;
-    let instance = access.instance.ok_or(ApiError::InstanceNotFound)?;
+    let instance = state.target_instance(&req, false, Some(GET_FAILED)).await?;
     let config = instance.config.ok_or(ApiError::WebSocketNotConfigured)?;
     Ok(HttpResponse::Ok().json(json!({
         "success": true,

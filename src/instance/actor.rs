@@ -266,7 +266,7 @@ impl Handler<Publish> for InstanceActor {
         let all = batch_of(frames.iter());
         // Narrowed clients share one batch per distinct narrowing.
         let mut narrowed: Vec<(EventSet, Batch)> = Vec::new();
-        let mut full = Vec::new();
+        let mut dropped = Vec::new();
         let mut delivered = 0u64;
         for (id, entry) in &self.sessions {
             let batch = if entry.narrowing == EventSet::default() {
@@ -285,12 +285,13 @@ impl Handler<Publish> for InstanceActor {
                 .shared
                 .queued_bytes
                 .fetch_add(batch.bytes, Ordering::AcqRel);
-            if queued + batch.bytes > self.env.client_buffer_bytes {
+            // A client with nothing queued takes any batch: it is not behind.
+            if queued > 0 && queued + batch.bytes > self.env.client_buffer_bytes {
                 entry
                     .shared
                     .queued_bytes
                     .fetch_sub(batch.bytes, Ordering::AcqRel);
-                full.push((*id, CloseCode::SLOW_CONSUMER));
+                dropped.push((*id, CloseCode::SLOW_CONSUMER));
                 continue;
             }
             match entry.recipient.try_send(ToSession::Deliver(batch.clone())) {
@@ -300,13 +301,13 @@ impl Handler<Publish> for InstanceActor {
                         .shared
                         .queued_bytes
                         .fetch_sub(batch.bytes, Ordering::AcqRel);
-                    full.push((*id, CloseCode::SLOW_CONSUMER));
+                    dropped.push((*id, CloseCode::SLOW_CONSUMER));
                 }
-                Err(SendError::Closed(_)) => full.push((*id, CloseCode::NORMAL)),
+                Err(SendError::Closed(_)) => dropped.push((*id, CloseCode::NORMAL)),
             }
         }
-        let lost_some = !full.is_empty();
-        for (id, code) in full {
+        let lost_some = !dropped.is_empty();
+        for (id, code) in dropped {
             if code == CloseCode::SLOW_CONSUMER {
                 self.evict(id, code);
             } else {

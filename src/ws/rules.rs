@@ -1,8 +1,12 @@
 //! What a session does with what the client sends, as plain logic with no
 //! actor or socket: size limits over fragmented messages, UTF-8 of text
-//! messages, and the heartbeat deadline.
+//! messages, which close code a malformed frame earns, and the heartbeat
+//! deadline.
 
+use std::io;
 use std::time::{Duration, Instant};
+
+use actix_http::ws::ProtocolError;
 
 use super::close::CloseCode;
 
@@ -12,28 +16,50 @@ pub struct Reassembly {
     /// `Some(is_text)` while a fragmented message is open.
     open: Option<bool>,
     size: usize,
-    /// Text fragments kept for the UTF-8 check at the end (binary: size only).
-    text: Vec<u8>,
+    /// Whether whole messages are kept and handed back (the echo route).
+    keep: bool,
+    /// The message so far when kept; otherwise only a text message's
+    /// unfinished UTF-8 sequence (at most 3 bytes).
+    data: Vec<u8>,
+    /// How much of `data` is known to be valid UTF-8.
+    checked: usize,
+}
+
+/// A whole client message, put together from its fragments.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Whole {
+    Text(String),
+    Binary(Vec<u8>),
 }
 
 /// What became of a client frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Accepted (and ignored: client data is not used).
+    /// Accepted; nothing more to do.
     Ok,
+    /// The last fragment of a kept message: the message.
+    Complete(Whole),
     /// Close the connection with this code.
     Close(CloseCode),
 }
 
 impl Reassembly {
+    /// A reassembly that keeps each message and hands it back when complete.
+    pub fn keeping() -> Self {
+        Self {
+            keep: true,
+            ..Self::default()
+        }
+    }
+
     /// A first fragment of a text (`is_text`) or binary message.
     pub fn first(&mut self, is_text: bool, data: &[u8], max: usize) -> Verdict {
-        if self.open.is_some() {
+        let was_open = self.open.is_some();
+        self.reset();
+        if was_open {
             return Verdict::Close(CloseCode::PROTOCOL_ERROR);
         }
         self.open = Some(is_text);
-        self.size = 0;
-        self.text.clear();
         self.more(data, max)
     }
 
@@ -47,14 +73,22 @@ impl Reassembly {
             self.reset();
             return Verdict::Close(CloseCode::TOO_BIG);
         }
+        if is_text || self.keep {
+            self.data.extend_from_slice(data);
+        }
         if is_text {
-            self.text.extend_from_slice(data);
             // Fail fast on bytes that can never become valid UTF-8.
-            if let Err(e) = std::str::from_utf8(&self.text) {
-                if e.error_len().is_some() {
+            match std::str::from_utf8(&self.data[self.checked..]) {
+                Ok(_) => self.checked = self.data.len(),
+                Err(e) if e.error_len().is_some() => {
                     self.reset();
                     return Verdict::Close(CloseCode::INVALID_UTF8);
                 }
+                Err(e) => self.checked += e.valid_up_to(),
+            }
+            if !self.keep {
+                self.data.drain(..self.checked);
+                self.checked = 0;
             }
         }
         Verdict::Ok
@@ -66,12 +100,20 @@ impl Reassembly {
         if verdict != Verdict::Ok {
             return verdict;
         }
-        let valid = self.open != Some(true) || std::str::from_utf8(&self.text).is_ok();
+        let is_text = self.open == Some(true);
+        if is_text && self.checked != self.data.len() {
+            self.reset();
+            return Verdict::Close(CloseCode::INVALID_UTF8);
+        }
+        let data = std::mem::take(&mut self.data);
         self.reset();
-        if valid {
-            Verdict::Ok
-        } else {
-            Verdict::Close(CloseCode::INVALID_UTF8)
+        match (self.keep, is_text) {
+            (false, _) => Verdict::Ok,
+            (true, true) => match String::from_utf8(data) {
+                Ok(text) => Verdict::Complete(Whole::Text(text)),
+                Err(_) => Verdict::Close(CloseCode::INVALID_UTF8),
+            },
+            (true, false) => Verdict::Complete(Whole::Binary(data)),
         }
     }
 
@@ -83,7 +125,26 @@ impl Reassembly {
     fn reset(&mut self) {
         self.open = None;
         self.size = 0;
-        self.text = Vec::new();
+        self.data = Vec::new();
+        self.checked = 0;
+    }
+}
+
+/// The close code a frame the codec refused earns, or `None` when the
+/// connection itself failed and there is nothing to send a close on.
+pub fn refusal(error: &ProtocolError) -> Option<CloseCode> {
+    match error {
+        ProtocolError::Overflow => Some(CloseCode::TOO_BIG),
+        // A text frame that is not UTF-8 (the text is checked after decoding).
+        ProtocolError::Io(e) if e.to_string().contains("utf-8") => Some(CloseCode::INVALID_UTF8),
+        // Non-zero reserved bits.
+        ProtocolError::Io(e) if e.kind() == io::ErrorKind::InvalidData => {
+            Some(CloseCode::PROTOCOL_ERROR)
+        }
+        ProtocolError::Io(_) => None,
+        // Bad opcodes, unmasked frames, long or malformed control frames,
+        // invalid close codes and close reasons, fragments out of order.
+        _ => Some(CloseCode::PROTOCOL_ERROR),
     }
 }
 
@@ -150,6 +211,72 @@ mod tests {
             r.first(true, b"x", 10),
             Verdict::Close(CloseCode::PROTOCOL_ERROR)
         );
+    }
+
+    #[test]
+    fn utf8_fails_fast_and_remembers_only_the_unfinished_sequence() {
+        let euro = "€".as_bytes();
+        let mut r = Reassembly::default();
+        assert_eq!(r.first(true, b"ab", 100), Verdict::Ok);
+        assert_eq!(r.more(&euro[..1], 100), Verdict::Ok);
+        assert_eq!(r.data.len(), 1);
+        assert_eq!(r.more(&euro[1..], 100), Verdict::Ok);
+        assert!(r.data.is_empty());
+        assert_eq!(
+            r.more(&[0xed, 0xa0, 0x80], 100),
+            Verdict::Close(CloseCode::INVALID_UTF8)
+        );
+        assert!(!r.is_open());
+    }
+
+    #[test]
+    fn kept_messages_come_back_whole() {
+        let mut r = Reassembly::keeping();
+        assert_eq!(r.first(true, "hé".as_bytes(), 100), Verdict::Ok);
+        assert_eq!(r.more(b"", 100), Verdict::Ok);
+        assert_eq!(
+            r.last(b"llo", 100),
+            Verdict::Complete(Whole::Text("héllo".into()))
+        );
+        assert_eq!(r.first(false, &[0xff], 100), Verdict::Ok);
+        assert_eq!(
+            r.last(&[0], 100),
+            Verdict::Complete(Whole::Binary(vec![0xff, 0]))
+        );
+        assert_eq!(r.first(false, &[0; 60], 100), Verdict::Ok);
+        assert_eq!(r.last(&[0; 60], 100), Verdict::Close(CloseCode::TOO_BIG));
+        assert!(!r.is_open());
+    }
+
+    #[test]
+    fn refused_frames_close_with_the_right_code() {
+        use std::io::{Error, ErrorKind};
+        // What the session sees for a text frame that is not UTF-8.
+        let utf8 = String::from_utf8(vec![0xff]).unwrap_err().utf8_error();
+        let cases = [
+            (ProtocolError::Overflow, Some(CloseCode::TOO_BIG)),
+            (
+                ProtocolError::Io(Error::other(utf8.to_string())),
+                Some(CloseCode::INVALID_UTF8),
+            ),
+            (
+                ProtocolError::Io(Error::new(ErrorKind::InvalidData, "reserved bits")),
+                Some(CloseCode::PROTOCOL_ERROR),
+            ),
+            (ProtocolError::Io(Error::other("connection reset")), None),
+            (ProtocolError::BadOpCode, Some(CloseCode::PROTOCOL_ERROR)),
+            (
+                ProtocolError::InvalidLength(1),
+                Some(CloseCode::PROTOCOL_ERROR),
+            ),
+            (
+                ProtocolError::ContinuationStarted,
+                Some(CloseCode::PROTOCOL_ERROR),
+            ),
+        ];
+        for (error, code) in cases {
+            assert_eq!(refusal(&error), code, "{error:?}");
+        }
     }
 
     #[test]

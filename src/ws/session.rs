@@ -1,7 +1,8 @@
 //! The session actor: one per WebSocket client. It joins its instance's
 //! fan-out from `started` (after raising its mailbox capacity), writes the
 //! frames it is given, answers pings, pings on a timer, and closes with the
-//! contract's codes. It never touches the database.
+//! contract's codes. It never touches the database. Client data is ignored,
+//! except in echo mode (the conformance route), which sends each message back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,12 +13,13 @@ use actix_http::ws::{CloseReason, Item, Message, ProtocolError};
 use actix_web_actors::ws::WebsocketContext;
 
 use super::close::CloseCode;
-use super::rules::{Heartbeat, Reassembly, Verdict};
+use super::rules::{self, Heartbeat, Reassembly, Verdict, Whole};
 use crate::domain::EventSet;
 use crate::instance::messages::{Join, Leave, SessionId, SessionShared, ToSession};
 use crate::instance::InstanceActor;
 use crate::limits::ConnectionSlot;
 use crate::metrics::Metrics;
+use crate::settings::WsSettings;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -28,6 +30,17 @@ pub struct SessionLimits {
     pub max_message_bytes: usize,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+}
+
+impl SessionLimits {
+    pub fn from_settings(ws: &WsSettings) -> Self {
+        Self {
+            mailbox: ws.client_buffer,
+            max_message_bytes: ws.max_message_bytes,
+            ping_interval: Duration::from_secs(ws.ping_interval_secs),
+            idle_timeout: Duration::from_secs(ws.idle_timeout_secs),
+        }
+    }
 }
 
 /// One connected client.
@@ -43,6 +56,8 @@ pub struct Session {
     metrics: Arc<Metrics>,
     /// Why the session ended, for the disconnect counter.
     ended: CloseCode,
+    /// Sends each client message back instead of ignoring it.
+    echo: bool,
     /// This client's place in the connection limits, given back on drop.
     _slot: ConnectionSlot,
 }
@@ -67,8 +82,16 @@ impl Session {
             reassembly: Reassembly::default(),
             metrics,
             ended: CloseCode::NORMAL,
+            echo: false,
             _slot: slot,
         }
+    }
+
+    /// The same session, sending each complete client message back.
+    pub fn echoing(mut self) -> Self {
+        self.echo = true;
+        self.reassembly = Reassembly::keeping();
+        self
     }
 
     /// Sends a close frame with `code` and stops the actor.
@@ -82,14 +105,19 @@ impl Session {
     }
 
     fn verdict(&mut self, ctx: &mut WebsocketContext<Self>, verdict: Verdict) {
-        if let Verdict::Close(code) = verdict {
-            log::warn!(
-                "instance={} session={} client frame refused: {}",
-                self.instance_name,
-                self.id,
-                code.reason()
-            );
-            self.close(ctx, code);
+        match verdict {
+            Verdict::Ok => {}
+            Verdict::Complete(Whole::Text(text)) => ctx.text(text),
+            Verdict::Complete(Whole::Binary(data)) => ctx.binary(data),
+            Verdict::Close(code) => {
+                log::warn!(
+                    "instance={} session={} client frame refused: {}",
+                    self.instance_name,
+                    self.id,
+                    code.reason()
+                );
+                self.close(ctx, code);
+            }
         }
     }
 }
@@ -178,27 +206,27 @@ impl StreamHandler<Result<Message, ProtocolError>> for Session {
         let max = self.limits.max_message_bytes;
         let msg = match msg {
             Ok(msg) => msg,
-            Err(ProtocolError::Overflow) => {
-                return self.verdict(ctx, Verdict::Close(CloseCode::TOO_BIG))
+            Err(e) => {
+                return match rules::refusal(&e) {
+                    Some(code) => self.verdict(ctx, Verdict::Close(code)),
+                    None => {
+                        // The connection itself failed: nothing to send a close on.
+                        self.ended = CloseCode::PROTOCOL_ERROR;
+                        ctx.stop();
+                    }
+                };
             }
-            Err(ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
-                return self.verdict(ctx, Verdict::Close(CloseCode::INVALID_UTF8))
-            }
-            Err(ProtocolError::Io(_)) => {
-                // The connection itself failed: nothing to send a close on.
-                self.ended = CloseCode::PROTOCOL_ERROR;
-                return ctx.stop();
-            }
-            Err(_) => return self.verdict(ctx, Verdict::Close(CloseCode::PROTOCOL_ERROR)),
         };
         match msg {
             Message::Ping(payload) => ctx.pong(&payload),
             Message::Pong(_) | Message::Nop => {}
-            Message::Text(_) | Message::Binary(_) => {
-                if self.reassembly.is_open() {
-                    self.verdict(ctx, Verdict::Close(CloseCode::PROTOCOL_ERROR));
-                }
+            Message::Text(_) | Message::Binary(_) if self.reassembly.is_open() => {
+                self.verdict(ctx, Verdict::Close(CloseCode::PROTOCOL_ERROR));
             }
+            // One frame is within the limit: the codec refuses larger ones.
+            Message::Text(text) if self.echo => ctx.text(text),
+            Message::Binary(data) if self.echo => ctx.binary(data),
+            Message::Text(_) | Message::Binary(_) => {}
             Message::Continuation(item) => {
                 let verdict = match item {
                     Item::FirstText(data) => self.reassembly.first(true, &data, max),

@@ -17,6 +17,16 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+/// The six event types, in the contract's order.
+pub const KINDS: [&str; 6] = [
+    "message.exchange",
+    "message.status",
+    "call.update",
+    "group.flow",
+    "instance.state",
+    "label.update",
+];
+
 /// The TokenAccount every test server provisions.
 pub const ACCOUNT: &str = "test-account-token-0123456789abcdef";
 

@@ -1,0 +1,70 @@
+//! `GET /test/echo`, compiled only with the `test-echo` feature: a WebSocket
+//! that sends every client message back, run by the same session code as
+//! `/ws/:instance`, for the protocol conformance run (`.ci/autobahn`). It has
+//! no authentication and touches no database.
+//!
+//! Each echo session joins a pseudo instance actor of its own, started here
+//! and kept out of the registry: the registry's instances are checked
+//! against storage, where this one does not exist (it would be closed as
+//! deleted), and nothing publishes to it.
+
+use actix::Actor;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws::WsResponseBuilder;
+
+use super::AppState;
+use crate::bus::Bus;
+use crate::domain::{AccountId, EventSet, InstanceId};
+use crate::error::ApiError;
+use crate::instance::actor::FanoutEnv;
+use crate::instance::{InstanceActor, InstanceInfo};
+use crate::ws::session::{Session, SessionLimits};
+
+/// The pseudo instance; no stored row has these ids.
+const NAME: &str = "echo";
+const INSTANCE: InstanceId = InstanceId(-1);
+const ACCOUNT: AccountId = AccountId(-1);
+
+/// `GET /test/echo`.
+pub async fn echo(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    if actix_http::ws::handshake(req.head()).is_err() {
+        return Err(ApiError::UpgradeExpected);
+    }
+    let slot = state.connections.acquire(INSTANCE, ACCOUNT)?;
+    let ws = &state.settings.ws;
+    let info = InstanceInfo {
+        id: INSTANCE,
+        account: ACCOUNT,
+        name: NAME.to_string(),
+        token: String::new(),
+    };
+    let env = FanoutEnv {
+        base_url: "".into(),
+        client_buffer_bytes: ws.client_buffer_bytes,
+        metrics: state.metrics.clone(),
+        bus: Bus::Local,
+    };
+    // Stops with its session, the only holder of its address.
+    let instance =
+        InstanceActor::new(info, None, env, std::sync::Weak::new(), NAME.to_string()).start();
+    let session = Session::new(
+        instance,
+        NAME.to_string(),
+        EventSet::default(),
+        SessionLimits::from_settings(ws),
+        state.metrics.clone(),
+        slot,
+    )
+    .echoing();
+    WsResponseBuilder::new(session, &req, payload)
+        .frame_size(ws.max_message_bytes)
+        .start()
+        .map_err(|_| ApiError::UpgradeExpected)
+}
