@@ -32,14 +32,27 @@ for r in rows:
         print(f"| {r['target']} | {r['clients']} | {r['clients_connected']} | {fmt(r.get('server_rss_before_mib'), '{:.1f}')} | "
               f"{fmt(r.get('server_rss_connected_mib'), '{:.1f}')} | {fmt(r.get('server_rss_per_conn_kib'), '{:.2f}')} |")
 print()
-print("| target | stalled closed by server | closed s after its buffers filled | fast clients lost | fast p99 ms (alone → with stalled) | RSS before/peak/after MiB |")
-print("|---|---|---|---|---|---|")
+def median_of(target, prefix, key):
+    """The median of `key` over the repeated runs `prefix-r1`, `prefix-r2`, …"""
+    vals = sorted(r[key] for r in rows
+                  if r["target"] == target and r["label"].startswith(prefix + "-r") and r.get(key) is not None)
+    return vals[len(vals) // 2] if vals else None
+
+
+print("| target | run | stalled closed by server | closed s after its buffers filled | fast clients lost | fast p99 ms with stalled | RSS before/peak/after MiB |")
+print("|---|---|---|---|---|---|---|")
 for r in rows:
     if r["mode"] == "stalled":
-        alone = get(r["target"], "fast10-5000", "latency_p99_ms")
-        print(f"| {r['target']} | {r['stalled_closed_by_server']} | {fmt(r.get('stalled_closed_after_full_secs'), '{:.1f}')} | {r['lost']} | "
-              f"{fmt(alone, '{:.2f}')} → {r['latency_p99_ms']:.2f} | {fmt(r.get('server_rss_before_mib'), '{:.1f}')}/"
+        print(f"| {r['target']} | {r['label']} | {r['stalled_closed_by_server']} | {fmt(r.get('stalled_closed_after_full_secs'), '{:.1f}')} | {r['lost']} | "
+              f"{r['latency_p99_ms']:.2f} | {fmt(r.get('server_rss_before_mib'), '{:.1f}')}/"
               f"{fmt(r.get('server_rss_peak_during_mib'), '{:.1f}')}/{fmt(r.get('server_rss_after_mib'), '{:.1f}')} |")
+print()
+print("| target | fast p99 ms alone (median of 3) | with a stalled client (median of 3) | ratio |")
+print("|---|---|---|---|")
+for t in ["eventgate"] + peers:
+    alone, stalled = median_of(t, "fast10-5000", "latency_p99_ms"), median_of(t, "stalled-5000", "latency_p99_ms")
+    if alone and stalled:
+        print(f"| {t} | {alone:.2f} | {stalled:.2f} | {stalled / alone:.2f}× |")
 
 print()
 print("Ratios, eventgate against the better peer of the same run:")
@@ -73,10 +86,10 @@ line("p99 ms at 50 ev/s × 1000", "latency-50x1000", "latency_p99_ms", False, "�
 idle = next((r["label"] for r in rows if r["mode"] == "idle"), None)
 if idle:
     line("RSS KiB per idle connection", idle, "server_rss_per_conn_kib", False, "≤ 1×")
-alone = get("eventgate", "fast10-5000", "latency_p99_ms")
-stalled = get("eventgate", "stalled-5000", "latency_p99_ms")
+alone = median_of("eventgate", "fast10-5000", "latency_p99_ms")
+stalled = median_of("eventgate", "stalled-5000", "latency_p99_ms")
 if alone and stalled:
-    print(f"| fast p99 with a stalled client / without | {stalled:.2f} | {alone:.2f} (eventgate alone) | {stalled / alone:.2f}× | ≤ 1.5× |")
+    print(f"| fast p99 with a stalled client / without (medians of 3) | {stalled:.2f} | {alone:.2f} (eventgate alone) | {stalled / alone:.2f}× | ≤ 1.5× |")
 cluster = by.get(("eventgate", "cluster2-fanout-1x1000"))
 if cluster:
     print()

@@ -3,17 +3,19 @@
 # ../shared/peers (gorilla hub, Node ws), every scenario on a freshly started
 # server, all in one run on this machine. Prints the tables of BENCHMARKS.md.
 #
-#   bash bench/run.sh                      # everything (about 10 minutes)
+#   bash bench/run.sh                      # everything (about 15 minutes)
 #   TARGETS="eventgate" bash bench/run.sh  # one target
 #   SECS=5 IDLE_CLIENTS=5000 bash bench/run.sh
 #
-# Env: TARGETS ("eventgate gorilla node"), SECS (10), IDLE_CLIENTS (19000),
+# Env: TARGETS ("eventgate gorilla node"), SCENARIOS ("fanout latency idle
+# stalled cluster"), SECS (10), IDLE_CLIENTS (19000),
 # CLUSTER (1: also two eventgate nodes on PostgreSQL + NATS), PEERS_DIR
 # (/tmp/eventgate-peers), OUT (results file), PG_URL, NATS_URL.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 TARGETS=${TARGETS:-"eventgate gorilla node"}
+SCENARIOS=${SCENARIOS:-"fanout latency idle stalled cluster"}
 SECS=${SECS:-10}
 IDLE_CLIENTS=${IDLE_CLIENTS:-19000}
 CLUSTER=${CLUSTER:-1}
@@ -111,18 +113,24 @@ run() { # $1 target, $2 label, $3 time limit, rest: bench args
     sleep 1
 }
 
+want() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 for target in $TARGETS; do
-    run "$target" fanout-1x1000    120 fanout  --clients 1000 --instances 1   --secs "$SECS"
-    run "$target" fanout-100x10    120 fanout  --clients 1000 --instances 100 --secs "$SECS" --publishers 16
-    run "$target" latency-50x1000  120 latency --clients 1000 --instances 1   --rate 50 --secs "$SECS"
-    run "$target" idle-$IDLE_CLIENTS 240 idle  --clients "$IDLE_CLIENTS"
-    run "$target" fast10-5000      120 latency --clients 10 --instances 1 --rate 5000 --secs "$SECS"
-    run "$target" stalled-5000     150 stalled --clients 10 --rate 5000 --secs "$SECS"
+    want fanout && run "$target" fanout-1x1000 120 fanout --clients 1000 --instances 1 --secs "$SECS"
+    want fanout && run "$target" fanout-100x10 120 fanout --clients 1000 --instances 100 --secs "$SECS" --publishers 16
+    want latency && run "$target" latency-50x1000 120 latency --clients 1000 --instances 1 --rate 50 --secs "$SECS"
+    want idle && run "$target" idle-$IDLE_CLIENTS 240 idle --clients "$IDLE_CLIENTS"
+    want stalled || continue
+    # A stalled client's effect is a small difference in a tail: alternate
+    # the runs with and without it, three of each (the report takes medians).
+    for r in 1 2 3; do
+        run "$target" fast10-5000-r$r  120 latency --clients 10 --instances 1 --rate 5000 --secs "$SECS"
+        run "$target" stalled-5000-r$r 150 stalled --clients 10 --rate 5000 --secs "$SECS"
+    done
 done
 
 # Two eventgate nodes on one PostgreSQL database and NATS: clients split over
 # both, events published on the first.
-if [ "$CLUSTER" = 1 ] && [[ " $TARGETS " == *" eventgate "* ]]; then
+if [ "$CLUSTER" = 1 ] && want cluster && [[ " $TARGETS " == *" eventgate "* ]]; then
     db="eg_bench_$$"
     if psql -q "$PG_URL" -c "CREATE DATABASE $db" >/dev/null 2>&1; then
         node_url="${PG_URL%/*}/$db"
