@@ -10,13 +10,16 @@
 //! - [`storage`]: diesel on SQLite (default) or PostgreSQL; accounts,
 //!   instances and WebSocket settings. Only HTTP handlers and the command
 //!   line call it, always off the actor threads.
-//! - [`auth`], [`rate_limit`]: tokens and fixed-window limits.
+//! - [`auth`], [`rate_limit`], [`limits`]: tokens (and remembered
+//!   authorisations), fixed-window request limits, connection limits.
 //! - [`http`]: the REST API and the `/ws/:instance` upgrade.
 //! - [`instance`]: one actor per instance (settings + its sessions), found
 //!   through the [`instance::Registry`] started once before the server.
 //! - [`ws`]: one session actor per client with a bounded mailbox; a client
 //!   that falls behind is closed with 4008 and nobody else waits.
 //! - [`events`]: publish bodies and envelopes (serialised once per event).
+//! - [`bus`]: how events and settings changes reach other nodes (NATS), or
+//!   nowhere on a single node.
 //! - [`lifecycle`], [`metrics`]: systemd, signals, drain, Prometheus.
 //!
 //! [`run`] takes settings and an already-bound listener, so tests bind

@@ -227,19 +227,8 @@ async fn body_over_one_mib_is_413_after_auth() {
 async fn instances_are_per_account() {
     let s = TestServer::start().await;
     s.instance("shared-name").await;
-    // A second account, made offline as an operator would.
     let other = "second-account-token-abcdefabcdef0123";
-    {
-        let pool =
-            eventgate::storage::connect(&s.db.url, 2, std::time::Duration::from_secs(5)).unwrap();
-        let mut conn = pool.get().unwrap();
-        eventgate::storage::accounts::ensure(
-            &mut conn,
-            "second",
-            &eventgate::auth::token_hash(other),
-        )
-        .unwrap();
-    }
+    s.add_account(other);
     let r = s
         .call(
             "POST",

@@ -72,12 +72,7 @@ async fn connection_limits_per_instance_account_and_node() {
         .contains("per account"));
     // Another account fills the node.
     let other = "other-account-token-0123456789abcdef";
-    {
-        let pool = eventgate::storage::connect(&s.db.url, 1, Duration::from_secs(5)).unwrap();
-        let mut conn = pool.get().unwrap();
-        eventgate::storage::accounts::ensure(&mut conn, "o", &eventgate::auth::token_hash(other))
-            .unwrap();
-    }
+    s.add_account(other);
     let r = s
         .call(
             "POST",
@@ -191,12 +186,7 @@ async fn an_instance_token_stays_within_its_instance() {
     let mine = s.instance("mine").await;
     s.instance("theirs").await;
     let other = "foreign-account-token-0123456789abcdef";
-    {
-        let pool = eventgate::storage::connect(&s.db.url, 1, Duration::from_secs(5)).unwrap();
-        let mut conn = pool.get().unwrap();
-        eventgate::storage::accounts::ensure(&mut conn, "f", &eventgate::auth::token_hash(other))
-            .unwrap();
-    }
+    s.add_account(other);
     let r = s
         .call(
             "POST",

@@ -59,12 +59,12 @@ async fn protocol_errors_close_with_1002() {
     let s = TestServer::start().await;
     s.instance("p").await;
     for bad in [
-        frame(0x83, b"x"),            // reserved data opcode 3
-        frame(0x8B, b""),             // reserved control opcode 11
-        frame(0xC1, b"x"),            // RSV1 set on a text frame
-        frame(0x88, &[0x03, 0xE7]),   // close code 999
-        frame(0x88, &[0x03]),         // 1-byte close payload
-        frame(0x09, b"ping"),         // fragmented control frame
+        frame(0x83, b"x"),          // reserved data opcode 3
+        frame(0x8B, b""),           // reserved control opcode 11
+        frame(0xC1, b"x"),          // RSV1 set on a text frame
+        frame(0x88, &[0x03, 0xE7]), // close code 999
+        frame(0x88, &[0x03]),       // 1-byte close payload
+        frame(0x09, b"ping"),       // fragmented control frame
     ] {
         let mut ws = client(&s).await;
         ws.write_all(&bad).await.unwrap();
@@ -85,16 +85,24 @@ async fn pings_are_answered_even_between_fragments() {
     s.instance("p").await;
     let mut ws = client(&s).await;
     ws.write_all(&frame(0x89, b"hello")).await.unwrap();
-    assert_eq!(read_until(&mut ws, 0xA).await.as_deref(), Some(&b"hello"[..]));
+    assert_eq!(
+        read_until(&mut ws, 0xA).await.as_deref(),
+        Some(&b"hello"[..])
+    );
     ws.write_all(&frame(0x01, b"fir")).await.unwrap();
     ws.write_all(&frame(0x89, b"mid")).await.unwrap();
     assert_eq!(read_until(&mut ws, 0xA).await.as_deref(), Some(&b"mid"[..]));
     ws.write_all(&frame(0x80, b"st")).await.unwrap();
     // The close handshake: a valid code is echoed, then the server closes.
-    ws.write_all(&frame(0x88, &[0x0B, 0xB8, b'o', b'k'])).await.unwrap();
+    ws.write_all(&frame(0x88, &[0x0B, 0xB8, b'o', b'k']))
+        .await
+        .unwrap();
     let close = read_until(&mut ws, 0x8).await.expect("a close frame");
     assert_eq!(close_code(&close), 3000);
     let mut rest = [0u8; 64];
     let eof = tokio::time::timeout(Duration::from_secs(5), ws.read(&mut rest)).await;
-    assert!(matches!(eof, Ok(Ok(0)) | Ok(Err(_))), "the server closed the connection");
+    assert!(
+        matches!(eof, Ok(Ok(0)) | Ok(Err(_))),
+        "the server closed the connection"
+    );
 }

@@ -282,6 +282,18 @@ impl TestServer {
         self.raw(method, path, &headers, body.as_deref()).await
     }
 
+    /// Provisions another account with `token`, offline as an operator would.
+    pub fn add_account(&self, token: &str) {
+        let pool = eventgate::storage::connect(&self.db.url, 1, Duration::from_secs(5)).unwrap();
+        let mut conn = pool.get().unwrap();
+        eventgate::storage::accounts::ensure(
+            &mut conn,
+            "other",
+            &eventgate::auth::token_hash(token),
+        )
+        .unwrap();
+    }
+
     /// Creates an instance with WebSocket enabled (all events); returns its TokenInstance.
     pub async fn instance(&self, name: &str) -> String {
         self.instance_with(name, json!({"name": name, "websocketEnabled": true}))
