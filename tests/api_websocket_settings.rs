@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{TestServer, ACCOUNT};
+use common::{TestServer, ACCOUNT, KINDS};
 use serde_json::json;
 
 #[actix_rt::test]
@@ -195,17 +195,9 @@ async fn invalid_bodies() {
 async fn fifty_concurrent_upserts_end_in_one_of_them() {
     let s = TestServer::start_with(|st| st.rate_limit.per_minute = 1000).await;
     s.instance("hot").await;
-    let kinds = [
-        "message.exchange",
-        "message.status",
-        "call.update",
-        "group.flow",
-        "instance.state",
-        "label.update",
-    ];
     let bodies: Vec<_> = (0..50)
         .map(
-            |i| json!({"enabled": i % 7 != 0, "events": [kinds[i % 6]], "mediaBase64": i % 2 == 0}),
+            |i| json!({"enabled": i % 7 != 0, "events": [KINDS[i % 6]], "mediaBase64": i % 2 == 0}),
         )
         .collect();
     let replies = futures_util::future::join_all(bodies.iter().map(|b| {
