@@ -96,13 +96,14 @@ pub fn reload(state: &AppState, limiter: &RateLimiter, fresh: &Settings) {
         );
     }
     drop(held);
-    limiter.set_limits(fresh.rate_limit.clone());
-    log::info!(
-        "reload: rate limits {}/min, instance creation {}/min, publish {}/min",
-        fresh.rate_limit.per_minute,
-        fresh.rate_limit.instance_new_per_minute,
-        fresh.rate_limit.publish_per_minute
-    );
+    if limiter.set_limits(fresh.rate_limit.clone()) {
+        log::info!(
+            "reload: rate limits {}/min, instance creation {}/min, publish {}/min",
+            fresh.rate_limit.per_minute,
+            fresh.rate_limit.instance_new_per_minute,
+            fresh.rate_limit.publish_per_minute
+        );
+    }
 }
 
 /// Waits for signals: SIGTERM/SIGINT drain and stop; SIGHUP calls `reload_settings`.

@@ -75,8 +75,12 @@ impl RateLimiter {
     }
 
     /// Replaces the limits (SIGHUP); running windows keep their counts.
-    pub fn set_limits(&self, limits: RateLimitSettings) {
-        *self.limits.write() = limits;
+    /// Returns whether anything changed.
+    pub fn set_limits(&self, limits: RateLimitSettings) -> bool {
+        let mut held = self.limits.write();
+        let changed = *held != limits;
+        *held = limits;
+        changed
     }
 
     fn limit_of(&self, bucket: Bucket) -> u32 {

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{stalled_client, TestServer, ACCOUNT};
+use common::{server_frames, stalled_client, TestServer, ACCOUNT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -24,18 +24,11 @@ async fn read_until(stream: &mut TcpStream, opcode: u8) -> Option<Vec<u8>> {
     let mut buf = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        // Parse what we have.
-        let mut at = 0;
-        while buf.len() >= at + 2 {
-            let op = buf[at] & 0x0f;
-            let len = (buf[at + 1] & 0x7f) as usize;
-            if len >= 126 || buf.len() < at + 2 + len {
-                break;
-            }
-            if op == opcode {
-                return Some(buf[at + 2..at + 2 + len].to_vec());
-            }
-            at += 2 + len;
+        if let Some((_, payload)) = server_frames(&buf)
+            .into_iter()
+            .find(|(op, _)| *op == opcode)
+        {
+            return Some(payload);
         }
         let mut chunk = [0u8; 1024];
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());

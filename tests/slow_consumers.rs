@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{event, stalled_client, TestServer, Ws, ACCOUNT};
+use common::{event, server_frames, stalled_client, TestServer, Ws, ACCOUNT};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
@@ -30,29 +30,6 @@ async fn read_until_gone(stream: &mut tokio::net::TcpStream, wait: Duration) -> 
             Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
         }
     }
-}
-
-/// Server → client frames (unmasked) in a byte stream: (opcode, payload).
-fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    while bytes.len() >= 2 {
-        let opcode = bytes[0] & 0x0f;
-        let (len, head) = match bytes[1] & 0x7f {
-            126 if bytes.len() >= 4 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
-            127 if bytes.len() >= 10 => (
-                u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
-                10,
-            ),
-            n if n < 126 => (n as usize, 2),
-            _ => break,
-        };
-        if bytes.len() < head + len {
-            break;
-        }
-        out.push((opcode, bytes[head..head + len].to_vec()));
-        bytes = &bytes[head + len..];
-    }
-    out
 }
 
 #[actix_rt::test]
@@ -165,7 +142,7 @@ async fn silent_client_is_closed_with_4001() {
     let bytes = read_until_gone(&mut silent, Duration::from_secs(10))
         .await
         .expect("closed");
-    let frames = frames(&bytes);
+    let frames = server_frames(&bytes);
     assert!(frames.iter().any(|(op, _)| *op == 0x9), "pings were sent");
     let close = frames
         .iter()

@@ -94,19 +94,10 @@ impl AppState {
         if let Some(hit) = self.access.fresh(&key) {
             return Ok(hit);
         }
-        let looked_up = self
-            .db(None, move |conn| {
-                auth::authorize(
-                    conn,
-                    Some(&token),
-                    Scope::Instance {
-                        name: &name,
-                        account_only,
-                    },
-                )
-            })
-            .await;
-        match looked_up {
+        match self
+            .authorize_stored(Some(token), name, account_only, None)
+            .await
+        {
             Ok(access) => {
                 self.access.insert(key, access.clone());
                 Ok(access)
@@ -125,21 +116,36 @@ impl AppState {
         account_only: bool,
         failure: Option<&'static str>,
     ) -> Result<crate::storage::instances::InstanceRecord, ApiError> {
-        let token = auth::request_token(req);
-        let name = instance_param(req);
         let access = self
-            .db(failure, move |conn| {
-                auth::authorize(
-                    conn,
-                    token.as_deref(),
-                    Scope::Instance {
-                        name: &name,
-                        account_only,
-                    },
-                )
-            })
+            .authorize_stored(
+                auth::request_token(req),
+                instance_param(req),
+                account_only,
+                failure,
+            )
             .await?;
         access.instance.ok_or(ApiError::InstanceNotFound)
+    }
+
+    /// The checks of contract §2 for an instance-scoped request, from storage.
+    async fn authorize_stored(
+        &self,
+        token: Option<String>,
+        name: String,
+        account_only: bool,
+        failure: Option<&'static str>,
+    ) -> Result<Access, ApiError> {
+        self.db(failure, move |conn| {
+            auth::authorize(
+                conn,
+                token.as_deref(),
+                Scope::Instance {
+                    name: &name,
+                    account_only,
+                },
+            )
+        })
+        .await
     }
 
     /// Applies persisted settings on this node and sends them to the others.

@@ -508,6 +508,29 @@ pub async fn stalled_client(addr: SocketAddr, path: &str) -> tokio::net::TcpStre
     stream
 }
 
+/// Server → client frames (unmasked) in a byte stream: (opcode, payload).
+pub fn server_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while bytes.len() >= 2 {
+        let opcode = bytes[0] & 0x0f;
+        let (len, head) = match bytes[1] & 0x7f {
+            126 if bytes.len() >= 4 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+            127 if bytes.len() >= 10 => (
+                u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            n if n < 126 => (n as usize, 2),
+            _ => break,
+        };
+        if bytes.len() < head + len {
+            break;
+        }
+        out.push((opcode, bytes[head..head + len].to_vec()));
+        bytes = &bytes[head + len..];
+    }
+    out
+}
+
 /// An event body for publishing.
 pub fn event(kind: &str, data: Value) -> Value {
     json!({"event": kind, "data": data})
