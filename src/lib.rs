@@ -75,20 +75,33 @@ pub enum StartError {
     Bus(#[from] bus::BusError),
 }
 
-/// Opens the database (failing fast with the real error), applies migrations
-/// and ensures the configured account exists. Blocking.
+/// Opens the database pool (failing fast with the real error), applies
+/// migrations and ensures the configured account exists. Blocking.
 pub fn open_storage(settings: &Settings) -> Result<DbPool, StartError> {
     let pool = storage::connect(
         &settings.database_url(),
         settings.storage.pool_size,
         Duration::from_secs(settings.storage.connect_timeout_secs),
     )?;
-    if !settings.auth.account_token.is_empty() {
-        let mut conn = pool.get().map_err(storage::StorageError::from)?;
-        let hash = auth::token_hash(&settings.auth.account_token);
-        storage::accounts::ensure(&mut conn, "default", &hash)?;
-    }
+    let mut conn = pool.get().map_err(storage::StorageError::from)?;
+    ensure_account(settings, &mut conn)?;
     Ok(pool)
+}
+
+/// One connection without a pool (the command line: no pool threads still
+/// at work when the process exits), migrated, with the configured account.
+pub fn open_connection(settings: &Settings) -> Result<storage::DbConn, StartError> {
+    let mut conn = storage::pool::open_one(&settings.database_url())?;
+    ensure_account(settings, &mut conn)?;
+    Ok(conn)
+}
+
+fn ensure_account(settings: &Settings, conn: &mut storage::DbConn) -> Result<(), StartError> {
+    if !settings.auth.account_token.is_empty() {
+        let hash = auth::token_hash(&settings.auth.account_token);
+        storage::accounts::ensure(conn, "default", &hash)?;
+    }
+    Ok(())
 }
 
 /// Runs the gateway on `listener` until SIGTERM/SIGINT; SIGHUP re-reads the

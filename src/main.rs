@@ -32,7 +32,7 @@ fn main() -> ExitCode {
     init_logging(&settings);
     let outcome = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings, cli.config),
-        Command::Migrate => eventgate::open_storage(&settings)
+        Command::Migrate => eventgate::open_connection(&settings)
             .map(|_| println!("migrations applied"))
             .map_err(|e| e.to_string()),
         Command::CheckConfig => toml::to_string_pretty(&settings.masked())
@@ -59,12 +59,9 @@ fn serve(settings: Settings, config: Option<std::path::PathBuf>) -> Result<(), S
         .map_err(|e| e.to_string())
 }
 
-/// One connection is all a command needs (it keeps its pool alive).
-fn connection(
-    settings: &Settings,
-) -> Result<r2d2::PooledConnection<storage::pool::DbManager>, String> {
-    let pool = eventgate::open_storage(settings).map_err(|e| e.to_string())?;
-    pool.get().map_err(|e| e.to_string())
+/// One connection is all a command needs.
+fn connection(settings: &Settings) -> Result<storage::DbConn, String> {
+    eventgate::open_connection(settings).map_err(|e| e.to_string())
 }
 
 fn account(settings: &Settings, cmd: AccountCommand) -> Result<(), String> {

@@ -102,10 +102,15 @@ impl r2d2::ManageConnection for DbManager {
 /// The shared pool of connections.
 pub type DbPool = r2d2::Pool<DbManager>;
 
-/// Opens the pool, failing within `timeout` with the real error when the
-/// database cannot be reached, then applies pending migrations.
-pub fn connect(url: &str, pool_size: u32, timeout: Duration) -> Result<DbPool, StorageError> {
+/// Opens one connection, creating the SQLite file's directory when needed,
+/// and applies pending migrations. Errors are the backend's own (r2d2 would
+/// only report a timeout, hiding the cause).
+pub fn open_one(url: &str) -> Result<DbConn, StorageError> {
     let manager = DbManager::new(url);
+    open_with(&manager)
+}
+
+fn open_with(manager: &DbManager) -> Result<DbConn, StorageError> {
     if manager.backend == Backend::Sqlite {
         if let Some(dir) = std::path::Path::new(&manager.url).parent() {
             if !dir.as_os_str().is_empty() {
@@ -115,10 +120,16 @@ pub fn connect(url: &str, pool_size: u32, timeout: Duration) -> Result<DbPool, S
             }
         }
     }
-    // Connect once by hand: r2d2 would only report a timeout, hiding the cause.
-    let mut first = r2d2::ManageConnection::connect(&manager)?;
-    run_migrations(&mut first)?;
-    drop(first);
+    let mut conn = r2d2::ManageConnection::connect(manager)?;
+    run_migrations(&mut conn)?;
+    Ok(conn)
+}
+
+/// Opens the pool, failing at once with the real error when the database
+/// cannot be reached, after applying pending migrations.
+pub fn connect(url: &str, pool_size: u32, timeout: Duration) -> Result<DbPool, StorageError> {
+    let manager = DbManager::new(url);
+    drop(open_with(&manager)?);
     let size = match manager.backend {
         Backend::Sqlite => pool_size.min(SQLITE_MAX_POOL),
         Backend::Postgres => pool_size,
