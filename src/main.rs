@@ -1,8 +1,6 @@
 //! The `eventgate` binary: parses the command line, loads settings, sets up
 //! logging and runs the chosen command. The work is in the library.
 
-use std::process::ExitCode;
-
 use clap::Parser;
 use eventgate::cli::{AccountCommand, Cli, Command, InstanceCommand};
 use eventgate::domain::{AccountId, InstanceName};
@@ -20,13 +18,29 @@ fn init_logging(settings: &Settings) {
     builder.init();
 }
 
-fn main() -> ExitCode {
+fn main() {
+    exit_now(run_command());
+}
+
+/// Ends the process with `code` once everything is written, without the C
+/// library's exit handlers: libpq's OpenSSL registers one that frees its
+/// state while connection-pool threads may still be closing TLS connections,
+/// which can crash a process that had shut down cleanly.
+fn exit_now(code: u8) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` only ends the process; every buffer we own was flushed above.
+    unsafe { libc::_exit(i32::from(code)) }
+}
+
+fn run_command() -> u8 {
     let cli = Cli::parse();
     let settings = match Settings::load(cli.config.as_deref(), &|k| std::env::var(k).ok()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("eventgate: {e}");
-            return ExitCode::from(2);
+            return 2;
         }
     };
     init_logging(&settings);
@@ -42,11 +56,11 @@ fn main() -> ExitCode {
         Command::Instance(cmd) => instance(&settings, cmd),
     };
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(e) => {
             log::error!("{e}");
             eprintln!("eventgate: {e}");
-            ExitCode::FAILURE
+            1
         }
     }
 }

@@ -82,7 +82,9 @@ impl TestDb {
             .find('/')
             .map(|i| i + scheme_end)
             .unwrap_or_else(|| panic!("{PG_ENV} must end with /<database>"));
-        let url = format!("{}/{}", &admin_url[..slash], name);
+        // The test process itself holds pools of several servers: without TLS,
+        // no OpenSSL state is in use by pool threads when the process exits.
+        let url = format!("{}/{}?sslmode=disable", &admin_url[..slash], name);
         TestDb {
             url,
             _dir: None,
