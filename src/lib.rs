@@ -47,7 +47,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::{web, HttpServer};
+use actix_http::HttpService;
+use actix_rt::net::TcpStream;
+use actix_service::{map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_web::dev::AppConfig;
+use actix_web::web;
 use parking_lot::RwLock;
 
 use crate::auth::AccessCache;
@@ -74,6 +78,9 @@ pub enum StartError {
     #[error(transparent)]
     Bus(#[from] bus::BusError),
 }
+
+/// How long a closing HTTP connection waits for the client to close its side.
+const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Opens the database pool (failing fast with the real error), applies
 /// migrations and ensures the configured account exists. Blocking.
@@ -162,21 +169,7 @@ pub async fn serve(
     ));
     let limiter = web::Data::new(RateLimiter::new(settings.rate_limit.clone()));
     let metrics_data = web::Data::from(metrics);
-    let user_timeout = Duration::from_secs(settings.ws.tcp_user_timeout_secs);
-    let server = {
-        let (state, limiter) = (state.clone(), limiter.clone());
-        HttpServer::new(move || http::app(state.clone(), limiter.clone(), metrics_data.clone()))
-            .workers(settings.server.workers)
-            .disable_signals()
-            .keep_alive(Duration::from_secs(settings.server.keep_alive_secs))
-            .client_request_timeout(Duration::from_secs(
-                settings.server.client_request_timeout_secs,
-            ))
-            .shutdown_timeout(settings.server.shutdown_drain_secs)
-            .on_connect(move |conn, _| tune_socket(conn, user_timeout))
-            .listen(listener)?
-            .run()
-    };
+    let server = build_server(&settings, listener, &state, &limiter, &metrics_data)?;
     log::info!("eventgate listening on {local}");
     lifecycle::notify_ready(local);
     actix_web::rt::spawn(lifecycle::watchdog(state.clone()));
@@ -193,6 +186,44 @@ pub async fn serve(
     server.await?;
     log::info!("eventgate stopped");
     Ok(())
+}
+
+/// The HTTP server: actix-web's application on actix-http's HTTP/1 service,
+/// with an upgrade service (a second copy of the application per worker)
+/// that takes accepted WebSocket connections out of HTTP (see [`ws::upgrade`]).
+fn build_server(
+    settings: &Settings,
+    listener: TcpListener,
+    state: &web::Data<AppState>,
+    limiter: &web::Data<RateLimiter>,
+    metrics: &web::Data<Metrics>,
+) -> std::io::Result<actix_server::Server> {
+    let local = listener.local_addr()?;
+    let user_timeout = Duration::from_secs(settings.ws.tcp_user_timeout_secs);
+    let keep_alive = Duration::from_secs(settings.server.keep_alive_secs);
+    let request_timeout = Duration::from_secs(settings.server.client_request_timeout_secs);
+    let (state, limiter, metrics) = (state.clone(), limiter.clone(), metrics.clone());
+    let app = move || http::app(state.clone(), limiter.clone(), metrics.clone());
+    Ok(actix_server::Server::build()
+        .workers(settings.server.workers)
+        .disable_signals()
+        .shutdown_timeout(settings.server.shutdown_drain_secs)
+        .listen("eventgate", listener, move || {
+            HttpService::build()
+                .keep_alive(keep_alive)
+                .client_request_timeout(request_timeout)
+                .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+                .local_addr(local)
+                .on_connect_ext(move |io: &TcpStream, _: &mut _| tune_socket(io, user_timeout))
+                .upgrade(ws::upgrade::service(app().into_factory()))
+                // Nothing here builds URLs from the configured host name.
+                .finish(map_config(
+                    app().into_factory().map_err(|e| e.error_response()),
+                    |()| AppConfig::default(),
+                ))
+                .tcp()
+        })?
+        .run())
 }
 
 /// Safety net: re-reads every running instance's settings from the database
@@ -234,10 +265,7 @@ async fn refresh_from_storage(state: web::Data<AppState>, every: Duration) {
 /// frames back until the peer's delayed ACK), and `TCP_USER_TIMEOUT`, so a
 /// peer that stops reading is dropped by the kernel even while its session
 /// actor is frozen.
-fn tune_socket(conn: &dyn std::any::Any, user_timeout: Duration) {
-    let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else {
-        return;
-    };
+fn tune_socket(tcp: &TcpStream, user_timeout: Duration) {
     if let Err(e) = tcp.set_nodelay(true) {
         log::debug!("cannot set TCP_NODELAY: {e}");
     }

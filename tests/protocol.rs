@@ -1,6 +1,8 @@
 //! WebSocket protocol rules on the real `/ws/:instance` path, with raw
 //! frames: bad opcodes and reserved bits (1002), invalid close codes (1002),
-//! ping answered with pong (also between fragments), and the close handshake.
+//! ping answered with pong (also between fragments), the close handshake,
+//! frames sent right behind the handshake, and how refused or odd upgrade
+//! requests end their connection.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -98,4 +100,115 @@ async fn pings_are_answered_even_between_fragments() {
         matches!(eof, Ok(Ok(0)) | Ok(Err(_))),
         "the server closed the connection"
     );
+}
+
+/// Sends `request` on a new connection and reads until the server closes it.
+async fn exchange(s: &TestServer, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(s.addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut all))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+fn upgrade_request(path: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+    .into_bytes()
+}
+
+#[actix_rt::test]
+async fn frames_sent_with_the_handshake_are_read() {
+    let s = TestServer::start().await;
+    s.instance("p").await;
+    let mut stream = TcpStream::connect(s.addr).await.unwrap();
+    let mut request = upgrade_request(&format!("/ws/p?token={ACCOUNT}"), "");
+    request.extend_from_slice(&frame(0x89, b"early"));
+    stream.write_all(&request).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    assert_eq!(
+        read_until(&mut stream, 0xA).await.as_deref(),
+        Some(&b"early"[..])
+    );
+}
+
+#[actix_rt::test]
+async fn refused_upgrades_are_answered_then_closed() {
+    let s = TestServer::start().await;
+    s.instance("p").await;
+    let reply = exchange(
+        &s,
+        &upgrade_request(&format!("/ws/nope?token={ACCOUNT}"), ""),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    assert!(reply.contains("connection: close"), "{reply}");
+    assert!(reply.contains("x-ratelimit-limit"), "{reply}");
+    assert!(
+        reply.ends_with(r#"{"success":false,"error":{"message":"Instance not found"}}"#),
+        "{reply}"
+    );
+    let reply = exchange(&s, &upgrade_request("/ws/p", "")).await;
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+}
+
+#[actix_rt::test]
+async fn a_handshake_with_a_body_is_not_upgraded() {
+    let s = TestServer::start().await;
+    s.instance("p").await;
+    let path = format!("/ws/p?token={ACCOUNT}");
+    // A chunked body keeps the request on the HTTP path: not an upgrade.
+    let mut stream = TcpStream::connect(s.addr).await.unwrap();
+    let request = upgrade_request(&path, "Transfer-Encoding: chunked\r\n");
+    stream.write_all(&request).await.unwrap();
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("WebSocket upgrade expected"), "{reply}");
+    // An API request that asks for an upgrade is answered without its body
+    // (an error, never an acknowledged write) and its connection closed.
+    let body = r#"{"event":"call.update","data":{}}"#;
+    let request = format!(
+        "POST /api/events/publish/p HTTP/1.1\r\nHost: x\r\ntoken: {ACCOUNT}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let reply = exchange(&s, request.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("Invalid request body"), "{reply}");
+}
+
+#[actix_rt::test]
+async fn a_closing_server_ends_the_connection() {
+    let s = TestServer::start().await;
+    s.instance("p").await;
+    let mut ws = client(&s).await;
+    s.wait_clients("p", Some(1)).await;
+    let r = s
+        .call("DELETE", "/api/instance/delete/p", Some(ACCOUNT), None)
+        .await;
+    assert_eq!(r.status, 200);
+    let close = read_until(&mut ws, 0x8).await.expect("a close frame");
+    assert_eq!(close_code(&close), 4004);
+    // The server shuts its side down without waiting for the client's close frame.
+    let mut rest = [0u8; 64];
+    let eof = tokio::time::timeout(Duration::from_secs(5), ws.read(&mut rest)).await;
+    assert!(matches!(eof, Ok(Ok(0))), "{eof:?}");
 }

@@ -3,7 +3,6 @@
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_web_actors::ws::WsResponseBuilder;
 
 use super::{instance_param, AppState};
 use crate::auth::{self, query_values};
@@ -11,6 +10,7 @@ use crate::domain::{EventKind, EventSet};
 use crate::error::ApiError;
 use crate::instance::InstanceInfo;
 use crate::ws::session::{Session, SessionLimits};
+use crate::ws::upgrade;
 
 /// Parses every `?events=` value (comma-separated, repeatable); empty = no narrowing.
 pub fn parse_narrowing(query: &str) -> Result<EventSet, ApiError> {
@@ -29,7 +29,6 @@ pub fn parse_narrowing(query: &str) -> Result<EventSet, ApiError> {
 /// `GET /ws/:instance`.
 pub async fn connect(
     req: HttpRequest,
-    payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let refused = |e: ApiError| {
@@ -64,7 +63,7 @@ pub async fn connect(
             instance: instance.name.clone(),
         }));
     }
-    if actix_http::ws::handshake(req.head()).is_err() {
+    if !upgrade::is_handshake(&req) {
         return Err(refused(ApiError::UpgradeExpected));
     }
     let slot = state
@@ -88,10 +87,7 @@ pub async fn connect(
         state.metrics.clone(),
         slot,
     );
-    let reply = WsResponseBuilder::new(session, &req, payload)
-        .frame_size(ws.max_message_bytes)
-        .start()
-        .map_err(|_| refused(ApiError::UpgradeExpected))?;
+    let reply = upgrade::accept(&req, session, ws.max_message_bytes).map_err(refused)?;
     state
         .metrics
         .upgrades

@@ -10,7 +10,6 @@
 
 use actix::Actor;
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_web_actors::ws::WsResponseBuilder;
 
 use super::AppState;
 use crate::bus::Bus;
@@ -19,6 +18,7 @@ use crate::error::ApiError;
 use crate::instance::actor::FanoutEnv;
 use crate::instance::{InstanceActor, InstanceInfo};
 use crate::ws::session::{Session, SessionLimits};
+use crate::ws::upgrade;
 
 /// The pseudo instance; no stored row has these ids.
 const NAME: &str = "echo";
@@ -26,15 +26,11 @@ const INSTANCE: InstanceId = InstanceId(-1);
 const ACCOUNT: AccountId = AccountId(-1);
 
 /// `GET /test/echo`.
-pub async fn echo(
-    req: HttpRequest,
-    payload: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
-    if actix_http::ws::handshake(req.head()).is_err() {
+    if !upgrade::is_handshake(&req) {
         return Err(ApiError::UpgradeExpected);
     }
     let slot = state.connections.acquire(INSTANCE, ACCOUNT)?;
@@ -63,8 +59,5 @@ pub async fn echo(
         slot,
     )
     .echoing();
-    WsResponseBuilder::new(session, &req, payload)
-        .frame_size(ws.max_message_bytes)
-        .start()
-        .map_err(|_| ApiError::UpgradeExpected)
+    upgrade::accept(&req, session, ws.max_message_bytes)
 }

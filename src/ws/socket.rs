@@ -1,0 +1,218 @@
+//! A WebSocket connection after its handshake: the socket, owned here rather
+//! than by actix-http's HTTP/1 dispatcher, driven by the session actor's
+//! `WebsocketContext`.
+//!
+//! An idle connection holds no buffer of its own: bytes are read through a
+//! stack buffer into exactly-sized chunks, and the frames the session encodes
+//! are written straight out, kept only while the kernel will not take them.
+//! While more than [`HIGH_WATER`] bytes wait for the socket, the session is
+//! not polled, so its mailbox fills and the instance closes it with 4008
+//! (contract §6); `TCP_USER_TIMEOUT` ends a socket that never drains.
+//!
+//! After the session stops, its last frames (the close frame) are flushed,
+//! the write side is shut down and the peer gets [`LINGER`] to finish the
+//! close handshake, so its close frame never meets a reset.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use actix_http::error::PayloadError;
+use actix_http::ws::Codec;
+use actix_rt::net::TcpStream;
+use actix_web_actors::ws::WebsocketContext;
+use bytes::{Buf, Bytes};
+use futures_util::Stream;
+
+use super::session::Session;
+
+/// Encoded bytes waiting for the socket beyond which the session is not polled.
+pub const HIGH_WATER: usize = 32 * 1024;
+
+/// How long a closed session's peer gets to close its side.
+pub const LINGER: Duration = Duration::from_secs(1);
+
+/// The largest read taken at once (a stack buffer; larger messages take several reads).
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Buffers written in one `writev`.
+const MAX_IOVECS: usize = 32;
+
+/// Runs `session` on `io` until the session stops and the socket is closed.
+/// `early` holds bytes the client sent right behind its handshake.
+pub async fn serve(io: TcpStream, early: Bytes, session: Session, max_frame: usize) {
+    let io = Rc::new(io);
+    let incoming = Incoming {
+        io: io.clone(),
+        early: (!early.is_empty()).then_some(early),
+        eof: false,
+    };
+    let frames = WebsocketContext::with_codec(session, incoming, Codec::new().max_size(max_frame));
+    let outcome = Outgoing {
+        io: io.clone(),
+        frames: Box::pin(frames),
+        pending: VecDeque::new(),
+        pending_bytes: 0,
+        done: false,
+    }
+    .await;
+    match outcome {
+        Ok(()) => close_gracefully(&io).await,
+        Err(e) => log::debug!("websocket connection ended: {e}"),
+    }
+}
+
+/// Shuts the write side down and reads (discarding) until the peer closes
+/// or [`LINGER`] passes.
+async fn close_gracefully(io: &TcpStream) {
+    if socket2::SockRef::from(io)
+        .shutdown(std::net::Shutdown::Write)
+        .is_err()
+    {
+        return;
+    }
+    let drain = async {
+        let mut buf = [0u8; 512];
+        loop {
+            if io.readable().await.is_err() {
+                return;
+            }
+            match io.try_read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// The client's bytes, as the session's frame decoder reads them.
+struct Incoming {
+    io: Rc<TcpStream>,
+    early: Option<Bytes>,
+    eof: bool,
+}
+
+impl Stream for Incoming {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(early) = self.early.take() {
+            return Poll::Ready(Some(Ok(early)));
+        }
+        if self.eof {
+            return Poll::Ready(None);
+        }
+        let mut buf = [0u8; READ_CHUNK];
+        loop {
+            if let Err(e) = ready!(self.io.poll_read_ready(cx)) {
+                return Poll::Ready(Some(Err(PayloadError::Io(e))));
+            }
+            match self.io.try_read(&mut buf) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Poll::Ready(None);
+                }
+                Ok(n) => return Poll::Ready(Some(Ok(Bytes::copy_from_slice(&buf[..n])))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Some(Err(PayloadError::Io(e)))),
+            }
+        }
+    }
+}
+
+/// Takes the session's encoded frames and writes them to the socket.
+/// Ready with `Ok` once the session stopped and everything was written.
+struct Outgoing<S> {
+    io: Rc<TcpStream>,
+    frames: Pin<Box<S>>,
+    pending: VecDeque<Bytes>,
+    pending_bytes: usize,
+    done: bool,
+}
+
+impl<S> Outgoing<S>
+where
+    S: Stream<Item = Result<Bytes, actix_web::Error>>,
+{
+    /// Polls the session for frames while few enough wait for the socket.
+    fn take_frames(&mut self, cx: &mut Context<'_>) {
+        while !self.done && self.pending_bytes < HIGH_WATER {
+            match self.frames.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => {
+                    if !bytes.is_empty() {
+                        self.pending_bytes += bytes.len();
+                        self.pending.push_back(bytes);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    log::debug!("websocket frame could not be encoded: {e}");
+                    self.done = true;
+                }
+                Poll::Ready(None) => self.done = true,
+                Poll::Pending => return,
+            }
+        }
+    }
+
+    /// Drops `n` written bytes from the front of the queue.
+    fn consume(&mut self, mut n: usize) {
+        self.pending_bytes -= n;
+        while n > 0 {
+            let Some(front) = self.pending.front_mut() else {
+                return;
+            };
+            if n < front.len() {
+                front.advance(n);
+                return;
+            }
+            n -= front.len();
+            self.pending.pop_front();
+        }
+    }
+}
+
+impl<S> Future for Outgoing<S>
+where
+    S: Stream<Item = Result<Bytes, actix_web::Error>>,
+{
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            this.take_frames(cx);
+            if this.pending.is_empty() {
+                return if this.done {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
+            }
+            ready!(this.io.poll_write_ready(cx))?;
+            let written = if this.pending.len() == 1 {
+                this.io.try_write(&this.pending[0])
+            } else {
+                let slices: Vec<IoSlice<'_>> = this
+                    .pending
+                    .iter()
+                    .take(MAX_IOVECS)
+                    .map(|b| IoSlice::new(b))
+                    .collect();
+                this.io.try_write_vectored(&slices)
+            };
+            match written {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => this.consume(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
