@@ -109,11 +109,12 @@ impl Stream for Incoming {
         if self.eof {
             return Poll::Ready(None);
         }
-        let mut buf = [0u8; READ_CHUNK];
         loop {
             if let Err(e) = ready!(self.io.poll_read_ready(cx)) {
                 return Poll::Ready(Some(Err(PayloadError::Io(e))));
             }
+            // Only once there is something to read (zeroing it costs).
+            let mut buf = [0u8; READ_CHUNK];
             match self.io.try_read(&mut buf) {
                 Ok(0) => {
                     self.eof = true;
