@@ -79,9 +79,6 @@ pub enum StartError {
     Bus(#[from] bus::BusError),
 }
 
-/// How long a closing HTTP connection waits for the client to close its side.
-const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// Opens the database pool (failing fast with the real error), applies
 /// migrations and ensures the configured account exists. Blocking.
 pub fn open_storage(settings: &Settings) -> Result<DbPool, StartError> {
@@ -212,7 +209,7 @@ fn build_server(
             HttpService::build()
                 .keep_alive(keep_alive)
                 .client_request_timeout(request_timeout)
-                .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+                .client_disconnect_timeout(ws::socket::LINGER)
                 .local_addr(local)
                 .on_connect_ext(move |io: &TcpStream, _: &mut _| tune_socket(io, user_timeout))
                 .upgrade(ws::upgrade::service(app().into_factory()))

@@ -1791,12 +1791,20 @@ async fn mode_stalled(opts: &Opts, ep: Arc<Endpoint>, srv: &Server) -> BoxResult
             let mut close_state = String::new();
             let mut last_state;
             loop {
-                if let Some(p) = pid.as_deref() {
-                    if let Ok(v) = proc_rss_kib(p) {
-                        peak_rss = Some(peak_rss.map_or(v, |x| x.max(v)));
-                    }
+                // Off the clients' thread: /proc/net/tcp lists every socket on
+                // the machine (thousands in TIME_WAIT after an idle run), and
+                // reading it there would stall the fast clients being measured.
+                let pid = pid.clone();
+                let (rss, entry) = tokio::task::spawn_blocking(move || {
+                    let rss = pid.as_deref().and_then(|p| proc_rss_kib(p).ok());
+                    (rss, tcp_entry(server_addr, local))
+                })
+                .await
+                .unwrap_or((None, None));
+                if let Some(v) = rss {
+                    peak_rss = Some(peak_rss.map_or(v, |x| x.max(v)));
                 }
-                match tcp_entry(server_addr, local) {
+                match entry {
                     Some((st, tx, _)) => {
                         peak_tx = peak_tx.max(tx);
                         tx_series.push((t0.elapsed().as_secs_f64(), tx));

@@ -33,7 +33,7 @@ use super::session::Session;
 /// Encoded bytes waiting for the socket beyond which the session is not polled.
 pub const HIGH_WATER: usize = 32 * 1024;
 
-/// How long a closed session's peer gets to close its side.
+/// How long a closing connection (WebSocket or HTTP) gives the peer to close its side.
 pub const LINGER: Duration = Duration::from_secs(1);
 
 /// The largest read taken at once (a stack buffer; larger messages take several reads).
