@@ -59,5 +59,10 @@ pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         slot,
     )
     .echoing();
-    upgrade::accept(&req, session, ws.max_message_bytes)
+    upgrade::accept(
+        &req,
+        session,
+        ws.max_message_bytes,
+        actix::Arbiter::current(),
+    )
 }

@@ -61,7 +61,8 @@ pub async fn serve(io: TcpStream, early: Bytes, session: Session, max_frame: usi
     }
     .await;
     match outcome {
-        Ok(()) => close_gracefully(&io).await,
+        // Boxed: its buffer and timer are not carried by every idle connection.
+        Ok(()) => Box::pin(close_gracefully(&io)).await,
         Err(e) => log::debug!("websocket connection ended: {e}"),
     }
 }
