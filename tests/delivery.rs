@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use common::{event, TestServer, ACCOUNT, KINDS};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
 
 const QUIET: Duration = Duration::from_millis(300);
 
@@ -148,6 +151,54 @@ async fn several_clients_each_get_every_event_in_order() {
             assert_eq!(ws.envelope().await["data"]["seq"], expected);
         }
         ws.silent(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whatever the layout of HTTP workers (where sessions run) and instance
+/// threads, every client gets every event of its own instance, in order, and
+/// closes cleanly.
+#[actix_rt::test]
+async fn every_thread_layout_delivers() {
+    for (workers, arbiters) in [(1, 0), (2, 0), (2, 3)] {
+        let s = TestServer::start_with(|st| {
+            st.server.workers = workers;
+            st.server.instance_arbiters = arbiters;
+        })
+        .await;
+        let names = ["t1", "t2", "t3"];
+        let mut clients = Vec::new();
+        for name in names {
+            s.instance(name).await;
+            for _ in 0..3 {
+                clients.push((name, s.connect(name, "").await));
+            }
+        }
+        for name in names {
+            s.wait_clients(name, Some(3)).await;
+            for seq in 1..=5 {
+                let body = event("message.status", json!({"to": name, "seq": seq}));
+                assert_eq!(s.publish(name, body).await.status, 202);
+            }
+        }
+        for (name, ws) in &mut clients {
+            for seq in 1..=5 {
+                let got = ws.envelope().await;
+                assert_eq!(got["data"]["to"], *name, "layout {workers}/{arbiters}");
+                assert_eq!(got["data"]["seq"], seq, "layout {workers}/{arbiters}");
+            }
+            ws.silent(Duration::from_millis(50)).await;
+        }
+        for (_, ws) in &mut clients {
+            ws.send(Message::Close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            })))
+            .await;
+            assert_eq!(ws.closed(Duration::from_secs(5)).await, Some(1000));
+        }
+        for name in names {
+            s.wait_clients(name, Some(0)).await;
+        }
     }
 }
 

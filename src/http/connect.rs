@@ -78,17 +78,16 @@ pub async fn connect(
         name: instance.name.clone(),
         token: instance.token.clone(),
     };
-    let running = state.registry.get_or_start(info, instance.config.clone());
+    let addr = state.registry.get_or_start(info, instance.config.clone());
     let session = Session::new(
-        running.addr,
+        addr,
         instance.name,
         narrowing,
         limits,
         state.metrics.clone(),
         slot,
     );
-    let reply =
-        upgrade::accept(&req, session, ws.max_message_bytes, running.home).map_err(refused)?;
+    let reply = upgrade::accept(&req, session, ws.max_message_bytes).map_err(refused)?;
     state
         .metrics
         .upgrades

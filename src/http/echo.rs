@@ -59,10 +59,5 @@ pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         slot,
     )
     .echoing();
-    upgrade::accept(
-        &req,
-        session,
-        ws.max_message_bytes,
-        actix::Arbiter::current(),
-    )
+    upgrade::accept(&req, session, ws.max_message_bytes)
 }

@@ -1,9 +1,7 @@
 //! The registry of instance actors on this node: created once before the HTTP
 //! server, it starts an instance's actor on demand (spread over a few
 //! arbiters so one busy instance does not hold the others back) and finds it
-//! again for publishes and settings changes. An instance's thread is also its
-//! sessions' home: they run beside their instance actor, so fan-out never
-//! crosses threads and the HTTP workers never wait behind socket writes.
+//! again for publishes and settings changes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,16 +22,9 @@ use crate::ws::close::CloseCode;
 /// `MAX_INSTANCE_LABELS`.
 pub const OTHER_LABEL: &str = "_other";
 
-/// A running instance actor and the thread it runs on.
-#[derive(Clone)]
-pub struct Running {
-    pub addr: Addr<InstanceActor>,
-    pub home: ArbiterHandle,
-}
-
 /// Instance actors by id, and the threads they run on.
 pub struct Registry {
-    instances: Mutex<HashMap<InstanceId, Running>>,
+    instances: Mutex<HashMap<InstanceId, Addr<InstanceActor>>>,
     arbiters: Vec<Arbiter>,
     next_arbiter: AtomicUsize,
     env: FanoutEnv,
@@ -59,14 +50,18 @@ impl Registry {
 
     /// The instance's actor, if it runs on this node.
     pub fn get(&self, id: InstanceId) -> Option<Addr<InstanceActor>> {
-        self.instances.lock().get(&id).map(|r| r.addr.clone())
+        self.instances.lock().get(&id).cloned()
     }
 
-    /// The instance's actor and thread, started with `config` when it is not running.
-    pub fn get_or_start(&self, info: InstanceInfo, config: Option<VersionedConfig>) -> Running {
+    /// The instance's actor, started with `config` when it is not running.
+    pub fn get_or_start(
+        &self,
+        info: InstanceInfo,
+        config: Option<VersionedConfig>,
+    ) -> Addr<InstanceActor> {
         let mut instances = self.instances.lock();
-        if let Some(running) = instances.get(&info.id).filter(|r| r.addr.connected()) {
-            return running.clone();
+        if let Some(addr) = instances.get(&info.id).filter(|a| a.connected()) {
+            return addr.clone();
         }
         let label = if self.labelled.fetch_add(1, Ordering::AcqRel) < MAX_INSTANCE_LABELS {
             format!("{}#{}", info.name, info.id.0)
@@ -82,18 +77,14 @@ impl Registry {
         let addr = InstanceActor::start_in_arbiter(&arbiter, move |_| {
             InstanceActor::new(info, config, env, me, label)
         });
-        let running = Running {
-            addr,
-            home: arbiter,
-        };
-        instances.insert(id, running.clone());
-        running
+        instances.insert(id, addr.clone());
+        addr
     }
 
     /// Forgets a stopped actor (only if it is still the one registered).
     pub(super) fn remove(&self, id: InstanceId, addr: &Addr<InstanceActor>, label: &str) {
         let mut instances = self.instances.lock();
-        if instances.get(&id).is_some_and(|r| r.addr == *addr) {
+        if instances.get(&id) == Some(addr) {
             instances.remove(&id);
         }
         if label != OTHER_LABEL {
@@ -108,11 +99,7 @@ impl Registry {
 
     /// Every running instance actor.
     pub fn all(&self) -> Vec<Addr<InstanceActor>> {
-        self.instances
-            .lock()
-            .values()
-            .map(|r| r.addr.clone())
-            .collect()
+        self.instances.lock().values().cloned().collect()
     }
 
     /// Clients of the instance connected to this node.

@@ -3,8 +3,7 @@
 //! together with the connection. It runs through the same application as
 //! every other request (rate limits, routes, the contract's checks). When the
 //! handler accepted it, the 101 is written and the socket goes to
-//! [`super::socket::serve`], on the thread of the session's instance actor,
-//! with the session the handler built, so an
+//! [`super::socket::serve`] with the session the handler built, so an
 //! upgraded connection keeps no HTTP dispatcher and none of its 8 KiB
 //! buffers. Any other answer is written as it is, then the connection closes
 //! (a body sent with such a request is not read).
@@ -16,7 +15,6 @@ use actix_http::body::{self, BodySize, MessageBody};
 use actix_http::h1::{Codec, Message};
 use actix_http::{ConnectionType, HttpMessage, Request, Response};
 use actix_rt::net::TcpStream;
-use actix_rt::ArbiterHandle;
 use actix_service::{fn_factory, fn_service, Service, ServiceFactory};
 use actix_web::dev::{AppConfig, ServiceResponse};
 use actix_web::{HttpRequest, HttpResponse};
@@ -36,17 +34,14 @@ struct UpgradePath;
 struct Accepted {
     session: Session,
     max_frame: usize,
-    /// The thread the session runs on (its instance actor's).
-    home: ArbiterHandle,
 }
 
 /// Accepts the WebSocket handshake of `req` for `session`: the 101 response,
-/// carrying the session to start on `home` once it is written.
+/// carrying the session to start once it is written.
 pub fn accept(
     req: &HttpRequest,
     session: Session,
     max_frame: usize,
-    home: ArbiterHandle,
 ) -> Result<HttpResponse, ApiError> {
     if req.extensions().get::<UpgradePath>().is_none() {
         return Err(ApiError::UpgradeExpected);
@@ -54,11 +49,7 @@ pub fn accept(
     let mut res = actix_web_actors::ws::handshake(req)
         .map_err(|_| ApiError::UpgradeExpected)?
         .finish();
-    res.extensions_mut().insert(Accepted {
-        session,
-        max_frame,
-        home,
-    });
+    res.extensions_mut().insert(Accepted { session, max_frame });
     Ok(res)
 }
 
@@ -106,23 +97,15 @@ where
     };
     let (mut head, body) = res.into_parts();
     let accepted = head.extensions_mut().remove::<Accepted>();
-    if let Some(Accepted {
-        session,
-        max_frame,
-        home,
-    }) = accepted
-    {
+    if let Some(Accepted { session, max_frame }) = accepted {
         framed.send(Message::Item((head, BodySize::None))).await?;
         let parts = framed.into_parts();
-        let (io, early) = (parts.io.into_std()?, parts.read_buf.freeze());
-        // Re-registered with the home thread's reactor; dropped (and the
-        // client's slot given back) if that thread is gone.
-        home.spawn_fn(move || match TcpStream::from_std(io) {
-            Ok(io) => {
-                actix_rt::spawn(super::socket::serve(io, early, session, max_frame));
-            }
-            Err(e) => log::warn!("websocket connection lost on its way to its thread: {e}"),
-        });
+        actix_rt::spawn(super::socket::serve(
+            parts.io,
+            parts.read_buf.freeze(),
+            session,
+            max_frame,
+        ));
         return Ok(());
     }
     let bytes = body::to_bytes(body).await.unwrap_or_default();
