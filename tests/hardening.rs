@@ -73,15 +73,7 @@ async fn connection_limits_per_instance_account_and_node() {
     // Another account fills the node.
     let other = "other-account-token-0123456789abcdef";
     s.add_account(other);
-    let r = s
-        .call(
-            "POST",
-            "/api/instance/new",
-            Some(other),
-            Some(json!({"name":"c","websocketEnabled":true})),
-        )
-        .await;
-    assert_eq!(r.status, 201);
+    s.instance_of(other, "c").await;
     let _c1 = try_connect(&s, "c", other).await.unwrap();
     let (status, body) = refused(&s, "c", other).await;
     assert_eq!(status, 503);
@@ -187,15 +179,7 @@ async fn an_instance_token_stays_within_its_instance() {
     s.instance("theirs").await;
     let other = "foreign-account-token-0123456789abcdef";
     s.add_account(other);
-    let r = s
-        .call(
-            "POST",
-            "/api/instance/new",
-            Some(other),
-            Some(json!({"name":"foreign","websocketEnabled":true})),
-        )
-        .await;
-    let foreign_token = r.body["instance"]["token"].as_str().unwrap().to_string();
+    let foreign_token = s.instance_of(other, "foreign").await;
     let forbidden = "Instance token does not match this instance";
     for name in ["theirs", "foreign", "nope"] {
         s.call(

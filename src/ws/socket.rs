@@ -201,13 +201,12 @@ where
             let written = if this.pending.len() == 1 {
                 this.io.try_write(&this.pending[0])
             } else {
-                let slices: Vec<IoSlice<'_>> = this
-                    .pending
-                    .iter()
-                    .take(MAX_IOVECS)
-                    .map(|b| IoSlice::new(b))
-                    .collect();
-                this.io.try_write_vectored(&slices)
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let n = slices.len().min(this.pending.len());
+                for (slot, chunk) in slices.iter_mut().zip(&this.pending) {
+                    *slot = IoSlice::new(chunk);
+                }
+                this.io.try_write_vectored(&slices[..n])
             };
             match written {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),

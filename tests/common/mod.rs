@@ -304,8 +304,23 @@ impl TestServer {
 
     /// Creates an instance from a full body; returns its TokenInstance.
     pub async fn instance_with(&self, name: &str, body: Value) -> String {
+        self.create_as(ACCOUNT, name, body).await
+    }
+
+    /// Creates an instance with WebSocket enabled under another account
+    /// (see [`TestServer::add_account`]); returns its TokenInstance.
+    pub async fn instance_of(&self, account: &str, name: &str) -> String {
+        self.create_as(
+            account,
+            name,
+            json!({"name": name, "websocketEnabled": true}),
+        )
+        .await
+    }
+
+    async fn create_as(&self, account: &str, name: &str, body: Value) -> String {
         let r = self
-            .call("POST", "/api/instance/new", Some(ACCOUNT), Some(body))
+            .call("POST", "/api/instance/new", Some(account), Some(body))
             .await;
         assert_eq!(r.status, 201, "creating {name}: {:?}", r.body);
         r.body["instance"]["token"].as_str().unwrap().to_string()
