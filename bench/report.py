@@ -25,12 +25,13 @@ for r in rows:
               f"{r['order_violations']} | {r['latency_p50_ms']:.2f} | {r['latency_p99_ms']:.2f} | {r['latency_p999_ms']:.2f} | "
               f"{fmt(r.get('server_cpu_us_per_delivery'), '{:.2f}')} |")
 print()
-print("| target | idle connections | connected | RSS before MiB | RSS connected MiB | RSS per connection KiB |")
-print("|---|---|---|---|---|---|")
+print("| target | idle connections | connected | RSS before MiB | RSS connected MiB | RSS per connection KiB | RSS after they left MiB |")
+print("|---|---|---|---|---|---|---|")
 for r in rows:
     if r["mode"] == "idle":
         print(f"| {r['target']} | {r['clients']} | {r['clients_connected']} | {fmt(r.get('server_rss_before_mib'), '{:.1f}')} | "
-              f"{fmt(r.get('server_rss_connected_mib'), '{:.1f}')} | {fmt(r.get('server_rss_per_conn_kib'), '{:.2f}')} |")
+              f"{fmt(r.get('server_rss_connected_mib'), '{:.1f}')} | {fmt(r.get('server_rss_per_conn_kib'), '{:.2f}')} | "
+              f"{fmt(r.get('server_rss_after_close_mib'), '{:.1f}')} |")
 print()
 def median_of(target, prefix, key):
     """The median of `key` over the repeated runs `prefix-r1`, `prefix-r2`, …"""
@@ -39,12 +40,12 @@ def median_of(target, prefix, key):
     return vals[len(vals) // 2] if vals else None
 
 
-print("| target | run | stalled closed by server | closed s after its buffers filled | fast clients lost | fast p99 ms with stalled | RSS before/peak/after MiB |")
+print("| target | run | stalled closed by server | closed s after its buffers filled | fast clients lost | fast p99 ms with stalled | RSS cold/before/peak/after MiB |")
 print("|---|---|---|---|---|---|---|")
 for r in rows:
     if r["mode"] == "stalled":
         print(f"| {r['target']} | {r['label']} | {r['stalled_closed_by_server']} | {fmt(r.get('stalled_closed_after_full_secs'), '{:.1f}')} | {r['lost']} | "
-              f"{r['latency_p99_ms']:.2f} | {fmt(r.get('server_rss_before_mib'), '{:.1f}')}/"
+              f"{r['latency_p99_ms']:.2f} | {fmt(r.get('server_rss_cold_mib'), '{:.1f}')}/{fmt(r.get('server_rss_before_mib'), '{:.1f}')}/"
               f"{fmt(r.get('server_rss_peak_during_mib'), '{:.1f}')}/{fmt(r.get('server_rss_after_mib'), '{:.1f}')} |")
 print()
 print("| target | fast p99 ms alone (median of 3) | with a stalled client (median of 3) | ratio |")
@@ -53,6 +54,18 @@ for t in ["eventgate"] + peers:
     alone, stalled = median_of(t, "fast10-5000", "latency_p99_ms"), median_of(t, "stalled-5000", "latency_p99_ms")
     if alone and stalled:
         print(f"| {t} | {alone:.2f} | {stalled:.2f} | {stalled / alone:.2f}× |")
+
+
+print()
+print("Where one event's latency goes at 50 ev/s × 1000 (medians of 3): publish → its first client, → its last client")
+print()
+print("| target | first receipt p50 ms | last receipt p50 ms | last receipt p99 ms | server CPU µs/delivery |")
+print("|---|---|---|---|---|")
+for t in ["eventgate"] + peers:
+    vals = [median_of(t, "latency-50x1000", k) for k in
+            ("event_first_p50_ms", "event_last_p50_ms", "event_last_p99_ms", "server_cpu_us_per_delivery")]
+    if any(v is not None for v in vals):
+        print(f"| {t} | " + " | ".join(fmt(v, "{:.2f}") for v in vals) + " |")
 
 print()
 print("Ratios, eventgate against the better peer of the same run:")
@@ -94,6 +107,10 @@ alone = median_of("eventgate", "fast10-5000", "latency_p99_ms")
 stalled = median_of("eventgate", "stalled-5000", "latency_p99_ms")
 if alone and stalled:
     print(f"| fast p99 with a stalled client / without (medians of 3) | {stalled:.2f} | {alone:.2f} (eventgate alone) | {stalled / alone:.2f}× | ≤ 1.5× |")
+before = median_of("eventgate", "stalled-5000", "server_rss_before_mib")
+after = median_of("eventgate", "stalled-5000", "server_rss_after_mib")
+if before and after:
+    print(f"| RSS after a stalled run / before it, MiB (medians of 3) | {after:.1f} | {before:.1f} (eventgate before) | {after / before:.2f}× | ≈ 1× |")
 cluster = by.get(("eventgate", "cluster2-fanout-1x1000"))
 if cluster:
     print()

@@ -21,6 +21,7 @@
 //! - [`bus`]: how events and settings changes reach other nodes (NATS), or
 //!   nowhere on a single node.
 //! - [`lifecycle`], [`metrics`]: systemd, signals, drain, Prometheus.
+//! - [`memory`]: gives memory freed by departed clients back to the system.
 //!
 //! [`run`] takes settings and an already-bound listener, so tests bind
 //! `127.0.0.1:0` and run exactly what production runs.
@@ -35,6 +36,7 @@ pub mod http;
 pub mod instance;
 pub mod lifecycle;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod rate_limit;
 pub mod settings;
@@ -170,6 +172,7 @@ pub async fn serve(
     log::info!("eventgate listening on {local}");
     lifecycle::notify_ready(local);
     actix_web::rt::spawn(lifecycle::watchdog(state.clone()));
+    actix_web::rt::spawn(memory::release_after_departures(state.connections.clone()));
     let reload = move || {
         let file = config_path.clone();
         Settings::load(file.as_deref(), &|k| std::env::var(k).ok()).map_err(|e| e.to_string())

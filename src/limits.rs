@@ -3,6 +3,7 @@
 //! ends (the session owns it), so the counts are exact on this node.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -24,6 +25,8 @@ pub struct ConnectionLimits {
     per_account: usize,
     per_instance: usize,
     counts: Mutex<Counts>,
+    /// Slots given back since start: clients that left.
+    released: AtomicU64,
 }
 
 /// One connected client's place in the counts; released on drop.
@@ -51,7 +54,13 @@ impl ConnectionLimits {
             per_account: limits.max_connections_per_account,
             per_instance: limits.max_connections_per_instance,
             counts: Mutex::new(Counts::default()),
+            released: AtomicU64::new(0),
         })
+    }
+
+    /// How many clients have left this node since it started.
+    pub fn departures(&self) -> u64 {
+        self.released.load(Ordering::Relaxed)
     }
 
     /// Takes a slot, or says which limit is reached: 503 for the node, 429
@@ -99,6 +108,7 @@ impl Drop for ConnectionSlot {
         counts.node = counts.node.saturating_sub(1);
         release(&mut counts.accounts, &self.account);
         release(&mut counts.instances, &self.instance);
+        self.limits.released.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -130,7 +140,10 @@ mod tests {
             limits.acquire(InstanceId(5), b),
             Err(ApiError::NodeFull)
         ));
+        assert_eq!(limits.departures(), 0);
         drop(first);
+        assert_eq!(limits.departures(), 1);
         assert!(limits.acquire(InstanceId(1), a).is_ok());
+        assert_eq!(limits.departures(), 2, "the slot taken and dropped above");
     }
 }

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -177,6 +177,14 @@ struct Opts {
     /// and again for reading it to EOF.
     #[arg(long, global = true, default_value_t = 10.0)]
     stall_wait_secs: f64,
+    /// stalled: seconds of the same load without the stalled client first,
+    /// so that the RSS compared before and after is the warm server's [--secs].
+    #[arg(long, global = true)]
+    warmup_secs: Option<f64>,
+    /// stalled, idle: seconds after every client is gone before the RSS
+    /// "after" is read (a server may give freed memory back periodically).
+    #[arg(long, global = true, default_value_t = 6.0)]
+    settle_secs: f64,
 }
 
 // ---------------------------------------------------------------------------
@@ -780,6 +788,9 @@ struct ClientStats {
     hist: Hist,
     seen: Vec<u64>,
     last_by_pub: Vec<u64>,
+    /// `(seq, latency µs)` of every event received, kept when the run
+    /// tracks events (see [`TRACK_EVENTS_MAX`]).
+    arrivals: Option<Vec<(u64, u32)>>,
 }
 
 impl ClientStats {
@@ -805,8 +816,12 @@ impl ClientStats {
                 *last = ev.seq;
             }
         }
-        let lat_us = now_ns.saturating_sub(u128::from(ev.ts)) / 1000;
-        self.hist.record(u64::try_from(lat_us).unwrap_or(u64::MAX));
+        let lat_us =
+            u64::try_from(now_ns.saturating_sub(u128::from(ev.ts)) / 1000).unwrap_or(u64::MAX);
+        self.hist.record(lat_us);
+        if let Some(a) = self.arrivals.as_mut() {
+            a.push((ev.seq, u32::try_from(lat_us).unwrap_or(u32::MAX)));
+        }
     }
 
     fn on_text(&mut self, target: Target, text: &str) {
@@ -840,11 +855,13 @@ struct ClientCtx {
     stop: watch::Receiver<bool>,
     received: Arc<AtomicU64>,
     per_addr: usize,
+    track_events: bool,
 }
 
 async fn run_client(idx: usize, instance: usize, ctx: ClientCtx) -> ClientStats {
     let mut st = ClientStats {
         instance,
+        arrivals: ctx.track_events.then(Vec::new),
         ..Default::default()
     };
     let inst = Endpoint::instance_name(instance);
@@ -926,6 +943,7 @@ async fn spawn_clients(
     instances: usize,
     stop: &watch::Receiver<bool>,
     received: &Arc<AtomicU64>,
+    track_events: bool,
 ) -> BoxResult<(
     Vec<tokio::task::JoinHandle<ClientStats>>,
     usize,
@@ -944,6 +962,7 @@ async fn spawn_clients(
             stop: stop.clone(),
             received: received.clone(),
             per_addr: opts.clients_per_addr,
+            track_events,
         };
         handles.push(tokio::spawn(run_client(i, i % instances.max(1), ctx)));
     }
@@ -1172,6 +1191,8 @@ struct Aggregate {
     disconnect_reasons: BTreeMap<String, u64>,
     last_recv: Option<Instant>,
     hist: Hist,
+    /// Per event: latency of its first and of its last receipt.
+    per_event: Option<(Hist, Hist)>,
 }
 
 fn aggregate(stats: &[ClientStats], published_ok: &[u64]) -> Aggregate {
@@ -1188,8 +1209,16 @@ fn aggregate(stats: &[ClientStats], published_ok: &[u64]) -> Aggregate {
         disconnect_reasons: BTreeMap::new(),
         last_recv: None,
         hist: Hist::default(),
+        per_event: None,
     };
+    // (instance, seq) → (first, last) latency over the instance's clients.
+    let mut spread: HashMap<(usize, u64), (u32, u32)> = HashMap::new();
     for s in stats.iter().filter(|s| s.connected) {
+        for &(seq, lat) in s.arrivals.iter().flatten() {
+            let e = spread.entry((s.instance, seq)).or_insert((lat, lat));
+            e.0 = e.0.min(lat);
+            e.1 = e.1.max(lat);
+        }
         let exp = published_ok.get(s.instance).copied().unwrap_or(0);
         a.expected += exp;
         a.lost += exp.saturating_sub(s.unique);
@@ -1210,6 +1239,14 @@ fn aggregate(stats: &[ClientStats], published_ok: &[u64]) -> Aggregate {
         };
         a.hist.merge(&s.hist);
     }
+    if !spread.is_empty() {
+        let (mut first, mut last) = (Hist::default(), Hist::default());
+        for (f, l) in spread.values() {
+            first.record(u64::from(*f));
+            last.record(u64::from(*l));
+        }
+        a.per_event = Some((first, last));
+    }
     a
 }
 
@@ -1222,6 +1259,20 @@ struct LoadPlan {
     clients: usize,
     instances: usize,
     rate: Option<f64>,
+}
+
+/// Most deliveries a run keeps one by one for the per-event figures
+/// (8 bytes each); runs expecting more report only the overall latency.
+const TRACK_EVENTS_MAX: f64 = 20e6;
+
+impl LoadPlan {
+    /// Whether clients keep every arrival: at a fixed rate, when the
+    /// expected deliveries fit [`TRACK_EVENTS_MAX`].
+    fn tracks_events(&self, secs: f64) -> bool {
+        let per_instance = (self.clients as f64 / self.instances.max(1) as f64).ceil();
+        self.rate
+            .is_some_and(|r| r * secs * per_instance <= TRACK_EVENTS_MAX)
+    }
 }
 
 struct LoadResult {
@@ -1253,8 +1304,16 @@ async fn run_load(
     setup_instances(ep, plan.instances).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let received = Arc::new(AtomicU64::new(0));
-    let (handles, connected, connect_errors, connect_secs) =
-        spawn_clients(opts, ep, plan.clients, plan.instances, &stop_rx, &received).await?;
+    let (handles, connected, connect_errors, connect_secs) = spawn_clients(
+        opts,
+        ep,
+        plan.clients,
+        plan.instances,
+        &stop_rx,
+        &received,
+        plan.tracks_events(opts.secs),
+    )
+    .await?;
     if connected == 0 {
         let _ = stop_tx.send(true);
         return Err(format!(
@@ -1433,6 +1492,15 @@ fn load_rows(r: &mut Report, opts: &Opts, plan: &LoadPlan, lr: &LoadResult) {
         r.text("drop_reasons", &s.join("; "));
     }
     latency_rows(r, &a.hist);
+    if let Some((first, last)) = &a.per_event {
+        // Where one event's latency goes: reaching its first client, then
+        // every other (one write per client on the server).
+        let ms = |v: u64| v as f64 / 1000.0;
+        r.num("event_first_p50_ms", ms(first.quantile(0.50)), 3);
+        r.num("event_first_p99_ms", ms(first.quantile(0.99)), 3);
+        r.num("event_last_p50_ms", ms(last.quantile(0.50)), 3);
+        r.num("event_last_p99_ms", ms(last.quantile(0.99)), 3);
+    }
     r.opt_num("server_cpu_secs", lr.cpu_secs, 3);
     r.opt_num(
         "server_cpu_us_per_delivery",
@@ -1505,7 +1573,7 @@ async fn mode_idle(opts: &Opts, ep: Arc<Endpoint>, srv: &Server) -> BoxResult<Ru
     let (stop_tx, stop_rx) = watch::channel(false);
     let received = Arc::new(AtomicU64::new(0));
     let (handles, connected, errors, secs) =
-        spawn_clients(opts, &ep, clients, instances, &stop_rx, &received).await?;
+        spawn_clients(opts, &ep, clients, instances, &stop_rx, &received, false).await?;
     tokio::time::sleep(Duration::from_secs_f64(opts.hold_secs)).await;
     let rss1 = srv.rss();
     let cpu1 = srv.cpu();
@@ -1524,8 +1592,8 @@ async fn mode_idle(opts: &Opts, ep: Arc<Endpoint>, srv: &Server) -> BoxResult<Ru
             }
         }
     }
-    // Give the server a moment to release the sockets, then sample once more.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Give the server time to release the sockets, then sample once more.
+    tokio::time::sleep(Duration::from_secs_f64(opts.settle_secs)).await;
     let rss2 = srv.rss();
     let mut r = Report::new();
     header(&mut r, opts, Mode::Idle);
@@ -1770,6 +1838,18 @@ async fn mode_stalled(opts: &Opts, ep: Arc<Endpoint>, srv: &Server) -> BoxResult
     };
     check_fds(plan.clients + opts.publishers + 16)?;
     setup_instances(&ep, 1).await?;
+    let rss_cold = srv.rss();
+    let warmup_secs = opts.warmup_secs.unwrap_or(opts.secs);
+    if warmup_secs > 0.0 {
+        // A fresh server grows on first use (threads' allocator arenas,
+        // buffers reaching their working size): that is not the stalled
+        // client's doing, so "before" is taken after the same load without it.
+        let warm = Opts {
+            secs: warmup_secs,
+            ..opts.clone()
+        };
+        run_load(&warm, &ep, srv, &plan, None).await?;
+    }
     let rss0 = srv.rss();
     let (stalled, early) =
         stalled_connect(&ep, &Endpoint::instance_name(0), opts.stall_rcvbuf).await?;
@@ -1846,7 +1926,7 @@ async fn mode_stalled(opts: &Opts, ep: Arc<Endpoint>, srv: &Server) -> BoxResult
         })
     });
     let (lr, watch_value) = run_load(opts, &ep, srv, &plan, Some(watcher)).await?;
-    let rss_after = srv.rss();
+    let rss_end = srv.rss();
     // Now read the stalled socket to EOF (or error) within stall_wait_secs.
     let mut scan = FrameScan::default();
     scan.feed(&early);
@@ -1868,6 +1948,8 @@ async fn mode_stalled(opts: &Opts, ep: Arc<Endpoint>, srv: &Server) -> BoxResult
     };
     let read_secs = t_read.elapsed().as_secs_f64();
     drop(s);
+    tokio::time::sleep(Duration::from_secs_f64(opts.settle_secs)).await;
+    let rss_after = srv.rss();
     let mut r = Report::new();
     header(&mut r, opts, Mode::Stalled);
     load_rows(&mut r, opts, &plan, &lr);
@@ -1908,6 +1990,12 @@ async fn mode_stalled(opts: &Opts, ep: Arc<Endpoint>, srv: &Server) -> BoxResult
         "stalled_close_frame",
         scan.close.as_deref().unwrap_or("none"),
     );
+    r.num("warmup_secs", warmup_secs, 1);
+    r.opt_num(
+        "server_rss_cold_mib",
+        rss_cold.map(|v| v as f64 / 1024.0),
+        1,
+    );
     r.opt_num("server_rss_before_mib", rss0.map(|v| v as f64 / 1024.0), 1);
     r.opt_num(
         "server_rss_peak_during_mib",
@@ -1916,6 +2004,8 @@ async fn mode_stalled(opts: &Opts, ep: Arc<Endpoint>, srv: &Server) -> BoxResult
             .map(|v| v as f64 / 1024.0),
         1,
     );
+    r.opt_num("server_rss_end_mib", rss_end.map(|v| v as f64 / 1024.0), 1);
+    r.num("settle_secs", opts.settle_secs, 1);
     r.opt_num(
         "server_rss_after_mib",
         rss_after.map(|v| v as f64 / 1024.0),
