@@ -9,7 +9,9 @@
 #
 # Env: TARGETS ("eventgate gorilla node"), SCENARIOS ("fanout latency idle
 # stalled cluster"), SECS (10), IDLE_CLIENTS (19000),
-# CLUSTER (1: also two eventgate nodes on PostgreSQL + NATS), PEERS_DIR
+# CLUSTER (1: also two eventgate nodes on PostgreSQL + NATS), FLOOR (1: the
+# latency rounds also measure the floor target, `eventgate-bench floor`: one
+# blocking write per client per event and nothing else), PEERS_DIR
 # (/tmp/eventgate-peers), OUT (results file), PG_URL, NATS_URL.
 set -u
 cd "$(dirname "$0")/.."
@@ -71,6 +73,8 @@ start_server() { # $1 = eventgate|gorilla|node
         eventgate) PORT=8090; rm -f "$WORK/eg.sqlite3"*; start_eventgate 8090 "$WORK/eg.sqlite3" || return 1 ;;
         gorilla) PORT=8081; "$PEERS_DIR/gorilla-hub/gorilla-hub" -addr 127.0.0.1:8081 >>"$OUT.gorilla.log" 2>&1 &
                  PIDS+=($!); wait_port 8081 || return 1 ;;
+        floor)   PORT=8083; "$BENCH" floor --url http://127.0.0.1:8083 >>"$OUT.floor.log" 2>&1 &
+                 PIDS+=($!); wait_port 8083 || return 1 ;;
         node)    PORT=8082; (cd "$PEERS_DIR/node-ws" && HOST=127.0.0.1 PORT=8082 exec node server.js) >>"$OUT.node.log" 2>&1 &
                  PIDS+=($!); wait_port 8082 || return 1 ;;
     esac
@@ -129,9 +133,12 @@ done
 
 # Latency at a fixed rate is a tail, and tails on a shared machine drift:
 # three rounds, each over every target in turn (the report takes medians).
+# The floor target shows what this machine and load tool allow at all.
+LATENCY_TARGETS=$TARGETS
+[ "${FLOOR:-1}" = 1 ] && LATENCY_TARGETS="$TARGETS floor"
 if want latency; then
     for r in 1 2 3; do
-        for target in $TARGETS; do
+        for target in $LATENCY_TARGETS; do
             run "$target" latency-50x1000-r$r 120 latency --clients 1000 --instances 1 --rate 50 --secs "$SECS"
         done
     done

@@ -4,7 +4,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use actix::prelude::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -73,6 +72,7 @@ fn fan_out(c: &mut Criterion) {
                 client_buffer_bytes: 1 << 30,
                 metrics,
                 bus: Bus::Local,
+                publish_queue: usize::MAX,
             };
             let info = InstanceInfo {
                 id: InstanceId(1),
@@ -90,6 +90,7 @@ fn fan_out(c: &mut Criterion) {
                 env,
                 std::sync::Weak::new(),
                 "bench".into(),
+                Default::default(),
             )
             .start();
             for i in 0..sessions {
@@ -111,10 +112,7 @@ fn fan_out(c: &mut Criterion) {
         group.throughput(Throughput::Elements(sessions as u64));
         group.bench_with_input(BenchmarkId::from_parameter(sessions), &sessions, |b, _| {
             b.iter(|| {
-                let publish = Publish {
-                    events: events.clone(),
-                    accepted_at: Instant::now(),
-                };
+                let publish = Publish::new(events.clone());
                 system
                     .block_on(addr.send(publish))
                     .unwrap_or_else(|e| panic!("{e}"));

@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Addr;
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -23,8 +22,8 @@ use tokio::sync::mpsc;
 use crate::auth::AccessCache;
 use crate::domain::{InstanceId, VersionedConfig, WsConfig};
 use crate::events::Event;
-use crate::instance::messages::{Deleted, Publish, UpdateSettings};
-use crate::instance::{InstanceActor, Registry};
+use crate::instance::messages::{Deleted, UpdateSettings};
+use crate::instance::{Inbox, Registry};
 use crate::metrics::Metrics;
 use crate::settings::ClusterSettings;
 
@@ -186,7 +185,7 @@ impl Bus {
     pub fn follow(
         &self,
         instance: InstanceId,
-        addr: Addr<InstanceActor>,
+        inbox: Inbox,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let Bus::Nats(bus) = self else {
             return None;
@@ -203,10 +202,13 @@ impl Bus {
                     continue;
                 }
                 match serde_json::from_slice::<Vec<Event>>(&msg.payload) {
-                    Ok(events) if !events.is_empty() => addr.do_send(Publish {
-                        events: events.into(),
-                        accepted_at: Instant::now(),
-                    }),
+                    // Waits while the instance is behind: the subscription's
+                    // own bound then drops (and counts) what overflows.
+                    Ok(events) if !events.is_empty() => {
+                        if inbox.publish(events.into()).await {
+                            bus.metrics.publish_waits.inc();
+                        }
+                    }
                     Ok(_) => {}
                     Err(e) => bus.could_not_cross("decode", &e),
                 }

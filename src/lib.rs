@@ -147,6 +147,7 @@ pub async fn serve(
             client_buffer_bytes: settings.ws.client_buffer_bytes,
             metrics: metrics.clone(),
             bus: bus.clone(),
+            publish_queue: settings.limits.publish_queue,
         },
     );
     let access = Arc::new(AccessCache::default());

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub rate_limited: IntCounter,
     pub bus_errors: IntCounterVec,
+    pub publish_waits: IntCounter,
 }
 
 impl Metrics {
@@ -99,6 +100,10 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let publish_waits = IntCounter::new(
+            "eventgate_publish_waits_total",
+            "Publishes answered only once fanned out, because their instance had limits.publish_queue waiting",
+        )?;
         registry.register(Box::new(connected_clients.clone()))?;
         registry.register(Box::new(connected_by_instance.clone()))?;
         registry.register(Box::new(upgrades.clone()))?;
@@ -110,6 +115,7 @@ impl Metrics {
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(bus_errors.clone()))?;
+        registry.register(Box::new(publish_waits.clone()))?;
         Ok(Self {
             registry,
             connected_clients,
@@ -123,6 +129,7 @@ impl Metrics {
             http_requests,
             rate_limited,
             bus_errors,
+            publish_waits,
         })
     }
 

@@ -136,6 +136,9 @@ pub struct LimitSettings {
     pub publish_body_bytes: usize,
     /// Most events in one publish request.
     pub publish_batch: usize,
+    /// Publish requests waiting for one instance's fan-out past which the
+    /// next publisher is answered only once its events are fanned out.
+    pub publish_queue: usize,
     /// WebSocket clients on this node; 0 = unlimited (503 over it).
     pub max_connections: usize,
     /// WebSocket clients of one account on this node; 0 = unlimited (429 over it).
@@ -221,6 +224,7 @@ impl Default for LimitSettings {
             body_bytes: 1024 * 1024,
             publish_body_bytes: 16 * 1024 * 1024,
             publish_batch: 1000,
+            publish_queue: 1024,
             max_connections: 0,
             max_connections_per_account: 0,
             max_connections_per_instance: 0,
@@ -355,7 +359,7 @@ impl Settings {
                 "must start with http:// or https://",
             ));
         }
-        let positive: [(&'static str, u64); 9] = [
+        let positive: [(&'static str, u64); 10] = [
             ("server.workers", self.server.workers as u64),
             ("storage.pool_size", u64::from(self.storage.pool_size)),
             (
@@ -367,6 +371,7 @@ impl Settings {
             ("ws.client_buffer_bytes", self.ws.client_buffer_bytes as u64),
             ("ws.max_message_bytes", self.ws.max_message_bytes as u64),
             ("limits.publish_batch", self.limits.publish_batch as u64),
+            ("limits.publish_queue", self.limits.publish_queue as u64),
             ("cluster.refresh_secs", self.cluster.refresh_secs),
         ];
         for (key, value) in positive {

@@ -450,3 +450,59 @@ async fn connected_clients_are_counted() {
     s.wait_clients("c", Some(1)).await;
     assert_eq!(s.metric("eventgate_connected_clients").await, 1.0);
 }
+
+/// Past `limits.publish_queue` publishes waiting for one instance, the next
+/// publisher is answered only once its events are fanned out (backpressure):
+/// every publish is still accepted and every event delivered, each
+/// publisher's in its order.
+#[actix_rt::test]
+async fn publishers_past_the_queue_bound_wait_and_lose_nothing() {
+    const PUBLISHERS: usize = 8;
+    const REQUESTS: usize = 10;
+    const BATCH: usize = 50;
+    let s = TestServer::start_with(|st| st.limits.publish_queue = 1).await;
+    s.instance("q").await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(s.connect("q", "").await);
+    }
+    s.wait_clients("q", Some(10)).await;
+    let mut next = [0u64; PUBLISHERS];
+    let mut rounds = 0;
+    while s.metric("eventgate_publish_waits_total").await == 0.0 {
+        assert!(rounds < 20, "no publisher ever waited for the fan-out");
+        let first = next;
+        let publishers = (0..PUBLISHERS).map(|p| {
+            let s = &s;
+            async move {
+                for r in 0..REQUESTS {
+                    let base = first[p] + (r * BATCH) as u64;
+                    let batch: Vec<_> = (0..BATCH as u64)
+                        .map(|i| event("message.status", json!({"p": p, "seq": base + i})))
+                        .collect();
+                    assert_eq!(s.publish("q", json!(batch)).await.status, 202);
+                }
+            }
+        });
+        futures_util::future::join_all(publishers).await;
+        for ws in &mut clients {
+            let mut seen = first;
+            for _ in 0..PUBLISHERS * REQUESTS * BATCH {
+                let got = ws.envelope().await;
+                let p = got["data"]["p"].as_u64().unwrap() as usize;
+                assert_eq!(got["data"]["seq"], seen[p], "publisher {p} out of order");
+                seen[p] += 1;
+            }
+            next = seen;
+        }
+        rounds += 1;
+    }
+    for ws in &mut clients {
+        ws.silent(QUIET).await;
+    }
+    assert_eq!(
+        s.metric("eventgate_clients_evicted_total{reason=\"slow_consumer\"}")
+            .await,
+        0.0
+    );
+}

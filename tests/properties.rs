@@ -125,6 +125,28 @@ proptest! {
     }
 }
 
+/// Numbers reach clients as the same values: floats whose shortest spelling
+/// a fast (not correctly rounded) parser would move by one unit in the last
+/// place come back equal, bit for bit.
+#[test]
+fn floats_keep_their_exact_value() {
+    for x in [
+        8.076542890983282e-17_f64,
+        0.1,
+        2.2250738585072014e-308,
+        5e-324,
+        1.7976931348623157e308,
+        -123456.789e-30,
+    ] {
+        let body = format!(r#"{{"event":"call.update","data":{{"x":{x:?}}}}}"#);
+        let events = parse_publish(body.as_bytes(), 10).unwrap();
+        let text = envelope(&events[0], &instance_data_json("http://h", "i", "t"), true);
+        let parsed: Value = serde_json::from_str(&text).unwrap();
+        let back = parsed["data"]["x"].as_f64().unwrap();
+        assert_eq!(back.to_bits(), x.to_bits(), "{x:?} came back as {back:?}");
+    }
+}
+
 #[test]
 fn deep_nesting_and_huge_batches_are_refused_cleanly() {
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));

@@ -46,10 +46,18 @@ pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         client_buffer_bytes: ws.client_buffer_bytes,
         metrics: state.metrics.clone(),
         bus: Bus::Local,
+        publish_queue: state.settings.limits.publish_queue,
     };
     // Stops with its session, the only holder of its address.
-    let instance =
-        InstanceActor::new(info, None, env, std::sync::Weak::new(), NAME.to_string()).start();
+    let instance = InstanceActor::new(
+        info,
+        None,
+        env,
+        std::sync::Weak::new(),
+        NAME.to_string(),
+        Default::default(),
+    )
+    .start();
     let session = Session::new(
         instance,
         NAME.to_string(),

@@ -1,9 +1,9 @@
 //! `POST /api/events/publish/:instance` (contract §9): validate every event,
 //! then hand them, in order, to the instance's actor on this node. The reply
-//! does not wait for delivery.
+//! does not wait for delivery, unless the instance's fan-out is far behind
+//! (see `instance::inbox`).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
@@ -12,7 +12,6 @@ use super::{has_no_content_type, instance_param, is_json, read_body, AppState};
 use crate::auth;
 use crate::error::ApiError;
 use crate::events::parse_publish;
-use crate::instance::messages::Publish;
 
 /// `POST /api/events/publish/:instance`: TokenAccount only.
 pub async fn publish(
@@ -36,11 +35,10 @@ pub async fn publish(
     state.metrics.events_published.inc_by(accepted as u64);
     if accepted > 0 {
         state.bus.publish_events(instance.id, &events);
-        if let Some(addr) = state.registry.get(instance.id) {
-            addr.do_send(Publish {
-                events: Arc::from(events),
-                accepted_at: Instant::now(),
-            });
+        if let Some(inbox) = state.registry.inbox(instance.id) {
+            if inbox.publish(Arc::from(events)).await {
+                state.metrics.publish_waits.inc();
+            }
         }
     }
     Ok(HttpResponse::Accepted().json(json!({

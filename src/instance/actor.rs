@@ -8,7 +8,7 @@
 //! with no sessions nothing is built.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::dev::SendError;
@@ -16,7 +16,7 @@ use actix::prelude::*;
 use bytestring::ByteString;
 
 use super::messages::*;
-use super::{InstanceInfo, Registry};
+use super::{Inbox, InstanceInfo, Registry};
 use crate::domain::{EventSet, VersionedConfig};
 use crate::events::{envelope, instance_data_json};
 use crate::metrics::Metrics;
@@ -35,6 +35,9 @@ pub struct FanoutEnv {
     pub metrics: Arc<Metrics>,
     /// Where this instance's events from other nodes come from.
     pub bus: crate::bus::Bus,
+    /// Publishes waiting for an instance actor past which publishers wait
+    /// (`limits.publish_queue`; see `Inbox`).
+    pub publish_queue: usize,
 }
 
 struct SessionEntry {
@@ -58,6 +61,8 @@ pub struct InstanceActor {
     reported: i64,
     /// Follows this instance's events from other nodes while it has sessions.
     following: Option<tokio::task::JoinHandle<()>>,
+    /// Publishes sent to this actor and not yet handled (shared with its `Inbox`es).
+    waiting: Arc<AtomicUsize>,
 }
 
 impl InstanceActor {
@@ -67,6 +72,7 @@ impl InstanceActor {
         env: FanoutEnv,
         registry: std::sync::Weak<Registry>,
         metrics_label: String,
+        waiting: Arc<AtomicUsize>,
     ) -> Self {
         let instance_data = instance_data_json(&env.base_url, &info.name, &info.token);
         Self {
@@ -79,6 +85,7 @@ impl InstanceActor {
             metrics_label,
             reported: 0,
             following: None,
+            waiting,
         }
     }
 
@@ -114,7 +121,10 @@ impl InstanceActor {
     /// Subscribes to other nodes' events while there are sessions, and only then.
     fn update_interest(&mut self, ctx: &mut Context<Self>) {
         match (self.sessions.is_empty(), &self.following) {
-            (false, None) => self.following = self.env.bus.follow(self.info.id, ctx.address()),
+            (false, None) => {
+                let inbox = Inbox::new(ctx.address(), self.waiting.clone(), self.env.publish_queue);
+                self.following = self.env.bus.follow(self.info.id, inbox);
+            }
             (true, Some(task)) => {
                 task.abort();
                 self.following = None;

@@ -90,6 +90,41 @@ pub struct Leave {
 pub struct Publish {
     pub events: Arc<[Event]>,
     pub accepted_at: Instant,
+    /// Counts this publish in its instance's inbox until it is handled.
+    ticket: Option<QueueTicket>,
+}
+
+impl Publish {
+    pub fn new(events: Arc<[Event]>) -> Self {
+        Self {
+            events,
+            accepted_at: Instant::now(),
+            ticket: None,
+        }
+    }
+
+    /// The same publish, counted in an inbox while it waits.
+    pub fn queued(mut self, ticket: QueueTicket) -> Self {
+        self.ticket = Some(ticket);
+        self
+    }
+}
+
+/// One publish counted as waiting for its instance actor; dropped (handled,
+/// or discarded with the mailbox) it is no longer counted.
+pub struct QueueTicket(Arc<AtomicUsize>);
+
+impl QueueTicket {
+    pub fn take(waiting: &Arc<AtomicUsize>) -> Self {
+        waiting.fetch_add(1, Ordering::AcqRel);
+        Self(waiting.clone())
+    }
+}
+
+impl Drop for QueueTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The instance's settings as persisted; older versions than the one held are ignored.

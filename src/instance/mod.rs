@@ -5,10 +5,12 @@
 //! and then tell it what was persisted.
 
 pub mod actor;
+pub mod inbox;
 pub mod messages;
 pub mod registry;
 
 pub use actor::InstanceActor;
+pub use inbox::Inbox;
 pub use registry::Registry;
 
 use crate::domain::{AccountId, InstanceId};

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 use super::actor::{FanoutEnv, InstanceActor};
 use super::messages::{CloseAll, CountSessions};
-use super::InstanceInfo;
+use super::{Inbox, InstanceInfo};
 use crate::domain::{InstanceId, VersionedConfig};
 use crate::metrics::MAX_INSTANCE_LABELS;
 use crate::ws::close::CloseCode;
@@ -24,7 +24,7 @@ pub const OTHER_LABEL: &str = "_other";
 
 /// Instance actors by id, and the threads they run on.
 pub struct Registry {
-    instances: Mutex<HashMap<InstanceId, Addr<InstanceActor>>>,
+    instances: Mutex<HashMap<InstanceId, Inbox>>,
     arbiters: Vec<Arbiter>,
     next_arbiter: AtomicUsize,
     env: FanoutEnv,
@@ -50,6 +50,11 @@ impl Registry {
 
     /// The instance's actor, if it runs on this node.
     pub fn get(&self, id: InstanceId) -> Option<Addr<InstanceActor>> {
+        self.instances.lock().get(&id).map(|i| i.addr().clone())
+    }
+
+    /// Where the instance's published events go, if its actor runs on this node.
+    pub fn inbox(&self, id: InstanceId) -> Option<Inbox> {
         self.instances.lock().get(&id).cloned()
     }
 
@@ -60,8 +65,8 @@ impl Registry {
         config: Option<VersionedConfig>,
     ) -> Addr<InstanceActor> {
         let mut instances = self.instances.lock();
-        if let Some(addr) = instances.get(&info.id).filter(|a| a.connected()) {
-            return addr.clone();
+        if let Some(inbox) = instances.get(&info.id).filter(|i| i.addr().connected()) {
+            return inbox.addr().clone();
         }
         let label = if self.labelled.fetch_add(1, Ordering::AcqRel) < MAX_INSTANCE_LABELS {
             format!("{}#{}", info.name, info.id.0)
@@ -74,17 +79,20 @@ impl Registry {
             n => self.arbiters[self.next_arbiter.fetch_add(1, Ordering::Relaxed) % n].handle(),
         };
         let (id, env, me) = (info.id, self.env.clone(), self.me.clone());
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let bound = env.publish_queue;
+        let counter = waiting.clone();
         let addr = InstanceActor::start_in_arbiter(&arbiter, move |_| {
-            InstanceActor::new(info, config, env, me, label)
+            InstanceActor::new(info, config, env, me, label, counter)
         });
-        instances.insert(id, addr.clone());
+        instances.insert(id, Inbox::new(addr.clone(), waiting, bound));
         addr
     }
 
     /// Forgets a stopped actor (only if it is still the one registered).
     pub(super) fn remove(&self, id: InstanceId, addr: &Addr<InstanceActor>, label: &str) {
         let mut instances = self.instances.lock();
-        if instances.get(&id) == Some(addr) {
+        if instances.get(&id).map(Inbox::addr) == Some(addr) {
             instances.remove(&id);
         }
         if label != OTHER_LABEL {
@@ -99,7 +107,11 @@ impl Registry {
 
     /// Every running instance actor.
     pub fn all(&self) -> Vec<Addr<InstanceActor>> {
-        self.instances.lock().values().cloned().collect()
+        self.instances
+            .lock()
+            .values()
+            .map(|i| i.addr().clone())
+            .collect()
     }
 
     /// Clients of the instance connected to this node.
