@@ -149,23 +149,25 @@ pub async fn serve(
             bus: bus.clone(),
             publish_queue: settings.limits.publish_queue,
         },
+        Arc::new(AccessCache::default()),
     );
-    let access = Arc::new(AccessCache::default());
-    bus.listen_control(registry.clone(), access.clone());
+    bus.listen_changes(registry.clone());
     let state = web::Data::new(AppState {
         settings: settings.clone(),
         pool,
-        registry,
+        registry: registry.clone(),
         metrics: metrics.clone(),
         origins: RwLock::new(OriginPolicy::new(&settings.ws.allowed_origins)),
         shutting_down: AtomicBool::new(false),
         bus: bus.clone(),
-        access,
         connections: limits::ConnectionLimits::new(&settings.limits),
     });
-    actix_web::rt::spawn(refresh_from_storage(
-        state.clone(),
+    let stopping = state.clone();
+    actix_web::rt::spawn(instance::change::refresh_from_storage(
+        registry,
+        state.pool.clone(),
         Duration::from_secs(settings.cluster.refresh_secs),
+        move || stopping.is_shutting_down(),
     ));
     let limiter = web::Data::new(RateLimiter::new(settings.rate_limit.clone()));
     let metrics_data = web::Data::from(metrics);
@@ -225,40 +227,6 @@ fn build_server(
                 .tcp()
         })?
         .run())
-}
-
-/// Safety net: re-reads every running instance's settings from the database
-/// now and then, in case a change notice was lost on the bus or the change
-/// was made offline (`eventgate instance delete` on a running node's database).
-async fn refresh_from_storage(state: web::Data<AppState>, every: Duration) {
-    loop {
-        tokio::time::sleep(every).await;
-        if state.is_shutting_down() {
-            return;
-        }
-        for addr_id in state.registry.ids() {
-            let looked_up = state
-                .db(None, move |conn| {
-                    storage::instances::find_by_id(conn, addr_id).map_err(error::ApiError::from)
-                })
-                .await;
-            match looked_up {
-                Ok(Some(rec)) => {
-                    if let Some(addr) = state.registry.get(addr_id) {
-                        addr.do_send(instance::messages::UpdateSettings(rec.config));
-                    }
-                }
-                Ok(None) => bus::apply(
-                    &state.registry,
-                    &state.access,
-                    bus::Control::Deleted {
-                        instance: addr_id.0,
-                    },
-                ),
-                Err(_) => break,
-            }
-        }
-    }
 }
 
 /// Tunes an accepted socket: `TCP_NODELAY`, since every frame is a complete

@@ -71,7 +71,7 @@ pub async fn drain(state: web::Data<AppState>, server: ServerHandle) {
         NotifyState::Stopping,
         NotifyState::Custom("STATUS=draining"),
     ]);
-    let closed = state.registry.close_all(CloseCode::GOING_AWAY).await;
+    let closed = state.registry.close_all(CloseCode::GoingAway).await;
     log::info!("shutting down: closed {closed} WebSocket sessions");
     tokio::time::sleep(CLOSE_FLUSH).await;
     server.stop(true).await;
