@@ -3,6 +3,7 @@
 //! close codes of contract §6.
 
 pub mod close;
+pub mod close_watch;
 pub mod rules;
 pub mod session;
 pub mod socket;
