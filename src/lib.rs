@@ -47,6 +47,7 @@ pub mod metrics;
 pub mod rate_limit;
 pub mod settings;
 pub mod storage;
+pub mod webhook;
 pub mod ws;
 
 use std::net::TcpListener;
@@ -85,6 +86,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Bus(#[from] bus::BusError),
+    #[error(transparent)]
+    Webhook(#[from] webhook::worker::ClientError),
 }
 
 /// Opens the database pool (failing fast with the real error), applies
@@ -161,6 +164,16 @@ pub async fn serve(
         Arc::new(AccessCache::default()),
     );
     bus.listen_changes(registry.clone());
+    let webhook_client = webhook::worker::build_client(&settings.webhook)?;
+    {
+        let (pool, webhooks) = (pool.clone(), registry.webhooks().clone());
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(storage::StorageError::from)?;
+            webhook::worker::load_enabled(&mut conn, &webhooks)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+    }
     let state = web::Data::new(AppState {
         settings: settings.clone(),
         pool,
@@ -178,6 +191,19 @@ pub async fn serve(
         Duration::from_secs(settings.cluster.refresh_secs),
         move || stopping.is_shutting_down(),
     ));
+    let stopping = state.clone();
+    webhook::worker::start(webhook::worker::WorkerEnv {
+        pool: state.pool.clone(),
+        webhooks: state.registry.webhooks().clone(),
+        settings: settings.webhook.clone(),
+        metrics: metrics.clone(),
+        base_url: state.registry.env().base_url.clone(),
+        sealer: webhook::sealing::Sealer::new(&settings.webhook.encryption_key)
+            .map_err(|e| webhook::worker::ClientError::from(e.to_string()))?,
+        client: webhook_client,
+        refresh: Duration::from_secs(settings.cluster.refresh_secs),
+        stopping: Arc::new(move || stopping.is_shutting_down()),
+    });
     let limiter = web::Data::new(RateLimiter::new(settings.rate_limit.clone()));
     let metrics_data = web::Data::from(metrics);
     let server = build_server(&settings, listener, &state, &limiter, &metrics_data)?;

@@ -38,6 +38,7 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     pub limits: LimitSettings,
     pub cluster: ClusterSettings,
+    pub webhook: WebhookSettings,
 }
 
 /// HTTP listener and process-wide behaviour.
@@ -242,6 +243,116 @@ impl Default for ClusterSettings {
     }
 }
 
+// --- webhooks (contract §11) ---------------------------------------------
+
+/// Webhook deliveries (contract §11).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookSettings {
+    /// Seconds an attempt may take: connect, send, status and headers (`EVENTGATE_WEBHOOK_TIMEOUT_SECS`).
+    pub timeout_secs: u64,
+    /// Seconds between attempts: one retry after each (`EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS`, comma-separated; empty = no retry).
+    pub retry_schedule_secs: Vec<u64>,
+    /// Deliveries of one webhook in flight at once on this node (`EVENTGATE_WEBHOOK_MAX_IN_FLIGHT`).
+    pub max_in_flight: usize,
+    /// Pending deliveries per webhook past which new ones are dead letters `backlog full` (`EVENTGATE_WEBHOOK_MAX_PENDING`).
+    pub max_pending: u64,
+    /// Hours dead letters are kept (`EVENTGATE_WEBHOOK_DEAD_LETTER_HOURS`).
+    pub dead_letter_hours: u64,
+    /// CIDRs deliveries may connect to despite the refused-address rule (`EVENTGATE_WEBHOOK_ALLOWED_NETWORKS`, comma-separated).
+    pub allowed_networks: Vec<String>,
+    /// Base64 of 32 bytes; set = secrets and `authorization` stored encrypted (`EVENTGATE_ENCRYPTION_KEY`). Secret.
+    pub encryption_key: String,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            timeout_secs: 10,
+            retry_schedule_secs: vec![5, 300, 1800, 7200, 18000, 36000, 36000],
+            max_in_flight: 8,
+            max_pending: 100_000,
+            dead_letter_hours: 168,
+            allowed_networks: Vec::new(),
+            encryption_key: String::new(),
+        }
+    }
+}
+
+impl WebhookSettings {
+    /// Applies the `EVENTGATE_WEBHOOK_*` variables and `EVENTGATE_ENCRYPTION_KEY`.
+    /// The retry schedule may be set to the empty string (one attempt, no retry).
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), SettingsError> {
+        let get = |var: &str| env(var).filter(|v| !v.trim().is_empty());
+        if let Some(v) = env("EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS") {
+            self.retry_schedule_secs = split_list(&v)
+                .iter()
+                .map(|n| parse_env("EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS", n))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = get("EVENTGATE_WEBHOOK_TIMEOUT_SECS") {
+            self.timeout_secs = parse_env("EVENTGATE_WEBHOOK_TIMEOUT_SECS", &v)?;
+        }
+        if let Some(v) = get("EVENTGATE_WEBHOOK_MAX_IN_FLIGHT") {
+            self.max_in_flight = parse_env("EVENTGATE_WEBHOOK_MAX_IN_FLIGHT", &v)?;
+        }
+        if let Some(v) = get("EVENTGATE_WEBHOOK_MAX_PENDING") {
+            self.max_pending = parse_env("EVENTGATE_WEBHOOK_MAX_PENDING", &v)?;
+        }
+        if let Some(v) = get("EVENTGATE_WEBHOOK_DEAD_LETTER_HOURS") {
+            self.dead_letter_hours = parse_env("EVENTGATE_WEBHOOK_DEAD_LETTER_HOURS", &v)?;
+        }
+        if let Some(v) = get("EVENTGATE_WEBHOOK_ALLOWED_NETWORKS") {
+            self.allowed_networks = split_list(&v);
+        }
+        if let Some(v) = get("EVENTGATE_ENCRYPTION_KEY") {
+            self.encryption_key = v.trim().to_string();
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |key: &'static str, message: &str| SettingsError::Invalid {
+            key,
+            message: message.to_string(),
+        };
+        if self.timeout_secs == 0 {
+            return Err(invalid("webhook.timeout_secs", "must be greater than 0"));
+        }
+        if self.retry_schedule_secs.len() > 100 || self.retry_schedule_secs.contains(&0) {
+            return Err(invalid(
+                "webhook.retry_schedule_secs",
+                "must be 0 to 100 positive integers",
+            ));
+        }
+        if self.max_in_flight == 0 || self.max_pending == 0 || self.dead_letter_hours == 0 {
+            return Err(invalid(
+                "webhook.max_in_flight",
+                "webhook.max_in_flight, max_pending and dead_letter_hours must be greater than 0",
+            ));
+        }
+        if let Some(bad) = self
+            .allowed_networks
+            .iter()
+            .find(|n| crate::webhook::address::Network::parse(n).is_none())
+        {
+            return Err(SettingsError::Invalid {
+                key: "webhook.allowed_networks",
+                message: format!("`{bad}` is not a CIDR such as 10.1.0.0/16"),
+            });
+        }
+        if crate::webhook::sealing::Sealer::new(&self.encryption_key).is_err() {
+            return Err(invalid(
+                "webhook.encryption_key",
+                "must be the base64 of 32 bytes",
+            ));
+        }
+        Ok(())
+    }
+}
+
+// --- end of webhooks -------------------------------------------------------
+
 /// Parses an environment value into `T`, naming the variable on failure.
 fn parse_env<T: std::str::FromStr>(var: &'static str, value: &str) -> Result<T, SettingsError>
 where
@@ -335,6 +446,7 @@ impl Settings {
             "EVENTGATE_RATE_LIMIT_INSTANCE_NEW_PER_MINUTE" => self.rate_limit.instance_new_per_minute,
             "EVENTGATE_MAX_CONNECTIONS" => self.limits.max_connections,
         }
+        self.webhook.apply_env(env)?;
         Ok(())
     }
 
@@ -414,6 +526,7 @@ impl Settings {
                 "must be a NATS subject token: A-Z a-z 0-9 _ - . (not at the ends)",
             ));
         }
+        self.webhook.validate()?;
         Ok(())
     }
 
@@ -449,6 +562,9 @@ impl Settings {
         }
         copy.storage.database_url = mask_url_password(&copy.storage.database_url);
         copy.cluster.nats_url = mask_url_password(&copy.cluster.nats_url);
+        if !copy.webhook.encryption_key.is_empty() {
+            copy.webhook.encryption_key = MASK.into();
+        }
         copy
     }
 }

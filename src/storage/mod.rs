@@ -6,9 +6,11 @@
 //! command-line thread), never on an actor's thread.
 
 pub mod accounts;
+pub mod deliveries;
 pub mod instances;
 pub mod pool;
 pub mod schema;
+pub mod webhooks;
 pub mod ws_settings;
 
 pub use pool::{connect, DbConn, DbPool};
