@@ -213,7 +213,12 @@ pub fn claim(
         if !chosen.is_empty() {
             let seqs: Vec<i64> = chosen.iter().map(|r| r.seq).collect();
             diesel::update(d::table.filter(d::seq.eq_any(&seqs)))
-                .set(d::lease_until.eq(lease_until))
+                .set((
+                    d::lease_until.eq(lease_until),
+                    // An attempt counts once started: a node that dies during
+                    // it has used it up (attempt numbers are the cluster's).
+                    d::attempts.eq(d::attempts + 1_i64),
+                ))
                 .execute(c)?;
         }
         Ok::<_, diesel::result::Error>(chosen)
@@ -373,6 +378,17 @@ pub fn requeue(
 /// Deletes dead letters that died before `before`.
 pub fn purge_dead(conn: &mut DbConn, before: i64) -> Result<usize, StorageError> {
     Ok(write_tx!(conn, c => diesel::delete(d::table.filter(d::dead_at.lt(before))).execute(c))?)
+}
+
+/// Turns pending deliveries of disabled webhooks into dead letters with
+/// error `webhook disabled` (a publish that raced with the disable).
+pub fn kill_disabled(conn: &mut DbConn, now: i64) -> Result<usize, StorageError> {
+    let text = dialect(
+        conn,
+        "UPDATE webhook_deliveries SET dead_at = $1, last_error = 'webhook disabled' \
+         WHERE dead_at IS NULL AND webhook_id IN (SELECT id FROM webhooks WHERE NOT enabled)",
+    );
+    Ok(write_tx!(conn, c => diesel::sql_query(&text).bind::<BigInt, _>(now).execute(c))?)
 }
 
 /// Pending deliveries of every webhook.

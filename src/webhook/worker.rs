@@ -279,6 +279,8 @@ async fn housekeeping(env: WorkerEnv) {
         let webhooks = env.webhooks.clone();
         let done = db(&env.pool, move |conn| {
             let purged = deliveries::purge_dead(conn, now_millis().saturating_sub(keep_ms))?;
+            // A publish that raced with a disable may have stored some.
+            deliveries::kill_disabled(conn, now_millis())?;
             let pending = deliveries::pending_total(conn)?;
             if refresh {
                 load_enabled(conn, &webhooks)?;
