@@ -45,41 +45,36 @@ fn default_of(key: &Key) -> Value {
 /// A valid value for `key` that differs from its default, distinct for each
 /// `round`: (the environment text, the TOML value `check-config` shows).
 fn sample(key: &Key, round: i64) -> (String, Value) {
-    let strings: HashMap<&str, String> = [
-        ("server.bind", format!("127.0.0.1:{}", 9000 + round)),
-        (
-            "server.public_base_url",
-            format!("https://gw{round}.example"),
-        ),
-        (
-            "storage.database_url",
-            format!("postgres://eg:hunter{round}@db.example/eg"),
-        ),
-        ("auth.account_token", format!("secret-token-{round}")),
-        (
-            "cluster.nats_url",
-            format!("nats://nats{round}.example:4222"),
-        ),
-    ]
-    .into_iter()
-    .collect();
-    let (raw, value) = match (strings.get(key.path), default_of(key)) {
-        (Some(s), _) => (s.clone(), Value::String(s.clone())),
-        (None, Value::Integer(n)) => ((n + round).to_string(), Value::Integer(n + round)),
-        (None, Value::String(s)) if !s.is_empty() => {
-            let s = format!("{s}{round}");
-            (s.clone(), Value::String(s))
-        }
-        (None, Value::Array(_)) => {
+    let text = |s: String| (s.clone(), Value::String(s));
+    // Keys whose values are checked (addresses, URLs, ...) get their own
+    // samples; the others are derived from the default below.
+    let special = match key.path {
+        "server.bind" => Some(text(format!("127.0.0.1:{}", 9000 + round))),
+        "server.public_base_url" => Some(text(format!("https://gw{round}.example"))),
+        "storage.database_url" => Some(text(format!("postgres://eg:hunter{round}@db.example/eg"))),
+        "auth.account_token" => Some(text(format!("secret-token-{round}"))),
+        "cluster.nats_url" => Some(text(format!("nats://nats{round}.example:4222"))),
+        "ws.allowed_origins" => {
             let items = [
                 format!("https://a{round}.example"),
                 format!("https://b{round}.example"),
             ];
-            (
+            Some((
                 items.join(","),
                 Value::Array(items.into_iter().map(Value::String).collect()),
-            )
+            ))
         }
+        _ => None,
+    };
+    let (raw, value) = match (special, default_of(key)) {
+        (Some(sample), _) => sample,
+        (None, Value::Integer(n)) => ((n + round).to_string(), Value::Integer(n + round)),
+        (None, Value::Boolean(b)) => ((!b).to_string(), Value::Boolean(!b)),
+        (None, Value::String(s)) if !s.is_empty() => text(format!("{s}{round}")),
+        (None, Value::Array(items)) if items.iter().all(Value::is_integer) => (
+            format!("{round}, {}", round + 1),
+            Value::Array(vec![Value::Integer(round), Value::Integer(round + 1)]),
+        ),
         (None, other) => panic!("{}: add a valid sample for {other:?} here", key.path),
     };
     let shown = match (key.mask, value) {

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::{Settings, KEYS};
+use super::{Mask, Settings, KEYS, MASK};
 
 /// Errors found while loading settings. Each names the key or variable at fault.
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +214,11 @@ impl Settings {
                     .map_err(|message| SettingsError::Env {
                         var: var.clone(),
                         key: key.path,
-                        value: value.clone(),
+                        // A secret's value is never printed, even a bad one.
+                        value: match key.mask {
+                            Mask::None => value.clone(),
+                            Mask::Secret | Mask::UrlPassword => MASK.into(),
+                        },
                         message,
                     })?;
                 *source = Source::Env(var);
