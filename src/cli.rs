@@ -10,8 +10,9 @@ use clap::{Parser, Subcommand};
 /// Producers publish events with POST /api/events/publish/:instance;
 /// WebSocket clients receive them on GET /ws/:instance. Settings come from
 /// built-in defaults, then the TOML file (--config or EVENTGATE_CONFIG), then
-/// EVENTGATE_<SECTION>__<KEY> environment variables (EVENTGATE_WS__CLIENT_BUFFER
-/// sets ws.client_buffer), then the short names such as EVENTGATE_BIND.
+/// EVENTGATE_* environment variables: EVENTGATE_WS__CLIENT_BUFFER sets
+/// ws.client_buffer, and so for every key; short names such as EVENTGATE_BIND
+/// win over those.
 #[derive(Debug, Parser)]
 #[command(name = "eventgate", version, about, long_about)]
 pub struct Cli {

@@ -11,28 +11,40 @@
 //!
 //! # Adding a key
 //!
-//! Add one row to its section in the table (or a new section block, see
-//! `[cluster]` for the shape) — the doc comment is required:
+//! One row in its section of the table below; the doc comment is required
+//! (the macro refuses a row without one). A whole new section is a block
+//! like the others, `[name] NameSettings { rows }`, and becomes
+//! `settings.name`:
 //!
 //! ```text
-//!     /// Seconds a receiver has to answer (contract §11).
-//!     timeout_secs: u64 = 10, env "EVENTGATE_WEBHOOK_TIMEOUT_SECS";
+//!     /// Durable delivery to HTTP receivers (contract §11).
+//!     [webhook] WebhookSettings {
+//!         /// Seconds a receiver has to answer.
+//!         timeout_secs: u64 = 10, env "EVENTGATE_WEBHOOK_TIMEOUT_SECS";
+//!         /// Seconds between attempts.
+//!         retry_schedule_secs: Vec<u64> = vec![5, 300], env "EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS";
+//!         /// Key of secrets at rest; empty = none.
+//!         encryption_key: String = String::new(), env "EVENTGATE_ENCRYPTION_KEY", mask Secret;
+//!     }
 //! ```
 //!
-//! - `name: Type = default` declares the field `settings.<section>.<name>`
-//!   and its default (any expression, e.g. `"x".into()`, `vec![5, 300]`).
-//!   The type implements [`FromEnv`]: `String`, `PathBuf`, `bool`, integers,
-//!   `f64`, and `Vec` of those (comma-separated in the environment).
-//! - It is then settable as `EVENTGATE_<SECTION>__<NAME>` (for example
-//!   `EVENTGATE_WEBHOOK__TIMEOUT_SECS`) and shown by `check-config`, with
-//!   nothing more to write.
-//! - `, env "EVENTGATE_…"` only when the contract gives the key a short name;
-//!   it wins over the long form.
-//! - `, mask Secret` for a secret (shown as `********`), `, mask UrlPassword`
-//!   for a URL whose password is hidden. `env` comes before `mask`.
-//! - Then: the key, its default and a comment in `config/eventgate.toml` (a
-//!   test compares that file with the table), and any check of its value in
-//!   [`Settings::validate`]. A new section also gets its `[name]` table there.
+//! - `name: Type = default;` is the field `settings.<section>.<name>` and its
+//!   built-in default (any expression). The type implements [`FromEnv`]:
+//!   `String`, `PathBuf`, `bool`, integers, `f64`, or a `Vec` of those
+//!   (comma-separated in the environment). "None" is `""` or `0`, as for the
+//!   other keys (TOML has no null), not an `Option`.
+//! - With nothing more, the key is read from the file, settable as
+//!   `EVENTGATE_<SECTION>__<NAME>` (`EVENTGATE_WEBHOOK__TIMEOUT_SECS`), and
+//!   shown by `check-config` with its source.
+//! - `, env "EVENTGATE_…"` adds the contract's short name; it wins over the
+//!   long name. Only for names the contract (§10) lists.
+//! - `, mask Secret` hides a secret in `check-config` (`********`),
+//!   `, mask UrlPassword` the password of a URL. `env` comes before `mask`.
+//! - Then add the key with its default and a comment (with `Env:` and the
+//!   short name, if any) to `config/eventgate.toml`; the unit test
+//!   `shipped_file_lists_every_key_with_its_default` fails until it is there.
+//!   A check of the value that can fail goes in [`Settings::validate`]; such a
+//!   key also needs a valid sample in `sample()` of `tests/configuration.rs`.
 
 mod load;
 mod table;

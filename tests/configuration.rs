@@ -70,8 +70,15 @@ fn sample(key: &Key, round: i64) -> (String, Value) {
         (Some(sample), _) => sample,
         (None, Value::Integer(n)) => ((n + round).to_string(), Value::Integer(n + round)),
         (None, Value::Boolean(b)) => ((!b).to_string(), Value::Boolean(!b)),
-        (None, Value::String(s)) if !s.is_empty() => text(format!("{s}{round}")),
-        (None, Value::Array(items)) if items.iter().all(Value::is_integer) => (
+        (None, Value::String(s)) => text(format!("{s}value{round}")),
+        (None, Value::Array(_)) if key.ty.contains("String") => {
+            let items = [format!("a{round}"), format!("b{round}")];
+            (
+                items.join(","),
+                Value::Array(items.into_iter().map(Value::String).collect()),
+            )
+        }
+        (None, Value::Array(_)) => (
             format!("{round}, {}", round + 1),
             Value::Array(vec![Value::Integer(round), Value::Integer(round + 1)]),
         ),

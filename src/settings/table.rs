@@ -36,6 +36,8 @@ pub struct Key {
     pub alias: Option<&'static str>,
     /// How `check-config` shows the value.
     pub mask: Mask,
+    /// The field's type as the table writes it, e.g. `Vec<String>`.
+    pub ty: &'static str,
     /// Parses an environment value into this key of a `Settings`.
     pub(crate) set: fn(&mut Settings, &str) -> Result<(), String>,
 }
@@ -180,6 +182,7 @@ macro_rules! settings_table {
                     path: concat!(stringify!($section), ".", stringify!($field)),
                     alias: settings_table!(@alias $($alias)?),
                     mask: settings_table!(@mask $($mask)?),
+                    ty: stringify!($ty),
                     set: |settings: &mut Settings, raw: &str| {
                         settings.$section.$field = <$ty as FromEnv>::from_env(raw)?;
                         Ok(())
