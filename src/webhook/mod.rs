@@ -28,6 +28,48 @@ use tokio::sync::Notify;
 
 use crate::domain::{EventKind, EventSet, InstanceId};
 
+/// Checks the `[webhook]` settings that parse but cannot work: the key at
+/// fault and why.
+pub fn validate_settings(
+    s: &crate::settings::WebhookSettings,
+) -> Result<(), (&'static str, String)> {
+    if s.timeout_secs == 0 {
+        return Err(("webhook.timeout_secs", "must be greater than 0".into()));
+    }
+    if s.retry_schedule_secs.len() > 100 || s.retry_schedule_secs.contains(&0) {
+        return Err((
+            "webhook.retry_schedule_secs",
+            "must be 0 to 100 positive integers".into(),
+        ));
+    }
+    for (key, value) in [
+        ("webhook.max_in_flight", s.max_in_flight as u64),
+        ("webhook.max_pending", s.max_pending),
+        ("webhook.dead_letter_hours", s.dead_letter_hours),
+    ] {
+        if value == 0 {
+            return Err((key, "must be greater than 0".into()));
+        }
+    }
+    if let Some(bad) = s
+        .allowed_networks
+        .iter()
+        .find(|n| address::Network::parse(n).is_none())
+    {
+        return Err((
+            "webhook.allowed_networks",
+            format!("`{bad}` is not a CIDR such as 10.1.0.0/16"),
+        ));
+    }
+    if sealing::Sealer::new(&s.encryption_key).is_err() {
+        return Err((
+            "webhook.encryption_key",
+            "must be the base64 of 32 bytes".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// An enabled webhook as the publish path needs it (and as it crosses the bus).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnabledWebhook {
@@ -82,5 +124,50 @@ impl Webhooks {
     /// Wakes the delivery workers of this node.
     pub fn ring(&self) {
         self.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::settings::Settings;
+
+    fn load(var: &'static str, value: &'static str) -> Result<Settings, String> {
+        Settings::load(None, &move |k| (k == var).then(|| value.to_string()))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn webhook_variables() {
+        let schedule = "EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS";
+        assert_eq!(
+            load(schedule, "1,1").unwrap().webhook.retry_schedule_secs,
+            vec![1, 1]
+        );
+        assert!(load(schedule, "")
+            .unwrap()
+            .webhook
+            .retry_schedule_secs
+            .is_empty());
+        assert_eq!(
+            Settings::default().webhook.retry_schedule_secs,
+            vec![5, 300, 1800, 7200, 18000, 36000, 36000]
+        );
+        for bad in ["0", "x", "1,-2"] {
+            assert!(load(schedule, bad).is_err(), "{bad}");
+        }
+        let many: &'static str = Box::leak(vec!["1"; 101].join(",").into_boxed_str());
+        assert!(load(schedule, many).is_err());
+        assert!(load("EVENTGATE_WEBHOOK_ALLOWED_NETWORKS", "10.0.0.0/8, nope").is_err());
+        assert!(load("EVENTGATE_ENCRYPTION_KEY", "c2hvcnQ=").is_err());
+        let s = load("EVENTGATE_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128").unwrap();
+        assert_eq!(s.webhook.allowed_networks, vec!["127.0.0.0/8", "::1/128"]);
+        assert_eq!(
+            load("EVENTGATE_WEBHOOK_MAX_IN_FLIGHT", "3")
+                .unwrap()
+                .webhook
+                .max_in_flight,
+            3
+        );
+        assert!(load("EVENTGATE_WEBHOOK_TIMEOUT_SECS", "0").is_err());
     }
 }
