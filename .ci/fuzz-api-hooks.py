@@ -216,12 +216,17 @@ ERROR_MESSAGES = {
     400: {"Invalid request body", "WebSocket upgrade expected"},
     401: {"Missing token in header, Authorization header, or query parameter", "Invalid token"},
     403: {"Instance token does not match this instance", "Origin not allowed"},
-    404: {"Instance not found", "Not found", "WebSocket not configured for this instance"},
+    404: {"Instance not found", "Not found", "WebSocket not configured for this instance", "Webhook not found"},
     405: {"Method not allowed"},
-    409: {"Instance already exists", "Token already in use"},
+    409: {"Instance already exists", "Token already in use", "Maximum of 3 enabled webhooks per instance"},
     413: {"Payload too large"},
     429: {"Rate limit exceeded. Try again later."},
-    500: {"Internal server error", "Failed to get instance", "Failed to get websocket configuration"},
+    500: {
+        "Internal server error",
+        "Failed to get instance",
+        "Failed to get websocket configuration",
+        "Failed to get webhook configuration",
+    },
     503: {"Server is shutting down"},
 }
 WS_NOT_ENABLED = (

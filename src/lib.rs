@@ -192,7 +192,8 @@ pub async fn serve(
         move || stopping.is_shutting_down(),
     ));
     let stopping = state.clone();
-    webhook::worker::start(webhook::worker::WorkerEnv {
+    let deliver = settings.webhook.deliver;
+    let worker = webhook::worker::WorkerEnv {
         pool: state.pool.clone(),
         webhooks: state.registry.webhooks().clone(),
         settings: settings.webhook.clone(),
@@ -203,7 +204,12 @@ pub async fn serve(
         client: webhook_client,
         refresh: Duration::from_secs(settings.cluster.refresh_secs),
         stopping: Arc::new(move || stopping.is_shutting_down()),
-    });
+    };
+    if deliver {
+        webhook::worker::start(worker);
+    } else {
+        log::info!("webhook deliveries are stored here and delivered by other nodes");
+    }
     let limiter = web::Data::new(RateLimiter::new(settings.rate_limit.clone()));
     let metrics_data = web::Data::from(metrics);
     let server = build_server(&settings, listener, &state, &limiter, &metrics_data)?;

@@ -179,6 +179,9 @@ settings_table! {
         allowed_networks: Vec<String> = Vec::new(), env "EVENTGATE_WEBHOOK_ALLOWED_NETWORKS";
         /// Base64 of 32 bytes; set = secrets and `authorization` stored encrypted. Secret.
         encryption_key: String = String::new(), env "EVENTGATE_ENCRYPTION_KEY", mask Secret;
+        /// Whether this node runs delivery workers; false = it only stores
+        /// deliveries, which other nodes deliver (an API-only node).
+        deliver: bool = true;
     }
 }
 

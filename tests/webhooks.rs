@@ -1330,3 +1330,28 @@ fn overwrite_auth(url: &str, value: &str) {
         diesel::sql_query(q).execute(&mut c).unwrap();
     }
 }
+
+#[actix_rt::test]
+async fn an_api_only_node_stores_deliveries_that_another_node_delivers() {
+    let api = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.deliver = false;
+    })
+    .await;
+    let rx = Receiver::start();
+    api.instance("split").await;
+    set_ok(&api, "split", json!({"enabled": true, "url": rx.url("/s")})).await;
+    api.publish("split", event("call.update", json!({"k": 1})))
+        .await;
+    assert_eq!(stats(&api, "split", "default").await["pending"], 1);
+    let worker = TestServer::start_on(api.db.shared(), |s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    let got = rx.wait_count(1, WAIT).await;
+    assert_eq!(got[0].json()["data"], json!({"k": 1}));
+    wait_stats(&worker, "split", "default", |st| {
+        st["delivered"] == 1 && st["pending"] == 0
+    })
+    .await;
+}
