@@ -1355,3 +1355,31 @@ async fn an_api_only_node_stores_deliveries_that_another_node_delivers() {
     })
     .await;
 }
+
+#[actix_rt::test]
+async fn an_ip_literal_is_checked_again_when_connecting() {
+    // Set where 127.0.0.0/8 was allowed; delivered by a node where it is not.
+    let setter = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.deliver = false;
+    })
+    .await;
+    let rx = Receiver::start();
+    setter.instance("lit").await;
+    set_ok(
+        &setter,
+        "lit",
+        json!({"enabled": true, "url": rx.url("/l")}),
+    )
+    .await;
+    setter.publish("lit", event("call.update", json!({}))).await;
+    let strict = TestServer::start_on(setter.db.shared(), |_| {}).await;
+    let st = wait_stats(&strict, "lit", "default", |st| st["failed"] == 1).await;
+    assert_eq!(st["lastError"], "refused address");
+    let d = failed(&strict, "lit", "").await.body["deliveries"][0].clone();
+    assert_eq!(
+        (d["attempts"].clone(), d["lastStatus"].clone()),
+        (json!(1), Value::Null)
+    );
+    assert_eq!(rx.count(), 0);
+}
