@@ -366,10 +366,19 @@ async fn a_stale_settings_notice_never_overrides_newer_settings() {
     // deletion notice of `other`: once `other` is closed, the stale notice
     // has been handed to the instance's actor too (one subscription, in order).
     let client = async_nats::connect(nats.as_str()).await.unwrap();
-    let stale = json!({"kind": "settings", "instance": id.0,
-        "config": {"enabled": true, "events": ["call.update"], "mediaBase64": false},
-        "version": version - 1});
-    let deleted = json!({"kind": "deleted", "instance": other_id.0});
+    // Encoded as nodes encode them, so the test follows the wire format.
+    let stale = eventgate::instance::Change::Settings {
+        instance: id,
+        settings: Some(eventgate::domain::VersionedConfig {
+            config: eventgate::domain::WsConfig::normalized(
+                true,
+                vec![eventgate::domain::EventKind::CallUpdate],
+                false,
+            ),
+            version: version - 1,
+        }),
+    };
+    let deleted = eventgate::instance::Change::Deleted { instance: other_id };
     for notice in [stale, deleted] {
         client
             .publish(
