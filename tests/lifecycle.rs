@@ -243,11 +243,15 @@ async fn metrics_parse_and_move() {
     }
     assert_eq!(s.metric("eventgate_events_published_total").await, 200.0);
     assert!(s.metric("eventgate_events_delivered_total").await >= 200.0);
-    assert_eq!(
-        s.metric("eventgate_clients_evicted_total{reason=\"slow_consumer\"}")
-            .await,
-        1.0
-    );
+    // The stalled session may find itself behind only after the reader is
+    // done: poll for the eviction, then check it was the one.
+    let evicted = "eventgate_clients_evicted_total{reason=\"slow_consumer\"}";
+    let seen = common::eventually(common::DEADLINE, async || {
+        (s.metric(evicted).await >= 1.0).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "the stalled client was not evicted");
+    assert_eq!(s.metric(evicted).await, 1.0);
     assert_eq!(
         s.metric("eventgate_ws_upgrades_total{result=\"accepted\"}")
             .await,
