@@ -100,14 +100,15 @@ pub fn masked(url: &str) -> String {
 }
 
 /// A server the test needs is unreachable: print the skip line and let the
-/// test return, or fail when `required` (or `EVENTGATE_TEST_REQUIRE_SERVICES=1`).
-fn unavailable(service: &str, url: &str, why: &dyn Display, required: bool) {
+/// test return, or fail with `EVENTGATE_TEST_REQUIRE_SERVICES=1` or when
+/// `named_by` (the variable that named this server explicitly) is given.
+fn unavailable(service: &str, url: &str, why: &dyn Display, named_by: Option<&str>) {
     let url = masked(url);
     if services_required() {
         panic!("no {service} at {url}: {why} ({REQUIRE_ENV} is set, so this fails)");
     }
-    if required {
-        panic!("no {service} at {url}: {why} ({PG_ENV} is set, so this fails)");
+    if let Some(var) = named_by {
+        panic!("no {service} at {url}: {why} ({var} is set, so this fails)");
     }
     // Straight to the process's stderr: libtest captures `println!` and
     // `eprintln!` of passing tests, and this line must be seen.
@@ -135,7 +136,7 @@ pub fn require_postgres() -> Option<TestDb> {
     match TestDb::try_postgres_on(&url) {
         Ok(db) => Some(db),
         Err(e) => {
-            unavailable("PostgreSQL", &url, &e, explicit);
+            unavailable("PostgreSQL", &url, &e, explicit.then_some(PG_ENV));
             None
         }
     }
@@ -143,16 +144,18 @@ pub fn require_postgres() -> Option<TestDb> {
 
 /// The NATS server for a test that needs one (`EVENTGATE_TEST_NATS_URL`, or
 /// the machine's [`DEFAULT_NATS`]): its URL once it answered with its `INFO`
-/// line within [`PROBE_TIMEOUT`]; `None`, after the skip line, when it did not.
+/// line within [`PROBE_TIMEOUT`]; `None`, after the skip line, when it did
+/// not (a failure instead when `EVENTGATE_TEST_NATS_URL` named it).
 pub fn require_nats() -> Option<String> {
     let url = std::env::var(NATS_ENV)
         .ok()
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| DEFAULT_NATS.to_string());
+    let explicit = std::env::var(NATS_ENV).is_ok_and(|u| !u.is_empty());
     match probe_nats(&url) {
         Ok(()) => Some(url),
         Err(e) => {
-            unavailable("NATS", &url, &e, false);
+            unavailable("NATS", &url, &e, explicit.then_some(NATS_ENV));
             None
         }
     }
@@ -216,7 +219,8 @@ pub struct NatsServer {
 
 impl NatsServer {
     /// Starts one on a free port; `None`, after the skip line, when
-    /// `nats-server` cannot be run here.
+    /// `nats-server` cannot be run here (a failure instead when
+    /// `EVENTGATE_TEST_NATS_SERVER` named the binary).
     pub fn start() -> Option<NatsServer> {
         Self::start_on(free_port())
     }
@@ -224,6 +228,9 @@ impl NatsServer {
     /// Starts one on `port` (again, after [`NatsServer::kill`]).
     pub fn start_on(port: u16) -> Option<NatsServer> {
         let url = format!("nats://127.0.0.1:{port}");
+        let named_by = std::env::var(NATS_SERVER_ENV)
+            .is_ok_and(|b| !b.is_empty())
+            .then_some(NATS_SERVER_ENV);
         let binary = std::env::var(NATS_SERVER_ENV)
             .ok()
             .filter(|b| !b.is_empty())
@@ -243,7 +250,7 @@ impl NatsServer {
         {
             Ok(child) => child,
             Err(e) => {
-                unavailable("NATS", &url, &format!("{binary}: {e}"), false);
+                unavailable("NATS", &url, &format!("{binary}: {e}"), named_by);
                 return None;
             }
         };
@@ -257,12 +264,12 @@ impl NatsServer {
         match listening {
             Some(Ok(())) => Some(server),
             Some(Err(why)) => {
-                unavailable("NATS", &url, &why, false);
+                unavailable("NATS", &url, &why, named_by);
                 None
             }
             None => {
                 server.kill();
-                unavailable("NATS", &url, &"did not listen within 10 s", false);
+                unavailable("NATS", &url, &"did not listen within 10 s", named_by);
                 None
             }
         }
