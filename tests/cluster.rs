@@ -1,7 +1,12 @@
 //! Several nodes on one PostgreSQL database and a NATS server (issue: scale
 //! out): events published on any node reach clients on every node once each;
 //! settings changes and deletions apply everywhere; a NATS outage keeps
-//! local delivery going, turns `/readyz` to 503, and heals by itself.
+//! local delivery going, turns `/readyz` to 503, and heals by itself; a late
+//! notice of an older version changes nothing.
+//!
+//! Needs PostgreSQL (the shared database) and NATS: the machine's (each test
+//! on subjects of its own), or for the outage a `nats-server` the test starts
+//! and kills. Without them each test prints its skip line and returns.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

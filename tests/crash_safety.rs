@@ -26,9 +26,9 @@ fn settings_for(g: u32) -> Value {
 }
 
 /// Settings upserts acknowledged (over all writers) before the kill.
-const KILL_AFTER_SETTINGS: u32 = 40;
+const KILL_AFTER_SETTINGS: u32 = 100;
 /// Instance creations acknowledged before the kill.
-const KILL_AFTER_CREATED: usize = 10;
+const KILL_AFTER_CREATED: usize = 20;
 
 #[derive(Default)]
 struct Acked {
