@@ -121,6 +121,8 @@ async fn sighup_changes_the_origin_allowlist_without_dropping_clients() {
     };
     let (ws, _) = connect("https://a.example").await.unwrap();
     let mut first = common::Ws { inner: ws };
+    // Its session has joined before anything is published to it.
+    s.wait_clients("hup", Some(1)).await;
     assert!(connect("https://b.example").await.is_err());
     std::fs::write(&config, "[ws]\nallowed_origins = [\"https://b.example\"]\n").unwrap();
     p.signal("HUP");
