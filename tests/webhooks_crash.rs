@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::{event, free_port, Process, TestDb, TestServer, ACCOUNT};
 use eventgate::settings::Settings;
 use serde_json::{json, Value};
-use webhook_receiver::{eventually, postgres_available, Receiver};
+use webhook_receiver::{eventually, Receiver};
 
 fn env(extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
     let mut v = vec![
@@ -142,18 +142,17 @@ async fn sigkill_while_the_receiver_is_down_loses_no_acknowledged_event_on_sqlit
 
 #[actix_rt::test]
 async fn sigkill_while_the_receiver_is_down_loses_no_acknowledged_event_on_postgres() {
-    if !postgres_available() {
+    let Some(db) = common::require_postgres() else {
         return;
-    }
-    crash_and_check(TestDb::postgres()).await;
+    };
+    crash_and_check(db).await;
 }
 
 #[actix_rt::test]
 async fn another_node_delivers_what_a_killed_node_held_in_flight() {
-    if !postgres_available() {
+    let Some(db) = common::require_postgres() else {
         return;
-    }
-    let db = TestDb::postgres();
+    };
     let rx = Receiver::start();
     rx.hold(true); // node A's attempts hang
     let env = env(&[]);
@@ -240,56 +239,14 @@ async fn ready(s: &TestServer) {
     .await;
 }
 
-/// A nats-server of the test's own, on a free port (killed when dropped).
-struct Nats {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Nats {
-    /// `None` (with the skip line) when nats-server is not installed.
-    fn start() -> Option<Nats> {
-        let port = free_port();
-        let child = std::process::Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-        let Ok(child) = child else {
-            if std::env::var("EVENTGATE_TEST_REQUIRE_SERVICES").as_deref() == Ok("1") {
-                panic!("no NATS: nats-server is not installed");
-            }
-            println!("skipped: no NATS at nats://127.0.0.1:{port}; set EVENTGATE_TEST_REQUIRE_SERVICES=1 to fail instead");
-            return None;
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nats-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Nats { child, port })
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[actix_rt::test]
 async fn a_webhook_set_on_one_node_takes_effect_on_the_other() {
-    if !postgres_available() {
-        return;
-    }
-    let Some(nats) = Nats::start() else {
+    let Some(db) = common::require_postgres() else {
         return;
     };
-    let db = TestDb::postgres();
+    let Some(nats) = common::NatsServer::start() else {
+        return;
+    };
     let rx = Receiver::start();
     let env = env(&[(
         "EVENTGATE_NATS_URL",

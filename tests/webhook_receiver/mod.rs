@@ -1,7 +1,6 @@
 //! A real webhook receiver for the tests: an HTTP server on 127.0.0.1 that
 //! records every request (path, headers, body, time) and answers as the test
-//! tells it (status, headers, holding the reply until released), plus a
-//! check that a PostgreSQL server is there.
+//! tells it (status, headers, holding the reply until released).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -256,25 +255,4 @@ where
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-}
-
-/// Whether PostgreSQL is reachable for tests that need it: prints the skip
-/// line and returns false when it is not (fails instead with
-/// `EVENTGATE_TEST_REQUIRE_SERVICES=1`).
-pub fn postgres_available() -> bool {
-    use diesel::Connection;
-    let url = std::env::var("EVENTGATE_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_string());
-    if diesel::PgConnection::establish(&url).is_ok() {
-        return true;
-    }
-    if std::env::var("EVENTGATE_TEST_REQUIRE_SERVICES").as_deref() == Ok("1") {
-        panic!("no PostgreSQL at {url}");
-    }
-    println!(
-        "skipped: no PostgreSQL at {url}; set EVENTGATE_TEST_REQUIRE_SERVICES=1 to fail instead"
-    );
-    false
 }
