@@ -324,7 +324,12 @@ def contract_auth_outcome(ctx, response, case):
         )
         return None
     if token == INSTANCE_TOKEN:
-        own = path.rstrip("/").split("/")[-1] == "fuzz-ws"
+        segments = path.rstrip("/").split("/")
+        # The instance is the last segment, or the one before a webhook
+        # sub-resource (/api/events/webhook/<instance>/failed|retry).
+        own = segments[-1] == "fuzz-ws" or (
+            path.startswith("/api/events/webhook/") and segments[-1] in ("failed", "retry") and segments[-2] == "fuzz-ws"
+        )
         if path.startswith(ACCOUNT_ONLY):
             assert (status, message) == (401, "Invalid token"), (
                 f"a TokenInstance on an account-only endpoint got {status} {message!r}"

@@ -101,6 +101,11 @@ impl Webhooks {
         self.enabled.read().get(&instance).cloned()
     }
 
+    /// Whether any instance has an enabled webhook (else nothing can be due).
+    pub fn any_enabled(&self) -> bool {
+        !self.enabled.read().is_empty()
+    }
+
     /// Replaces what is known of one instance.
     pub fn set(&self, instance: InstanceId, hooks: Vec<EnabledWebhook>) {
         let mut map = self.enabled.write();

@@ -165,6 +165,15 @@ async fn dispatch(env: WorkerEnv, in_flight: InFlight, done: mpsc::UnboundedSend
         if (env.stopping)() {
             return;
         }
+        if !env.webhooks.any_enabled() {
+            // No enabled webhook anywhere (the map is the cluster's): nothing
+            // can be due, so no claim touches the database.
+            tokio::select! {
+                _ = env.webhooks.wake.notified() => {}
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            continue;
+        }
         let exclude: Vec<i64> = in_flight
             .lock()
             .iter()
@@ -480,13 +489,17 @@ async fn send(
     match sent {
         Ok(res) => {
             let status = res.status();
+            let retry_after_header = res.headers().get(reqwest::header::RETRY_AFTER).cloned();
+            // Reading the (short) reply to its end lets the connection be
+            // reused for the next delivery to this receiver.
+            let _ = tokio::time::timeout(Duration::from_secs(1), res.bytes()).await;
             if status.is_success() {
                 return Ok(());
             }
             let code = i64::from(status.as_u16());
             let retry_after = if code == 429 || code == 503 {
-                res.headers()
-                    .get(reqwest::header::RETRY_AFTER)
+                retry_after_header
+                    .as_ref()
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .filter(|s| *s <= MAX_RETRY_AFTER)
