@@ -1383,3 +1383,76 @@ async fn an_ip_literal_is_checked_again_when_connecting() {
     );
     assert_eq!(rx.count(), 0);
 }
+
+#[actix_rt::test]
+async fn storage_failures_answer_the_contract_500s_and_publish_is_not_acknowledged() {
+    let Some(db) = common::require_postgres() else {
+        return;
+    };
+    let s = TestServer::start_on(db, |s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.storage.connect_timeout_secs = 1;
+    })
+    .await;
+    let rx = Receiver::start();
+    s.instance("gone").await;
+    set_ok(&s, "gone", json!({"enabled": true, "url": rx.url("/")})).await;
+    assert_eq!(
+        s.publish("gone", event("call.update", json!({})))
+            .await
+            .status,
+        202
+    );
+    rx.wait_count(1, WAIT).await;
+    s.db.take_away();
+    set(&s, "gone", json!({"enabled": true, "url": rx.url("/")}))
+        .await
+        .assert_error(500, "Failed to get instance");
+    for path in [
+        "/api/events/getWebhook/gone",
+        "/api/events/webhook/gone?label=default",
+        "/api/events/webhook/gone/failed",
+    ] {
+        get(&s, path)
+            .await
+            .assert_error(500, "Failed to get webhook configuration");
+    }
+    s.call("DELETE", "/api/events/webhook/gone", Some(ACCOUNT), None)
+        .await
+        .assert_error(500, "Failed to get webhook configuration");
+    s.call(
+        "POST",
+        "/api/events/webhook/gone/retry",
+        Some(ACCOUNT),
+        Some(json!({})),
+    )
+    .await
+    .assert_error(500, "Failed to get webhook configuration");
+    // The deliveries of a publish cannot be stored: no 202.
+    s.publish("gone", event("call.update", json!({})))
+        .await
+        .assert_error(500, "Internal server error");
+}
+
+#[actix_rt::test]
+async fn webhook_endpoints_count_against_the_general_bucket() {
+    let s = TestServer::start_with(|s| s.rate_limit.per_minute = 3).await;
+    let token = s.instance("rl").await;
+    for _ in 0..3 {
+        let r = s
+            .call("GET", "/api/events/getWebhook/rl", Some(&token), None)
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let r = s
+        .call(
+            "POST",
+            "/api/events/webhook/rl",
+            Some(&token),
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    r.assert_error(429, "Rate limit exceeded. Try again later.");
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    assert!(r.header("retry-after").is_some());
+}
