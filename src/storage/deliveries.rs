@@ -244,25 +244,49 @@ pub fn claim(
 pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageError> {
     let q_success = dialect(
         conn,
-        "UPDATE webhooks SET delivered = delivered + 1, last_success_at = $1 WHERE id = $2",
+        "UPDATE webhooks SET delivered = delivered + $1, last_success_at = $2 WHERE id = $3",
     );
     let q_failure = dialect(
         conn,
         "UPDATE webhooks SET last_failure_at = $1, last_error = $2 WHERE id = $3",
     );
+    // Successes in one statement, and one counter update per webhook.
+    let delivered: Vec<i64> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Delivered { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    let mut last_success: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+    for o in outcomes {
+        if let Outcome::Delivered { webhook_id, at, .. } = o {
+            let e = last_success.entry(*webhook_id).or_insert(*at);
+            *e = (*e).max(*at);
+        }
+    }
     write_tx!(conn, c => {
+        if !delivered.is_empty() {
+            let gone: Vec<i64> = diesel::delete(
+                d::table.filter(d::seq.eq_any(&delivered)).filter(d::dead_at.is_null()),
+            )
+            .returning(d::webhook_id)
+            .get_results(c)?;
+            let mut per_hook: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+            for w in gone {
+                *per_hook.entry(w).or_insert(0) += 1;
+            }
+            for (w, n) in per_hook {
+                diesel::sql_query(&q_success)
+                    .bind::<BigInt, _>(n)
+                    .bind::<BigInt, _>(last_success.get(&w).copied().unwrap_or(0))
+                    .bind::<BigInt, _>(w)
+                    .execute(c)?;
+            }
+        }
         for o in outcomes {
             match o {
-                Outcome::Delivered { seq, webhook_id, at } => {
-                    let n = diesel::delete(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
-                        .execute(c)?;
-                    if n > 0 {
-                        diesel::sql_query(&q_success)
-                            .bind::<BigInt, _>(at)
-                            .bind::<BigInt, _>(webhook_id)
-                            .execute(c)?;
-                    }
-                }
+                Outcome::Delivered { .. } => {}
                 Outcome::Retry { seq, webhook_id, attempts, next_at, status, error, at } => {
                     diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
                         .set((
