@@ -1456,3 +1456,55 @@ async fn webhook_endpoints_count_against_the_general_bucket() {
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
     assert!(r.header("retry-after").is_some());
 }
+
+#[actix_rt::test]
+async fn dead_letters_past_retention_are_removed() {
+    let s = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.retry_schedule_secs = vec![];
+        s.webhook.dead_letter_hours = 168;
+    })
+    .await;
+    let rx = Receiver::start();
+    rx.answer(|_, _| (500, vec![]));
+    s.instance("old").await;
+    set_ok(&s, "old", json!({"enabled": true, "url": rx.url("/")})).await;
+    s.publish(
+        "old",
+        json!([
+            event("call.update", json!({"a": 1})),
+            event("call.update", json!({"a": 2}))
+        ]),
+    )
+    .await;
+    wait_stats(&s, "old", "default", |st| st["failed"] == 2).await;
+    // One of them died 169 hours ago.
+    let first = failed(&s, "old", "").await.body["deliveries"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hours_ago = eventgate::storage::now_millis() - 169 * 3_600_000;
+    execute(
+        &s.db.url,
+        &format!("UPDATE webhook_deliveries SET dead_at = {hours_ago} WHERE id = '{first}'"),
+    );
+    let st = wait_stats(&s, "old", "default", |st| st["failed"] == 1).await;
+    assert_eq!(st["pending"], 0);
+    let left = failed(&s, "old", "").await;
+    assert_eq!(left.body["deliveries"][0]["envelope"]["data"]["a"], 2);
+}
+
+fn execute(url: &str, sql: &str) {
+    use diesel::{Connection, RunQueryDsl};
+    if url.starts_with("postgres") {
+        diesel::sql_query(sql)
+            .execute(&mut diesel::PgConnection::establish(url).unwrap())
+            .unwrap();
+    } else {
+        let mut c = diesel::SqliteConnection::establish(url).unwrap();
+        diesel::sql_query("PRAGMA busy_timeout = 10000")
+            .execute(&mut c)
+            .unwrap();
+        diesel::sql_query(sql).execute(&mut c).unwrap();
+    }
+}
