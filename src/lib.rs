@@ -148,6 +148,7 @@ pub async fn serve(
             metrics: metrics.clone(),
             bus: bus.clone(),
             publish_queue: settings.limits.publish_queue,
+            history: crate::instance::history::HistoryLimits::from_settings(&settings.ws),
         },
         Arc::new(AccessCache::default()),
     );

@@ -110,6 +110,12 @@ pub struct WsSettings {
     pub max_message_bytes: usize,
     /// Seconds sent data may stay unacknowledged before the kernel drops the socket (`TCP_USER_TIMEOUT`).
     pub tcp_user_timeout_secs: u64,
+    /// Recovery on reconnect (contract §12): events kept per instance; 0 = no history (`EVENTGATE_WS_HISTORY_SIZE`).
+    pub history_size: usize,
+    /// Seconds an event stays in the history (`EVENTGATE_WS_HISTORY_TTL_SECS`).
+    pub history_ttl_secs: u64,
+    /// Bytes of envelopes (as published, media kept) one instance's history holds (`EVENTGATE_WS_HISTORY_BYTES`).
+    pub history_bytes: usize,
 }
 
 /// Fixed-window request limits (contract §4). Zero disables a bucket.
@@ -203,6 +209,9 @@ impl Default for WsSettings {
             client_buffer_bytes: 4 * 1024 * 1024,
             max_message_bytes: 64 * 1024,
             tcp_user_timeout_secs: 10,
+            history_size: 0,
+            history_ttl_secs: 300,
+            history_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -331,6 +340,9 @@ impl Settings {
             "EVENTGATE_WS_IDLE_TIMEOUT_SECS" => self.ws.idle_timeout_secs,
             "EVENTGATE_WS_CLIENT_BUFFER" => self.ws.client_buffer,
             "EVENTGATE_WS_CLIENT_BUFFER_BYTES" => self.ws.client_buffer_bytes,
+            "EVENTGATE_WS_HISTORY_SIZE" => self.ws.history_size,
+            "EVENTGATE_WS_HISTORY_TTL_SECS" => self.ws.history_ttl_secs,
+            "EVENTGATE_WS_HISTORY_BYTES" => self.ws.history_bytes,
             "EVENTGATE_RATE_LIMIT_PER_MINUTE" => self.rate_limit.per_minute,
             "EVENTGATE_RATE_LIMIT_INSTANCE_NEW_PER_MINUTE" => self.rate_limit.instance_new_per_minute,
             "EVENTGATE_MAX_CONNECTIONS" => self.limits.max_connections,
@@ -359,7 +371,7 @@ impl Settings {
                 "must start with http:// or https://",
             ));
         }
-        let positive: [(&'static str, u64); 10] = [
+        let positive: [(&'static str, u64); 12] = [
             ("server.workers", self.server.workers as u64),
             ("storage.pool_size", u64::from(self.storage.pool_size)),
             (
@@ -370,6 +382,8 @@ impl Settings {
             ("ws.client_buffer", self.ws.client_buffer as u64),
             ("ws.client_buffer_bytes", self.ws.client_buffer_bytes as u64),
             ("ws.max_message_bytes", self.ws.max_message_bytes as u64),
+            ("ws.history_ttl_secs", self.ws.history_ttl_secs),
+            ("ws.history_bytes", self.ws.history_bytes as u64),
             ("limits.publish_batch", self.limits.publish_batch as u64),
             ("limits.publish_queue", self.limits.publish_queue as u64),
             ("cluster.refresh_secs", self.cluster.refresh_secs),

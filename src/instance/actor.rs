@@ -6,19 +6,27 @@
 //! evicted with 4008; nobody else waits for it. The envelope of an event is
 //! built once per event (per mediaBase64 variant) and shared by all sessions;
 //! with no sessions nothing is built.
+//!
+//! With a history (contract §12, [`History`]), every event accepted while the
+//! WebSocket is enabled is kept and numbered, sessions or not; sessions that
+//! opted in get envelopes stamped with offset and epoch (stamped once per
+//! event), and a recovering session's replay is queued inside `Join`, so
+//! nothing published around the hand-over is missed or repeated.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::dev::SendError;
 use actix::prelude::*;
 use bytestring::ByteString;
 
+use super::history::{recovery_frame, History, HistoryLimits};
 use super::messages::*;
 use super::{Inbox, InstanceInfo, Registry};
-use crate::domain::{EventSet, VersionedConfig};
-use crate::events::{envelope, instance_data_json};
+use crate::domain::{EventKind, EventSet, VersionedConfig};
+use crate::events::{envelope, instance_data_json, strips_media};
 use crate::metrics::Metrics;
 use crate::ws::close::CloseCode;
 
@@ -38,12 +46,25 @@ pub struct FanoutEnv {
     /// Publishes waiting for an instance actor past which publishers wait
     /// (`limits.publish_queue`; see `Inbox`).
     pub publish_queue: usize,
+    /// Bounds of each instance's history; `None`: no history is kept.
+    pub history: Option<HistoryLimits>,
 }
 
 struct SessionEntry {
     recipient: Recipient<ToSession>,
     narrowing: EventSet,
     shared: Arc<SessionShared>,
+    /// Whether the client opted in to recovery (`?recover=true`).
+    recovering: bool,
+}
+
+/// One event's envelopes for this node's sessions.
+struct Frame {
+    kind: EventKind,
+    /// As every client that did not opt in receives it.
+    plain: ByteString,
+    /// With `"offset"` and `"epoch"`, when a session that opted in needs it.
+    stamped: Option<ByteString>,
 }
 
 /// One instance's actor.
@@ -63,6 +84,10 @@ pub struct InstanceActor {
     following: Option<tokio::task::JoinHandle<()>>,
     /// Publishes sent to this actor and not yet handled (shared with its `Inbox`es).
     waiting: Arc<AtomicUsize>,
+    /// This instance's recent events (`None`: no history configured).
+    history: Option<History>,
+    /// Sessions that opted in to recovery.
+    recovering: usize,
 }
 
 impl InstanceActor {
@@ -75,6 +100,7 @@ impl InstanceActor {
         waiting: Arc<AtomicUsize>,
     ) -> Self {
         let instance_data = instance_data_json(&env.base_url, &info.name, &info.token);
+        let history = env.history.map(History::new);
         Self {
             info,
             config,
@@ -86,11 +112,22 @@ impl InstanceActor {
             reported: 0,
             following: None,
             waiting,
+            history,
+            recovering: 0,
         }
     }
 
+    /// Forgets a session (keeping the count of those that opted in).
+    fn remove_session(&mut self, id: SessionId) -> Option<SessionEntry> {
+        let entry = self.sessions.remove(&id)?;
+        if entry.recovering {
+            self.recovering -= 1;
+        }
+        Some(entry)
+    }
+
     fn evict(&mut self, id: SessionId, code: CloseCode) {
-        if let Some(entry) = self.sessions.remove(&id) {
+        if let Some(entry) = self.remove_session(id) {
             entry.shared.request_close(code);
             // Bypasses the full mailbox on purpose: one control message.
             entry.recipient.do_send(ToSession::Close(code));
@@ -110,6 +147,7 @@ impl InstanceActor {
 
     fn close_all(&mut self, code: CloseCode) -> usize {
         let n = self.sessions.len();
+        self.recovering = 0;
         for (_, entry) in self.sessions.drain() {
             entry.shared.request_close(code);
             entry.recipient.do_send(ToSession::Close(code));
@@ -179,16 +217,105 @@ impl Handler<Join> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Join, ctx: &mut Self::Context) {
-        self.sessions.insert(
-            msg.session,
-            SessionEntry {
-                recipient: msg.recipient,
-                narrowing: msg.narrowing,
-                shared: msg.shared,
-            },
-        );
+        let entry = SessionEntry {
+            recipient: msg.recipient,
+            narrowing: msg.narrowing,
+            shared: msg.shared,
+            recovering: msg.recovery.is_some(),
+        };
+        if let Some(recovery) = msg.recovery {
+            // Queued before any later publish is handled: the replay ends
+            // exactly where live events begin.
+            let batch = self.recovery_batch(&recovery, entry.narrowing);
+            if let Err(code) = self.offer(&entry, batch, ToSession::Replay) {
+                entry.shared.request_close(code);
+                entry.recipient.do_send(ToSession::Close(code));
+                return;
+            }
+            self.recovering += 1;
+        }
+        self.sessions.insert(msg.session, entry);
         self.report_count();
         self.update_interest(ctx);
+    }
+}
+
+impl InstanceActor {
+    /// A recovering session's first frame and the replay that follows it
+    /// (contract §12), counted in the metrics.
+    fn recovery_batch(&mut self, recovery: &Recovery, narrowing: EventSet) -> Batch {
+        let config = self
+            .config
+            .as_ref()
+            .map(|c| &c.config)
+            .filter(|c| c.enabled);
+        let mut frames = Vec::new();
+        let (recovered, first) = match (&mut self.history, &recovery.since) {
+            (None, since) => (since.is_none(), recovery_frame(since.is_none(), "", 0)),
+            (Some(history), None) => (
+                true,
+                recovery_frame(true, history.epoch(), history.latest()),
+            ),
+            (Some(history), Some((epoch, since))) => {
+                let recovered = epoch == history.epoch() && history.covers(*since, Instant::now());
+                if let (true, Some(config)) = (recovered, config) {
+                    let filter = config.event_set();
+                    for kept in history
+                        .after(*since)
+                        .filter(|e| filter.allows(e.kind) && narrowing.allows(e.kind))
+                    {
+                        frames
+                            .push(history.stamp(kept.frame_for(config.media_base64), kept.offset));
+                    }
+                }
+                (
+                    recovered,
+                    recovery_frame(recovered, history.epoch(), history.latest()),
+                )
+            }
+        };
+        if let Some((_, since)) = &recovery.since {
+            let metrics = &self.env.metrics;
+            metrics
+                .recoveries
+                .with_label_values(&[if recovered { "true" } else { "false" }])
+                .inc();
+            metrics.replayed_events.inc_by(frames.len() as u64);
+            log::debug!(
+                "instance={} recovery since {since}: recovered={recovered}, {} replayed",
+                self.info.name,
+                frames.len()
+            );
+        }
+        frames.insert(0, first);
+        let frames: Arc<[ByteString]> = frames.into();
+        let bytes = frames.iter().map(|f| f.len()).sum();
+        Batch { frames, bytes }
+    }
+
+    /// Queues `batch` to a session within its bounds; the close code it
+    /// earns otherwise.
+    fn offer(
+        &self,
+        entry: &SessionEntry,
+        batch: Batch,
+        wrap: fn(Batch) -> ToSession,
+    ) -> Result<(), CloseCode> {
+        let bytes = batch.bytes;
+        let queued = entry.shared.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        // A client with nothing queued takes any batch: it is not behind.
+        if queued > 0 && queued + bytes > self.env.client_buffer_bytes {
+            entry.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(CloseCode::SlowConsumer);
+        }
+        match entry.recipient.try_send(wrap(batch)) {
+            Ok(()) => Ok(()),
+            Err(SendError::Full(_)) => {
+                entry.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                Err(CloseCode::SlowConsumer)
+            }
+            Err(SendError::Closed(_)) => Err(CloseCode::Normal),
+        }
     }
 }
 
@@ -196,7 +323,7 @@ impl Handler<Leave> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Leave, ctx: &mut Self::Context) {
-        if self.sessions.remove(&msg.session).is_some() {
+        if self.remove_session(msg.session).is_some() {
             self.report_count();
             self.update_interest(ctx);
         }
@@ -249,7 +376,7 @@ impl Handler<Publish> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) {
-        if self.sessions.is_empty() {
+        if self.sessions.is_empty() && self.history.is_none() {
             return;
         }
         let Some(config) = self.config.as_ref().map(|c| &c.config) else {
@@ -258,77 +385,47 @@ impl Handler<Publish> for InstanceActor {
         if !config.enabled {
             return;
         }
-        let filter = config.event_set();
-        let frames: Vec<(crate::domain::EventKind, ByteString)> = msg
-            .events
-            .iter()
-            .filter(|e| filter.allows(e.kind))
-            .map(|e| {
-                (
-                    e.kind,
-                    envelope(e, &self.instance_data, config.media_base64),
-                )
-            })
-            .collect();
+        let (filter, media) = (config.event_set(), config.media_base64);
+        let frames = match &mut self.history {
+            None => msg
+                .events
+                .iter()
+                .filter(|e| filter.allows(e.kind))
+                .map(|e| Frame {
+                    kind: e.kind,
+                    plain: envelope(e, &self.instance_data, media),
+                    stamped: None,
+                })
+                .collect(),
+            Some(history) => {
+                // Every accepted event is kept, whatever the filter.
+                let now = Instant::now();
+                let stamping = self.recovering > 0;
+                let mut frames = Vec::with_capacity(msg.events.len());
+                for e in msg.events.iter() {
+                    let kept = envelope(e, &self.instance_data, true);
+                    let stripped = strips_media(e).then(|| envelope(e, &self.instance_data, false));
+                    let plain = match (&stripped, media) {
+                        (Some(stripped), false) => stripped.clone(),
+                        _ => kept.clone(),
+                    };
+                    let offset = history.push(e.kind, kept, stripped, now);
+                    if !self.sessions.is_empty() && filter.allows(e.kind) {
+                        let stamped = stamping.then(|| history.stamp(&plain, offset));
+                        frames.push(Frame {
+                            kind: e.kind,
+                            plain,
+                            stamped,
+                        });
+                    }
+                }
+                frames
+            }
+        };
         if frames.is_empty() {
             return;
         }
-        let all = batch_of(frames.iter());
-        // Narrowed clients share one batch per distinct narrowing.
-        let mut narrowed: Vec<(EventSet, Batch)> = Vec::new();
-        let mut dropped = Vec::new();
-        let mut delivered = 0u64;
-        for (id, entry) in &self.sessions {
-            let batch = if entry.narrowing == EventSet::default() {
-                &all
-            } else if let Some(pos) = narrowed.iter().position(|(n, _)| *n == entry.narrowing) {
-                &narrowed[pos].1
-            } else {
-                let set = entry.narrowing;
-                narrowed.push((set, batch_of(frames.iter().filter(|(k, _)| set.allows(*k)))));
-                &narrowed[narrowed.len() - 1].1
-            };
-            if batch.frames.is_empty() {
-                continue;
-            }
-            let queued = entry
-                .shared
-                .queued_bytes
-                .fetch_add(batch.bytes, Ordering::AcqRel);
-            // A client with nothing queued takes any batch: it is not behind.
-            if queued > 0 && queued + batch.bytes > self.env.client_buffer_bytes {
-                entry
-                    .shared
-                    .queued_bytes
-                    .fetch_sub(batch.bytes, Ordering::AcqRel);
-                dropped.push((*id, CloseCode::SlowConsumer));
-                continue;
-            }
-            match entry.recipient.try_send(ToSession::Deliver(batch.clone())) {
-                Ok(()) => delivered += batch.frames.len() as u64,
-                Err(SendError::Full(_)) => {
-                    entry
-                        .shared
-                        .queued_bytes
-                        .fetch_sub(batch.bytes, Ordering::AcqRel);
-                    dropped.push((*id, CloseCode::SlowConsumer));
-                }
-                Err(SendError::Closed(_)) => dropped.push((*id, CloseCode::Normal)),
-            }
-        }
-        let lost_some = !dropped.is_empty();
-        for (id, code) in dropped {
-            if code == CloseCode::SlowConsumer {
-                self.evict(id, code);
-            } else {
-                self.sessions.remove(&id);
-                self.report_count();
-            }
-        }
-        if lost_some {
-            self.update_interest(ctx);
-        }
-        self.env.metrics.events_delivered.inc_by(delivered);
+        self.fan_out(&frames, ctx);
         self.env
             .metrics
             .fanout_seconds
@@ -336,9 +433,62 @@ impl Handler<Publish> for InstanceActor {
     }
 }
 
-/// Collects frames into one shared batch.
-fn batch_of<'a>(frames: impl Iterator<Item = &'a (crate::domain::EventKind, ByteString)>) -> Batch {
-    let frames: Arc<[ByteString]> = frames.map(|(_, f)| f.clone()).collect();
+impl InstanceActor {
+    /// Queues `frames` to every session, evicting those past their bounds.
+    fn fan_out(&mut self, frames: &[Frame], ctx: &mut Context<Self>) {
+        if frames.is_empty() {
+            return;
+        }
+        // Sessions with the same narrowing and opt-in share one batch.
+        let mut batches: Vec<((EventSet, bool), Batch)> = Vec::new();
+        let mut dropped = Vec::new();
+        let mut delivered = 0u64;
+        for (id, entry) in &self.sessions {
+            let key = (entry.narrowing, entry.recovering);
+            let pos = match batches.iter().position(|(k, _)| *k == key) {
+                Some(pos) => pos,
+                None => {
+                    batches.push((key, batch_of(frames, key.0, key.1)));
+                    batches.len() - 1
+                }
+            };
+            let batch = &batches[pos].1;
+            if batch.frames.is_empty() {
+                continue;
+            }
+            let n = batch.frames.len() as u64;
+            match self.offer(entry, batch.clone(), ToSession::Deliver) {
+                Ok(()) => delivered += n,
+                Err(code) => dropped.push((*id, code)),
+            }
+        }
+        let lost_some = !dropped.is_empty();
+        for (id, code) in dropped {
+            if code == CloseCode::SlowConsumer {
+                self.evict(id, code);
+            } else {
+                self.remove_session(id);
+                self.report_count();
+            }
+        }
+        if lost_some {
+            self.update_interest(ctx);
+        }
+        self.env.metrics.events_delivered.inc_by(delivered);
+    }
+}
+
+/// Collects the frames a session with `narrowing` receives into one shared
+/// batch, stamped when it opted in (and the instance keeps a history).
+fn batch_of(frames: &[Frame], narrowing: EventSet, stamped: bool) -> Batch {
+    let frames: Arc<[ByteString]> = frames
+        .iter()
+        .filter(|f| narrowing.allows(f.kind))
+        .map(|f| match (&f.stamped, stamped) {
+            (Some(s), true) => s.clone(),
+            _ => f.plain.clone(),
+        })
+        .collect();
     let bytes = frames.iter().map(|f| f.len()).sum();
     Batch { frames, bytes }
 }

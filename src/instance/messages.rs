@@ -58,6 +58,9 @@ pub struct Batch {
 pub enum ToSession {
     /// Write these frames, in order.
     Deliver(Batch),
+    /// Write these frames (a recovery's first frame and replay), in order,
+    /// as fast as the socket takes them; later deliveries follow them.
+    Replay(Batch),
     /// Close with this code and stop.
     Close(CloseCode),
 }
@@ -72,6 +75,16 @@ pub struct Join {
     /// The client's `?events=` narrowing (empty = none).
     pub narrowing: EventSet,
     pub shared: Arc<SessionShared>,
+    /// Whether (and from where) the client recovers (`?recover=true`).
+    pub recovery: Option<Recovery>,
+}
+
+/// A client's opt-in to recovery on reconnect (contract §12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// The epoch and offset of the last envelope the client processed;
+    /// `None` when it asks only for its starting position.
+    pub since: Option<(String, u64)>,
 }
 
 /// A session leaves (sent from the session's `stopping`).

@@ -7,6 +7,7 @@
 
 pub mod actor;
 pub mod change;
+pub mod history;
 pub mod inbox;
 pub mod messages;
 pub mod registry;
