@@ -139,7 +139,12 @@ pub async fn serve(
             .to_string()
     };
     let metrics = Arc::new(Metrics::new()?);
-    let bus = Bus::connect(&settings.cluster, metrics.clone()).await?;
+    let bus = Bus::connect(
+        &settings.cluster,
+        metrics.clone(),
+        crate::instance::history::HistoryLimits::from_settings(&settings.ws),
+    )
+    .await?;
     let registry = Registry::new(
         settings.server.instance_arbiters,
         FanoutEnv {

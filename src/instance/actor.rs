@@ -30,6 +30,11 @@ use crate::events::{envelope, instance_data_json, strips_media};
 use crate::metrics::Metrics;
 use crate::ws::close::CloseCode;
 
+// Following the cluster's shared history: handlers of `SyncStart` and
+// `Sequenced`, joins parked until the mirror is loaded.
+#[path = "mirror.rs"]
+mod mirror;
+
 /// Mailbox capacity of an instance actor (see `started`).
 const INSTANCE_MAILBOX: usize = 1 << 16;
 
@@ -88,6 +93,18 @@ pub struct InstanceActor {
     history: Option<History>,
     /// Sessions that opted in to recovery.
     recovering: usize,
+    /// The cluster's shared history, when instances keep one: `history` is
+    /// then this node's mirror of it.
+    shared: Option<Arc<super::shared_history::SharedHistory>>,
+    /// Whether the mirror is loaded (always, without a shared history).
+    synced: bool,
+    /// Whether `history` is a local numbering standing in for the shared one
+    /// (it could not be reached).
+    degraded: bool,
+    /// Joins waiting for the mirror to load, with when they arrived.
+    parked: Vec<(Join, Instant)>,
+    /// Follows the shared history into this actor while it has sessions.
+    mirror_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl InstanceActor {
@@ -100,7 +117,11 @@ impl InstanceActor {
         waiting: Arc<AtomicUsize>,
     ) -> Self {
         let instance_data = instance_data_json(&env.base_url, &info.name, &info.token);
-        let history = env.history.map(History::new);
+        let shared = env.history.and(env.bus.shared_history().cloned());
+        let history = match shared {
+            Some(_) => None,
+            None => env.history.map(History::new),
+        };
         Self {
             info,
             config,
@@ -112,8 +133,13 @@ impl InstanceActor {
             reported: 0,
             following: None,
             waiting,
+            synced: shared.is_none(),
+            shared,
             history,
             recovering: 0,
+            degraded: false,
+            parked: Vec::new(),
+            mirror_task: None,
         }
     }
 
@@ -158,14 +184,17 @@ impl InstanceActor {
 
     /// Subscribes to other nodes' events while there are sessions, and only then.
     fn update_interest(&mut self, ctx: &mut Context<Self>) {
-        match (self.sessions.is_empty(), &self.following) {
+        let idle = self.sessions.is_empty() && self.parked.is_empty();
+        match (idle, &self.following) {
             (false, None) => {
                 let inbox = Inbox::new(ctx.address(), self.waiting.clone(), self.env.publish_queue);
                 self.following = self.env.bus.follow(self.info.id, inbox);
+                self.follow_shared(ctx);
             }
             (true, Some(task)) => {
                 task.abort();
                 self.following = None;
+                self.unfollow_shared();
             }
             _ => {}
         }
@@ -200,6 +229,7 @@ impl Actor for InstanceActor {
         if let Some(task) = self.following.take() {
             task.abort();
         }
+        self.unfollow_shared();
         if self.metrics_label != super::registry::OTHER_LABEL {
             let _ = self
                 .env
@@ -217,6 +247,17 @@ impl Handler<Join> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Join, ctx: &mut Self::Context) {
+        if !self.synced {
+            return self.park(msg, ctx);
+        }
+        self.admit(msg, None, ctx);
+    }
+}
+
+impl InstanceActor {
+    /// Adds a session, queuing its recovery first (or, for a session that
+    /// waited for the mirror, what was published since it arrived).
+    fn admit(&mut self, msg: Join, arrived: Option<Instant>, ctx: &mut Context<Self>) {
         let entry = SessionEntry {
             recipient: msg.recipient,
             narrowing: msg.narrowing,
@@ -233,6 +274,15 @@ impl Handler<Join> for InstanceActor {
                 return;
             }
             self.recovering += 1;
+        } else if let Some(arrived) = arrived {
+            let batch = self.published_since(arrived, entry.narrowing);
+            if !batch.frames.is_empty() {
+                if let Err(code) = self.offer(&entry, batch, ToSession::Replay) {
+                    entry.shared.request_close(code);
+                    entry.recipient.do_send(ToSession::Close(code));
+                    return;
+                }
+            }
         }
         self.sessions.insert(msg.session, entry);
         self.report_count();
@@ -376,7 +426,7 @@ impl Handler<Publish> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) {
-        if self.sessions.is_empty() && self.history.is_none() {
+        if self.sessions.is_empty() && self.history.is_none() && self.parked.is_empty() {
             return;
         }
         let Some(config) = self.config.as_ref().map(|c| &c.config) else {
@@ -385,6 +435,13 @@ impl Handler<Publish> for InstanceActor {
         if !config.enabled {
             return;
         }
+        if self.shared.is_some() {
+            // Events that did not go through the shared history.
+            self.degrade(ctx);
+        }
+        let Some(config) = self.config.as_ref().map(|c| &c.config) else {
+            return;
+        };
         let (filter, media) = (config.event_set(), config.media_base64);
         let frames = match &mut self.history {
             None => msg

@@ -130,6 +130,31 @@ impl History {
         self.latest
     }
 
+    /// Keeps an event numbered elsewhere (the shared history) with `offset`,
+    /// above every offset kept so far.
+    pub fn push_at(
+        &mut self,
+        offset: u64,
+        kind: EventKind,
+        frame: ByteString,
+        stripped: Option<ByteString>,
+        at: Instant,
+        now: Instant,
+    ) {
+        self.latest = self.latest.max(offset.saturating_sub(1));
+        self.push(kind, frame, stripped, at);
+        self.trim(now);
+    }
+
+    /// Forgets every kept event and everything up to `floor` (what the
+    /// shared history lost before this node saw it).
+    pub fn restart_after(&mut self, floor: u64) {
+        self.entries.clear();
+        self.bytes = 0;
+        self.dropped = self.dropped.max(floor);
+        self.latest = self.latest.max(floor);
+    }
+
     /// Drops what is past the bounds at `now`.
     pub fn trim(&mut self, now: Instant) {
         while let Some(front) = self.entries.front() {

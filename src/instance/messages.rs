@@ -156,3 +156,28 @@ pub struct CloseAll(pub CloseCode);
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct CountSessions;
+
+/// The shared history's follower (re)starts: the mirror begins empty, in
+/// `epoch`; `caught_up` when the subject holds nothing to load.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SyncStart {
+    pub epoch: Arc<str>,
+    pub caught_up: bool,
+}
+
+/// One publish request's events from the shared history, in stream order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Sequenced {
+    pub epoch: Arc<str>,
+    /// Its stream sequence (its events' offsets derive from it).
+    pub seq: u64,
+    /// The sequence of the subject's previous message (0: none).
+    pub prev: u64,
+    /// How long ago JetStream accepted it.
+    pub age: std::time::Duration,
+    pub events: Arc<[Event]>,
+    /// Whether nothing older is left to load.
+    pub caught_up: bool,
+}

@@ -11,6 +11,7 @@ pub mod history;
 pub mod inbox;
 pub mod messages;
 pub mod registry;
+pub mod shared_history;
 
 pub use actor::InstanceActor;
 pub use change::Change;
