@@ -10,7 +10,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{event, free_port, Process, TestDb, TestServer, Ws, ACCOUNT, DEFAULT_PG, PG_ENV};
+use common::{event, free_port, Got, Process, TestDb, TestServer, Ws, ACCOUNT, DEFAULT_PG, PG_ENV};
 use serde_json::{json, Value};
 
 const REQUIRE: &str = "EVENTGATE_TEST_REQUIRE_SERVICES";
@@ -61,22 +61,38 @@ impl Nats {
     fn start() -> Nats {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Nats {
+        let child = Self::spawn(port, dir.path());
+        let mut nats = Nats {
             child,
             port,
             _dir: dir,
+        };
+        nats.wait();
+        nats
+    }
+
+    /// Starts it again on the same port and storage.
+    fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(self.port, self._dir.path());
+        self.wait();
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> Child {
+        Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn wait(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -339,6 +355,39 @@ async fn a_nats_outage_makes_recovery_false_while_live_delivery_goes_on() {
     a.publish("outage", ev(3)).await;
     assert_eq!(n(&again.envelope().await), 3);
     assert_eq!(n(&ws.envelope().await), 3);
+
+    // NATS back with its storage: the nodes return to the shared epoch, and
+    // no event published meanwhile is lost or repeated.
+    nats.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 100;
+    let mut got = Vec::new();
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "never back to the shared epoch: {got:?}"
+        );
+        i += 1;
+        assert_eq!(a.publish("outage", ev(i)).await.status, 202);
+        while let Got::Text(v) = ws.next_within(Duration::from_millis(200)).await {
+            got.push(v);
+        }
+        if got.last().is_some_and(|v| v["epoch"] == json!(epoch)) {
+            break;
+        }
+    }
+    while got.last().map(n) != Some(i) {
+        match ws.next_within(Duration::from_secs(10)).await {
+            Got::Text(v) => got.push(v),
+            other => panic!("expected {i}, got {other:?} after {got:?}"),
+        }
+    }
+    assert_eq!(
+        got.iter().map(n).collect::<Vec<_>>(),
+        (101..=i).collect::<Vec<_>>()
+    );
+    let back = got.last().unwrap();
+    assert!(offset(back) > since);
 }
 
 #[actix_rt::test]

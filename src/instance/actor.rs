@@ -101,8 +101,13 @@ pub struct InstanceActor {
     /// Whether `history` is a local numbering standing in for the shared one
     /// (it could not be reached).
     degraded: bool,
+    /// Whether the mirror is loading what the shared history holds (those
+    /// events are kept, not delivered).
+    loading: bool,
     /// Joins waiting for the mirror to load, with when they arrived.
     parked: Vec<(Join, Instant)>,
+    /// The shared epoch and the last stream sequence the follower delivered.
+    shared_seen: Option<(Arc<str>, u64)>,
     /// Follows the shared history into this actor while it has sessions.
     mirror_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -139,6 +144,8 @@ impl InstanceActor {
             recovering: 0,
             degraded: false,
             parked: Vec::new(),
+            loading: false,
+            shared_seen: None,
             mirror_task: None,
         }
     }
@@ -178,8 +185,13 @@ impl InstanceActor {
             entry.shared.request_close(code);
             entry.recipient.do_send(ToSession::Close(code));
         }
+        let waiting = self.parked.len();
+        for (join, _) in self.parked.drain(..) {
+            join.shared.request_close(code);
+            join.recipient.do_send(ToSession::Close(code));
+        }
         self.report_count();
-        n
+        n + waiting
     }
 
     /// Subscribes to other nodes' events while there are sessions, and only then.
@@ -373,7 +385,9 @@ impl Handler<Leave> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Leave, ctx: &mut Self::Context) {
-        if self.remove_session(msg.session).is_some() {
+        let waiting = self.parked.len();
+        self.parked.retain(|(join, _)| join.session != msg.session);
+        if self.remove_session(msg.session).is_some() || self.parked.len() != waiting {
             self.report_count();
             self.update_interest(ctx);
         }

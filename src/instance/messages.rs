@@ -181,3 +181,9 @@ pub struct Sequenced {
     /// Whether nothing older is left to load.
     pub caught_up: bool,
 }
+
+/// Where the actor's mirror of the shared history stands: its epoch and the
+/// last stream sequence it has seen (a restarted follower resumes after it).
+#[derive(Message)]
+#[rtype(result = "Option<(Arc<str>, u64)>")]
+pub struct MirrorPosition;

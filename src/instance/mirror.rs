@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::super::history::History;
-use super::super::messages::{Batch, Join, Sequenced, SyncStart};
+use super::super::messages::{Batch, Join, MirrorPosition, Sequenced, SyncStart};
 use super::super::shared_history::{last_offset_of, offset_of, OFFSET_BITS};
 use super::{Frame, InstanceActor};
 use crate::domain::EventSet;
@@ -38,7 +38,9 @@ impl InstanceActor {
             task.abort();
             self.history = None;
             self.synced = false;
+            self.loading = false;
             self.degraded = false;
+            self.shared_seen = None;
         }
     }
 
@@ -101,6 +103,14 @@ impl InstanceActor {
     }
 }
 
+impl Handler<MirrorPosition> for InstanceActor {
+    type Result = Option<(std::sync::Arc<str>, u64)>;
+
+    fn handle(&mut self, _: MirrorPosition, _: &mut Self::Context) -> Self::Result {
+        self.shared_seen.clone()
+    }
+}
+
 impl Handler<SyncStart> for InstanceActor {
     type Result = ();
 
@@ -111,6 +121,7 @@ impl Handler<SyncStart> for InstanceActor {
         self.history = Some(History::with_epoch(limits, msg.epoch.to_string()));
         self.degraded = false;
         self.synced = false;
+        self.loading = !msg.caught_up;
         if msg.caught_up {
             self.set_synced(ctx);
         }
@@ -132,10 +143,12 @@ impl Handler<Sequenced> for InstanceActor {
             self.history = Some(History::with_epoch(limits, msg.epoch.to_string()));
             self.degraded = false;
         }
+        self.shared_seen = Some((msg.epoch.clone(), msg.seq));
         let now = Instant::now();
         let at = now.checked_sub(msg.age).unwrap_or(now);
         let config = self.config.as_ref().map(|c| &c.config);
-        let live = self.synced && !self.sessions.is_empty();
+        // While loading, what arrives is history: kept, not delivered.
+        let live = !self.loading && self.synced && !self.sessions.is_empty();
         let (filter, media, enabled) = match config {
             Some(c) => (c.event_set(), c.media_base64, c.enabled),
             None => (EventSet::default(), false, false),
@@ -169,8 +182,11 @@ impl Handler<Sequenced> for InstanceActor {
         if !frames.is_empty() {
             self.fan_out(&frames, ctx);
         }
-        if !self.synced && msg.caught_up {
-            self.set_synced(ctx);
+        if msg.caught_up {
+            self.loading = false;
+            if !self.synced {
+                self.set_synced(ctx);
+            }
         }
     }
 }

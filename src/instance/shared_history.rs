@@ -28,7 +28,7 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 
 use super::history::HistoryLimits;
-use super::messages::{Sequenced, SyncStart};
+use super::messages::{MirrorPosition, Sequenced, SyncStart};
 use super::InstanceActor;
 use crate::domain::InstanceId;
 use crate::events::Event;
@@ -225,7 +225,7 @@ impl SharedHistory {
                     return;
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         })
     }
@@ -238,20 +238,35 @@ impl SharedHistory {
         let stream = self.stream(true).await?;
         let epoch: Arc<str> = Self::epoch(&stream, id).into();
         let subject = self.subject(id);
+        // A follower that starts again in the same epoch resumes after the
+        // last message the actor saw: what came meanwhile is delivered live.
+        let resume_after = match actor.send(MirrorPosition).await {
+            Ok(Some((seen, seq))) if *seen == *epoch => Some(seq),
+            Ok(_) => None,
+            Err(_) => return Ok(()),
+        };
+        let deliver_policy = match resume_after {
+            Some(seq) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
+            None => consumer::DeliverPolicy::All,
+        };
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: subject.clone(),
-                deliver_policy: consumer::DeliverPolicy::All,
+                deliver_policy,
                 max_expires: Duration::from_secs(5),
                 ..Default::default()
             })
             .await
             .map_err(js_error)?;
-        let pending = consumer.cached_info().num_pending;
-        actor.do_send(SyncStart {
-            epoch: epoch.clone(),
-            caught_up: pending == 0,
-        });
+        if resume_after.is_none() {
+            let pending = consumer.cached_info().num_pending;
+            actor.do_send(SyncStart {
+                epoch: epoch.clone(),
+                caught_up: pending == 0,
+            });
+        }
         let mut messages = consumer.messages().await.map_err(js_error)?;
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(js_error)?;
