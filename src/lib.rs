@@ -25,6 +25,12 @@
 //!
 //! [`run`] takes settings and an already-bound listener, so tests bind
 //! `127.0.0.1:0` and run exactly what production runs.
+//!
+//! Unsafe code is denied crate-wide. Two calls need it, each allowed where
+//! it is made with a `// SAFETY:` note: `malloc_trim` in [`memory`], and
+//! `_exit` in the binary's `main.rs`.
+
+#![deny(unsafe_code)]
 
 pub mod auth;
 pub mod bus;
@@ -113,14 +119,17 @@ fn ensure_account(settings: &Settings, conn: &mut storage::DbConn) -> Result<(),
 /// Runs the gateway on `listener` until SIGTERM/SIGINT; SIGHUP re-reads the
 /// environment. See [`serve`] to reload from a file.
 pub async fn run(settings: Settings, listener: TcpListener) -> Result<(), StartError> {
-    serve(settings, listener, None).await
+    serve(settings, listener, None, lifecycle::Signals::install()?).await
 }
 
-/// Runs the gateway; SIGHUP re-reads `config_path` (when given) and the environment.
+/// Runs the gateway; SIGHUP re-reads `config_path` (when given) and the
+/// environment. `signals` were installed before `listener` was bound, so a
+/// stop that comes at any moment of the start is a drain.
 pub async fn serve(
     settings: Settings,
     listener: TcpListener,
     config_path: Option<PathBuf>,
+    signals: lifecycle::Signals,
 ) -> Result<(), StartError> {
     let settings = Arc::new(settings);
     let opened = {
@@ -184,9 +193,12 @@ pub async fn serve(
     actix_web::rt::spawn(memory::release_after_departures(state.connections.clone()));
     let reload = move || {
         let file = config_path.clone();
-        Settings::load(file.as_deref(), &|k| std::env::var(k).ok()).map_err(|e| e.to_string())
+        settings::Loaded::from_process(file.as_deref())
+            .map(|loaded| loaded.settings)
+            .map_err(|e| e.to_string())
     };
     actix_web::rt::spawn(lifecycle::handle_signals(
+        signals,
         state.clone(),
         limiter,
         server.handle(),

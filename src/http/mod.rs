@@ -25,8 +25,20 @@ use crate::metrics::Metrics;
 pub use body::{has_no_content_type, instance_param, is_json, read_body};
 pub use state::{AppState, OriginPolicy};
 
-/// A resource answering `method` with `handler` and 405 (with `Allow`) otherwise.
+/// A resource answering `method` with `handler` and 405 (with `Allow`)
+/// otherwise. A GET resource answers HEAD too, as RFC 9110 asks: the same
+/// handler, status and headers; actix-http sends no body for HEAD.
 macro_rules! resource {
+    ($path:expr, get, $handler:expr) => {
+        web::resource($path)
+            .route(web::get().to($handler))
+            .route(web::head().to($handler))
+            .default_service(web::to(|| async {
+                Err::<actix_web::HttpResponse, _>(crate::error::ApiError::MethodNotAllowed {
+                    allow: "GET, HEAD",
+                })
+            }))
+    };
     ($path:expr, $method:ident, $allow:literal, $handler:expr) => {
         web::resource($path)
             .route(web::$method().to($handler))
@@ -46,7 +58,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         "POST",
         instances::create
     ))
-    .service(resource!("/api/instance/list", get, "GET", instances::list))
+    .service(resource!("/api/instance/list", get, instances::list))
     .service(resource!(
         "/api/instance/delete/{instance}",
         delete,
@@ -62,7 +74,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource!(
         "/api/events/getWebsocket/{instance}",
         get,
-        "GET",
         websocket::get
     ))
     .service(resource!(
@@ -71,13 +82,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         "POST",
         publish::publish
     ))
-    .service(resource!("/ws/{instance}", get, "GET", connect::connect))
-    .service(resource!("/healthz", get, "GET", health::healthz))
-    .service(resource!("/readyz", get, "GET", health::readyz))
-    .service(resource!("/metrics", get, "GET", health::metrics))
-    .service(resource!("/openapi.yaml", get, "GET", health::openapi));
+    .service(resource!("/ws/{instance}", get, connect::connect))
+    .service(resource!("/healthz", get, health::healthz))
+    .service(resource!("/readyz", get, health::readyz))
+    .service(resource!("/metrics", get, health::metrics))
+    .service(resource!("/openapi.yaml", get, health::openapi));
     #[cfg(feature = "test-echo")]
-    cfg.service(resource!("/test/echo", get, "GET", echo::echo));
+    cfg.service(resource!("/test/echo", get, echo::echo));
 }
 
 /// The contract's 404 for unknown paths.

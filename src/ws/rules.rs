@@ -135,7 +135,8 @@ impl Reassembly {
 pub fn refusal(error: &ProtocolError) -> Option<CloseCode> {
     match error {
         ProtocolError::Overflow => Some(CloseCode::TooBig),
-        // A text frame that is not UTF-8 (the text is checked after decoding).
+        // A text frame that is not UTF-8 (the text is checked after decoding),
+        // or a close frame whose reason is not (found by the socket's watch).
         ProtocolError::Io(e) if e.to_string().contains("utf-8") => Some(CloseCode::InvalidUtf8),
         // Non-zero reserved bits.
         ProtocolError::Io(e) if e.kind() == io::ErrorKind::InvalidData => {
@@ -255,6 +256,13 @@ mod tests {
         let utf8 = String::from_utf8(vec![0xff]).unwrap_err().utf8_error();
         let cases = [
             (ProtocolError::Overflow, Some(CloseCode::TooBig)),
+            (
+                ProtocolError::Io(Error::other(format!(
+                    "I/O error: {}",
+                    crate::ws::close_watch::INVALID_CLOSE_REASON
+                ))),
+                Some(CloseCode::InvalidUtf8),
+            ),
             (
                 ProtocolError::Io(Error::other(utf8.to_string())),
                 Some(CloseCode::InvalidUtf8),
