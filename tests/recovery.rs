@@ -608,3 +608,38 @@ async fn a_restart_of_a_single_node_changes_the_epoch() {
     s.publish("restart", ev(2)).await;
     assert_eq!(b.envelope().await["epoch"], json!(epoch));
 }
+
+#[test]
+fn check_config_shows_the_history_keys() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eventgate"))
+        .arg("check-config")
+        .env_clear()
+        .env("EVENTGATE_WS_HISTORY_SIZE", "500")
+        .env("EVENTGATE_WS_HISTORY_TTL_SECS", "60")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "history_size = 500",
+        "history_ttl_secs = 60",
+        "history_bytes = 4194304",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(line)),
+            "{line} in {text}"
+        );
+    }
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_eventgate"))
+        .arg("check-config")
+        .env_clear()
+        .env("EVENTGATE_WS_HISTORY_TTL_SECS", "0")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("history_ttl_secs"));
+}

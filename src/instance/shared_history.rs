@@ -120,11 +120,23 @@ impl SharedHistory {
             discard: stream::DiscardPolicy::Old,
             ..Default::default()
         };
-        let s = self
+        let mut s = self
             .js
-            .get_or_create_stream(config)
+            .get_or_create_stream(config.clone())
             .await
             .map_err(js_error)?;
+        // The limits follow this node's settings (the last node to start wins).
+        let held_config = &s.cached_info().config;
+        if held_config.max_messages_per_subject != config.max_messages_per_subject
+            || held_config.max_age != config.max_age
+        {
+            self.js.update_stream(&config).await.map_err(js_error)?;
+            s = self
+                .js
+                .get_stream(&self.stream_name)
+                .await
+                .map_err(js_error)?;
+        }
         *held = Some(s.clone());
         Ok(s)
     }
