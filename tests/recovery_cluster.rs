@@ -71,6 +71,14 @@ impl Nats {
         nats
     }
 
+    /// Starts it again on the same port with empty storage (JetStream lost).
+    fn restart_empty(&mut self) {
+        self.kill();
+        self._dir = tempfile::tempdir().unwrap();
+        self.child = Self::spawn(self.port, self._dir.path());
+        self.wait();
+    }
+
     /// Starts it again on the same port and storage.
     fn restart(&mut self) {
         self.kill();
@@ -115,10 +123,14 @@ impl Drop for Nats {
 const SIZE: usize = 1000;
 
 async fn node(db: &TestDb, nats: &Nats) -> TestServer {
+    node_keeping(db, nats, SIZE).await
+}
+
+async fn node_keeping(db: &TestDb, nats: &Nats, size: usize) -> TestServer {
     let url = nats.url();
     TestServer::start_on(db.shared(), move |s| {
         s.cluster.nats_url = url;
-        s.ws.history_size = SIZE;
+        s.ws.history_size = size;
     })
     .await
 }
@@ -205,6 +217,7 @@ async fn every_node_shows_the_same_offsets_and_a_client_of_a_recovers_on_b() {
     let epoch = first_a["epoch"].as_str().unwrap().to_string();
     assert!(!epoch.is_empty());
     assert_eq!(first_b["epoch"], json!(epoch), "one epoch on every node");
+    let mut plain = b.connect("multi", "&events=call.update").await;
 
     // Published on either node, in one order with one numbering everywhere.
     for i in 1..=10 {
@@ -224,6 +237,11 @@ async fn every_node_shows_the_same_offsets_and_a_client_of_a_recovers_on_b() {
     );
     assert_increasing(&got_a);
     let since = offset(&got_a[9]);
+    for i in 1..=10 {
+        let v = plain.envelope().await;
+        assert_eq!(n(&v), i);
+        assert!(v.get("offset").is_none() && v.get("epoch").is_none(), "{v}");
+    }
 
     // The client of A goes away; events are published on both nodes.
     drop(wa);
@@ -414,4 +432,71 @@ async fn deleting_an_instance_clears_the_shared_history() {
     assert_eq!(first["recovered"], false);
     assert_ne!(first["epoch"], json!(epoch));
     assert_eq!(first["offset"], 0, "nothing of the old numbering is left");
+}
+
+#[actix_rt::test]
+async fn the_history_bounds_hold_on_every_node() {
+    if !services_present() {
+        return;
+    }
+    let nats = Nats::start();
+    let db = TestDb::postgres();
+    let a = node_keeping(&db, &nats, 3).await;
+    let b = node_keeping(&db, &nats, 3).await;
+    a.instance("bounded").await;
+    let (mut wa, first) = open(&a, "bounded", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    for i in 1..=5 {
+        a.publish("bounded", ev(i)).await;
+    }
+    let got = read_until(&mut wa, 5).await;
+    // B keeps the last three: a client that processed 2 recovers, one that
+    // processed 1 cannot.
+    let (mut ok, first) = resume(&b, "bounded", &epoch, offset(&got[1])).await;
+    assert_eq!(first["recovered"], true, "{first}");
+    assert_eq!(
+        read_until(&mut ok, 5)
+            .await
+            .iter()
+            .map(n)
+            .collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+    let (_, first) = resume(&b, "bounded", &epoch, offset(&got[0])).await;
+    assert_eq!(first["recovered"], false, "{first}");
+    assert_eq!(
+        b.metric("eventgate_recoveries_total{recovered=\"false\"}")
+            .await,
+        1.0
+    );
+}
+
+#[actix_rt::test]
+async fn losing_jetstream_changes_the_epoch() {
+    if !services_present() {
+        return;
+    }
+    let mut nats = Nats::start();
+    let db = TestDb::postgres();
+    let a = node(&db, &nats).await;
+    a.instance("lost").await;
+    let (mut ws, first) = open(&a, "lost", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    a.publish("lost", ev(1)).await;
+    let since = offset(&ws.envelope().await);
+    drop(ws);
+    a.wait_clients("lost", Some(0)).await;
+    nats.restart_empty();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.raw("GET", "/readyz", &[], None).await.status != 200 {
+        assert!(Instant::now() < deadline, "NATS never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut again, first) = resume(&a, "lost", &epoch, since).await;
+    assert_eq!(first["recovered"], false, "{first}");
+    let new_epoch = first["epoch"].as_str().unwrap().to_string();
+    assert!(!new_epoch.is_empty() && new_epoch != epoch);
+    a.publish("lost", ev(2)).await;
+    let v = again.envelope().await;
+    assert_eq!((n(&v), v["epoch"].as_str()), (2, Some(new_epoch.as_str())));
 }
