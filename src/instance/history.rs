@@ -208,12 +208,12 @@ pub fn stamp(frame: &str, offset: u64, epoch_json: &str) -> ByteString {
 }
 
 /// The first frame of a client that opted in (contract §12).
+/// Keys in the contract's order.
 pub fn recovery_frame(recovered: bool, epoch: &str, offset: u64) -> ByteString {
-    let data = serde_json::json!({
-        "event": "connection.recovery",
-        "data": {"recovered": recovered, "epoch": epoch, "offset": offset},
-    });
-    ByteString::from(data.to_string())
+    let epoch = serde_json::Value::String(epoch.to_string());
+    ByteString::from(format!(
+        "{{\"event\":\"connection.recovery\",\"data\":{{\"recovered\":{recovered},\"epoch\":{epoch},\"offset\":{offset}}}}}"
+    ))
 }
 
 #[cfg(test)]
@@ -274,6 +274,10 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"event":"x","offset":7,"epoch":"ab\"c"})
+        );
+        assert_eq!(
+            &*recovery_frame(true, "e1", 5),
+            r#"{"event":"connection.recovery","data":{"recovered":true,"epoch":"e1","offset":5}}"#
         );
         let v: serde_json::Value = serde_json::from_str(&recovery_frame(false, "", 0)).unwrap();
         assert_eq!(
