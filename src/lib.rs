@@ -15,6 +15,9 @@
 //! - [`http`]: the REST API and the `/ws/:instance` upgrade.
 //! - [`instance`]: one actor per instance (settings + its sessions), found
 //!   through the [`instance::Registry`] started once before the server.
+//!   With `ws.history_size` it also keeps the instance's recent events for
+//!   recovery on reconnect ([`instance::history`]; in a cluster a mirror of
+//!   the JetStream history, [`instance::shared_history`]).
 //! - [`ws`]: one session actor per client with a bounded mailbox; a client
 //!   that falls behind is closed with 4008 and nobody else waits.
 //! - [`events`]: publish bodies and envelopes (serialised once per event).

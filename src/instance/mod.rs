@@ -4,6 +4,11 @@
 //! The instance actor never touches the database: HTTP handlers persist first
 //! and then tell it what was persisted, as a [`Change`] applied through
 //! [`Registry::apply`] — the one way a change reaches a node.
+//!
+//! Recovery on reconnect (contract §12) lives here too: the bounded history
+//! each actor keeps beside its sessions (`history`), how a session joins
+//! with its replay (`actor/recovery.rs`), and in a cluster the JetStream
+//! history every node mirrors (`shared_history`, `actor/mirror.rs`).
 
 pub mod actor;
 pub mod change;
