@@ -7,8 +7,8 @@
 //!
 //! Recovery on reconnect (contract §12) lives here too: the bounded history
 //! each actor keeps beside its sessions (`history`), how a session joins
-//! with its replay (`actor/recovery.rs`), and in a cluster the JetStream
-//! history every node mirrors (`shared_history`, `actor/mirror.rs`).
+//! with its replay (`recovery.rs`, part of `actor`), and in a cluster the JetStream
+//! history every node mirrors (`shared_history`; `mirror.rs`, part of `actor`).
 
 pub mod actor;
 pub mod change;
