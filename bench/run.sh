@@ -18,8 +18,9 @@
 # nothing else), QUIET_WAIT (90: most seconds to wait before each run for the
 # machine to be quiet), QUICK (0; 1 = SECS=3 ROUNDS=1 IDLE_CLIENTS=2000
 # CLUSTER=0 QUIET_WAIT=5 unless set, for checking the script, not for
-# figures), PEERS_DIR (/tmp/eventgate-peers), OUT (results file), PG_URL,
-# NATS_URL.
+# figures), PEERS_SRC (../shared/peers beside the repository: the peers'
+# sources, read-only), PEERS_DIR (/tmp/eventgate-peers: where they are
+# built), OUT (results file), PG_URL, NATS_URL.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,6 +35,7 @@ ROUNDS=${ROUNDS:-3}
 IDLE_CLIENTS=${IDLE_CLIENTS:-19000}
 CLUSTER=${CLUSTER:-1}
 QUIET_WAIT=${QUIET_WAIT:-90}
+PEERS_SRC=${PEERS_SRC:-$ROOT/../shared/peers}
 PEERS_DIR=${PEERS_DIR:-/tmp/eventgate-peers}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
@@ -52,18 +54,21 @@ cargo build --release -p eventgate-bench --quiet || exit 1
 
 build_peers() {
     mkdir -p "$PEERS_DIR"
+    if [ "$TARGETS" != eventgate ] && [ ! -d "$PEERS_SRC" ]; then
+        echo "no peers at $PEERS_SRC (set PEERS_SRC to the shared/peers folder)"; return 1
+    fi
     if [[ " $TARGETS " == *" gorilla "* ]] && [ ! -x "$PEERS_DIR/gorilla-hub/gorilla-hub" ]; then
         command -v go >/dev/null || { apt-get update -qq && apt-get install -y -qq golang-go golang-github-gorilla-websocket-dev; } || return 1
-        cp -r "$ROOT/../shared/peers/gorilla-hub" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
+        cp -r "$PEERS_SRC/gorilla-hub" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
         (cd "$PEERS_DIR" && sh gorilla-hub/build.sh) || return 1
     fi
     if [[ " $TARGETS " == *" node "* ]] && [ ! -d "$PEERS_DIR/node-ws/node_modules/ws" ]; then
-        cp -r "$ROOT/../shared/peers/node-ws" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
+        cp -r "$PEERS_SRC/node-ws" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
         (cd "$PEERS_DIR/node-ws" && npm install --no-audit --no-fund --silent) || return 1
     fi
-    # ../shared is read-only: install in a copy, like node-ws.
+    # The peers' sources are read-only: install in a copy, like node-ws.
     if [[ " $TARGETS " == *" uws "* ]] && [ ! -d "$PEERS_DIR/uws-hub/node_modules/@trufflesuite/uws-js-unofficial" ]; then
-        cp -r "$ROOT/../shared/peers/uws-hub" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
+        cp -r "$PEERS_SRC/uws-hub" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
         (cd "$PEERS_DIR/uws-hub" && npm install --no-audit --no-fund --silent) || return 1
     fi
 }
