@@ -187,7 +187,9 @@ pub async fn serve(
     actix_web::rt::spawn(memory::release_after_departures(state.connections.clone()));
     let reload = move || {
         let file = config_path.clone();
-        Settings::load(file.as_deref(), &|k| std::env::var(k).ok()).map_err(|e| e.to_string())
+        settings::Loaded::from_process(file.as_deref())
+            .map(|loaded| loaded.settings)
+            .map_err(|e| e.to_string())
     };
     actix_web::rt::spawn(lifecycle::handle_signals(
         signals,

@@ -6,7 +6,7 @@
 use clap::Parser;
 use eventgate::cli::{AccountCommand, Cli, Command, InstanceCommand};
 use eventgate::domain::{AccountId, InstanceName};
-use eventgate::settings::{Settings, SettingsError};
+use eventgate::settings::{Loaded, Settings, SettingsError};
 use eventgate::storage::StorageError;
 use eventgate::{auth, lifecycle, storage, StartError};
 
@@ -66,20 +66,22 @@ fn exit_now(code: u8) -> ! {
 
 fn run_command() -> u8 {
     let cli = Cli::parse();
-    let settings = match Settings::load(cli.config.as_deref(), &|k| std::env::var(k).ok()) {
-        Ok(s) => s,
+    let loaded = match Loaded::from_process(cli.config.as_deref()) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("eventgate: {e}");
             return 2;
         }
     };
+    let settings = loaded.settings.clone();
     init_logging(&settings);
     let outcome = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings, cli.config),
         Command::Migrate => eventgate::open_connection(&settings)
             .map(|_| println!("migrations applied"))
             .map_err(CommandError::from),
-        Command::CheckConfig => toml::to_string_pretty(&settings.masked())
+        Command::CheckConfig => loaded
+            .report()
             .map(|text| print!("{text}"))
             .map_err(CommandError::from),
         Command::Account(cmd) => account(&settings, cmd),
