@@ -10,45 +10,11 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{event, free_port, Got, Process, TestDb, TestServer, Ws, ACCOUNT, DEFAULT_PG, PG_ENV};
+use common::{
+    event, free_port, require_nats, require_postgres, services_required, unique_subject_prefix,
+    Got, Process, TestDb, TestServer, Ws, ACCOUNT, REQUIRE_ENV,
+};
 use serde_json::{json, Value};
-
-const REQUIRE: &str = "EVENTGATE_TEST_REQUIRE_SERVICES";
-
-/// Whether the services these tests need are here; prints the skip line
-/// (or fails, when they are required) otherwise.
-fn services_present() -> bool {
-    let required = std::env::var(REQUIRE).is_ok_and(|v| v == "1");
-    let pg = std::env::var(PG_ENV)
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| DEFAULT_PG.to_string());
-    let pg_up = std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:5432".parse().unwrap(),
-        Duration::from_secs(1),
-    )
-    .is_ok();
-    let nats_up = Command::new("nats-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    let missing = if !pg_up {
-        Some(format!("no PostgreSQL at {pg}"))
-    } else if !nats_up {
-        Some("no NATS at nats-server (not installed)".to_string())
-    } else {
-        None
-    };
-    match missing {
-        None => true,
-        Some(what) if required => panic!("{what}"),
-        Some(what) => {
-            println!("skipped: {what}; set {REQUIRE}=1 to fail instead");
-            false
-        }
-    }
-}
 
 /// A nats-server with JetStream of the test's own, on a free port.
 struct Nats {
@@ -58,17 +24,26 @@ struct Nats {
 }
 
 impl Nats {
-    fn start() -> Nats {
+    /// `None`, after the skip line, when `nats-server` cannot run here.
+    fn start() -> Option<Nats> {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = Self::spawn(port, dir.path());
+        let child = match Self::try_spawn(port, dir.path()) {
+            Ok(child) => child,
+            Err(e) => {
+                let line = format!("no NATS at nats://127.0.0.1:{port}: nats-server: {e}");
+                assert!(!services_required(), "{line} ({REQUIRE_ENV} is set)");
+                eprintln!("skipped: no NATS at nats://127.0.0.1:{port}; set {REQUIRE_ENV}=1 to fail instead");
+                return None;
+            }
+        };
         let mut nats = Nats {
             child,
             port,
             _dir: dir,
         };
         nats.wait();
-        nats
+        Some(nats)
     }
 
     /// Starts it again on the same port with empty storage (JetStream lost).
@@ -87,13 +62,21 @@ impl Nats {
     }
 
     fn spawn(port: u16, dir: &std::path::Path) -> Child {
-        Command::new("nats-server")
+        Self::try_spawn(port, dir).unwrap()
+    }
+
+    fn try_spawn(port: u16, dir: &std::path::Path) -> std::io::Result<Child> {
+        let binary = if std::path::Path::new("/usr/sbin/nats-server").is_file() {
+            "/usr/sbin/nats-server"
+        } else {
+            "nats-server"
+        };
+        Command::new(binary)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap()
     }
 
     fn wait(&mut self) {
@@ -122,17 +105,48 @@ impl Drop for Nats {
 
 const SIZE: usize = 1000;
 
-async fn node(db: &TestDb, nats: &Nats) -> TestServer {
-    node_keeping(db, nats, SIZE).await
+/// A NATS with JetStream for a test: the machine's (shared, so each test
+/// has its own subject prefix, hence its own stream) or one of its own.
+struct Cluster {
+    url: String,
+    prefix: String,
 }
 
-async fn node_keeping(db: &TestDb, nats: &Nats, size: usize) -> TestServer {
-    let url = nats.url();
-    TestServer::start_on(db.shared(), move |s| {
-        s.cluster.nats_url = url;
-        s.ws.history_size = size;
-    })
-    .await
+impl Cluster {
+    fn shared(url: String) -> Cluster {
+        Cluster {
+            url,
+            prefix: unique_subject_prefix(),
+        }
+    }
+
+    fn own(nats: &Nats) -> Cluster {
+        Cluster {
+            url: nats.url(),
+            prefix: "eventgate".into(),
+        }
+    }
+
+    async fn node(&self, db: &TestDb) -> TestServer {
+        self.node_keeping(db, SIZE).await
+    }
+
+    async fn node_keeping(&self, db: &TestDb, size: usize) -> TestServer {
+        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        TestServer::start_on(db.shared(), move |s| {
+            s.cluster.nats_url = url;
+            s.cluster.subject_prefix = prefix;
+            s.ws.history_size = size;
+        })
+        .await
+    }
+
+    /// Removes the test's stream from a shared server.
+    async fn clean_up(&self) {
+        let client = async_nats::connect(self.url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let _ = js.delete_stream(format!("{}_HISTORY", self.prefix)).await;
+    }
 }
 
 async fn open(s: &TestServer, name: &str, query: &str) -> (Ws, Value) {
@@ -204,13 +218,15 @@ fn assert_increasing(frames: &[Value]) {
 
 #[actix_rt::test]
 async fn every_node_shows_the_same_offsets_and_a_client_of_a_recovers_on_b() {
-    if !services_present() {
+    let Some(db) = require_postgres() else {
         return;
-    }
-    let nats = Nats::start();
-    let db = TestDb::postgres();
-    let a = node(&db, &nats).await;
-    let b = node(&db, &nats).await;
+    };
+    let Some(url) = require_nats() else {
+        return;
+    };
+    let cluster = Cluster::shared(url);
+    let a = cluster.node(&db).await;
+    let b = cluster.node(&db).await;
     a.instance("multi").await;
     let (mut wa, first_a) = open(&a, "multi", "&recover=true").await;
     let (mut wb, first_b) = open(&b, "multi", "&recover=true").await;
@@ -281,19 +297,23 @@ async fn every_node_shows_the_same_offsets_and_a_client_of_a_recovers_on_b() {
             .await
             >= 1.0
     );
+    cluster.clean_up().await;
 }
 
 #[actix_rt::test]
 async fn clients_of_a_node_killed_with_sigkill_recover_on_another_node() {
-    if !services_present() {
+    let Some(db) = require_postgres() else {
         return;
-    }
-    let nats = Nats::start();
-    let db = TestDb::postgres();
-    let b = node(&db, &nats).await;
+    };
+    let Some(url) = require_nats() else {
+        return;
+    };
+    let cluster = Cluster::shared(url);
+    let b = cluster.node(&db).await;
     b.instance("crash").await;
     let env = [
-        ("EVENTGATE_NATS_URL", nats.url()),
+        ("EVENTGATE_NATS_URL", cluster.url.clone()),
+        ("EVENTGATE_CLUSTER__SUBJECT_PREFIX", cluster.prefix.clone()),
         ("EVENTGATE_WS_HISTORY_SIZE", SIZE.to_string()),
     ];
     let mut a_process = Process::start(&db, &["serve"], &env);
@@ -335,16 +355,19 @@ async fn clients_of_a_node_killed_with_sigkill_recover_on_another_node() {
         );
         assert_increasing(&got);
     }
+    cluster.clean_up().await;
 }
 
 #[actix_rt::test]
 async fn a_nats_outage_makes_recovery_false_while_live_delivery_goes_on() {
-    if !services_present() {
+    let Some(db) = require_postgres() else {
         return;
-    }
-    let mut nats = Nats::start();
-    let db = TestDb::postgres();
-    let a = node(&db, &nats).await;
+    };
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let cluster = Cluster::own(&nats);
+    let a = cluster.node(&db).await;
     a.instance("outage").await;
     let (mut ws, first) = open(&a, "outage", "&recover=true").await;
     let epoch = first["epoch"].as_str().unwrap().to_string();
@@ -410,13 +433,15 @@ async fn a_nats_outage_makes_recovery_false_while_live_delivery_goes_on() {
 
 #[actix_rt::test]
 async fn deleting_an_instance_clears_the_shared_history() {
-    if !services_present() {
+    let Some(db) = require_postgres() else {
         return;
-    }
-    let nats = Nats::start();
-    let db = TestDb::postgres();
-    let a = node(&db, &nats).await;
-    let b = node(&db, &nats).await;
+    };
+    let Some(url) = require_nats() else {
+        return;
+    };
+    let cluster = Cluster::shared(url);
+    let a = cluster.node(&db).await;
+    let b = cluster.node(&db).await;
     a.instance("gone").await;
     let (mut ws, first) = open(&a, "gone", "&recover=true").await;
     let epoch = first["epoch"].as_str().unwrap().to_string();
@@ -432,17 +457,20 @@ async fn deleting_an_instance_clears_the_shared_history() {
     assert_eq!(first["recovered"], false);
     assert_ne!(first["epoch"], json!(epoch));
     assert_eq!(first["offset"], 0, "nothing of the old numbering is left");
+    cluster.clean_up().await;
 }
 
 #[actix_rt::test]
 async fn the_history_bounds_hold_on_every_node() {
-    if !services_present() {
+    let Some(db) = require_postgres() else {
         return;
-    }
-    let nats = Nats::start();
-    let db = TestDb::postgres();
-    let a = node_keeping(&db, &nats, 3).await;
-    let b = node_keeping(&db, &nats, 3).await;
+    };
+    let Some(url) = require_nats() else {
+        return;
+    };
+    let cluster = Cluster::shared(url);
+    let a = cluster.node_keeping(&db, 3).await;
+    let b = cluster.node_keeping(&db, 3).await;
     a.instance("bounded").await;
     let (mut wa, first) = open(&a, "bounded", "&recover=true").await;
     let epoch = first["epoch"].as_str().unwrap().to_string();
@@ -469,16 +497,19 @@ async fn the_history_bounds_hold_on_every_node() {
             .await,
         1.0
     );
+    cluster.clean_up().await;
 }
 
 #[actix_rt::test]
 async fn losing_jetstream_changes_the_epoch() {
-    if !services_present() {
+    let Some(db) = require_postgres() else {
         return;
-    }
-    let mut nats = Nats::start();
-    let db = TestDb::postgres();
-    let a = node(&db, &nats).await;
+    };
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let cluster = Cluster::own(&nats);
+    let a = cluster.node(&db).await;
     a.instance("lost").await;
     let (mut ws, first) = open(&a, "lost", "&recover=true").await;
     let epoch = first["epoch"].as_str().unwrap().to_string();
