@@ -62,7 +62,8 @@ async fn client_loop(soak: Arc<Soak>, instances: Vec<Inst>) {
         };
         // Exponential lifetime, at least a second.
         let u: f64 = rand::thread_rng().gen_range(0.0001..1.0);
-        let life = (-u.ln() * mean_life).max(1.0);
+        let remaining = soak.args.minutes * 60.0 - soak.now();
+        let life = (-u.ln() * mean_life).max(1.0).min(remaining.max(0.5));
         let node = rand::thread_rng().gen_range(0..soak.cluster.len());
         let narrowing = rand::thread_rng().gen_bool(0.25).then(|| {
             let mut kinds: Vec<usize> = (0..6).collect();

@@ -120,8 +120,10 @@ fn growth(
 /// Writes the report; `Err` lists the failed checks.
 pub(crate) fn write(soak: &Soak, _instances: &[Inst]) -> BoxResult<()> {
     let samples = SAMPLES.lock().clone();
-    let verdict = soak.ledger.verdict(&soak.receivers);
     let total = soak.args.minutes * 60.0;
+    // Growth is judged over the traffic, not the quiet settling after it.
+    let traffic: Vec<Sample> = samples.iter().filter(|s| s.t <= total).cloned().collect();
+    let verdict = soak.ledger.verdict(&soak.receivers);
     let warm = (total * 0.2).min(300.0);
     let mut failures = verdict.failures();
     let mut growth_rows = Vec::new();
@@ -134,7 +136,7 @@ pub(crate) fn write(soak: &Soak, _instances: &[Inst]) -> BoxResult<()> {
                     s.rss_kib.get(node).copied().flatten()
                 }
             };
-            if let Some((reference, end)) = growth(&samples, node, warm, figure) {
+            if let Some((reference, end)) = growth(&traffic, node, warm, figure) {
                 let limit =
                     reference as f64 * ratio + if name == "open files" { 16.0 } else { 0.0 };
                 let ok = (end as f64) <= limit;
