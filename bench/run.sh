@@ -10,7 +10,7 @@
 #   SECS=5 IDLE_CLIENTS=5000 bash bench/run.sh
 #
 # Env: TARGETS ("eventgate gorilla node uws"), SCENARIOS ("fanout latency
-# latency150 idle stalled cluster"), SECS (10), ROUNDS (3: interleaved rounds
+# latency150 idle stalled cluster storm webhook"), SECS (10), ROUNDS (3: interleaved rounds
 # of the latency scenarios and of the stalled pair; the report takes
 # medians), IDLE_CLIENTS (19000), CLUSTER (1: also two eventgate nodes on
 # PostgreSQL + NATS), FLOOR (1: the latency rounds also measure the floor
@@ -26,10 +26,14 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 if [ "${QUICK:-0}" = 1 ]; then
     SECS=${SECS:-3} ROUNDS=${ROUNDS:-1} IDLE_CLIENTS=${IDLE_CLIENTS:-2000}
-    CLUSTER=${CLUSTER:-0} QUIET_WAIT=${QUIET_WAIT:-5}
+    CLUSTER=${CLUSTER:-0} QUIET_WAIT=${QUIET_WAIT:-5} STORM_CLIENTS=${STORM_CLIENTS:-1000}
+    WEBHOOK_BACKLOG=${WEBHOOK_BACKLOG:-5000} KILLS=${KILLS:-3}
 fi
 TARGETS=${TARGETS:-"eventgate gorilla node uws"}
-SCENARIOS=${SCENARIOS:-"fanout latency latency150 idle stalled cluster"}
+SCENARIOS=${SCENARIOS:-"fanout latency latency150 idle stalled cluster storm webhook"}
+STORM_CLIENTS=${STORM_CLIENTS:-10000}
+WEBHOOK_BACKLOG=${WEBHOOK_BACKLOG:-100000}
+KILLS=${KILLS:-20}
 SECS=${SECS:-10}
 ROUNDS=${ROUNDS:-3}
 IDLE_CLIENTS=${IDLE_CLIENTS:-19000}
@@ -172,6 +176,69 @@ for r in $(seq "$ROUNDS"); do
         want latency150 && run "$target" latency-150x1000-r$r 120 latency --clients 1000 --instances 1 --rate 150 --secs "$SECS"
     done
 done
+
+# eventgate's own modes against servers started here (not through `run`):
+# $1 label, $2 time limit, rest: bench args (the token is added).
+run_eventgate() {
+    local label=$1 limit=$2; shift 2
+    local cmd=("$BENCH" "$@" --target eventgate --token "$TOKEN" --server-pid "${PIDS[0]}" --label "$label" --json)
+    echo "### eventgate / $label"; echo "\$ ${cmd[*]}"
+    local line
+    if line=$(timeout "$limit" "${cmd[@]}"); then echo "$line" >>"$OUT"; else echo "!!! eventgate/$label failed"; fi
+}
+# A fresh PostgreSQL database for one scenario: prints its URL.
+fresh_pg() {
+    local db="eg_bench_${1}_$$"
+    psql -q "$PG_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
+    psql -q "$PG_URL" -c "CREATE DATABASE $db" >/dev/null 2>&1 && echo "${PG_URL%/*}/$db"
+}
+
+# Reconnect storms: STORM_CLIENTS clients drop while 100 events are
+# published and reconnect, plainly and then recovering; one node, then two
+# (every client reconnects to the other node).
+if want storm && [[ " $TARGETS " == *" eventgate "* ]]; then
+    wait_quiet; PIDS=(); rm -f "$WORK/eg.sqlite3"*
+    start_eventgate 8090 "$WORK/eg.sqlite3" EVENTGATE_WS_HISTORY_SIZE=1000 &&
+        run_eventgate storm-1node 600 storm --clients "$STORM_CLIENTS" --url http://127.0.0.1:8090
+    stop_servers
+    if [ "$CLUSTER" = 1 ] && node_url=$(fresh_pg storm); then
+        wait_quiet; PIDS=()
+        start_eventgate 8091 "$node_url" EVENTGATE_NATS_URL="$NATS_URL" EVENTGATE_WS_HISTORY_SIZE=1000 &&
+        start_eventgate 8092 "$node_url" EVENTGATE_NATS_URL="$NATS_URL" EVENTGATE_WS_HISTORY_SIZE=1000 &&
+            run_eventgate storm-2nodes 600 storm --clients "$STORM_CLIENTS" --url http://127.0.0.1:8091 \
+                --client-urls http://127.0.0.1:8091,http://127.0.0.1:8092
+        stop_servers
+    fi
+fi
+
+# Webhooks on SQLite and on PostgreSQL: raw POST rate, sustained delivery,
+# p99 at 20%, publish rate with and without a webhook, a 100,000-delivery
+# backlog, and KILLS SIGKILL restarts during a publish stream.
+if want webhook && [[ " $TARGETS " == *" eventgate "* ]]; then
+    for backend in sqlite postgres; do
+        if [ $backend = sqlite ]; then db="$WORK/wh.sqlite3"; rm -f "$db"*
+        else db=$(fresh_pg webhook) || { echo "(no PostgreSQL: webhook run on it skipped)"; continue; }; fi
+        wait_quiet; PIDS=()
+        hook_env=(EVENTGATE_WEBHOOK_ALLOWED_NETWORKS=127.0.0.0/8)
+        start_eventgate 8093 "$db" "${hook_env[@]}" || { stop_servers; continue; }
+        # The restart command: SIGKILL the node (its pid is in a file), start it
+        # again on the same port and database, return once it listens.
+        echo "${PIDS[0]}" >"$WORK/wh.pid"
+        cat >"$WORK/restart.sh" <<RESTART
+# (the first node is run.sh's child: a zombie until reaped, so wait for its port to close)
+kill -9 "\$(cat "$WORK/wh.pid")"; while ss -ltnH "sport = :8093" | grep -q LISTEN; do sleep 0.05; done
+env EVENTGATE_BIND=127.0.0.1:8093 EVENTGATE_DATABASE_URL="$db" EVENTGATE_ACCOUNT_TOKEN=$TOKEN \\
+    EVENTGATE_RATE_LIMIT_PER_MINUTE=100000000 EVENTGATE_LOG=warn ${hook_env[*]} "$GATE" serve >>"$OUT.eventgate.log" 2>&1 &
+echo \$! >"$WORK/wh.pid"
+for _ in \$(seq 200); do ss -ltnH "sport = :8093" | grep -q LISTEN && exit 0; sleep 0.05; done; exit 1
+RESTART
+        run_eventgate webhook-$backend 1500 webhook --url http://127.0.0.1:8093 --secs "$SECS" --publishers 4 \
+            --backlog "$WEBHOOK_BACKLOG" --kills "$KILLS" --restart-cmd "bash $WORK/restart.sh"
+        PIDS=("$(cat "$WORK/wh.pid")")
+        stop_servers
+        [ $backend = postgres ] && psql -q "$PG_URL" -c "DROP DATABASE IF EXISTS ${db##*/} WITH (FORCE)" >/dev/null 2>&1
+    done
+fi
 
 # Two eventgate nodes on one PostgreSQL database and NATS: clients split over
 # both, events published on the first.

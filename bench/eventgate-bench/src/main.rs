@@ -32,9 +32,12 @@ mod latency;
 mod load;
 mod publish;
 mod report;
+mod soak;
 mod stalled;
+mod storm;
 mod system;
 mod target;
+mod webhook;
 
 use clap::{Parser, Subcommand};
 use std::sync::Arc;
@@ -85,6 +88,13 @@ pub(crate) enum Mode {
     /// Serve on --url as the floor target: the least work a fan-out server
     /// can do (see `serve_floor`); runs until killed.
     Floor,
+    /// eventgate: a reconnect storm, plain and then recovering (see `storm`).
+    Storm,
+    /// eventgate: durable webhook delivery against the raw POST rate (see `webhook`).
+    Webhook,
+    /// Start gateways and run churn, bursts, settings changes, flapping
+    /// webhook receivers and faults for --minutes, checking everything (see `soak`).
+    Soak,
 }
 
 impl Mode {
@@ -95,6 +105,9 @@ impl Mode {
             Mode::Idle => "idle",
             Mode::Stalled => "stalled",
             Mode::Floor => "floor",
+            Mode::Storm => "storm",
+            Mode::Webhook => "webhook",
+            Mode::Soak => "soak",
         }
     }
 }
@@ -111,6 +124,8 @@ struct Cli {
     mode: Mode,
     #[command(flatten)]
     opts: Opts,
+    #[command(flatten)]
+    soak: soak::SoakArgs,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -185,6 +200,19 @@ pub(crate) struct Opts {
     /// so that the RSS compared before and after is the warm server's [--secs].
     #[arg(long, global = true)]
     pub(crate) warmup_secs: Option<f64>,
+    /// storm: events published while the clients are away.
+    #[arg(long, global = true, default_value_t = 100)]
+    pub(crate) storm_events: usize,
+    /// webhook: events queued while the receiver is down.
+    #[arg(long, global = true, default_value_t = 100_000)]
+    pub(crate) backlog: u64,
+    /// webhook: shell command that SIGKILLs the server and starts it again
+    /// (returning once it is ready); runs --kills times during a publish stream.
+    #[arg(long, global = true)]
+    pub(crate) restart_cmd: Option<String>,
+    /// webhook: restarts by --restart-cmd.
+    #[arg(long, global = true, default_value_t = 20)]
+    pub(crate) kills: u32,
     /// stalled, idle: seconds after every client is gone before the RSS
     /// "after" is read (a server may give freed memory back periodically).
     #[arg(long, global = true, default_value_t = 6.0)]
@@ -195,6 +223,9 @@ pub(crate) struct Opts {
 // ---------------------------------------------------------------------------
 
 async fn run(cli: Cli) -> BoxResult<()> {
+    if cli.mode == Mode::Soak {
+        return soak::mode_soak(cli.soak).await;
+    }
     let opts = cli.opts;
     let ep = Arc::new(Endpoint::parse(&opts)?);
     let srv = system::Server::new(opts.server_pid)?;
@@ -202,7 +233,10 @@ async fn run(cli: Cli) -> BoxResult<()> {
         Mode::Fanout | Mode::Latency => load::mode_load(&opts, cli.mode, ep, &srv).await?,
         Mode::Idle => idle::mode_idle(&opts, ep, &srv).await?,
         Mode::Stalled => stalled::mode_stalled(&opts, ep, &srv).await?,
+        Mode::Storm => storm::mode_storm(&opts, ep, &srv).await?,
+        Mode::Webhook => webhook::mode_webhook(&opts, ep, &srv).await?,
         Mode::Floor => return Err("floor runs without the async runtime".into()),
+        Mode::Soak => return Err("soak runs on its own".into()),
     };
     report.emit(opts.json);
     Ok(())

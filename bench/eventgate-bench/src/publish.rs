@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 
 /// One keep-alive HTTP/1.1 connection to the target, opened on first use
 /// and again after the server closed it.
-struct HttpConn {
+pub(crate) struct HttpConn {
     addr: SocketAddr,
     /// Host, content type and the target's auth, sent with every request.
     headers: HeaderMap,
@@ -29,13 +29,13 @@ struct HttpConn {
 }
 
 /// Status and body of a reply.
-struct HttpReply {
-    status: u16,
-    body: Bytes,
+pub(crate) struct HttpReply {
+    pub(crate) status: u16,
+    pub(crate) body: Bytes,
 }
 
 impl HttpConn {
-    fn new(ep: &Endpoint) -> BoxResult<HttpConn> {
+    pub(crate) fn new(ep: &Endpoint) -> BoxResult<HttpConn> {
         let value =
             |v: &str| HeaderValue::from_str(v).map_err(|e| format!("header value {v:?}: {e}"));
         let mut headers = HeaderMap::new();
@@ -68,7 +68,12 @@ impl HttpConn {
 
     /// Sends one request and reads the whole reply. A reused connection that
     /// the server closed (idle keep-alive) is retried once on a fresh one.
-    async fn request(&mut self, method: Method, path: &str, body: Bytes) -> BoxResult<HttpReply> {
+    pub(crate) async fn request(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> BoxResult<HttpReply> {
         for attempt in 0..2 {
             let reused = self.sender.is_some();
             let sender = match self.sender.as_mut() {
