@@ -303,9 +303,13 @@ impl Handler<UpdateSettings> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: UpdateSettings, _: &mut Self::Context) {
+        // Settings are never removed, only replaced by newer versions: "none
+        // stored" is older than anything held (a late notice from before the
+        // first store, or a malformed one, never wipes what is known).
         let newer = match (&self.config, &msg.0) {
             (Some(held), Some(new)) => new.version > held.version,
-            _ => true,
+            (Some(_), None) => false,
+            (None, _) => true,
         };
         if newer {
             self.config = msg.0;
