@@ -30,6 +30,9 @@ pub struct Metrics {
     pub webhook_deliveries: IntCounterVec,
     pub webhook_pending: IntGauge,
     pub webhook_delivery_seconds: Histogram,
+    /// Recovery on reconnect (contract §12): attempts by outcome, events replayed.
+    pub recoveries: IntCounterVec,
+    pub replayed_events: IntCounter,
 }
 
 impl Metrics {
@@ -135,6 +138,19 @@ impl Metrics {
         registry.register(Box::new(webhook_deliveries.clone()))?;
         registry.register(Box::new(webhook_pending.clone()))?;
         registry.register(Box::new(webhook_delivery_seconds.clone()))?;
+        let recoveries = IntCounterVec::new(
+            Opts::new(
+                "eventgate_recoveries_total",
+                "Reconnects that asked to recover (with since), by outcome",
+            ),
+            &["recovered"],
+        )?;
+        let replayed_events = IntCounter::new(
+            "eventgate_replayed_events_total",
+            "Envelopes replayed to recovering clients",
+        )?;
+        registry.register(Box::new(recoveries.clone()))?;
+        registry.register(Box::new(replayed_events.clone()))?;
         registry.register(Box::new(connected_clients.clone()))?;
         registry.register(Box::new(connected_by_instance.clone()))?;
         registry.register(Box::new(upgrades.clone()))?;
@@ -164,6 +180,8 @@ impl Metrics {
             webhook_deliveries,
             webhook_pending,
             webhook_delivery_seconds,
+            recoveries,
+            replayed_events,
         })
     }
 

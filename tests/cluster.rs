@@ -383,8 +383,13 @@ async fn a_stale_settings_notice_never_overrides_newer_settings() {
             version: version - 1,
         }),
     };
+    // A notice without settings ("none stored") is older than any version too.
+    let none = eventgate::instance::Change::Settings {
+        instance: id,
+        settings: None,
+    };
     let deleted = eventgate::instance::Change::Deleted { instance: other_id };
-    for notice in [stale, deleted] {
+    for notice in [stale, none, deleted] {
         client
             .publish(
                 format!("{prefix}.ctl"),
