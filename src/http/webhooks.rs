@@ -180,14 +180,16 @@ pub async fn get(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRes
     let id = instance.id;
     let (rows, counts) = state
         .db(move |conn| {
-            let rows = match &label {
-                Some(l) if !is_valid_label(l) => Vec::new(),
-                Some(l) => webhooks::find(conn, id, l)?.into_iter().collect(),
-                None => webhooks::list(conn, id)?,
-            };
-            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-            let counts = webhooks::counts(conn, &ids)?;
-            Ok::<_, storage::StorageError>((rows, counts))
+            webhooks::snapshot(conn, |conn| {
+                let rows = match &label {
+                    Some(l) if !is_valid_label(l) => Vec::new(),
+                    Some(l) => webhooks::find(conn, id, l)?.into_iter().collect(),
+                    None => webhooks::list(conn, id)?,
+                };
+                let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+                let counts = webhooks::counts(conn, &ids)?;
+                Ok((rows, counts))
+            })
         })
         .await
         .map_err(ApiError::storage(GET_FAILED))?;

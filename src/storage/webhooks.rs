@@ -34,6 +34,26 @@ pub(crate) fn id_list(ids: &[i64]) -> String {
     ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// Runs `f` on one consistent, read-only snapshot of the database (a
+/// webhook's counters and its deliveries' counts seen at the same moment).
+pub fn snapshot<T>(
+    conn: &mut DbConn,
+    f: impl FnOnce(&mut DbConn) -> Result<T, StorageError>,
+) -> Result<T, StorageError> {
+    use diesel::connection::SimpleConnection;
+    let begin = match conn {
+        DbConn::Pg(_) => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        DbConn::Sqlite(_) => "BEGIN DEFERRED",
+    };
+    with_conn!(conn, c => c.batch_execute(begin))?;
+    let out = f(conn);
+    let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    let closed = with_conn!(conn, c => c.batch_execute(end));
+    let out = out?;
+    closed?;
+    Ok(out)
+}
+
 /// One stored webhook, secrets as stored (possibly sealed).
 #[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
 pub struct WebhookRow {
