@@ -8,7 +8,8 @@
 //! ## A tour
 //! - [`settings`]: the settings tree (defaults ← TOML file ← `EVENTGATE_*`).
 //! - [`storage`]: diesel on SQLite (default) or PostgreSQL; accounts,
-//!   instances and WebSocket settings. Only HTTP handlers and the command
+//!   instances, WebSocket settings, webhooks and their deliveries. Only HTTP
+//!   handlers, the webhook workers and the command
 //!   line call it, always off the actor threads.
 //! - [`auth`], [`rate_limit`], [`limits`]: tokens (and remembered
 //!   authorisations), fixed-window request limits, connection limits.
@@ -20,6 +21,9 @@
 //!   the JetStream history, [`instance::shared_history`]).
 //! - [`ws`]: one session actor per client with a bounded mailbox; a client
 //!   that falls behind is closed with 4008 and nobody else waits.
+//! - [`webhook`]: durable, signed delivery to HTTP receivers (contract §11):
+//!   deliveries stored with the publish, delivered by this node's workers
+//!   with leases, retries and dead letters.
 //! - [`events`]: publish bodies and envelopes (serialised once per event).
 //! - [`bus`]: how events and settings changes reach other nodes (NATS), or
 //!   nowhere on a single node.
