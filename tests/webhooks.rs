@@ -922,6 +922,12 @@ async fn disabling_turns_pending_deliveries_into_dead_letters() {
         (st["pending"].clone(), st["failed"].clone()),
         (json!(0), json!(2))
     );
+    assert_eq!(
+        s.metric("eventgate_webhook_deliveries_total{outcome=\"dead_letter\"}")
+            .await,
+        2.0,
+        "dead letters of any reason are counted"
+    );
     // Dead letters of a disabled webhook stay where they are.
     let r = s
         .call(

@@ -99,9 +99,9 @@ pub async fn store(
         new_secret: sealer.seal(&new_secret()),
         rotate_secret: input.rotate_secret,
     };
-    let (row, enabled) = state
+    let (row, enabled, killed) = state
         .db(move |conn| {
-            let row = webhooks::upsert(conn, instance, &new).map_err(|e| match e {
+            let (row, killed) = webhooks::upsert(conn, instance, &new).map_err(|e| match e {
                 SetError::TooManyEnabled => ApiError::TooManyWebhooks,
                 SetError::Storage(cause) => ApiError::Storage {
                     message: failure,
@@ -110,9 +110,14 @@ pub async fn store(
             })?;
             let enabled =
                 webhooks::enabled_of(conn, instance).map_err(ApiError::storage(failure))?;
-            Ok::<_, ApiError>((row, enabled))
+            Ok::<_, ApiError>((row, enabled, killed))
         })
         .await?;
+    state
+        .metrics
+        .webhook_deliveries
+        .with_label_values(&["dead_letter"])
+        .inc_by(killed as u64);
     state.registry.change(Change::Webhooks {
         instance,
         enabled: enabled.iter().map(enabled_from).collect(),

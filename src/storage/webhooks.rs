@@ -265,13 +265,13 @@ fn encode_events(events: &[EventKind]) -> String {
 /// Stores a set request: insert or replace the label's configuration (its
 /// secret kept unless rotating), refusing a fourth enabled webhook; a
 /// disabled webhook's pending deliveries become dead letters with error
-/// `webhook disabled`. One transaction; on PostgreSQL the instance row is
+/// `webhook disabled` (their number is returned). One transaction; on PostgreSQL the instance row is
 /// locked so concurrent enables cannot pass the limit together.
 pub fn upsert(
     conn: &mut DbConn,
     instance: InstanceId,
     new: &NewConfig,
-) -> Result<WebhookRow, SetError> {
+) -> Result<(WebhookRow, usize), SetError> {
     let now = now_millis();
     let events = encode_events(&new.events);
     let lock = matches!(conn, DbConn::Pg(_))
@@ -307,7 +307,8 @@ pub fn upsert(
         #[diesel(sql_type = BigInt)]
         n: i64,
     }
-    let outcome: Result<Result<(), SetError>, diesel::result::Error> = write_tx!(conn, c => {
+    let outcome: Result<Result<usize, SetError>, diesel::result::Error> = write_tx!(conn, c => {
+        let mut killed = 0;
         if let Some(lock) = &lock {
             diesel::sql_query(lock).bind::<BigInt, _>(instance.0).execute(c)?;
         }
@@ -363,18 +364,20 @@ pub fn upsert(
                     .bind::<BigInt, _>(old.id)
                     .execute(c)?;
                 if !new.enabled {
-                    diesel::sql_query(&q_kill)
+                    killed = diesel::sql_query(&q_kill)
                         .bind::<BigInt, _>(now)
                         .bind::<BigInt, _>(old.id)
                         .execute(c)?;
                 }
             }
         }
-        Ok(Ok(()))
+        Ok(Ok(killed))
     });
-    outcome.map_err(StorageError::from)??;
-    find(conn, instance, &new.label)?
-        .ok_or_else(|| SetError::Storage(StorageError::Corrupt("stored webhook vanished".into())))
+    let killed = outcome.map_err(StorageError::from)??;
+    let row = find(conn, instance, &new.label)?.ok_or_else(|| {
+        SetError::Storage(StorageError::Corrupt("stored webhook vanished".into()))
+    })?;
+    Ok((row, killed))
 }
 
 /// Removes the label's webhook with its deliveries and dead letters;

@@ -289,16 +289,20 @@ async fn housekeeping(env: WorkerEnv) {
         let done = db(&env.pool, move |conn| {
             let purged = deliveries::purge_dead(conn, now_millis().saturating_sub(keep_ms))?;
             // A publish that raced with a disable may have stored some.
-            deliveries::kill_disabled(conn, now_millis())?;
+            let killed = deliveries::kill_disabled(conn, now_millis())?;
             let pending = deliveries::pending_total(conn)?;
             if refresh {
                 load_enabled(conn, &webhooks)?;
             }
-            Ok((purged, pending))
+            Ok((purged, pending, killed))
         })
         .await;
         match done {
-            Ok((purged, pending)) => {
+            Ok((purged, pending, killed)) => {
+                env.metrics
+                    .webhook_deliveries
+                    .with_label_values(&["dead_letter"])
+                    .inc_by(killed as u64);
                 env.metrics.webhook_pending.set(pending);
                 if purged > 0 {
                     log::info!("{purged} webhook dead letters past retention removed");
