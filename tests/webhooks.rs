@@ -1514,3 +1514,52 @@ fn execute(url: &str, sql: &str) {
         diesel::sql_query(sql).execute(&mut c).unwrap();
     }
 }
+
+#[actix_rt::test]
+async fn redirects_are_not_followed_and_a_slow_reply_is_a_timeout() {
+    let s = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.retry_schedule_secs = vec![1];
+        s.webhook.timeout_secs = 1;
+    })
+    .await;
+    let target = Receiver::start();
+    let redirecting = Receiver::start();
+    let location = target.url("/moved");
+    redirecting.answer(move |_, _| (307, vec![("Location", location.clone())]));
+    s.instance("red").await;
+    set_ok(
+        &s,
+        "red",
+        json!({"label": "r", "enabled": true, "url": redirecting.url("/")}),
+    )
+    .await;
+    s.publish("red", event("call.update", json!({}))).await;
+    let st = wait_stats(&s, "red", "r", |st| st["failed"] == 1).await;
+    assert_eq!(st["lastError"], "HTTP 307");
+    assert_eq!(redirecting.count(), 2);
+    assert_eq!(target.count(), 0, "the redirect was not followed");
+
+    // A receiver that answers after the timeout: the attempt fails, the next
+    // one (same webhook-id) succeeds — the receiver saw it twice.
+    set_ok(&s, "red", json!({"label": "r", "enabled": false})).await;
+    let slow = Receiver::start();
+    slow.hold(true);
+    set_ok(
+        &s,
+        "red",
+        json!({"label": "t", "enabled": true, "url": slow.url("/")}),
+    )
+    .await;
+    s.publish("red", event("group.flow", json!({}))).await;
+    let st = wait_stats(&s, "red", "t", |st| st["lastError"] == "timeout").await;
+    assert_eq!(st["pending"], 1);
+    slow.hold(false);
+    let got = slow.wait_count(2, WAIT).await;
+    assert_eq!(got[0].id(), got[1].id());
+    assert_eq!((got[0].attempt(), got[1].attempt()), (1, 2));
+    wait_stats(&s, "red", "t", |st| {
+        st["delivered"] == 1 && st["pending"] == 0
+    })
+    .await;
+}
