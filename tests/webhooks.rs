@@ -569,6 +569,25 @@ async fn rotation_signs_with_both_secrets() {
         .unwrap()
         .verify(&got.body, &only_first)
         .expect("first is the new one");
+    // 24 hours after the rotation only the new secret signs.
+    let day_ago = eventgate::storage::now_millis() - 25 * 3_600_000;
+    execute(
+        &s.db.url,
+        &format!("UPDATE webhooks SET rotated_at = {day_ago}"),
+    );
+    s.publish("rot2", event("group.flow", json!({"later": true})))
+        .await;
+    let later = rx.wait_count(2, WAIT).await.remove(1);
+    let sig = later.header("webhook-signature").unwrap();
+    assert!(!sig.contains(' '), "{sig}");
+    standardwebhooks::Webhook::new(&new)
+        .unwrap()
+        .verify(&later.body, &later.header_map())
+        .unwrap();
+    assert!(standardwebhooks::Webhook::new(&old)
+        .unwrap()
+        .verify(&later.body, &later.header_map())
+        .is_err());
 }
 
 #[actix_rt::test]
