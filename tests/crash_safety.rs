@@ -223,3 +223,30 @@ async fn sigkill_during_writes_loses_nothing_acknowledged_on_postgres() {
     };
     crash_and_check(db).await;
 }
+
+#[actix_rt::test]
+async fn nodes_started_together_on_a_fresh_postgres_database_both_migrate() {
+    let Some(db) = common::require_postgres() else {
+        return;
+    };
+    // Each process listens before it migrates, so both migrate at once.
+    let mut nodes: Vec<Process> = (0..3)
+        .map(|_| Process::start(&db, &["serve"], &[]))
+        .collect();
+    for p in &mut nodes {
+        let s = p.client(&Settings::default());
+        let ready = common::eventually(Duration::from_secs(30), async || {
+            match s.try_request("GET", "/readyz", &[], None).await {
+                Ok((200, _, _)) => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+        assert!(
+            ready.is_some(),
+            "node did not become ready: {:?}\n{}",
+            p.child.try_wait(),
+            p.stderr()
+        );
+    }
+}

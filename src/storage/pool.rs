@@ -141,13 +141,25 @@ pub fn connect(url: &str, pool_size: u32, timeout: Duration) -> Result<DbPool, S
         .build(manager)?)
 }
 
-/// Applies every pending migration of the connection's backend.
+/// Key of the PostgreSQL advisory lock that serialises migrations between
+/// nodes starting together on one database (any fixed number will do).
+const MIGRATION_LOCK: i64 = 0x6576_656e_7467_6174; // "eventgat"
+
+/// Applies every pending migration of the connection's backend. On
+/// PostgreSQL, nodes starting at once take turns under an advisory lock
+/// (released with the session if the process dies), so the second finds the
+/// first's work done instead of racing it.
 pub fn run_migrations(conn: &mut DbConn) -> Result<usize, StorageError> {
     let applied = match conn {
         DbConn::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
-        DbConn::Pg(c) => c
-            .run_pending_migrations(POSTGRES_MIGRATIONS)
-            .map(|v| v.len()),
+        DbConn::Pg(c) => {
+            c.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))?;
+            let applied = c
+                .run_pending_migrations(POSTGRES_MIGRATIONS)
+                .map(|v| v.len());
+            c.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))?;
+            applied
+        }
     };
     applied.map_err(|e| StorageError::Migration(e.to_string()))
 }
