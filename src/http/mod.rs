@@ -3,6 +3,8 @@
 //! contract's 404/405 replies). Handlers live in one file per resource.
 
 pub mod connect;
+// The console (contract §13).
+pub mod console;
 #[cfg(feature = "test-echo")]
 pub mod echo;
 pub mod health;
@@ -293,6 +295,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource!("/readyz", get, "GET", health::readyz))
     .service(resource!("/metrics", get, "GET", health::metrics))
     .service(resource!("/openapi.yaml", get, "GET", health::openapi));
+    // The console (contract §13).
+    cfg.configure(console::routes);
     #[cfg(feature = "test-echo")]
     cfg.service(resource!("/test/echo", get, "GET", echo::echo));
 }
