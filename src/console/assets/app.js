@@ -222,10 +222,11 @@ function renderInstances() {
     );
   });
   list.replaceChildren(...items);
+  if (state.instances.length === 0 && state.isAccount) $('create-form').open = true;
   $('instances-hint').textContent =
     state.instances.length === 0
       ? state.isAccount
-        ? 'No instances yet: create one below, or with POST /api/instance/new.'
+        ? 'No instances yet: create one below (New instance), or with POST /api/instance/new.'
         : 'No instances for this token.'
       : state.current
         ? 'Counts are this node’s connected clients, the console included.'
@@ -368,6 +369,8 @@ function renderConn() {
   if (s.state === 'reconnecting') kind = 'connecting';
   conn.hidden = false;
   conn.className = `conn ${kind}`;
+  // What this connection asks for (?events=), for people and tests alike.
+  conn.dataset.events = s.state === 'live' ? client.events.join(',') || 'all' : '';
   conn.textContent = `${state.current}: ${phrase}`;
 }
 
