@@ -16,14 +16,11 @@ use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::auth::AccessCache;
-use crate::domain::{InstanceId, VersionedConfig, WsConfig};
+use crate::domain::InstanceId;
 use crate::events::Event;
-use crate::instance::messages::{Deleted, UpdateSettings};
-use crate::instance::{Inbox, Registry};
+use crate::instance::{Change, Inbox, Registry};
 use crate::metrics::Metrics;
 use crate::settings::ClusterSettings;
 
@@ -38,20 +35,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// How often at most a "could not cross" warning is logged.
 const WARN_EVERY: Duration = Duration::from_secs(10);
-
-/// A change other nodes must apply.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Control {
-    /// New WebSocket settings, as persisted.
-    Settings {
-        instance: i64,
-        config: WsConfig,
-        version: i64,
-    },
-    /// The instance was deleted.
-    Deleted { instance: i64 },
-}
 
 /// Why the bus could not start.
 #[derive(Debug, thiserror::Error)]
@@ -170,8 +153,8 @@ impl Bus {
         }
     }
 
-    /// Sends a settings change or deletion to the other nodes.
-    pub fn publish_control(&self, msg: &Control) {
+    /// Sends a change of an instance to the other nodes.
+    pub fn publish_change(&self, msg: &Change) {
         if let Bus::Nats(bus) = self {
             match serde_json::to_vec(msg) {
                 Ok(payload) => bus.send(format!("{}.ctl", bus.prefix), payload),
@@ -216,8 +199,8 @@ impl Bus {
         }))
     }
 
-    /// Applies settings changes and deletions from other nodes.
-    pub fn listen_control(&self, registry: Arc<Registry>, cache: Arc<AccessCache>) {
+    /// Applies changes made on other nodes (through [`Registry::apply`]).
+    pub fn listen_changes(&self, registry: Arc<Registry>) {
         let Bus::Nats(bus) = self else {
             return;
         };
@@ -231,36 +214,12 @@ impl Bus {
                 if bus.is_own(&msg) {
                     continue;
                 }
-                match serde_json::from_slice::<Control>(&msg.payload) {
-                    Ok(control) => apply(&registry, &cache, control),
+                match serde_json::from_slice::<Change>(&msg.payload) {
+                    Ok(change) => registry.apply(change),
                     Err(e) => bus.could_not_cross("decode", &e),
                 }
             }
         });
-    }
-}
-
-/// Applies a change locally: forgets cached access, tells the instance's actor.
-pub fn apply(registry: &Registry, cache: &AccessCache, control: Control) {
-    match control {
-        Control::Settings {
-            instance,
-            config,
-            version,
-        } => {
-            let id = InstanceId(instance);
-            cache.forget_instance(id);
-            if let Some(addr) = registry.get(id) {
-                addr.do_send(UpdateSettings(Some(VersionedConfig { config, version })));
-            }
-        }
-        Control::Deleted { instance } => {
-            let id = InstanceId(instance);
-            cache.forget_instance(id);
-            if let Some(addr) = registry.get(id) {
-                addr.do_send(Deleted);
-            }
-        }
     }
 }
 

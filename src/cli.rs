@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand};
 /// Producers publish events with POST /api/events/publish/:instance;
 /// WebSocket clients receive them on GET /ws/:instance. Settings come from
 /// built-in defaults, then the TOML file (--config or EVENTGATE_CONFIG), then
-/// EVENTGATE_* environment variables.
+/// EVENTGATE_* environment variables: EVENTGATE_WS__CLIENT_BUFFER sets
+/// ws.client_buffer, and so for every key; short names such as EVENTGATE_BIND
+/// win over those.
 #[derive(Debug, Parser)]
 #[command(name = "eventgate", version, about, long_about)]
 pub struct Cli {
@@ -29,7 +31,8 @@ pub enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
-    /// Validate the settings and print them, secrets masked.
+    /// Validate the settings and print every key with its value (secrets
+    /// masked) and where the value came from (default, file, variable).
     CheckConfig,
     /// Manage accounts (TokenAccount holders).
     #[command(subcommand)]

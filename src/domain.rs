@@ -9,7 +9,8 @@ pub struct AccountId(pub i64);
 
 /// Database id of an instance. Ids are never reused, so a stale one never
 /// names a newer instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct InstanceId(pub i64);
 
 /// Longest instance name, in characters.
@@ -150,7 +151,7 @@ impl WsConfig {
 
 /// A stored configuration with its version: later writes have larger versions,
 /// so whoever applies updates can drop one that arrives late.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionedConfig {
     pub config: WsConfig,
     pub version: i64,

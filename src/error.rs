@@ -1,9 +1,12 @@
 //! Error kinds of the REST API and their replies (contract §2–§9), and the
-//! internal errors behind a 500.
+//! internal causes behind a 500.
 //!
-//! An `ApiError` carries the exact `error.message` literal and status a client
-//! matches on; an optional `details` explains it to a human. Internal causes
-//! are logged here, once, and never sent.
+//! Each `ApiError` variant carries its contract `error.message` literal in
+//! its `#[error]` attribute (that is its `Display`); [`ApiError::class`] maps
+//! it to a status and a metrics label in one place. An optional `details`
+//! explains a refusal to a human. Internal causes ride along as `#[source]`
+//! and are logged once, when the reply is built ([`ResponseError`]), never
+//! sent.
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
@@ -11,42 +14,58 @@ use serde_json::json;
 
 use crate::storage::StorageError;
 
-/// Every error reply the API gives. `message()` is the contract literal.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An internal cause of a 500, for the log only.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every error reply the API gives. Its `Display` is the contract literal.
+#[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    #[error("Missing token in header, Authorization header, or query parameter")]
     MissingToken,
+    #[error("Invalid token")]
     InvalidToken,
+    #[error("Instance token does not match this instance")]
     InstanceTokenMismatch,
+    #[error("Instance not found")]
     InstanceNotFound,
+    #[error("WebSocket not configured for this instance")]
     WebSocketNotConfigured,
-    WebSocketNotEnabled {
-        instance: String,
-    },
+    #[error("WebSocket is not enabled for this instance. Configure it first using POST /api/events/websocket/{instance}")]
+    WebSocketNotEnabled { instance: String },
+    #[error("Origin not allowed")]
     OriginNotAllowed,
+    #[error("WebSocket upgrade expected")]
     UpgradeExpected,
-    InvalidBody {
-        details: Option<String>,
-    },
+    #[error("Invalid request body")]
+    InvalidBody { details: Option<String> },
+    #[error("Payload too large")]
     PayloadTooLarge,
+    #[error("Instance already exists")]
     InstanceExists,
+    #[error("Token already in use")]
     TokenInUse,
-    RateLimited {
-        retry_after_secs: u64,
-    },
+    #[error("Rate limit exceeded. Try again later.")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("Server is shutting down")]
     ShuttingDown,
-    TooManyConnections {
-        details: String,
-    },
+    #[error("Too many connections")]
+    TooManyConnections { details: String },
+    #[error("Server at capacity")]
     NodeFull,
+    #[error("Not found")]
     NotFound,
-    MethodNotAllowed {
-        allow: &'static str,
-    },
+    #[error("Method not allowed")]
+    MethodNotAllowed { allow: &'static str },
     /// A storage failure on a path whose contract names its own 500 message.
+    #[error("{message}")]
     Storage {
         message: &'static str,
+        #[source]
+        cause: StorageError,
     },
-    Internal,
+    /// Anything unexpected: the generic 500.
+    #[error("Internal server error")]
+    Internal(#[source] Cause),
 }
 
 impl ApiError {
@@ -57,46 +76,52 @@ impl ApiError {
         }
     }
 
-    /// Logs an internal cause and turns it into the given contract 500.
-    pub fn storage(message: &'static str, cause: &dyn std::fmt::Display) -> Self {
-        log::error!("storage failure ({message}): {cause}");
-        ApiError::Storage { message }
+    /// Turns a storage failure into the contract's 500 `message` (for `map_err`).
+    pub fn storage(message: &'static str) -> impl FnOnce(StorageError) -> ApiError {
+        move |cause| ApiError::Storage { message, cause }
     }
 
-    /// Logs an internal cause and turns it into the generic 500.
-    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
-        log::error!("internal error: {cause}");
-        ApiError::Internal
+    /// The generic 500 for an unexpected cause.
+    pub fn internal(cause: impl Into<Cause>) -> Self {
+        ApiError::Internal(cause.into())
     }
 
     /// The contract's `error.message`.
     pub fn message(&self) -> String {
+        self.to_string()
+    }
+
+    /// The status of the reply and a short machine-readable name (a metrics label).
+    pub fn class(&self) -> (StatusCode, &'static str) {
+        use StatusCode as S;
         match self {
-            ApiError::MissingToken => {
-                "Missing token in header, Authorization header, or query parameter".into()
+            ApiError::MissingToken => (S::UNAUTHORIZED, "missing_token"),
+            ApiError::InvalidToken => (S::UNAUTHORIZED, "invalid_token"),
+            ApiError::InstanceTokenMismatch => (S::FORBIDDEN, "forbidden"),
+            ApiError::InstanceNotFound => (S::NOT_FOUND, "instance_not_found"),
+            ApiError::WebSocketNotConfigured => (S::NOT_FOUND, "not_configured"),
+            ApiError::WebSocketNotEnabled { .. } => (S::BAD_REQUEST, "not_enabled"),
+            ApiError::OriginNotAllowed => (S::FORBIDDEN, "origin"),
+            ApiError::UpgradeExpected => (S::BAD_REQUEST, "not_upgrade"),
+            ApiError::InvalidBody { .. } => (S::BAD_REQUEST, "invalid_body"),
+            ApiError::PayloadTooLarge => (S::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::InstanceExists => (S::CONFLICT, "exists"),
+            ApiError::TokenInUse => (S::CONFLICT, "token_in_use"),
+            ApiError::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::ShuttingDown => (S::SERVICE_UNAVAILABLE, "shutting_down"),
+            ApiError::TooManyConnections { .. } => (S::TOO_MANY_REQUESTS, "connection_limit"),
+            ApiError::NodeFull => (S::SERVICE_UNAVAILABLE, "node_full"),
+            ApiError::NotFound => (S::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed { .. } => (S::METHOD_NOT_ALLOWED, "method"),
+            ApiError::Storage { .. } | ApiError::Internal(_) => {
+                (S::INTERNAL_SERVER_ERROR, "internal")
             }
-            ApiError::InvalidToken => "Invalid token".into(),
-            ApiError::InstanceTokenMismatch => "Instance token does not match this instance".into(),
-            ApiError::InstanceNotFound => "Instance not found".into(),
-            ApiError::WebSocketNotConfigured => "WebSocket not configured for this instance".into(),
-            ApiError::WebSocketNotEnabled { instance } => format!(
-                "WebSocket is not enabled for this instance. Configure it first using POST /api/events/websocket/{instance}"
-            ),
-            ApiError::OriginNotAllowed => "Origin not allowed".into(),
-            ApiError::UpgradeExpected => "WebSocket upgrade expected".into(),
-            ApiError::InvalidBody { .. } => "Invalid request body".into(),
-            ApiError::PayloadTooLarge => "Payload too large".into(),
-            ApiError::InstanceExists => "Instance already exists".into(),
-            ApiError::TokenInUse => "Token already in use".into(),
-            ApiError::RateLimited { .. } => "Rate limit exceeded. Try again later.".into(),
-            ApiError::ShuttingDown => "Server is shutting down".into(),
-            ApiError::TooManyConnections { .. } => "Too many connections".into(),
-            ApiError::NodeFull => "Server at capacity".into(),
-            ApiError::NotFound => "Not found".into(),
-            ApiError::MethodNotAllowed { .. } => "Method not allowed".into(),
-            ApiError::Storage { message } => (*message).into(),
-            ApiError::Internal => "Internal server error".into(),
         }
+    }
+
+    /// A short machine-readable name, used as a metrics label.
+    pub fn reason(&self) -> &'static str {
+        self.class().1
     }
 
     fn details(&self) -> Option<&str> {
@@ -106,68 +131,23 @@ impl ApiError {
             _ => None,
         }
     }
-
-    /// A short machine-readable name, used as a metrics label.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ApiError::MissingToken => "missing_token",
-            ApiError::InvalidToken => "invalid_token",
-            ApiError::InstanceTokenMismatch => "forbidden",
-            ApiError::InstanceNotFound => "instance_not_found",
-            ApiError::WebSocketNotConfigured => "not_configured",
-            ApiError::WebSocketNotEnabled { .. } => "not_enabled",
-            ApiError::OriginNotAllowed => "origin",
-            ApiError::UpgradeExpected => "not_upgrade",
-            ApiError::InvalidBody { .. } => "invalid_body",
-            ApiError::PayloadTooLarge => "too_large",
-            ApiError::InstanceExists => "exists",
-            ApiError::TokenInUse => "token_in_use",
-            ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::ShuttingDown => "shutting_down",
-            ApiError::TooManyConnections { .. } => "connection_limit",
-            ApiError::NodeFull => "node_full",
-            ApiError::NotFound => "not_found",
-            ApiError::MethodNotAllowed { .. } => "method",
-            ApiError::Storage { .. } | ApiError::Internal => "internal",
-        }
-    }
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message())
-    }
 }
 
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {
-        ApiError::internal(&e)
+        ApiError::Internal(Box::new(e))
     }
 }
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        match self {
-            ApiError::MissingToken | ApiError::InvalidToken => StatusCode::UNAUTHORIZED,
-            ApiError::InstanceTokenMismatch | ApiError::OriginNotAllowed => StatusCode::FORBIDDEN,
-            ApiError::InstanceNotFound | ApiError::WebSocketNotConfigured | ApiError::NotFound => {
-                StatusCode::NOT_FOUND
-            }
-            ApiError::WebSocketNotEnabled { .. }
-            | ApiError::UpgradeExpected
-            | ApiError::InvalidBody { .. } => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::InstanceExists | ApiError::TokenInUse => StatusCode::CONFLICT,
-            ApiError::RateLimited { .. } | ApiError::TooManyConnections { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
-            ApiError::ShuttingDown | ApiError::NodeFull => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Storage { .. } | ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.class().0
     }
 
     fn error_response(&self) -> HttpResponse {
+        if let Some(cause) = std::error::Error::source(self) {
+            log::error!("{self}: {cause}");
+        }
         let mut error = json!({ "message": self.message() });
         if let Some(details) = self.details() {
             error["details"] = json!(details);
@@ -183,5 +163,30 @@ impl ResponseError for ApiError {
             _ => {}
         }
         reply.json(json!({ "success": false, "error": error }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_and_statuses_stay_as_the_contract_writes_them() {
+        let not_enabled = ApiError::WebSocketNotEnabled {
+            instance: "sales-1".into(),
+        };
+        assert_eq!(
+            not_enabled.message(),
+            "WebSocket is not enabled for this instance. Configure it first using POST /api/events/websocket/sales-1"
+        );
+        assert_eq!(not_enabled.status_code(), StatusCode::BAD_REQUEST);
+        let failed =
+            ApiError::storage("Failed to get instance")(StorageError::Connection("refused".into()));
+        assert_eq!(failed.message(), "Failed to get instance");
+        assert_eq!(failed.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            ApiError::internal("boom").message(),
+            "Internal server error"
+        );
     }
 }

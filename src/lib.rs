@@ -27,6 +27,12 @@
 //!
 //! [`run`] takes settings and an already-bound listener, so tests bind
 //! `127.0.0.1:0` and run exactly what production runs.
+//!
+//! Unsafe code is denied crate-wide. Two calls need it, each allowed where
+//! it is made with a `// SAFETY:` note: `malloc_trim` in [`memory`], and
+//! `_exit` in the binary's `main.rs`.
+
+#![deny(unsafe_code)]
 
 pub mod auth;
 pub mod bus;
@@ -117,14 +123,17 @@ fn ensure_account(settings: &Settings, conn: &mut storage::DbConn) -> Result<(),
 /// Runs the gateway on `listener` until SIGTERM/SIGINT; SIGHUP re-reads the
 /// environment. See [`serve`] to reload from a file.
 pub async fn run(settings: Settings, listener: TcpListener) -> Result<(), StartError> {
-    serve(settings, listener, None).await
+    serve(settings, listener, None, lifecycle::Signals::install()?).await
 }
 
-/// Runs the gateway; SIGHUP re-reads `config_path` (when given) and the environment.
+/// Runs the gateway; SIGHUP re-reads `config_path` (when given) and the
+/// environment. `signals` were installed before `listener` was bound, so a
+/// stop that comes at any moment of the start is a drain.
 pub async fn serve(
     settings: Settings,
     listener: TcpListener,
     config_path: Option<PathBuf>,
+    signals: lifecycle::Signals,
 ) -> Result<(), StartError> {
     let settings = Arc::new(settings);
     let opened = {
@@ -153,23 +162,25 @@ pub async fn serve(
             bus: bus.clone(),
             publish_queue: settings.limits.publish_queue,
         },
+        Arc::new(AccessCache::default()),
     );
-    let access = Arc::new(AccessCache::default());
-    bus.listen_control(registry.clone(), access.clone());
+    bus.listen_changes(registry.clone());
     let state = web::Data::new(AppState {
         settings: settings.clone(),
         pool,
-        registry,
+        registry: registry.clone(),
         metrics: metrics.clone(),
         origins: RwLock::new(OriginPolicy::new(&settings.ws.allowed_origins)),
         shutting_down: AtomicBool::new(false),
         bus: bus.clone(),
-        access,
         connections: limits::ConnectionLimits::new(&settings.limits),
     });
-    actix_web::rt::spawn(refresh_from_storage(
-        state.clone(),
+    let stopping = state.clone();
+    actix_web::rt::spawn(instance::change::refresh_from_storage(
+        registry,
+        state.pool.clone(),
         Duration::from_secs(settings.cluster.refresh_secs),
+        move || stopping.is_shutting_down(),
     ));
     let limiter = web::Data::new(RateLimiter::new(settings.rate_limit.clone()));
     let metrics_data = web::Data::from(metrics);
@@ -180,9 +191,12 @@ pub async fn serve(
     actix_web::rt::spawn(memory::release_after_departures(state.connections.clone()));
     let reload = move || {
         let file = config_path.clone();
-        Settings::load(file.as_deref(), &|k| std::env::var(k).ok()).map_err(|e| e.to_string())
+        settings::Loaded::from_process(file.as_deref())
+            .map(|loaded| loaded.settings)
+            .map_err(|e| e.to_string())
     };
     actix_web::rt::spawn(lifecycle::handle_signals(
+        signals,
         state.clone(),
         limiter,
         server.handle(),
@@ -229,40 +243,6 @@ fn build_server(
                 .tcp()
         })?
         .run())
-}
-
-/// Safety net: re-reads every running instance's settings from the database
-/// now and then, in case a change notice was lost on the bus or the change
-/// was made offline (`eventgate instance delete` on a running node's database).
-async fn refresh_from_storage(state: web::Data<AppState>, every: Duration) {
-    loop {
-        tokio::time::sleep(every).await;
-        if state.is_shutting_down() {
-            return;
-        }
-        for addr_id in state.registry.ids() {
-            let looked_up = state
-                .db(None, move |conn| {
-                    storage::instances::find_by_id(conn, addr_id).map_err(error::ApiError::from)
-                })
-                .await;
-            match looked_up {
-                Ok(Some(rec)) => {
-                    if let Some(addr) = state.registry.get(addr_id) {
-                        addr.do_send(instance::messages::UpdateSettings(rec.config));
-                    }
-                }
-                Ok(None) => bus::apply(
-                    &state.registry,
-                    &state.access,
-                    bus::Control::Deleted {
-                        instance: addr_id.0,
-                    },
-                ),
-                Err(_) => break,
-            }
-        }
-    }
 }
 
 /// Tunes an accepted socket: `TCP_NODELAY`, since every frame is a complete

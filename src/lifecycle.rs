@@ -10,6 +10,7 @@ use std::time::Duration;
 use actix_web::dev::ServerHandle;
 use actix_web::web;
 use sd_notify::NotifyState;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::http::{AppState, OriginPolicy};
 use crate::rate_limit::RateLimiter;
@@ -71,7 +72,7 @@ pub async fn drain(state: web::Data<AppState>, server: ServerHandle) {
         NotifyState::Stopping,
         NotifyState::Custom("STATUS=draining"),
     ]);
-    let closed = state.registry.close_all(CloseCode::GOING_AWAY).await;
+    let closed = state.registry.close_all(CloseCode::GoingAway).await;
     log::info!("shutting down: closed {closed} WebSocket sessions");
     tokio::time::sleep(CLOSE_FLUSH).await;
     server.stop(true).await;
@@ -106,27 +107,41 @@ pub fn reload(state: &AppState, limiter: &RateLimiter, fresh: &Settings) {
     }
 }
 
+/// The signals the gateway handles, listened for from the moment they are
+/// installed: a signal that arrives before the handler loop runs (right
+/// after `READY=1`, or even before it) is kept and handled then, never lost
+/// to the default action.
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers for SIGTERM, SIGINT and SIGHUP. Call before the
+    /// listener is bound and before `READY=1`.
+    pub fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Waits for signals: SIGTERM/SIGINT drain and stop; SIGHUP calls `reload_settings`.
 pub async fn handle_signals(
+    mut signals: Signals,
     state: web::Data<AppState>,
     limiter: web::Data<RateLimiter>,
     server: ServerHandle,
     reload_settings: impl Fn() -> Result<Settings, String>,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        log::error!("cannot install signal handlers");
-        return;
-    };
     loop {
         tokio::select! {
-            _ = term.recv() => { log::info!("SIGTERM: draining"); break; }
-            _ = int.recv() => { log::info!("SIGINT: draining"); break; }
-            _ = hup.recv() => match reload_settings() {
+            _ = signals.term.recv() => { log::info!("SIGTERM: draining"); break; }
+            _ = signals.int.recv() => { log::info!("SIGINT: draining"); break; }
+            _ = signals.hup.recv() => match reload_settings() {
                 Ok(fresh) => reload(&state, &limiter, &fresh),
                 Err(e) => log::error!("reload failed, settings unchanged: {e}"),
             },

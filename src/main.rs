@@ -1,11 +1,40 @@
 //! The `eventgate` binary: parses the command line, loads settings, sets up
 //! logging and runs the chosen command. The work is in the library.
 
+#![deny(unsafe_code)]
+
 use clap::Parser;
 use eventgate::cli::{AccountCommand, Cli, Command, InstanceCommand};
 use eventgate::domain::{AccountId, InstanceName};
-use eventgate::settings::Settings;
-use eventgate::{auth, storage};
+use eventgate::settings::{Loaded, Settings, SettingsError};
+use eventgate::storage::StorageError;
+use eventgate::{auth, lifecycle, storage, StartError};
+
+/// Why a command failed; printed on stderr (and logged) before exit status 1.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Create(#[from] storage::instances::CreateError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot show the settings: {0}")]
+    Render(#[from] toml::ser::Error),
+    #[error("instance names are 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")]
+    BadInstanceName,
+    #[error("no instance {name} in account {account}")]
+    NoSuchInstance { name: String, account: i64 },
+}
 
 fn init_logging(settings: &Settings) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.log.level.clone());
@@ -26,6 +55,7 @@ fn main() {
 /// library's exit handlers: libpq's OpenSSL registers one that frees its
 /// state while connection-pool threads may still be closing TLS connections,
 /// which can crash a process that had shut down cleanly.
+#[allow(unsafe_code)] // The binary's one unsafe call.
 fn exit_now(code: u8) -> ! {
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -36,22 +66,24 @@ fn exit_now(code: u8) -> ! {
 
 fn run_command() -> u8 {
     let cli = Cli::parse();
-    let settings = match Settings::load(cli.config.as_deref(), &|k| std::env::var(k).ok()) {
-        Ok(s) => s,
+    let loaded = match Loaded::from_process(cli.config.as_deref()) {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("eventgate: {e}");
             return 2;
         }
     };
+    let settings = loaded.settings.clone();
     init_logging(&settings);
     let outcome = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings, cli.config),
         Command::Migrate => eventgate::open_connection(&settings)
             .map(|_| println!("migrations applied"))
-            .map_err(|e| e.to_string()),
-        Command::CheckConfig => toml::to_string_pretty(&settings.masked())
+            .map_err(CommandError::from),
+        Command::CheckConfig => loaded
+            .report()
             .map(|text| print!("{text}"))
-            .map_err(|e| e.to_string()),
+            .map_err(CommandError::from),
         Command::Account(cmd) => account(&settings, cmd),
         Command::Instance(cmd) => instance(&settings, cmd),
     };
@@ -65,26 +97,32 @@ fn run_command() -> u8 {
     }
 }
 
-fn serve(settings: Settings, config: Option<std::path::PathBuf>) -> Result<(), String> {
-    let listener = std::net::TcpListener::bind(settings.bind_addr().map_err(|e| e.to_string())?)
-        .map_err(|e| format!("cannot bind {}: {e}", settings.server.bind))?;
-    actix_web::rt::System::new()
-        .block_on(eventgate::serve(settings, listener, config))
-        .map_err(|e| e.to_string())
+/// Runs the gateway. Signal handlers are installed first, then the port is
+/// bound: a SIGTERM at any moment of the start is a drain, never a kill.
+fn serve(settings: Settings, config: Option<std::path::PathBuf>) -> Result<(), CommandError> {
+    let addr = settings.bind_addr()?;
+    actix_web::rt::System::new().block_on(async move {
+        let signals = lifecycle::Signals::install().map_err(CommandError::Signals)?;
+        let listener = std::net::TcpListener::bind(addr).map_err(|source| CommandError::Bind {
+            addr: settings.server.bind.clone(),
+            source,
+        })?;
+        eventgate::serve(settings, listener, config, signals).await?;
+        Ok(())
+    })
 }
 
 /// One connection is all a command needs.
-fn connection(settings: &Settings) -> Result<storage::DbConn, String> {
-    eventgate::open_connection(settings).map_err(|e| e.to_string())
+fn connection(settings: &Settings) -> Result<storage::DbConn, CommandError> {
+    Ok(eventgate::open_connection(settings)?)
 }
 
-fn account(settings: &Settings, cmd: AccountCommand) -> Result<(), String> {
+fn account(settings: &Settings, cmd: AccountCommand) -> Result<(), CommandError> {
     let mut conn = connection(settings)?;
     match cmd {
         AccountCommand::Create { name } => {
             let token = auth::generate_token();
-            let id = storage::accounts::create(&mut conn, &name, &auth::token_hash(&token))
-                .map_err(|e| e.to_string())?;
+            let id = storage::accounts::create(&mut conn, &name, &auth::token_hash(&token))?;
             println!(
                 "account {} created (id {}). Its TokenAccount, shown only now:",
                 name, id.0
@@ -92,7 +130,7 @@ fn account(settings: &Settings, cmd: AccountCommand) -> Result<(), String> {
             println!("{token}");
         }
         AccountCommand::List => {
-            for row in storage::accounts::list(&mut conn).map_err(|e| e.to_string())? {
+            for row in storage::accounts::list(&mut conn)? {
                 println!("{}\t{}", row.id.0, row.name);
             }
         }
@@ -100,13 +138,11 @@ fn account(settings: &Settings, cmd: AccountCommand) -> Result<(), String> {
     Ok(())
 }
 
-fn instance(settings: &Settings, cmd: InstanceCommand) -> Result<(), String> {
+fn instance(settings: &Settings, cmd: InstanceCommand) -> Result<(), CommandError> {
     let mut conn = connection(settings)?;
     match cmd {
         InstanceCommand::Create { account, name } => {
-            let name = InstanceName::parse(&name).ok_or(
-                "instance names are 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit",
-            )?;
+            let name = InstanceName::parse(&name).ok_or(CommandError::BadInstanceName)?;
             let token = auth::generate_token();
             let rec = storage::instances::create(
                 &mut conn,
@@ -115,8 +151,7 @@ fn instance(settings: &Settings, cmd: InstanceCommand) -> Result<(), String> {
                 &token,
                 &auth::token_hash(&token),
                 None,
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             println!(
                 "instance {} created in account {account}. Its TokenInstance:",
                 rec.name
@@ -127,8 +162,7 @@ fn instance(settings: &Settings, cmd: InstanceCommand) -> Result<(), String> {
             let rows = match account {
                 Some(a) => storage::instances::list(&mut conn, AccountId(a)),
                 None => storage::instances::list_all(&mut conn),
-            }
-            .map_err(|e| e.to_string())?;
+            }?;
             for rec in rows {
                 let ws = match &rec.config {
                     Some(c) if c.config.enabled => "enabled",
@@ -139,11 +173,9 @@ fn instance(settings: &Settings, cmd: InstanceCommand) -> Result<(), String> {
             }
         }
         InstanceCommand::Delete { account, name } => {
-            match storage::instances::delete(&mut conn, AccountId(account), &name)
-                .map_err(|e| e.to_string())?
-            {
+            match storage::instances::delete(&mut conn, AccountId(account), &name)? {
                 Some(rec) => println!("instance {} deleted", rec.name),
-                None => return Err(format!("no instance {name} in account {account}")),
+                None => return Err(CommandError::NoSuchInstance { name, account }),
             }
         }
     }

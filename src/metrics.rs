@@ -121,10 +121,10 @@ impl Metrics {
         // the expected ones start at 0, so dashboards and alerts see every
         // family from the first scrape (config/grafana-dashboard.json,
         // checked by .ci/check-dashboard).
-        for reason in [CloseCode::SLOW_CONSUMER, CloseCode::HEARTBEAT_TIMEOUT] {
+        for reason in [CloseCode::SlowConsumer, CloseCode::HeartbeatTimeout] {
             clients_evicted.with_label_values(&[reason.label()]);
         }
-        disconnects.with_label_values(&[CloseCode::NORMAL.label()]);
+        disconnects.with_label_values(&[CloseCode::Normal.label()]);
         upgrades.with_label_values(&["accepted"]);
         Ok(Self {
             registry,

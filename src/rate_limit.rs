@@ -140,7 +140,9 @@ impl RateLimiter {
             limit,
             remaining: limit.saturating_sub(window.count),
             reset: reset_at.as_secs() + u64::from(reset_at.subsec_nanos() > 0),
-            allowed: window.count <= limit,
+            // Only a request that counts can be refused: one that shows the
+            // bucket without consuming it (publish, §4) always passes.
+            allowed: !consume || window.count <= limit,
             retry_after: left.as_secs() + u64::from(left.subsec_nanos() > 0),
         })
     }
@@ -258,5 +260,8 @@ mod tests {
         assert!(limiter.check(Bucket::Publish, "t", true).is_none());
         let peek = limiter.check(Bucket::General, "fresh", false).unwrap();
         assert_eq!(peek.remaining, 3);
+        // Showing an exhausted bucket without consuming it never refuses.
+        let shown = limiter.check(Bucket::General, "t", false).unwrap();
+        assert!(shown.allowed && shown.remaining == 0);
     }
 }

@@ -1,348 +1,176 @@
-//! The settings tree: built-in defaults, overridden by an optional TOML file,
-//! overridden by `EVENTGATE_*` environment variables (contract §10).
+//! The settings tree, declared once in the table below: each key's type,
+//! built-in default, doc comment, environment names and masking. Layers:
+//! built-in defaults ← an optional TOML file (`--config PATH` or
+//! `EVENTGATE_CONFIG`) ← `EVENTGATE_<SECTION>__<KEY>` ← the contract's short
+//! names (§10, e.g. `EVENTGATE_WS_CLIENT_BUFFER`), which win over the long
+//! form of the same key. Empty environment values are ignored.
 //!
-//! Owns loading and validation only. Nothing here opens sockets or files other
-//! than the settings file itself; every other module receives a `Settings`
-//! (or a part of it) from `main`/`run`.
+//! Owns the keys, their defaults, loading and validation. Nothing here opens
+//! sockets or files other than the settings file itself; every other module
+//! receives a `Settings` (or a part of it) from `main`/`run`.
+//!
+//! # Adding a key
+//!
+//! One row in its section of the table below; the doc comment is required
+//! (the macro refuses a row without one). A whole new section is a block
+//! like the others, `[name] NameSettings { rows }`, and becomes
+//! `settings.name`:
+//!
+//! ```text
+//!     /// Durable delivery to HTTP receivers (contract §11).
+//!     [webhook] WebhookSettings {
+//!         /// Seconds a receiver has to answer.
+//!         timeout_secs: u64 = 10, env "EVENTGATE_WEBHOOK_TIMEOUT_SECS";
+//!         /// Seconds between attempts.
+//!         retry_schedule_secs: Vec<u64> = vec![5, 300], env "EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS";
+//!         /// Key of secrets at rest; empty = none.
+//!         encryption_key: String = String::new(), env "EVENTGATE_ENCRYPTION_KEY", mask Secret;
+//!     }
+//! ```
+//!
+//! - `name: Type = default;` is the field `settings.<section>.<name>` and its
+//!   built-in default (any expression). The type implements [`FromEnv`]:
+//!   `String`, `PathBuf`, `bool`, integers, `f64`, or a `Vec` of those
+//!   (comma-separated in the environment). "None" is `""` or `0`, as for the
+//!   other keys (TOML has no null), not an `Option`.
+//! - With nothing more, the key is read from the file, settable as
+//!   `EVENTGATE_<SECTION>__<NAME>` (`EVENTGATE_WEBHOOK__TIMEOUT_SECS`), and
+//!   shown by `check-config` with its source.
+//! - `, env "EVENTGATE_…"` adds the contract's short name; it wins over the
+//!   long name. Only for names the contract (§10) lists.
+//! - `, mask Secret` hides a secret in `check-config` (`********`),
+//!   `, mask UrlPassword` the password of a URL. `env` comes before `mask`.
+//! - Then add the key with its default and a comment (with `Env:` and the
+//!   short name, if any) to `config/eventgate.toml`; the unit test
+//!   `shipped_file_lists_every_key_with_its_default` fails until it is there.
+//!   A check of the value that can fail goes in [`Settings::validate`]; such a
+//!   key also needs a valid sample in `sample()` of `tests/configuration.rs`.
+
+mod load;
+mod table;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Errors found while loading settings. Each names the key or variable at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum SettingsError {
-    #[error("cannot read settings file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("settings file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("environment variable {var}: {message}")]
-    Env { var: &'static str, message: String },
-    #[error("setting `{key}`: {message}")]
-    Invalid { key: &'static str, message: String },
-}
+pub use load::{check_env_names, Loaded, SettingsError, Source};
+use table::settings_table;
+pub use table::{FromEnv, Key, Mask, Maskable};
 
-/// The whole settings tree. Every field has a default; see `config/eventgate.toml`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Settings {
-    pub server: ServerSettings,
-    pub storage: StorageSettings,
-    pub auth: AuthSettings,
-    pub log: LogSettings,
-    pub ws: WsSettings,
-    pub rate_limit: RateLimitSettings,
-    pub limits: LimitSettings,
-    pub cluster: ClusterSettings,
-}
-
-/// HTTP listener and process-wide behaviour.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerSettings {
-    /// Listen address (`EVENTGATE_BIND`).
-    pub bind: String,
-    /// `instanceData.baseUrl` in envelopes (`EVENTGATE_PUBLIC_BASE_URL`); empty = `http://<bind>`.
-    pub public_base_url: String,
-    /// Directory holding the default SQLite file.
-    pub data_dir: PathBuf,
-    /// HTTP worker threads (each a single-threaded runtime).
-    pub workers: usize,
-    /// Threads that instance actors are spread over; 0 = each instance's
-    /// actor runs on the HTTP worker thread that first needs it.
-    pub instance_arbiters: usize,
-    /// Seconds a graceful shutdown may take before the process exits anyway.
-    pub shutdown_drain_secs: u64,
-    /// Seconds an idle HTTP keep-alive connection is kept open.
-    pub keep_alive_secs: u64,
-    /// Seconds a client has to send its complete request head.
-    pub client_request_timeout_secs: u64,
-}
-
-/// Where data is stored.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageSettings {
-    /// A SQLite path or `sqlite://` URL, or `postgres://…` (`EVENTGATE_DATABASE_URL`).
-    /// Empty = `<data_dir>/eventgate.sqlite3`.
-    pub database_url: String,
-    /// Maximum pooled connections (SQLite uses at most 4 whatever is set).
-    pub pool_size: u32,
-    /// Seconds to wait for a database connection before failing.
-    pub connect_timeout_secs: u64,
-}
-
-/// Accounts provisioned at start-up.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthSettings {
-    /// Ensures an account with this TokenAccount exists (`EVENTGATE_ACCOUNT_TOKEN`). Secret.
-    pub account_token: String,
-}
-
-/// Logging.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogSettings {
-    /// Filter in `RUST_LOG` syntax (`EVENTGATE_LOG`; `RUST_LOG` wins when set).
-    pub level: String,
-}
-
-/// WebSocket sessions.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct WsSettings {
-    /// Browser Origin allowlist; `*` allows all (`EVENTGATE_WS_ALLOWED_ORIGINS`, comma-separated).
-    pub allowed_origins: Vec<String>,
-    /// Seconds between server pings (`EVENTGATE_WS_PING_INTERVAL_SECS`).
-    pub ping_interval_secs: u64,
-    /// Seconds of client silence before closing with 4001 (`EVENTGATE_WS_IDLE_TIMEOUT_SECS`).
-    pub idle_timeout_secs: u64,
-    /// Messages queued per client before it is a slow consumer (`EVENTGATE_WS_CLIENT_BUFFER`).
-    pub client_buffer: usize,
-    /// Bytes of frames queued per client before it is a slow consumer (`EVENTGATE_WS_CLIENT_BUFFER_BYTES`).
-    pub client_buffer_bytes: usize,
-    /// Largest client message, fragments counted together; larger closes with 1009.
-    pub max_message_bytes: usize,
-    /// Seconds sent data may stay unacknowledged before the kernel drops the socket (`TCP_USER_TIMEOUT`).
-    pub tcp_user_timeout_secs: u64,
-}
-
-/// Fixed-window request limits (contract §4). Zero disables a bucket.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RateLimitSettings {
-    /// Every `/api/*` request and `/ws` upgrade, per token or IP (`EVENTGATE_RATE_LIMIT_PER_MINUTE`).
-    pub per_minute: u32,
-    /// `POST /api/instance/new`, its own bucket (`EVENTGATE_RATE_LIMIT_INSTANCE_NEW_PER_MINUTE`).
-    pub instance_new_per_minute: u32,
-    /// `POST /api/events/publish/:instance`; 0 = not limited (the default).
-    pub publish_per_minute: u32,
-    /// `/ws` upgrade attempts per client IP, whatever the token; 0 = not limited.
-    pub upgrades_per_ip_per_minute: u32,
-}
-
-/// Sizes of what clients may send.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitSettings {
-    /// Largest request body on every endpoint but publish, in bytes.
-    pub body_bytes: usize,
-    /// Largest publish body, in bytes.
-    pub publish_body_bytes: usize,
-    /// Most events in one publish request.
-    pub publish_batch: usize,
-    /// Publish requests waiting for one instance's fan-out past which the
-    /// next publisher is answered only once its events are fanned out.
-    pub publish_queue: usize,
-    /// WebSocket clients on this node; 0 = unlimited (503 over it).
-    pub max_connections: usize,
-    /// WebSocket clients of one account on this node; 0 = unlimited (429 over it).
-    pub max_connections_per_account: usize,
-    /// WebSocket clients of one instance on this node; 0 = unlimited (429 over it).
-    pub max_connections_per_instance: usize,
-}
-
-/// Several nodes sharing PostgreSQL and NATS.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClusterSettings {
-    /// NATS server URL; set = cluster mode (`EVENTGATE_NATS_URL`).
-    pub nats_url: String,
-    /// Prefix of every NATS subject this cluster uses.
-    pub subject_prefix: String,
-    /// Seconds between re-reads of running instances' settings from the
-    /// database (a safety net behind NATS invalidation and offline changes).
-    pub refresh_secs: u64,
-}
-
-impl Default for ServerSettings {
-    fn default() -> Self {
-        Self {
-            bind: "127.0.0.1:8080".into(),
-            public_base_url: String::new(),
-            data_dir: PathBuf::from("data"),
-            workers: 1,
-            instance_arbiters: 2,
-            shutdown_drain_secs: 10,
-            keep_alive_secs: 30,
-            client_request_timeout_secs: 5,
-        }
+settings_table! {
+    /// HTTP listener and process-wide behaviour.
+    [server] ServerSettings {
+        /// Listen address.
+        bind: String = "127.0.0.1:8080".into(), env "EVENTGATE_BIND";
+        /// `instanceData.baseUrl` in envelopes; empty = `http://<bind>`.
+        public_base_url: String = String::new(), env "EVENTGATE_PUBLIC_BASE_URL";
+        /// Directory holding the default SQLite file.
+        data_dir: PathBuf = PathBuf::from("data"), env "EVENTGATE_DATA_DIR";
+        /// HTTP worker threads (each a single-threaded runtime).
+        workers: usize = 1, env "EVENTGATE_WORKERS";
+        /// Threads that instance actors are spread over; 0 = each instance's
+        /// actor runs on the HTTP worker thread that first needs it.
+        instance_arbiters: usize = 2, env "EVENTGATE_INSTANCE_ARBITERS";
+        /// Seconds a graceful shutdown may take before the process exits anyway.
+        shutdown_drain_secs: u64 = 10, env "EVENTGATE_SHUTDOWN_DRAIN_SECS";
+        /// Seconds an idle HTTP keep-alive connection is kept open.
+        keep_alive_secs: u64 = 30;
+        /// Seconds a client has to send its complete request head.
+        client_request_timeout_secs: u64 = 5;
     }
-}
 
-impl Default for StorageSettings {
-    fn default() -> Self {
-        Self {
-            database_url: String::new(),
-            pool_size: 8,
-            connect_timeout_secs: 5,
-        }
+    /// Where data is stored.
+    [storage] StorageSettings {
+        /// A SQLite path or `sqlite://` URL, or `postgres://…`.
+        /// Empty = `<data_dir>/eventgate.sqlite3`.
+        database_url: String = String::new(), env "EVENTGATE_DATABASE_URL", mask UrlPassword;
+        /// Maximum pooled connections (SQLite uses at most 4 whatever is set).
+        pool_size: u32 = 8;
+        /// Seconds to wait for a database connection before failing.
+        connect_timeout_secs: u64 = 5;
     }
-}
 
-impl Default for LogSettings {
-    fn default() -> Self {
-        Self {
-            level: "info".into(),
-        }
+    /// Accounts provisioned at start-up.
+    [auth] AuthSettings {
+        /// Ensures an account with this TokenAccount exists. Secret.
+        account_token: String = String::new(), env "EVENTGATE_ACCOUNT_TOKEN", mask Secret;
     }
-}
 
-impl Default for WsSettings {
-    fn default() -> Self {
-        Self {
-            allowed_origins: vec!["*".into()],
-            ping_interval_secs: 20,
-            idle_timeout_secs: 60,
-            client_buffer: 256,
-            client_buffer_bytes: 4 * 1024 * 1024,
-            max_message_bytes: 64 * 1024,
-            tcp_user_timeout_secs: 10,
-        }
+    /// Logging.
+    [log] LogSettings {
+        /// Filter in `RUST_LOG` syntax (`RUST_LOG` wins when set).
+        level: String = "info".into(), env "EVENTGATE_LOG";
     }
-}
 
-impl Default for RateLimitSettings {
-    fn default() -> Self {
-        Self {
-            per_minute: 100,
-            instance_new_per_minute: 20,
-            publish_per_minute: 0,
-            upgrades_per_ip_per_minute: 0,
-        }
+    /// WebSocket sessions.
+    [ws] WsSettings {
+        /// Browser Origin allowlist; `*` allows all (comma-separated in the environment).
+        allowed_origins: Vec<String> = vec!["*".into()], env "EVENTGATE_WS_ALLOWED_ORIGINS";
+        /// Seconds between server pings.
+        ping_interval_secs: u64 = 20, env "EVENTGATE_WS_PING_INTERVAL_SECS";
+        /// Seconds of client silence before closing with 4001.
+        idle_timeout_secs: u64 = 60, env "EVENTGATE_WS_IDLE_TIMEOUT_SECS";
+        /// Messages queued per client before it is a slow consumer.
+        client_buffer: usize = 256, env "EVENTGATE_WS_CLIENT_BUFFER";
+        /// Bytes of frames queued per client before it is a slow consumer.
+        client_buffer_bytes: usize = 4 * 1024 * 1024, env "EVENTGATE_WS_CLIENT_BUFFER_BYTES";
+        /// Largest client message, fragments counted together; larger closes with 1009.
+        max_message_bytes: usize = 64 * 1024;
+        /// Seconds sent data may stay unacknowledged before the kernel drops the socket (`TCP_USER_TIMEOUT`).
+        tcp_user_timeout_secs: u64 = 10;
     }
-}
 
-impl Default for LimitSettings {
-    fn default() -> Self {
-        Self {
-            body_bytes: 1024 * 1024,
-            publish_body_bytes: 16 * 1024 * 1024,
-            publish_batch: 1000,
-            publish_queue: 1024,
-            max_connections: 0,
-            max_connections_per_account: 0,
-            max_connections_per_instance: 0,
-        }
+    /// Fixed-window request limits (contract §4). Zero disables a bucket.
+    [rate_limit] RateLimitSettings {
+        /// Every `/api/*` request and `/ws` upgrade, per token or IP.
+        per_minute: u32 = 100, env "EVENTGATE_RATE_LIMIT_PER_MINUTE";
+        /// `POST /api/instance/new`, its own bucket.
+        instance_new_per_minute: u32 = 20, env "EVENTGATE_RATE_LIMIT_INSTANCE_NEW_PER_MINUTE";
+        /// `POST /api/events/publish/:instance`; 0 = not limited (the default).
+        publish_per_minute: u32 = 0;
+        /// `/ws` upgrade attempts per client IP, whatever the token; 0 = not limited.
+        upgrades_per_ip_per_minute: u32 = 0;
     }
-}
 
-impl Default for ClusterSettings {
-    fn default() -> Self {
-        Self {
-            nats_url: String::new(),
-            subject_prefix: "eventgate".into(),
-            refresh_secs: 30,
-        }
+    /// Sizes of what clients may send.
+    [limits] LimitSettings {
+        /// Largest request body on every endpoint but publish, in bytes.
+        body_bytes: usize = 1024 * 1024;
+        /// Largest publish body, in bytes.
+        publish_body_bytes: usize = 16 * 1024 * 1024;
+        /// Most events in one publish request.
+        publish_batch: usize = 1000;
+        /// Publish requests waiting for one instance's fan-out past which the
+        /// next publisher is answered only once its events are fanned out.
+        publish_queue: usize = 1024;
+        /// WebSocket clients on this node; 0 = unlimited (503 over it).
+        max_connections: usize = 0, env "EVENTGATE_MAX_CONNECTIONS";
+        /// WebSocket clients of one account on this node; 0 = unlimited (429 over it).
+        max_connections_per_account: usize = 0;
+        /// WebSocket clients of one instance on this node; 0 = unlimited (429 over it).
+        max_connections_per_instance: usize = 0;
     }
-}
 
-/// Parses an environment value into `T`, naming the variable on failure.
-fn parse_env<T: std::str::FromStr>(var: &'static str, value: &str) -> Result<T, SettingsError>
-where
-    T::Err: std::fmt::Display,
-{
-    value
-        .trim()
-        .parse()
-        .map_err(|e: T::Err| SettingsError::Env {
-            var,
-            message: format!("`{value}` is not valid: {e}"),
-        })
+    /// Several nodes sharing PostgreSQL and NATS.
+    [cluster] ClusterSettings {
+        /// NATS server URL; set = cluster mode.
+        nats_url: String = String::new(), env "EVENTGATE_NATS_URL", mask UrlPassword;
+        /// Prefix of every NATS subject this cluster uses.
+        subject_prefix: String = "eventgate".into();
+        /// Seconds between re-reads of running instances' settings from the
+        /// database (a safety net behind NATS invalidation and offline changes).
+        refresh_secs: u64 = 30;
+    }
 }
 
 impl Settings {
-    /// Loads defaults ← `file` (when given) ← environment, then validates.
-    /// `env` returns a variable's value; `std::env::var(..).ok()` in production.
-    pub fn load(
-        file: Option<&Path>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, SettingsError> {
-        let mut settings = match file {
-            Some(path) => Self::from_file(path)?,
-            None => Self::default(),
-        };
-        settings.apply_env(env)?;
-        settings.validate()?;
-        Ok(settings)
-    }
-
-    /// Reads one TOML file over the defaults; unknown keys are errors.
-    pub fn from_file(path: &Path) -> Result<Self, SettingsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml(&text).map_err(|message| SettingsError::Parse {
-            path: path.to_path_buf(),
-            message,
-        })
-    }
-
-    /// Parses TOML text over the defaults.
-    pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
-    }
-
-    /// Applies the `EVENTGATE_*` variables of contract §10 (and the few more listed in the README).
-    pub fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), SettingsError> {
-        let get = |var: &str| env(var).filter(|v| !v.trim().is_empty());
-        if let Some(v) = get("EVENTGATE_BIND") {
-            self.server.bind = v.trim().to_string();
-        }
-        if let Some(v) = get("EVENTGATE_DATABASE_URL") {
-            self.storage.database_url = v.trim().to_string();
-        }
-        if let Some(v) = get("EVENTGATE_DATA_DIR") {
-            self.server.data_dir = PathBuf::from(v.trim());
-        }
-        if let Some(v) = get("EVENTGATE_PUBLIC_BASE_URL") {
-            self.server.public_base_url = v.trim().to_string();
-        }
-        if let Some(v) = get("EVENTGATE_ACCOUNT_TOKEN") {
-            self.auth.account_token = v.trim().to_string();
-        }
-        if let Some(v) = get("EVENTGATE_NATS_URL") {
-            self.cluster.nats_url = v.trim().to_string();
-        }
-        if let Some(v) = get("EVENTGATE_LOG") {
-            self.log.level = v.trim().to_string();
-        }
-        if let Some(v) = get("EVENTGATE_WS_ALLOWED_ORIGINS") {
-            self.ws.allowed_origins = split_list(&v);
-        }
-        macro_rules! numeric {
-            ($($var:literal => $field:expr),* $(,)?) => {$(
-                if let Some(v) = get($var) {
-                    $field = parse_env($var, &v)?;
-                }
-            )*};
-        }
-        numeric! {
-            "EVENTGATE_WORKERS" => self.server.workers,
-            "EVENTGATE_INSTANCE_ARBITERS" => self.server.instance_arbiters,
-            "EVENTGATE_SHUTDOWN_DRAIN_SECS" => self.server.shutdown_drain_secs,
-            "EVENTGATE_WS_PING_INTERVAL_SECS" => self.ws.ping_interval_secs,
-            "EVENTGATE_WS_IDLE_TIMEOUT_SECS" => self.ws.idle_timeout_secs,
-            "EVENTGATE_WS_CLIENT_BUFFER" => self.ws.client_buffer,
-            "EVENTGATE_WS_CLIENT_BUFFER_BYTES" => self.ws.client_buffer_bytes,
-            "EVENTGATE_RATE_LIMIT_PER_MINUTE" => self.rate_limit.per_minute,
-            "EVENTGATE_RATE_LIMIT_INSTANCE_NEW_PER_MINUTE" => self.rate_limit.instance_new_per_minute,
-            "EVENTGATE_MAX_CONNECTIONS" => self.limits.max_connections,
-        }
-        Ok(())
-    }
-
     /// Checks values that parse but cannot work, naming the key.
     pub fn validate(&self) -> Result<(), SettingsError> {
         fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
             SettingsError::Invalid {
                 key,
+                origin: None,
                 message: message.into(),
             }
         }
@@ -391,8 +219,14 @@ impl Settings {
                 "must list at least one origin (or \"*\")",
             ));
         }
-        if self.limits.body_bytes < 1024 || self.limits.publish_body_bytes < 1024 {
+        if self.limits.body_bytes < 1024 {
             return Err(invalid("limits.body_bytes", "must be at least 1024"));
+        }
+        if self.limits.publish_body_bytes < 1024 {
+            return Err(invalid(
+                "limits.publish_body_bytes",
+                "must be at least 1024",
+            ));
         }
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
@@ -424,6 +258,7 @@ impl Settings {
             .parse()
             .map_err(|_| SettingsError::Invalid {
                 key: "server.bind",
+                origin: None,
                 message: format!("`{}` is not an address:port", self.server.bind),
             })
     }
@@ -439,17 +274,6 @@ impl Settings {
         } else {
             self.storage.database_url.clone()
         }
-    }
-
-    /// A copy safe to print: secrets and URL passwords replaced by `********`.
-    pub fn masked(&self) -> Settings {
-        let mut copy = self.clone();
-        if !copy.auth.account_token.is_empty() {
-            copy.auth.account_token = MASK.into();
-        }
-        copy.storage.database_url = mask_url_password(&copy.storage.database_url);
-        copy.cluster.nats_url = mask_url_password(&copy.cluster.nats_url);
-        copy
     }
 }
 
@@ -484,68 +308,4 @@ pub fn split_list(value: &str) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shipped_file_equals_defaults() {
-        let text = include_str!("../config/eventgate.toml");
-        assert_eq!(Settings::from_toml(text).unwrap(), Settings::default());
-    }
-
-    #[test]
-    fn shipped_cluster_example_is_valid() {
-        let text = include_str!("../config/eventgate.cluster.toml");
-        let s = Settings::from_toml(text).unwrap();
-        s.validate().unwrap();
-        assert_eq!(s.cluster.nats_url, "nats://nats.internal:4222");
-    }
-
-    #[test]
-    fn unknown_key_is_named() {
-        let err = Settings::from_toml("[ws]\nping_interval = 3\n").unwrap_err();
-        assert!(err.contains("ping_interval"), "{err}");
-    }
-
-    #[test]
-    fn invalid_value_is_named() {
-        let err = Settings::from_toml("[ws]\nclient_buffer = \"many\"\n").unwrap_err();
-        assert!(err.contains("client_buffer"), "{err}");
-        let mut s = Settings::default();
-        s.ws.idle_timeout_secs = 5;
-        s.ws.ping_interval_secs = 10;
-        assert!(s
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("ws.idle_timeout_secs"));
-    }
-
-    #[test]
-    fn env_overrides_and_names_bad_variable() {
-        let env = |k: &str| match k {
-            "EVENTGATE_WS_CLIENT_BUFFER" => Some("12".to_string()),
-            "EVENTGATE_WS_ALLOWED_ORIGINS" => Some("https://a.example, https://b.example".into()),
-            _ => None,
-        };
-        let s = Settings::load(None, &env).unwrap();
-        assert_eq!(s.ws.client_buffer, 12);
-        assert_eq!(
-            s.ws.allowed_origins,
-            vec!["https://a.example", "https://b.example"]
-        );
-        let bad = |k: &str| (k == "EVENTGATE_WS_PING_INTERVAL_SECS").then(|| "soon".to_string());
-        let err = Settings::load(None, &bad).unwrap_err().to_string();
-        assert!(err.contains("EVENTGATE_WS_PING_INTERVAL_SECS"), "{err}");
-    }
-
-    #[test]
-    fn masks_secrets() {
-        let mut s = Settings::default();
-        s.auth.account_token = "secret-token-value".into();
-        s.storage.database_url = "postgres://user:pw@db/x".into();
-        let m = s.masked();
-        assert_eq!(m.auth.account_token, MASK);
-        assert_eq!(m.storage.database_url, "postgres://user:********@db/x");
-    }
-}
+mod tests;

@@ -102,7 +102,7 @@ async fn unknown_paths_and_wrong_methods() {
         .raw("POST", "/api/instance/list", &[("token", ACCOUNT)], None)
         .await;
     r.assert_error(405, "Method not allowed");
-    assert_eq!(r.header("allow"), Some("GET"));
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
     let r = s
         .raw("GET", "/api/instance/delete/x", &[("token", ACCOUNT)], None)
         .await;
@@ -213,4 +213,99 @@ async fn requests_without_token_are_limited_per_ip() {
     }
     let r = s.raw("GET", "/api/instance/list", &[], None).await;
     r.assert_error(429, "Rate limit exceeded. Try again later.");
+}
+
+#[actix_rt::test]
+async fn publish_is_never_refused_by_an_exhausted_general_bucket() {
+    let s = TestServer::start_with(|st| st.rate_limit.per_minute = 3).await;
+    s.instance("pub-1").await;
+    // A dashboard polls with the account token until its bucket is empty.
+    loop {
+        let r = s
+            .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+            .await;
+        if r.status == 429 {
+            break;
+        }
+        assert_eq!(r.status, 200);
+    }
+    for _ in 0..5 {
+        let r = s
+            .publish("pub-1", json!({"event":"message.exchange","data":{"n":1}}))
+            .await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        assert_eq!(r.body["accepted"], 1);
+        assert_eq!(r.header("x-ratelimit-limit"), Some("3"));
+        assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+        assert!(r.header("retry-after").is_none());
+    }
+    // The general bucket still refuses other requests.
+    s.call("GET", "/api/instance/list", Some(ACCOUNT), None)
+        .await
+        .assert_error(429, "Rate limit exceeded. Try again later.");
+}
+
+#[actix_rt::test]
+async fn head_answers_wherever_get_does() {
+    let s = TestServer::start().await;
+    let token = s.instance("head-1").await;
+    let paths = [
+        "/healthz".to_string(),
+        "/readyz".to_string(),
+        "/metrics".to_string(),
+        "/openapi.yaml".to_string(),
+        "/api/instance/list".to_string(),
+        "/api/events/getWebsocket/head-1".to_string(),
+    ];
+    for path in &paths {
+        let get = s.raw("GET", path, &[("token", ACCOUNT)], None).await;
+        let head = s.raw("HEAD", path, &[("token", ACCOUNT)], None).await;
+        assert_eq!(head.status, get.status, "HEAD {path}");
+        assert_eq!(head.status, 200, "HEAD {path}");
+        assert_eq!(
+            head.body,
+            serde_json::Value::String(String::new()),
+            "HEAD {path} has no body"
+        );
+        assert_eq!(
+            head.header("content-type"),
+            get.header("content-type"),
+            "{path}"
+        );
+        assert_eq!(
+            head.header("x-ratelimit-limit"),
+            get.header("x-ratelimit-limit"),
+            "{path}"
+        );
+    }
+    // Errors answer HEAD the way they answer GET (no body).
+    let head = s
+        .raw(
+            "HEAD",
+            "/api/events/getWebsocket/head-1",
+            &[("token", "nope")],
+            None,
+        )
+        .await;
+    assert_eq!(head.status, 401);
+    let head = s
+        .raw(
+            "HEAD",
+            "/api/events/getWebsocket/head-1",
+            &[("token", &token)],
+            None,
+        )
+        .await;
+    assert_eq!(head.status, 200);
+    // A POST-only route still refuses HEAD, and a GET route lists HEAD as allowed.
+    let r = s
+        .raw("HEAD", "/api/instance/new", &[("token", ACCOUNT)], None)
+        .await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("POST"));
+    let r = s
+        .raw("POST", "/api/instance/list", &[("token", ACCOUNT)], None)
+        .await;
+    r.assert_error(405, "Method not allowed");
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
 }

@@ -447,3 +447,50 @@ fn journal_lines_have_no_timestamp_and_migrate_runs() {
         "timestamped outside the journal: {line}"
     );
 }
+
+/// Starts the binary with a notify socket; returns the process and the socket.
+fn start_notified(db: &TestDb) -> (Process, UnixDatagram, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let p = Process::start(
+        db,
+        &["serve"],
+        &[("NOTIFY_SOCKET", path.to_string_lossy().into_owned())],
+    );
+    (p, sock, dir)
+}
+
+fn kill_now(p: &Process, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(p.child.id()).unwrap();
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(rc, 0);
+}
+
+#[actix_rt::test]
+async fn a_stop_right_after_start_is_a_drain() {
+    // As soon as the port accepts (before READY=1: migrations still run),
+    // and right when READY=1 arrives: both must drain and exit 0.
+    for (round, signal) in [libc::SIGTERM, libc::SIGINT, libc::SIGTERM]
+        .into_iter()
+        .enumerate()
+    {
+        let db = TestDb::fresh();
+        let (mut p, sock, _dir) = start_notified(&db);
+        if round == 2 {
+            read_notifications(&sock, "READY=1", Duration::from_secs(10));
+        }
+        kill_now(&p, signal);
+        let seen = read_notifications(&sock, "STOPPING=1", Duration::from_secs(10)).join("\n");
+        assert!(seen.contains("STOPPING=1"), "round {round}: {seen}");
+        let status = p.wait_exit(Duration::from_secs(10)).expect("exited");
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round}: {status}; {}",
+            p.stderr()
+        );
+    }
+}

@@ -212,3 +212,33 @@ async fn a_closing_server_ends_the_connection() {
     let eof = tokio::time::timeout(Duration::from_secs(5), ws.read(&mut rest)).await;
     assert!(matches!(eof, Ok(Ok(0))), "{eof:?}");
 }
+
+#[actix_rt::test]
+async fn a_close_reason_that_is_not_utf8_closes_with_1007() {
+    let s = TestServer::start().await;
+    s.instance("p").await;
+    // Whole, split byte by byte, and behind a valid ping in the same write.
+    let bad = frame(0x88, &[0x03, 0xE8, b'o', 0xFF, 0xFE]);
+    let mut behind_ping = frame(0x89, b"hi");
+    behind_ping.extend_from_slice(&bad);
+    for (how, bytes) in [("whole", bad.clone()), ("behind a ping", behind_ping)] {
+        let mut ws = client(&s).await;
+        ws.write_all(&bytes).await.unwrap();
+        let close = read_until(&mut ws, 0x8).await.expect("a close frame");
+        assert_eq!(close_code(&close), 1007, "{how}");
+    }
+    let mut ws = client(&s).await;
+    for b in &bad {
+        ws.write_all(std::slice::from_ref(b)).await.unwrap();
+        ws.flush().await.unwrap();
+    }
+    let close = read_until(&mut ws, 0x8).await.expect("a close frame");
+    assert_eq!(close_code(&close), 1007, "byte by byte");
+    // A valid UTF-8 reason is still the normal close handshake.
+    let mut ws = client(&s).await;
+    ws.write_all(&frame(0x88, &[0x03, 0xE8, 0xC3, 0xA9]))
+        .await
+        .unwrap();
+    let close = read_until(&mut ws, 0x8).await.expect("a close frame");
+    assert_eq!(close_code(&close), 1000);
+}

@@ -136,13 +136,33 @@ fn digest_eq(a: &str, b: &str) -> bool {
         .into()
 }
 
+/// Why a request was not authorised: a refusal of contract §2, or storage
+/// that could not answer (callers decide what that means for them).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// A 401, 403 or 404 of contract §2.
+    #[error(transparent)]
+    Refused(#[from] ApiError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Refused(refusal) => refusal,
+            AuthError::Storage(cause) => ApiError::from(cause),
+        }
+    }
+}
+
 /// Runs the token → instance checks of contract §2 in order: 401, then 403/404.
 /// Blocking: call inside `web::block`.
 pub fn authorize(
     conn: &mut DbConn,
     token: Option<&str>,
     scope: Scope<'_>,
-) -> Result<Access, ApiError> {
+) -> Result<Access, AuthError> {
     let token = token.ok_or(ApiError::MissingToken)?;
     let principal = resolve(conn, token)?.ok_or(ApiError::InvalidToken)?;
     match scope {
@@ -155,10 +175,10 @@ pub fn authorize(
                 principal,
                 instance: None,
             }),
-            Principal::Instance(_) => Err(ApiError::InvalidToken),
+            Principal::Instance(_) => Err(ApiError::InvalidToken.into()),
         },
         Scope::Instance { name, account_only } => match &principal {
-            Principal::Instance(_) if account_only => Err(ApiError::InvalidToken),
+            Principal::Instance(_) if account_only => Err(ApiError::InvalidToken.into()),
             Principal::Instance(own) => {
                 if own.name == name {
                     let instance = Some(own.clone());
@@ -167,14 +187,14 @@ pub fn authorize(
                         instance,
                     })
                 } else {
-                    Err(ApiError::InstanceTokenMismatch)
+                    Err(ApiError::InstanceTokenMismatch.into())
                 }
             }
             Principal::Account(account) => {
                 // A name that breaks the naming rules cannot exist: no query
                 // (PostgreSQL refuses some bytes, such as NUL, outright).
                 if InstanceName::parse(name).is_none() {
-                    return Err(ApiError::InstanceNotFound);
+                    return Err(ApiError::InstanceNotFound.into());
                 }
                 let found = storage::instances::find(conn, *account, name)?;
                 match found {
@@ -182,7 +202,7 @@ pub fn authorize(
                         principal,
                         instance: Some(rec),
                     }),
-                    None => Err(ApiError::InstanceNotFound),
+                    None => Err(ApiError::InstanceNotFound.into()),
                 }
             }
         },

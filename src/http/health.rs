@@ -53,7 +53,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 
 /// Prometheus text format.
 pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let text = state.metrics.render().map_err(|e| ApiError::internal(&e))?;
+    let text = state.metrics.render().map_err(ApiError::internal)?;
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(text))

@@ -9,6 +9,7 @@ use crate::auth::{self, Principal, Scope};
 use crate::domain::{InstanceName, WsConfig};
 use crate::error::ApiError;
 use crate::http::websocket::parse_events;
+use crate::instance::Change;
 use crate::storage::instances::{CreateError, InstanceRecord};
 use crate::storage::{self};
 
@@ -83,9 +84,7 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let token = auth::request_token(&req);
     let access = state
-        .db(None, move |conn| {
-            auth::authorize(conn, token.as_deref(), Scope::AccountOnly)
-        })
+        .db(move |conn| auth::authorize(conn, token.as_deref(), Scope::AccountOnly))
         .await?;
     let body = read_body(&req, payload, state.settings.limits.body_bytes).await?;
     if !is_json(&req) {
@@ -97,7 +96,7 @@ pub async fn create(
     let account = access.principal.account();
     let token = new.token.unwrap_or_else(auth::generate_token);
     let record = state
-        .db(None, move |conn| {
+        .db(move |conn| {
             let hash = auth::token_hash(&token);
             storage::instances::create(conn, account, &new.name, &token, &hash, new.config.as_ref())
                 .map_err(|e| match e {
@@ -123,13 +122,13 @@ pub async fn create(
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let token = auth::request_token(&req);
     let (principal, records) = state
-        .db(None, move |conn| {
+        .db(move |conn| {
             let access = auth::authorize(conn, token.as_deref(), Scope::AnyToken)?;
             let records = match &access.principal {
                 Principal::Account(account) => storage::instances::list(conn, *account)?,
                 Principal::Instance(own) => vec![own.clone()],
             };
-            Ok((access.principal, records))
+            Ok::<_, ApiError>((access.principal, records))
         })
         .await?;
     let show_token = matches!(principal, Principal::Account(_));
@@ -164,7 +163,7 @@ pub async fn delete(
     let token = auth::request_token(&req);
     let name = instance_param(&req);
     let deleted = state
-        .db(None, move |conn| {
+        .db(move |conn| {
             let access = auth::authorize(
                 conn,
                 token.as_deref(),
@@ -177,7 +176,9 @@ pub async fn delete(
             storage::instances::delete(conn, account, &name)?.ok_or(ApiError::InstanceNotFound)
         })
         .await?;
-    state.instance_deleted(deleted.id);
+    state.registry.change(Change::Deleted {
+        instance: deleted.id,
+    });
     log::info!("instance={} deleted", deleted.name);
     Ok(HttpResponse::Ok().json(json!({
         "success": true,

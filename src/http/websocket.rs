@@ -8,6 +8,7 @@ use super::instances::optional_bool;
 use super::{is_json, read_body, AppState};
 use crate::domain::{EventKind, WsConfig};
 use crate::error::ApiError;
+use crate::instance::Change;
 use crate::storage;
 
 /// 500 message of the set endpoint.
@@ -65,11 +66,13 @@ pub async fn set(
     let config = parse_settings(&body)?;
     let id = instance.id;
     let persisted = state
-        .db(Some(SET_FAILED), move |conn| {
-            storage::ws_settings::upsert(conn, id, &config).map_err(ApiError::from)
-        })
-        .await?;
-    state.settings_changed(id, &persisted);
+        .db(move |conn| storage::ws_settings::upsert(conn, id, &config))
+        .await
+        .map_err(ApiError::storage(SET_FAILED))?;
+    state.registry.change(Change::Settings {
+        instance: id,
+        settings: Some(persisted.clone()),
+    });
     log::info!(
         "instance={} websocket configured (enabled={})",
         instance.name,

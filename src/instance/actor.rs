@@ -221,7 +221,7 @@ impl Handler<Deleted> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, _: Deleted, ctx: &mut Self::Context) {
-        let n = self.close_all(CloseCode::INSTANCE_DELETED);
+        let n = self.close_all(CloseCode::InstanceDeleted);
         log::info!("instance={} deleted; closed {n} sessions", self.info.name);
         ctx.stop();
     }
@@ -301,7 +301,7 @@ impl Handler<Publish> for InstanceActor {
                     .shared
                     .queued_bytes
                     .fetch_sub(batch.bytes, Ordering::AcqRel);
-                dropped.push((*id, CloseCode::SLOW_CONSUMER));
+                dropped.push((*id, CloseCode::SlowConsumer));
                 continue;
             }
             match entry.recipient.try_send(ToSession::Deliver(batch.clone())) {
@@ -311,14 +311,14 @@ impl Handler<Publish> for InstanceActor {
                         .shared
                         .queued_bytes
                         .fetch_sub(batch.bytes, Ordering::AcqRel);
-                    dropped.push((*id, CloseCode::SLOW_CONSUMER));
+                    dropped.push((*id, CloseCode::SlowConsumer));
                 }
-                Err(SendError::Closed(_)) => dropped.push((*id, CloseCode::NORMAL)),
+                Err(SendError::Closed(_)) => dropped.push((*id, CloseCode::Normal)),
             }
         }
         let lost_some = !dropped.is_empty();
         for (id, code) in dropped {
-            if code == CloseCode::SLOW_CONSUMER {
+            if code == CloseCode::SlowConsumer {
                 self.evict(id, code);
             } else {
                 self.sessions.remove(&id);

@@ -33,17 +33,14 @@ pub struct SessionShared {
 impl SessionShared {
     /// Marks the session for closing with `code`, unless already marked.
     pub fn request_close(&self, code: CloseCode) {
-        let _ = self
-            .close_code
-            .compare_exchange(0, code.0, Ordering::AcqRel, Ordering::Acquire);
+        let _ =
+            self.close_code
+                .compare_exchange(0, code.code(), Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// The close asked for, if any.
     pub fn requested_close(&self) -> Option<CloseCode> {
-        match self.close_code.load(Ordering::Acquire) {
-            0 => None,
-            code => Some(CloseCode(code)),
-        }
+        CloseCode::from_code(self.close_code.load(Ordering::Acquire))
     }
 }
 

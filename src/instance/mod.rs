@@ -2,14 +2,17 @@
 //! settings and its connected sessions, found through the `Registry`.
 //!
 //! The instance actor never touches the database: HTTP handlers persist first
-//! and then tell it what was persisted.
+//! and then tell it what was persisted, as a [`Change`] applied through
+//! [`Registry::apply`] — the one way a change reaches a node.
 
 pub mod actor;
+pub mod change;
 pub mod inbox;
 pub mod messages;
 pub mod registry;
 
 pub use actor::InstanceActor;
+pub use change::Change;
 pub use inbox::Inbox;
 pub use registry::Registry;
 

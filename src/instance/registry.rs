@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use super::actor::{FanoutEnv, InstanceActor};
 use super::messages::{CloseAll, CountSessions};
 use super::{Inbox, InstanceInfo};
+use crate::auth::AccessCache;
 use crate::domain::{InstanceId, VersionedConfig};
 use crate::metrics::MAX_INSTANCE_LABELS;
 use crate::ws::close::CloseCode;
@@ -29,6 +30,8 @@ pub struct Registry {
     next_arbiter: AtomicUsize,
     env: FanoutEnv,
     labelled: AtomicUsize,
+    /// Remembered authorisations, forgotten on every change (see [`super::change`]).
+    access: Arc<AccessCache>,
     me: Weak<Registry>,
 }
 
@@ -37,15 +40,26 @@ impl Registry {
     /// actor runs on the HTTP worker thread that first needs it (no
     /// cross-thread hand-off on the way to its sessions). Call inside an
     /// actix system.
-    pub fn new(arbiters: usize, env: FanoutEnv) -> Arc<Self> {
+    pub fn new(arbiters: usize, env: FanoutEnv, access: Arc<AccessCache>) -> Arc<Self> {
         Arc::new_cyclic(|me| Registry {
             instances: Mutex::new(HashMap::new()),
             arbiters: (0..arbiters).map(|_| Arbiter::new()).collect(),
             next_arbiter: AtomicUsize::new(0),
             env,
             labelled: AtomicUsize::new(0),
+            access,
             me: me.clone(),
         })
+    }
+
+    /// Remembered authorisations of the hot paths.
+    pub fn access(&self) -> &AccessCache {
+        &self.access
+    }
+
+    /// What every instance actor of this node shares.
+    pub fn env(&self) -> &FanoutEnv {
+        &self.env
     }
 
     /// The instance's actor, if it runs on this node.

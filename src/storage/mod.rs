@@ -24,6 +24,8 @@ pub enum StorageError {
     Connection(String),
     #[error("database pool: {0}")]
     Pool(#[from] r2d2::Error),
+    #[error("storage work could not run: {0}")]
+    Blocking(String),
     #[error("migrations failed: {0}")]
     Migration(String),
     #[error("stored data is invalid: {0}")]

@@ -57,7 +57,7 @@ impl Reassembly {
         let was_open = self.open.is_some();
         self.reset();
         if was_open {
-            return Verdict::Close(CloseCode::PROTOCOL_ERROR);
+            return Verdict::Close(CloseCode::ProtocolError);
         }
         self.open = Some(is_text);
         self.more(data, max)
@@ -66,12 +66,12 @@ impl Reassembly {
     /// A middle fragment.
     pub fn more(&mut self, data: &[u8], max: usize) -> Verdict {
         let Some(is_text) = self.open else {
-            return Verdict::Close(CloseCode::PROTOCOL_ERROR);
+            return Verdict::Close(CloseCode::ProtocolError);
         };
         self.size += data.len();
         if self.size > max {
             self.reset();
-            return Verdict::Close(CloseCode::TOO_BIG);
+            return Verdict::Close(CloseCode::TooBig);
         }
         if is_text || self.keep {
             self.data.extend_from_slice(data);
@@ -82,7 +82,7 @@ impl Reassembly {
                 Ok(_) => self.checked = self.data.len(),
                 Err(e) if e.error_len().is_some() => {
                     self.reset();
-                    return Verdict::Close(CloseCode::INVALID_UTF8);
+                    return Verdict::Close(CloseCode::InvalidUtf8);
                 }
                 Err(e) => self.checked += e.valid_up_to(),
             }
@@ -103,7 +103,7 @@ impl Reassembly {
         let is_text = self.open == Some(true);
         if is_text && self.checked != self.data.len() {
             self.reset();
-            return Verdict::Close(CloseCode::INVALID_UTF8);
+            return Verdict::Close(CloseCode::InvalidUtf8);
         }
         let data = std::mem::take(&mut self.data);
         self.reset();
@@ -111,7 +111,7 @@ impl Reassembly {
             (false, _) => Verdict::Ok,
             (true, true) => match String::from_utf8(data) {
                 Ok(text) => Verdict::Complete(Whole::Text(text)),
-                Err(_) => Verdict::Close(CloseCode::INVALID_UTF8),
+                Err(_) => Verdict::Close(CloseCode::InvalidUtf8),
             },
             (true, false) => Verdict::Complete(Whole::Binary(data)),
         }
@@ -134,17 +134,18 @@ impl Reassembly {
 /// connection itself failed and there is nothing to send a close on.
 pub fn refusal(error: &ProtocolError) -> Option<CloseCode> {
     match error {
-        ProtocolError::Overflow => Some(CloseCode::TOO_BIG),
-        // A text frame that is not UTF-8 (the text is checked after decoding).
-        ProtocolError::Io(e) if e.to_string().contains("utf-8") => Some(CloseCode::INVALID_UTF8),
+        ProtocolError::Overflow => Some(CloseCode::TooBig),
+        // A text frame that is not UTF-8 (the text is checked after decoding),
+        // or a close frame whose reason is not (found by the socket's watch).
+        ProtocolError::Io(e) if e.to_string().contains("utf-8") => Some(CloseCode::InvalidUtf8),
         // Non-zero reserved bits.
         ProtocolError::Io(e) if e.kind() == io::ErrorKind::InvalidData => {
-            Some(CloseCode::PROTOCOL_ERROR)
+            Some(CloseCode::ProtocolError)
         }
         ProtocolError::Io(_) => None,
         // Bad opcodes, unmasked frames, long or malformed control frames,
         // invalid close codes and close reasons, fragments out of order.
-        _ => Some(CloseCode::PROTOCOL_ERROR),
+        _ => Some(CloseCode::ProtocolError),
     }
 }
 
@@ -183,7 +184,7 @@ mod tests {
         let mut r = Reassembly::default();
         assert_eq!(r.first(false, &[0; 40], 100), Verdict::Ok);
         assert_eq!(r.more(&[0; 40], 100), Verdict::Ok);
-        assert_eq!(r.last(&[0; 40], 100), Verdict::Close(CloseCode::TOO_BIG));
+        assert_eq!(r.last(&[0; 40], 100), Verdict::Close(CloseCode::TooBig));
         assert!(!r.is_open());
     }
 
@@ -195,21 +196,21 @@ mod tests {
         assert_eq!(r.last(&bytes[2..], 100), Verdict::Ok);
         assert_eq!(
             r.first(true, &[0xff], 100),
-            Verdict::Close(CloseCode::INVALID_UTF8)
+            Verdict::Close(CloseCode::InvalidUtf8)
         );
         let mut r = Reassembly::default();
         assert_eq!(r.first(true, &[0xc3], 100), Verdict::Ok);
-        assert_eq!(r.last(&[], 100), Verdict::Close(CloseCode::INVALID_UTF8));
+        assert_eq!(r.last(&[], 100), Verdict::Close(CloseCode::InvalidUtf8));
     }
 
     #[test]
     fn continuation_without_start_is_protocol_error() {
         let mut r = Reassembly::default();
-        assert_eq!(r.more(b"x", 10), Verdict::Close(CloseCode::PROTOCOL_ERROR));
+        assert_eq!(r.more(b"x", 10), Verdict::Close(CloseCode::ProtocolError));
         assert_eq!(r.first(true, b"x", 10), Verdict::Ok);
         assert_eq!(
             r.first(true, b"x", 10),
-            Verdict::Close(CloseCode::PROTOCOL_ERROR)
+            Verdict::Close(CloseCode::ProtocolError)
         );
     }
 
@@ -224,7 +225,7 @@ mod tests {
         assert!(r.data.is_empty());
         assert_eq!(
             r.more(&[0xed, 0xa0, 0x80], 100),
-            Verdict::Close(CloseCode::INVALID_UTF8)
+            Verdict::Close(CloseCode::InvalidUtf8)
         );
         assert!(!r.is_open());
     }
@@ -244,7 +245,7 @@ mod tests {
             Verdict::Complete(Whole::Binary(vec![0xff, 0]))
         );
         assert_eq!(r.first(false, &[0; 60], 100), Verdict::Ok);
-        assert_eq!(r.last(&[0; 60], 100), Verdict::Close(CloseCode::TOO_BIG));
+        assert_eq!(r.last(&[0; 60], 100), Verdict::Close(CloseCode::TooBig));
         assert!(!r.is_open());
     }
 
@@ -254,24 +255,31 @@ mod tests {
         // What the session sees for a text frame that is not UTF-8.
         let utf8 = String::from_utf8(vec![0xff]).unwrap_err().utf8_error();
         let cases = [
-            (ProtocolError::Overflow, Some(CloseCode::TOO_BIG)),
+            (ProtocolError::Overflow, Some(CloseCode::TooBig)),
+            (
+                ProtocolError::Io(Error::other(format!(
+                    "I/O error: {}",
+                    crate::ws::close_watch::INVALID_CLOSE_REASON
+                ))),
+                Some(CloseCode::InvalidUtf8),
+            ),
             (
                 ProtocolError::Io(Error::other(utf8.to_string())),
-                Some(CloseCode::INVALID_UTF8),
+                Some(CloseCode::InvalidUtf8),
             ),
             (
                 ProtocolError::Io(Error::new(ErrorKind::InvalidData, "reserved bits")),
-                Some(CloseCode::PROTOCOL_ERROR),
+                Some(CloseCode::ProtocolError),
             ),
             (ProtocolError::Io(Error::other("connection reset")), None),
-            (ProtocolError::BadOpCode, Some(CloseCode::PROTOCOL_ERROR)),
+            (ProtocolError::BadOpCode, Some(CloseCode::ProtocolError)),
             (
                 ProtocolError::InvalidLength(1),
-                Some(CloseCode::PROTOCOL_ERROR),
+                Some(CloseCode::ProtocolError),
             ),
             (
                 ProtocolError::ContinuationStarted,
-                Some(CloseCode::PROTOCOL_ERROR),
+                Some(CloseCode::ProtocolError),
             ),
         ];
         for (error, code) in cases {

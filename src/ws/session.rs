@@ -81,7 +81,7 @@ impl Session {
             heartbeat: Heartbeat::new(limits.idle_timeout),
             reassembly: Reassembly::default(),
             metrics,
-            ended: CloseCode::NORMAL,
+            ended: CloseCode::Normal,
             echo: false,
             _slot: slot,
         }
@@ -98,7 +98,7 @@ impl Session {
     fn close(&mut self, ctx: &mut WebsocketContext<Self>, code: CloseCode) {
         self.ended = code;
         ctx.close(Some(CloseReason {
-            code: code.0.into(),
+            code: code.code().into(),
             description: Some(code.reason().to_string()),
         }));
         ctx.stop();
@@ -145,14 +145,14 @@ impl Actor for Session {
             } else if act.heartbeat.expired(Instant::now()) {
                 act.metrics
                     .clients_evicted
-                    .with_label_values(&[CloseCode::HEARTBEAT_TIMEOUT.label()])
+                    .with_label_values(&[CloseCode::HeartbeatTimeout.label()])
                     .inc();
                 log::warn!(
                     "instance={} session={} heartbeat timeout",
                     act.instance_name,
                     act.id
                 );
-                act.close(ctx, CloseCode::HEARTBEAT_TIMEOUT);
+                act.close(ctx, CloseCode::HeartbeatTimeout);
             } else {
                 ctx.ping(b"");
             }
@@ -211,7 +211,7 @@ impl StreamHandler<Result<Message, ProtocolError>> for Session {
                     Some(code) => self.verdict(ctx, Verdict::Close(code)),
                     None => {
                         // The connection itself failed: nothing to send a close on.
-                        self.ended = CloseCode::PROTOCOL_ERROR;
+                        self.ended = CloseCode::ProtocolError;
                         ctx.stop();
                     }
                 };
@@ -221,7 +221,7 @@ impl StreamHandler<Result<Message, ProtocolError>> for Session {
             Message::Ping(payload) => ctx.pong(&payload),
             Message::Pong(_) | Message::Nop => {}
             Message::Text(_) | Message::Binary(_) if self.reassembly.is_open() => {
-                self.verdict(ctx, Verdict::Close(CloseCode::PROTOCOL_ERROR));
+                self.verdict(ctx, Verdict::Close(CloseCode::ProtocolError));
             }
             // One frame is within the limit: the codec refuses larger ones.
             Message::Text(text) if self.echo => ctx.text(text),
@@ -238,7 +238,7 @@ impl StreamHandler<Result<Message, ProtocolError>> for Session {
             }
             Message::Close(reason) => {
                 // Echo the client's code, as the close handshake asks.
-                self.ended = CloseCode::NORMAL;
+                self.ended = CloseCode::Normal;
                 ctx.close(reason);
                 ctx.stop();
             }

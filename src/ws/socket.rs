@@ -28,6 +28,7 @@ use actix_web_actors::ws::WebsocketContext;
 use bytes::{Buf, Bytes};
 use futures_util::Stream;
 
+use super::close_watch::{CloseWatch, INVALID_CLOSE_REASON};
 use super::session::Session;
 
 /// Encoded bytes waiting for the socket beyond which the session is not polled.
@@ -50,6 +51,7 @@ pub async fn serve(io: TcpStream, early: Bytes, session: Session, max_frame: usi
         io: io.clone(),
         early: (!early.is_empty()).then_some(early),
         eof: false,
+        watch: CloseWatch::default(),
     };
     let frames = WebsocketContext::with_codec(session, incoming, Codec::new().max_size(max_frame));
     let outcome = Outgoing {
@@ -98,6 +100,23 @@ struct Incoming {
     io: Rc<TcpStream>,
     early: Option<Bytes>,
     eof: bool,
+    /// Finds a close frame whose reason is not UTF-8 (1007, not 1002).
+    watch: CloseWatch,
+}
+
+impl Incoming {
+    /// The chunk as read, or the error that makes the session close with
+    /// 1007 when it completes a close frame with an invalid reason.
+    fn checked(&mut self, chunk: Bytes) -> Result<Bytes, PayloadError> {
+        if self.watch.invalid_close_reason(&chunk) {
+            self.eof = true;
+            return Err(PayloadError::Io(io::Error::new(
+                io::ErrorKind::InvalidData,
+                INVALID_CLOSE_REASON,
+            )));
+        }
+        Ok(chunk)
+    }
 }
 
 impl Stream for Incoming {
@@ -105,7 +124,7 @@ impl Stream for Incoming {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(early) = self.early.take() {
-            return Poll::Ready(Some(Ok(early)));
+            return Poll::Ready(Some(self.checked(early)));
         }
         if self.eof {
             return Poll::Ready(None);
@@ -121,7 +140,10 @@ impl Stream for Incoming {
                     self.eof = true;
                     return Poll::Ready(None);
                 }
-                Ok(n) => return Poll::Ready(Some(Ok(Bytes::copy_from_slice(&buf[..n])))),
+                Ok(n) => {
+                    let chunk = Bytes::copy_from_slice(&buf[..n]);
+                    return Poll::Ready(Some(self.checked(chunk)));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Some(Err(PayloadError::Io(e)))),
             }

@@ -1,0 +1,106 @@
+//! Changes to an instance that every node must apply: new WebSocket
+//! settings, deletion. [`Registry::apply`] is the one way such a change
+//! reaches this node — it forgets what was remembered about the instance's
+//! authorisations, then tells the instance's actor — whether the change was
+//! made here (HTTP handlers, through [`Registry::change`], which also sends it
+//! to the other nodes), arrived over the bus, or was found in storage by the
+//! refresh loop ([`refresh_from_storage`]).
+//!
+//! Nothing here touches the database except the refresh loop, which reads it
+//! on the blocking pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::messages::{Deleted, UpdateSettings};
+use super::Registry;
+use crate::domain::{InstanceId, VersionedConfig};
+use crate::storage::{self, DbPool, StorageError};
+
+/// A change of one instance, as applied on every node (and as it crosses
+/// the bus, JSON-encoded).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Change {
+    /// The instance's WebSocket settings as persisted (`None`: never set).
+    Settings {
+        instance: InstanceId,
+        settings: Option<VersionedConfig>,
+    },
+    /// The instance was deleted.
+    Deleted { instance: InstanceId },
+}
+
+impl Change {
+    /// The instance the change is about.
+    pub fn instance(&self) -> InstanceId {
+        match self {
+            Change::Settings { instance, .. } | Change::Deleted { instance } => *instance,
+        }
+    }
+}
+
+impl Registry {
+    /// Applies a change on this node: remembered authorisations of the
+    /// instance are forgotten, then its actor (if it runs here) is told.
+    pub fn apply(&self, change: Change) {
+        let id = change.instance();
+        self.access().forget_instance(id);
+        let Some(addr) = self.get(id) else {
+            return;
+        };
+        match change {
+            Change::Settings { settings, .. } => addr.do_send(UpdateSettings(settings)),
+            Change::Deleted { .. } => addr.do_send(Deleted),
+        }
+    }
+
+    /// A change made on this node: applied here, then sent to the others.
+    pub fn change(&self, change: Change) {
+        self.apply(change.clone());
+        self.env().bus.publish_change(&change);
+    }
+}
+
+/// Safety net: re-reads every running instance's settings from storage every
+/// `every`, in case a change notice was lost on the bus or the change was
+/// made offline (`eventgate instance delete` on a running node's database).
+/// Stops when `stopping` says so.
+pub async fn refresh_from_storage(
+    registry: Arc<Registry>,
+    pool: DbPool,
+    every: Duration,
+    stopping: impl Fn() -> bool,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        if stopping() {
+            return;
+        }
+        for id in registry.ids() {
+            let pool = pool.clone();
+            let looked_up = actix_web::web::block(move || {
+                let mut conn = pool.get().map_err(StorageError::from)?;
+                storage::instances::find_by_id(&mut conn, id)
+            })
+            .await;
+            match looked_up {
+                Ok(Ok(Some(rec))) => registry.apply(Change::Settings {
+                    instance: id,
+                    settings: rec.config,
+                }),
+                Ok(Ok(None)) => registry.apply(Change::Deleted { instance: id }),
+                Ok(Err(e)) => {
+                    log::warn!("refresh from storage skipped: {e}");
+                    break;
+                }
+                Err(e) => {
+                    log::warn!("refresh from storage skipped: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
