@@ -382,6 +382,35 @@ test('connection state: a gateway restart reads "reconnecting in N s (attempt N)
   await until(() => document.querySelector('#conn')?.textContent?.startsWith('shop-1: live'), null, 'live after the restart', 40000);
 });
 
+test('a TokenInstance sees only its instance and cannot publish; a second tab keeps its own token', async () => {
+  const token = await gw.instance('desk-1');
+  const other = await context.newPage();
+  watch(other);
+  try {
+    await other.goto(`${gw.base}/console`);
+    assert.equal(await other.evaluate(() => sessionStorage.length), 0, 'session storage is per tab');
+    await other.getByLabel('Paste a TokenAccount or TokenInstance').fill(token);
+    await other.keyboard.press('Enter');
+    // Its only instance opens at once.
+    await other.waitForFunction(() => document.querySelector('#conn')?.textContent === 'desk-1: live', null, { timeout: 15000 });
+    assert.equal(await other.locator('#instances li').count(), 1);
+    assert.equal(await other.locator('#who-kind').textContent(), 'Signed in with a TokenInstance');
+    assert.ok(await other.locator('#create-form').isHidden(), 'no instance creation with a TokenInstance');
+    await other.getByRole('tab', { name: 'Publish test event' }).click();
+    assert.ok(await other.locator('#pub-send').isDisabled());
+    assert.match(await other.locator('#publish-note').textContent(), /Publishing needs a TokenAccount/);
+    await other.getByRole('tab', { name: 'Live events' }).click();
+    await gw.publish('desk-1', { event: 'message.exchange', data: { text: 'to the desk' } });
+    await other.locator('#events li[data-type="message.exchange"]').first().waitFor();
+    await other.getByRole('button', { name: 'Forget token' }).click();
+    await other.getByLabel('Paste a TokenAccount or TokenInstance').waitFor();
+    assert.equal(await other.evaluate(() => sessionStorage.length), 0, 'forgetting clears the tab');
+    await waitFor(async () => (await gw.clients('desk-1')) === 0, { what: 'the second tab left' });
+  } finally {
+    await other.close();
+  }
+});
+
 test('no failed requests and no script errors on the way', async () => {
   // A 429 or a 404 of an asset (the favicon, a wrong path) would show here.
   // Expected: the wrong token's 401, the webhook list's 404 on a gateway
