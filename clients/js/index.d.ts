@@ -222,6 +222,8 @@ export interface RecoveryOutcome {
   /** Latest offset when the connection started (0 if none). */
   offset: number;
   since?: Position | null;
+  /** True when the reconnection was asked for (`setEvents`), not caused by a drop. */
+  deliberate?: boolean;
 }
 
 export declare class EventGateClient {

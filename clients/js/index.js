@@ -326,9 +326,7 @@ export class EventGateClient extends Emitter {
   /** Starts (or restarts) the connection. */
   connect() {
     this._stopped = false;
-    this._clearTimer();
-    this._attempt = 0;
-    this._open();
+    this._reopenNow();
     return this;
   }
 
@@ -352,10 +350,10 @@ export class EventGateClient extends Emitter {
   /** Changes the per-client narrowing (`?events=`) and reconnects with it. */
   setEvents(events) {
     this.events = normaliseEvents(events);
-    if (!this._stopped) this._reopenNow();
+    if (!this._stopped) this._reopenNow(true);
   }
 
-  _reopenNow() {
+  _reopenNow(deliberate = false) {
     const socket = this._socket;
     this._socket = null;
     if (socket) {
@@ -368,7 +366,7 @@ export class EventGateClient extends Emitter {
     }
     this._clearTimer();
     this._attempt = 0;
-    this._open();
+    this._open(deliberate);
   }
 
   _clearTimer() {
@@ -383,7 +381,7 @@ export class EventGateClient extends Emitter {
     this.emit('state', state);
   }
 
-  _open() {
+  _open(deliberate = false) {
     if (this._stopped) return;
     const recovering = Boolean(this.recover && this.position);
     this._setState({
@@ -425,7 +423,7 @@ export class EventGateClient extends Emitter {
       if (first) {
         first = false;
         if (envelope && envelope.event === 'connection.recovery') {
-          this._onRecoveryFrame(envelope.data ?? {}, sentSince);
+          this._onRecoveryFrame(envelope.data ?? {}, sentSince, deliberate);
           sentSince = false;
           return;
         }
@@ -454,7 +452,7 @@ export class EventGateClient extends Emitter {
     };
   }
 
-  _onRecoveryFrame(data, sentSince) {
+  _onRecoveryFrame(data, sentSince, deliberate) {
     const epoch = typeof data.epoch === 'string' ? data.epoch : '';
     const latest = typeof data.offset === 'number' ? data.offset : 0;
     if (!sentSince) {
@@ -466,13 +464,13 @@ export class EventGateClient extends Emitter {
     const since = this.position;
     if (data.recovered === true) {
       this._replayUpTo = latest;
-      const outcome = { requested: true, recovered: true, epoch, offset: latest, since };
+      const outcome = { requested: true, recovered: true, epoch, offset: latest, since, deliberate };
       this.emit('recovery', outcome);
       this._setState({ state: 'live', recovery: outcome });
     } else {
       // Nothing is replayed: continue from the current position.
       this.position = epoch === '' ? null : { epoch, offset: latest };
-      const outcome = { requested: true, recovered: false, epoch, offset: latest, since };
+      const outcome = { requested: true, recovered: false, epoch, offset: latest, since, deliberate };
       this.emit('recovery', outcome);
       this._setState({ state: 'live', recovery: outcome });
     }

@@ -37,6 +37,7 @@ const state = {
   replayed: 0,
   recovery: null,
   seq: 0,
+  position: null,
   // webhooks
   deadLabel: undefined,
   deadNext: null,
@@ -310,6 +311,13 @@ function savedPosition(name) {
   }
 }
 
+/** Where a reload resumes from (written once per frame, not per event). */
+function savePosition() {
+  if (!state.position || !state.current) return;
+  sessionStorage.setItem(POSITION_KEY + state.current, JSON.stringify(state.position));
+  state.position = null;
+}
+
 function startLive() {
   const name = state.current;
   const client = new EventGateClient({
@@ -342,6 +350,7 @@ function startLive() {
 }
 
 function stopLive() {
+  savePosition();
   if (state.client) {
     state.client.close();
     state.client = null;
@@ -361,8 +370,11 @@ function renderConn() {
   const s = client.state;
   let phrase = describeState(s);
   let kind = s.state;
-  if (s.state === 'live' && state.recovery && state.recovery.requested) {
-    phrase = state.recovery.recovered
+  const r = state.recovery;
+  // A filter change reconnects on purpose: worth a word only if events were missed.
+  const quiet = r && r.deliberate && r.recovered && state.replayed === 0;
+  if (s.state === 'live' && r && r.requested && !quiet) {
+    phrase = r.recovered
       ? `live · recovered ${fmt.format(state.replayed)} missed ${state.replayed === 1 ? 'event' : 'events'}`
       : 'live · could not recover: reload from your backend';
   }
@@ -381,9 +393,7 @@ function onEvent(envelope, meta) {
   const entry = { seq: ++state.seq, at: Date.now(), envelope, replayed: meta.replayed, text: null };
   state.buffer.push(entry);
   if (state.buffer.length > KEEP * 1.2) state.buffer.splice(0, state.buffer.length - KEEP);
-  if (envelope.offset !== undefined && envelope.epoch) {
-    sessionStorage.setItem(POSITION_KEY + state.current, JSON.stringify({ epoch: envelope.epoch, offset: envelope.offset }));
-  }
+  if (envelope.offset !== undefined && envelope.epoch) state.position = { epoch: envelope.epoch, offset: envelope.offset };
   if (state.paused) {
     state.pausedNew += 1;
   } else {
@@ -395,6 +405,7 @@ function onEvent(envelope, meta) {
 /** Once per animation frame: counts, the paused note, and new rows (at most SHOW). */
 function flush() {
   state.frame = 0;
+  savePosition();
   renderCounts();
   if (state.paused) {
     $('paused-note').textContent = `${fmt.format(state.pausedNew)} new while paused`;
@@ -744,6 +755,7 @@ function deadRow(d) {
   const retry = el('button', { type: 'button', class: 'small', text: 'Retry' });
   retry.addEventListener('click', () => retryDead([d.id], retry));
   const status = d.lastStatus === null ? 'no HTTP status' : `HTTP ${d.lastStatus}`;
+  const why = d.lastError === status ? status : `${d.lastError} · ${status}`;
   const details = el(
     'details',
     {},
@@ -752,7 +764,7 @@ function deadRow(d) {
       {},
       el('span', { class: 'time', text: when(d.createdAt) }),
       el('span', { class: 'type', text: d.event }),
-      el('span', { class: 'summary', text: `${d.lastError} · ${status} · ${d.attempts} ${d.attempts === 1 ? 'attempt' : 'attempts'}` }),
+      el('span', { class: 'summary', text: `${why} · ${d.attempts} ${d.attempts === 1 ? 'attempt' : 'attempts'}` }),
     ),
   );
   details.addEventListener('toggle', () => {
@@ -847,3 +859,6 @@ $('publish-form').addEventListener('submit', async (ev) => {
     $('token').focus();
   }
 })();
+
+// A reload resumes from the last event shown.
+addEventListener('pagehide', savePosition);
