@@ -7,14 +7,14 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 import WebSocket from 'ws';
 
-import { Gateway, ACCOUNT, waitFor, hasHistory } from './gateway.js';
+import { Gateway, ACCOUNT, REPO, waitFor, hasHistory } from './gateway.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const OUT = resolve(HERE, '../test-output');
@@ -93,6 +93,35 @@ function rowsOf(type) {
 async function openConsole() {
   await page.goto(`${gw.base}/console`);
 }
+
+test("the README's path: its token, its instance, its curl publish line, seen in the console", async () => {
+  // Follows README.md literally: the account token of its first command and
+  // the bodies of its two curl lines.
+  const readme = readFileSync(join(REPO, 'README.md'), 'utf8');
+  const token = readme.match(/EVENTGATE_ACCOUNT_TOKEN=(\S+) cargo run/)[1];
+  const bodies = [...readme.matchAll(/curl -s -X POST localhost:8080(\S+) -H 'token: [^']+' \\\n\s+-H 'content-type: application\/json' -d '([^']+)'/g)];
+  assert.equal(bodies.length, 2, 'the README has its create and publish lines');
+  const node = await Gateway.start({ EVENTGATE_ACCOUNT_TOKEN: token });
+  const tab = await context.newPage();
+  try {
+    const [create, publish] = bodies.map(([, path, body]) => ({ path, body: JSON.parse(body) }));
+    assert.equal((await node.call('POST', create.path, create.body, token)).status, 201);
+    await tab.goto(`${node.base}/console`);
+    await tab.getByLabel('Paste a TokenAccount or TokenInstance').fill(token);
+    await tab.keyboard.press('Enter');
+    const name = create.body.name;
+    // The only instance opens at once.
+    await tab.waitForFunction((n) => document.querySelector('#conn')?.textContent === `${n}: live`, name, { timeout: 15000 });
+    await waitFor(async () => (await node.clients(name)) === 1, { what: 'the console joined' });
+    assert.equal((await node.call('POST', publish.path, publish.body, token)).status, 202);
+    const row = tab.locator(`#events li[data-type="${publish.body.event}"]`).first();
+    await row.waitFor();
+    assert.match(await row.textContent(), new RegExp(publish.body.data.text));
+  } finally {
+    await tab.close();
+    await node.close();
+  }
+});
 
 test('first minute: the empty page, a wrong token, then the instance list', async () => {
   await gw.instance('shop-1');
@@ -240,6 +269,25 @@ test('test-publish form and WebSocket settings editor', async () => {
   await page.getByRole('button', { name: 'Save settings' }).click();
   await until(() => document.querySelector('#settings-result')?.textContent === 'Saved: enabled, all six types.', null, 'saved back');
   await page.getByRole('tab', { name: 'Live events' }).click();
+});
+
+test('an instance whose WebSocket is off says so, and goes live once enabled in the editor', async () => {
+  assert.equal((await gw.call('POST', '/api/instance/new', { name: 'quiet-1' })).status, 201);
+  await page.getByRole('button', { name: 'Refresh' }).first().click();
+  await page.locator('#instances button[data-instance="quiet-1"]').click();
+  await until(
+    () => /^quiet-1: reconnecting in \d+ s \(attempt \d+\) — its WebSocket is off: enable it under “WebSocket settings”$/.test(document.querySelector('#conn')?.textContent ?? ''),
+    null,
+    'the WebSocket-off phrase',
+  );
+  await page.getByRole('tab', { name: 'WebSocket settings' }).click();
+  await until(() => /^Not configured yet/.test(document.querySelector('#settings-state')?.textContent ?? ''), null, 'not configured');
+  await page.locator('#ws-enabled').check();
+  await page.getByRole('button', { name: 'Save settings' }).click();
+  await until(() => document.querySelector('#conn')?.textContent === 'quiet-1: live', null, 'live once enabled', 40000);
+  await page.getByRole('tab', { name: 'Live events' }).click();
+  await page.locator('#instances button[data-instance="shop-1"]').click();
+  await until(() => document.querySelector('#conn')?.textContent?.startsWith('shop-1: live'), null, 'back on shop-1');
 });
 
 test('keeps up with a burst of 5,000 events: bounded list with an "N more" marker', async () => {
@@ -425,13 +473,17 @@ test('a TokenInstance sees only its instance and cannot publish; a second tab ke
 test('no failed requests and no script errors on the way', async () => {
   // A 429 or a 404 of an asset (the favicon, a wrong path) would show here.
   // Expected: the wrong token's 401, the webhook list's 404 on a gateway
-  // without webhooks, and 503s of the upgrade diagnosis while it shut down.
+  // without webhooks, 503s of the upgrade diagnosis while it shut down, and
+  // quiet-1's refusals before it was enabled.
   const webhooks = await gw.has('/api/events/getWebhook/shop-1');
   const unexpected = failures.filter(
     (f) =>
       !(f.startsWith('401 ') && f.endsWith('/api/instance/list')) &&
       !(!webhooks && f.startsWith('404 ') && f.includes('/api/events/getWebhook/')) &&
-      !(f.startsWith('503 ') && f.includes('/ws/shop-1?')),
+      !(f.startsWith('503 ') && f.includes('/ws/shop-1?')) &&
+      // quiet-1 before its WebSocket was enabled: refused (400) and not configured (404).
+      !(f.startsWith('400 ') && f.includes('/ws/quiet-1?')) &&
+      !(f.startsWith('404 ') && f.endsWith('/api/events/getWebsocket/quiet-1')),
   );
   assert.deepEqual(unexpected, []);
   assert.deepEqual(pageErrors, []);

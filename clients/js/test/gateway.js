@@ -65,6 +65,8 @@ export class Gateway {
     gw.dir = mkdtempSync(join(tmpdir(), 'eventgate-js-'));
     gw.port = await freePort();
     gw.env = env;
+    /** The account token REST calls use by default. */
+    gw.token = env.EVENTGATE_ACCOUNT_TOKEN ?? ACCOUNT;
     await gw.spawn();
     return gw;
   }
@@ -124,7 +126,7 @@ export class Gateway {
   }
 
   /** One REST call with the account token; resolves to {status, body, headers}. */
-  async call(method, path, body, token = ACCOUNT) {
+  async call(method, path, body, token = this.token) {
     const headers = { token };
     if (body !== undefined) headers['content-type'] = 'application/json';
     const res = await fetch(this.base + path, {

@@ -258,7 +258,6 @@ function selectInstance(name) {
   history.replaceState(null, '', `#instance=${encodeURIComponent(name)}`);
   $('detail').hidden = false;
   $('detail-title').textContent = name;
-  $('publish-instance').textContent = name;
   renderInstances();
   resetLive();
   startLive();
@@ -377,6 +376,9 @@ function renderConn() {
     phrase = r.recovered
       ? `live · recovered ${fmt.format(state.replayed)} missed ${state.replayed === 1 ? 'event' : 'events'}`
       : 'live · could not recover: reload from your backend';
+  }
+  if (s.state === 'waiting' && /^WebSocket is not enabled/.test(s.reason ?? '')) {
+    phrase = `${describeState({ ...s, reason: '' })} — its WebSocket is off: enable it under “WebSocket settings”`;
   }
   if (s.state === 'reconnecting') kind = 'connecting';
   conn.hidden = false;
