@@ -49,6 +49,9 @@ export interface RateLimit {
   reset: number;
 }
 
+/** The reason given when an upgrade fails although a plain request passes every check (most likely the Origin allowlist). */
+export declare const ORIGIN_SUSPECTED: string;
+
 export declare class EventGateError extends Error {
   constructor(status: number, message: string, extra?: { details?: string; rateLimit?: RateLimit; retryAfter?: number });
   /** HTTP status; 0 when the gateway could not be reached. */

@@ -47,6 +47,10 @@ const FATAL_REFUSALS = new Set([
   '400 Invalid request body',
 ]);
 
+/** Why an upgrade failed when a plain request to the same URL passes every check. */
+export const ORIGIN_SUSPECTED =
+  'WebSocket refused although the token and instance are fine: is this origin allowed (EVENTGATE_WS_ALLOWED_ORIGINS)?';
+
 /** An error reply of the gateway (contract §3), or a failure to reach it. */
 export class EventGateError extends Error {
   /**
@@ -559,7 +563,12 @@ export class EventGateClient extends Emitter {
       const res = await this.fetch(this.url().replace(/^ws/, 'http'), { cache: 'no-store' });
       const body = await res.json().catch(() => null);
       const message = body?.error?.message;
-      if (!message || message === 'WebSocket upgrade expected') return null;
+      if (message === 'WebSocket upgrade expected') {
+        // Every check passed for a plain request: what refused the upgrade is
+        // what a plain request does not send, the browser's Origin.
+        return new EventGateError(403, ORIGIN_SUSPECTED);
+      }
+      if (!message) return null;
       const retry = res.headers.get('retry-after');
       return new EventGateError(res.status, message, {
         details: body?.error?.details,

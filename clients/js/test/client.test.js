@@ -6,7 +6,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
 
-import { EventGateClient, EventGateApi, EventGateError, EVENT_TYPES, describeState } from '../index.js';
+import { EventGateClient, EventGateApi, EventGateError, EVENT_TYPES, ORIGIN_SUSPECTED, describeState } from '../index.js';
 import { Gateway, ACCOUNT, waitFor, hasHistory } from './gateway.js';
 
 let gw;
@@ -155,6 +155,40 @@ test('refusals no retry can fix end the client with the contract message', async
   await waitFor(() => missing.state.state === 'closed', { what: 'refused' });
   assert.equal(missing.state.reason, 'Instance not found');
   assert.equal(missing._timer, null);
+});
+
+test('an upgrade refused for its Origin is retried with a reason that says so', async () => {
+  const strict = await Gateway.start({ EVENTGATE_WS_ALLOWED_ORIGINS: 'http://console.example.test' });
+  try {
+    await strict.instance('origin-1');
+    class FromElsewhere extends WebSocket {
+      constructor(url) {
+        super(url, { origin: 'http://elsewhere.example.test' });
+      }
+    }
+    const client = new EventGateClient({
+      baseUrl: strict.base,
+      instance: 'origin-1',
+      token: ACCOUNT,
+      WebSocket: FromElsewhere,
+      backoff: { initialMs: 50, maxMs: 100 },
+    });
+    client.connect();
+    await waitFor(() => client.state.state === 'waiting', { what: 'a retry' });
+    assert.equal(client.state.reason, ORIGIN_SUSPECTED);
+    client.close();
+    class FromTheConsole extends WebSocket {
+      constructor(url) {
+        super(url, { origin: 'http://console.example.test' });
+      }
+    }
+    const allowed = new EventGateClient({ baseUrl: strict.base, instance: 'origin-1', token: ACCOUNT, WebSocket: FromTheConsole });
+    allowed.connect();
+    await waitFor(() => allowed.state.state === 'live', { what: 'live from an allowed origin' });
+    allowed.close();
+  } finally {
+    await strict.close();
+  }
 });
 
 test('a disabled WebSocket is retried with back-off, and connects once enabled', async () => {
