@@ -1,22 +1,55 @@
 """Turns a bench/run.sh results file (JSON lines) into the tables of
-BENCHMARKS.md, with eventgate's ratios against the best reference peer."""
+BENCHMARKS.md: every run, then eventgate's ratios against the best reference
+peer of each row (gorilla, node, uws: whichever is best at that figure in
+this run), and the table of targets of issue 17 where the run has the data.
+
+    python3 bench/report.py bench/results/run-YYYYmmdd-HHMMSS.jsonl
+"""
 import json
 import sys
 
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 by = {(r["target"], r["label"]): r for r in rows}
-peers = ["gorilla", "node"]
-
-
-def get(target, label, key):
-    r = by.get((target, label))
-    return None if r is None else r.get(key)
+PEERS = ["gorilla", "node", "uws"]
+peers = [p for p in PEERS if any(r["target"] == p for r in rows)]
+targets = ["eventgate"] + peers
+# Fixed-rate scenarios measured in interleaved rounds: label prefix, title.
+LATENCY = [("latency-50x1000", "50 ev/s × 1000"), ("latency-150x1000", "150 ev/s × 1000")]
 
 
 def fmt(v, spec="{:.0f}"):
     return "-" if v is None else spec.format(v)
 
 
+def median_of(target, prefix, key):
+    """The median of `key` over the repeated runs `prefix-r1`, `prefix-r2`, …"""
+    vals = sorted(r[key] for r in rows
+                  if r["target"] == target and r["label"].startswith(prefix + "-r") and r.get(key) is not None)
+    return vals[len(vals) // 2] if vals else None
+
+
+def value(target, label, key):
+    """`key` of the run `label`, or the median over its rounds `label-rN`."""
+    r = by.get((target, label))
+    if r is not None:
+        return r.get(key)
+    return median_of(target, label, key)
+
+
+def best(label, key, higher, among=None):
+    """(value, peer) of the best peer at `key` in `label`, or (None, None)."""
+    vals = [(value(p, label, key), p) for p in (among or peers)]
+    vals = [(v, p) for v, p in vals if v is not None]
+    if not vals:
+        return None, None
+    return (max if higher else min)(vals)
+
+
+def ratio(mine, theirs):
+    return None if mine is None or not theirs else mine / theirs
+
+
+# --- every run ---------------------------------------------------------------
 print("| target | scenario | deliveries/s | lost | dup | order | p50 ms | p99 ms | p99.9 ms | server CPU µs/delivery |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
@@ -33,13 +66,6 @@ for r in rows:
               f"{fmt(r.get('server_rss_connected_mib'), '{:.1f}')} | {fmt(r.get('server_rss_per_conn_kib'), '{:.2f}')} | "
               f"{fmt(r.get('server_rss_after_close_mib'), '{:.1f}')} |")
 print()
-def median_of(target, prefix, key):
-    """The median of `key` over the repeated runs `prefix-r1`, `prefix-r2`, …"""
-    vals = sorted(r[key] for r in rows
-                  if r["target"] == target and r["label"].startswith(prefix + "-r") and r.get(key) is not None)
-    return vals[len(vals) // 2] if vals else None
-
-
 print("| target | run | stalled closed by server | closed s after its buffers filled | fast clients lost | fast p99 ms with stalled | RSS cold/before/peak/after MiB |")
 print("|---|---|---|---|---|---|---|")
 for r in rows:
@@ -48,72 +74,124 @@ for r in rows:
               f"{r['latency_p99_ms']:.2f} | {fmt(r.get('server_rss_cold_mib'), '{:.1f}')}/{fmt(r.get('server_rss_before_mib'), '{:.1f}')}/"
               f"{fmt(r.get('server_rss_peak_during_mib'), '{:.1f}')}/{fmt(r.get('server_rss_after_mib'), '{:.1f}')} |")
 print()
-print("| target | fast p99 ms alone (median of 3) | with a stalled client (median of 3) | ratio |")
+print("| target | fast p99 ms alone (median of rounds) | with a stalled client (median of rounds) | ratio |")
 print("|---|---|---|---|")
-for t in ["eventgate"] + peers:
+for t in targets:
     alone, stalled = median_of(t, "fast10-5000", "latency_p99_ms"), median_of(t, "stalled-5000", "latency_p99_ms")
     if alone and stalled:
         print(f"| {t} | {alone:.2f} | {stalled:.2f} | {stalled / alone:.2f}× |")
 
-
+# --- latency at fixed rates, medians of the interleaved rounds -----------------
 print()
-print("Where one event's latency goes at 50 ev/s × 1000 (medians of 3): publish → its first client, → its last client")
+print("Latency at a fixed rate (medians of the interleaved rounds): publish → any receipt, "
+      "and per event publish → its first client, → its last client")
 print()
-print("| target | first receipt p50 ms | last receipt p50 ms | last receipt p99 ms | server CPU µs/delivery |")
-print("|---|---|---|---|---|")
-for t in ["eventgate"] + peers + ["floor"]:
-    vals = [median_of(t, "latency-50x1000", k) for k in
-            ("event_first_p50_ms", "event_last_p50_ms", "event_last_p99_ms", "server_cpu_us_per_delivery")]
-    if any(v is not None for v in vals):
-        print(f"| {t} | " + " | ".join(fmt(v, "{:.2f}") for v in vals) + " |")
+print("| rate | target | p50 ms | p99 ms | p99.9 ms | first receipt p50 ms | last receipt p50 ms | last receipt p99 ms | lost | server CPU µs/delivery |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for prefix, title in LATENCY:
+    for t in targets + ["floor"]:
+        vals = [median_of(t, prefix, k) for k in
+                ("latency_p50_ms", "latency_p99_ms", "latency_p999_ms", "event_first_p50_ms",
+                 "event_last_p50_ms", "event_last_p99_ms")]
+        if all(v is None for v in vals):
+            continue
+        lost = median_of(t, prefix, "lost")
+        cpu = median_of(t, prefix, "server_cpu_us_per_delivery")
+        print(f"| {title} | {t} | " + " | ".join(fmt(v, "{:.2f}") for v in vals) +
+              f" | {fmt(lost)} | {fmt(cpu, '{:.2f}')} |")
 
+# --- eventgate against the best peer, per row ------------------------------------
+# Each cell compares eventgate with the peer that is best at that figure in
+# that scenario (highest deliveries/s, lowest latency, CPU and RSS).
 print()
-print("Ratios, eventgate against the better peer of the same run:")
+print("eventgate against the best peer of each row (ratio = eventgate / best peer; "
+      "the peer is chosen per figure):")
 print()
-print("| figure | eventgate | best peer | ratio | target |")
-print("|---|---|---|---|---|")
-
-
-def best(label, key, higher_is_better):
-    vals = [(get(p, label, key), p) for p in peers if get(p, label, key) is not None]
-    if not vals:
-        return None, None
-    return (max if higher_is_better else min)(vals)
-
-
-def line(name, label, key, higher, target, peer_key=None, peer_label=None):
-    mine = get("eventgate", label, key)
-    theirs, who = best(peer_label or label, peer_key or key, higher)
-    ratio = None if mine is None or not theirs else mine / theirs
-    print(f"| {name} | {fmt(mine, '{:.2f}')} | {fmt(theirs, '{:.2f}')} ({who or '-'}) | {fmt(ratio, '{:.2f}')}× | {target} |")
-
-
-line("deliveries/s, 1 × 1000", "fanout-1x1000", "deliveries_per_sec", True, "≥ 1.5×")
-mine_cpu = get("eventgate", "fanout-1x1000", "server_cpu_us_per_delivery")
-_, fastest = best("fanout-1x1000", "deliveries_per_sec", True)
-their_cpu = get(fastest, "fanout-1x1000", "server_cpu_us_per_delivery") if fastest else None
-ratio = None if mine_cpu is None or not their_cpu else mine_cpu / their_cpu
-print(f"| server CPU µs per delivery, 1 × 1000 | {fmt(mine_cpu, '{:.2f}')} | {fmt(their_cpu, '{:.2f}')} ({fastest or '-'}) | {fmt(ratio, '{:.2f}')}× | ≤ 0.5× |")
-line("deliveries/s, 100 × 10", "fanout-100x10", "deliveries_per_sec", True, "≥ 1.5×")
-lat = {t: median_of(t, "latency-50x1000", "latency_p99_ms") for t in ["eventgate"] + peers + ["floor"]}
-lat_peer = min(((v, p) for p, v in lat.items() if p in peers and v), default=(None, None))
-lat_ratio = None if not lat["eventgate"] or not lat_peer[0] else lat["eventgate"] / lat_peer[0]
-print(f"| p99 ms at 50 ev/s × 1000 (medians of 3) | {fmt(lat['eventgate'], '{:.2f}')} | "
-      f"{fmt(lat_peer[0], '{:.2f}')} ({lat_peer[1] or '-'}) | {fmt(lat_ratio, '{:.2f}')}× | ≤ 0.5× |")
-if lat["floor"] and lat_peer[0]:
-    print(f"| p99 ms at 50 ev/s × 1000, the floor target (one write per client per event, nothing else) | "
-          f"{fmt(lat['floor'], '{:.2f}')} | {fmt(lat_peer[0], '{:.2f}')} ({lat_peer[1]}) | {lat['floor'] / lat_peer[0]:.2f}× | (bound) |")
-idle = next((r["label"] for r in rows if r["mode"] == "idle"), None)
+print("| scenario | deliveries/s | × best | p50 ms | × best | p99 ms | × best | CPU µs/delivery | × best |")
+print("|---|---|---|---|---|---|---|---|---|")
+scenarios = [("fanout-1x1000", "1 × 1000, max rate"), ("fanout-100x10", "100 × 10, max rate")]
+scenarios += [(p, t + " (medians)") for p, t in LATENCY]
+scenarios += [("fast10-5000", "10 fast at 5,000 ev/s (medians)"), ("stalled-5000", "10 fast + 1 stalled (medians)")]
+for label, title in scenarios:
+    cells, any_data = [], False
+    for key, higher, spec in (("deliveries_per_sec", True, "{:.0f}"), ("latency_p50_ms", False, "{:.2f}"),
+                              ("latency_p99_ms", False, "{:.2f}"), ("server_cpu_us_per_delivery", False, "{:.2f}")):
+        mine = value("eventgate", label, key)
+        theirs, who = best(label, key, higher)
+        any_data = any_data or mine is not None
+        cells.append(fmt(mine, spec))
+        cells.append(f"{fmt(ratio(mine, theirs), '{:.2f}×')} ({who})" if who else "-")
+    if any_data:
+        print(f"| {title} | " + " | ".join(cells) + " |")
+idle = next((r["label"] for r in rows if r["mode"] == "idle" and r["target"] == "eventgate"), None)
 if idle:
-    line("RSS KiB per idle connection", idle, "server_rss_per_conn_kib", False, "≤ 1×")
+    mine = value("eventgate", idle, "server_rss_per_conn_kib")
+    theirs, who = best(idle, "server_rss_per_conn_kib", False)
+    print(f"\nRSS per idle connection ({idle}): eventgate {fmt(mine, '{:.2f}')} KiB, best peer "
+          f"{fmt(theirs, '{:.2f}')} KiB ({who or '-'}): {fmt(ratio(mine, theirs), '{:.2f}×')}")
+
+# --- the targets of issue 17 -------------------------------------------------------
+print()
+print("Targets (ratios against the best peer in each row, same run; medians of the rounds where latency is measured):")
+print()
+print("| figure | eventgate | best peer | ratio | target | verdict |")
+print("|---|---|---|---|---|---|")
+
+
+def verdict(v, limit, higher):
+    if v is None:
+        return "no data"
+    return "met" if (v >= limit if higher else v <= limit) else "missed"
+
+
+def target_row(name, label, key, higher, limit, among=None, spec="{:.2f}"):
+    mine = value("eventgate", label, key)
+    theirs, who = best(label, key, higher, among)
+    r = ratio(mine, theirs)
+    sign = "≥" if higher else "≤"
+    peer = f"{fmt(theirs, spec)} ({who})" if who else "-"
+    print(f"| {name} | {fmt(mine, spec)} | {peer} | {fmt(r, '{:.2f}×')} | "
+          f"{sign} {limit}× | {verdict(r, limit, higher)} |")
+
+
+def count_row(name, mine, limit_text, ok):
+    print(f"| {name} | {fmt(mine)} | - | - | {limit_text} | {'no data' if mine is None else ('met' if ok else 'missed')} |")
+
+
+target_row("deliveries/s, 1 × 1000, max rate", "fanout-1x1000", "deliveries_per_sec", True, 2.5, spec="{:.0f}")
+lost = value("eventgate", "fanout-1x1000", "lost")
+count_row("lost, 1 × 1000, max rate", lost, "0", lost == 0)
+target_row("server CPU µs per delivery, 1 × 1000, max rate", "fanout-1x1000", "server_cpu_us_per_delivery", False, 0.5)
+target_row("p50 ms publish → receive, 1 × 1000, max rate", "fanout-1x1000", "latency_p50_ms", False, 1.0)
+target_row("p99 ms publish → receive, 1 × 1000, max rate", "fanout-1x1000", "latency_p99_ms", False, 1.0)
+target_row("deliveries/s, 100 × 10, max rate", "fanout-100x10", "deliveries_per_sec", True, 2.0, spec="{:.0f}")
+target_row("p99 ms, 100 × 10, max rate", "fanout-100x10", "latency_p99_ms", False, 1.5)
+target_row("p99 ms at 50 ev/s × 1000", "latency-50x1000", "latency_p99_ms", False, 0.8)
+target_row("server CPU µs per delivery at 50 ev/s × 1000 (against uws)", "latency-50x1000",
+           "server_cpu_us_per_delivery", False, 1.0, among=["uws"])
+target_row("p99 ms at 150 ev/s × 1000", "latency-150x1000", "latency_p99_ms", False, 0.8)
+if idle:
+    target_row(f"RSS KiB per idle connection ({idle}; against uws)", idle, "server_rss_per_conn_kib", False, 1.0,
+               among=["uws"])
+else:
+    print("| RSS KiB per idle connection (against uws) | - | - | - | ≤ 1.0× | no data |")
+# One stalled client among 10 fast ones: its fast clients lose nothing, their
+# p99 stays within 1.2× of the same run without it, and RSS returns to its level.
+stalled_runs = [r for r in rows if r["target"] == "eventgate" and r["label"].startswith("stalled-5000-r")]
+lost_stalled = sum(r["lost"] for r in stalled_runs) if stalled_runs else None
+count_row("stalled: events the fast clients lost (all rounds)", lost_stalled, "0", lost_stalled == 0)
 alone = median_of("eventgate", "fast10-5000", "latency_p99_ms")
-stalled = median_of("eventgate", "stalled-5000", "latency_p99_ms")
-if alone and stalled:
-    print(f"| fast p99 with a stalled client / without (medians of 3) | {stalled:.2f} | {alone:.2f} (eventgate alone) | {stalled / alone:.2f}× | ≤ 1.5× |")
+with_stalled = median_of("eventgate", "stalled-5000", "latency_p99_ms")
+r = ratio(with_stalled, alone)
+print(f"| stalled: fast p99 ms with it / without it (medians) | {fmt(with_stalled, '{:.2f}')} | "
+      f"{fmt(alone, '{:.2f}')} (eventgate without it) | {fmt(r, '{:.2f}×')} | ≤ 1.2× | {verdict(r, 1.2, False)} |")
 before = median_of("eventgate", "stalled-5000", "server_rss_before_mib")
 after = median_of("eventgate", "stalled-5000", "server_rss_after_mib")
-if before and after:
-    print(f"| RSS after a stalled run / before it, MiB (medians of 3) | {after:.1f} | {before:.1f} (eventgate before) | {after / before:.2f}× | ≈ 1× |")
+r = ratio(after, before)
+print(f"| stalled: RSS MiB after the run / before it (medians) | {fmt(after, '{:.1f}')} | "
+      f"{fmt(before, '{:.1f}')} (eventgate before) | {fmt(r, '{:.2f}×')} | back to its level (≤ 1.05×) | "
+      f"{verdict(r, 1.05, False)} |")
+
 cluster = by.get(("eventgate", "cluster2-fanout-1x1000"))
 if cluster:
     print()

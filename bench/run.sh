@@ -1,48 +1,79 @@
 #!/usr/bin/env bash
-# The benchmark: eventgate against the two reference gateways of
-# ../shared/peers (gorilla hub, Node ws), every scenario on a freshly started
-# server, all in one run on this machine. Prints the tables of BENCHMARKS.md.
+# The benchmark: eventgate against the three reference gateways of
+# ../shared/peers (gorilla hub, Node ws, uWebSockets.js), every scenario on a
+# freshly started server, all in one run on this machine. Prints the tables of
+# BENCHMARKS.md. The load tool is the workspace member bench/eventgate-bench.
 #
-#   bash bench/run.sh                      # everything (about 15 minutes)
-#   TARGETS="eventgate" bash bench/run.sh  # one target
+#   bash bench/run.sh                      # everything (well over 20 minutes)
+#   TARGETS="eventgate uws" bash bench/run.sh
+#   QUICK=1 bash bench/run.sh              # a short smoke run of every scenario
 #   SECS=5 IDLE_CLIENTS=5000 bash bench/run.sh
 #
-# Env: TARGETS ("eventgate gorilla node"), SCENARIOS ("fanout latency idle
-# stalled cluster"), SECS (10), IDLE_CLIENTS (19000),
-# CLUSTER (1: also two eventgate nodes on PostgreSQL + NATS), FLOOR (1: the
-# latency rounds also measure the floor target, `eventgate-bench floor`: one
-# blocking write per client per event and nothing else), PEERS_DIR
-# (/tmp/eventgate-peers), OUT (results file), PG_URL, NATS_URL.
+# Env: TARGETS ("eventgate gorilla node uws"), SCENARIOS ("fanout latency
+# latency150 idle stalled cluster storm webhook"), SECS (10), ROUNDS (3: interleaved rounds
+# of the latency scenarios and of the stalled pair; the report takes
+# medians), IDLE_CLIENTS (19000), CLUSTER (1: also two eventgate nodes on
+# PostgreSQL + NATS), FLOOR (1: the latency rounds also measure the floor
+# target, `eventgate-bench floor`: one blocking write per client per event and
+# nothing else), QUIET_WAIT (90: most seconds to wait before each run for the
+# machine to be quiet), QUICK (0; 1 = SECS=3 ROUNDS=1 IDLE_CLIENTS=2000
+# CLUSTER=0 QUIET_WAIT=5 unless set, for checking the script, not for
+# figures), PEERS_SRC (../shared/peers beside the repository: the peers'
+# sources, read-only), PEERS_DIR (/tmp/eventgate-peers: where they are
+# built), OUT (results file), PG_URL, NATS_URL.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-TARGETS=${TARGETS:-"eventgate gorilla node"}
-SCENARIOS=${SCENARIOS:-"fanout latency idle stalled cluster"}
+if [ "${QUICK:-0}" = 1 ]; then
+    SECS=${SECS:-3} ROUNDS=${ROUNDS:-1} IDLE_CLIENTS=${IDLE_CLIENTS:-2000}
+    CLUSTER=${CLUSTER:-0} QUIET_WAIT=${QUIET_WAIT:-5} STORM_CLIENTS=${STORM_CLIENTS:-1000}
+    WEBHOOK_BACKLOG=${WEBHOOK_BACKLOG:-5000} KILLS=${KILLS:-3}
+fi
+TARGETS=${TARGETS:-"eventgate gorilla node uws"}
+SCENARIOS=${SCENARIOS:-"fanout latency latency150 idle stalled cluster storm webhook"}
+STORM_CLIENTS=${STORM_CLIENTS:-10000}
+WEBHOOK_BACKLOG=${WEBHOOK_BACKLOG:-100000}
+KILLS=${KILLS:-20}
 SECS=${SECS:-10}
+ROUNDS=${ROUNDS:-3}
 IDLE_CLIENTS=${IDLE_CLIENTS:-19000}
 CLUSTER=${CLUSTER:-1}
+QUIET_WAIT=${QUIET_WAIT:-90}
+PEERS_SRC=${PEERS_SRC:-$ROOT/../shared/peers}
 PEERS_DIR=${PEERS_DIR:-/tmp/eventgate-peers}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 mkdir -p bench/results
 OUT=${OUT:-bench/results/run-$(date +%Y%m%d-%H%M%S).jsonl}
-BENCH=$ROOT/target/release/eventgate-bench
-GATE=$ROOT/target/release/eventgate
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BENCH=$TARGET_DIR/release/eventgate-bench
+GATE=$TARGET_DIR/release/eventgate
 TOKEN=bench-account-token-0123456789abcdef0123
 WORK=$(mktemp -d)
 
-cargo build --release --bins --quiet || exit 1
+# Two builds: the gateway exactly as `cargo build --release` makes it, then
+# the load tool (its own package; its dependencies do not touch the gateway's).
+cargo build --release -p eventgate --quiet || exit 1
+cargo build --release -p eventgate-bench --quiet || exit 1
 
 build_peers() {
     mkdir -p "$PEERS_DIR"
+    if [ "$TARGETS" != eventgate ] && [ ! -d "$PEERS_SRC" ]; then
+        echo "no peers at $PEERS_SRC (set PEERS_SRC to the shared/peers folder)"; return 1
+    fi
     if [[ " $TARGETS " == *" gorilla "* ]] && [ ! -x "$PEERS_DIR/gorilla-hub/gorilla-hub" ]; then
         command -v go >/dev/null || { apt-get update -qq && apt-get install -y -qq golang-go golang-github-gorilla-websocket-dev; } || return 1
-        cp -r "$ROOT/../shared/peers/gorilla-hub" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
+        cp -r "$PEERS_SRC/gorilla-hub" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
         (cd "$PEERS_DIR" && sh gorilla-hub/build.sh) || return 1
     fi
     if [[ " $TARGETS " == *" node "* ]] && [ ! -d "$PEERS_DIR/node-ws/node_modules/ws" ]; then
-        cp -r "$ROOT/../shared/peers/node-ws" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
+        cp -r "$PEERS_SRC/node-ws" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
         (cd "$PEERS_DIR/node-ws" && npm install --no-audit --no-fund --silent) || return 1
+    fi
+    # The peers' sources are read-only: install in a copy, like node-ws.
+    if [[ " $TARGETS " == *" uws "* ]] && [ ! -d "$PEERS_DIR/uws-hub/node_modules/@trufflesuite/uws-js-unofficial" ]; then
+        cp -r "$PEERS_SRC/uws-hub" "$PEERS_DIR/" && chmod -R u+w "$PEERS_DIR"
+        (cd "$PEERS_DIR/uws-hub" && npm install --no-audit --no-fund --silent) || return 1
     fi
 }
 build_peers || { echo "could not build the reference peers"; exit 1; }
@@ -67,7 +98,7 @@ start_eventgate() { # $1 port, $2 database url, rest: extra env
     PIDS+=($!)
     wait_port "$port"
 }
-start_server() { # $1 = eventgate|gorilla|node
+start_server() { # $1 = eventgate|gorilla|node|uws|floor
     PIDS=()
     case $1 in
         eventgate) PORT=8090; rm -f "$WORK/eg.sqlite3"*; start_eventgate 8090 "$WORK/eg.sqlite3" || return 1 ;;
@@ -77,6 +108,8 @@ start_server() { # $1 = eventgate|gorilla|node
                  PIDS+=($!); wait_port 8083 || return 1 ;;
         node)    PORT=8082; (cd "$PEERS_DIR/node-ws" && HOST=127.0.0.1 PORT=8082 exec node server.js) >>"$OUT.node.log" 2>&1 &
                  PIDS+=($!); wait_port 8082 || return 1 ;;
+        uws)     PORT=8084; (cd "$PEERS_DIR/uws-hub" && HOST=127.0.0.1 PORT=8084 exec node server.js) >>"$OUT.uws.log" 2>&1 &
+                 PIDS+=($!); wait_port 8084 || return 1 ;;
     esac
     SERVER_PID=${PIDS[0]}
 }
@@ -90,14 +123,14 @@ stop_servers() {
 }
 trap 'stop_servers; rm -rf "$WORK"' EXIT INT TERM
 
-# Waits (up to 90 s) for a quiet machine: a compile on the two cores distorts results.
+# Waits (up to QUIET_WAIT s) for a quiet machine: a compile on the two cores distorts results.
 busy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
 wait_quiet() {
     local n=0 b0 t0 b1 t1 pct ncpu; ncpu=$(nproc)
     while :; do
         read -r b0 t0 < <(busy); sleep 1; read -r b1 t1 < <(busy)
         pct=$(( 100 * ncpu * (b1 - b0) / (t1 - t0 + 1) ))
-        { [ "$pct" -lt 25 ] || [ "$n" -ge 90 ]; } && return 0
+        { [ "$pct" -lt 25 ] || [ "$n" -ge "$QUIET_WAIT" ]; } && return 0
         n=$((n + 1))
     done
 }
@@ -124,23 +157,86 @@ for target in $TARGETS; do
     want idle && run "$target" idle-$IDLE_CLIENTS 240 idle --clients "$IDLE_CLIENTS"
     want stalled || continue
     # A stalled client's effect is a small difference in a tail: alternate
-    # the runs with and without it, three of each (the report takes medians).
-    for r in 1 2 3; do
+    # the runs with and without it, ROUNDS of each (the report takes medians).
+    for r in $(seq "$ROUNDS"); do
         run "$target" fast10-5000-r$r  120 latency --clients 10 --instances 1 --rate 5000 --secs "$SECS"
         run "$target" stalled-5000-r$r 150 stalled --clients 10 --rate 5000 --secs "$SECS"
     done
 done
 
 # Latency at a fixed rate is a tail, and tails on a shared machine drift:
-# three rounds, each over every target in turn (the report takes medians).
-# The floor target shows what this machine and load tool allow at all.
+# ROUNDS rounds, each over every target in turn, at 50 and at 150 events/s
+# (latency under load); the report takes medians. The floor target shows
+# what this machine and load tool allow at all.
 LATENCY_TARGETS=$TARGETS
 [ "${FLOOR:-1}" = 1 ] && LATENCY_TARGETS="$TARGETS floor"
-if want latency; then
-    for r in 1 2 3; do
-        for target in $LATENCY_TARGETS; do
-            run "$target" latency-50x1000-r$r 120 latency --clients 1000 --instances 1 --rate 50 --secs "$SECS"
-        done
+for r in $(seq "$ROUNDS"); do
+    for target in $LATENCY_TARGETS; do
+        want latency && run "$target" latency-50x1000-r$r 120 latency --clients 1000 --instances 1 --rate 50 --secs "$SECS"
+        want latency150 && run "$target" latency-150x1000-r$r 120 latency --clients 1000 --instances 1 --rate 150 --secs "$SECS"
+    done
+done
+
+# eventgate's own modes against servers started here (not through `run`):
+# $1 label, $2 time limit, rest: bench args (the token is added).
+run_eventgate() {
+    local label=$1 limit=$2; shift 2
+    local cmd=("$BENCH" "$@" --target eventgate --token "$TOKEN" --server-pid "${PIDS[0]}" --label "$label" --json)
+    echo "### eventgate / $label"; echo "\$ ${cmd[*]}"
+    local line
+    if line=$(timeout "$limit" "${cmd[@]}"); then echo "$line" >>"$OUT"; else echo "!!! eventgate/$label failed"; fi
+}
+# A fresh PostgreSQL database for one scenario: prints its URL.
+fresh_pg() {
+    local db="eg_bench_${1}_$$"
+    psql -q "$PG_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
+    psql -q "$PG_URL" -c "CREATE DATABASE $db" >/dev/null 2>&1 && echo "${PG_URL%/*}/$db"
+}
+
+# Reconnect storms: STORM_CLIENTS clients drop while 100 events are
+# published and reconnect, plainly and then recovering; one node, then two
+# (every client reconnects to the other node).
+if want storm && [[ " $TARGETS " == *" eventgate "* ]]; then
+    wait_quiet; PIDS=(); rm -f "$WORK/eg.sqlite3"*
+    start_eventgate 8090 "$WORK/eg.sqlite3" EVENTGATE_WS_HISTORY_SIZE=1000 &&
+        run_eventgate storm-1node 600 storm --clients "$STORM_CLIENTS" --url http://127.0.0.1:8090
+    stop_servers
+    if [ "$CLUSTER" = 1 ] && node_url=$(fresh_pg storm); then
+        wait_quiet; PIDS=()
+        start_eventgate 8091 "$node_url" EVENTGATE_NATS_URL="$NATS_URL" EVENTGATE_WS_HISTORY_SIZE=1000 &&
+        start_eventgate 8092 "$node_url" EVENTGATE_NATS_URL="$NATS_URL" EVENTGATE_WS_HISTORY_SIZE=1000 &&
+            run_eventgate storm-2nodes 600 storm --clients "$STORM_CLIENTS" --url http://127.0.0.1:8091 \
+                --client-urls http://127.0.0.1:8091,http://127.0.0.1:8092
+        stop_servers
+    fi
+fi
+
+# Webhooks on SQLite and on PostgreSQL: raw POST rate, sustained delivery,
+# p99 at 20%, publish rate with and without a webhook, a 100,000-delivery
+# backlog, and KILLS SIGKILL restarts during a publish stream.
+if want webhook && [[ " $TARGETS " == *" eventgate "* ]]; then
+    for backend in sqlite postgres; do
+        if [ $backend = sqlite ]; then db="$WORK/wh.sqlite3"; rm -f "$db"*
+        else db=$(fresh_pg webhook) || { echo "(no PostgreSQL: webhook run on it skipped)"; continue; }; fi
+        wait_quiet; PIDS=()
+        hook_env=(EVENTGATE_WEBHOOK_ALLOWED_NETWORKS=127.0.0.0/8)
+        start_eventgate 8093 "$db" "${hook_env[@]}" || { stop_servers; continue; }
+        # The restart command: SIGKILL the node (its pid is in a file), start it
+        # again on the same port and database, return once it listens.
+        echo "${PIDS[0]}" >"$WORK/wh.pid"
+        cat >"$WORK/restart.sh" <<RESTART
+# (the first node is run.sh's child: a zombie until reaped, so wait for its port to close)
+kill -9 "\$(cat "$WORK/wh.pid")"; while ss -ltnH "sport = :8093" | grep -q LISTEN; do sleep 0.05; done
+env EVENTGATE_BIND=127.0.0.1:8093 EVENTGATE_DATABASE_URL="$db" EVENTGATE_ACCOUNT_TOKEN=$TOKEN \\
+    EVENTGATE_RATE_LIMIT_PER_MINUTE=100000000 EVENTGATE_LOG=warn ${hook_env[*]} "$GATE" serve >>"$OUT.eventgate.log" 2>&1 &
+echo \$! >"$WORK/wh.pid"
+for _ in \$(seq 200); do ss -ltnH "sport = :8093" | grep -q LISTEN && exit 0; sleep 0.05; done; exit 1
+RESTART
+        run_eventgate webhook-$backend 1500 webhook --url http://127.0.0.1:8093 --secs "$SECS" --publishers 4 \
+            --backlog "$WEBHOOK_BACKLOG" --kills "$KILLS" --restart-cmd "bash $WORK/restart.sh"
+        PIDS=("$(cat "$WORK/wh.pid")")
+        stop_servers
+        [ $backend = postgres ] && psql -q "$PG_URL" -c "DROP DATABASE IF EXISTS ${db##*/} WITH (FORCE)" >/dev/null 2>&1
     done
 fi
 

@@ -53,7 +53,7 @@ impl Handler<ToSession> for Sink {
     type Result = ();
 
     fn handle(&mut self, msg: ToSession, _: &mut Self::Context) {
-        if let ToSession::Deliver(batch) = msg {
+        if let ToSession::Deliver(batch) | ToSession::Replay(batch) = msg {
             self.shared
                 .queued_bytes
                 .fetch_sub(batch.bytes, Ordering::AcqRel);
@@ -73,6 +73,7 @@ fn fan_out(c: &mut Criterion) {
                 metrics,
                 bus: Bus::Local,
                 publish_queue: usize::MAX,
+                history: None,
             };
             let info = InstanceInfo {
                 id: InstanceId(1),
@@ -104,6 +105,7 @@ fn fan_out(c: &mut Criterion) {
                     recipient: sink.recipient(),
                     narrowing: EventSet::default(),
                     shared,
+                    recovery: None,
                 });
             }
             addr

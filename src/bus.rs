@@ -20,6 +20,8 @@ use tokio::sync::mpsc;
 
 use crate::domain::InstanceId;
 use crate::events::Event;
+use crate::instance::history::HistoryLimits;
+use crate::instance::shared_history::SharedHistory;
 use crate::instance::{Change, Inbox, Registry};
 use crate::metrics::Metrics;
 use crate::settings::ClusterSettings;
@@ -60,6 +62,8 @@ pub struct NatsBus {
     outbox: mpsc::Sender<(String, Bytes)>,
     metrics: Arc<Metrics>,
     last_warning: Mutex<Option<Instant>>,
+    /// The shared history, when the instances keep one (contract §12).
+    history: Option<Arc<SharedHistory>>,
 }
 
 impl Bus {
@@ -68,6 +72,7 @@ impl Bus {
     pub async fn connect(
         cluster: &ClusterSettings,
         metrics: Arc<Metrics>,
+        history: Option<HistoryLimits>,
     ) -> Result<Bus, BusError> {
         if cluster.nats_url.is_empty() {
             return Ok(Bus::Local);
@@ -110,6 +115,13 @@ impl Bus {
             outbox,
             metrics,
             last_warning: Mutex::new(None),
+            history: history.map(|limits| {
+                Arc::new(SharedHistory::new(
+                    client.clone(),
+                    &cluster.subject_prefix,
+                    limits,
+                ))
+            }),
         });
         let sender = bus.clone();
         actix_web::rt::spawn(async move {
@@ -153,8 +165,38 @@ impl Bus {
         }
     }
 
-    /// Sends a change of an instance to the other nodes.
+    /// The cluster's shared history, when instances keep one and NATS is
+    /// connected (otherwise publishes take the local path).
+    pub fn shared_history(&self) -> Option<&Arc<SharedHistory>> {
+        match self {
+            Bus::Nats(bus) => bus.history.as_ref(),
+            Bus::Local => None,
+        }
+    }
+
+    /// Whether NATS is connected right now.
+    pub fn is_connected(&self) -> bool {
+        match self {
+            Bus::Nats(bus) => {
+                bus.client.connection_state() == async_nats::connection::State::Connected
+            }
+            Bus::Local => true,
+        }
+    }
+
+    /// Sends a change of an instance to the other nodes (and, for a
+    /// deletion, clears its shared history).
     pub fn publish_change(&self, msg: &Change) {
+        if let (Bus::Nats(bus), Change::Deleted { instance }) = (self, msg) {
+            if let Some(history) = bus.history.clone() {
+                let id = *instance;
+                actix_web::rt::spawn(async move {
+                    if let Err(e) = history.clear(id).await {
+                        log::warn!("instance_id={} shared history not cleared: {e}", id.0);
+                    }
+                });
+            }
+        }
         if let Bus::Nats(bus) = self {
             match serde_json::to_vec(msg) {
                 Ok(payload) => bus.send(format!("{}.ctl", bus.prefix), payload),

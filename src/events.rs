@@ -74,6 +74,12 @@ fn has_media_base64(data: &Map<String, Value>) -> bool {
         .is_some_and(|media| media.contains_key("base64"))
 }
 
+/// Whether an instance without mediaBase64 sends `event` altered (it is a
+/// `message.exchange` carrying `data.message.media.base64`).
+pub fn strips_media(event: &Event) -> bool {
+    event.kind == EventKind::MessageExchange && has_media_base64(&event.data)
+}
+
 /// The envelope text of one event. `media_base64 = false` strips
 /// `data.message.media.base64` from `message.exchange` (and only there).
 pub fn envelope(event: &Event, instance_data: &str, media_base64: bool) -> ByteString {

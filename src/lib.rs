@@ -15,6 +15,9 @@
 //! - [`http`]: the REST API and the `/ws/:instance` upgrade.
 //! - [`instance`]: one actor per instance (settings + its sessions), found
 //!   through the [`instance::Registry`] started once before the server.
+//!   With `ws.history_size` it also keeps the instance's recent events for
+//!   recovery on reconnect ([`instance::history`]; in a cluster a mirror of
+//!   the JetStream history, [`instance::shared_history`]).
 //! - [`ws`]: one session actor per client with a bounded mailbox; a client
 //!   that falls behind is closed with 4008 and nobody else waits.
 //! - [`events`]: publish bodies and envelopes (serialised once per event).
@@ -152,7 +155,12 @@ pub async fn serve(
             .to_string()
     };
     let metrics = Arc::new(Metrics::new()?);
-    let bus = Bus::connect(&settings.cluster, metrics.clone()).await?;
+    let bus = Bus::connect(
+        &settings.cluster,
+        metrics.clone(),
+        crate::instance::history::HistoryLimits::from_settings(&settings.ws),
+    )
+    .await?;
     let registry = Registry::new(
         settings.server.instance_arbiters,
         FanoutEnv {
@@ -161,6 +169,7 @@ pub async fn serve(
             metrics: metrics.clone(),
             bus: bus.clone(),
             publish_queue: settings.limits.publish_queue,
+            history: crate::instance::history::HistoryLimits::from_settings(&settings.ws),
         },
         Arc::new(AccessCache::default()),
     );

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub rate_limited: IntCounter,
     pub bus_errors: IntCounterVec,
     pub publish_waits: IntCounter,
+    /// Recovery on reconnect (contract §12): attempts by outcome, events replayed.
+    pub recoveries: IntCounterVec,
+    pub replayed_events: IntCounter,
 }
 
 impl Metrics {
@@ -105,6 +108,19 @@ impl Metrics {
             "eventgate_publish_waits_total",
             "Publishes answered only once fanned out, because their instance had limits.publish_queue waiting",
         )?;
+        let recoveries = IntCounterVec::new(
+            Opts::new(
+                "eventgate_recoveries_total",
+                "Reconnects that asked to recover (with since), by outcome",
+            ),
+            &["recovered"],
+        )?;
+        let replayed_events = IntCounter::new(
+            "eventgate_replayed_events_total",
+            "Envelopes replayed to recovering clients",
+        )?;
+        registry.register(Box::new(recoveries.clone()))?;
+        registry.register(Box::new(replayed_events.clone()))?;
         registry.register(Box::new(connected_clients.clone()))?;
         registry.register(Box::new(connected_by_instance.clone()))?;
         registry.register(Box::new(upgrades.clone()))?;
@@ -140,6 +156,8 @@ impl Metrics {
             rate_limited,
             bus_errors,
             publish_waits,
+            recoveries,
+            replayed_events,
         })
     }
 

@@ -119,6 +119,12 @@ settings_table! {
         max_message_bytes: usize = 64 * 1024;
         /// Seconds sent data may stay unacknowledged before the kernel drops the socket (`TCP_USER_TIMEOUT`).
         tcp_user_timeout_secs: u64 = 10;
+        /// Recovery on reconnect (contract §12): events kept per instance; 0 = no history.
+        history_size: usize = 0, env "EVENTGATE_WS_HISTORY_SIZE";
+        /// Seconds an event stays in the history.
+        history_ttl_secs: u64 = 300, env "EVENTGATE_WS_HISTORY_TTL_SECS";
+        /// Bytes of envelopes (as published, media kept) one instance's history holds.
+        history_bytes: usize = 4 * 1024 * 1024, env "EVENTGATE_WS_HISTORY_BYTES";
     }
 
     /// Fixed-window request limits (contract §4). Zero disables a bucket.
@@ -187,7 +193,7 @@ impl Settings {
                 "must start with http:// or https://",
             ));
         }
-        let positive: [(&'static str, u64); 10] = [
+        let positive: [(&'static str, u64); 12] = [
             ("server.workers", self.server.workers as u64),
             ("storage.pool_size", u64::from(self.storage.pool_size)),
             (
@@ -198,6 +204,8 @@ impl Settings {
             ("ws.client_buffer", self.ws.client_buffer as u64),
             ("ws.client_buffer_bytes", self.ws.client_buffer_bytes as u64),
             ("ws.max_message_bytes", self.ws.max_message_bytes as u64),
+            ("ws.history_ttl_secs", self.ws.history_ttl_secs),
+            ("ws.history_bytes", self.ws.history_bytes as u64),
             ("limits.publish_batch", self.limits.publish_batch as u64),
             ("limits.publish_queue", self.limits.publish_queue as u64),
             ("cluster.refresh_secs", self.cluster.refresh_secs),

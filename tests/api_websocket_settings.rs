@@ -4,8 +4,10 @@
 
 mod common;
 
-use common::{TestServer, ACCOUNT, KINDS};
-use serde_json::json;
+use std::time::Duration;
+
+use common::{event, TestServer, Ws, ACCOUNT, KINDS};
+use serde_json::{json, Value};
 
 #[actix_rt::test]
 async fn set_and_get() {
@@ -191,50 +193,125 @@ async fn invalid_bodies() {
     );
 }
 
-#[actix_rt::test]
-async fn fifty_concurrent_upserts_end_in_one_of_them() {
-    let s = TestServer::start_with(|st| st.rate_limit.per_minute = 1000).await;
-    s.instance("hot").await;
-    let bodies: Vec<_> = (0..50)
-        .map(
-            |i| json!({"enabled": i % 7 != 0, "events": [KINDS[i % 6]], "mediaBase64": i % 2 == 0}),
-        )
-        .collect();
-    let replies = futures_util::future::join_all(bodies.iter().map(|b| {
-        s.call(
-            "POST",
-            "/api/events/websocket/hot",
-            Some(ACCOUNT),
-            Some(b.clone()),
-        )
-    }))
-    .await;
-    let mut acknowledged = Vec::new();
-    for r in &replies {
-        assert_eq!(r.status, 200, "{}", r.body);
-        acknowledged.push(r.body["websocket"].clone());
-    }
-    let stored = s
-        .call("GET", "/api/events/getWebsocket/hot", Some(ACCOUNT), None)
-        .await
-        .body["websocket"]
-        .clone();
-    assert!(
-        acknowledged.contains(&stored),
-        "final state {stored} is one of the writes"
-    );
-    let possible: Vec<_> = bodies
+/// The stored settings of an instance of the test account, read from the
+/// database: (version, settings as the API shows them).
+fn stored_row(s: &TestServer, name: &str) -> (i64, Value) {
+    let pool = eventgate::storage::connect(&s.db.url, 1, Duration::from_secs(5)).unwrap();
+    let mut conn = pool.get().unwrap();
+    let rec = eventgate::storage::instances::find(&mut conn, eventgate::domain::AccountId(1), name)
+        .unwrap()
+        .unwrap();
+    let row = eventgate::storage::ws_settings::get(&mut conn, rec.id)
+        .unwrap()
+        .unwrap();
+    (row.version, serde_json::to_value(&row.config).unwrap())
+}
+
+/// Publishes one event of each kind (each with a media payload) and asserts
+/// that a connected client gets exactly what `config` lets through: the
+/// settings its node's instance actor holds are `config`.
+async fn assert_live(s: &TestServer, name: &str, ws: &mut Ws, config: &Value, round: usize) {
+    let batch: Vec<Value> = KINDS
         .iter()
-        .map(|b| {
-            let enabled = b["enabled"].as_bool().unwrap();
-            if enabled {
-                json!({"enabled":true,"events":b["events"],"mediaBase64":b["mediaBase64"]})
-            } else {
-                json!({"enabled":false,"events":[],"mediaBase64":false})
-            }
+        .map(|k| {
+            event(
+                k,
+                json!({"round": round, "message": {"media": {"base64": "QUJD"}}}),
+            )
         })
         .collect();
-    assert!(possible.contains(&stored));
+    assert_eq!(s.publish(name, Value::Array(batch)).await.status, 202);
+    if config["enabled"] == true {
+        for kind in KINDS
+            .iter()
+            .filter(|k| config["events"].as_array().unwrap().contains(&json!(k)))
+        {
+            let got = ws.envelope().await;
+            assert_eq!(got["event"], *kind, "live settings are {config}: {got}");
+            assert_eq!(got["data"]["round"], round, "{got}");
+            let base64 = &got["data"]["message"]["media"]["base64"];
+            let kept = *kind != "message.exchange" || config["mediaBase64"] == true;
+            assert_eq!(
+                base64.is_string(),
+                kept,
+                "live settings are {config}: {got}"
+            );
+        }
+    }
+    // Nothing the settings exclude, within a bounded window (a negative check).
+    ws.silent(Duration::from_millis(300)).await;
+}
+
+#[actix_rt::test]
+async fn fifty_concurrent_upserts_end_in_one_of_them() {
+    let s = TestServer::start_with(|st| {
+        st.rate_limit.per_minute = 1000;
+        // Many upserts in flight at once: their notices race to the actor.
+        st.storage.pool_size = 16;
+    })
+    .await;
+    s.instance("hot").await;
+    // A client connected throughout sees what the node's actor holds.
+    let mut ws = s.connect("hot", "").await;
+    // Several rounds, so that replies and settings notices overtake each other.
+    for round in 0..8 {
+        let (version_before, _) = stored_row(&s, "hot");
+        let bodies: Vec<_> = (0..50)
+            .map(|i| i + 50 * round)
+            .map(
+                |i| json!({"enabled": i % 7 != 0, "events": [KINDS[i % 6]], "mediaBase64": i % 2 == 0}),
+            )
+            .collect();
+        let replies = futures_util::future::join_all(bodies.iter().map(|b| {
+            s.call(
+                "POST",
+                "/api/events/websocket/hot",
+                Some(ACCOUNT),
+                Some(b.clone()),
+            )
+        }))
+        .await;
+        let mut acknowledged = Vec::new();
+        for r in &replies {
+            assert_eq!(r.status, 200, "{}", r.body);
+            acknowledged.push(r.body["websocket"].clone());
+        }
+        let stored = s
+            .call("GET", "/api/events/getWebsocket/hot", Some(ACCOUNT), None)
+            .await
+            .body["websocket"]
+            .clone();
+        assert!(
+            acknowledged.contains(&stored),
+            "final state {stored} is one of the writes"
+        );
+        let possible: Vec<_> = bodies
+            .iter()
+            .map(|b| {
+                let enabled = b["enabled"].as_bool().unwrap();
+                if enabled {
+                    json!({"enabled":true,"events":b["events"],"mediaBase64":b["mediaBase64"]})
+                } else {
+                    json!({"enabled":false,"events":[],"mediaBase64":false})
+                }
+            })
+            .collect();
+        assert!(possible.contains(&stored));
+        // Newest version wins: every acknowledged upsert made a version of its
+        // own, the row holds the newest, the API answers with it, and the
+        // instance's actor (told by fifty handlers in any order) holds it too.
+        let (version, newest) = stored_row(&s, "hot");
+        assert_eq!(
+            version,
+            version_before + 50,
+            "round {round}: one version per acknowledged upsert"
+        );
+        assert_eq!(
+            stored, newest,
+            "round {round}: the API shows the newest version"
+        );
+        assert_live(&s, "hot", &mut ws, &newest, round).await;
+    }
 }
 
 #[actix_rt::test]

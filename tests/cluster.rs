@@ -1,76 +1,47 @@
 //! Several nodes on one PostgreSQL database and a NATS server (issue: scale
 //! out): events published on any node reach clients on every node once each;
 //! settings changes and deletions apply everywhere; a NATS outage keeps
-//! local delivery going, turns `/readyz` to 503, and heals by itself.
+//! local delivery going, turns `/readyz` to 503, and heals by itself; a late
+//! notice of an older version changes nothing.
+//!
+//! Needs PostgreSQL (the shared database) and NATS: the machine's (each test
+//! on subjects of its own), or for the outage a `nats-server` the test starts
+//! and kills. Without them each test prints its skip line and returns.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{event, free_port, Got, TestDb, TestServer, Ws, ACCOUNT};
+use common::{
+    event, eventually, require_nats, require_postgres, unique_subject_prefix, Got, NatsServer,
+    TestDb, TestServer, Ws, ACCOUNT, DEADLINE,
+};
 use serde_json::{json, Value};
 
-/// A nats-server of the test's own, on a free port.
-struct Nats {
-    child: Child,
-    port: u16,
-}
-
-impl Nats {
-    fn start_on(port: u16) -> Nats {
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server (Debian package nats-server) must be installed");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Nats { child, port }
-    }
-
-    fn start() -> Nats {
-        Self::start_on(free_port())
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
+/// A node on the shared database and the given NATS, with the test's own
+/// subject prefix (tests sharing one NATS server do not hear each other).
 async fn node(
     db: &TestDb,
     nats: &str,
+    prefix: &str,
     tweak: impl FnOnce(&mut eventgate::settings::Settings),
 ) -> TestServer {
     let url = nats.to_string();
+    let prefix = prefix.to_string();
     TestServer::start_on(db.shared(), move |s| {
         s.cluster.nats_url = url;
+        s.cluster.subject_prefix = prefix;
         tweak(s);
     })
     .await
 }
 
 /// Publishes markers on `publisher` until every client has seen one, then
-/// drains them: afterwards every node follows the instance.
+/// one last marker that each client reads up to: afterwards every node
+/// follows the instance and no marker is still on its way.
 async fn until_following(publisher: &TestServer, name: &str, clients: &mut [&mut Ws]) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + DEADLINE;
     let mut seen = vec![false; clients.len()];
     let mut n = 0;
     while seen.iter().any(|s| !s) {
@@ -79,15 +50,67 @@ async fn until_following(publisher: &TestServer, name: &str, clients: &mut [&mut
         publisher
             .publish(name, event("instance.state", json!({"marker": n})))
             .await;
+        // Paces the markers while the nodes subscribe (a read, not a sleep:
+        // it ends early when something arrives).
         for (i, ws) in clients.iter_mut().enumerate() {
             while let Got::Text(_) = ws.next_within(Duration::from_millis(100)).await {
                 seen[i] = true;
             }
         }
     }
-    // Drain stragglers.
+    // Everything one publisher sends reaches a node in order: once a client
+    // has the last marker, it has every earlier one it will ever get.
+    publisher
+        .publish(name, event("instance.state", json!({"marker": "last"})))
+        .await;
     for ws in clients.iter_mut() {
-        while let Got::Text(_) = ws.next_within(Duration::from_millis(300)).await {}
+        while ws.envelope().await["data"]["marker"] != "last" {}
+    }
+}
+
+/// Publishes pairs `[dropped, kept]` (tagged `probe`) on `publisher` until
+/// `ws` gets a pair's `kept` event without its `dropped` one: the node of
+/// `ws` has applied settings that exclude `dropped`. Returns how many pairs
+/// were published.
+async fn until_applied(
+    publisher: &TestServer,
+    name: &str,
+    ws: &mut Ws,
+    dropped: &str,
+    kept: &str,
+) -> u64 {
+    let deadline = Instant::now() + DEADLINE;
+    let mut probe = 0u64;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "settings without {dropped} never applied on {name}'s node"
+        );
+        probe += 1;
+        publisher
+            .publish(
+                name,
+                json!([
+                    event(dropped, json!({"probe": probe})),
+                    event(kept, json!({"probe": probe}))
+                ]),
+            )
+            .await;
+        // The pair arrives in order, and `kept` always does: reading up to
+        // it leaves nothing of this pair behind.
+        let mut dropped_seen = false;
+        loop {
+            let got = ws.envelope().await;
+            assert_eq!(got["data"]["probe"], probe, "{got}");
+            if got["event"] == kept {
+                break;
+            }
+            assert_eq!(got["event"], dropped, "{got}");
+            dropped_seen = true;
+        }
+        if !dropped_seen {
+            return probe;
+        }
     }
 }
 
@@ -96,16 +119,22 @@ async fn expect_sequence(ws: &mut Ws, count: u64) {
         let got: Value = ws.envelope().await;
         assert_eq!(got["data"]["seq"], seq);
     }
+    // Once each: no duplicate within a bounded window (a negative check).
     ws.silent(Duration::from_millis(300)).await;
 }
 
 #[actix_rt::test]
 async fn publish_on_one_node_reaches_clients_on_every_node_once() {
-    let nats = Nats::start();
-    let db = TestDb::postgres();
-    let a = node(&db, &nats.url(), |_| {}).await;
-    let b = node(&db, &nats.url(), |_| {}).await;
-    let c = node(&db, &nats.url(), |_| {}).await;
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(nats) = require_nats() else {
+        return;
+    };
+    let prefix = unique_subject_prefix();
+    let a = node(&db, &nats, &prefix, |_| {}).await;
+    let b = node(&db, &nats, &prefix, |_| {}).await;
+    let c = node(&db, &nats, &prefix, |_| {}).await;
     a.instance("multi").await;
     let mut wa = a.connect("multi", "").await;
     let mut wb = b.connect("multi", "").await;
@@ -133,22 +162,33 @@ async fn publish_on_one_node_reaches_clients_on_every_node_once() {
 
 #[actix_rt::test]
 async fn settings_disable_and_deletion_apply_on_every_node() {
-    let nats = Nats::start();
-    let db = TestDb::postgres();
-    let a = node(&db, &nats.url(), |_| {}).await;
-    let b = node(&db, &nats.url(), |_| {}).await;
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(nats) = require_nats() else {
+        return;
+    };
+    let prefix = unique_subject_prefix();
+    let a = node(&db, &nats, &prefix, |_| {}).await;
+    let b = node(&db, &nats, &prefix, |_| {}).await;
     let token = a.instance("shared").await;
     let mut wa = a.connect("shared", "").await;
     let mut wb = b.connect("shared", "").await;
     until_following(&a, "shared", &mut [&mut wa, &mut wb]).await;
 
-    // A settings change on B applies to A's clients within a second.
+    // A settings change on B applies to A's clients (through the bus).
     b.configure(
         "shared",
         json!({"enabled": true, "events": ["call.update"]}),
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let probes = until_applied(&a, "shared", &mut wa, "label.update", "call.update").await;
+    // B applied it before answering: its client got only the probes' call.update.
+    for probe in 1..=probes {
+        let got = wb.envelope().await;
+        assert_eq!(got["event"], "call.update", "{got}");
+        assert_eq!(got["data"]["probe"], probe, "{got}");
+    }
     a.publish(
         "shared",
         json!([
@@ -159,14 +199,18 @@ async fn settings_disable_and_deletion_apply_on_every_node() {
     .await;
     assert_eq!(wa.envelope().await["data"]["n"], 1);
     assert_eq!(wb.envelope().await["data"]["n"], 1);
+    // Nothing else (the label.update) within a bounded window.
     wa.silent(Duration::from_millis(300)).await;
 
     // Disabling on B refuses new upgrades on A (A had the instance remembered).
     b.configure("shared", json!({"enabled": false})).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let err = tokio_tungstenite::connect_async(a.ws_url(&format!("/ws/shared?token={ACCOUNT}")))
-        .await
-        .unwrap_err();
+    let url = a.ws_url(&format!("/ws/shared?token={ACCOUNT}"));
+    // Upgrades A still accepts before the change reaches it are dropped.
+    let err = eventually(DEADLINE, async || {
+        tokio_tungstenite::connect_async(url.as_str()).await.err()
+    })
+    .await
+    .expect("A never refused upgrades after B disabled the instance");
     assert!(err.to_string().contains("400"), "{err}");
     b.configure("shared", json!({"enabled": true})).await;
 
@@ -186,27 +230,30 @@ async fn settings_disable_and_deletion_apply_on_every_node() {
 
 #[actix_rt::test]
 async fn nats_outage_keeps_local_delivery_and_heals() {
-    let mut nats = Nats::start();
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    // A NATS of the test's own: it is stopped and started again.
+    let Some(mut nats) = NatsServer::start() else {
+        return;
+    };
     let port = nats.port;
-    let db = TestDb::postgres();
-    let a = node(&db, &nats.url(), |_| {}).await;
-    let b = node(&db, &nats.url(), |_| {}).await;
+    let prefix = unique_subject_prefix();
+    let a = node(&db, &nats.url(), &prefix, |_| {}).await;
+    let b = node(&db, &nats.url(), &prefix, |_| {}).await;
     a.instance("outage").await;
     let mut wa = a.connect("outage", "").await;
     let mut wb = b.connect("outage", "").await;
     until_following(&a, "outage", &mut [&mut wa, &mut wb]).await;
 
     nats.kill();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let r = eventually(DEADLINE, async || {
         let r = a.raw("GET", "/readyz", &[], None).await;
-        if r.status == 503 {
-            assert_eq!(r.body["error"]["details"], "NATS unreachable");
-            break;
-        }
-        assert!(Instant::now() < deadline, "/readyz never turned 503");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (r.status == 503).then_some(r)
+    })
+    .await
+    .expect("/readyz never turned 503");
+    assert_eq!(r.body["error"]["details"], "NATS unreachable");
     // Local clients still get local publishes, at once.
     let started = Instant::now();
     let r = a
@@ -218,6 +265,7 @@ async fn nats_outage_keeps_local_delivery_and_heals() {
         started.elapsed() < Duration::from_secs(2),
         "publishing did not block"
     );
+    // Nothing crosses while NATS is down (a bounded negative check).
     wb.silent(Duration::from_millis(300)).await;
     assert!(
         a.metric("eventgate_bus_errors_total{kind=\"disconnected\"}")
@@ -226,14 +274,14 @@ async fn nats_outage_keeps_local_delivery_and_heals() {
     );
 
     // NATS comes back on the same port: the nodes reconnect by themselves.
-    let _nats = Nats::start_on(port);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while a.raw("GET", "/readyz", &[], None).await.status != 200
-        || b.raw("GET", "/readyz", &[], None).await.status != 200
-    {
-        assert!(Instant::now() < deadline, "never ready again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _nats = NatsServer::start_on(port).expect("nats-server ran a moment ago");
+    let ready = eventually(Duration::from_secs(20), async || {
+        (a.raw("GET", "/readyz", &[], None).await.status == 200
+            && b.raw("GET", "/readyz", &[], None).await.status == 200)
+            .then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "never ready again");
     until_following(&a, "outage", &mut [&mut wa, &mut wb]).await;
     a.publish("outage", event("call.update", json!({"seq": 0})))
         .await;
@@ -242,9 +290,14 @@ async fn nats_outage_keeps_local_delivery_and_heals() {
 
 #[actix_rt::test]
 async fn storage_refresh_is_a_safety_net_behind_nats() {
-    let nats = Nats::start();
-    let db = TestDb::postgres();
-    let a = node(&db, &nats.url(), |s| s.cluster.refresh_secs = 1).await;
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(nats) = require_nats() else {
+        return;
+    };
+    let prefix = unique_subject_prefix();
+    let a = node(&db, &nats, &prefix, |s| s.cluster.refresh_secs = 1).await;
     a.instance("net").await;
     let mut ws = a.connect("net", "").await;
     // A change written straight to the database, with no notice on the bus.
@@ -262,7 +315,8 @@ async fn storage_refresh_is_a_safety_net_behind_nats() {
         );
         eventgate::storage::ws_settings::upsert(&mut conn, rec.id, &config).unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The refresh loop (every second here) picks it up: probe until it has.
+    until_applied(&a, "net", &mut ws, "call.update", "group.flow").await;
     a.publish(
         "net",
         json!([
@@ -272,5 +326,91 @@ async fn storage_refresh_is_a_safety_net_behind_nats() {
     )
     .await;
     assert_eq!(ws.envelope().await["data"]["n"], 1);
+    // Nothing else (the call.update) within a bounded window.
+    ws.silent(Duration::from_millis(300)).await;
+}
+
+#[actix_rt::test]
+async fn a_stale_settings_notice_never_overrides_newer_settings() {
+    let Some(nats) = require_nats() else {
+        return;
+    };
+    let prefix = unique_subject_prefix();
+    let db = TestDb::fresh();
+    let a = node(&db, &nats, &prefix, |_| {}).await;
+    a.instance("stale").await;
+    a.instance("other").await;
+    let mut ws = a.connect("stale", "").await;
+    let mut other = a.connect("other", "").await;
+    a.configure("stale", json!({"enabled": true, "events": ["call.update"]}))
+        .await;
+    a.configure("stale", json!({"enabled": true, "events": ["group.flow"]}))
+        .await;
+    let (id, other_id, version) = {
+        let pool = eventgate::storage::connect(&db.url, 1, Duration::from_secs(5)).unwrap();
+        let mut conn = pool.get().unwrap();
+        let account = eventgate::domain::AccountId(1);
+        let find = |conn: &mut _, name| {
+            eventgate::storage::instances::find(conn, account, name)
+                .unwrap()
+                .unwrap()
+                .id
+        };
+        let id = find(&mut conn, "stale");
+        let other_id = find(&mut conn, "other");
+        let stored = eventgate::storage::ws_settings::get(&mut conn, id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            stored.config.events,
+            vec![eventgate::domain::EventKind::GroupFlow]
+        );
+        (id, other_id, stored.version)
+    };
+    // Another node's notice of the older version arrives late, followed by a
+    // deletion notice of `other`: once `other` is closed, the stale notice
+    // has been handed to the instance's actor too (one subscription, in order).
+    let client = async_nats::connect(nats.as_str()).await.unwrap();
+    // Encoded as nodes encode them, so the test follows the wire format.
+    let stale = eventgate::instance::Change::Settings {
+        instance: id,
+        settings: Some(eventgate::domain::VersionedConfig {
+            config: eventgate::domain::WsConfig::normalized(
+                true,
+                vec![eventgate::domain::EventKind::CallUpdate],
+                false,
+            ),
+            version: version - 1,
+        }),
+    };
+    // A notice without settings ("none stored") is older than any version too.
+    let none = eventgate::instance::Change::Settings {
+        instance: id,
+        settings: None,
+    };
+    let deleted = eventgate::instance::Change::Deleted { instance: other_id };
+    for notice in [stale, none, deleted] {
+        client
+            .publish(
+                format!("{prefix}.ctl"),
+                serde_json::to_vec(&notice).unwrap().into(),
+            )
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    assert_eq!(other.closed(Duration::from_secs(5)).await, Some(4004));
+    // The newest version still rules this node's clients.
+    a.publish(
+        "stale",
+        json!([
+            event("call.update", json!({"n": 0})),
+            event("group.flow", json!({"n": 1}))
+        ]),
+    )
+    .await;
+    let got = ws.envelope().await;
+    assert_eq!(got["event"], "group.flow", "{got}");
+    assert_eq!(got["data"]["n"], 1);
     ws.silent(Duration::from_millis(300)).await;
 }

@@ -9,7 +9,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::{Process, TestDb, ACCOUNT};
 use eventgate::settings::{mask_url_password, Key, Mask, Settings, KEYS, MASK};
@@ -237,11 +236,9 @@ fn bad_and_unknown_variables_are_named() {
 
 /// Polls the process's stderr until it contains `text`.
 fn wait_for_log(p: &Process, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !p.stderr().contains(text) {
-        assert!(Instant::now() < deadline, "no `{text}` in\n{}", p.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let seen =
+        common::eventually_blocking(common::DEADLINE, || p.stderr().contains(text).then_some(()));
+    assert!(seen.is_some(), "no `{text}` in\n{}", p.stderr());
 }
 
 fn write(path: &Path, text: &str) {

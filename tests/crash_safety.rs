@@ -1,18 +1,20 @@
 //! Crash safety: the real binary is killed with SIGKILL in the middle of a
 //! stream of settings upserts and instance creations, restarted on the same
 //! database, and every acknowledged write must be there, with nothing
-//! half-written — on SQLite and on PostgreSQL.
+//! half-written — on SQLite and on PostgreSQL. The kill comes once a given
+//! number of writes were acknowledged, not after a guessed time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Process, TestDb, TestServer, ACCOUNT, KINDS};
 use eventgate::settings::Settings;
 use serde_json::{json, Value};
+use tokio::sync::Notify;
 
 /// The settings body that encodes generation `g` (distinct for g in 1..=127).
 fn settings_for(g: u32) -> Value {
@@ -23,6 +25,11 @@ fn settings_for(g: u32) -> Value {
     json!({"enabled": true, "events": events, "mediaBase64": g & 64 != 0})
 }
 
+/// Settings upserts acknowledged (over all writers) before the kill.
+const KILL_AFTER_SETTINGS: u32 = 100;
+/// Instance creations acknowledged before the kill.
+const KILL_AFTER_CREATED: usize = 20;
+
 #[derive(Default)]
 struct Acked {
     /// Per instance: the last acknowledged generation and the one in flight.
@@ -32,7 +39,13 @@ struct Acked {
     attempted: Vec<String>,
 }
 
-async fn writer(s: Arc<TestServer>, name: String, acked: Arc<Mutex<Acked>>) {
+impl Acked {
+    fn settings_acked(&self) -> u32 {
+        self.settings.values().map(|(a, _)| *a).sum()
+    }
+}
+
+async fn writer(s: Arc<TestServer>, name: String, acked: Arc<Mutex<Acked>>, progress: Arc<Notify>) {
     for g in 1..=127u32 {
         acked
             .lock()
@@ -48,20 +61,26 @@ async fn writer(s: Arc<TestServer>, name: String, acked: Arc<Mutex<Acked>>) {
         )
         .await;
         match r {
-            Some(200) => acked.lock().unwrap().settings.get_mut(&name).unwrap().0 = g,
+            Some(200) => {
+                acked.lock().unwrap().settings.get_mut(&name).unwrap().0 = g;
+                progress.notify_one();
+            }
             _ => return,
         }
     }
 }
 
-async fn creator(s: Arc<TestServer>, acked: Arc<Mutex<Acked>>) {
+async fn creator(s: Arc<TestServer>, acked: Arc<Mutex<Acked>>, progress: Arc<Notify>) {
     for i in 0..10_000 {
         let name = format!("new-{i}");
         acked.lock().unwrap().attempted.push(name.clone());
         let body =
             json!({"name": name, "websocketEnabled": true, "websocketEvents": ["group.flow"]});
         match send(&s, "/api/instance/new", body).await {
-            Some(201) => acked.lock().unwrap().created.push(name),
+            Some(201) => {
+                acked.lock().unwrap().created.push(name);
+                progress.notify_one();
+            }
             _ => return,
         }
     }
@@ -89,24 +108,46 @@ async fn crash_and_check(db: TestDb) {
         s.instance(name).await;
     }
     let acked = Arc::new(Mutex::new(Acked::default()));
+    let progress = Arc::new(Notify::new());
     let mut tasks = Vec::new();
     for name in &names {
         tasks.push(actix_rt::spawn(writer(
             s.clone(),
             name.clone(),
             acked.clone(),
+            progress.clone(),
         )));
     }
-    tasks.push(actix_rt::spawn(creator(s.clone(), acked.clone())));
-    // Let the stream run, then pull the plug.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tasks.push(actix_rt::spawn(creator(
+        s.clone(),
+        acked.clone(),
+        progress.clone(),
+    )));
+    // Pull the plug once enough writes of both kinds were acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (settings, created) = {
+            let a = acked.lock().unwrap();
+            (a.settings_acked(), a.created.len())
+        };
+        if settings >= KILL_AFTER_SETTINGS && created >= KILL_AFTER_CREATED {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            tokio::time::timeout(left, progress.notified())
+                .await
+                .is_ok(),
+            "only {settings} settings and {created} creations acknowledged within 60 s"
+        );
+    }
     p.signal("KILL");
     p.wait_exit(Duration::from_secs(5)).expect("killed");
     for t in tasks {
         let _ = t.await;
     }
     let acked = Arc::try_unwrap(acked).ok().unwrap().into_inner().unwrap();
-    let total: u32 = acked.settings.values().map(|(a, _)| *a).sum();
+    let total: u32 = acked.settings_acked();
     assert!(
         total > 0 && !acked.created.is_empty(),
         "the stream was under way when killed"
@@ -177,5 +218,8 @@ async fn sigkill_during_writes_loses_nothing_acknowledged_on_sqlite() {
 
 #[actix_rt::test]
 async fn sigkill_during_writes_loses_nothing_acknowledged_on_postgres() {
-    crash_and_check(TestDb::postgres()).await;
+    let Some(db) = common::require_postgres() else {
+        return;
+    };
+    crash_and_check(db).await;
 }

@@ -84,14 +84,10 @@ async fn connection_limits_per_instance_account_and_node() {
     // A slot comes back when its client leaves.
     drop(a1);
     s.wait_clients("a", Some(1)).await;
-    let mut again = None;
-    for _ in 0..50 {
-        if let Ok(ws) = try_connect(&s, "c", other).await {
-            again = Some(ws);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let again = common::eventually(common::DEADLINE, async || {
+        try_connect(&s, "c", other).await.ok()
+    })
+    .await;
     assert!(again.is_some(), "the freed slot is usable");
     assert!(
         s.metric("eventgate_ws_upgrades_total{result=\"connection_limit\"}")
@@ -324,9 +320,16 @@ async fn no_token_appears_in_any_log_line() {
     .await;
     ws.envelope().await;
     drop(ws);
+    s.wait_clients("logme", Some(0)).await;
     s.call("DELETE", "/api/instance/delete/logme", Some(ACCOUNT), None)
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The deletion's own line is the last this test causes: once it is in
+    // the log, everything before it is too.
+    let logged = common::eventually(common::DEADLINE, async || {
+        p.stderr().contains("instance=logme deleted").then_some(())
+    })
+    .await;
+    assert!(logged.is_some(), "the deletion was logged");
     let log = p.stderr();
     assert!(log.lines().count() > 10, "trace logging produced output");
     for secret in [

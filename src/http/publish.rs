@@ -11,7 +11,7 @@ use serde_json::json;
 use super::{has_no_content_type, instance_param, is_json, read_body, AppState};
 use crate::auth;
 use crate::error::ApiError;
-use crate::events::parse_publish;
+use crate::events::{parse_publish, Event};
 
 /// `POST /api/events/publish/:instance`: TokenAccount only.
 pub async fn publish(
@@ -34,10 +34,40 @@ pub async fn publish(
     let accepted = events.len();
     state.metrics.events_published.inc_by(accepted as u64);
     if accepted > 0 {
-        state.bus.publish_events(instance.id, &events);
-        if let Some(inbox) = state.registry.inbox(instance.id) {
-            if inbox.publish(Arc::from(events)).await {
-                state.metrics.publish_waits.inc();
+        let events: Arc<[Event]> = Arc::from(events);
+        // With a shared history (contract §12), every node, this one too,
+        // delivers the events from it, in its order; the reply waits for
+        // JetStream's acknowledgement. When it cannot be reached, the events
+        // take the plain way and recovery across them is refused.
+        let enabled = instance.config.as_ref().is_some_and(|c| c.config.enabled);
+        let shared = state
+            .bus
+            .shared_history()
+            .filter(|_| enabled && state.bus.is_connected());
+        let through_history = match shared {
+            Some(history) => match history.publish(instance.id, &events).await {
+                Ok(()) => true,
+                Err(e) => {
+                    log::warn!(
+                        "instance={} events not kept in the shared history: {e}",
+                        instance.name
+                    );
+                    state
+                        .metrics
+                        .bus_errors
+                        .with_label_values(&["history"])
+                        .inc();
+                    false
+                }
+            },
+            None => false,
+        };
+        if !through_history {
+            state.bus.publish_events(instance.id, &events);
+            if let Some(inbox) = state.registry.inbox(instance.id) {
+                if inbox.publish(events).await {
+                    state.metrics.publish_waits.inc();
+                }
             }
         }
     }

@@ -6,21 +6,38 @@
 //! evicted with 4008; nobody else waits for it. The envelope of an event is
 //! built once per event (per mediaBase64 variant) and shared by all sessions;
 //! with no sessions nothing is built.
+//!
+//! With a history (contract §12, [`History`]), every event accepted while the
+//! WebSocket is enabled is kept and numbered, sessions or not; sessions that
+//! opted in get envelopes stamped with offset and epoch (stamped once per
+//! event), and a recovering session's replay is queued inside `Join`, so
+//! nothing published around the hand-over is missed or repeated.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::dev::SendError;
 use actix::prelude::*;
 use bytestring::ByteString;
 
+use super::history::{History, HistoryLimits};
 use super::messages::*;
 use super::{Inbox, InstanceInfo, Registry};
-use crate::domain::{EventSet, VersionedConfig};
-use crate::events::{envelope, instance_data_json};
+use crate::domain::{EventKind, EventSet, VersionedConfig};
+use crate::events::{envelope, instance_data_json, strips_media};
 use crate::metrics::Metrics;
 use crate::ws::close::CloseCode;
+
+// Following the cluster's shared history: handlers of `SyncStart` and
+// `Sequenced`, joins parked until the mirror is loaded.
+#[path = "mirror.rs"]
+mod mirror;
+
+// Joining: a recovering session's first frame and replay.
+#[path = "recovery.rs"]
+mod recovery;
 
 /// Mailbox capacity of an instance actor (see `started`).
 const INSTANCE_MAILBOX: usize = 1 << 16;
@@ -38,12 +55,25 @@ pub struct FanoutEnv {
     /// Publishes waiting for an instance actor past which publishers wait
     /// (`limits.publish_queue`; see `Inbox`).
     pub publish_queue: usize,
+    /// Bounds of each instance's history; `None`: no history is kept.
+    pub history: Option<HistoryLimits>,
 }
 
 struct SessionEntry {
     recipient: Recipient<ToSession>,
     narrowing: EventSet,
     shared: Arc<SessionShared>,
+    /// Whether the client opted in to recovery (`?recover=true`).
+    recovering: bool,
+}
+
+/// One event's envelopes for this node's sessions.
+struct Frame {
+    kind: EventKind,
+    /// As every client that did not opt in receives it.
+    plain: ByteString,
+    /// With `"offset"` and `"epoch"`, when a session that opted in needs it.
+    stamped: Option<ByteString>,
 }
 
 /// One instance's actor.
@@ -63,6 +93,27 @@ pub struct InstanceActor {
     following: Option<tokio::task::JoinHandle<()>>,
     /// Publishes sent to this actor and not yet handled (shared with its `Inbox`es).
     waiting: Arc<AtomicUsize>,
+    /// This instance's recent events (`None`: no history configured).
+    history: Option<History>,
+    /// Sessions that opted in to recovery.
+    recovering: usize,
+    /// The cluster's shared history, when instances keep one: `history` is
+    /// then this node's mirror of it.
+    shared: Option<Arc<super::shared_history::SharedHistory>>,
+    /// Whether the mirror is loaded (always, without a shared history).
+    synced: bool,
+    /// Whether `history` is a local numbering standing in for the shared one
+    /// (it could not be reached).
+    degraded: bool,
+    /// Whether the mirror is loading what the shared history holds (those
+    /// events are kept, not delivered).
+    loading: bool,
+    /// Joins waiting for the mirror to load, with when they arrived.
+    parked: Vec<(Join, Instant)>,
+    /// The shared epoch and the last stream sequence the follower delivered.
+    shared_seen: Option<(Arc<str>, u64)>,
+    /// Follows the shared history into this actor while it has sessions.
+    mirror_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl InstanceActor {
@@ -75,6 +126,11 @@ impl InstanceActor {
         waiting: Arc<AtomicUsize>,
     ) -> Self {
         let instance_data = instance_data_json(&env.base_url, &info.name, &info.token);
+        let shared = env.history.and(env.bus.shared_history().cloned());
+        let history = match shared {
+            Some(_) => None,
+            None => env.history.map(History::new),
+        };
         Self {
             info,
             config,
@@ -86,11 +142,29 @@ impl InstanceActor {
             reported: 0,
             following: None,
             waiting,
+            synced: shared.is_none(),
+            shared,
+            history,
+            recovering: 0,
+            degraded: false,
+            parked: Vec::new(),
+            loading: false,
+            shared_seen: None,
+            mirror_task: None,
         }
     }
 
+    /// Forgets a session (keeping the count of those that opted in).
+    fn remove_session(&mut self, id: SessionId) -> Option<SessionEntry> {
+        let entry = self.sessions.remove(&id)?;
+        if entry.recovering {
+            self.recovering -= 1;
+        }
+        Some(entry)
+    }
+
     fn evict(&mut self, id: SessionId, code: CloseCode) {
-        if let Some(entry) = self.sessions.remove(&id) {
+        if let Some(entry) = self.remove_session(id) {
             entry.shared.request_close(code);
             // Bypasses the full mailbox on purpose: one control message.
             entry.recipient.do_send(ToSession::Close(code));
@@ -110,24 +184,33 @@ impl InstanceActor {
 
     fn close_all(&mut self, code: CloseCode) -> usize {
         let n = self.sessions.len();
+        self.recovering = 0;
         for (_, entry) in self.sessions.drain() {
             entry.shared.request_close(code);
             entry.recipient.do_send(ToSession::Close(code));
         }
+        let waiting = self.parked.len();
+        for (join, _) in self.parked.drain(..) {
+            join.shared.request_close(code);
+            join.recipient.do_send(ToSession::Close(code));
+        }
         self.report_count();
-        n
+        n + waiting
     }
 
     /// Subscribes to other nodes' events while there are sessions, and only then.
     fn update_interest(&mut self, ctx: &mut Context<Self>) {
-        match (self.sessions.is_empty(), &self.following) {
+        let idle = self.sessions.is_empty() && self.parked.is_empty();
+        match (idle, &self.following) {
             (false, None) => {
                 let inbox = Inbox::new(ctx.address(), self.waiting.clone(), self.env.publish_queue);
                 self.following = self.env.bus.follow(self.info.id, inbox);
+                self.follow_shared(ctx);
             }
             (true, Some(task)) => {
                 task.abort();
                 self.following = None;
+                self.unfollow_shared();
             }
             _ => {}
         }
@@ -162,6 +245,7 @@ impl Actor for InstanceActor {
         if let Some(task) = self.following.take() {
             task.abort();
         }
+        self.unfollow_shared();
         if self.metrics_label != super::registry::OTHER_LABEL {
             let _ = self
                 .env
@@ -175,20 +259,30 @@ impl Actor for InstanceActor {
     }
 }
 
-impl Handler<Join> for InstanceActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Join, ctx: &mut Self::Context) {
-        self.sessions.insert(
-            msg.session,
-            SessionEntry {
-                recipient: msg.recipient,
-                narrowing: msg.narrowing,
-                shared: msg.shared,
-            },
-        );
-        self.report_count();
-        self.update_interest(ctx);
+impl InstanceActor {
+    /// Queues `batch` to a session within its bounds; the close code it
+    /// earns otherwise.
+    fn offer(
+        &self,
+        entry: &SessionEntry,
+        batch: Batch,
+        wrap: fn(Batch) -> ToSession,
+    ) -> Result<(), CloseCode> {
+        let bytes = batch.bytes;
+        let queued = entry.shared.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        // A client with nothing queued takes any batch: it is not behind.
+        if queued > 0 && queued + bytes > self.env.client_buffer_bytes {
+            entry.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(CloseCode::SlowConsumer);
+        }
+        match entry.recipient.try_send(wrap(batch)) {
+            Ok(()) => Ok(()),
+            Err(SendError::Full(_)) => {
+                entry.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                Err(CloseCode::SlowConsumer)
+            }
+            Err(SendError::Closed(_)) => Err(CloseCode::Normal),
+        }
     }
 }
 
@@ -196,7 +290,9 @@ impl Handler<Leave> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Leave, ctx: &mut Self::Context) {
-        if self.sessions.remove(&msg.session).is_some() {
+        let waiting = self.parked.len();
+        self.parked.retain(|(join, _)| join.session != msg.session);
+        if self.remove_session(msg.session).is_some() || self.parked.len() != waiting {
             self.report_count();
             self.update_interest(ctx);
         }
@@ -207,9 +303,13 @@ impl Handler<UpdateSettings> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: UpdateSettings, _: &mut Self::Context) {
+        // Settings are never removed, only replaced by newer versions: "none
+        // stored" is older than anything held (a late notice from before the
+        // first store, or a malformed one, never wipes what is known).
         let newer = match (&self.config, &msg.0) {
             (Some(held), Some(new)) => new.version > held.version,
-            _ => true,
+            (Some(_), None) => false,
+            (None, _) => true,
         };
         if newer {
             self.config = msg.0;
@@ -249,7 +349,7 @@ impl Handler<Publish> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) {
-        if self.sessions.is_empty() {
+        if self.sessions.is_empty() && self.history.is_none() && self.parked.is_empty() {
             return;
         }
         let Some(config) = self.config.as_ref().map(|c| &c.config) else {
@@ -258,77 +358,54 @@ impl Handler<Publish> for InstanceActor {
         if !config.enabled {
             return;
         }
-        let filter = config.event_set();
-        let frames: Vec<(crate::domain::EventKind, ByteString)> = msg
-            .events
-            .iter()
-            .filter(|e| filter.allows(e.kind))
-            .map(|e| {
-                (
-                    e.kind,
-                    envelope(e, &self.instance_data, config.media_base64),
-                )
-            })
-            .collect();
+        if self.shared.is_some() {
+            // Events that did not go through the shared history.
+            self.degrade(ctx);
+        }
+        let Some(config) = self.config.as_ref().map(|c| &c.config) else {
+            return;
+        };
+        let (filter, media) = (config.event_set(), config.media_base64);
+        let frames = match &mut self.history {
+            None => msg
+                .events
+                .iter()
+                .filter(|e| filter.allows(e.kind))
+                .map(|e| Frame {
+                    kind: e.kind,
+                    plain: envelope(e, &self.instance_data, media),
+                    stamped: None,
+                })
+                .collect(),
+            Some(history) => {
+                // Every accepted event is kept, whatever the filter.
+                let now = Instant::now();
+                let stamping = self.recovering > 0;
+                let mut frames = Vec::with_capacity(msg.events.len());
+                for e in msg.events.iter() {
+                    let kept = envelope(e, &self.instance_data, true);
+                    let stripped = strips_media(e).then(|| envelope(e, &self.instance_data, false));
+                    let plain = match (&stripped, media) {
+                        (Some(stripped), false) => stripped.clone(),
+                        _ => kept.clone(),
+                    };
+                    let offset = history.push(e.kind, kept, stripped, now);
+                    if !self.sessions.is_empty() && filter.allows(e.kind) {
+                        let stamped = stamping.then(|| history.stamp(&plain, offset));
+                        frames.push(Frame {
+                            kind: e.kind,
+                            plain,
+                            stamped,
+                        });
+                    }
+                }
+                frames
+            }
+        };
         if frames.is_empty() {
             return;
         }
-        let all = batch_of(frames.iter());
-        // Narrowed clients share one batch per distinct narrowing.
-        let mut narrowed: Vec<(EventSet, Batch)> = Vec::new();
-        let mut dropped = Vec::new();
-        let mut delivered = 0u64;
-        for (id, entry) in &self.sessions {
-            let batch = if entry.narrowing == EventSet::default() {
-                &all
-            } else if let Some(pos) = narrowed.iter().position(|(n, _)| *n == entry.narrowing) {
-                &narrowed[pos].1
-            } else {
-                let set = entry.narrowing;
-                narrowed.push((set, batch_of(frames.iter().filter(|(k, _)| set.allows(*k)))));
-                &narrowed[narrowed.len() - 1].1
-            };
-            if batch.frames.is_empty() {
-                continue;
-            }
-            let queued = entry
-                .shared
-                .queued_bytes
-                .fetch_add(batch.bytes, Ordering::AcqRel);
-            // A client with nothing queued takes any batch: it is not behind.
-            if queued > 0 && queued + batch.bytes > self.env.client_buffer_bytes {
-                entry
-                    .shared
-                    .queued_bytes
-                    .fetch_sub(batch.bytes, Ordering::AcqRel);
-                dropped.push((*id, CloseCode::SlowConsumer));
-                continue;
-            }
-            match entry.recipient.try_send(ToSession::Deliver(batch.clone())) {
-                Ok(()) => delivered += batch.frames.len() as u64,
-                Err(SendError::Full(_)) => {
-                    entry
-                        .shared
-                        .queued_bytes
-                        .fetch_sub(batch.bytes, Ordering::AcqRel);
-                    dropped.push((*id, CloseCode::SlowConsumer));
-                }
-                Err(SendError::Closed(_)) => dropped.push((*id, CloseCode::Normal)),
-            }
-        }
-        let lost_some = !dropped.is_empty();
-        for (id, code) in dropped {
-            if code == CloseCode::SlowConsumer {
-                self.evict(id, code);
-            } else {
-                self.sessions.remove(&id);
-                self.report_count();
-            }
-        }
-        if lost_some {
-            self.update_interest(ctx);
-        }
-        self.env.metrics.events_delivered.inc_by(delivered);
+        self.fan_out(&frames, ctx);
         self.env
             .metrics
             .fanout_seconds
@@ -336,9 +413,62 @@ impl Handler<Publish> for InstanceActor {
     }
 }
 
-/// Collects frames into one shared batch.
-fn batch_of<'a>(frames: impl Iterator<Item = &'a (crate::domain::EventKind, ByteString)>) -> Batch {
-    let frames: Arc<[ByteString]> = frames.map(|(_, f)| f.clone()).collect();
+impl InstanceActor {
+    /// Queues `frames` to every session, evicting those past their bounds.
+    fn fan_out(&mut self, frames: &[Frame], ctx: &mut Context<Self>) {
+        if frames.is_empty() {
+            return;
+        }
+        // Sessions with the same narrowing and opt-in share one batch.
+        let mut batches: Vec<((EventSet, bool), Batch)> = Vec::new();
+        let mut dropped = Vec::new();
+        let mut delivered = 0u64;
+        for (id, entry) in &self.sessions {
+            let key = (entry.narrowing, entry.recovering);
+            let pos = match batches.iter().position(|(k, _)| *k == key) {
+                Some(pos) => pos,
+                None => {
+                    batches.push((key, batch_of(frames, key.0, key.1)));
+                    batches.len() - 1
+                }
+            };
+            let batch = &batches[pos].1;
+            if batch.frames.is_empty() {
+                continue;
+            }
+            let n = batch.frames.len() as u64;
+            match self.offer(entry, batch.clone(), ToSession::Deliver) {
+                Ok(()) => delivered += n,
+                Err(code) => dropped.push((*id, code)),
+            }
+        }
+        let lost_some = !dropped.is_empty();
+        for (id, code) in dropped {
+            if code == CloseCode::SlowConsumer {
+                self.evict(id, code);
+            } else {
+                self.remove_session(id);
+                self.report_count();
+            }
+        }
+        if lost_some {
+            self.update_interest(ctx);
+        }
+        self.env.metrics.events_delivered.inc_by(delivered);
+    }
+}
+
+/// Collects the frames a session with `narrowing` receives into one shared
+/// batch, stamped when it opted in (and the instance keeps a history).
+fn batch_of(frames: &[Frame], narrowing: EventSet, stamped: bool) -> Batch {
+    let frames: Arc<[ByteString]> = frames
+        .iter()
+        .filter(|f| narrowing.allows(f.kind))
+        .map(|f| match (&f.stamped, stamped) {
+            (Some(s), true) => s.clone(),
+            _ => f.plain.clone(),
+        })
+        .collect();
     let bytes = frames.iter().map(|f| f.len()).sum();
     Batch { frames, bytes }
 }

@@ -58,6 +58,9 @@ pub struct Batch {
 pub enum ToSession {
     /// Write these frames, in order.
     Deliver(Batch),
+    /// Write these frames (a recovery's first frame and replay), in order,
+    /// as fast as the socket takes them; later deliveries follow them.
+    Replay(Batch),
     /// Close with this code and stop.
     Close(CloseCode),
 }
@@ -72,6 +75,16 @@ pub struct Join {
     /// The client's `?events=` narrowing (empty = none).
     pub narrowing: EventSet,
     pub shared: Arc<SessionShared>,
+    /// Whether (and from where) the client recovers (`?recover=true`).
+    pub recovery: Option<Recovery>,
+}
+
+/// A client's opt-in to recovery on reconnect (contract §12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// The epoch and offset of the last envelope the client processed;
+    /// `None` when it asks only for its starting position.
+    pub since: Option<(String, u64)>,
 }
 
 /// A session leaves (sent from the session's `stopping`).
@@ -143,3 +156,34 @@ pub struct CloseAll(pub CloseCode);
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct CountSessions;
+
+/// The shared history's follower (re)starts: the mirror begins empty, in
+/// `epoch`; `caught_up` when the subject holds nothing to load.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SyncStart {
+    pub epoch: Arc<str>,
+    pub caught_up: bool,
+}
+
+/// One publish request's events from the shared history, in stream order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Sequenced {
+    pub epoch: Arc<str>,
+    /// Its stream sequence (its events' offsets derive from it).
+    pub seq: u64,
+    /// The sequence of the subject's previous message (0: none).
+    pub prev: u64,
+    /// How long ago JetStream accepted it.
+    pub age: std::time::Duration,
+    pub events: Arc<[Event]>,
+    /// Whether nothing older is left to load.
+    pub caught_up: bool,
+}
+
+/// Where the actor's mirror of the shared history stands: its epoch and the
+/// last stream sequence it has seen (a restarted follower resumes after it).
+#[derive(Message)]
+#[rtype(result = "Option<(Arc<str>, u64)>")]
+pub struct MirrorPosition;

@@ -3,7 +3,13 @@
 //! frames it is given, answers pings, pings on a timer, and closes with the
 //! contract's codes. It never touches the database. Client data is ignored,
 //! except in echo mode (the conformance route), which sends each message back.
+//!
+//! A recovery's replay (contract §12) arrives as one message; it is written a
+//! chunk at a time, each when the socket has taken the previous one, and its
+//! frames stay counted in the session's queued bytes until written, so a
+//! client too slow for its replay is evicted like any slow consumer.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,17 +17,24 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix_http::ws::{CloseReason, Item, Message, ProtocolError};
 use actix_web_actors::ws::WebsocketContext;
+use bytestring::ByteString;
 
 use super::close::CloseCode;
 use super::rules::{self, Heartbeat, Reassembly, Verdict, Whole};
 use crate::domain::EventSet;
-use crate::instance::messages::{Join, Leave, SessionId, SessionShared, ToSession};
+use crate::instance::messages::{
+    Batch, Join, Leave, Recovery, SessionId, SessionShared, ToSession,
+};
 use crate::instance::InstanceActor;
 use crate::limits::ConnectionSlot;
 use crate::metrics::Metrics;
 use crate::settings::WsSettings;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Bytes of a replay written before the session waits for the socket to
+/// take them (the socket's own high-water mark).
+const REPLAY_CHUNK: usize = super::socket::HIGH_WATER;
 
 /// Per-session limits, from the `[ws]` settings.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +71,11 @@ pub struct Session {
     ended: CloseCode,
     /// Sends each client message back instead of ignoring it.
     echo: bool,
+    /// The client's opt-in to recovery, handed to the instance on joining.
+    recovery: Option<Recovery>,
+    /// Replay frames (and deliveries behind them) not yet written; their
+    /// bytes are still counted in `shared.queued_bytes`.
+    backlog: VecDeque<ByteString>,
     /// This client's place in the connection limits, given back on drop.
     _slot: ConnectionSlot,
 }
@@ -83,7 +101,51 @@ impl Session {
             metrics,
             ended: CloseCode::Normal,
             echo: false,
+            recovery: None,
+            backlog: VecDeque::new(),
             _slot: slot,
+        }
+    }
+
+    /// The same session, recovering as the client asked (`?recover=true`).
+    pub fn recovering(mut self, recovery: Recovery) -> Self {
+        self.recovery = Some(recovery);
+        self
+    }
+
+    /// Queues frames behind the backlog and writes the next chunk.
+    fn queue(&mut self, batch: Batch, ctx: &mut WebsocketContext<Self>) {
+        let was_idle = self.backlog.is_empty();
+        self.backlog.extend(batch.frames.iter().cloned());
+        if was_idle {
+            self.write_backlog(ctx);
+        }
+    }
+
+    /// Writes up to [`REPLAY_CHUNK`] bytes of the backlog, then comes back
+    /// for more once the socket has taken them (the context is polled again
+    /// only below the socket's high-water mark).
+    fn write_backlog(&mut self, ctx: &mut WebsocketContext<Self>) {
+        if let Some(code) = self.shared.requested_close() {
+            self.backlog.clear();
+            return self.close(ctx, code);
+        }
+        let mut written = 0;
+        while written < REPLAY_CHUNK {
+            let Some(frame) = self.backlog.pop_front() else {
+                break;
+            };
+            written += frame.len();
+            self.shared
+                .queued_bytes
+                .fetch_sub(frame.len(), Ordering::AcqRel);
+            ctx.text(frame);
+        }
+        if !self.backlog.is_empty() {
+            ctx.spawn(
+                actix::fut::wrap_future::<_, Self>(tokio::task::yield_now())
+                    .map(|_, act, ctx| act.write_backlog(ctx)),
+            );
         }
     }
 
@@ -132,6 +194,7 @@ impl Actor for Session {
             recipient: ctx.address().recipient(),
             narrowing: self.narrowing,
             shared: self.shared.clone(),
+            recovery: self.recovery.take(),
         });
         self.metrics.connected_clients.inc();
         log::debug!(
@@ -184,6 +247,8 @@ impl Handler<ToSession> for Session {
 
     fn handle(&mut self, msg: ToSession, ctx: &mut Self::Context) {
         match msg {
+            ToSession::Replay(batch) => self.queue(batch, ctx),
+            ToSession::Deliver(batch) if !self.backlog.is_empty() => self.queue(batch, ctx),
             ToSession::Deliver(batch) => {
                 self.shared
                     .queued_bytes

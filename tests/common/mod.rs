@@ -2,11 +2,21 @@
 //! per test (a temporary SQLite file, or a new PostgreSQL database when
 //! `EVENTGATE_TEST_DATABASE_URL` names a server), plus HTTP and WebSocket
 //! helpers and a stalled raw-TCP client.
+//!
+//! Tests that need a server of their own kind ask for it here:
+//! [`require_postgres`] and [`require_nats`] (or [`NatsServer::start`] for a
+//! NATS the test may kill) return `None` after printing one line
+//! `skipped: no PostgreSQL at <url>; set EVENTGATE_TEST_REQUIRE_SERVICES=1 to fail instead`
+//! when the server is unreachable, and panic instead when
+//! `EVENTGATE_TEST_REQUIRE_SERVICES=1` (CI sets it). Waiting is done by
+//! polling a condition with a deadline ([`eventually`]), never by sleeping.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::fmt::Display;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::{Connection, RunQueryDsl};
 use eventgate::settings::Settings;
@@ -36,7 +46,285 @@ pub const PG_ENV: &str = "EVENTGATE_TEST_DATABASE_URL";
 /// The machine's PostgreSQL, for tests that always need one.
 pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
 
+/// Set to `1`, a test whose PostgreSQL or NATS is unreachable fails instead of skipping.
+pub const REQUIRE_ENV: &str = "EVENTGATE_TEST_REQUIRE_SERVICES";
+
+/// The NATS server cluster tests use (default: the machine's, [`DEFAULT_NATS`]).
+pub const NATS_ENV: &str = "EVENTGATE_TEST_NATS_URL";
+
+/// The machine's NATS.
+pub const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
+
+/// The `nats-server` binary tests that stop their own NATS run (default:
+/// `nats-server` on `PATH`, then `/usr/sbin/nats-server`).
+pub const NATS_SERVER_ENV: &str = "EVENTGATE_TEST_NATS_SERVER";
+
+/// How long a probe of PostgreSQL or NATS may take before the server counts
+/// as unreachable (libpq's `connect_timeout` takes whole seconds, at least 2).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often [`eventually`] looks again.
+pub const POLL_EVERY: Duration = Duration::from_millis(20);
+
+/// What a test waits for a condition at most before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Whether `EVENTGATE_TEST_REQUIRE_SERVICES` asks for failures instead of skips.
+pub fn services_required() -> bool {
+    std::env::var(REQUIRE_ENV)
+        .map(|v| !matches!(v.trim(), "" | "0" | "false"))
+        .unwrap_or(false)
+}
+
+/// A URL with its password (if any) masked, for messages.
+pub fn masked(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!(
+                "{}{}:********{}",
+                &url[..scheme_end],
+                &rest[..colon],
+                &rest[at..]
+            ),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// A server the test needs is unreachable: print the skip line and let the
+/// test return, or fail with `EVENTGATE_TEST_REQUIRE_SERVICES=1` or when
+/// `named_by` (the variable that named this server explicitly) is given.
+fn unavailable(service: &str, url: &str, why: &dyn Display, named_by: Option<&str>) {
+    let url = masked(url);
+    if services_required() {
+        panic!("no {service} at {url}: {why} ({REQUIRE_ENV} is set, so this fails)");
+    }
+    if let Some(var) = named_by {
+        panic!("no {service} at {url}: {why} ({var} is set, so this fails)");
+    }
+    // Straight to the process's stderr: libtest captures `println!` and
+    // `eprintln!` of passing tests, and this line must be seen.
+    let line = format!("skipped: no {service} at {url}; set {REQUIRE_ENV}=1 to fail instead\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// The PostgreSQL server that tests needing one use: `EVENTGATE_TEST_DATABASE_URL`,
+/// or the machine's ([`DEFAULT_PG`]).
+pub fn postgres_url() -> String {
+    std::env::var(PG_ENV)
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| DEFAULT_PG.to_string())
+}
+
+/// A fresh PostgreSQL database for a test that needs one whatever the
+/// environment says (a server it can take away, a database several nodes
+/// share). `None`, after the skip line, when PostgreSQL is unreachable;
+/// a failure instead with `EVENTGATE_TEST_REQUIRE_SERVICES=1` or with
+/// `EVENTGATE_TEST_DATABASE_URL` set.
+pub fn require_postgres() -> Option<TestDb> {
+    let url = postgres_url();
+    let explicit = std::env::var(PG_ENV).is_ok_and(|u| !u.is_empty());
+    match TestDb::try_postgres_on(&url) {
+        Ok(db) => Some(db),
+        Err(e) => {
+            unavailable("PostgreSQL", &url, &e, explicit.then_some(PG_ENV));
+            None
+        }
+    }
+}
+
+/// The NATS server for a test that needs one (`EVENTGATE_TEST_NATS_URL`, or
+/// the machine's [`DEFAULT_NATS`]): its URL once it answered with its `INFO`
+/// line within [`PROBE_TIMEOUT`]; `None`, after the skip line, when it did
+/// not (a failure instead when `EVENTGATE_TEST_NATS_URL` named it).
+pub fn require_nats() -> Option<String> {
+    let url = std::env::var(NATS_ENV)
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| DEFAULT_NATS.to_string());
+    let explicit = std::env::var(NATS_ENV).is_ok_and(|u| !u.is_empty());
+    match probe_nats(&url) {
+        Ok(()) => Some(url),
+        Err(e) => {
+            unavailable("NATS", &url, &e, explicit.then_some(NATS_ENV));
+            None
+        }
+    }
+}
+
+/// Connects to a NATS URL and reads the server's greeting.
+fn probe_nats(url: &str) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let hostport = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .rsplit('@')
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('/');
+    let hostport = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:4222")
+    };
+    let addr = hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("{hostport}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{hostport}: no address"))?;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(PROBE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut greeting = [0u8; 5];
+    stream
+        .read_exact(&mut greeting)
+        .map_err(|e| format!("no greeting: {e}"))?;
+    if &greeting != b"INFO " {
+        return Err(format!(
+            "not a NATS server (it said {:?})",
+            String::from_utf8_lossy(&greeting)
+        ));
+    }
+    Ok(())
+}
+
+/// A subject prefix no other test uses, so that tests sharing one NATS
+/// server do not hear each other.
+pub fn unique_subject_prefix() -> String {
+    format!(
+        "egtest{}x{}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        rand_suffix()
+    )
+}
+
+/// A nats-server of the test's own on a free port, for tests that stop it.
+pub struct NatsServer {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl NatsServer {
+    /// Starts one on a free port; `None`, after the skip line, when
+    /// `nats-server` cannot be run here (a failure instead when
+    /// `EVENTGATE_TEST_NATS_SERVER` named the binary).
+    pub fn start() -> Option<NatsServer> {
+        Self::start_on(free_port())
+    }
+
+    /// Starts one on `port` (again, after [`NatsServer::kill`]).
+    pub fn start_on(port: u16) -> Option<NatsServer> {
+        let url = format!("nats://127.0.0.1:{port}");
+        let named_by = std::env::var(NATS_SERVER_ENV)
+            .is_ok_and(|b| !b.is_empty())
+            .then_some(NATS_SERVER_ENV);
+        let binary = std::env::var(NATS_SERVER_ENV)
+            .ok()
+            .filter(|b| !b.is_empty())
+            .or_else(|| {
+                let on_path = std::env::var_os("PATH").is_some_and(|path| {
+                    std::env::split_paths(&path).any(|d| d.join("nats-server").is_file())
+                });
+                (!on_path && std::path::Path::new("/usr/sbin/nats-server").is_file())
+                    .then(|| "/usr/sbin/nats-server".to_string())
+            })
+            .unwrap_or_else(|| "nats-server".to_string());
+        let child = match std::process::Command::new(&binary)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => {
+                unavailable("NATS", &url, &format!("{binary}: {e}"), named_by);
+                return None;
+            }
+        };
+        let mut server = NatsServer { child, port };
+        let listening = eventually_blocking(DEADLINE, || {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return Some(Err(format!("{binary} exited with {status}")));
+            }
+            probe_nats(&url).ok().map(Ok)
+        });
+        match listening {
+            Some(Ok(())) => Some(server),
+            Some(Err(why)) => {
+                unavailable("NATS", &url, &why, named_by);
+                None
+            }
+            None => {
+                server.kill();
+                unavailable("NATS", &url, &"did not listen within 10 s", named_by);
+                None
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` every [`POLL_EVERY`] until it yields `Some`; `None` when
+/// `within` passed first (the caller fails the test with what it waited for).
+pub async fn eventually<T>(
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        // Paces the polling; the condition, not this pause, is what is waited for.
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// [`eventually`] for blocking code: `None` when `within` passed first.
+pub fn eventually_blocking<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        // Paces the polling; the condition, not this pause, is what is waited for.
+        std::thread::sleep(POLL_EVERY);
+    }
+}
 
 /// A database that lives as long as the test.
 pub struct TestDb {
@@ -47,49 +335,49 @@ pub struct TestDb {
 
 impl TestDb {
     /// A fresh database: a temporary SQLite file, or a new PostgreSQL database
-    /// when `EVENTGATE_TEST_DATABASE_URL` is set.
+    /// when `EVENTGATE_TEST_DATABASE_URL` is set (then an unreachable
+    /// PostgreSQL fails the test: that run is meant to be on PostgreSQL).
     pub fn fresh() -> TestDb {
         match std::env::var(PG_ENV).ok().filter(|u| !u.is_empty()) {
-            Some(admin_url) => Self::postgres_on(admin_url),
+            Some(admin_url) => Self::try_postgres_on(&admin_url).unwrap_or_else(|e| {
+                panic!(
+                    "{PG_ENV}={} is set, but no database could be made there: {e}",
+                    masked(&admin_url)
+                )
+            }),
             None => Self::sqlite(),
         }
     }
 
-    /// A fresh PostgreSQL database whatever the environment says (for tests
-    /// that need a server they can take away): `EVENTGATE_TEST_DATABASE_URL`,
-    /// or the machine's PostgreSQL.
-    pub fn postgres() -> TestDb {
-        let url = std::env::var(PG_ENV)
-            .ok()
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| DEFAULT_PG.to_string());
-        Self::postgres_on(url)
-    }
-
-    fn postgres_on(admin_url: String) -> TestDb {
+    /// A new database on the PostgreSQL server of `admin_url` (a database
+    /// URL the test may `CREATE DATABASE` with).
+    pub fn try_postgres_on(admin_url: &str) -> Result<TestDb, String> {
         let name = format!(
             "eg_{}_{}_{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed),
             rand_suffix()
         );
-        let mut admin = diesel::PgConnection::establish(&admin_url).unwrap();
+        let mut admin = admin_connection(admin_url)?;
         diesel::sql_query(format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
-            .unwrap();
-        let scheme_end = admin_url.find("://").expect("a URL") + 3;
+            .map_err(|e| format!("CREATE DATABASE {name}: {e}"))?;
+        let scheme_end = admin_url
+            .find("://")
+            .ok_or_else(|| format!("{PG_ENV} must be a URL"))?
+            + 3;
         let slash = admin_url[scheme_end..]
             .find('/')
             .map(|i| i + scheme_end)
-            .unwrap_or_else(|| panic!("{PG_ENV} must end with /<database>"));
+            .ok_or_else(|| format!("{PG_ENV} must end with /<database>"))?;
         // The test process itself holds pools of several servers: without TLS,
         // no OpenSSL state is in use by pool threads when the process exits.
         let url = format!("{}/{}?sslmode=disable", &admin_url[..slash], name);
-        TestDb {
+        Ok(TestDb {
             url,
             _dir: None,
-            pg_admin: Some((admin_url, name)),
-        }
+            pg_admin: Some((admin_url.to_string(), name)),
+        })
     }
 
     /// A fresh SQLite file in a temporary directory.
@@ -110,7 +398,7 @@ impl TestDb {
     /// Drops the PostgreSQL database under a running server (connections are cut).
     pub fn take_away(&self) {
         if let Some((admin_url, name)) = &self.pg_admin {
-            let mut admin = diesel::PgConnection::establish(admin_url).unwrap();
+            let mut admin = admin_connection(admin_url).unwrap();
             diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                 .execute(&mut admin)
                 .unwrap();
@@ -135,12 +423,23 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some((admin_url, name)) = &self.pg_admin {
-            if let Ok(mut admin) = diesel::PgConnection::establish(admin_url) {
+            if let Ok(mut admin) = admin_connection(admin_url) {
                 let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .execute(&mut admin);
             }
         }
     }
+}
+
+/// A connection to the server of `admin_url` that gives up after
+/// [`PROBE_TIMEOUT`] rather than hanging on an unanswering host.
+fn admin_connection(admin_url: &str) -> Result<diesel::PgConnection, String> {
+    let sep = if admin_url.contains('?') { '&' } else { '?' };
+    let url = format!(
+        "{admin_url}{sep}connect_timeout={}",
+        PROBE_TIMEOUT.as_secs().max(2)
+    );
+    diesel::PgConnection::establish(&url).map_err(|e| e.to_string().trim().to_string())
 }
 
 fn rand_suffix() -> u32 {
@@ -199,13 +498,16 @@ impl TestServer {
             }
         });
         let server = TestServer { addr, db, settings };
-        for _ in 0..200 {
-            if let Ok((200, _, _)) = server.try_request("GET", "/readyz", &[], None).await {
-                return server;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("server did not become ready");
+        eventually(DEADLINE, async || {
+            matches!(
+                server.try_request("GET", "/readyz", &[], None).await,
+                Ok((200, _, _))
+            )
+            .then_some(())
+        })
+        .await
+        .expect("server did not become ready");
+        server
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -351,37 +653,56 @@ impl TestServer {
         .await
     }
 
-    /// Opens a WebSocket to the instance with the account token and `query` appended.
+    /// Opens a WebSocket to the instance with the account token and `query`
+    /// appended, and returns once this session has joined: the instance's
+    /// connected count on this node rose by one from what it was before.
+    /// (A client that left just before must have been counted out first:
+    /// see [`TestServer::wait_clients`].)
     pub async fn connect(&self, name: &str, query: &str) -> Ws {
+        let before = self.clients(name).await;
         let url = self.ws_url(&format!("/ws/{name}?token={ACCOUNT}{query}"));
         let (ws, res) = tokio_tungstenite::connect_async(url).await.unwrap();
         assert_eq!(res.status().as_u16(), 101);
         let ws = Ws { inner: ws };
-        self.wait_clients(name, None).await;
+        let mut now = before;
+        let joined = eventually(DEADLINE, async || {
+            now = self.clients(name).await;
+            (now > before).then_some(())
+        })
+        .await;
+        assert!(
+            joined.is_some(),
+            "instance {name}: the connected count never rose from {before} to {} (now {now})",
+            before + 1
+        );
         ws
+    }
+
+    /// The instance's connected clients on this node (`connectedClients` of
+    /// `/api/instance/list`; 0 while it is not listed).
+    pub async fn clients(&self, name: &str) -> u64 {
+        let r = self
+            .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+            .await;
+        assert_eq!(r.status, 200, "listing instances: {}", r.body);
+        r.body["instances"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == name))
+            .map_or(0, |item| item["connectedClients"].as_u64().unwrap_or(0))
     }
 
     /// Waits until the instance has at least one client (or exactly `n`) on this node.
     pub async fn wait_clients(&self, name: &str, n: Option<u64>) {
-        for _ in 0..200 {
-            let r = self
-                .call("GET", "/api/instance/list", Some(ACCOUNT), None)
-                .await;
-            if let Some(item) = r.body["instances"]
-                .as_array()
-                .and_then(|a| a.iter().find(|i| i["name"] == name))
-            {
-                let c = item["connectedClients"].as_u64().unwrap_or(0);
-                if n.map_or(c > 0, |n| c == n) {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let r = self
-            .call("GET", "/api/instance/list", Some(ACCOUNT), None)
-            .await;
-        panic!("instance {name} never reached {n:?} clients: {}", r.body);
+        let mut last = 0;
+        let reached = eventually(DEADLINE, async || {
+            last = self.clients(name).await;
+            n.map_or(last > 0, |n| last == n).then_some(())
+        })
+        .await;
+        assert!(
+            reached.is_some(),
+            "instance {name} never reached {n:?} clients (last seen: {last})"
+        );
     }
 
     /// The value of a metric line (`name{labels}` exactly as rendered), 0 when absent.
@@ -598,17 +919,17 @@ impl Process {
             stderr_path,
             _dir: dir,
         };
-        for _ in 0..400 {
-            if std::net::TcpStream::connect(addr).is_ok() {
-                return p;
-            }
+        let listening = eventually_blocking(DEADLINE, || {
             if let Ok(Some(status)) = p.child.try_wait() {
                 panic!("eventgate exited with {status}: {}", p.stderr());
             }
-            std::thread::sleep(Duration::from_millis(25));
+            std::net::TcpStream::connect(addr).ok().map(|_| ())
+        });
+        if listening.is_none() {
+            let _ = p.child.kill();
+            panic!("eventgate did not listen: {}", p.stderr());
         }
-        let _ = p.child.kill();
-        panic!("eventgate did not listen: {}", p.stderr());
+        p
     }
 
     /// What the process wrote to stderr so far.
@@ -627,14 +948,7 @@ impl Process {
 
     /// Waits up to `wait` for the process to exit.
     pub fn wait_exit(&mut self, wait: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + wait;
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        eventually_blocking(wait, || self.child.try_wait().ok().flatten())
     }
 
     /// A `TestServer` view for the HTTP and WebSocket helpers (no database of its own).

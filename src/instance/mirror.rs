@@ -1,0 +1,192 @@
+//! The instance actor's side of the cluster's shared history (see
+//! `shared_history`): while it has sessions, the actor follows the
+//! instance's subject and keeps a mirror of it in its `history`, numbered
+//! with the shared offsets and epoch, so recoveries are served from memory,
+//! atomically with live delivery, as on a single node.
+//!
+//! Joins that arrive while the mirror loads wait (are parked) until it has
+//! caught up, or until [`SYNC_WAIT`] passes; events that did not go through
+//! the shared history (NATS unreachable) make the actor fall back to a
+//! local numbering with its own epoch until the shared one is back, so
+//! recoveries across it answer `recovered: false` while live delivery goes on.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use super::super::history::History;
+use super::super::messages::{Batch, Join, MirrorPosition, Sequenced, SyncStart};
+use super::super::shared_history::{last_offset_of, offset_of, OFFSET_BITS};
+use super::{Frame, InstanceActor};
+use crate::domain::EventSet;
+use crate::events::{envelope, strips_media};
+
+/// Longest a join waits for the mirror before the actor numbers locally.
+const SYNC_WAIT: Duration = Duration::from_secs(3);
+
+impl InstanceActor {
+    /// Starts following the shared history (when there is one).
+    pub(super) fn follow_shared(&mut self, ctx: &mut Context<Self>) {
+        if let (Some(shared), None) = (&self.shared, &self.mirror_task) {
+            self.mirror_task = Some(shared.follow(self.info.id, ctx.address()));
+        }
+    }
+
+    /// Stops following it; the mirror is dropped (reloaded on the next join).
+    pub(super) fn unfollow_shared(&mut self) {
+        if let Some(task) = self.mirror_task.take() {
+            task.abort();
+            self.history = None;
+            self.synced = false;
+            self.loading = false;
+            self.degraded = false;
+            self.shared_seen = None;
+        }
+    }
+
+    /// Holds a join until the mirror is loaded.
+    pub(super) fn park(&mut self, msg: Join, ctx: &mut Context<Self>) {
+        self.parked.push((msg, Instant::now()));
+        self.update_interest(ctx);
+        ctx.run_later(SYNC_WAIT, |act, ctx| {
+            if !act.synced {
+                log::warn!(
+                    "instance={} shared history not loaded in time; numbering locally",
+                    act.info.name
+                );
+                act.degrade(ctx);
+            }
+        });
+    }
+
+    /// Numbers locally from now on (a fresh epoch), until the shared
+    /// history is heard from again.
+    pub(super) fn degrade(&mut self, ctx: &mut Context<Self>) {
+        if !self.degraded {
+            if let Some(limits) = self.env.history {
+                self.history = Some(History::new(limits));
+                self.degraded = true;
+            }
+        }
+        self.set_synced(ctx);
+    }
+
+    /// The mirror is usable: parked joins are admitted.
+    fn set_synced(&mut self, ctx: &mut Context<Self>) {
+        self.synced = true;
+        for (join, arrived) in std::mem::take(&mut self.parked) {
+            self.admit(join, Some(arrived), ctx);
+        }
+    }
+
+    /// What a session that waited for the mirror missed meanwhile: kept
+    /// events accepted after it arrived, through its filters.
+    pub(super) fn published_since(&self, arrived: Instant, narrowing: EventSet) -> Batch {
+        let mut frames = Vec::new();
+        let config = self
+            .config
+            .as_ref()
+            .map(|c| &c.config)
+            .filter(|c| c.enabled);
+        if let (Some(history), Some(config)) = (&self.history, config) {
+            let filter = config.event_set();
+            for kept in history
+                .after(0)
+                .filter(|e| e.at >= arrived && filter.allows(e.kind) && narrowing.allows(e.kind))
+            {
+                frames.push(kept.frame_for(config.media_base64).clone());
+            }
+        }
+        let frames: std::sync::Arc<[bytestring::ByteString]> = frames.into();
+        let bytes = frames.iter().map(|f| f.len()).sum();
+        Batch { frames, bytes }
+    }
+}
+
+impl Handler<MirrorPosition> for InstanceActor {
+    type Result = Option<(std::sync::Arc<str>, u64)>;
+
+    fn handle(&mut self, _: MirrorPosition, _: &mut Self::Context) -> Self::Result {
+        self.shared_seen.clone()
+    }
+}
+
+impl Handler<SyncStart> for InstanceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SyncStart, ctx: &mut Self::Context) {
+        let Some(limits) = self.env.history else {
+            return;
+        };
+        self.history = Some(History::with_epoch(limits, msg.epoch.to_string()));
+        self.degraded = false;
+        self.synced = false;
+        self.loading = !msg.caught_up;
+        if msg.caught_up {
+            self.set_synced(ctx);
+        }
+    }
+}
+
+impl Handler<Sequenced> for InstanceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Sequenced, ctx: &mut Self::Context) {
+        let Some(limits) = self.env.history else {
+            return;
+        };
+        let same_epoch = self
+            .history
+            .as_ref()
+            .is_some_and(|h| !self.degraded && h.epoch() == &*msg.epoch);
+        if !same_epoch {
+            self.history = Some(History::with_epoch(limits, msg.epoch.to_string()));
+            self.degraded = false;
+        }
+        self.shared_seen = Some((msg.epoch.clone(), msg.seq));
+        let now = Instant::now();
+        let at = now.checked_sub(msg.age).unwrap_or(now);
+        let config = self.config.as_ref().map(|c| &c.config);
+        // While loading, what arrives is history: kept, not delivered.
+        let live = !self.loading && self.synced && !self.sessions.is_empty();
+        let (filter, media, enabled) = match config {
+            Some(c) => (c.event_set(), c.media_base64, c.enabled),
+            None => (EventSet::default(), false, false),
+        };
+        let stamping = self.recovering > 0;
+        let mut frames = Vec::new();
+        if let Some(history) = self.history.as_mut() {
+            if history.latest() >> OFFSET_BITS != msg.prev {
+                // What came before this message is gone from the stream.
+                history.restart_after(last_offset_of(msg.prev));
+            }
+            for (i, e) in msg.events.iter().enumerate() {
+                let offset = offset_of(msg.seq, i);
+                let kept = envelope(e, &self.instance_data, true);
+                let stripped = strips_media(e).then(|| envelope(e, &self.instance_data, false));
+                let plain = match (&stripped, media) {
+                    (Some(stripped), false) => stripped.clone(),
+                    _ => kept.clone(),
+                };
+                history.push_at(offset, e.kind, kept, stripped, at, now);
+                if live && enabled && filter.allows(e.kind) {
+                    let stamped = stamping.then(|| history.stamp(&plain, offset));
+                    frames.push(Frame {
+                        kind: e.kind,
+                        plain,
+                        stamped,
+                    });
+                }
+            }
+        }
+        if !frames.is_empty() {
+            self.fan_out(&frames, ctx);
+        }
+        if msg.caught_up {
+            self.loading = false;
+            if !self.synced {
+                self.set_synced(ctx);
+            }
+        }
+    }
+}

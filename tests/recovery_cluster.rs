@@ -1,0 +1,533 @@
+//! Recovery on reconnect in a cluster (contract §12): nodes on one
+//! PostgreSQL database and one NATS server with JetStream share the history,
+//! so every node shows the same offsets and epoch and a client recovers on
+//! any node, also after the node it was on was killed; a NATS outage turns
+//! recovery into `recovered: false` while live delivery goes on.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    event, free_port, require_nats, require_postgres, services_required, unique_subject_prefix,
+    Got, Process, TestDb, TestServer, Ws, ACCOUNT, REQUIRE_ENV,
+};
+use serde_json::{json, Value};
+
+/// A nats-server with JetStream of the test's own, on a free port.
+struct Nats {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    /// `None`, after the skip line, when `nats-server` cannot run here.
+    fn start() -> Option<Nats> {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = match Self::try_spawn(port, dir.path()) {
+            Ok(child) => child,
+            Err(e) => {
+                let line = format!("no NATS at nats://127.0.0.1:{port}: nats-server: {e}");
+                assert!(!services_required(), "{line} ({REQUIRE_ENV} is set)");
+                eprintln!("skipped: no NATS at nats://127.0.0.1:{port}; set {REQUIRE_ENV}=1 to fail instead");
+                return None;
+            }
+        };
+        let mut nats = Nats {
+            child,
+            port,
+            _dir: dir,
+        };
+        nats.wait();
+        Some(nats)
+    }
+
+    /// Starts it again on the same port with empty storage (JetStream lost).
+    fn restart_empty(&mut self) {
+        self.kill();
+        self._dir = tempfile::tempdir().unwrap();
+        self.child = Self::spawn(self.port, self._dir.path());
+        self.wait();
+    }
+
+    /// Starts it again on the same port and storage.
+    fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(self.port, self._dir.path());
+        self.wait();
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> Child {
+        Self::try_spawn(port, dir).unwrap()
+    }
+
+    fn try_spawn(port: u16, dir: &std::path::Path) -> std::io::Result<Child> {
+        let binary = if std::path::Path::new("/usr/sbin/nats-server").is_file() {
+            "/usr/sbin/nats-server"
+        } else {
+            "nats-server"
+        };
+        Command::new(binary)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    }
+
+    fn wait(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+const SIZE: usize = 1000;
+
+/// A NATS with JetStream for a test: the machine's (shared, so each test
+/// has its own subject prefix, hence its own stream) or one of its own.
+struct Cluster {
+    url: String,
+    prefix: String,
+}
+
+impl Cluster {
+    fn shared(url: String) -> Cluster {
+        Cluster {
+            url,
+            prefix: unique_subject_prefix(),
+        }
+    }
+
+    fn own(nats: &Nats) -> Cluster {
+        Cluster {
+            url: nats.url(),
+            prefix: "eventgate".into(),
+        }
+    }
+
+    async fn node(&self, db: &TestDb) -> TestServer {
+        self.node_keeping(db, SIZE).await
+    }
+
+    async fn node_keeping(&self, db: &TestDb, size: usize) -> TestServer {
+        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        TestServer::start_on(db.shared(), move |s| {
+            s.cluster.nats_url = url;
+            s.cluster.subject_prefix = prefix;
+            s.ws.history_size = size;
+        })
+        .await
+    }
+
+    /// Removes the test's stream from a shared server.
+    async fn clean_up(&self) {
+        let client = async_nats::connect(self.url.as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let _ = js.delete_stream(format!("{}_HISTORY", self.prefix)).await;
+    }
+}
+
+async fn open(s: &TestServer, name: &str, query: &str) -> (Ws, Value) {
+    let url = s.ws_url(&format!("/ws/{name}?token={ACCOUNT}{query}"));
+    let (inner, res) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(res.status().as_u16(), 101);
+    let mut ws = Ws { inner };
+    let first = ws.envelope().await;
+    assert_eq!(first["event"], "connection.recovery", "{first}");
+    (ws, first["data"].clone())
+}
+
+async fn resume(s: &TestServer, name: &str, epoch: &str, since: u64) -> (Ws, Value) {
+    open(
+        s,
+        name,
+        &format!("&recover=true&epoch={epoch}&since={since}"),
+    )
+    .await
+}
+
+fn n(v: &Value) -> u64 {
+    v["data"]["n"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no data.n in {v}"))
+}
+
+fn offset(v: &Value) -> u64 {
+    v["offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no offset in {v}"))
+}
+
+fn ev(n: u64) -> Value {
+    event("call.update", json!({"n": n}))
+}
+
+async fn read_until(ws: &mut Ws, last: u64) -> Vec<Value> {
+    let mut got = Vec::new();
+    loop {
+        let v = ws.envelope().await;
+        let done = v["data"]["n"].as_u64() == Some(last);
+        got.push(v);
+        if done {
+            return got;
+        }
+    }
+}
+
+/// What must be equal on every node: the event, its offset and epoch
+/// (`instanceData.baseUrl` is each node's own).
+fn positions(frames: &[Value]) -> Vec<(u64, u64, String)> {
+    frames
+        .iter()
+        .map(|v| (n(v), offset(v), v["epoch"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn assert_increasing(frames: &[Value]) {
+    for pair in frames.windows(2) {
+        assert!(
+            offset(&pair[0]) < offset(&pair[1]),
+            "{} then {}",
+            pair[0],
+            pair[1]
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn every_node_shows_the_same_offsets_and_a_client_of_a_recovers_on_b() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(url) = require_nats() else {
+        return;
+    };
+    let cluster = Cluster::shared(url);
+    let a = cluster.node(&db).await;
+    let b = cluster.node(&db).await;
+    a.instance("multi").await;
+    let (mut wa, first_a) = open(&a, "multi", "&recover=true").await;
+    let (mut wb, first_b) = open(&b, "multi", "&recover=true").await;
+    let epoch = first_a["epoch"].as_str().unwrap().to_string();
+    assert!(!epoch.is_empty());
+    assert_eq!(first_b["epoch"], json!(epoch), "one epoch on every node");
+    let mut plain = b.connect("multi", "&events=call.update").await;
+
+    // Published on either node, in one order with one numbering everywhere.
+    for i in 1..=10 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(node.publish("multi", ev(i)).await.status, 202);
+    }
+    let got_a = read_until(&mut wa, 10).await;
+    let got_b = read_until(&mut wb, 10).await;
+    assert_eq!(
+        got_a.iter().map(n).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        positions(&got_a),
+        positions(&got_b),
+        "same offsets and epoch on both nodes"
+    );
+    assert_increasing(&got_a);
+    let since = offset(&got_a[9]);
+    for i in 1..=10 {
+        let v = plain.envelope().await;
+        assert_eq!(n(&v), i);
+        assert!(v.get("offset").is_none() && v.get("epoch").is_none(), "{v}");
+    }
+
+    // The client of A goes away; events are published on both nodes.
+    drop(wa);
+    a.wait_clients("multi", Some(0)).await;
+    for i in 11..=60 {
+        let node = if i % 3 == 0 { &a } else { &b };
+        node.publish("multi", ev(i)).await;
+    }
+    // It reconnects to B while a producer keeps publishing on A.
+    let last = 160;
+    let producer = async {
+        for i in 61..=last {
+            assert_eq!(a.publish("multi", ev(i)).await.status, 202);
+        }
+    };
+    let consumer = async {
+        let (mut ws, first) = resume(&b, "multi", &epoch, since).await;
+        assert_eq!(first["recovered"], true, "{first}");
+        assert_eq!(first["epoch"], json!(epoch));
+        read_until(&mut ws, last).await
+    };
+    let ((), got) = tokio::join!(producer, consumer);
+    assert_eq!(
+        got.iter().map(n).collect::<Vec<_>>(),
+        (11..=last).collect::<Vec<_>>(),
+        "no gap, no duplicate across the hand-over"
+    );
+    assert_increasing(&got);
+    let all_b = read_until(&mut wb, last).await;
+    assert_eq!(
+        positions(&all_b),
+        positions(&got),
+        "the same offsets as B's own client saw live"
+    );
+    assert!(
+        b.metric("eventgate_recoveries_total{recovered=\"true\"}")
+            .await
+            >= 1.0
+    );
+    cluster.clean_up().await;
+}
+
+#[actix_rt::test]
+async fn clients_of_a_node_killed_with_sigkill_recover_on_another_node() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(url) = require_nats() else {
+        return;
+    };
+    let cluster = Cluster::shared(url);
+    let b = cluster.node(&db).await;
+    b.instance("crash").await;
+    let env = [
+        ("EVENTGATE_NATS_URL", cluster.url.clone()),
+        ("EVENTGATE_CLUSTER__SUBJECT_PREFIX", cluster.prefix.clone()),
+        ("EVENTGATE_WS_HISTORY_SIZE", SIZE.to_string()),
+    ];
+    let mut a_process = Process::start(&db, &["serve"], &env);
+    let a = a_process.client(&b.settings);
+    // Several clients of A, each at its own position.
+    let mut clients = Vec::new();
+    let (_, first) = open(&a, "crash", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    for _ in 0..3 {
+        clients.push(open(&a, "crash", "&recover=true").await.0);
+    }
+    for i in 1..=5 {
+        b.publish("crash", ev(i)).await;
+    }
+    let mut positions = Vec::new();
+    for (k, ws) in clients.iter_mut().enumerate() {
+        // Client k processed events up to k + 1.
+        let got = read_until(ws, 5).await;
+        positions.push((k as u64 + 1, offset(&got[k])));
+    }
+    a_process.signal("KILL");
+    assert!(a_process.wait_exit(Duration::from_secs(10)).is_some());
+    drop(clients);
+    for i in 6..=30 {
+        b.publish("crash", ev(i)).await;
+    }
+    for (processed, since) in positions {
+        let (mut ws, first) = resume(&b, "crash", &epoch, since).await;
+        assert_eq!(first["recovered"], true, "{first}");
+        assert_eq!(
+            first["epoch"],
+            json!(epoch),
+            "losing a node keeps the epoch"
+        );
+        let got = read_until(&mut ws, 30).await;
+        assert_eq!(
+            got.iter().map(n).collect::<Vec<_>>(),
+            (processed + 1..=30).collect::<Vec<_>>()
+        );
+        assert_increasing(&got);
+    }
+    cluster.clean_up().await;
+}
+
+#[actix_rt::test]
+async fn a_nats_outage_makes_recovery_false_while_live_delivery_goes_on() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let cluster = Cluster::own(&nats);
+    let a = cluster.node(&db).await;
+    a.instance("outage").await;
+    let (mut ws, first) = open(&a, "outage", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    a.publish("outage", ev(1)).await;
+    let one = ws.envelope().await;
+    assert_eq!((n(&one), one["epoch"].as_str()), (1, Some(epoch.as_str())));
+    let since = offset(&one);
+
+    nats.kill();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.raw("GET", "/readyz", &[], None).await.status != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never noticed the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Live delivery goes on, numbered locally (another epoch).
+    assert_eq!(a.publish("outage", ev(2)).await.status, 202);
+    let two = ws.envelope().await;
+    assert_eq!(n(&two), 2);
+    assert_ne!(two["epoch"], json!(epoch));
+    // A client that recovers across the outage learns it cannot.
+    let (mut again, first) = resume(&a, "outage", &epoch, since).await;
+    assert_eq!(first["recovered"], false);
+    a.publish("outage", ev(3)).await;
+    assert_eq!(n(&again.envelope().await), 3);
+    assert_eq!(n(&ws.envelope().await), 3);
+
+    // NATS back with its storage: the nodes return to the shared epoch, and
+    // no event published meanwhile is lost or repeated.
+    nats.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 100;
+    let mut got = Vec::new();
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "never back to the shared epoch: {got:?}"
+        );
+        i += 1;
+        assert_eq!(a.publish("outage", ev(i)).await.status, 202);
+        while let Got::Text(v) = ws.next_within(Duration::from_millis(200)).await {
+            got.push(v);
+        }
+        if got.last().is_some_and(|v| v["epoch"] == json!(epoch)) {
+            break;
+        }
+    }
+    while got.last().map(n) != Some(i) {
+        match ws.next_within(Duration::from_secs(10)).await {
+            Got::Text(v) => got.push(v),
+            other => panic!("expected {i}, got {other:?} after {got:?}"),
+        }
+    }
+    assert_eq!(
+        got.iter().map(n).collect::<Vec<_>>(),
+        (101..=i).collect::<Vec<_>>()
+    );
+    let back = got.last().unwrap();
+    assert!(offset(back) > since);
+}
+
+#[actix_rt::test]
+async fn deleting_an_instance_clears_the_shared_history() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(url) = require_nats() else {
+        return;
+    };
+    let cluster = Cluster::shared(url);
+    let a = cluster.node(&db).await;
+    let b = cluster.node(&db).await;
+    a.instance("gone").await;
+    let (mut ws, first) = open(&a, "gone", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    a.publish("gone", json!([ev(1), ev(2)])).await;
+    let since = offset(&ws.envelope().await);
+    let r = b
+        .call("DELETE", "/api/instance/delete/gone", Some(ACCOUNT), None)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(ws.closed(Duration::from_secs(5)).await, Some(4004));
+    b.instance("gone").await;
+    let (_, first) = resume(&a, "gone", &epoch, since).await;
+    assert_eq!(first["recovered"], false);
+    assert_ne!(first["epoch"], json!(epoch));
+    assert_eq!(first["offset"], 0, "nothing of the old numbering is left");
+    cluster.clean_up().await;
+}
+
+#[actix_rt::test]
+async fn the_history_bounds_hold_on_every_node() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(url) = require_nats() else {
+        return;
+    };
+    let cluster = Cluster::shared(url);
+    let a = cluster.node_keeping(&db, 3).await;
+    let b = cluster.node_keeping(&db, 3).await;
+    a.instance("bounded").await;
+    let (mut wa, first) = open(&a, "bounded", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    for i in 1..=5 {
+        a.publish("bounded", ev(i)).await;
+    }
+    let got = read_until(&mut wa, 5).await;
+    // B keeps the last three: a client that processed 2 recovers, one that
+    // processed 1 cannot.
+    let (mut ok, first) = resume(&b, "bounded", &epoch, offset(&got[1])).await;
+    assert_eq!(first["recovered"], true, "{first}");
+    assert_eq!(
+        read_until(&mut ok, 5)
+            .await
+            .iter()
+            .map(n)
+            .collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+    let (_, first) = resume(&b, "bounded", &epoch, offset(&got[0])).await;
+    assert_eq!(first["recovered"], false, "{first}");
+    assert_eq!(
+        b.metric("eventgate_recoveries_total{recovered=\"false\"}")
+            .await,
+        1.0
+    );
+    cluster.clean_up().await;
+}
+
+#[actix_rt::test]
+async fn losing_jetstream_changes_the_epoch() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let cluster = Cluster::own(&nats);
+    let a = cluster.node(&db).await;
+    a.instance("lost").await;
+    let (mut ws, first) = open(&a, "lost", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    a.publish("lost", ev(1)).await;
+    let since = offset(&ws.envelope().await);
+    drop(ws);
+    a.wait_clients("lost", Some(0)).await;
+    nats.restart_empty();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.raw("GET", "/readyz", &[], None).await.status != 200 {
+        assert!(Instant::now() < deadline, "NATS never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut again, first) = resume(&a, "lost", &epoch, since).await;
+    assert_eq!(first["recovered"], false, "{first}");
+    let new_epoch = first["epoch"].as_str().unwrap().to_string();
+    assert!(!new_epoch.is_empty() && new_epoch != epoch);
+    a.publish("lost", ev(2)).await;
+    let v = again.envelope().await;
+    assert_eq!((n(&v), v["epoch"].as_str()), (2, Some(new_epoch.as_str())));
+}
