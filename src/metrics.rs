@@ -142,6 +142,9 @@ impl Metrics {
         }
         disconnects.with_label_values(&[CloseCode::Normal.label()]);
         upgrades.with_label_values(&["accepted"]);
+        for recovered in ["true", "false"] {
+            recoveries.with_label_values(&[recovered]);
+        }
         Ok(Self {
             registry,
             connected_clients,
@@ -181,6 +184,8 @@ mod tests {
             "eventgate_clients_evicted_total{reason=\"heartbeat\"} 0",
             "eventgate_client_disconnects_total{reason=\"normal\"} 0",
             "eventgate_ws_upgrades_total{result=\"accepted\"} 0",
+            "eventgate_recoveries_total{recovered=\"true\"} 0",
+            "eventgate_recoveries_total{recovered=\"false\"} 0",
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
         }
