@@ -227,6 +227,8 @@ export interface RecoveryOutcome {
   since?: Position | null;
   /** True when the reconnection was asked for (`setEvents`), not caused by a drop. */
   deliberate?: boolean;
+  /** True when this client lost its connection and this one replaces it (not a first start or a resume from a saved position). */
+  afterDrop?: boolean;
 }
 
 export declare class EventGateClient {

@@ -388,6 +388,7 @@ export class EventGateClient extends Emitter {
   _open(deliberate = false) {
     if (this._stopped) return;
     const recovering = Boolean(this.recover && this.position);
+    const afterDrop = this._connections > 0 && !deliberate;
     this._setState({
       state: this._connections === 0 ? 'connecting' : 'reconnecting',
       attempt: this._attempt + 1,
@@ -427,7 +428,7 @@ export class EventGateClient extends Emitter {
       if (first) {
         first = false;
         if (envelope && envelope.event === 'connection.recovery') {
-          this._onRecoveryFrame(envelope.data ?? {}, sentSince, deliberate);
+          this._onRecoveryFrame(envelope.data ?? {}, sentSince, { deliberate, afterDrop });
           sentSince = false;
           return;
         }
@@ -456,7 +457,7 @@ export class EventGateClient extends Emitter {
     };
   }
 
-  _onRecoveryFrame(data, sentSince, deliberate) {
+  _onRecoveryFrame(data, sentSince, { deliberate, afterDrop }) {
     const epoch = typeof data.epoch === 'string' ? data.epoch : '';
     const latest = typeof data.offset === 'number' ? data.offset : 0;
     if (!sentSince) {
@@ -468,13 +469,13 @@ export class EventGateClient extends Emitter {
     const since = this.position;
     if (data.recovered === true) {
       this._replayUpTo = latest;
-      const outcome = { requested: true, recovered: true, epoch, offset: latest, since, deliberate };
+      const outcome = { requested: true, recovered: true, epoch, offset: latest, since, deliberate, afterDrop };
       this.emit('recovery', outcome);
       this._setState({ state: 'live', recovery: outcome });
     } else {
       // Nothing is replayed: continue from the current position.
       this.position = epoch === '' ? null : { epoch, offset: latest };
-      const outcome = { requested: true, recovered: false, epoch, offset: latest, since, deliberate };
+      const outcome = { requested: true, recovered: false, epoch, offset: latest, since, deliberate, afterDrop };
       this.emit('recovery', outcome);
       this._setState({ state: 'live', recovery: outcome });
     }

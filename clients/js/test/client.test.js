@@ -317,6 +317,7 @@ test('recovery: a dropped client gets what it missed (needs a history, §12)', a
   await waitFor(() => outcomes.length === 2, { ms: 15000, what: 'the recovery' });
   assert.equal(outcomes[1].requested, true);
   assert.equal(outcomes[1].recovered, true);
+  assert.equal(outcomes[1].afterDrop, true);
   await waitFor(() => got.length === 3, { what: 'the missed events' });
   assert.deepEqual(got.map((g) => g.env.data.n), [1, 2, 3]);
   assert.deepEqual(got.map((g) => g.meta.replayed), [false, true, true]);

@@ -370,12 +370,16 @@ function renderConn() {
   let phrase = describeState(s);
   let kind = s.state;
   const r = state.recovery;
-  // A filter change reconnects on purpose: worth a word only if events were missed.
-  const quiet = r && r.deliberate && r.recovered && state.replayed === 0;
-  if (s.state === 'live' && r && r.requested && !quiet) {
-    phrase = r.recovered
-      ? `live · recovered ${fmt.format(state.replayed)} missed ${state.replayed === 1 ? 'event' : 'events'}`
-      : 'live · could not recover: reload from your backend';
+  if (s.state === 'live' && r && r.requested) {
+    if (!r.recovered) {
+      phrase = 'live · could not recover: reload from your backend';
+    } else if (state.replayed > 0) {
+      phrase = `live · recovered ${fmt.format(state.replayed)} missed ${state.replayed === 1 ? 'event' : 'events'}`;
+    } else if (r.afterDrop) {
+      // After a drop, say that nothing was lost; after a filter change or a
+      // resume from a saved position with nothing missed, plain "live".
+      phrase = 'live · recovered, nothing missed';
+    }
   }
   if (s.state === 'waiting' && /^WebSocket is not enabled/.test(s.reason ?? '')) {
     phrase = `${describeState({ ...s, reason: '' })} — its WebSocket is off: enable it under “WebSocket settings”`;
