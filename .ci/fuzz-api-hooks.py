@@ -216,12 +216,17 @@ ERROR_MESSAGES = {
     400: {"Invalid request body", "WebSocket upgrade expected"},
     401: {"Missing token in header, Authorization header, or query parameter", "Invalid token"},
     403: {"Instance token does not match this instance", "Origin not allowed"},
-    404: {"Instance not found", "Not found", "WebSocket not configured for this instance"},
+    404: {"Instance not found", "Not found", "WebSocket not configured for this instance", "Webhook not found"},
     405: {"Method not allowed"},
-    409: {"Instance already exists", "Token already in use"},
+    409: {"Instance already exists", "Token already in use", "Maximum of 3 enabled webhooks per instance"},
     413: {"Payload too large"},
     429: {"Rate limit exceeded. Try again later."},
-    500: {"Internal server error", "Failed to get instance", "Failed to get websocket configuration"},
+    500: {
+        "Internal server error",
+        "Failed to get instance",
+        "Failed to get websocket configuration",
+        "Failed to get webhook configuration",
+    },
     503: {"Server is shutting down"},
 }
 WS_NOT_ENABLED = (
@@ -319,7 +324,12 @@ def contract_auth_outcome(ctx, response, case):
         )
         return None
     if token == INSTANCE_TOKEN:
-        own = path.rstrip("/").split("/")[-1] == "fuzz-ws"
+        segments = path.rstrip("/").split("/")
+        # The instance is the last segment, or the one before a webhook
+        # sub-resource (/api/events/webhook/<instance>/failed|retry).
+        own = segments[-1] == "fuzz-ws" or (
+            path.startswith("/api/events/webhook/") and segments[-1] in ("failed", "retry") and segments[-2] == "fuzz-ws"
+        )
         if path.startswith(ACCOUNT_ONLY):
             assert (status, message) == (401, "Invalid token"), (
                 f"a TokenInstance on an account-only endpoint got {status} {message!r}"

@@ -56,6 +56,11 @@ pub enum ApiError {
     NotFound,
     #[error("Method not allowed")]
     MethodNotAllowed { allow: &'static str },
+    // Webhooks (contract §11).
+    #[error("Webhook not found")]
+    WebhookNotFound,
+    #[error("Maximum of 3 enabled webhooks per instance")]
+    TooManyWebhooks,
     /// A storage failure on a path whose contract names its own 500 message.
     #[error("{message}")]
     Storage {
@@ -113,6 +118,8 @@ impl ApiError {
             ApiError::NodeFull => (S::SERVICE_UNAVAILABLE, "node_full"),
             ApiError::NotFound => (S::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed { .. } => (S::METHOD_NOT_ALLOWED, "method"),
+            ApiError::WebhookNotFound => (S::NOT_FOUND, "webhook_not_found"),
+            ApiError::TooManyWebhooks => (S::CONFLICT, "too_many_webhooks"),
             ApiError::Storage { .. } | ApiError::Internal(_) => {
                 (S::INTERNAL_SERVER_ERROR, "internal")
             }

@@ -8,7 +8,8 @@
 //! ## A tour
 //! - [`settings`]: the settings tree (defaults ← TOML file ← `EVENTGATE_*`).
 //! - [`storage`]: diesel on SQLite (default) or PostgreSQL; accounts,
-//!   instances and WebSocket settings. Only HTTP handlers and the command
+//!   instances, WebSocket settings, webhooks and their deliveries. Only HTTP
+//!   handlers, the webhook workers and the command
 //!   line call it, always off the actor threads.
 //! - [`auth`], [`rate_limit`], [`limits`]: tokens (and remembered
 //!   authorisations), fixed-window request limits, connection limits.
@@ -20,6 +21,9 @@
 //!   the JetStream history, [`instance::shared_history`]).
 //! - [`ws`]: one session actor per client with a bounded mailbox; a client
 //!   that falls behind is closed with 4008 and nobody else waits.
+//! - [`webhook`]: durable, signed delivery to HTTP receivers (contract §11):
+//!   deliveries stored with the publish, delivered by this node's workers
+//!   with leases, retries and dead letters.
 //! - [`events`]: publish bodies and envelopes (serialised once per event).
 //! - [`bus`]: how events and settings changes reach other nodes (NATS), or
 //!   nowhere on a single node.
@@ -54,6 +58,7 @@ pub mod metrics;
 pub mod rate_limit;
 pub mod settings;
 pub mod storage;
+pub mod webhook;
 pub mod ws;
 
 use std::net::TcpListener;
@@ -92,6 +97,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Bus(#[from] bus::BusError),
+    #[error(transparent)]
+    Webhook(#[from] webhook::worker::ClientError),
 }
 
 /// Opens the database pool (failing fast with the real error), applies
@@ -174,6 +181,16 @@ pub async fn serve(
         Arc::new(AccessCache::default()),
     );
     bus.listen_changes(registry.clone());
+    let webhook_client = webhook::worker::build_client(&settings.webhook)?;
+    {
+        let (pool, webhooks) = (pool.clone(), registry.webhooks().clone());
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(storage::StorageError::from)?;
+            webhook::worker::load_enabled(&mut conn, &webhooks)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+    }
     let state = web::Data::new(AppState {
         settings: settings.clone(),
         pool,
@@ -191,6 +208,25 @@ pub async fn serve(
         Duration::from_secs(settings.cluster.refresh_secs),
         move || stopping.is_shutting_down(),
     ));
+    let stopping = state.clone();
+    let deliver = settings.webhook.deliver;
+    let worker = webhook::worker::WorkerEnv {
+        pool: state.pool.clone(),
+        webhooks: state.registry.webhooks().clone(),
+        settings: settings.webhook.clone(),
+        metrics: metrics.clone(),
+        base_url: state.registry.env().base_url.clone(),
+        sealer: webhook::sealing::Sealer::new(&settings.webhook.encryption_key)
+            .map_err(|e| webhook::worker::ClientError::from(e.to_string()))?,
+        client: webhook_client,
+        refresh: Duration::from_secs(settings.cluster.refresh_secs),
+        stopping: Arc::new(move || stopping.is_shutting_down()),
+    };
+    if deliver {
+        webhook::worker::start(worker);
+    } else {
+        log::info!("webhook deliveries are stored here and delivered by other nodes");
+    }
     let limiter = web::Data::new(RateLimiter::new(settings.rate_limit.clone()));
     let metrics_data = web::Data::from(metrics);
     let server = build_server(&settings, listener, &state, &limiter, &metrics_data)?;

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub rate_limited: IntCounter,
     pub bus_errors: IntCounterVec,
     pub publish_waits: IntCounter,
+    // Webhooks (contract §11).
+    pub webhook_deliveries: IntCounterVec,
+    pub webhook_pending: IntGauge,
+    pub webhook_delivery_seconds: Histogram,
     /// Recovery on reconnect (contract §12): attempts by outcome, events replayed.
     pub recoveries: IntCounterVec,
     pub replayed_events: IntCounter,
@@ -108,6 +112,33 @@ impl Metrics {
             "eventgate_publish_waits_total",
             "Publishes answered only once fanned out, because their instance had limits.publish_queue waiting",
         )?;
+        let webhook_deliveries = IntCounterVec::new(
+            Opts::new(
+                "eventgate_webhook_deliveries_total",
+                "Webhook attempts that succeeded or failed, and deliveries that became dead letters",
+            ),
+            &["outcome"],
+        )?;
+        let webhook_pending = IntGauge::new(
+            "eventgate_webhook_pending",
+            "Webhook deliveries not yet succeeded nor dead letters (the cluster's)",
+        )?;
+        let webhook_delivery_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "eventgate_webhook_delivery_seconds",
+                "Time from a publish being accepted to its webhook delivery succeeding",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                1800.0, 7200.0, 36000.0, 100000.0,
+            ]),
+        )?;
+        for outcome in ["success", "failure", "dead_letter"] {
+            webhook_deliveries.with_label_values(&[outcome]);
+        }
+        registry.register(Box::new(webhook_deliveries.clone()))?;
+        registry.register(Box::new(webhook_pending.clone()))?;
+        registry.register(Box::new(webhook_delivery_seconds.clone()))?;
         let recoveries = IntCounterVec::new(
             Opts::new(
                 "eventgate_recoveries_total",
@@ -159,6 +190,9 @@ impl Metrics {
             rate_limited,
             bus_errors,
             publish_waits,
+            webhook_deliveries,
+            webhook_pending,
+            webhook_delivery_seconds,
             recoveries,
             replayed_events,
         })

@@ -168,6 +168,27 @@ settings_table! {
         /// database (a safety net behind NATS invalidation and offline changes).
         refresh_secs: u64 = 30;
     }
+
+    /// Durable delivery to HTTP receivers (contract §11).
+    [webhook] WebhookSettings {
+        /// Seconds an attempt may take: connecting, sending, status and headers.
+        timeout_secs: u64 = 10, env "EVENTGATE_WEBHOOK_TIMEOUT_SECS";
+        /// Seconds between attempts: one retry after each (empty = one attempt, no retry).
+        retry_schedule_secs: Vec<u64> = vec![5, 300, 1800, 7200, 18000, 36000, 36000], env "EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS";
+        /// Deliveries of one webhook in flight at once on this node.
+        max_in_flight: usize = 8, env "EVENTGATE_WEBHOOK_MAX_IN_FLIGHT";
+        /// Pending deliveries per webhook past which new ones become dead letters `backlog full`.
+        max_pending: u64 = 100_000, env "EVENTGATE_WEBHOOK_MAX_PENDING";
+        /// Hours dead letters are kept.
+        dead_letter_hours: u64 = 168, env "EVENTGATE_WEBHOOK_DEAD_LETTER_HOURS";
+        /// CIDRs deliveries may connect to despite the refused-address rule (comma-separated in the environment).
+        allowed_networks: Vec<String> = Vec::new(), env "EVENTGATE_WEBHOOK_ALLOWED_NETWORKS";
+        /// Base64 of 32 bytes; set = secrets and `authorization` stored encrypted. Secret.
+        encryption_key: String = String::new(), env "EVENTGATE_ENCRYPTION_KEY", mask Secret;
+        /// Whether this node runs delivery workers; false = it only stores
+        /// deliveries, which other nodes deliver (an API-only node).
+        deliver: bool = true;
+    }
 }
 
 impl Settings {
@@ -256,6 +277,8 @@ impl Settings {
                 "must be a NATS subject token: A-Z a-z 0-9 _ - . (not at the ends)",
             ));
         }
+        crate::webhook::validate_settings(&self.webhook)
+            .map_err(|(key, message)| invalid(key, message))?;
         Ok(())
     }
 

@@ -53,6 +53,21 @@ fn sample(key: &Key, round: i64) -> (String, Value) {
         "storage.database_url" => Some(text(format!("postgres://eg:hunter{round}@db.example/eg"))),
         "auth.account_token" => Some(text(format!("secret-token-{round}"))),
         "cluster.nats_url" => Some(text(format!("nats://nats{round}.example:4222"))),
+        "webhook.allowed_networks" => {
+            let items = [
+                format!("10.{round}.0.0/16"),
+                format!("192.168.{round}.0/24"),
+            ];
+            Some((
+                items.join(","),
+                Value::Array(items.into_iter().map(Value::String).collect()),
+            ))
+        }
+        "webhook.encryption_key" => {
+            use base64::Engine;
+            let key = base64::engine::general_purpose::STANDARD.encode([round as u8; 32]);
+            Some(text(key))
+        }
         "ws.allowed_origins" => {
             let items = [
                 format!("https://a{round}.example"),

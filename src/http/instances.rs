@@ -57,6 +57,24 @@ pub fn parse_new_instance(body: &[u8]) -> Result<NewInstance, ApiError> {
     })
 }
 
+/// The `webhook*` block of `POST /api/instance/new` (contract §8): `None`
+/// when `webhookEnabled` is absent (the other keys are still validated).
+pub fn parse_new_webhook(
+    body: &[u8],
+    policy: &crate::webhook::address::AddressPolicy,
+) -> Result<Option<crate::webhook::config::WebhookInput>, ApiError> {
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+        return Err(ApiError::invalid_body("body must be a JSON object"));
+    };
+    crate::webhook::config::parse_fields(
+        &fields,
+        &crate::webhook::config::INSTANCE_KEYS,
+        false,
+        policy,
+    )
+    .map_err(|i| ApiError::invalid_body(i.details()))
+}
+
 /// A key that, when present, must be a boolean (`null` is not).
 pub(super) fn optional_bool(
     fields: &Map<String, Value>,
@@ -93,6 +111,7 @@ pub async fn create(
         ));
     }
     let new = parse_new_instance(&body)?;
+    let webhook = parse_new_webhook(&body, &super::webhooks::address_policy(&state))?;
     let account = access.principal.account();
     let token = new.token.unwrap_or_else(auth::generate_token);
     let record = state
@@ -106,6 +125,14 @@ pub async fn create(
                 })
         })
         .await?;
+    let webhook = match webhook {
+        Some(input) => {
+            let row =
+                super::webhooks::store(&state, record.id, input, "Internal server error").await?;
+            super::webhooks::webhook_json(&row, &super::webhooks::sealer(&state), None)
+        }
+        None => Value::Null,
+    };
     log::info!("instance={} created", record.name);
     Ok(HttpResponse::Created().json(json!({
         "success": true,
@@ -114,6 +141,7 @@ pub async fn create(
             "name": record.name,
             "token": record.token,
             "websocket": config_json(&record),
+            "webhook": webhook,
         }
     })))
 }
@@ -131,12 +159,21 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
             Ok::<_, ApiError>((access.principal, records))
         })
         .await?;
+    let ids: Vec<_> = records.iter().map(|r| r.id).collect();
+    let defaults = state
+        .db(move |conn| storage::webhooks::defaults_of(conn, &ids))
+        .await?;
+    let sealer = super::webhooks::sealer(&state);
     let show_token = matches!(principal, Principal::Account(_));
     let mut instances = Vec::with_capacity(records.len());
     for rec in &records {
         let mut item = json!({
             "name": rec.name,
             "websocket": config_json(rec),
+            "webhook": defaults
+                .iter()
+                .find(|w| w.instance_id == rec.id.0)
+                .map_or(Value::Null, |w| super::webhooks::webhook_json(w, &sealer, None)),
             "connectedClients": state.registry.connected(rec.id).await,
         });
         if show_token {

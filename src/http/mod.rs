@@ -14,6 +14,7 @@ pub mod health;
 pub mod instances;
 pub mod publish;
 pub mod state;
+pub mod webhooks;
 pub mod websocket;
 
 use actix_web::body::MessageBody;
@@ -83,6 +84,35 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         post,
         "POST",
         publish::publish
+    ))
+    .service(
+        // Webhooks (contract §11): set, read (alias of getWebhook) and remove share a path.
+        web::resource("/api/events/webhook/{instance}")
+            .route(web::post().to(webhooks::set))
+            .route(web::get().to(webhooks::get))
+            .route(web::head().to(webhooks::get))
+            .route(web::delete().to(webhooks::delete))
+            .default_service(web::to(|| async {
+                Err::<actix_web::HttpResponse, _>(ApiError::MethodNotAllowed {
+                    allow: "GET, HEAD, POST, DELETE",
+                })
+            })),
+    )
+    .service(resource!(
+        "/api/events/getWebhook/{instance}",
+        get,
+        webhooks::get
+    ))
+    .service(resource!(
+        "/api/events/webhook/{instance}/failed",
+        get,
+        webhooks::failed
+    ))
+    .service(resource!(
+        "/api/events/webhook/{instance}/retry",
+        post,
+        "POST",
+        webhooks::retry
     ))
     .service(resource!("/ws/{instance}", get, connect::connect))
     .service(resource!("/healthz", get, health::healthz))

@@ -10,8 +10,73 @@ use serde_json::json;
 
 use super::{has_no_content_type, instance_param, is_json, read_body, AppState};
 use crate::auth;
+use crate::domain::InstanceId;
 use crate::error::ApiError;
 use crate::events::{parse_publish, Event};
+use crate::instance::Change;
+use crate::storage::deliveries::{self, NewDelivery};
+use crate::webhook::signature::new_delivery_id;
+
+/// When a `backlog full` refusal was last logged (at most every 10 s).
+static BACKLOG_LOGGED: parking_lot::Mutex<Option<std::time::Instant>> =
+    parking_lot::Mutex::new(None);
+
+/// Stores every webhook delivery of the request in one transaction, before
+/// the 202 (contract §11). An instance without enabled webhooks (known from
+/// memory) touches no database.
+async fn enqueue_webhooks(
+    state: &AppState,
+    instance: InstanceId,
+    events: &[Event],
+) -> Result<(), ApiError> {
+    let Some(hooks) = state.registry.webhooks().enabled(instance) else {
+        return Ok(());
+    };
+    let batches: Vec<(i64, Vec<NewDelivery>)> = hooks
+        .iter()
+        .map(|h| {
+            let rows = events
+                .iter()
+                .filter(|e| h.wants(e.kind))
+                .map(|e| NewDelivery {
+                    id: new_delivery_id(),
+                    event: e.kind.as_str(),
+                    // A Map serialises infallibly: keys are strings, numbers finite.
+                    data: serde_json::to_string(&e.data).unwrap_or_else(|_| "{}".into()),
+                })
+                .collect();
+            (h.id, rows)
+        })
+        .filter(|(_, rows): &(i64, Vec<NewDelivery>)| !rows.is_empty())
+        .collect();
+    if batches.is_empty() {
+        return Ok(());
+    }
+    let max_pending = i64::try_from(state.settings.webhook.max_pending).unwrap_or(i64::MAX);
+    let refused = state
+        .db(move |conn| {
+            deliveries::enqueue(conn, &batches, max_pending, crate::storage::now_millis())
+        })
+        .await
+        .map_err(ApiError::from)?;
+    if refused > 0 {
+        state
+            .metrics
+            .webhook_deliveries
+            .with_label_values(&["dead_letter"])
+            .inc_by(refused);
+        let mut last = BACKLOG_LOGGED.lock();
+        if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
+            *last = Some(std::time::Instant::now());
+            log::warn!(
+                "webhook backlog full: {refused} deliveries became dead letters (instance id {})",
+                instance.0
+            );
+        }
+    }
+    state.registry.change(Change::WebhooksDue { instance });
+    Ok(())
+}
 
 /// `POST /api/events/publish/:instance`: TokenAccount only.
 pub async fn publish(
@@ -32,6 +97,7 @@ pub async fn publish(
     }
     let events = parse_publish(&body, limits.publish_batch).map_err(ApiError::invalid_body)?;
     let accepted = events.len();
+    enqueue_webhooks(&state, instance.id, &events).await?;
     state.metrics.events_published.inc_by(accepted as u64);
     if accepted > 0 {
         let events: Arc<[Event]> = Arc::from(events);

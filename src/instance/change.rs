@@ -31,13 +31,24 @@ pub enum Change {
     },
     /// The instance was deleted.
     Deleted { instance: InstanceId },
+    /// The instance's enabled webhooks as persisted (contract §11).
+    Webhooks {
+        instance: InstanceId,
+        enabled: Vec<crate::webhook::EnabledWebhook>,
+    },
+    /// Webhook deliveries of the instance were stored or requeued: wake the
+    /// delivery workers.
+    WebhooksDue { instance: InstanceId },
 }
 
 impl Change {
     /// The instance the change is about.
     pub fn instance(&self) -> InstanceId {
         match self {
-            Change::Settings { instance, .. } | Change::Deleted { instance } => *instance,
+            Change::Settings { instance, .. }
+            | Change::Deleted { instance }
+            | Change::Webhooks { instance, .. }
+            | Change::WebhooksDue { instance } => *instance,
         }
     }
 }
@@ -47,6 +58,14 @@ impl Registry {
     /// instance are forgotten, then its actor (if it runs here) is told.
     pub fn apply(&self, change: Change) {
         let id = change.instance();
+        match &change {
+            Change::Webhooks { enabled, .. } => {
+                return self.webhooks().set(id, enabled.clone());
+            }
+            Change::WebhooksDue { .. } => return self.webhooks().ring(),
+            Change::Deleted { .. } => self.webhooks().set(id, Vec::new()),
+            Change::Settings { .. } => {}
+        }
         self.access().forget_instance(id);
         let Some(addr) = self.get(id) else {
             return;
@@ -54,6 +73,7 @@ impl Registry {
         match change {
             Change::Settings { settings, .. } => addr.do_send(UpdateSettings(settings)),
             Change::Deleted { .. } => addr.do_send(Deleted),
+            Change::Webhooks { .. } | Change::WebhooksDue { .. } => {}
         }
     }
 

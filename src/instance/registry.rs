@@ -32,6 +32,8 @@ pub struct Registry {
     labelled: AtomicUsize,
     /// Remembered authorisations, forgotten on every change (see [`super::change`]).
     access: Arc<AccessCache>,
+    /// Every instance's enabled webhooks (see [`crate::webhook::Webhooks`]).
+    webhooks: Arc<crate::webhook::Webhooks>,
     me: Weak<Registry>,
 }
 
@@ -48,6 +50,7 @@ impl Registry {
             env,
             labelled: AtomicUsize::new(0),
             access,
+            webhooks: Arc::default(),
             me: me.clone(),
         })
     }
@@ -55,6 +58,11 @@ impl Registry {
     /// Remembered authorisations of the hot paths.
     pub fn access(&self) -> &AccessCache {
         &self.access
+    }
+
+    /// Every instance's enabled webhooks on this node.
+    pub fn webhooks(&self) -> &Arc<crate::webhook::Webhooks> {
+        &self.webhooks
     }
 
     /// What every instance actor of this node shares.

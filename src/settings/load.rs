@@ -207,7 +207,10 @@ impl Settings {
     ) -> Result<(), SettingsError> {
         for (key, source) in KEYS.iter().zip(sources.iter_mut()) {
             for var in key.env_vars() {
-                let Some(value) = env(&var).filter(|v| !v.trim().is_empty()) else {
+                // The contract (§11) gives the empty retry schedule a meaning:
+                // one attempt, no retry.
+                let keeps_empty = var == "EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS";
+                let Some(value) = env(&var).filter(|v| keeps_empty || !v.trim().is_empty()) else {
                     continue;
                 };
                 key.set_from_env(self, &value)

@@ -1,14 +1,18 @@
-//! Persistent state: accounts, instances and their WebSocket settings, on
+//! Persistent state: accounts, instances, their WebSocket settings and
+//! webhooks, and webhook deliveries (pending and dead letters), on
 //! SQLite (the default, embedded) or PostgreSQL (when the URL says so).
 //!
 //! Owns the connection pool, migrations and every query. Functions here take
 //! a `&mut DbConn` and block: callers run them inside `web::block` (or on a
-//! command-line thread), never on an actor's thread.
+//! command-line thread, or the webhook workers' blocking calls), never on an
+//! actor's thread.
 
 pub mod accounts;
+pub mod deliveries;
 pub mod instances;
 pub mod pool;
 pub mod schema;
+pub mod webhooks;
 pub mod ws_settings;
 
 pub use pool::{connect, DbConn, DbPool};

@@ -35,3 +35,24 @@ diesel::table! {
 diesel::joinable!(instances -> accounts (account_id));
 diesel::joinable!(ws_settings -> instances (instance_id));
 diesel::allow_tables_to_appear_in_same_query!(accounts, instances, ws_settings);
+
+// `webhooks` has more columns than diesel's table! takes by default: its
+// queries are SQL text (see `storage::webhooks`).
+
+diesel::table! {
+    webhook_deliveries (seq) {
+        seq -> BigInt,
+        id -> Text,
+        webhook_id -> BigInt,
+        event -> Text,
+        data -> Text,
+        created_at -> BigInt,
+        attempts -> BigInt,
+        next_attempt_at -> BigInt,
+        lease_until -> BigInt,
+        last_status -> Nullable<BigInt>,
+        last_error -> Nullable<Text>,
+        last_attempt_at -> Nullable<BigInt>,
+        dead_at -> Nullable<BigInt>,
+    }
+}

@@ -1,0 +1,430 @@
+//! Queries on `webhook_deliveries` (contract §11): a delivery is pending
+//! while `dead_at` is NULL and a dead letter after. Publishing enqueues all
+//! of a request's deliveries in one transaction; workers claim due ones with
+//! a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL, inside SQLite's single
+//! write lock there), and record outcomes in batches.
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool, Text};
+
+use super::schema::webhook_deliveries as d;
+use super::webhooks::{dialect, id_list, WebhookRow, COLUMNS};
+use super::{with_conn, write_tx, DbConn, StorageError};
+
+/// Error of a delivery refused because its webhook's backlog is full.
+pub const BACKLOG_FULL: &str = "backlog full";
+
+/// One delivery to store.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub id: String,
+    pub event: &'static str,
+    /// The event's `data` object, as JSON text.
+    pub data: String,
+}
+
+/// A claimed delivery, with what its attempt needs.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Claimed {
+    #[diesel(sql_type = BigInt)]
+    pub seq: i64,
+    #[diesel(sql_type = Text)]
+    pub id: String,
+    #[diesel(sql_type = BigInt)]
+    pub webhook_id: i64,
+    #[diesel(sql_type = Text)]
+    pub event: String,
+    #[diesel(sql_type = Text)]
+    pub data: String,
+    #[diesel(sql_type = BigInt)]
+    pub created_at: i64,
+    /// Attempts made before this one.
+    #[diesel(sql_type = BigInt)]
+    pub attempts: i64,
+    #[diesel(sql_type = Bool)]
+    pub ordered: bool,
+}
+
+/// A webhook with its instance's name and token (for envelopes).
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Target {
+    #[diesel(embed)]
+    pub hook: WebhookRow,
+    #[diesel(sql_type = Text)]
+    pub instance_name: String,
+    #[diesel(sql_type = Text)]
+    pub instance_token: String,
+}
+
+/// How an attempt ended, as recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Delivered {
+        seq: i64,
+        webhook_id: i64,
+        at: i64,
+    },
+    Retry {
+        seq: i64,
+        webhook_id: i64,
+        attempts: i64,
+        next_at: i64,
+        status: Option<i64>,
+        error: String,
+        at: i64,
+    },
+    Dead {
+        seq: i64,
+        webhook_id: i64,
+        attempts: i64,
+        status: Option<i64>,
+        error: String,
+        at: i64,
+    },
+}
+
+/// One dead letter.
+#[derive(Debug, Clone, Queryable)]
+pub struct DeadLetter {
+    pub seq: i64,
+    pub id: String,
+    pub webhook_id: i64,
+    pub event: String,
+    pub data: String,
+    pub created_at: i64,
+    pub attempts: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub last_attempt_at: Option<i64>,
+}
+
+/// Rows per INSERT statement (well under both backends' bind limits).
+const INSERT_CHUNK: usize = 400;
+
+/// Stores a request's deliveries, per webhook, in one transaction. Past
+/// `max_pending` pending deliveries of a webhook, the rest are stored as
+/// dead letters with error `backlog full`. Returns how many were.
+pub fn enqueue(
+    conn: &mut DbConn,
+    batches: &[(i64, Vec<NewDelivery>)],
+    max_pending: i64,
+    now: i64,
+) -> Result<u64, StorageError> {
+    let refused: u64 = write_tx!(conn, c => {
+        let mut refused = 0u64;
+        for (webhook, rows) in batches {
+            if rows.is_empty() {
+                continue;
+            }
+            let pending: i64 = d::table
+                .filter(d::webhook_id.eq(webhook))
+                .filter(d::dead_at.is_null())
+                .count()
+                .get_result(c)?;
+            let room = usize::try_from((max_pending - pending).max(0)).unwrap_or(0);
+            let (ok, over) = rows.split_at(room.min(rows.len()));
+            for chunk in ok.chunks(INSERT_CHUNK) {
+                let values: Vec<_> = chunk
+                    .iter()
+                    .map(|r| (
+                        d::id.eq(&r.id),
+                        d::webhook_id.eq(webhook),
+                        d::event.eq(r.event),
+                        d::data.eq(&r.data),
+                        d::created_at.eq(now),
+                        d::attempts.eq(0_i64),
+                        d::next_attempt_at.eq(now),
+                        d::lease_until.eq(0_i64),
+                    ))
+                    .collect();
+                diesel::insert_into(d::table).values(values).execute(c)?;
+            }
+            for chunk in over.chunks(INSERT_CHUNK) {
+                let values: Vec<_> = chunk
+                    .iter()
+                    .map(|r| (
+                        d::id.eq(&r.id),
+                        d::webhook_id.eq(webhook),
+                        d::event.eq(r.event),
+                        d::data.eq(&r.data),
+                        d::created_at.eq(now),
+                        d::attempts.eq(0_i64),
+                        d::next_attempt_at.eq(now),
+                        d::lease_until.eq(0_i64),
+                        d::last_error.eq(BACKLOG_FULL),
+                        d::dead_at.eq(now),
+                    ))
+                    .collect();
+                diesel::insert_into(d::table).values(values).execute(c)?;
+            }
+            refused += over.len() as u64;
+        }
+        Ok::<u64, diesel::result::Error>(refused)
+    })?;
+    Ok(refused)
+}
+
+/// Claims up to `limit` due deliveries (oldest first), leasing them until
+/// `lease_until`, skipping webhooks in `exclude` (at their in-flight limit
+/// on this node) and taking at most `room(webhook)` per webhook. An
+/// `ordered` webhook's delivery is due only when it is the webhook's oldest
+/// pending one, so one is in flight in the whole cluster and a retrying one
+/// holds back the later ones.
+pub fn claim(
+    conn: &mut DbConn,
+    now: i64,
+    lease_until: i64,
+    limit: i64,
+    exclude: &[i64],
+    room: &mut dyn FnMut(i64) -> usize,
+) -> Result<(Vec<Claimed>, Vec<Target>), StorageError> {
+    let locking = if matches!(conn, DbConn::Pg(_)) {
+        " FOR UPDATE OF d SKIP LOCKED"
+    } else {
+        ""
+    };
+    let select = dialect(
+        conn,
+        &format!(
+            "SELECT d.seq, d.id, d.webhook_id, d.event, d.data, d.created_at, d.attempts, w.ordered \
+             FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
+             WHERE d.dead_at IS NULL AND d.next_attempt_at <= $1 AND d.lease_until <= $1 AND w.enabled \
+             AND d.webhook_id NOT IN ({}) \
+             AND (NOT w.ordered OR d.seq = (SELECT MIN(d2.seq) FROM webhook_deliveries d2 \
+                  WHERE d2.webhook_id = d.webhook_id AND d2.dead_at IS NULL)) \
+             ORDER BY d.seq LIMIT $2{locking}",
+            id_list(exclude)
+        ),
+    );
+    let claimed: Vec<Claimed> = write_tx!(conn, c => {
+        let found: Vec<Claimed> = diesel::sql_query(&select)
+            .bind::<BigInt, _>(now)
+            .bind::<BigInt, _>(limit)
+            .load(c)?;
+        let mut taken: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+        let mut chosen = Vec::with_capacity(found.len());
+        for row in found {
+            let n = taken.entry(row.webhook_id).or_insert(0);
+            if *n < room(row.webhook_id) {
+                *n += 1;
+                chosen.push(row);
+            }
+        }
+        if !chosen.is_empty() {
+            let seqs: Vec<i64> = chosen.iter().map(|r| r.seq).collect();
+            diesel::update(d::table.filter(d::seq.eq_any(&seqs)))
+                .set((
+                    d::lease_until.eq(lease_until),
+                    // An attempt counts once started: a node that dies during
+                    // it has used it up (attempt numbers are the cluster's).
+                    d::attempts.eq(d::attempts + 1_i64),
+                ))
+                .execute(c)?;
+        }
+        Ok::<_, diesel::result::Error>(chosen)
+    })?;
+    if claimed.is_empty() {
+        return Ok((claimed, Vec::new()));
+    }
+    let mut hooks: Vec<i64> = claimed.iter().map(|r| r.webhook_id).collect();
+    hooks.sort_unstable();
+    hooks.dedup();
+    let text = format!(
+        "SELECT {COLUMNS}, i.name AS instance_name, i.token AS instance_token \
+         FROM webhooks w JOIN instances i ON i.id = w.instance_id WHERE w.id IN ({})",
+        id_list(&hooks)
+    );
+    let targets: Vec<Target> = with_conn!(conn, c => diesel::sql_query(&text).load(c))?;
+    Ok((claimed, targets))
+}
+
+/// Records attempt outcomes (and the webhooks' counters) in one transaction.
+/// A delivery that became a dead letter meanwhile (its webhook was
+/// disabled) is left as it is.
+pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageError> {
+    let q_success = dialect(
+        conn,
+        "UPDATE webhooks SET delivered = delivered + $1, last_success_at = $2 WHERE id = $3",
+    );
+    let q_failure = dialect(
+        conn,
+        "UPDATE webhooks SET last_failure_at = $1, last_error = $2 WHERE id = $3",
+    );
+    // Successes in one statement, and one counter update per webhook.
+    let delivered: Vec<i64> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Delivered { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    let mut last_success: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+    for o in outcomes {
+        if let Outcome::Delivered { webhook_id, at, .. } = o {
+            let e = last_success.entry(*webhook_id).or_insert(*at);
+            *e = (*e).max(*at);
+        }
+    }
+    write_tx!(conn, c => {
+        if !delivered.is_empty() {
+            let gone: Vec<i64> = diesel::delete(
+                d::table.filter(d::seq.eq_any(&delivered)).filter(d::dead_at.is_null()),
+            )
+            .returning(d::webhook_id)
+            .get_results(c)?;
+            let mut per_hook: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+            for w in gone {
+                *per_hook.entry(w).or_insert(0) += 1;
+            }
+            for (w, n) in per_hook {
+                diesel::sql_query(&q_success)
+                    .bind::<BigInt, _>(n)
+                    .bind::<BigInt, _>(last_success.get(&w).copied().unwrap_or(0))
+                    .bind::<BigInt, _>(w)
+                    .execute(c)?;
+            }
+        }
+        for o in outcomes {
+            match o {
+                Outcome::Delivered { .. } => {}
+                Outcome::Retry { seq, webhook_id, attempts, next_at, status, error, at } => {
+                    diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
+                        .set((
+                            d::attempts.eq(attempts),
+                            d::next_attempt_at.eq(next_at),
+                            d::lease_until.eq(0_i64),
+                            d::last_status.eq(status),
+                            d::last_error.eq(error),
+                            d::last_attempt_at.eq(at),
+                        ))
+                        .execute(c)?;
+                    diesel::sql_query(&q_failure)
+                        .bind::<BigInt, _>(at)
+                        .bind::<Text, _>(error)
+                        .bind::<BigInt, _>(webhook_id)
+                        .execute(c)?;
+                }
+                Outcome::Dead { seq, webhook_id, attempts, status, error, at } => {
+                    diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
+                        .set((
+                            d::attempts.eq(attempts),
+                            d::lease_until.eq(0_i64),
+                            d::last_status.eq(status),
+                            d::last_error.eq(error),
+                            d::last_attempt_at.eq(at),
+                            d::dead_at.eq(at),
+                        ))
+                        .execute(c)?;
+                    diesel::sql_query(&q_failure)
+                        .bind::<BigInt, _>(at)
+                        .bind::<Text, _>(error)
+                        .bind::<BigInt, _>(webhook_id)
+                        .execute(c)?;
+                }
+            }
+        }
+        Ok::<(), diesel::result::Error>(())
+    })?;
+    Ok(())
+}
+
+/// The acceptance position of a delivery id (pending or dead).
+pub fn seq_of(conn: &mut DbConn, id: &str) -> Result<Option<i64>, StorageError> {
+    Ok(with_conn!(conn, c => d::table
+        .filter(d::id.eq(id))
+        .select(d::seq)
+        .first::<i64>(c)
+        .optional())?)
+}
+
+/// Dead letters of these webhooks after `after_seq`, oldest first, at most `limit`.
+pub fn dead_letters(
+    conn: &mut DbConn,
+    webhooks: &[i64],
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, StorageError> {
+    Ok(with_conn!(conn, c => d::table
+        .filter(d::webhook_id.eq_any(webhooks))
+        .filter(d::dead_at.is_not_null())
+        .filter(d::seq.gt(after_seq))
+        .order(d::seq)
+        .limit(limit)
+        .select((
+            d::seq,
+            d::id,
+            d::webhook_id,
+            d::event,
+            d::data,
+            d::created_at,
+            d::attempts,
+            d::last_status,
+            d::last_error,
+            d::last_attempt_at,
+        ))
+        .load::<DeadLetter>(c))?)
+}
+
+/// Puts dead letters of these webhooks (all, or those of `ids`) back as
+/// pending from the first attempt; returns how many.
+pub fn requeue(
+    conn: &mut DbConn,
+    webhooks: &[i64],
+    ids: Option<&[String]>,
+    now: i64,
+) -> Result<usize, StorageError> {
+    let changes = (
+        d::dead_at.eq(None::<i64>),
+        d::attempts.eq(0_i64),
+        d::next_attempt_at.eq(now),
+        d::lease_until.eq(0_i64),
+    );
+    let n = match ids {
+        Some(ids) => write_tx!(conn, c => diesel::update(
+            d::table
+                .filter(d::webhook_id.eq_any(webhooks))
+                .filter(d::dead_at.is_not_null())
+                .filter(d::id.eq_any(ids)),
+        )
+        .set(changes)
+        .execute(c))?,
+        None => write_tx!(conn, c => diesel::update(
+            d::table
+                .filter(d::webhook_id.eq_any(webhooks))
+                .filter(d::dead_at.is_not_null()),
+        )
+        .set(changes)
+        .execute(c))?,
+    };
+    Ok(n)
+}
+
+/// Deletes dead letters that died before `before`.
+pub fn purge_dead(conn: &mut DbConn, before: i64) -> Result<usize, StorageError> {
+    Ok(write_tx!(conn, c => diesel::delete(d::table.filter(d::dead_at.lt(before))).execute(c))?)
+}
+
+/// Turns pending deliveries of disabled webhooks into dead letters with
+/// error `webhook disabled` (a publish that raced with the disable).
+pub fn kill_disabled(conn: &mut DbConn, now: i64) -> Result<usize, StorageError> {
+    let text = dialect(
+        conn,
+        "UPDATE webhook_deliveries SET dead_at = $1, last_error = 'webhook disabled' \
+         WHERE dead_at IS NULL AND webhook_id IN (SELECT id FROM webhooks WHERE NOT enabled)",
+    );
+    Ok(write_tx!(conn, c => diesel::sql_query(&text).bind::<BigInt, _>(now).execute(c))?)
+}
+
+/// Pending deliveries of every webhook.
+pub fn pending_total(conn: &mut DbConn) -> Result<i64, StorageError> {
+    Ok(with_conn!(conn, c => d::table.filter(d::dead_at.is_null()).count().get_result(c))?)
+}
+
+/// The earliest time a pending delivery is due, if any.
+pub fn next_due(conn: &mut DbConn) -> Result<Option<i64>, StorageError> {
+    use diesel::dsl::min;
+    Ok(with_conn!(conn, c => d::table
+        .filter(d::dead_at.is_null())
+        .select(min(d::next_attempt_at))
+        .first::<Option<i64>>(c))?)
+}

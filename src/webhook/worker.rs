@@ -1,0 +1,531 @@
+//! The delivery loop of one node (contract §11): claims due deliveries with a
+//! lease, attempts them on tokio tasks (never on an HTTP worker), and records
+//! outcomes in batches — success, a retry after the jittered schedule (or a
+//! receiver's `Retry-After`), or a dead letter (attempts used up, 410,
+//! refused address). A claim never takes more of one webhook than its
+//! in-flight room on this node, so a slow receiver only ever holds its own
+//! slots. Housekeeping beside it: the pending gauge, dead-letter retention,
+//! and a periodic re-read of the enabled webhooks (a safety net behind the
+//! bus).
+//!
+//! Storage work runs on the blocking pool; this module owns no HTTP route.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rand::Rng;
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT,
+};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use super::address::{is_refused_error, AddressPolicy, GuardedResolver};
+use super::config::{ip_literal, target_url};
+use super::sealing::Sealer;
+use super::signature::{secret_key, signature_header, ROTATION_OVERLAP_MS};
+use super::{EnabledWebhook, Webhooks};
+use crate::domain::{EventKind, InstanceId};
+use crate::events::{envelope, instance_data_json, Event};
+use crate::metrics::Metrics;
+use crate::settings::WebhookSettings;
+use crate::storage::deliveries::{self, Claimed, Outcome, Target};
+use crate::storage::{now_millis, webhooks, DbConn, DbPool, StorageError};
+
+/// Deliveries claimed in one round.
+const CLAIM_BATCH: i64 = 64;
+
+/// Outcomes recorded in one transaction at most.
+const COMPLETE_BATCH: usize = 256;
+
+/// How often the loop looks for due deliveries when nothing woke it
+/// (retries coming due, deliveries stored by another node without a bus).
+const POLL: Duration = Duration::from_millis(500);
+
+/// How often the pending gauge is refreshed and old dead letters purged.
+const HOUSEKEEPING: Duration = Duration::from_secs(5);
+
+/// Lease beyond the attempt timeout: room to record the outcome.
+const LEASE_MARGIN_MS: i64 = 15_000;
+
+/// Longest `Retry-After` honoured, in seconds.
+const MAX_RETRY_AFTER: u64 = 3600;
+
+/// Error of an attempt to an address the rule refuses.
+pub const REFUSED_ADDRESS: &str = "refused address";
+
+/// Error of an attempt whose secret or authorization cannot be decrypted.
+pub const CANNOT_DECRYPT: &str = "cannot decrypt";
+
+/// What the delivery loop needs.
+#[derive(Clone)]
+pub struct WorkerEnv {
+    pub pool: DbPool,
+    pub webhooks: Arc<Webhooks>,
+    pub settings: WebhookSettings,
+    pub metrics: Arc<Metrics>,
+    /// `instanceData.baseUrl` of envelopes.
+    pub base_url: Arc<str>,
+    pub sealer: Sealer,
+    pub client: reqwest::Client,
+    /// Seconds between re-reads of the enabled webhooks.
+    pub refresh: Duration,
+    /// Whether the node is shutting down.
+    pub stopping: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// Why the HTTP client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("webhook HTTP client: {0}")]
+pub struct ClientError(String);
+
+impl From<String> for ClientError {
+    fn from(s: String) -> Self {
+        ClientError(s)
+    }
+}
+
+/// The node's one HTTP client for deliveries: rustls, no redirects, no
+/// proxies (a proxy would resolve the name instead of us), the attempt
+/// timeout, and the resolver that drops refused addresses.
+pub fn build_client(settings: &WebhookSettings) -> Result<reqwest::Client, ClientError> {
+    // Another part of the process may have installed it already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let policy = Arc::new(AddressPolicy::new(&settings.allowed_networks));
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(Duration::from_secs(settings.timeout_secs))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .dns_resolver(Arc::new(GuardedResolver { policy }))
+        .build()
+        .map_err(|e| ClientError(e.to_string()))
+}
+
+/// Reads every enabled webhook into the node's map (start-up; blocking).
+pub fn load_enabled(conn: &mut DbConn, into: &Webhooks) -> Result<(), StorageError> {
+    let mut all: HashMap<InstanceId, Vec<EnabledWebhook>> = HashMap::new();
+    for row in webhooks::enabled_all(conn)? {
+        all.entry(InstanceId(row.instance_id))
+            .or_default()
+            .push(enabled_from(&row));
+    }
+    into.replace_all(all);
+    Ok(())
+}
+
+/// The in-memory form of an enabled row.
+pub fn enabled_from(row: &webhooks::EnabledRow) -> EnabledWebhook {
+    EnabledWebhook {
+        id: row.id,
+        events: EventKind::ALL
+            .into_iter()
+            .filter(|k| {
+                row.events.0 != crate::domain::EventSet::default() && row.events.0.allows(*k)
+            })
+            .collect(),
+    }
+}
+
+/// Runs blocking storage work on the blocking pool.
+async fn db<T: Send + 'static>(
+    pool: &DbPool,
+    f: impl FnOnce(&mut DbConn) -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    let pool = pool.clone();
+    actix_web::web::block(move || {
+        let mut conn = pool.get().map_err(StorageError::from)?;
+        f(&mut conn)
+    })
+    .await
+    .map_err(|e| StorageError::Blocking(e.to_string()))?
+}
+
+/// Deliveries of each webhook in flight on this node.
+type InFlight = Arc<Mutex<HashMap<i64, usize>>>;
+
+/// Starts the delivery loop and the outcome recorder on the current
+/// (actix system) runtime.
+pub fn start(env: WorkerEnv) {
+    let in_flight: InFlight = Arc::default();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Outcome>();
+    actix_web::rt::spawn(record_outcomes(env.clone(), in_flight.clone(), done_rx));
+    actix_web::rt::spawn(housekeeping(env.clone()));
+    actix_web::rt::spawn(dispatch(env, in_flight, done_tx));
+}
+
+async fn dispatch(env: WorkerEnv, in_flight: InFlight, done: mpsc::UnboundedSender<Outcome>) {
+    let lease_ms =
+        i64::try_from(env.settings.timeout_secs).unwrap_or(3600) * 1000 + LEASE_MARGIN_MS;
+    let max = env.settings.max_in_flight;
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        if (env.stopping)() {
+            return;
+        }
+        if !env.webhooks.any_enabled() {
+            // No enabled webhook anywhere (the map is the cluster's): nothing
+            // can be due, so no claim touches the database.
+            tokio::select! {
+                _ = env.webhooks.wake.notified() => {}
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            continue;
+        }
+        let exclude: Vec<i64> = in_flight
+            .lock()
+            .iter()
+            .filter(|(_, n)| **n >= max)
+            .map(|(id, _)| *id)
+            .collect();
+        let snapshot = in_flight.lock().clone();
+        let now = now_millis();
+        let claimed = db(&env.pool, move |conn| {
+            let mut room = |w: i64| max.saturating_sub(snapshot.get(&w).copied().unwrap_or(0));
+            deliveries::claim(conn, now, now + lease_ms, CLAIM_BATCH, &exclude, &mut room)
+        })
+        .await;
+        let (rows, targets) = match claimed {
+            Ok(found) => {
+                failing_since = None;
+                found
+            }
+            Err(e) => {
+                if failing_since.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    log::warn!("webhook deliveries cannot be claimed: {e}");
+                    failing_since = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let full_round = rows.len() as i64 == CLAIM_BATCH;
+        let targets: HashMap<i64, Arc<Target>> = targets
+            .into_iter()
+            .map(|t| (t.hook.id, Arc::new(t)))
+            .collect();
+        for row in rows {
+            let Some(target) = targets.get(&row.webhook_id).cloned() else {
+                continue;
+            };
+            *in_flight.lock().entry(row.webhook_id).or_insert(0) += 1;
+            let (env, done) = (env.clone(), done.clone());
+            actix_web::rt::spawn(async move {
+                let outcome = attempt(&env, &row, &target).await;
+                let _ = done.send(outcome);
+            });
+        }
+        if full_round {
+            continue;
+        }
+        tokio::select! {
+            _ = env.webhooks.wake.notified() => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+/// Records outcomes in batches, frees in-flight room, and wakes the loop.
+async fn record_outcomes(
+    env: WorkerEnv,
+    in_flight: InFlight,
+    mut rx: mpsc::UnboundedReceiver<Outcome>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < COMPLETE_BATCH {
+            match rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        let shared = Arc::new(batch);
+        loop {
+            let b = shared.clone();
+            match db(&env.pool, move |conn| deliveries::complete(conn, &b)).await {
+                Ok(()) => break,
+                Err(e) => {
+                    log::warn!("webhook outcomes not recorded yet (retrying): {e}");
+                    if (env.stopping)() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        let mut slots = in_flight.lock();
+        for o in shared.iter() {
+            let w = match o {
+                Outcome::Delivered { webhook_id, .. }
+                | Outcome::Retry { webhook_id, .. }
+                | Outcome::Dead { webhook_id, .. } => *webhook_id,
+            };
+            if let Some(n) = slots.get_mut(&w) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    slots.remove(&w);
+                }
+            }
+        }
+        drop(slots);
+        env.webhooks.ring();
+    }
+}
+
+/// The pending gauge, dead-letter retention, and the re-read of enabled webhooks.
+async fn housekeeping(env: WorkerEnv) {
+    let mut last_refresh = Instant::now();
+    loop {
+        tokio::time::sleep(HOUSEKEEPING).await;
+        if (env.stopping)() {
+            return;
+        }
+        let keep_ms = i64::try_from(env.settings.dead_letter_hours).unwrap_or(i64::MAX / 4_000_000)
+            * 3_600_000;
+        let refresh = last_refresh.elapsed() >= env.refresh;
+        let webhooks = env.webhooks.clone();
+        let done = db(&env.pool, move |conn| {
+            let purged = deliveries::purge_dead(conn, now_millis().saturating_sub(keep_ms))?;
+            // A publish that raced with a disable may have stored some.
+            let killed = deliveries::kill_disabled(conn, now_millis())?;
+            let pending = deliveries::pending_total(conn)?;
+            if refresh {
+                load_enabled(conn, &webhooks)?;
+            }
+            Ok((purged, pending, killed))
+        })
+        .await;
+        match done {
+            Ok((purged, pending, killed)) => {
+                env.metrics
+                    .webhook_deliveries
+                    .with_label_values(&["dead_letter"])
+                    .inc_by(killed as u64);
+                env.metrics.webhook_pending.set(pending);
+                if purged > 0 {
+                    log::info!("{purged} webhook dead letters past retention removed");
+                }
+                if refresh {
+                    last_refresh = Instant::now();
+                }
+            }
+            Err(e) => log::warn!("webhook housekeeping skipped: {e}"),
+        }
+    }
+}
+
+/// A failed attempt, before the schedule decides what follows.
+struct Failure {
+    status: Option<i64>,
+    error: String,
+    retry_after: Option<u64>,
+    /// No retry whatever the schedule says (410, refused address).
+    final_: bool,
+}
+
+impl Failure {
+    fn new(status: Option<i64>, error: impl Into<String>) -> Self {
+        Failure {
+            status,
+            error: error.into(),
+            retry_after: None,
+            final_: false,
+        }
+    }
+}
+
+/// One attempt of one claimed delivery.
+async fn attempt(env: &WorkerEnv, row: &Claimed, target: &Target) -> Outcome {
+    let attempt_no = row.attempts + 1;
+    let started = now_millis();
+    let result = send(env, row, target, attempt_no, started).await;
+    let at = now_millis();
+    match result {
+        Ok(()) => {
+            env.metrics
+                .webhook_deliveries
+                .with_label_values(&["success"])
+                .inc();
+            let secs = (at - row.created_at).max(0) as f64 / 1000.0;
+            env.metrics.webhook_delivery_seconds.observe(secs);
+            Outcome::Delivered {
+                seq: row.seq,
+                webhook_id: row.webhook_id,
+                at,
+            }
+        }
+        Err(f) => {
+            env.metrics
+                .webhook_deliveries
+                .with_label_values(&["failure"])
+                .inc();
+            let schedule = &env.settings.retry_schedule_secs;
+            let next = usize::try_from(row.attempts)
+                .ok()
+                .and_then(|i| schedule.get(i));
+            match next {
+                Some(&interval) if !f.final_ => {
+                    let delay_ms = match f.retry_after {
+                        Some(ra) if ra > interval => ra as f64 * 1000.0,
+                        _ => interval as f64 * 1000.0 * rand::thread_rng().gen_range(0.8..=1.2),
+                    };
+                    Outcome::Retry {
+                        seq: row.seq,
+                        webhook_id: row.webhook_id,
+                        attempts: attempt_no,
+                        next_at: at + delay_ms as i64,
+                        status: f.status,
+                        error: f.error,
+                        at,
+                    }
+                }
+                _ => {
+                    env.metrics
+                        .webhook_deliveries
+                        .with_label_values(&["dead_letter"])
+                        .inc();
+                    Outcome::Dead {
+                        seq: row.seq,
+                        webhook_id: row.webhook_id,
+                        attempts: attempt_no,
+                        status: f.status,
+                        error: f.error,
+                        at,
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn header(name: &'static str, value: &str) -> Option<(HeaderName, HeaderValue)> {
+    Some((
+        HeaderName::from_static(name),
+        HeaderValue::from_str(value).ok()?,
+    ))
+}
+
+/// Builds and sends the request of one attempt.
+async fn send(
+    env: &WorkerEnv,
+    row: &Claimed,
+    target: &Target,
+    attempt_no: i64,
+    now: i64,
+) -> Result<(), Failure> {
+    let hook = &target.hook;
+    let kind = EventKind::parse(&row.event)
+        .ok_or_else(|| Failure::new(None, "stored event is invalid"))?;
+    let data: Map<String, Value> = serde_json::from_str(&row.data)
+        .map_err(|_| Failure::new(None, "stored event is invalid"))?;
+    let Some(url) = hook.url.as_deref() else {
+        return Err(Failure {
+            final_: true,
+            ..Failure::new(None, "webhook disabled")
+        });
+    };
+    let decrypt = |stored: &str| {
+        env.sealer.open(stored).map_err(|_| {
+            log::warn!(
+                "webhook {} of instance {}: a stored secret cannot be decrypted",
+                hook.label,
+                target.instance_name
+            );
+            Failure::new(None, CANNOT_DECRYPT)
+        })
+    };
+    let key =
+        secret_key(&decrypt(&hook.secret)?).map_err(|_| Failure::new(None, CANNOT_DECRYPT))?;
+    let previous = match (&hook.previous_secret, hook.rotated_at) {
+        (Some(prev), Some(at)) if now < at + ROTATION_OVERLAP_MS => {
+            Some(secret_key(&decrypt(prev)?).map_err(|_| Failure::new(None, CANNOT_DECRYPT))?)
+        }
+        _ => None,
+    };
+    let authorization = match &hook.auth_header {
+        Some(a) => Some(decrypt(a)?),
+        None => None,
+    };
+    let url = target_url(url, hook.by_events, kind);
+    let policy = AddressPolicy::new(&env.settings.allowed_networks);
+    if ip_literal(&url).is_some_and(|ip| !policy.permits(ip)) {
+        return Err(Failure {
+            final_: true,
+            ..Failure::new(None, REFUSED_ADDRESS)
+        });
+    }
+    let instance_data =
+        instance_data_json(&env.base_url, &target.instance_name, &target.instance_token);
+    let body = envelope(&Event { kind, data }, &instance_data, hook.media_base64);
+    let ts = now / 1000;
+    let signature = signature_header(&key, previous.as_deref(), &row.id, ts, body.as_bytes());
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        USER_AGENT,
+        HeaderValue::from_static(concat!("eventgate/", env!("CARGO_PKG_VERSION"))),
+    );
+    if let Some(a) = authorization {
+        let value =
+            HeaderValue::from_str(&a).map_err(|_| Failure::new(None, "invalid authorization"))?;
+        headers.insert(AUTHORIZATION, value);
+    }
+    for (name, value) in [
+        header("webhook-id", &row.id),
+        header("webhook-timestamp", &ts.to_string()),
+        header("webhook-signature", &signature),
+        header("eventgate-attempt", &attempt_no.to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        headers.insert(name, value);
+    }
+    let sent = env
+        .client
+        .post(&url)
+        .headers(headers)
+        .body(body.into_bytes())
+        .send()
+        .await;
+    match sent {
+        Ok(res) => {
+            let status = res.status();
+            let retry_after_header = res.headers().get(reqwest::header::RETRY_AFTER).cloned();
+            // Reading the (short) reply to its end lets the connection be
+            // reused for the next delivery to this receiver.
+            let _ = tokio::time::timeout(Duration::from_secs(1), res.bytes()).await;
+            if status.is_success() {
+                return Ok(());
+            }
+            let code = i64::from(status.as_u16());
+            let retry_after = if code == 429 || code == 503 {
+                retry_after_header
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .filter(|s| *s <= MAX_RETRY_AFTER)
+            } else {
+                None
+            };
+            Err(Failure {
+                status: Some(code),
+                error: format!("HTTP {code}"),
+                retry_after,
+                final_: code == 410,
+            })
+        }
+        Err(e) if is_refused_error(&e) => Err(Failure {
+            final_: true,
+            ..Failure::new(None, REFUSED_ADDRESS)
+        }),
+        Err(e) if e.is_timeout() => Err(Failure::new(None, "timeout")),
+        Err(e) if e.is_connect() => Err(Failure::new(None, "connection failed")),
+        Err(e) => {
+            log::debug!("webhook attempt failed: {e}");
+            Err(Failure::new(None, "request failed"))
+        }
+    }
+}

@@ -1,0 +1,1584 @@
+//! Webhooks (contract §11) against real receivers: HTTP servers inside the
+//! test on 127.0.0.1 (allowed through `webhook.allowed_networks`, as an
+//! operator would allow a private network). Signatures are checked with the
+//! `standardwebhooks` crate, not the gateway's own signing code.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod webhook_receiver;
+
+use std::time::Duration;
+
+use common::{event, Reply, TestServer, ACCOUNT};
+use serde_json::{json, Value};
+use webhook_receiver::{eventually, Receiver};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A server that may deliver to 127.0.0.0/8, with a short retry schedule.
+async fn server_with(schedule: &[u64]) -> TestServer {
+    let schedule = schedule.to_vec();
+    TestServer::start_with(move |s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.retry_schedule_secs = schedule;
+        s.webhook.timeout_secs = 3;
+    })
+    .await
+}
+
+async fn server() -> TestServer {
+    server_with(&[1, 1]).await
+}
+
+async fn set(s: &TestServer, name: &str, body: Value) -> Reply {
+    s.call(
+        "POST",
+        &format!("/api/events/webhook/{name}"),
+        Some(ACCOUNT),
+        Some(body),
+    )
+    .await
+}
+
+async fn set_ok(s: &TestServer, name: &str, body: Value) -> Value {
+    let r = set(s, name, body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["webhook"].clone()
+}
+
+async fn get(s: &TestServer, path: &str) -> Reply {
+    s.call("GET", path, Some(ACCOUNT), None).await
+}
+
+async fn stats(s: &TestServer, name: &str, label: &str) -> Value {
+    let r = get(s, &format!("/api/events/getWebhook/{name}?label={label}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["webhook"]["stats"].clone()
+}
+
+async fn failed(s: &TestServer, name: &str, query: &str) -> Reply {
+    get(s, &format!("/api/events/webhook/{name}/failed{query}")).await
+}
+
+/// Waits until the webhook's stats satisfy `cond`.
+async fn wait_stats(
+    s: &TestServer,
+    name: &str,
+    label: &str,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
+    eventually(WAIT, "webhook stats", || async {
+        let st = stats(s, name, label).await;
+        cond(&st).then_some(st)
+    })
+    .await
+}
+
+fn assert_invalid(r: &Reply, key: &str) {
+    r.assert_error(400, "Invalid request body");
+    let details = r.body["error"]["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains(key),
+        "details {details:?} should name {key}"
+    );
+}
+
+#[actix_rt::test]
+async fn set_get_delete_with_the_contract_literals() {
+    let s = server().await;
+    let token = s.instance("sales-1").await;
+    let r = get(&s, "/api/events/getWebhook/sales-1").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.body,
+        json!({"success": true, "message": "0 Webhooks found", "webhooks": []})
+    );
+
+    let r = set(
+        &s,
+        "sales-1",
+        json!({"enabled": true, "url": "https://app.example.com/wh", "extra": 1}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["message"], "Webhook configured successfully");
+    let wh = &r.body["webhook"];
+    let secret = wh["secret"].as_str().unwrap().to_string();
+    assert!(
+        secret.starts_with("whsec_") && secret.len() == 50,
+        "{secret}"
+    );
+    assert_eq!(
+        *wh,
+        json!({"label": "default", "enabled": true, "url": "https://app.example.com/wh",
+               "authorization": null, "byEvents": false, "events": [], "mediaBase64": false,
+               "ordered": false, "secret": secret})
+    );
+
+    // Same label again: whole configuration replaced, secret kept.
+    let again = set_ok(&s, "sales-1", json!({"label": "", "enabled": true, "url": "https://b.example/x?y=1",
+        "authorization": "Bearer abc", "events": ["call.update", "group.flow", "call.update"], "ordered": true})).await;
+    assert_eq!(again["secret"], secret);
+    assert_eq!(again["events"], json!(["call.update", "group.flow"]));
+    assert_eq!(again["authorization"], "Bearer abc");
+    assert_eq!(again["url"], "https://b.example/x?y=1");
+    // "" authorization counts as null.
+    let cleared = set_ok(
+        &s,
+        "sales-1",
+        json!({"enabled": true, "url": "https://b.example/x", "authorization": ""}),
+    )
+    .await;
+    assert_eq!(cleared["authorization"], Value::Null);
+    assert_eq!(cleared["ordered"], false);
+
+    set_ok(&s, "sales-1", json!({"label": "b-2", "enabled": false})).await;
+    set_ok(&s, "sales-1", json!({"label": "A.1", "enabled": false})).await;
+    // Both routes, both tokens; sorted by label in byte order.
+    for path in [
+        "/api/events/getWebhook/sales-1",
+        "/api/events/webhook/sales-1",
+    ] {
+        for t in [ACCOUNT, token.as_str()] {
+            let r = s.call("GET", path, Some(t), None).await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.body["message"], "3 Webhooks found");
+            let labels: Vec<&str> = r.body["webhooks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["label"].as_str().unwrap())
+                .collect();
+            assert_eq!(labels, ["A.1", "b-2", "default"]);
+            let st = &r.body["webhooks"][2]["stats"];
+            assert_eq!(
+                *st,
+                json!({"pending": 0, "failed": 0, "delivered": 0, "lastSuccessAt": null, "lastFailureAt": null, "lastError": null})
+            );
+        }
+    }
+    let one = get(&s, "/api/events/getWebhook/sales-1?label=").await;
+    assert_eq!(one.body["message"], "Webhook retrieved");
+    assert_eq!(one.body["webhook"]["label"], "default");
+    for bad in ["nope", "a%20b", &"x".repeat(65)] {
+        get(&s, &format!("/api/events/webhook/sales-1?label={bad}"))
+            .await
+            .assert_error(404, "Webhook not found");
+    }
+    let r = get(&s, "/api/events/getWebhook/sales-1?label=A.1").await;
+    assert_eq!(r.body["webhook"]["url"], Value::Null);
+
+    // Delete: `?label=` or none means default.
+    let r = s
+        .call(
+            "DELETE",
+            "/api/events/webhook/sales-1?label=b-2",
+            Some(ACCOUNT),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.body,
+        json!({"success": true, "message": "Webhook deleted", "webhook": {"label": "b-2", "status": "deleted"}})
+    );
+    let r = s
+        .call("DELETE", "/api/events/webhook/sales-1", Some(&token), None)
+        .await;
+    assert_eq!(r.body["webhook"]["label"], "default");
+    s.call(
+        "DELETE",
+        "/api/events/webhook/sales-1?label=",
+        Some(ACCOUNT),
+        None,
+    )
+    .await
+    .assert_error(404, "Webhook not found");
+    assert_eq!(
+        get(&s, "/api/events/getWebhook/sales-1").await.body["message"],
+        "1 Webhook found"
+    );
+
+    // §2 checks and the methods of the shared path.
+    s.call("GET", "/api/events/getWebhook/nope", Some(ACCOUNT), None)
+        .await
+        .assert_error(404, "Instance not found");
+    s.call("GET", "/api/events/getWebhook/sales-1", None, None)
+        .await
+        .assert_error(
+            401,
+            "Missing token in header, Authorization header, or query parameter",
+        );
+    let other = s.instance("other").await;
+    s.call("GET", "/api/events/getWebhook/sales-1", Some(&other), None)
+        .await
+        .assert_error(403, "Instance token does not match this instance");
+    let r = s
+        .call("PUT", "/api/events/webhook/sales-1", Some(ACCOUNT), None)
+        .await;
+    r.assert_error(405, "Method not allowed");
+    assert_eq!(r.header("allow"), Some("GET, HEAD, POST, DELETE"));
+    s.call(
+        "GET",
+        "/api/events/webhook/sales-1/retry",
+        Some(ACCOUNT),
+        None,
+    )
+    .await
+    .assert_error(405, "Method not allowed");
+    assert!(r.header("x-ratelimit-limit").is_some());
+}
+
+#[actix_rt::test]
+async fn invalid_bodies_name_their_key() {
+    let s = TestServer::start().await;
+    s.instance("v").await;
+    let long_url = format!("https://a.example/{}", "x".repeat(2048));
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({}), "enabled"),
+        (json!({"enabled": null}), "enabled"),
+        (json!({"enabled": "true"}), "enabled"),
+        (json!({"enabled": true}), "url"),
+        (json!({"enabled": true, "url": null}), "url"),
+        (json!({"enabled": true, "url": 5}), "url"),
+        (json!({"enabled": true, "url": "ftp://a.example/"}), "url"),
+        (json!({"enabled": true, "url": "https://"}), "url"),
+        (
+            json!({"enabled": true, "url": "https://u:p@a.example/"}),
+            "url",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example/#frag"}),
+            "url",
+        ),
+        (json!({"enabled": true, "url": long_url}), "url"),
+        (json!({"enabled": false, "url": "not a url"}), "url"),
+        // Refused IP literals, at set time.
+        (
+            json!({"enabled": true, "url": "http://127.0.0.1:9/x"}),
+            "url",
+        ),
+        (json!({"enabled": true, "url": "http://10.0.0.5/x"}), "url"),
+        (
+            json!({"enabled": true, "url": "http://169.254.169.254/latest"}),
+            "url",
+        ),
+        (json!({"enabled": true, "url": "http://100.64.0.1/"}), "url"),
+        (json!({"enabled": true, "url": "http://[::1]:80/"}), "url"),
+        (
+            json!({"enabled": true, "url": "http://[::ffff:192.168.0.1]/"}),
+            "url",
+        ),
+        (
+            json!({"enabled": true, "url": "http://[64:ff9b::a00:1]/"}),
+            "url",
+        ),
+        (
+            json!({"enabled": true, "url": "http://[2002:a00:1::]/"}),
+            "url",
+        ),
+        (json!({"enabled": true, "url": "http://[fe80::1]/"}), "url"),
+        (
+            json!({"enabled": true, "url": "https://a.example", "label": "a b"}),
+            "label",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "label": "x".repeat(65)}),
+            "label",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "label": null}),
+            "label",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "label": 3}),
+            "label",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "authorization": 1}),
+            "authorization",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "authorization": "x".repeat(1025)}),
+            "authorization",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "authorization": "a\nb"}),
+            "authorization",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "byEvents": null}),
+            "byEvents",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "events": null}),
+            "events",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "events": "call.update"}),
+            "events",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "events": ["nope"]}),
+            "events",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "mediaBase64": 1}),
+            "mediaBase64",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "ordered": null}),
+            "ordered",
+        ),
+        (
+            json!({"enabled": true, "url": "https://a.example", "rotateSecret": "yes"}),
+            "rotateSecret",
+        ),
+    ];
+    for (body, key) in cases {
+        let r = set(&s, "v", body.clone()).await;
+        assert_invalid(&r, key);
+    }
+    // Not an object, malformed JSON, another content type.
+    for raw in [&b"[1]"[..], b"nope", b"{"] {
+        let r = s
+            .raw(
+                "POST",
+                "/api/events/webhook/v",
+                &[("token", ACCOUNT), ("content-type", "application/json")],
+                Some(raw),
+            )
+            .await;
+        r.assert_error(400, "Invalid request body");
+    }
+    let r = s
+        .raw(
+            "POST",
+            "/api/events/webhook/v",
+            &[("token", ACCOUNT), ("content-type", "text/plain")],
+            Some(br#"{"enabled":false}"#),
+        )
+        .await;
+    r.assert_error(400, "Invalid request body");
+    let r = s
+        .raw(
+            "POST",
+            "/api/events/webhook/v",
+            &[
+                ("token", ACCOUNT),
+                ("content-type", "application/json; charset=utf-8"),
+            ],
+            Some(br#"{"enabled":false}"#),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // Public addresses and names are fine (names are not resolved at set time).
+    set_ok(
+        &s,
+        "v",
+        json!({"label": "n", "enabled": true, "url": "https://hooks.example.com:8443/p?q=1"}),
+    )
+    .await;
+    set_ok(
+        &s,
+        "v",
+        json!({"label": "ip", "enabled": true, "url": "http://[2001:db8::1]:8080/p"}),
+    )
+    .await;
+    set_ok(
+        &s,
+        "v",
+        json!({"label": "lh", "enabled": true, "url": "http://localhost:1/p"}),
+    )
+    .await;
+}
+
+#[actix_rt::test]
+async fn at_most_three_enabled_per_instance() {
+    let s = server().await;
+    s.instance("lim").await;
+    for l in ["a", "b", "c"] {
+        set_ok(
+            &s,
+            "lim",
+            json!({"label": l, "enabled": true, "url": "https://a.example/"}),
+        )
+        .await;
+    }
+    let r = set(
+        &s,
+        "lim",
+        json!({"label": "d", "enabled": true, "url": "https://a.example/"}),
+    )
+    .await;
+    r.assert_error(409, "Maximum of 3 enabled webhooks per instance");
+    // A disabled fourth is fine, so is re-setting an enabled one.
+    set_ok(&s, "lim", json!({"label": "d", "enabled": false})).await;
+    set_ok(
+        &s,
+        "lim",
+        json!({"label": "a", "enabled": true, "url": "https://b.example/"}),
+    )
+    .await;
+    set(
+        &s,
+        "lim",
+        json!({"label": "d", "enabled": true, "url": "https://a.example/"}),
+    )
+    .await
+    .assert_error(409, "Maximum of 3 enabled webhooks per instance");
+    set_ok(&s, "lim", json!({"label": "b", "enabled": false})).await;
+    set_ok(
+        &s,
+        "lim",
+        json!({"label": "d", "enabled": true, "url": "https://a.example/"}),
+    )
+    .await;
+}
+
+#[actix_rt::test]
+async fn disabling_clears_and_rotation_replaces_the_secret() {
+    let s = server().await;
+    s.instance("rot").await;
+    let first = set_ok(&s, "rot", json!({"enabled": true, "url": "https://a.example/", "rotateSecret": true,
+        "authorization": "Basic x", "events": ["call.update"], "mediaBase64": true, "byEvents": true, "ordered": true})).await;
+    let off = set_ok(&s, "rot", json!({"enabled": false, "url": "https://a.example/", "byEvents": true, "ordered": true, "mediaBase64": true})).await;
+    assert_eq!(
+        off,
+        json!({"label": "default", "enabled": false, "url": null, "authorization": null,
+        "byEvents": true, "events": [], "mediaBase64": false, "ordered": true, "secret": first["secret"]})
+    );
+    let rotated = set_ok(
+        &s,
+        "rot",
+        json!({"enabled": true, "url": "https://a.example/", "rotateSecret": true}),
+    )
+    .await;
+    assert_ne!(rotated["secret"], first["secret"]);
+    assert!(rotated["secret"].as_str().unwrap().starts_with("whsec_"));
+}
+
+#[actix_rt::test]
+async fn delivery_carries_the_envelope_every_header_and_a_verifiable_signature() {
+    let s = server().await;
+    let rx = Receiver::start();
+    let token = s.instance_with("env-1", json!({"name": "env-1"})).await; // no WebSocket settings at all
+    let wh = set_ok(
+        &s,
+        "env-1",
+        json!({"enabled": true, "url": rx.url("/hook?k=v"), "authorization": "Bearer s3cret"}),
+    )
+    .await;
+    let data = json!({"n": 1, "text": "héllo", "nested": {"a": [1, 2.5, null]}});
+    let r = s.publish("env-1", event("call.update", data.clone())).await;
+    assert_eq!(r.status, 202);
+    let got = rx.wait_count(1, WAIT).await.remove(0);
+    assert_eq!(got.path, "/hook");
+    assert_eq!(got.query, "k=v");
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    assert_eq!(
+        got.header("user-agent"),
+        Some(concat!("eventgate/", env!("CARGO_PKG_VERSION")))
+    );
+    assert_eq!(got.header("authorization"), Some("Bearer s3cret"));
+    assert_eq!(got.header("eventgate-attempt"), Some("1"));
+    let id = got.id();
+    let tail = id.strip_prefix("msg_").unwrap();
+    assert!(
+        (1..=64).contains(&tail.len()) && tail.bytes().all(|b| b.is_ascii_alphanumeric()),
+        "{id}"
+    );
+    let ts: i64 = got.header("webhook-timestamp").unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((now - ts).abs() < 60);
+    let sig = got.header("webhook-signature").unwrap();
+    assert!(sig.starts_with("v1,") && !sig.contains(' '), "{sig}");
+    assert_eq!(got.header_count("webhook-signature"), 1);
+    // An independent implementation verifies it.
+    let verifier = standardwebhooks::Webhook::new(wh["secret"].as_str().unwrap()).unwrap();
+    verifier
+        .verify(&got.body, &got.header_map())
+        .expect("signature verifies");
+    let other = standardwebhooks::Webhook::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+    assert!(other.verify(&got.body, &got.header_map()).is_err());
+    assert_eq!(
+        got.json(),
+        json!({"event": "call.update", "data": data,
+               "instanceData": {"baseUrl": format!("http://{}", s.addr), "instance": "env-1", "token": token}})
+    );
+    let st = wait_stats(&s, "env-1", "default", |st| st["delivered"] == 1).await;
+    assert_eq!(st["pending"], 0);
+    assert!(st["lastSuccessAt"].as_i64().unwrap() > 0);
+    assert!(
+        s.metric("eventgate_webhook_deliveries_total{outcome=\"success\"}")
+            .await
+            >= 1.0
+    );
+    let text = s
+        .raw("GET", "/metrics", &[], None)
+        .await
+        .body
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.contains("eventgate_webhook_pending "), "pending gauge");
+    assert!(
+        text.contains("eventgate_webhook_delivery_seconds_count 1"),
+        "{text}"
+    );
+}
+
+#[actix_rt::test]
+async fn rotation_signs_with_both_secrets() {
+    let s = server().await;
+    let rx = Receiver::start();
+    s.instance("rot2").await;
+    let old = set_ok(&s, "rot2", json!({"enabled": true, "url": rx.url("/")})).await["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let new = set_ok(
+        &s,
+        "rot2",
+        json!({"enabled": true, "url": rx.url("/"), "rotateSecret": true}),
+    )
+    .await["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(old, new);
+    s.publish("rot2", event("group.flow", json!({}))).await;
+    let got = rx.wait_count(1, WAIT).await.remove(0);
+    let sig = got.header("webhook-signature").unwrap();
+    let parts: Vec<&str> = sig.split(' ').collect();
+    assert_eq!(parts.len(), 2, "{sig}");
+    assert!(parts.iter().all(|p| p.starts_with("v1,")));
+    for secret in [&old, &new] {
+        standardwebhooks::Webhook::new(secret)
+            .unwrap()
+            .verify(&got.body, &got.header_map())
+            .expect("both verify");
+    }
+    // The new secret's signature comes first.
+    let mut only_first = got.header_map();
+    only_first.insert("webhook-signature", parts[0].parse().unwrap());
+    standardwebhooks::Webhook::new(&new)
+        .unwrap()
+        .verify(&got.body, &only_first)
+        .expect("first is the new one");
+    // 24 hours after the rotation only the new secret signs.
+    let day_ago = eventgate::storage::now_millis() - 25 * 3_600_000;
+    execute(
+        &s.db.url,
+        &format!("UPDATE webhooks SET rotated_at = {day_ago}"),
+    );
+    s.publish("rot2", event("group.flow", json!({"later": true})))
+        .await;
+    let later = rx.wait_count(2, WAIT).await.remove(1);
+    let sig = later.header("webhook-signature").unwrap();
+    assert!(!sig.contains(' '), "{sig}");
+    standardwebhooks::Webhook::new(&new)
+        .unwrap()
+        .verify(&later.body, &later.header_map())
+        .unwrap();
+    assert!(standardwebhooks::Webhook::new(&old)
+        .unwrap()
+        .verify(&later.body, &later.header_map())
+        .is_err());
+}
+
+#[actix_rt::test]
+async fn by_events_filters_and_media_base64_per_label() {
+    let s = server().await;
+    let a = Receiver::start();
+    let b = Receiver::start();
+    s.instance("multi").await;
+    set_ok(
+        &s,
+        "multi",
+        json!({"label": "a", "enabled": true, "url": a.url("/a?x=1"), "byEvents": true,
+        "events": ["message.exchange"], "mediaBase64": true}),
+    )
+    .await;
+    set_ok(
+        &s,
+        "multi",
+        json!({"label": "b", "enabled": true, "url": b.url("/b/")}),
+    )
+    .await;
+    set_ok(&s, "multi", json!({"label": "off", "enabled": false})).await;
+    let media = json!({"message": {"media": {"base64": "AAAA", "mime": "image/png"}}});
+    let r = s
+        .publish(
+            "multi",
+            json!([
+                event("message.exchange", media.clone()),
+                event("call.update", json!({"c": 1}))
+            ]),
+        )
+        .await;
+    assert_eq!(r.body["accepted"], 2);
+    let got_b = b.wait_count(2, WAIT).await;
+    let got_a = a.wait_count(1, WAIT).await;
+    assert_eq!(got_a.len(), 1);
+    assert_eq!(got_a[0].path, "/a/message.exchange");
+    assert_eq!(got_a[0].query, "x=1");
+    assert_eq!(got_a[0].json()["data"], media);
+    let by_event: std::collections::HashMap<String, Value> = got_b
+        .iter()
+        .map(|g| (g.json()["event"].as_str().unwrap().to_string(), g.json()))
+        .collect();
+    assert!(got_b.iter().all(|g| g.path == "/b/"));
+    assert_eq!(
+        by_event["message.exchange"]["data"],
+        json!({"message": {"media": {"mime": "image/png"}}})
+    );
+    assert_eq!(by_event["call.update"]["data"], json!({"c": 1}));
+    // Each label has its own id for the same event.
+    assert_ne!(
+        got_a[0].id(),
+        got_b
+            .iter()
+            .find(|g| g.json()["event"] == "message.exchange")
+            .unwrap()
+            .id()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.count(), 1, "the filter holds");
+}
+
+#[actix_rt::test]
+async fn retries_keep_the_id_then_dead_letter_then_replay() {
+    let s = server().await;
+    let rx = Receiver::start();
+    rx.answer(|_, _| (500, vec![]));
+    s.instance("retry").await;
+    set_ok(&s, "retry", json!({"enabled": true, "url": rx.url("/r")})).await;
+    s.publish("retry", event("label.update", json!({"l": 1})))
+        .await;
+    let got = rx.wait_count(3, WAIT).await;
+    let ids: Vec<String> = got.iter().map(|g| g.id()).collect();
+    assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+    assert_eq!(
+        got.iter().map(|g| g.attempt()).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    // Intervals of 1 s ± 20%.
+    for w in got.windows(2) {
+        let gap = w[1].at - w[0].at;
+        assert!(gap >= Duration::from_millis(750), "{gap:?}");
+    }
+    let st = wait_stats(&s, "retry", "default", |st| st["failed"] == 1).await;
+    assert_eq!(st["pending"], 0);
+    assert_eq!(st["lastError"], "HTTP 500");
+    assert!(st["lastFailureAt"].as_i64().is_some());
+    let f = failed(&s, "retry", "").await;
+    assert_eq!(f.status, 200, "{}", f.body);
+    assert_eq!(f.body["message"], "1 failed delivery");
+    assert_eq!(f.body["next"], Value::Null);
+    let d = &f.body["deliveries"][0];
+    assert_eq!(d["id"], ids[0].as_str());
+    assert_eq!(d["label"], "default");
+    assert_eq!(d["event"], "label.update");
+    assert_eq!(d["attempts"], 3);
+    assert_eq!(d["lastStatus"], 500);
+    assert_eq!(d["lastError"], "HTTP 500");
+    assert!(d["createdAt"].as_i64().unwrap() <= d["lastAttemptAt"].as_i64().unwrap());
+    assert_eq!(d["envelope"]["data"], json!({"l": 1}));
+    assert_eq!(d["envelope"]["instanceData"]["instance"], "retry");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(rx.count(), 3, "no attempt after the last");
+
+    // Replay: same id, from the first attempt, to the current URL.
+    let rx2 = Receiver::start();
+    set_ok(
+        &s,
+        "retry",
+        json!({"enabled": true, "url": rx2.url("/new")}),
+    )
+    .await;
+    let r = s
+        .call(
+            "POST",
+            "/api/events/webhook/retry/retry",
+            Some(ACCOUNT),
+            Some(json!({"label": "default"})),
+        )
+        .await;
+    assert_eq!(r.status, 202);
+    assert_eq!(
+        r.body,
+        json!({"success": true, "message": "Deliveries requeued", "requeued": 1})
+    );
+    let again = rx2.wait_count(1, WAIT).await.remove(0);
+    assert_eq!(again.id(), ids[0]);
+    assert_eq!(again.attempt(), 1);
+    assert_eq!(again.path, "/new");
+    let st = wait_stats(&s, "retry", "default", |st| st["delivered"] == 1).await;
+    assert_eq!(st["failed"], 0);
+    assert_eq!(
+        st["lastError"], "HTTP 500",
+        "lastError stays after a success"
+    );
+    assert_eq!(
+        failed(&s, "retry", "").await.body["message"],
+        "0 failed deliveries"
+    );
+    assert!(
+        s.metric("eventgate_webhook_deliveries_total{outcome=\"dead_letter\"}")
+            .await
+            >= 1.0
+    );
+    assert!(
+        s.metric("eventgate_webhook_deliveries_total{outcome=\"failure\"}")
+            .await
+            >= 3.0
+    );
+}
+
+#[actix_rt::test]
+async fn dead_letters_page_and_retry_validates() {
+    let s = server_with(&[]).await; // one attempt, no retry
+    let rx = Receiver::start();
+    rx.answer(|_, _| (400, vec![]));
+    s.instance("pg").await;
+    set_ok(
+        &s,
+        "pg",
+        json!({"label": "x", "enabled": true, "url": rx.url("/")}),
+    )
+    .await;
+    set_ok(&s, "pg", json!({"label": "y", "enabled": false})).await;
+    let events: Vec<Value> = (0..5)
+        .map(|i| event("message.status", json!({"i": i})))
+        .collect();
+    s.publish("pg", json!(events)).await;
+    wait_stats(&s, "pg", "x", |st| st["failed"] == 5).await;
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    loop {
+        let r = failed(&s, "pg", &format!("?label=x&limit=2{after}")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let page = r.body["deliveries"].as_array().unwrap().clone();
+        assert_eq!(
+            r.body["message"],
+            if page.len() == 1 {
+                "1 failed delivery".to_string()
+            } else {
+                format!("{} failed deliveries", page.len())
+            }
+        );
+        seen.extend(
+            page.iter()
+                .map(|d| d["envelope"]["data"]["i"].as_i64().unwrap()),
+        );
+        match r.body["next"].as_str() {
+            Some(n) => {
+                assert_eq!(n, page.last().unwrap()["id"].as_str().unwrap());
+                after = format!("&after={n}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        [0, 1, 2, 3, 4],
+        "oldest first by acceptance, each once"
+    );
+    let all = failed(&s, "pg", "").await;
+    assert_eq!(all.body["message"], "5 failed deliveries");
+    assert_eq!(all.body["deliveries"][0]["attempts"], 1);
+    assert_eq!(
+        failed(&s, "pg", "?label=y").await.body["message"],
+        "0 failed deliveries"
+    );
+    for q in [
+        "?limit=0",
+        "?limit=1001",
+        "?limit=abc",
+        "?limit=1.5",
+        "?limit=-1",
+        "?after=nope",
+        "?after=msg_a-b",
+    ] {
+        failed(&s, "pg", q)
+            .await
+            .assert_error(400, "Invalid request body");
+    }
+    failed(&s, "pg", "?label=zzz")
+        .await
+        .assert_error(404, "Webhook not found");
+    // Retry: wrong types, unknown label, unknown ids ignored, an empty body means {}.
+    let path = "/api/events/webhook/pg/retry";
+    for body in [
+        json!({"label": 1}),
+        json!({"ids": "x"}),
+        json!({"ids": [1]}),
+        json!([]),
+    ] {
+        s.call("POST", path, Some(ACCOUNT), Some(body))
+            .await
+            .assert_error(400, "Invalid request body");
+    }
+    s.call("POST", path, Some(ACCOUNT), Some(json!({"label": "zzz"})))
+        .await
+        .assert_error(404, "Webhook not found");
+    let r = s
+        .call(
+            "POST",
+            path,
+            Some(ACCOUNT),
+            Some(json!({"ids": ["msg_unknown"]})),
+        )
+        .await;
+    assert_eq!(r.body["requeued"], 0);
+    let first = all.body["deliveries"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    rx.answer(|_, _| (204, vec![]));
+    let r = s
+        .call(
+            "POST",
+            path,
+            Some(ACCOUNT),
+            Some(json!({"ids": [first, "msg_x"]})),
+        )
+        .await;
+    assert_eq!(r.body["requeued"], 1);
+    let r = s.raw("POST", path, &[("token", ACCOUNT)], None).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let got = rx.wait_count(10, WAIT).await;
+    assert_eq!(got.len(), 10);
+    wait_stats(&s, "pg", "x", |st| {
+        st["delivered"] == 5 && st["failed"] == 0
+    })
+    .await;
+}
+
+#[actix_rt::test]
+async fn retry_after_is_honoured_and_410_ends_retries() {
+    let s = server_with(&[1, 1]).await;
+    let rx = Receiver::start();
+    rx.answer(|_, n| match n {
+        0 => (503, vec![("Retry-After", "3".to_string())]),
+        1 => (
+            429,
+            vec![("Retry-After", "Wed, 21 Oct 2015 07:28:00 GMT".to_string())],
+        ),
+        _ => (200, vec![]),
+    });
+    s.instance("ra").await;
+    set_ok(&s, "ra", json!({"enabled": true, "url": rx.url("/")})).await;
+    s.publish("ra", event("call.update", json!({}))).await;
+    let got = rx.wait_count(3, WAIT).await;
+    let first_gap = got[1].at - got[0].at;
+    assert!(
+        first_gap >= Duration::from_millis(2900),
+        "Retry-After 3 honoured: {first_gap:?}"
+    );
+    let second_gap = got[2].at - got[1].at;
+    assert!(
+        second_gap < Duration::from_millis(2500),
+        "an HTTP-date is ignored: {second_gap:?}"
+    );
+    assert_eq!(got[2].attempt(), 3);
+
+    let gone = Receiver::start();
+    gone.answer(|_, _| (410, vec![]));
+    set_ok(
+        &s,
+        "ra",
+        json!({"label": "g", "enabled": true, "url": gone.url("/")}),
+    )
+    .await;
+    set_ok(&s, "ra", json!({"enabled": false})).await;
+    s.publish("ra", event("call.update", json!({}))).await;
+    let st = wait_stats(&s, "ra", "g", |st| st["failed"] == 1).await;
+    assert_eq!(st["lastError"], "HTTP 410");
+    let f = failed(&s, "ra", "?label=g").await;
+    assert_eq!(f.body["deliveries"][0]["attempts"], 1);
+    assert_eq!(f.body["deliveries"][0]["lastStatus"], 410);
+    assert_eq!(gone.count(), 1);
+}
+
+#[actix_rt::test]
+async fn disabling_turns_pending_deliveries_into_dead_letters() {
+    let s = server_with(&[60]).await;
+    let port = common::free_port(); // nobody listens: connection refused
+    s.instance("dis").await;
+    set_ok(
+        &s,
+        "dis",
+        json!({"enabled": true, "url": format!("http://127.0.0.1:{port}/")}),
+    )
+    .await;
+    s.publish(
+        "dis",
+        json!([
+            event("call.update", json!({"a": 1})),
+            event("group.flow", json!({}))
+        ]),
+    )
+    .await;
+    let st = wait_stats(&s, "dis", "default", |st| {
+        st["pending"] == 2 && st["lastError"] == "connection failed"
+    })
+    .await;
+    assert_eq!(st["failed"], 0);
+    set_ok(&s, "dis", json!({"enabled": false})).await;
+    let f = failed(&s, "dis", "").await;
+    assert_eq!(f.body["message"], "2 failed deliveries");
+    for d in f.body["deliveries"].as_array().unwrap() {
+        assert_eq!(d["lastError"], "webhook disabled");
+        assert_eq!(d["attempts"], 1);
+    }
+    let st = stats(&s, "dis", "default").await;
+    assert_eq!(
+        (st["pending"].clone(), st["failed"].clone()),
+        (json!(0), json!(2))
+    );
+    assert_eq!(
+        s.metric("eventgate_webhook_deliveries_total{outcome=\"dead_letter\"}")
+            .await,
+        2.0,
+        "dead letters of any reason are counted"
+    );
+    // Dead letters of a disabled webhook stay where they are.
+    let r = s
+        .call(
+            "POST",
+            "/api/events/webhook/dis/retry",
+            Some(ACCOUNT),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.body["requeued"], 0);
+    // A disabled webhook receives nothing: no delivery is even stored.
+    s.publish("dis", event("call.update", json!({}))).await;
+    assert_eq!(stats(&s, "dis", "default").await["failed"], 2);
+    // Deleting removes its dead letters.
+    s.call("DELETE", "/api/events/webhook/dis", Some(ACCOUNT), None)
+        .await;
+    set_ok(&s, "dis", json!({"enabled": false})).await;
+    assert_eq!(stats(&s, "dis", "default").await["failed"], 0);
+}
+
+#[actix_rt::test]
+async fn a_name_resolving_to_loopback_is_refused_at_delivery_unless_allowed() {
+    let refusing = TestServer::start_with(|s| s.webhook.retry_schedule_secs = vec![1, 1]).await;
+    let rx = Receiver::start();
+    refusing.instance("dns").await;
+    set_ok(
+        &refusing,
+        "dns",
+        json!({"enabled": true, "url": rx.localhost_url("/x")}),
+    )
+    .await;
+    refusing
+        .publish("dns", event("call.update", json!({})))
+        .await;
+    let st = wait_stats(&refusing, "dns", "default", |st| st["failed"] == 1).await;
+    assert_eq!(st["lastError"], "refused address");
+    let d = failed(&refusing, "dns", "").await.body["deliveries"][0].clone();
+    assert_eq!(d["attempts"], 1);
+    assert_eq!(d["lastStatus"], Value::Null);
+    assert_eq!(d["lastError"], "refused address");
+    assert_eq!(rx.count(), 0);
+
+    let allowing = server().await;
+    allowing.instance("dns").await;
+    set_ok(
+        &allowing,
+        "dns",
+        json!({"enabled": true, "url": rx.localhost_url("/y")}),
+    )
+    .await;
+    allowing
+        .publish("dns", event("call.update", json!({})))
+        .await;
+    let got = rx.wait_count(1, WAIT).await;
+    assert_eq!(got[0].path, "/y");
+}
+
+#[actix_rt::test]
+async fn a_slow_receiver_does_not_delay_another_label() {
+    let s = server().await;
+    let slow = Receiver::start();
+    let fast = Receiver::start();
+    slow.hold(true);
+    s.instance("iso").await;
+    set_ok(
+        &s,
+        "iso",
+        json!({"label": "slow", "enabled": true, "url": slow.url("/")}),
+    )
+    .await;
+    set_ok(
+        &s,
+        "iso",
+        json!({"label": "fast", "enabled": true, "url": fast.url("/")}),
+    )
+    .await;
+    for i in 0..20 {
+        let r = s
+            .publish("iso", event("call.update", json!({"i": i})))
+            .await;
+        assert_eq!(r.status, 202);
+    }
+    fast.wait_count(20, WAIT).await;
+    assert_eq!(
+        slow.completed(),
+        0,
+        "the slow receiver answered nothing yet"
+    );
+    assert!(
+        slow.count() <= 8,
+        "at most max_in_flight held by the slow one: {}",
+        slow.count()
+    );
+    slow.hold(false);
+    slow.wait_count(20, WAIT).await;
+}
+
+#[actix_rt::test]
+async fn ordered_holds_back_later_deliveries_until_the_first_succeeds() {
+    let s = server_with(&[1, 1]).await;
+    let rx = Receiver::start();
+    rx.answer(|got, _| {
+        let first = got.json()["data"]["i"] == 0 && got.attempt() == 1;
+        (if first { 500 } else { 200 }, vec![])
+    });
+    s.instance("ord").await;
+    set_ok(
+        &s,
+        "ord",
+        json!({"enabled": true, "url": rx.url("/"), "ordered": true}),
+    )
+    .await;
+    let events: Vec<Value> = (0..5)
+        .map(|i| event("call.update", json!({"i": i})))
+        .collect();
+    s.publish("ord", json!(events)).await;
+    let got = rx.wait_count(6, WAIT).await;
+    let order: Vec<(i64, u32)> = got
+        .iter()
+        .map(|g| (g.json()["data"]["i"].as_i64().unwrap(), g.attempt()))
+        .collect();
+    assert_eq!(order, [(0, 1), (0, 2), (1, 1), (2, 1), (3, 1), (4, 1)]);
+    assert_eq!(rx.max_in_flight(), 1);
+
+    // Without `ordered`, a retrying delivery does not hold the later ones back.
+    let rx2 = Receiver::start();
+    rx2.answer(|got, _| {
+        (
+            (if got.json()["data"]["i"] == 0 && got.attempt() == 1 {
+                500
+            } else {
+                200
+            }),
+            vec![],
+        )
+    });
+    s.instance("unord").await;
+    set_ok(&s, "unord", json!({"enabled": true, "url": rx2.url("/")})).await;
+    let events: Vec<Value> = (0..3)
+        .map(|i| event("call.update", json!({"i": i})))
+        .collect();
+    s.publish("unord", json!(events)).await;
+    let got = rx2.wait_count(4, WAIT).await;
+    let last = got.last().unwrap();
+    assert_eq!(
+        (last.json()["data"]["i"].as_i64().unwrap(), last.attempt()),
+        (0, 2)
+    );
+}
+
+#[actix_rt::test]
+async fn a_dead_receiver_never_refuses_a_producer_nor_websocket_clients() {
+    let s = server_with(&[3600]).await;
+    let port = common::free_port();
+    s.instance("prod").await;
+    set_ok(
+        &s,
+        "prod",
+        json!({"enabled": true, "url": format!("http://127.0.0.1:{port}/")}),
+    )
+    .await;
+    let mut ws = s.connect("prod", "").await;
+    for i in 0..50 {
+        let batch: Vec<Value> = (0..10)
+            .map(|j| event("call.update", json!({"i": i, "j": j})))
+            .collect();
+        let r = s.publish("prod", json!(batch)).await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert_eq!(r.body["accepted"], 10);
+    }
+    let first = ws.envelope().await;
+    assert_eq!(first["data"], json!({"i": 0, "j": 0}));
+    let st = wait_stats(&s, "prod", "default", |st| st["pending"] == 500).await;
+    assert_eq!(st["delivered"], 0);
+}
+
+#[actix_rt::test]
+async fn backlog_bound_makes_dead_letters_and_still_accepts() {
+    let s = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.max_pending = 3;
+        s.webhook.retry_schedule_secs = vec![3600];
+    })
+    .await;
+    let port = common::free_port();
+    s.instance("bl").await;
+    set_ok(
+        &s,
+        "bl",
+        json!({"enabled": true, "url": format!("http://127.0.0.1:{port}/")}),
+    )
+    .await;
+    let events: Vec<Value> = (0..5)
+        .map(|i| event("call.update", json!({"i": i})))
+        .collect();
+    let r = s.publish("bl", json!(events)).await;
+    assert_eq!(r.status, 202);
+    assert_eq!(r.body["accepted"], 5);
+    let st = stats(&s, "bl", "default").await;
+    assert_eq!(
+        (st["pending"].clone(), st["failed"].clone()),
+        (json!(3), json!(2))
+    );
+    let f = failed(&s, "bl", "").await;
+    for d in f.body["deliveries"].as_array().unwrap() {
+        assert_eq!(d["lastError"], "backlog full");
+        assert_eq!(d["attempts"], 0);
+        assert_eq!(d["lastStatus"], Value::Null);
+        assert_eq!(d["lastAttemptAt"], Value::Null);
+    }
+    assert_eq!(f.body["deliveries"][0]["envelope"]["data"]["i"], 3);
+}
+
+#[actix_rt::test]
+async fn instance_creation_stores_the_default_webhook_and_list_shows_it() {
+    let s = server().await;
+    let rx = Receiver::start();
+    let r = s
+        .call(
+            "POST",
+            "/api/instance/new",
+            Some(ACCOUNT),
+            Some(json!({"name": "wi", "webhookEnabled": true,
+        "webhookURL": rx.url("/c"), "webhookAuthorization": null, "webhookByEvents": true,
+        "webhookEvents": ["group.flow"], "webhookMediaBase64": true})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let wh = r.body["instance"]["webhook"].clone();
+    assert_eq!(wh["label"], "default");
+    assert_eq!(wh["url"], rx.url("/c"));
+    assert_eq!(wh["byEvents"], true);
+    assert_eq!(wh["events"], json!(["group.flow"]));
+    assert!(wh["secret"].as_str().unwrap().starts_with("whsec_"));
+    assert!(wh.get("stats").is_none());
+    assert_eq!(r.body["instance"]["websocket"], Value::Null);
+    s.publish(
+        "wi",
+        json!([
+            event("call.update", json!({})),
+            event("group.flow", json!({"g": 1}))
+        ]),
+    )
+    .await;
+    let got = rx.wait_count(1, WAIT).await;
+    assert_eq!(got[0].path, "/c/group.flow");
+
+    let none = s
+        .call(
+            "POST",
+            "/api/instance/new",
+            Some(ACCOUNT),
+            Some(json!({"name": "wn", "webhookURL": "https://a.example/"})),
+        )
+        .await;
+    assert_eq!(none.status, 201);
+    assert_eq!(none.body["instance"]["webhook"], Value::Null);
+    for bad in [
+        json!({"name": "wb1", "webhookEnabled": true}),
+        json!({"name": "wb2", "webhookEnabled": "yes", "webhookURL": "https://a.example/"}),
+        json!({"name": "wb3", "webhookURL": "nope"}),
+        json!({"name": "wb4", "webhookEnabled": true, "webhookURL": "http://10.0.0.1/"}),
+        json!({"name": "wb5", "webhookEnabled": false, "webhookEvents": ["x"]}),
+        json!({"name": "wb6", "webhookByEvents": null}),
+    ] {
+        let r = s
+            .call(
+                "POST",
+                "/api/instance/new",
+                Some(ACCOUNT),
+                Some(bad.clone()),
+            )
+            .await;
+        r.assert_error(400, "Invalid request body");
+    }
+    let list = s
+        .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+        .await;
+    let names: Vec<&str> = list.body["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["wi", "wn"],
+        "nothing was created for the invalid bodies"
+    );
+    let wi = &list.body["instances"][0];
+    assert_eq!(wi["webhook"]["secret"], wh["secret"]);
+    assert!(wi["webhook"].get("stats").is_none());
+    assert_eq!(list.body["instances"][1]["webhook"], Value::Null);
+
+    // Deleting the instance deletes its webhooks and deliveries.
+    let r = s
+        .call("DELETE", "/api/instance/delete/wi", Some(ACCOUNT), None)
+        .await;
+    assert_eq!(r.status, 200);
+    let r = s
+        .call(
+            "POST",
+            "/api/instance/new",
+            Some(ACCOUNT),
+            Some(json!({"name": "wi"})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    assert_eq!(
+        get(&s, "/api/events/getWebhook/wi").await.body["message"],
+        "0 Webhooks found"
+    );
+}
+
+#[actix_rt::test]
+async fn secrets_are_encrypted_at_rest_and_a_wrong_key_fails_with_cannot_decrypt() {
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD.encode([42u8; 32]);
+    let s = TestServer::start_with(move |s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.retry_schedule_secs = vec![];
+        s.webhook.encryption_key = key;
+    })
+    .await;
+    let rx = Receiver::start();
+    s.instance("enc").await;
+    let wh = set_ok(
+        &s,
+        "enc",
+        json!({"enabled": true, "url": rx.url("/"), "authorization": "Bearer plain"}),
+    )
+    .await;
+    assert_eq!(wh["authorization"], "Bearer plain");
+    let secret = wh["secret"].as_str().unwrap().to_string();
+    let stored = stored_secrets(&s.db.url);
+    assert_eq!(stored.len(), 1);
+    let (stored_secret, stored_auth) = &stored[0];
+    assert!(
+        stored_secret.starts_with("enc:v1:") && !stored_secret.contains(&secret[6..]),
+        "{stored_secret}"
+    );
+    assert!(stored_auth.as_deref().unwrap().starts_with("enc:v1:"));
+    s.publish("enc", event("call.update", json!({}))).await;
+    let got = rx.wait_count(1, WAIT).await.remove(0);
+    assert_eq!(got.header("authorization"), Some("Bearer plain"));
+    standardwebhooks::Webhook::new(&secret)
+        .unwrap()
+        .verify(&got.body, &got.header_map())
+        .unwrap();
+
+    // A value sealed with another key: shown as stored, deliveries fail.
+    let foreign = "enc:v1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    overwrite_auth(&s.db.url, foreign);
+    let shown = stats_full(&s, "enc").await;
+    assert_eq!(shown["authorization"], foreign);
+    s.publish("enc", event("call.update", json!({}))).await;
+    let st = wait_stats(&s, "enc", "default", |st| st["failed"] == 1).await;
+    assert_eq!(st["lastError"], "cannot decrypt");
+    assert_eq!(rx.count(), 1);
+}
+
+async fn stats_full(s: &TestServer, name: &str) -> Value {
+    get(s, &format!("/api/events/getWebhook/{name}?label=default"))
+        .await
+        .body["webhook"]
+        .clone()
+}
+
+#[derive(diesel::QueryableByName)]
+struct StoredRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    secret: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    auth_header: Option<String>,
+}
+
+fn stored_secrets(url: &str) -> Vec<(String, Option<String>)> {
+    use diesel::{Connection, RunQueryDsl};
+    let q = "SELECT secret, auth_header FROM webhooks";
+    let rows: Vec<StoredRow> = if url.starts_with("postgres") {
+        diesel::sql_query(q)
+            .load(&mut diesel::PgConnection::establish(url).unwrap())
+            .unwrap()
+    } else {
+        diesel::sql_query(q)
+            .load(&mut diesel::SqliteConnection::establish(url).unwrap())
+            .unwrap()
+    };
+    rows.into_iter()
+        .map(|r| (r.secret, r.auth_header))
+        .collect()
+}
+
+fn overwrite_auth(url: &str, value: &str) {
+    use diesel::{Connection, RunQueryDsl};
+    let q = format!("UPDATE webhooks SET auth_header = '{value}'");
+    if url.starts_with("postgres") {
+        diesel::sql_query(q)
+            .execute(&mut diesel::PgConnection::establish(url).unwrap())
+            .unwrap();
+    } else {
+        let mut c = diesel::SqliteConnection::establish(url).unwrap();
+        diesel::sql_query("PRAGMA busy_timeout = 10000")
+            .execute(&mut c)
+            .unwrap();
+        diesel::sql_query(q).execute(&mut c).unwrap();
+    }
+}
+
+#[actix_rt::test]
+async fn an_api_only_node_stores_deliveries_that_another_node_delivers() {
+    let api = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.deliver = false;
+    })
+    .await;
+    let rx = Receiver::start();
+    api.instance("split").await;
+    set_ok(&api, "split", json!({"enabled": true, "url": rx.url("/s")})).await;
+    api.publish("split", event("call.update", json!({"k": 1})))
+        .await;
+    assert_eq!(stats(&api, "split", "default").await["pending"], 1);
+    let worker = TestServer::start_on(api.db.shared(), |s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    let got = rx.wait_count(1, WAIT).await;
+    assert_eq!(got[0].json()["data"], json!({"k": 1}));
+    wait_stats(&worker, "split", "default", |st| {
+        st["delivered"] == 1 && st["pending"] == 0
+    })
+    .await;
+}
+
+#[actix_rt::test]
+async fn an_ip_literal_is_checked_again_when_connecting() {
+    // Set where 127.0.0.0/8 was allowed; delivered by a node where it is not.
+    let setter = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.deliver = false;
+    })
+    .await;
+    let rx = Receiver::start();
+    setter.instance("lit").await;
+    set_ok(
+        &setter,
+        "lit",
+        json!({"enabled": true, "url": rx.url("/l")}),
+    )
+    .await;
+    setter.publish("lit", event("call.update", json!({}))).await;
+    let strict = TestServer::start_on(setter.db.shared(), |_| {}).await;
+    let st = wait_stats(&strict, "lit", "default", |st| st["failed"] == 1).await;
+    assert_eq!(st["lastError"], "refused address");
+    let d = failed(&strict, "lit", "").await.body["deliveries"][0].clone();
+    assert_eq!(
+        (d["attempts"].clone(), d["lastStatus"].clone()),
+        (json!(1), Value::Null)
+    );
+    assert_eq!(rx.count(), 0);
+}
+
+#[actix_rt::test]
+async fn storage_failures_answer_the_contract_500s_and_publish_is_not_acknowledged() {
+    let Some(db) = common::require_postgres() else {
+        return;
+    };
+    let s = TestServer::start_on(db, |s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.storage.connect_timeout_secs = 1;
+    })
+    .await;
+    let rx = Receiver::start();
+    s.instance("gone").await;
+    set_ok(&s, "gone", json!({"enabled": true, "url": rx.url("/")})).await;
+    assert_eq!(
+        s.publish("gone", event("call.update", json!({})))
+            .await
+            .status,
+        202
+    );
+    rx.wait_count(1, WAIT).await;
+    s.db.take_away();
+    set(&s, "gone", json!({"enabled": true, "url": rx.url("/")}))
+        .await
+        .assert_error(500, "Failed to get instance");
+    for path in [
+        "/api/events/getWebhook/gone",
+        "/api/events/webhook/gone?label=default",
+        "/api/events/webhook/gone/failed",
+    ] {
+        get(&s, path)
+            .await
+            .assert_error(500, "Failed to get webhook configuration");
+    }
+    s.call("DELETE", "/api/events/webhook/gone", Some(ACCOUNT), None)
+        .await
+        .assert_error(500, "Failed to get webhook configuration");
+    s.call(
+        "POST",
+        "/api/events/webhook/gone/retry",
+        Some(ACCOUNT),
+        Some(json!({})),
+    )
+    .await
+    .assert_error(500, "Failed to get webhook configuration");
+    // The deliveries of a publish cannot be stored: no 202.
+    s.publish("gone", event("call.update", json!({})))
+        .await
+        .assert_error(500, "Internal server error");
+}
+
+#[actix_rt::test]
+async fn webhook_endpoints_count_against_the_general_bucket() {
+    let s = TestServer::start_with(|s| s.rate_limit.per_minute = 3).await;
+    let token = s.instance("rl").await;
+    for _ in 0..3 {
+        let r = s
+            .call("GET", "/api/events/getWebhook/rl", Some(&token), None)
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let r = s
+        .call(
+            "POST",
+            "/api/events/webhook/rl",
+            Some(&token),
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    r.assert_error(429, "Rate limit exceeded. Try again later.");
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    assert!(r.header("retry-after").is_some());
+}
+
+#[actix_rt::test]
+async fn dead_letters_past_retention_are_removed() {
+    let s = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.retry_schedule_secs = vec![];
+        s.webhook.dead_letter_hours = 168;
+    })
+    .await;
+    let rx = Receiver::start();
+    rx.answer(|_, _| (500, vec![]));
+    s.instance("old").await;
+    set_ok(&s, "old", json!({"enabled": true, "url": rx.url("/")})).await;
+    s.publish(
+        "old",
+        json!([
+            event("call.update", json!({"a": 1})),
+            event("call.update", json!({"a": 2}))
+        ]),
+    )
+    .await;
+    wait_stats(&s, "old", "default", |st| st["failed"] == 2).await;
+    // One of them died 169 hours ago.
+    let first = failed(&s, "old", "").await.body["deliveries"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hours_ago = eventgate::storage::now_millis() - 169 * 3_600_000;
+    execute(
+        &s.db.url,
+        &format!("UPDATE webhook_deliveries SET dead_at = {hours_ago} WHERE id = '{first}'"),
+    );
+    let st = wait_stats(&s, "old", "default", |st| st["failed"] == 1).await;
+    assert_eq!(st["pending"], 0);
+    let left = failed(&s, "old", "").await;
+    assert_eq!(left.body["deliveries"][0]["envelope"]["data"]["a"], 2);
+}
+
+fn execute(url: &str, sql: &str) {
+    use diesel::{Connection, RunQueryDsl};
+    if url.starts_with("postgres") {
+        diesel::sql_query(sql)
+            .execute(&mut diesel::PgConnection::establish(url).unwrap())
+            .unwrap();
+    } else {
+        let mut c = diesel::SqliteConnection::establish(url).unwrap();
+        diesel::sql_query("PRAGMA busy_timeout = 10000")
+            .execute(&mut c)
+            .unwrap();
+        diesel::sql_query(sql).execute(&mut c).unwrap();
+    }
+}
+
+#[actix_rt::test]
+async fn redirects_are_not_followed_and_a_slow_reply_is_a_timeout() {
+    let s = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.retry_schedule_secs = vec![1];
+        s.webhook.timeout_secs = 1;
+    })
+    .await;
+    let target = Receiver::start();
+    let redirecting = Receiver::start();
+    let location = target.url("/moved");
+    redirecting.answer(move |_, _| (307, vec![("Location", location.clone())]));
+    s.instance("red").await;
+    set_ok(
+        &s,
+        "red",
+        json!({"label": "r", "enabled": true, "url": redirecting.url("/")}),
+    )
+    .await;
+    s.publish("red", event("call.update", json!({}))).await;
+    let st = wait_stats(&s, "red", "r", |st| st["failed"] == 1).await;
+    assert_eq!(st["lastError"], "HTTP 307");
+    assert_eq!(redirecting.count(), 2);
+    assert_eq!(target.count(), 0, "the redirect was not followed");
+
+    // A receiver that answers after the timeout: the attempt fails, the next
+    // one (same webhook-id) succeeds — the receiver saw it twice.
+    set_ok(&s, "red", json!({"label": "r", "enabled": false})).await;
+    let slow = Receiver::start();
+    slow.hold(true);
+    set_ok(
+        &s,
+        "red",
+        json!({"label": "t", "enabled": true, "url": slow.url("/")}),
+    )
+    .await;
+    s.publish("red", event("group.flow", json!({}))).await;
+    let st = wait_stats(&s, "red", "t", |st| st["lastError"] == "timeout").await;
+    assert_eq!(st["pending"], 1);
+    slow.hold(false);
+    let got = slow.wait_count(2, WAIT).await;
+    assert_eq!(got[0].id(), got[1].id());
+    assert_eq!((got[0].attempt(), got[1].attempt()), (1, 2));
+    wait_stats(&s, "red", "t", |st| {
+        st["delivered"] == 1 && st["pending"] == 0
+    })
+    .await;
+}
