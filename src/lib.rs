@@ -29,6 +29,8 @@
 //!   nowhere on a single node.
 //! - [`lifecycle`], [`metrics`]: systemd, signals, drain, Prometheus.
 //! - [`memory`]: gives memory freed by departed clients back to the system.
+//! - [`console`]: the web page at `/console` (contract §13), compiled in;
+//!   it talks to the gateway only through the public API.
 //!
 //! [`run`] takes settings and an already-bound listener, so tests bind
 //! `127.0.0.1:0` and run exactly what production runs.
@@ -42,6 +44,8 @@
 pub mod auth;
 pub mod bus;
 pub mod cli;
+// The console's compiled-in page (contract §13).
+pub mod console;
 pub mod domain;
 pub mod error;
 pub mod events;

@@ -2,6 +2,7 @@
 //! Owns the metric definitions only; the code that observes things holds a
 //! `Metrics` handle and bumps them.
 
+use crate::ws::close::CloseCode;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -163,6 +164,18 @@ impl Metrics {
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(bus_errors.clone()))?;
         registry.register(Box::new(publish_waits.clone()))?;
+        // Labelled families show in /metrics only once they have a series:
+        // the expected ones start at 0, so dashboards and alerts see every
+        // family from the first scrape (config/grafana-dashboard.json,
+        // checked by .ci/check-dashboard).
+        for reason in [CloseCode::SlowConsumer, CloseCode::HeartbeatTimeout] {
+            clients_evicted.with_label_values(&[reason.label()]);
+        }
+        disconnects.with_label_values(&[CloseCode::Normal.label()]);
+        upgrades.with_label_values(&["accepted"]);
+        for recovered in ["true", "false"] {
+            recoveries.with_label_values(&[recovered]);
+        }
         Ok(Self {
             registry,
             connected_clients,
@@ -190,5 +203,25 @@ impl Metrics {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
         String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_labelled_families_show_before_their_first_sample() {
+        let text = Metrics::new().and_then(|m| m.render()).unwrap_or_default();
+        for series in [
+            "eventgate_clients_evicted_total{reason=\"slow_consumer\"} 0",
+            "eventgate_clients_evicted_total{reason=\"heartbeat\"} 0",
+            "eventgate_client_disconnects_total{reason=\"normal\"} 0",
+            "eventgate_ws_upgrades_total{result=\"accepted\"} 0",
+            "eventgate_recoveries_total{recovered=\"true\"} 0",
+            "eventgate_recoveries_total{recovered=\"false\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! Fixed-window request limits (contract §4): a window of 60 seconds starts
 //! with a key's first request; the key is the request's token (per peer IP
-//! without one). Every `/api/*` and `/ws/*` reply carries the bucket's
-//! `X-RateLimit-*` headers, set by the middleware at the bottom.
+//! without one). Every `/api/*` and `/ws/*` reply, and `GET /console`
+//! (contract §13), carries the bucket's `X-RateLimit-*` headers, set by the
+//! middleware at the bottom.
 //!
 //! Keys are kept as keyed 64-bit hashes, so no token is held here.
 
@@ -158,7 +159,12 @@ fn classify(method: &Method, path: &str, publish_limited: bool) -> Option<(Bucke
         } else {
             Some((Bucket::General, false))
         }
-    } else if path.starts_with("/api/") || path == "/api" || path.starts_with("/ws/") {
+    } else if path.starts_with("/api/")
+        || path == "/api"
+        || path.starts_with("/ws/")
+        // The console's page (contract §13); its assets under /console/ are not limited.
+        || path == "/console"
+    {
         Some((Bucket::General, true))
     } else {
         None

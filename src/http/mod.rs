@@ -6,6 +6,8 @@
 mod authorize;
 pub mod body;
 pub mod connect;
+// The console (contract §13).
+pub mod console;
 #[cfg(feature = "test-echo")]
 pub mod echo;
 pub mod health;
@@ -117,6 +119,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(resource!("/readyz", get, health::readyz))
     .service(resource!("/metrics", get, health::metrics))
     .service(resource!("/openapi.yaml", get, health::openapi));
+    // The console (contract §13).
+    cfg.configure(console::routes);
     #[cfg(feature = "test-echo")]
     cfg.service(resource!("/test/echo", get, echo::echo));
 }
