@@ -253,6 +253,9 @@ fn main() {
         }
         return;
     }
+    // Needed when cargo unified reqwest's features with the gateway's
+    // (`rustls-no-provider`); harmless otherwise. The tool speaks plain HTTP.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let threads = cli.opts.threads.max(1);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
