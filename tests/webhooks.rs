@@ -1044,6 +1044,68 @@ async fn a_slow_receiver_does_not_delay_another_label() {
     slow.wait_count(20, WAIT).await;
 }
 
+/// A receiver that answers fast lets its webhook claim ahead of its
+/// attempts; when it turns slow, what was claimed ahead and can no longer be
+/// attempted within its lease is given back unattempted. Every delivery
+/// still arrives, no two attempts of one delivery overlap, and the attempt
+/// numbers a receiver sees run 1, 2, 3… without a gap or a repeat.
+#[actix_rt::test]
+async fn deliveries_claimed_ahead_of_a_receiver_turning_slow_are_given_back() {
+    let s = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.retry_schedule_secs = vec![1; 20];
+        s.webhook.timeout_secs = 1;
+        s.webhook.max_in_flight = 2;
+    })
+    .await;
+    let rx = Receiver::start();
+    s.instance("ahead").await;
+    set_ok(&s, "ahead", json!({"enabled": true, "url": rx.url("/")})).await;
+    // Fast answers first: the lane learns to claim ahead.
+    let warm: Vec<Value> = (0..4)
+        .map(|i| event("call.update", json!({"i": i})))
+        .collect();
+    s.publish("ahead", json!(warm)).await;
+    wait_stats(&s, "ahead", "default", |st| st["delivered"] == 4).await;
+
+    // Now every reply is held past the 1 s timeout, for 14 s: two attempts
+    // a second, far fewer than what is claimed ahead can wait for.
+    rx.hold(true);
+    let slow: Vec<Value> = (4..44)
+        .map(|i| event("call.update", json!({"i": i})))
+        .collect();
+    s.publish("ahead", json!(slow)).await;
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    rx.hold(false);
+    let st = eventually(Duration::from_secs(60), "all 44 delivered", || async {
+        let st = stats(&s, "ahead", "default").await;
+        (st["delivered"] == 44 && st["pending"] == 0).then_some(st)
+    })
+    .await;
+    assert_eq!(st["failed"], 0, "{st}");
+
+    let got = rx.got();
+    let mut attempts: std::collections::HashMap<String, Vec<u32>> = Default::default();
+    for g in &got {
+        attempts.entry(g.id()).or_default().push(g.attempt());
+    }
+    assert_eq!(attempts.len(), 44, "every delivery reached the receiver");
+    for (id, mut seen) in attempts {
+        let in_order = seen.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, in_order, "{id}: attempts out of order");
+        let want: Vec<u32> = (1..=seen.len() as u32).collect();
+        assert_eq!(seen, want, "{id}: attempt numbers with a gap or a repeat");
+    }
+    // With two attempts a second for 14 s, most of the 40 waited longer than
+    // a lease: had they been attempted late, they would show a repeat above.
+    assert!(
+        got.len() > 44,
+        "the slow phase made failed attempts: {}",
+        got.len()
+    );
+}
+
 #[actix_rt::test]
 async fn ordered_holds_back_later_deliveries_until_the_first_succeeds() {
     let s = server_with(&[1, 1]).await;

@@ -9,7 +9,7 @@ use diesel::sql_types::{BigInt, Bool, Text};
 
 use super::schema::webhook_deliveries as d;
 use super::webhooks::{dialect, id_list, WebhookRow, COLUMNS};
-use super::{with_conn, write_tx, DbConn, StorageError};
+use super::{unsynced, with_conn, write_tx, DbConn, StorageError};
 
 /// Error of a delivery refused because its webhook's backlog is full.
 pub const BACKLOG_FULL: &str = "backlog full";
@@ -81,6 +81,25 @@ pub enum Outcome {
         error: String,
         at: i64,
     },
+    /// Claimed and given back unattempted: the lease ends and the attempt
+    /// the claim counted is undone (`attempts` is the count before it).
+    Released {
+        seq: i64,
+        webhook_id: i64,
+        attempts: i64,
+    },
+}
+
+impl Outcome {
+    /// The webhook the delivery belongs to.
+    pub fn webhook_id(&self) -> i64 {
+        match self {
+            Outcome::Delivered { webhook_id, .. }
+            | Outcome::Retry { webhook_id, .. }
+            | Outcome::Dead { webhook_id, .. }
+            | Outcome::Released { webhook_id, .. } => *webhook_id,
+        }
+    }
 }
 
 /// One dead letter.
@@ -192,36 +211,38 @@ pub fn claim(
              AND d.webhook_id NOT IN ({}) \
              AND (NOT w.ordered OR d.seq = (SELECT MIN(d2.seq) FROM webhook_deliveries d2 \
                   WHERE d2.webhook_id = d.webhook_id AND d2.dead_at IS NULL)) \
-             ORDER BY d.seq LIMIT $2{locking}",
+             ORDER BY d.next_attempt_at, d.seq LIMIT $2{locking}",
             id_list(exclude)
         ),
     );
-    let claimed: Vec<Claimed> = write_tx!(conn, c => {
-        let found: Vec<Claimed> = diesel::sql_query(&select)
-            .bind::<BigInt, _>(now)
-            .bind::<BigInt, _>(limit)
-            .load(c)?;
-        let mut taken: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
-        let mut chosen = Vec::with_capacity(found.len());
-        for row in found {
-            let n = taken.entry(row.webhook_id).or_insert(0);
-            if *n < room(row.webhook_id) {
-                *n += 1;
-                chosen.push(row);
+    let claimed: Vec<Claimed> = unsynced(conn, |conn| {
+        Ok(write_tx!(conn, c => {
+            let found: Vec<Claimed> = diesel::sql_query(&select)
+                .bind::<BigInt, _>(now)
+                .bind::<BigInt, _>(limit)
+                .load(c)?;
+            let mut taken: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+            let mut chosen = Vec::with_capacity(found.len());
+            for row in found {
+                let n = taken.entry(row.webhook_id).or_insert(0);
+                if *n < room(row.webhook_id) {
+                    *n += 1;
+                    chosen.push(row);
+                }
             }
-        }
-        if !chosen.is_empty() {
-            let seqs: Vec<i64> = chosen.iter().map(|r| r.seq).collect();
-            diesel::update(d::table.filter(d::seq.eq_any(&seqs)))
-                .set((
-                    d::lease_until.eq(lease_until),
-                    // An attempt counts once started: a node that dies during
-                    // it has used it up (attempt numbers are the cluster's).
-                    d::attempts.eq(d::attempts + 1_i64),
-                ))
-                .execute(c)?;
-        }
-        Ok::<_, diesel::result::Error>(chosen)
+            if !chosen.is_empty() {
+                let seqs: Vec<i64> = chosen.iter().map(|r| r.seq).collect();
+                diesel::update(d::table.filter(d::seq.eq_any(&seqs)))
+                    .set((
+                        d::lease_until.eq(lease_until),
+                        // An attempt counts once started: a node that dies during
+                        // it has used it up (attempt numbers are the cluster's).
+                        d::attempts.eq(d::attempts + 1_i64),
+                    ))
+                    .execute(c)?;
+            }
+            Ok::<_, diesel::result::Error>(chosen)
+        })?)
     })?;
     if claimed.is_empty() {
         return Ok((claimed, Vec::new()));
@@ -265,67 +286,73 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
             *e = (*e).max(*at);
         }
     }
-    write_tx!(conn, c => {
-        if !delivered.is_empty() {
-            let gone: Vec<i64> = diesel::delete(
-                d::table.filter(d::seq.eq_any(&delivered)).filter(d::dead_at.is_null()),
-            )
-            .returning(d::webhook_id)
-            .get_results(c)?;
-            let mut per_hook: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
-            for w in gone {
-                *per_hook.entry(w).or_insert(0) += 1;
-            }
-            for (w, n) in per_hook {
-                diesel::sql_query(&q_success)
-                    .bind::<BigInt, _>(n)
-                    .bind::<BigInt, _>(last_success.get(&w).copied().unwrap_or(0))
-                    .bind::<BigInt, _>(w)
-                    .execute(c)?;
-            }
-        }
-        for o in outcomes {
-            match o {
-                Outcome::Delivered { .. } => {}
-                Outcome::Retry { seq, webhook_id, attempts, next_at, status, error, at } => {
-                    diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
-                        .set((
-                            d::attempts.eq(attempts),
-                            d::next_attempt_at.eq(next_at),
-                            d::lease_until.eq(0_i64),
-                            d::last_status.eq(status),
-                            d::last_error.eq(error),
-                            d::last_attempt_at.eq(at),
-                        ))
-                        .execute(c)?;
-                    diesel::sql_query(&q_failure)
-                        .bind::<BigInt, _>(at)
-                        .bind::<Text, _>(error)
-                        .bind::<BigInt, _>(webhook_id)
-                        .execute(c)?;
+    unsynced(conn, |conn| {
+        Ok(write_tx!(conn, c => {
+            if !delivered.is_empty() {
+                let gone: Vec<i64> = diesel::delete(
+                    d::table.filter(d::seq.eq_any(&delivered)).filter(d::dead_at.is_null()),
+                )
+                .returning(d::webhook_id)
+                .get_results(c)?;
+                let mut per_hook: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+                for w in gone {
+                    *per_hook.entry(w).or_insert(0) += 1;
                 }
-                Outcome::Dead { seq, webhook_id, attempts, status, error, at } => {
-                    diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
-                        .set((
-                            d::attempts.eq(attempts),
-                            d::lease_until.eq(0_i64),
-                            d::last_status.eq(status),
-                            d::last_error.eq(error),
-                            d::last_attempt_at.eq(at),
-                            d::dead_at.eq(at),
-                        ))
-                        .execute(c)?;
-                    diesel::sql_query(&q_failure)
-                        .bind::<BigInt, _>(at)
-                        .bind::<Text, _>(error)
-                        .bind::<BigInt, _>(webhook_id)
+                for (w, n) in per_hook {
+                    diesel::sql_query(&q_success)
+                        .bind::<BigInt, _>(n)
+                        .bind::<BigInt, _>(last_success.get(&w).copied().unwrap_or(0))
+                        .bind::<BigInt, _>(w)
                         .execute(c)?;
                 }
             }
-        }
-        Ok::<(), diesel::result::Error>(())
-    })?;
-    Ok(())
+            for o in outcomes {
+                match o {
+                    Outcome::Delivered { .. } => {}
+                    Outcome::Retry { seq, webhook_id, attempts, next_at, status, error, at } => {
+                        diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
+                            .set((
+                                d::attempts.eq(attempts),
+                                d::next_attempt_at.eq(next_at),
+                                d::lease_until.eq(0_i64),
+                                d::last_status.eq(status),
+                                d::last_error.eq(error),
+                                d::last_attempt_at.eq(at),
+                            ))
+                            .execute(c)?;
+                        diesel::sql_query(&q_failure)
+                            .bind::<BigInt, _>(at)
+                            .bind::<Text, _>(error)
+                            .bind::<BigInt, _>(webhook_id)
+                            .execute(c)?;
+                    }
+                    Outcome::Released { seq, attempts, .. } => {
+                        diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
+                            .set((d::attempts.eq(attempts), d::lease_until.eq(0_i64)))
+                            .execute(c)?;
+                    }
+                    Outcome::Dead { seq, webhook_id, attempts, status, error, at } => {
+                        diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
+                            .set((
+                                d::attempts.eq(attempts),
+                                d::lease_until.eq(0_i64),
+                                d::last_status.eq(status),
+                                d::last_error.eq(error),
+                                d::last_attempt_at.eq(at),
+                                d::dead_at.eq(at),
+                            ))
+                            .execute(c)?;
+                        diesel::sql_query(&q_failure)
+                            .bind::<BigInt, _>(at)
+                            .bind::<Text, _>(error)
+                            .bind::<BigInt, _>(webhook_id)
+                            .execute(c)?;
+                    }
+                }
+            }
+            Ok::<(), diesel::result::Error>(())
+        })?)
+    })
 }
 
 /// The acceptance position of a delivery id (pending or dead).

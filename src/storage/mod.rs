@@ -82,3 +82,27 @@ macro_rules! write_tx {
 }
 
 pub(crate) use {with_conn, write_tx};
+
+/// Runs `f` with commits that do not wait for the disk (SQLite's
+/// `synchronous = NORMAL` in WAL mode, PostgreSQL's asynchronous commit):
+/// they survive a crash of the process, and an operating-system crash may
+/// undo the last of them, never leaving the database inconsistent. Only for
+/// writes whose loss repeats work — a delivery's lease or outcome, after
+/// which it is attempted again (at least once) — never for what a reply
+/// acknowledges. The connection's setting is restored afterwards.
+pub fn unsynced<T>(
+    conn: &mut DbConn,
+    f: impl FnOnce(&mut DbConn) -> Result<T, StorageError>,
+) -> Result<T, StorageError> {
+    use diesel::connection::SimpleConnection;
+    let (relax, restore) = match conn {
+        DbConn::Sqlite(_) => ("PRAGMA synchronous = NORMAL", "PRAGMA synchronous = FULL"),
+        DbConn::Pg(_) => ("SET synchronous_commit = off", "RESET synchronous_commit"),
+    };
+    with_conn!(conn, c => c.batch_execute(relax))?;
+    let out = f(conn);
+    let restored = with_conn!(conn, c => c.batch_execute(restore));
+    let out = out?;
+    restored?;
+    Ok(out)
+}

@@ -10,7 +10,7 @@
 //!
 //! Storage work runs on the blocking pool; this module owns no HTTP route.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,19 @@ use crate::storage::deliveries::{self, Claimed, Outcome, Target};
 use crate::storage::{now_millis, webhooks, DbConn, DbPool, StorageError};
 
 /// Deliveries claimed in one round.
-const CLAIM_BATCH: i64 = 64;
+const CLAIM_BATCH: i64 = 256;
+
+/// How many times its in-flight room a webhook whose receiver answers fast
+/// may hold: claims run ahead of attempts, so the database round trip of a
+/// claim is not between one attempt and the next.
+const PREFETCH: usize = 16;
+
+/// An attempt that succeeded within this lets its webhook claim ahead.
+const FAST_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// A queued delivery starts only while its lease covers a whole attempt
+/// and this much more, to record the outcome.
+const RECORD_MARGIN_MS: i64 = 5_000;
 
 /// Outcomes recorded in one transaction at most.
 const COMPLETE_BATCH: usize = 256;
@@ -143,26 +155,71 @@ async fn db<T: Send + 'static>(
     .map_err(|e| StorageError::Blocking(e.to_string()))?
 }
 
-/// Deliveries of each webhook in flight on this node.
-type InFlight = Arc<Mutex<HashMap<i64, usize>>>;
+/// What this node holds of one webhook: deliveries claimed and not yet
+/// recorded (queued here, being attempted, or attempted and waiting for the
+/// recorder).
+#[derive(Default)]
+struct Lane {
+    /// Claimed, not started yet, in acceptance order, with their lease's end.
+    queued: VecDeque<(Claimed, i64)>,
+    /// Being attempted: at most `webhook.max_in_flight`.
+    sending: usize,
+    /// Claimed and not yet recorded (queued + sending + finished).
+    held: usize,
+    /// Whether the last attempt succeeded within [`FAST_ATTEMPT`]: then the
+    /// lane claims ahead of its attempts ([`PREFETCH`]).
+    fast: bool,
+}
+
+impl Lane {
+    /// Most deliveries the lane may hold.
+    fn depth(&self, max: usize) -> usize {
+        if self.fast {
+            max * PREFETCH
+        } else {
+            max
+        }
+    }
+
+    /// Whether a claim should skip this webhook: it is full, or (claiming
+    /// ahead) still holds more than half its depth, so claims come in batches.
+    fn skip_claim(&self, max: usize) -> bool {
+        let depth = self.depth(max);
+        if self.fast {
+            self.held * 2 > depth
+        } else {
+            self.held >= depth
+        }
+    }
+}
+
+/// The lanes of this node, by webhook id, and the targets their deliveries go to.
+#[derive(Default)]
+struct Lanes {
+    lanes: HashMap<i64, Lane>,
+    targets: HashMap<i64, Arc<Target>>,
+}
+
+type SharedLanes = Arc<Mutex<Lanes>>;
 
 /// Starts the delivery loop and the outcome recorder on the current
 /// (actix system) runtime.
 pub fn start(env: WorkerEnv) {
-    let in_flight: InFlight = Arc::default();
+    let lanes: SharedLanes = Arc::default();
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Outcome>();
-    actix_web::rt::spawn(record_outcomes(env.clone(), in_flight.clone(), done_rx));
+    actix_web::rt::spawn(record_outcomes(env.clone(), lanes.clone(), done_rx));
     actix_web::rt::spawn(housekeeping(env.clone()));
-    actix_web::rt::spawn(dispatch(env, in_flight, done_tx));
+    actix_web::rt::spawn(dispatch(env, lanes, done_tx));
 }
 
-async fn dispatch(env: WorkerEnv, in_flight: InFlight, done: mpsc::UnboundedSender<Outcome>) {
+async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSender<Outcome>) {
     let lease_ms =
         i64::try_from(env.settings.timeout_secs).unwrap_or(3600) * 1000 + LEASE_MARGIN_MS;
     let max = env.settings.max_in_flight;
     let mut failing_since: Option<Instant> = None;
     loop {
         if (env.stopping)() {
+            release_queued(&lanes, &done);
             return;
         }
         if !env.webhooks.any_enabled() {
@@ -174,17 +231,27 @@ async fn dispatch(env: WorkerEnv, in_flight: InFlight, done: mpsc::UnboundedSend
             }
             continue;
         }
-        let exclude: Vec<i64> = in_flight
-            .lock()
-            .iter()
-            .filter(|(_, n)| **n >= max)
-            .map(|(id, _)| *id)
-            .collect();
-        let snapshot = in_flight.lock().clone();
+        let (exclude, room): (Vec<i64>, HashMap<i64, usize>) = {
+            let held = lanes.lock();
+            let exclude = held
+                .lanes
+                .iter()
+                .filter(|(_, l)| l.skip_claim(max))
+                .map(|(id, _)| *id)
+                .collect();
+            let room = held
+                .lanes
+                .iter()
+                .map(|(id, l)| (*id, l.depth(max).saturating_sub(l.held)))
+                .collect();
+            (exclude, room)
+        };
         let now = now_millis();
+        let lease_until = now + lease_ms;
         let claimed = db(&env.pool, move |conn| {
-            let mut room = |w: i64| max.saturating_sub(snapshot.get(&w).copied().unwrap_or(0));
-            deliveries::claim(conn, now, now + lease_ms, CLAIM_BATCH, &exclude, &mut room)
+            // A webhook this node holds nothing of starts with its in-flight room.
+            let mut room = |w: i64| room.get(&w).copied().unwrap_or(max);
+            deliveries::claim(conn, now, lease_until, CLAIM_BATCH, &exclude, &mut room)
         })
         .await;
         let (rows, targets) = match claimed {
@@ -202,20 +269,24 @@ async fn dispatch(env: WorkerEnv, in_flight: InFlight, done: mpsc::UnboundedSend
             }
         };
         let full_round = rows.len() as i64 == CLAIM_BATCH;
-        let targets: HashMap<i64, Arc<Target>> = targets
-            .into_iter()
-            .map(|t| (t.hook.id, Arc::new(t)))
-            .collect();
-        for row in rows {
-            let Some(target) = targets.get(&row.webhook_id).cloned() else {
-                continue;
-            };
-            *in_flight.lock().entry(row.webhook_id).or_insert(0) += 1;
-            let (env, done) = (env.clone(), done.clone());
-            actix_web::rt::spawn(async move {
-                let outcome = attempt(&env, &row, &target).await;
-                let _ = done.send(outcome);
-            });
+        {
+            let mut held = lanes.lock();
+            for t in targets {
+                held.targets.insert(t.hook.id, Arc::new(t));
+            }
+            let mut touched = Vec::new();
+            for row in rows {
+                let w = row.webhook_id;
+                let lane = held.lanes.entry(w).or_default();
+                lane.held += 1;
+                lane.queued.push_back((row, lease_until));
+                touched.push(w);
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            for w in touched {
+                start_attempts(&env, &lanes, &mut held, w, &done);
+            }
         }
         if full_round {
             continue;
@@ -227,10 +298,82 @@ async fn dispatch(env: WorkerEnv, in_flight: InFlight, done: mpsc::UnboundedSend
     }
 }
 
-/// Records outcomes in batches, frees in-flight room, and wakes the loop.
+/// Starts queued deliveries of webhook `w` while it has in-flight room. A
+/// queued delivery whose lease no longer covers a whole attempt (its
+/// receiver turned slow while it waited) is given back instead: released
+/// unattempted, for the next claim.
+fn start_attempts(
+    env: &WorkerEnv,
+    shared: &SharedLanes,
+    held: &mut Lanes,
+    w: i64,
+    done: &mpsc::UnboundedSender<Outcome>,
+) {
+    let max = env.settings.max_in_flight;
+    let attempt_ms = i64::try_from(env.settings.timeout_secs).unwrap_or(3600) * 1000;
+    let Some(target) = held.targets.get(&w).cloned() else {
+        return;
+    };
+    // Disabled or deleted since the claim (the change reached this node):
+    // what is queued goes back, and the database makes it a dead letter.
+    let gone = (env.stopping)()
+        || !env
+            .webhooks
+            .enabled(InstanceId(target.hook.instance_id))
+            .is_some_and(|hooks| hooks.iter().any(|h| h.id == w));
+    let Some(lane) = held.lanes.get_mut(&w) else {
+        return;
+    };
+    while lane.sending < max {
+        let Some((row, lease_until)) = lane.queued.pop_front() else {
+            break;
+        };
+        if gone || lease_until - now_millis() < attempt_ms + RECORD_MARGIN_MS {
+            let _ = done.send(release(&row));
+            continue;
+        }
+        lane.sending += 1;
+        let (env, done, shared, target) =
+            (env.clone(), done.clone(), shared.clone(), target.clone());
+        actix_web::rt::spawn(async move {
+            let started = Instant::now();
+            let outcome = attempt(&env, &row, &target).await;
+            let fast =
+                matches!(outcome, Outcome::Delivered { .. }) && started.elapsed() < FAST_ATTEMPT;
+            let _ = done.send(outcome);
+            let mut held = shared.lock();
+            if let Some(lane) = held.lanes.get_mut(&row.webhook_id) {
+                lane.sending = lane.sending.saturating_sub(1);
+                lane.fast = fast;
+            }
+            start_attempts(&env, &shared, &mut held, row.webhook_id, &done);
+        });
+    }
+}
+
+/// The outcome that gives a claimed delivery back without an attempt.
+fn release(row: &Claimed) -> Outcome {
+    Outcome::Released {
+        seq: row.seq,
+        webhook_id: row.webhook_id,
+        attempts: row.attempts,
+    }
+}
+
+/// Gives back every queued delivery (the node is stopping).
+fn release_queued(lanes: &SharedLanes, done: &mpsc::UnboundedSender<Outcome>) {
+    let mut held = lanes.lock();
+    for lane in held.lanes.values_mut() {
+        for (row, _) in lane.queued.drain(..) {
+            let _ = done.send(release(&row));
+        }
+    }
+}
+
+/// Records outcomes in batches, frees the lanes' room, and wakes the loop.
 async fn record_outcomes(
     env: WorkerEnv,
-    in_flight: InFlight,
+    lanes: SharedLanes,
     mut rx: mpsc::UnboundedReceiver<Outcome>,
 ) {
     while let Some(first) = rx.recv().await {
@@ -255,21 +398,22 @@ async fn record_outcomes(
                 }
             }
         }
-        let mut slots = in_flight.lock();
+        let mut held = lanes.lock();
         for o in shared.iter() {
-            let w = match o {
-                Outcome::Delivered { webhook_id, .. }
-                | Outcome::Retry { webhook_id, .. }
-                | Outcome::Dead { webhook_id, .. } => *webhook_id,
+            let w = o.webhook_id();
+            let Some(lane) = held.lanes.get_mut(&w) else {
+                continue;
             };
-            if let Some(n) = slots.get_mut(&w) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    slots.remove(&w);
+            lane.held = lane.held.saturating_sub(1);
+            if lane.held == 0 {
+                // A fast lane is remembered, so its next claim runs ahead.
+                if !lane.fast {
+                    held.lanes.remove(&w);
                 }
+                held.targets.remove(&w);
             }
         }
-        drop(slots);
+        drop(held);
         env.webhooks.ring();
     }
 }
