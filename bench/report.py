@@ -198,3 +198,77 @@ if cluster:
     print(f"Two nodes (PostgreSQL + NATS), clients split over both, published on one: "
           f"{cluster['deliveries_per_sec']:.0f} deliveries/s, lost {cluster['lost']}, dup {cluster['duplicated']}, "
           f"p99 {cluster['latency_p99_ms']:.2f} ms.")
+
+# Reconnect storms (contract §12): every client drops while events are
+# published, then reconnects, plainly and then with its position.
+storms = [r for r in rows if r["mode"] == "storm" and r["target"] == "eventgate"]
+if storms:
+    print()
+    print("Reconnect storms: every client drops while events are published, then reconnects "
+          "(plain: no recovery; recovery: with its epoch and offset)")
+    print()
+    print("| run | clients | events | plain s | recovery s | ratio | target | server CPU s plain / recovery | recovered true / false | lost | dup | out of order |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in storms:
+        ra = ratio(r.get("recovery_secs"), r.get("plain_secs"))
+        ok = (ra is not None and ra <= 1.5 and r.get("recovery_lost") == 0
+              and r.get("recovery_duplicates") == 0)
+        print(f"| {r['label']} | {r['clients']} | {r['storm_events']} | {fmt(r.get('plain_secs'), '{:.2f}')} | "
+              f"{fmt(r.get('recovery_secs'), '{:.2f}')} | {fmt(ra, '{:.2f}×')} | ≤ 1.5×, 0 lost, 0 dup: "
+              f"{'met' if ok else 'missed'} | {fmt(r.get('plain_server_cpu_secs'), '{:.2f}')} / "
+              f"{fmt(r.get('recovery_server_cpu_secs'), '{:.2f}')} | {r.get('recovery_recovered_true')} / "
+              f"{r.get('recovery_recovered_false')} | {r.get('recovery_lost')} | {r.get('recovery_duplicates')} | "
+              f"{r.get('recovery_out_of_order')} |")
+
+# Webhooks (contract §11) against the tool's own receiver, with the tool's raw
+# POST rate to that receiver in the same invocation as the yardstick.
+hooks = [r for r in rows if r["mode"] == "webhook" and r["target"] == "eventgate"]
+if hooks:
+    print()
+    print("Webhooks: one enabled webhook, the load tool's receiver on 127.0.0.1 (200 at once)")
+    print()
+    print("| figure | " + " | ".join(r["label"] for r in hooks) + " | target |")
+    print("|---|" + "---|" * len(hooks) + "---|")
+
+    def hook_row(name, key, spec="{:.0f}", target=""):
+        print(f"| {name} | " + " | ".join(fmt(r.get(key), spec) for r in hooks) + f" | {target} |")
+
+    hook_row("raw POSTs/s (tool → receiver)", "raw_posts_per_sec")
+    hook_row("raw p99 ms", "raw_p99_ms", "{:.3f}")
+    hook_row("sustained deliveries/s", "sustained_deliveries_per_sec")
+    hook_row("sustained / raw", "sustained_ratio_to_raw", "{:.3f}", "≥ 0.5")
+    hook_row("sustained lost", "sustained_lost", target="0")
+    hook_row("sustained duplicates", "sustained_duplicates", target="reported")
+    hook_row("p99 ms at 20% of sustained", "fixed_p99_ms", "{:.2f}")
+    hook_row("that p99 / raw p99", "fixed_p99_ratio_to_raw", "{:.1f}", "≤ 10")
+    hook_row("publish events/s with the webhook", "publish_with_webhook_events_per_sec")
+    hook_row("publish events/s without", "publish_without_webhook_events_per_sec")
+    hook_row("with / without", "publish_ratio", "{:.3f}", "≥ 0.5")
+    hook_row("backlog queued (receiver down)", "backlog_events")
+    hook_row("RSS MiB before queueing", "backlog_rss_before_mib", "{:.1f}")
+    hook_row("RSS MiB max while queued", "backlog_rss_max_mib", "{:.1f}", "flat")
+    hook_row("backlog drain s", "backlog_drain_secs", "{:.1f}")
+    hook_row("backlog drain deliveries/s", "backlog_drain_per_sec")
+    hook_row("backlog lost", "backlog_lost", target="0")
+    hook_row("SIGKILL restarts", "kills")
+    hook_row("events acknowledged across them", "kills_acknowledged")
+    hook_row("lost across them", "kills_lost", target="0")
+    hook_row("duplicates across them", "kills_duplicates", target="reported")
+
+# History's cost to clients that do not opt in: the same fan-out with the
+# history off and on (medians of the interleaved rounds).
+if any(r["label"].startswith("history0-") for r in rows):
+    print()
+    print("History's cost to clients that do not opt in (fan-out 1 × 1000, max rate, medians of the rounds)")
+    print()
+    print("| figure | history off | 1000 kept per instance | ratio | target |")
+    print("|---|---|---|---|---|")
+    for name, key, higher in [("deliveries/s", "deliveries_per_sec", True),
+                              ("p50 ms", "latency_p50_ms", False),
+                              ("p99 ms", "latency_p99_ms", False)]:
+        off = median_of("eventgate", "history0-fanout-1x1000", key)
+        on = median_of("eventgate", "history1000-fanout-1x1000", key)
+        ra = ratio(on, off)
+        ok = ra is not None and (ra >= 0.95 if higher else ra <= 1.05)
+        print(f"| {name} | {fmt(off, '{:.2f}')} | {fmt(on, '{:.2f}')} | {fmt(ra, '{:.3f}×')} | "
+              f"within 5%: {'met' if ok else ('no data' if ra is None else 'missed')} |")

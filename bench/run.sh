@@ -10,7 +10,7 @@
 #   SECS=5 IDLE_CLIENTS=5000 bash bench/run.sh
 #
 # Env: TARGETS ("eventgate gorilla node uws"), SCENARIOS ("fanout latency
-# latency150 idle stalled cluster storm webhook"), SECS (10), ROUNDS (3: interleaved rounds
+# latency150 idle stalled cluster history storm webhook"), SECS (10), ROUNDS (3: interleaved rounds
 # of the latency scenarios and of the stalled pair; the report takes
 # medians), IDLE_CLIENTS (19000), CLUSTER (1: also two eventgate nodes on
 # PostgreSQL + NATS), FLOOR (1: the latency rounds also measure the floor
@@ -30,7 +30,7 @@ if [ "${QUICK:-0}" = 1 ]; then
     WEBHOOK_BACKLOG=${WEBHOOK_BACKLOG:-5000} KILLS=${KILLS:-3}
 fi
 TARGETS=${TARGETS:-"eventgate gorilla node uws"}
-SCENARIOS=${SCENARIOS:-"fanout latency latency150 idle stalled cluster storm webhook"}
+SCENARIOS=${SCENARIOS:-"fanout latency latency150 idle stalled cluster history storm webhook"}
 STORM_CLIENTS=${STORM_CLIENTS:-10000}
 WEBHOOK_BACKLOG=${WEBHOOK_BACKLOG:-100000}
 KILLS=${KILLS:-20}
@@ -192,6 +192,21 @@ fresh_pg() {
     psql -q "$PG_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
     psql -q "$PG_URL" -c "CREATE DATABASE $db" >/dev/null 2>&1 && echo "${PG_URL%/*}/$db"
 }
+
+# History's cost to clients that do not opt in (contract §12): fan-out
+# 1 × 1000 at max rate with the history off and with 1000 events kept per
+# instance, ROUNDS interleaved rounds (the report takes medians).
+if want history && [[ " $TARGETS " == *" eventgate "* ]]; then
+    for r in $(seq "$ROUNDS"); do
+        for hist in 0 1000; do
+            wait_quiet; PIDS=(); rm -f "$WORK/eg.sqlite3"*
+            start_eventgate 8090 "$WORK/eg.sqlite3" EVENTGATE_WS_HISTORY_SIZE=$hist &&
+                run_eventgate "history$hist-fanout-1x1000-r$r" 120 fanout --clients 1000 --instances 1 \
+                    --secs "$SECS" --url http://127.0.0.1:8090
+            stop_servers
+        done
+    done
+fi
 
 # Reconnect storms: STORM_CLIENTS clients drop while 100 events are
 # published and reconnect, plainly and then recovering; one node, then two
