@@ -9,6 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::recovery::{assert_increasing, ev, n, offset, open, read_until, resume};
 use common::{event, stalled_client, Got, Process, TestDb, TestServer, Ws, ACCOUNT};
 use serde_json::{json, Value};
 
@@ -21,83 +22,9 @@ async fn server(size: usize, tweak: impl FnOnce(&mut eventgate::settings::Settin
     .await
 }
 
-/// Opens `/ws/<name>?token=..<query>` and returns the socket with its first
-/// frame, which must be exactly a `connection.recovery`.
-async fn open(s: &TestServer, name: &str, query: &str) -> (Ws, Value) {
-    let url = s.ws_url(&format!("/ws/{name}?token={ACCOUNT}{query}"));
-    let (inner, res) = tokio_tungstenite::connect_async(url).await.unwrap();
-    assert_eq!(res.status().as_u16(), 101);
-    let mut ws = Ws { inner };
-    let first = ws.envelope().await;
-    assert_recovery_frame(&first);
-    (ws, first["data"].clone())
-}
-
-/// Asserts the exact shape of the first frame.
-fn assert_recovery_frame(v: &Value) {
-    let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
-    assert_eq!(keys.len(), 2, "{v}");
-    assert_eq!(v["event"], "connection.recovery", "{v}");
-    let data = v["data"].as_object().unwrap();
-    let mut keys: Vec<_> = data.keys().cloned().collect();
-    keys.sort();
-    assert_eq!(keys, ["epoch", "offset", "recovered"], "{v}");
-    assert!(data["recovered"].is_boolean() && data["epoch"].is_string() && data["offset"].is_u64());
-}
-
-/// Reconnects from `(epoch, since)`.
-async fn resume(s: &TestServer, name: &str, epoch: &str, since: u64, extra: &str) -> (Ws, Value) {
-    open(
-        s,
-        name,
-        &format!("&recover=true&epoch={epoch}&since={since}{extra}"),
-    )
-    .await
-}
-
-fn n(v: &Value) -> u64 {
-    v["data"]["n"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no data.n in {v}"))
-}
-
-fn offset(v: &Value) -> u64 {
-    v["offset"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no offset in {v}"))
-}
-
-fn ev(n: u64) -> Value {
-    event("call.update", json!({"n": n}))
-}
-
 async fn publish_range(s: &TestServer, name: &str, range: std::ops::RangeInclusive<u64>) {
     let body: Vec<Value> = range.map(ev).collect();
     assert_eq!(s.publish(name, json!(body)).await.status, 202);
-}
-
-/// Reads envelopes until the one with `data.n == last`.
-async fn read_until(ws: &mut Ws, last: u64) -> Vec<Value> {
-    let mut got = Vec::new();
-    loop {
-        let v = ws.envelope().await;
-        let done = v["data"]["n"].as_u64() == Some(last);
-        got.push(v);
-        if done {
-            return got;
-        }
-    }
-}
-
-fn assert_increasing(frames: &[Value]) {
-    for pair in frames.windows(2) {
-        assert!(
-            offset(&pair[0]) < offset(&pair[1]),
-            "{} then {}",
-            pair[0],
-            pair[1]
-        );
-    }
 }
 
 #[actix_rt::test]

@@ -10,9 +10,10 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::recovery::{assert_increasing, ev, n, offset, open, read_until, resume};
 use common::{
-    event, free_port, require_nats, require_postgres, services_required, unique_subject_prefix,
-    Got, Process, TestDb, TestServer, Ws, ACCOUNT, REQUIRE_ENV,
+    free_port, require_nats, require_postgres, services_required, unique_subject_prefix, Got,
+    Process, TestDb, TestServer, ACCOUNT, REQUIRE_ENV,
 };
 use serde_json::{json, Value};
 
@@ -149,53 +150,6 @@ impl Cluster {
     }
 }
 
-async fn open(s: &TestServer, name: &str, query: &str) -> (Ws, Value) {
-    let url = s.ws_url(&format!("/ws/{name}?token={ACCOUNT}{query}"));
-    let (inner, res) = tokio_tungstenite::connect_async(url).await.unwrap();
-    assert_eq!(res.status().as_u16(), 101);
-    let mut ws = Ws { inner };
-    let first = ws.envelope().await;
-    assert_eq!(first["event"], "connection.recovery", "{first}");
-    (ws, first["data"].clone())
-}
-
-async fn resume(s: &TestServer, name: &str, epoch: &str, since: u64) -> (Ws, Value) {
-    open(
-        s,
-        name,
-        &format!("&recover=true&epoch={epoch}&since={since}"),
-    )
-    .await
-}
-
-fn n(v: &Value) -> u64 {
-    v["data"]["n"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no data.n in {v}"))
-}
-
-fn offset(v: &Value) -> u64 {
-    v["offset"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no offset in {v}"))
-}
-
-fn ev(n: u64) -> Value {
-    event("call.update", json!({"n": n}))
-}
-
-async fn read_until(ws: &mut Ws, last: u64) -> Vec<Value> {
-    let mut got = Vec::new();
-    loop {
-        let v = ws.envelope().await;
-        let done = v["data"]["n"].as_u64() == Some(last);
-        got.push(v);
-        if done {
-            return got;
-        }
-    }
-}
-
 /// What must be equal on every node: the event, its offset and epoch
 /// (`instanceData.baseUrl` is each node's own).
 fn positions(frames: &[Value]) -> Vec<(u64, u64, String)> {
@@ -203,17 +157,6 @@ fn positions(frames: &[Value]) -> Vec<(u64, u64, String)> {
         .iter()
         .map(|v| (n(v), offset(v), v["epoch"].as_str().unwrap().to_string()))
         .collect()
-}
-
-fn assert_increasing(frames: &[Value]) {
-    for pair in frames.windows(2) {
-        assert!(
-            offset(&pair[0]) < offset(&pair[1]),
-            "{} then {}",
-            pair[0],
-            pair[1]
-        );
-    }
 }
 
 #[actix_rt::test]
@@ -274,7 +217,7 @@ async fn every_node_shows_the_same_offsets_and_a_client_of_a_recovers_on_b() {
         }
     };
     let consumer = async {
-        let (mut ws, first) = resume(&b, "multi", &epoch, since).await;
+        let (mut ws, first) = resume(&b, "multi", &epoch, since, "").await;
         assert_eq!(first["recovered"], true, "{first}");
         assert_eq!(first["epoch"], json!(epoch));
         read_until(&mut ws, last).await
@@ -341,7 +284,7 @@ async fn clients_of_a_node_killed_with_sigkill_recover_on_another_node() {
         b.publish("crash", ev(i)).await;
     }
     for (processed, since) in positions {
-        let (mut ws, first) = resume(&b, "crash", &epoch, since).await;
+        let (mut ws, first) = resume(&b, "crash", &epoch, since, "").await;
         assert_eq!(first["recovered"], true, "{first}");
         assert_eq!(
             first["epoch"],
@@ -391,7 +334,7 @@ async fn a_nats_outage_makes_recovery_false_while_live_delivery_goes_on() {
     assert_eq!(n(&two), 2);
     assert_ne!(two["epoch"], json!(epoch));
     // A client that recovers across the outage learns it cannot.
-    let (mut again, first) = resume(&a, "outage", &epoch, since).await;
+    let (mut again, first) = resume(&a, "outage", &epoch, since, "").await;
     assert_eq!(first["recovered"], false);
     a.publish("outage", ev(3)).await;
     assert_eq!(n(&again.envelope().await), 3);
@@ -453,7 +396,7 @@ async fn deleting_an_instance_clears_the_shared_history() {
     assert_eq!(r.status, 200);
     assert_eq!(ws.closed(Duration::from_secs(5)).await, Some(4004));
     b.instance("gone").await;
-    let (_, first) = resume(&a, "gone", &epoch, since).await;
+    let (_, first) = resume(&a, "gone", &epoch, since, "").await;
     assert_eq!(first["recovered"], false);
     assert_ne!(first["epoch"], json!(epoch));
     assert_eq!(first["offset"], 0, "nothing of the old numbering is left");
@@ -480,7 +423,7 @@ async fn the_history_bounds_hold_on_every_node() {
     let got = read_until(&mut wa, 5).await;
     // B keeps the last three: a client that processed 2 recovers, one that
     // processed 1 cannot.
-    let (mut ok, first) = resume(&b, "bounded", &epoch, offset(&got[1])).await;
+    let (mut ok, first) = resume(&b, "bounded", &epoch, offset(&got[1]), "").await;
     assert_eq!(first["recovered"], true, "{first}");
     assert_eq!(
         read_until(&mut ok, 5)
@@ -490,7 +433,7 @@ async fn the_history_bounds_hold_on_every_node() {
             .collect::<Vec<_>>(),
         [3, 4, 5]
     );
-    let (_, first) = resume(&b, "bounded", &epoch, offset(&got[0])).await;
+    let (_, first) = resume(&b, "bounded", &epoch, offset(&got[0]), "").await;
     assert_eq!(first["recovered"], false, "{first}");
     assert_eq!(
         b.metric("eventgate_recoveries_total{recovered=\"false\"}")
@@ -523,7 +466,7 @@ async fn losing_jetstream_changes_the_epoch() {
         assert!(Instant::now() < deadline, "NATS never came back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (mut again, first) = resume(&a, "lost", &epoch, since).await;
+    let (mut again, first) = resume(&a, "lost", &epoch, since, "").await;
     assert_eq!(first["recovered"], false, "{first}");
     let new_epoch = first["epoch"].as_str().unwrap().to_string();
     assert!(!new_epoch.is_empty() && new_epoch != epoch);

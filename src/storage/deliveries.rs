@@ -289,8 +289,13 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
     unsynced(conn, |conn| {
         Ok(write_tx!(conn, c => {
             if !delivered.is_empty() {
+                // Not `dead_at IS NULL`: PostgreSQL would read the whole
+                // partial index of pending rows beside the primary key
+                // (a BitmapAnd) whenever its statistics lag a burst.
                 let gone: Vec<i64> = diesel::delete(
-                    d::table.filter(d::seq.eq_any(&delivered)).filter(d::dead_at.is_null()),
+                    d::table
+                        .filter(d::seq.eq_any(&delivered))
+                        .filter(diesel::dsl::sql::<Bool>("COALESCE(dead_at, -1) < 0")),
                 )
                 .returning(d::webhook_id)
                 .get_results(c)?;

@@ -12,6 +12,8 @@
 //! polling a condition with a deadline ([`eventually`]), never by sleeping.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod recovery;
+
 use std::fmt::Display;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
