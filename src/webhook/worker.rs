@@ -2,11 +2,13 @@
 //! lease, attempts them on tokio tasks (never on an HTTP worker), and records
 //! outcomes in batches — success, a retry after the jittered schedule (or a
 //! receiver's `Retry-After`), or a dead letter (attempts used up, 410,
-//! refused address). A claim never takes more of one webhook than its
-//! in-flight room on this node, so a slow receiver only ever holds its own
-//! slots. Housekeeping beside it: the pending gauge, dead-letter retention,
-//! and a periodic re-read of the enabled webhooks (a safety net behind the
-//! bus).
+//! refused address). Each webhook has a lane on this node: at most
+//! `webhook.max_in_flight` attempts at once, and claims that run ahead of
+//! them only while its receiver answers fast (a slow receiver holds its own
+//! slots and nothing more; what it cannot attempt within the lease goes
+//! back unattempted). Housekeeping beside it: the pending gauge,
+//! dead-letter retention, and a periodic re-read of the enabled webhooks (a
+//! safety net behind the bus).
 //!
 //! Storage work runs on the blocking pool; this module owns no HTTP route.
 
