@@ -229,7 +229,7 @@ async fn nodes_started_together_on_a_fresh_postgres_database_both_migrate() {
     let Some(db) = common::require_postgres() else {
         return;
     };
-    // Each process listens before it migrates, so both migrate at once.
+    // Each process listens before it migrates, so all three migrate at once.
     let mut nodes: Vec<Process> = (0..3)
         .map(|_| Process::start(&db, &["serve"], &[]))
         .collect();

@@ -280,10 +280,33 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
         })
         .collect();
     let mut last_success: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+    // Failures likewise: one update per webhook, with its latest failure.
+    let mut last_failure: std::collections::HashMap<i64, (i64, &str)> =
+        std::collections::HashMap::new();
     for o in outcomes {
-        if let Outcome::Delivered { webhook_id, at, .. } = o {
-            let e = last_success.entry(*webhook_id).or_insert(*at);
-            *e = (*e).max(*at);
+        match o {
+            Outcome::Delivered { webhook_id, at, .. } => {
+                let e = last_success.entry(*webhook_id).or_insert(*at);
+                *e = (*e).max(*at);
+            }
+            Outcome::Retry {
+                webhook_id,
+                at,
+                error,
+                ..
+            }
+            | Outcome::Dead {
+                webhook_id,
+                at,
+                error,
+                ..
+            } => {
+                let e = last_failure.entry(*webhook_id).or_insert((*at, error));
+                if *at >= e.0 {
+                    *e = (*at, error);
+                }
+            }
+            Outcome::Released { .. } => {}
         }
     }
     unsynced(conn, |conn| {
@@ -314,7 +337,7 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
             for o in outcomes {
                 match o {
                     Outcome::Delivered { .. } => {}
-                    Outcome::Retry { seq, webhook_id, attempts, next_at, status, error, at } => {
+                    Outcome::Retry { seq, attempts, next_at, status, error, at, .. } => {
                         diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
                             .set((
                                 d::attempts.eq(attempts),
@@ -325,18 +348,13 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
                                 d::last_attempt_at.eq(at),
                             ))
                             .execute(c)?;
-                        diesel::sql_query(&q_failure)
-                            .bind::<BigInt, _>(at)
-                            .bind::<Text, _>(error)
-                            .bind::<BigInt, _>(webhook_id)
-                            .execute(c)?;
                     }
                     Outcome::Released { seq, attempts, .. } => {
                         diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
                             .set((d::attempts.eq(attempts), d::lease_until.eq(0_i64)))
                             .execute(c)?;
                     }
-                    Outcome::Dead { seq, webhook_id, attempts, status, error, at } => {
+                    Outcome::Dead { seq, attempts, status, error, at, .. } => {
                         diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
                             .set((
                                 d::attempts.eq(attempts),
@@ -347,13 +365,15 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
                                 d::dead_at.eq(at),
                             ))
                             .execute(c)?;
-                        diesel::sql_query(&q_failure)
-                            .bind::<BigInt, _>(at)
-                            .bind::<Text, _>(error)
-                            .bind::<BigInt, _>(webhook_id)
-                            .execute(c)?;
                     }
                 }
+            }
+            for (w, (at, error)) in &last_failure {
+                diesel::sql_query(&q_failure)
+                    .bind::<BigInt, _>(at)
+                    .bind::<Text, _>(*error)
+                    .bind::<BigInt, _>(w)
+                    .execute(c)?;
             }
             Ok::<(), diesel::result::Error>(())
         })?)
