@@ -215,7 +215,7 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
 #[actix_rt::test]
 async fn metrics_parse_and_move() {
     let s = TestServer::start_with(|st| {
-        st.ws.tcp_user_timeout_secs = 2;
+        st.ws.tcp_user_timeout_secs = 10;
         st.ws.client_buffer = 4;
     })
     .await;

@@ -451,7 +451,7 @@ async fn a_client_too_slow_for_its_replay_is_evicted_while_others_are_unaffected
     let s = server(1000, |st| {
         st.ws.client_buffer_bytes = 1 << 20;
         st.ws.history_bytes = 16 << 20;
-        st.ws.tcp_user_timeout_secs = 2;
+        st.ws.tcp_user_timeout_secs = 10;
     })
     .await;
     s.instance("slow").await;

@@ -34,9 +34,13 @@ async fn read_until_gone(stream: &mut tokio::net::TcpStream, wait: Duration) -> 
 
 #[actix_rt::test]
 async fn stalled_client_is_evicted_while_fast_clients_get_everything() {
+    // The bounds (64 messages, 1 MiB) are reached within a few MiB of
+    // publishing; TCP_USER_TIMEOUT is long enough that a loaded machine
+    // reaches them before the kernel gives up on the stalled socket.
     let s = TestServer::start_with(|st| {
-        st.ws.tcp_user_timeout_secs = 2;
+        st.ws.tcp_user_timeout_secs = 10;
         st.ws.client_buffer = 64;
+        st.ws.client_buffer_bytes = 1024 * 1024;
     })
     .await;
     s.instance("busy").await;
@@ -83,7 +87,15 @@ async fn stalled_client_is_evicted_while_fast_clients_get_everything() {
         (s.metric(series).await >= 1.0).then_some(())
     })
     .await;
-    assert!(evicted.is_some(), "the stalled client was not evicted");
+    if evicted.is_none() {
+        let text = s.raw("GET", "/metrics", &[], None).await.body;
+        let text = text.as_str().unwrap_or("").to_string();
+        let ends: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("eventgate_client_disconnects_total"))
+            .collect();
+        panic!("the stalled client was not evicted; disconnects: {ends:?}");
+    }
     assert_eq!(s.metric(series).await, 1.0);
     s.wait_clients("busy", Some(10)).await;
     // The stalled socket is gone within seconds although it never read.
@@ -98,8 +110,9 @@ async fn stalled_client_is_evicted_while_fast_clients_get_everything() {
 
 #[actix_rt::test]
 async fn byte_bound_evicts_before_the_message_bound() {
+    // As above: TCP_USER_TIMEOUT must not end the socket before the bound does.
     let s = TestServer::start_with(|st| {
-        st.ws.tcp_user_timeout_secs = 2;
+        st.ws.tcp_user_timeout_secs = 10;
         st.ws.client_buffer_bytes = 256 * 1024;
     })
     .await;
