@@ -8,6 +8,13 @@
 //! through a bounded queue and is skipped while NATS is unreachable, so a
 //! NATS outage never blocks a request or grows memory: what could not cross
 //! is counted (`eventgate_bus_errors_total`) and logged.
+//!
+//! A change that could not cross is not lost for good: each time a node's
+//! NATS connection comes up (at start and after an outage) it re-reads
+//! storage at once ([`Bus::resyncs`]) and asks every other node to do the
+//! same on `<prefix>.resync`, so changes made or missed while away apply
+//! everywhere within moments of NATS returning, not at the next periodic
+//! refresh.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +23,7 @@ use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::domain::InstanceId;
 use crate::events::Event;
@@ -64,6 +71,8 @@ pub struct NatsBus {
     last_warning: Mutex<Option<Instant>>,
     /// The shared history, when the instances keep one (contract §12).
     history: Option<Arc<SharedHistory>>,
+    /// Bumped whenever this node should re-read storage at once.
+    resync: watch::Sender<u64>,
 }
 
 impl Bus {
@@ -79,6 +88,7 @@ impl Bus {
         }
         let node = crate::auth::generate_token()[..16].to_string();
         let events_metrics = metrics.clone();
+        let (connected_tx, mut connected) = watch::channel(0u64);
         let client = async_nats::ConnectOptions::new()
             .name(format!("eventgate-{node}"))
             .retry_on_initial_connect()
@@ -90,13 +100,17 @@ impl Bus {
             })
             .event_callback(move |event| {
                 let metrics = events_metrics.clone();
+                let connected_tx = connected_tx.clone();
                 async move {
                     match event {
                         async_nats::Event::SlowConsumer(sid) => {
                             metrics.bus_errors.with_label_values(&["slow_consumer"]).inc();
                             log::warn!("NATS subscription {sid} overflowed: cross-node events were dropped");
                         }
-                        async_nats::Event::Connected => log::info!("NATS connected"),
+                        async_nats::Event::Connected => {
+                            log::info!("NATS connected");
+                            connected_tx.send_modify(|n| *n += 1);
+                        }
                         async_nats::Event::Disconnected => {
                             log::warn!("NATS disconnected; reconnecting")
                         }
@@ -120,8 +134,18 @@ impl Bus {
                     client.clone(),
                     &cluster.subject_prefix,
                     limits,
+                    connected.clone(),
                 ))
             }),
+            resync: watch::Sender::new(0),
+        });
+        let announcer = bus.clone();
+        actix_web::rt::spawn(async move {
+            // A connection made before this task ran is still a change.
+            while connected.changed().await.is_ok() {
+                announcer.resync_here();
+                announcer.send(format!("{}.resync", announcer.prefix), Vec::new());
+            }
         });
         let sender = bus.clone();
         actix_web::rt::spawn(async move {
@@ -241,11 +265,36 @@ impl Bus {
         }))
     }
 
-    /// Applies changes made on other nodes (through [`Registry::apply`]).
+    /// Ticks whenever this node should re-read instance settings and
+    /// webhooks from storage at once: its NATS connection came up, or
+    /// another node's did (changes made meanwhile may not have crossed).
+    /// `None` on a single node.
+    pub fn resyncs(&self) -> Option<watch::Receiver<u64>> {
+        match self {
+            Bus::Nats(bus) => Some(bus.resync.subscribe()),
+            Bus::Local => None,
+        }
+    }
+
+    /// Applies changes made on other nodes (through [`Registry::apply`]),
+    /// and hears their requests to re-read storage.
     pub fn listen_changes(&self, registry: Arc<Registry>) {
         let Bus::Nats(bus) = self else {
             return;
         };
+        let listener = bus.clone();
+        actix_web::rt::spawn(async move {
+            let subject = format!("{}.resync", listener.prefix);
+            let mut sub = match listener.client.subscribe(subject).await {
+                Ok(sub) => sub,
+                Err(e) => return listener.could_not_cross("subscribe", &e),
+            };
+            while let Some(msg) = sub.next().await {
+                if !listener.is_own(&msg) {
+                    listener.resync_here();
+                }
+            }
+        });
         let bus = bus.clone();
         actix_web::rt::spawn(async move {
             let mut sub = match bus.client.subscribe(format!("{}.ctl", bus.prefix)).await {
@@ -266,6 +315,11 @@ impl Bus {
 }
 
 impl NatsBus {
+    /// Asks this node's refresh loops to re-read storage now.
+    fn resync_here(&self) {
+        self.resync.send_modify(|n| *n += 1);
+    }
+
     fn send(&self, subject: String, payload: Vec<u8>) {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return self.could_not_cross("disconnected", &"NATS is not connected");

@@ -191,6 +191,10 @@ pub async fn serve(
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
     }
+    let intake = webhook::intake::Intake::start(
+        pool.clone(),
+        i64::try_from(settings.webhook.max_pending).unwrap_or(i64::MAX),
+    )?;
     let state = web::Data::new(AppState {
         settings: settings.clone(),
         pool,
@@ -200,12 +204,14 @@ pub async fn serve(
         shutting_down: AtomicBool::new(false),
         bus: bus.clone(),
         connections: limits::ConnectionLimits::new(&settings.limits),
+        intake,
     });
     let stopping = state.clone();
+    let refresh = Duration::from_secs(settings.cluster.refresh_secs);
     actix_web::rt::spawn(instance::change::refresh_from_storage(
         registry,
         state.pool.clone(),
-        Duration::from_secs(settings.cluster.refresh_secs),
+        instance::change::RefreshTimer::new(refresh, bus.resyncs()),
         move || stopping.is_shutting_down(),
     ));
     let stopping = state.clone();
@@ -219,7 +225,8 @@ pub async fn serve(
         sealer: webhook::sealing::Sealer::new(&settings.webhook.encryption_key)
             .map_err(|e| webhook::worker::ClientError::from(e.to_string()))?,
         client: webhook_client,
-        refresh: Duration::from_secs(settings.cluster.refresh_secs),
+        refresh,
+        resync: bus.resyncs(),
         stopping: Arc::new(move || stopping.is_shutting_down()),
     };
     if deliver {

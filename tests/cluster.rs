@@ -1,8 +1,9 @@
 //! Several nodes on one PostgreSQL database and a NATS server (issue: scale
 //! out): events published on any node reach clients on every node once each;
 //! settings changes and deletions apply everywhere; a NATS outage keeps
-//! local delivery going, turns `/readyz` to 503, and heals by itself; a late
-//! notice of an older version changes nothing.
+//! local delivery going, turns `/readyz` to 503, and heals by itself; a
+//! change made during the outage applies everywhere when NATS returns; a
+//! late notice of an older version changes nothing.
 //!
 //! Needs PostgreSQL (the shared database) and NATS: the machine's (each test
 //! on subjects of its own), or for the outage a `nats-server` the test starts
@@ -286,6 +287,61 @@ async fn nats_outage_keeps_local_delivery_and_heals() {
     a.publish("outage", event("call.update", json!({"seq": 0})))
         .await;
     expect_sequence(&mut wb, 1).await;
+}
+
+#[actix_rt::test]
+async fn a_change_made_while_nats_is_down_reaches_every_node_when_it_returns() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(mut nats) = NatsServer::start() else {
+        return;
+    };
+    let port = nats.port;
+    let prefix = unique_subject_prefix();
+    // No periodic refresh within the test: only NATS's return can carry it.
+    let slow = |s: &mut eventgate::settings::Settings| s.cluster.refresh_secs = 3600;
+    let a = node(&db, &nats.url(), &prefix, slow).await;
+    let b = node(&db, &nats.url(), &prefix, slow).await;
+    a.instance("missed").await;
+    let mut wa = a.connect("missed", "").await;
+    let mut wb = b.connect("missed", "").await;
+    until_following(&a, "missed", &mut [&mut wa, &mut wb]).await;
+
+    nats.kill();
+    eventually(DEADLINE, async || {
+        (a.raw("GET", "/readyz", &[], None).await.status == 503).then_some(())
+    })
+    .await
+    .expect("/readyz never turned 503");
+    // Stored on A, its notice cannot cross.
+    a.configure(
+        "missed",
+        json!({"enabled": true, "events": ["call.update"]}),
+    )
+    .await;
+    // B still filters by the old settings (a local publish there).
+    b.publish(
+        "missed",
+        json!([
+            event("label.update", json!({"n": 0})),
+            event("call.update", json!({"n": 1}))
+        ]),
+    )
+    .await;
+    assert_eq!(wb.envelope().await["event"], "label.update");
+    assert_eq!(wb.envelope().await["event"], "call.update");
+
+    let _nats = NatsServer::start_on(port).expect("nats-server ran a moment ago");
+    let ready = eventually(Duration::from_secs(20), async || {
+        (a.raw("GET", "/readyz", &[], None).await.status == 200
+            && b.raw("GET", "/readyz", &[], None).await.status == 200)
+            .then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "never ready again");
+    // B re-reads storage when NATS returns, long before its periodic refresh.
+    until_applied(&b, "missed", &mut wb, "label.update", "call.update").await;
 }
 
 #[actix_rt::test]

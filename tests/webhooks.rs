@@ -1223,6 +1223,43 @@ async fn backlog_bound_makes_dead_letters_and_still_accepts() {
 }
 
 #[actix_rt::test]
+async fn concurrent_publishes_stored_together_keep_the_backlog_bound() {
+    let s = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.max_pending = 10;
+        s.webhook.retry_schedule_secs = vec![3600];
+    })
+    .await;
+    let port = common::free_port();
+    s.instance("group").await;
+    set_ok(
+        &s,
+        "group",
+        json!({"enabled": true, "url": format!("http://127.0.0.1:{port}/")}),
+    )
+    .await;
+    // 40 publishes at once: the intake stores those waiting together in one
+    // transaction, counting each webhook's pending deliveries once for all.
+    let replies = futures_util::future::join_all(
+        (0..40).map(|i| s.publish("group", event("call.update", json!({"i": i})))),
+    )
+    .await;
+    for r in &replies {
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert_eq!(r.body["accepted"], 1);
+    }
+    let st = stats(&s, "group", "default").await;
+    assert_eq!(
+        (st["pending"].clone(), st["failed"].clone()),
+        (json!(10), json!(30))
+    );
+    let f = failed(&s, "group", "?limit=1000").await;
+    let dead = f.body["deliveries"].as_array().unwrap();
+    assert_eq!(dead.len(), 30);
+    assert!(dead.iter().all(|d| d["lastError"] == "backlog full"));
+}
+
+#[actix_rt::test]
 async fn instance_creation_stores_the_default_webhook_and_list_shows_it() {
     let s = server().await;
     let rx = Receiver::start();

@@ -14,15 +14,16 @@ use crate::domain::InstanceId;
 use crate::error::ApiError;
 use crate::events::{parse_publish, Event};
 use crate::instance::Change;
-use crate::storage::deliveries::{self, NewDelivery};
+use crate::storage::deliveries::NewDelivery;
 use crate::webhook::signature::new_delivery_id;
 
 /// When a `backlog full` refusal was last logged (at most every 10 s).
 static BACKLOG_LOGGED: parking_lot::Mutex<Option<std::time::Instant>> =
     parking_lot::Mutex::new(None);
 
-/// Stores every webhook delivery of the request in one transaction, before
-/// the 202 (contract §11). An instance without enabled webhooks (known from
+/// Stores every webhook delivery of the request in one transaction (shared
+/// with concurrent publishes: [`crate::webhook::intake`]), before the 202
+/// (contract §11). An instance without enabled webhooks (known from
 /// memory) touches no database.
 async fn enqueue_webhooks(
     state: &AppState,
@@ -52,11 +53,9 @@ async fn enqueue_webhooks(
     if batches.is_empty() {
         return Ok(());
     }
-    let max_pending = i64::try_from(state.settings.webhook.max_pending).unwrap_or(i64::MAX);
     let refused = state
-        .db(move |conn| {
-            deliveries::enqueue(conn, &batches, max_pending, crate::storage::now_millis())
-        })
+        .intake
+        .store(batches, crate::storage::now_millis())
         .await
         .map_err(ApiError::from)?;
     if refused > 0 {

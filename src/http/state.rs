@@ -54,6 +54,8 @@ pub struct AppState {
     pub bus: Bus,
     /// WebSocket clients per instance, account and node.
     pub connections: Arc<crate::limits::ConnectionLimits>,
+    /// Where publishes store their webhook deliveries.
+    pub intake: crate::webhook::intake::Intake,
 }
 
 impl AppState {

@@ -4,7 +4,8 @@
 //! authorisations, then tells the instance's actor — whether the change was
 //! made here (HTTP handlers, through [`Registry::change`], which also sends it
 //! to the other nodes), arrived over the bus, or was found in storage by the
-//! refresh loop ([`refresh_from_storage`]).
+//! refresh loop ([`refresh_from_storage`]), periodically and at once when
+//! the bus comes back from an outage ([`RefreshTimer`]).
 //!
 //! Nothing here touches the database except the refresh loop, which reads it
 //! on the blocking pool.
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::messages::{Deleted, UpdateSettings};
 use super::Registry;
@@ -84,18 +86,49 @@ impl Registry {
     }
 }
 
-/// Safety net: re-reads every running instance's settings from storage every
-/// `every`, in case a change notice was lost on the bus or the change was
-/// made offline (`eventgate instance delete` on a running node's database).
-/// Stops when `stopping` says so.
+/// When a loop re-reads storage: every `every`, and at once when the bus
+/// asks for it ([`crate::bus::Bus::resyncs`]: NATS came back, so notices
+/// may have been lost).
+pub struct RefreshTimer {
+    every: Duration,
+    resync: Option<watch::Receiver<u64>>,
+}
+
+impl RefreshTimer {
+    pub fn new(every: Duration, resync: Option<watch::Receiver<u64>>) -> Self {
+        RefreshTimer { every, resync }
+    }
+
+    /// Waits for the next re-read; `true` when the bus asked for it.
+    pub async fn tick(&mut self) -> bool {
+        let Some(resync) = self.resync.as_mut() else {
+            tokio::time::sleep(self.every).await;
+            return false;
+        };
+        tokio::select! {
+            () = tokio::time::sleep(self.every) => false,
+            changed = resync.changed() => {
+                if changed.is_err() {
+                    self.resync = None;
+                }
+                changed.is_ok()
+            }
+        }
+    }
+}
+
+/// Safety net: re-reads every running instance's settings from storage at
+/// each tick of `timer`, in case a change notice was lost on the bus or the
+/// change was made offline (`eventgate instance delete` on a running node's
+/// database). Stops when `stopping` says so.
 pub async fn refresh_from_storage(
     registry: Arc<Registry>,
     pool: DbPool,
-    every: Duration,
+    mut timer: RefreshTimer,
     stopping: impl Fn() -> bool,
 ) {
     loop {
-        tokio::time::sleep(every).await;
+        timer.tick().await;
         if stopping() {
             return;
         }

@@ -83,11 +83,21 @@ pub struct SharedHistory {
     /// Per instance: the last sequence of its subject this node knows of,
     /// behind a lock that keeps this node's publishes of it in order.
     heads: Mutex<HashMap<InstanceId, Arc<tokio::sync::Mutex<Option<u64>>>>>,
+    /// Ticks each time this node's NATS connection comes up: a consumer of
+    /// the connection before may be gone from the server, so followers
+    /// start over at once instead of waiting to miss its heartbeats.
+    connected: tokio::sync::watch::Receiver<u64>,
 }
 
 impl SharedHistory {
-    pub fn new(client: Client, prefix: &str, limits: HistoryLimits) -> Self {
+    pub fn new(
+        client: Client,
+        prefix: &str,
+        limits: HistoryLimits,
+        connected: tokio::sync::watch::Receiver<u64>,
+    ) -> Self {
         Self {
+            connected,
             js: jetstream::new(client),
             prefix: prefix.to_string(),
             stream_name: format!("{}_HISTORY", prefix.replace('.', "_")),
@@ -220,7 +230,7 @@ impl SharedHistory {
 
     /// Follows `id`'s subject into its actor, from the first retained
     /// message, until the task is aborted; starts over (a new `SyncStart`)
-    /// when the consumer fails.
+    /// when the consumer fails, and at once when NATS reconnects.
     pub fn follow(
         self: &Arc<Self>,
         id: InstanceId,
@@ -229,9 +239,21 @@ impl SharedHistory {
         let me = self.clone();
         actix_web::rt::spawn(async move {
             let mut backoff = Duration::from_millis(100);
+            let mut connected = me.connected.clone();
+            connected.borrow_and_update();
             loop {
-                if let Err(e) = me.follow_once(id, &actor).await {
-                    log::warn!("instance_id={} shared history not followed: {e}", id.0);
+                tokio::select! {
+                    followed = me.follow_once(id, &actor) => {
+                        if let Err(e) = followed {
+                            log::warn!("instance_id={} shared history not followed: {e}", id.0);
+                        }
+                    }
+                    Ok(()) = connected.changed() => {
+                        // Resumes after the last message seen: nothing is skipped.
+                        log::debug!("instance_id={} NATS reconnected: following again", id.0);
+                        backoff = Duration::from_millis(100);
+                        continue;
+                    }
                 }
                 if !actor.connected() {
                     return;

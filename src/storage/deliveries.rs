@@ -1,8 +1,11 @@
 //! Queries on `webhook_deliveries` (contract §11): a delivery is pending
 //! while `dead_at` is NULL and a dead letter after. Publishing enqueues all
-//! of a request's deliveries in one transaction; workers claim due ones with
+//! of a request's deliveries in one transaction, shared with the requests
+//! that arrived with it (`webhook::intake`); workers claim due ones with
 //! a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL, inside SQLite's single
 //! write lock there), and record outcomes in batches.
+
+use std::collections::HashMap;
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Text};
@@ -120,65 +123,82 @@ pub struct DeadLetter {
 /// Rows per INSERT statement (well under both backends' bind limits).
 const INSERT_CHUNK: usize = 400;
 
-/// Stores a request's deliveries, per webhook, in one transaction. Past
-/// `max_pending` pending deliveries of a webhook, the rest are stored as
-/// dead letters with error `backlog full`. Returns how many were.
+/// One publish's deliveries: per webhook id, the rows to store, accepted at `now`.
+pub struct Intake<'a> {
+    pub batches: &'a [(i64, Vec<NewDelivery>)],
+    pub now: i64,
+}
+
+/// Stores the deliveries of several publishes in one transaction, in the
+/// order given (their acceptance order). Past `max_pending` pending
+/// deliveries of a webhook, the rest are stored as dead letters with error
+/// `backlog full`. Returns, per publish, how many were.
 pub fn enqueue(
     conn: &mut DbConn,
-    batches: &[(i64, Vec<NewDelivery>)],
+    intakes: &[Intake<'_>],
     max_pending: i64,
-    now: i64,
-) -> Result<u64, StorageError> {
-    let refused: u64 = write_tx!(conn, c => {
-        let mut refused = 0u64;
-        for (webhook, rows) in batches {
-            if rows.is_empty() {
-                continue;
+) -> Result<Vec<u64>, StorageError> {
+    let refused = write_tx!(conn, c => {
+        // Each webhook's pending count, read once per transaction.
+        let mut pending: HashMap<i64, i64> = HashMap::new();
+        let mut refused = Vec::with_capacity(intakes.len());
+        for intake in intakes {
+            let now = intake.now;
+            let mut over_total = 0u64;
+            for (webhook, rows) in intake.batches {
+                if rows.is_empty() {
+                    continue;
+                }
+                let held = match pending.get(webhook) {
+                    Some(n) => *n,
+                    None => d::table
+                        .filter(d::webhook_id.eq(webhook))
+                        .filter(d::dead_at.is_null())
+                        .count()
+                        .get_result(c)?,
+                };
+                let room = usize::try_from((max_pending - held).max(0)).unwrap_or(0);
+                let (ok, over) = rows.split_at(room.min(rows.len()));
+                pending.insert(*webhook, held + ok.len() as i64);
+                for chunk in ok.chunks(INSERT_CHUNK) {
+                    let values: Vec<_> = chunk
+                        .iter()
+                        .map(|r| (
+                            d::id.eq(&r.id),
+                            d::webhook_id.eq(webhook),
+                            d::event.eq(r.event),
+                            d::data.eq(&r.data),
+                            d::created_at.eq(now),
+                            d::attempts.eq(0_i64),
+                            d::next_attempt_at.eq(now),
+                            d::lease_until.eq(0_i64),
+                        ))
+                        .collect();
+                    diesel::insert_into(d::table).values(values).execute(c)?;
+                }
+                for chunk in over.chunks(INSERT_CHUNK) {
+                    let values: Vec<_> = chunk
+                        .iter()
+                        .map(|r| (
+                            d::id.eq(&r.id),
+                            d::webhook_id.eq(webhook),
+                            d::event.eq(r.event),
+                            d::data.eq(&r.data),
+                            d::created_at.eq(now),
+                            d::attempts.eq(0_i64),
+                            d::next_attempt_at.eq(now),
+                            d::lease_until.eq(0_i64),
+                            d::last_error.eq(BACKLOG_FULL),
+                            d::dead_at.eq(now),
+                        ))
+                        .collect();
+                    diesel::insert_into(d::table).values(values).execute(c)?;
+                }
+                over_total += over.len() as u64;
             }
-            let pending: i64 = d::table
-                .filter(d::webhook_id.eq(webhook))
-                .filter(d::dead_at.is_null())
-                .count()
-                .get_result(c)?;
-            let room = usize::try_from((max_pending - pending).max(0)).unwrap_or(0);
-            let (ok, over) = rows.split_at(room.min(rows.len()));
-            for chunk in ok.chunks(INSERT_CHUNK) {
-                let values: Vec<_> = chunk
-                    .iter()
-                    .map(|r| (
-                        d::id.eq(&r.id),
-                        d::webhook_id.eq(webhook),
-                        d::event.eq(r.event),
-                        d::data.eq(&r.data),
-                        d::created_at.eq(now),
-                        d::attempts.eq(0_i64),
-                        d::next_attempt_at.eq(now),
-                        d::lease_until.eq(0_i64),
-                    ))
-                    .collect();
-                diesel::insert_into(d::table).values(values).execute(c)?;
-            }
-            for chunk in over.chunks(INSERT_CHUNK) {
-                let values: Vec<_> = chunk
-                    .iter()
-                    .map(|r| (
-                        d::id.eq(&r.id),
-                        d::webhook_id.eq(webhook),
-                        d::event.eq(r.event),
-                        d::data.eq(&r.data),
-                        d::created_at.eq(now),
-                        d::attempts.eq(0_i64),
-                        d::next_attempt_at.eq(now),
-                        d::lease_until.eq(0_i64),
-                        d::last_error.eq(BACKLOG_FULL),
-                        d::dead_at.eq(now),
-                    ))
-                    .collect();
-                diesel::insert_into(d::table).values(values).execute(c)?;
-            }
-            refused += over.len() as u64;
+            refused.push(over_total);
         }
-        Ok::<u64, diesel::result::Error>(refused)
+        Ok::<Vec<u64>, diesel::result::Error>(refused)
     })?;
     Ok(refused)
 }

@@ -4,6 +4,8 @@
 //! - [`config`]: what a webhook is configured with, validated.
 //! - [`address`]: the refused-address rule and the resolver that applies it.
 //! - [`signature`], [`sealing`]: Standard Webhooks signatures; secrets at rest.
+//! - [`intake`]: how publishes store their deliveries before the 202, many
+//!   publishes to one commit.
 //! - [`worker`]: the delivery loop of this node (claims, attempts, retries,
 //!   dead letters), on tokio tasks off the HTTP workers.
 //!
@@ -15,6 +17,7 @@
 
 pub mod address;
 pub mod config;
+pub mod intake;
 pub mod sealing;
 pub mod signature;
 pub mod worker;

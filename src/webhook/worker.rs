@@ -31,6 +31,7 @@ use super::signature::{secret_key, signature_header, ROTATION_OVERLAP_MS};
 use super::{EnabledWebhook, Webhooks};
 use crate::domain::{EventKind, InstanceId};
 use crate::events::{envelope, instance_data_json, Event};
+use crate::instance::change::RefreshTimer;
 use crate::metrics::Metrics;
 use crate::settings::WebhookSettings;
 use crate::storage::deliveries::{self, Claimed, Outcome, Target};
@@ -86,6 +87,8 @@ pub struct WorkerEnv {
     pub client: reqwest::Client,
     /// Seconds between re-reads of the enabled webhooks.
     pub refresh: Duration,
+    /// Ticks when they should be re-read at once (the bus came back).
+    pub resync: Option<tokio::sync::watch::Receiver<u64>>,
     /// Whether the node is shutting down.
     pub stopping: Arc<dyn Fn() -> bool + Send + Sync>,
 }
@@ -423,14 +426,16 @@ async fn record_outcomes(
 /// The pending gauge, dead-letter retention, and the re-read of enabled webhooks.
 async fn housekeeping(env: WorkerEnv) {
     let mut last_refresh = Instant::now();
+    let mut timer = RefreshTimer::new(HOUSEKEEPING, env.resync.clone());
+    let mut asked = false;
     loop {
-        tokio::time::sleep(HOUSEKEEPING).await;
+        asked |= timer.tick().await;
         if (env.stopping)() {
             return;
         }
         let keep_ms = i64::try_from(env.settings.dead_letter_hours).unwrap_or(i64::MAX / 4_000_000)
             * 3_600_000;
-        let refresh = last_refresh.elapsed() >= env.refresh;
+        let refresh = asked || last_refresh.elapsed() >= env.refresh;
         let webhooks = env.webhooks.clone();
         let done = db(&env.pool, move |conn| {
             let purged = deliveries::purge_dead(conn, now_millis().saturating_sub(keep_ms))?;
@@ -455,6 +460,11 @@ async fn housekeeping(env: WorkerEnv) {
                 }
                 if refresh {
                     last_refresh = Instant::now();
+                }
+                if asked {
+                    // Wake-ups sent by other nodes meanwhile may be lost too.
+                    env.webhooks.ring();
+                    asked = false;
                 }
             }
             Err(e) => log::warn!("webhook housekeeping skipped: {e}"),

@@ -122,6 +122,7 @@ async fn session(
         .unwrap_or_else(|| NEXT_CHAIN.fetch_add(1, Ordering::Relaxed));
     let mut record = Session {
         instance: instance.to_string(),
+        node,
         chain,
         narrowing,
         t_join: f64::INFINITY,

@@ -107,6 +107,8 @@ struct Change {
 #[derive(Debug, Default)]
 pub(crate) struct Session {
     pub(crate) instance: String,
+    /// The node it was connected to.
+    pub(crate) node: usize,
     /// Sessions that continue each other by recovery share a chain.
     pub(crate) chain: u64,
     pub(crate) narrowing: Option<Vec<usize>>,
@@ -168,6 +170,10 @@ pub(crate) struct Verdict {
     pub(crate) http_errors_outside_faults: u64,
     pub(crate) ephemeral_rounds: u64,
     pub(crate) problems: Vec<String>,
+    /// The first WebSocket events lost outside fault windows, delivered
+    /// against the filters or with the wrong media treatment, each with its
+    /// session and the settings changes around it.
+    pub(crate) ws_misses: Vec<String>,
     /// Per fault: what it did.
     pub(crate) faults: Vec<FaultEffect>,
 }
@@ -394,6 +400,7 @@ impl Ledger {
                         v.ws_delivered += 1;
                         if p.kind == 0 && *media != state.media {
                             v.ws_media_mismatches += 1;
+                            note_miss(&mut v.ws_misses, "wrong mediaBase64", s, p, changes);
                         }
                     }
                     (true, None) => {
@@ -403,10 +410,22 @@ impl Ledger {
                                 v.ws_lost_in_fault_windows += 1;
                                 effects[i].ws_events_not_delivered += 1;
                             }
-                            None => v.ws_lost_unexplained += 1,
+                            None => {
+                                v.ws_lost_unexplained += 1;
+                                note_miss(&mut v.ws_misses, "lost", s, p, changes);
+                            }
                         }
                     }
-                    (false, Some(_)) => v.ws_filter_violations += 1,
+                    (false, Some(_)) => {
+                        v.ws_filter_violations += 1;
+                        note_miss(
+                            &mut v.ws_misses,
+                            "filtered out but delivered",
+                            s,
+                            p,
+                            changes,
+                        );
+                    }
                     (false, None) => {}
                 }
             }
@@ -541,6 +560,38 @@ impl Verdict {
         );
         f
     }
+}
+
+/// How many misses the verdict describes one by one.
+const MISSES_LISTED: usize = 40;
+
+/// Describes one miss: the event, its session, the last settings change
+/// acknowledged before it was sent and the next one after.
+fn note_miss(out: &mut Vec<String>, what: &str, s: &Session, p: &Published, changes: &[Change]) {
+    if out.len() >= MISSES_LISTED {
+        return;
+    }
+    let before = changes.iter().rev().find(|c| c.t_ack < p.t_send);
+    let after = changes.iter().find(|c| c.t_send > p.t_ack);
+    let show = |c: Option<&Change>| match c {
+        Some(c) => format!("{:.2}–{:.2} s → {:?}", c.t_send, c.t_ack, c.state),
+        None => "none".into(),
+    };
+    out.push(format!(
+        "{what}: {} seq {} ({}) sent {:.2} s, acked {:.2} s; session on node {} (chain {}, narrowing {:?}) {:.2}–{:.2} s; change before: {}; change after: {}",
+        s.instance,
+        p.seq,
+        super::KINDS[p.kind],
+        p.t_send,
+        p.t_ack,
+        s.node,
+        s.chain,
+        s.narrowing,
+        s.t_join,
+        s.t_leave,
+        show(before),
+        show(after),
+    ));
 }
 
 fn new_histogram() -> Option<Histogram<u64>> {

@@ -67,10 +67,9 @@ pub(crate) async fn sample_loop(soak: Arc<Soak>) {
     }
 }
 
+/// The node's connected clients (0 while it does not answer; a node that
+/// is not ready, say with NATS away, still counts its clients).
 async fn connected_clients(soak: &Soak, node: usize) -> u64 {
-    let Ok((200, _)) = soak.cluster.api(node).call("GET", "/readyz", None).await else {
-        return 0;
-    };
     match soak.cluster.api(node).metrics().await {
         Ok(text) => text
             .lines()
@@ -351,6 +350,12 @@ settings changed every 3 s, an instance created and deleted every 15 s, webhook 
     let _ = writeln!(md, "## Growth (after warm-up → end, since each node's last start)\n\n| node | figure | after warm-up | end | ratio | check |\n|---|---|---|---|---|---|");
     for row in growth_rows {
         let _ = writeln!(md, "{row}");
+    }
+    if !v.ws_misses.is_empty() {
+        let _ = writeln!(md, "\n## WebSocket misses outside fault windows, filter violations and media mismatches (the first {})\n", v.ws_misses.len());
+        for m in &v.ws_misses {
+            let _ = writeln!(md, "- {m}");
+        }
     }
     if !v.problems.is_empty() {
         let _ = writeln!(md, "\n## Problems\n");
