@@ -1681,3 +1681,77 @@ async fn redirects_are_not_followed_and_a_slow_reply_is_a_timeout() {
     })
     .await;
 }
+
+#[derive(diesel::QueryableByName)]
+struct Vacuums {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    dead: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    manual: i64,
+}
+
+#[actix_rt::test]
+async fn the_deliveries_table_is_vacuumed_on_postgresql_without_autovacuum() {
+    use diesel::RunQueryDsl;
+    let Some(db) = common::require_postgres() else {
+        return;
+    };
+    let url = db.url.clone();
+    let s = TestServer::start_on(db, |s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    s.instance("churn").await;
+    let port = common::free_port();
+    set_ok(
+        &s,
+        "churn",
+        json!({"enabled": true, "url": format!("http://127.0.0.1:{port}/")}),
+    )
+    .await;
+    let pool = eventgate::storage::connect(&url, 1, Duration::from_secs(5)).unwrap();
+    let counts = || {
+        let mut conn = pool.get().unwrap();
+        let eventgate::storage::DbConn::Pg(c) = &mut *conn else {
+            panic!("a PostgreSQL test database");
+        };
+        diesel::sql_query(
+            "SELECT n_dead_tup AS dead, vacuum_count AS manual FROM pg_stat_user_tables \
+             WHERE relname = 'webhook_deliveries'",
+        )
+        .get_result::<Vacuums>(c)
+        .unwrap()
+    };
+    let before = counts().manual;
+    // 30,000 rows delivered and deleted, with autovacuum kept away: only
+    // the gateway's housekeeping can clear their dead versions.
+    {
+        let rows = eventgate::storage::connect(&url, 1, Duration::from_secs(5)).unwrap();
+        let mut conn = rows.get().unwrap();
+        let eventgate::storage::DbConn::Pg(c) = &mut *conn else {
+            panic!("a PostgreSQL test database");
+        };
+        for sql in [
+            "ALTER TABLE webhook_deliveries SET (autovacuum_enabled = false)",
+            "INSERT INTO webhook_deliveries (id, webhook_id, event, data, created_at, attempts, \
+             next_attempt_at, lease_until) SELECT 'msg_v' || g, (SELECT MIN(id) FROM webhooks), \
+             'call.update', '{}', 0, 0, 4102444800000, 0 FROM generate_series(1, 30000) g",
+            "DELETE FROM webhook_deliveries WHERE id LIKE 'msg_v%'",
+        ] {
+            diesel::sql_query(sql).execute(c).unwrap();
+        }
+        // Dropping the pool ends the backend, which reports its counts.
+    }
+    let vacuumed = common::eventually(Duration::from_secs(30), async || {
+        let now = counts();
+        (now.manual > before && now.dead < 1_000).then_some(())
+    })
+    .await;
+    let now = counts();
+    assert!(
+        vacuumed.is_some(),
+        "not vacuumed: {} manual vacuums (before {before}), {} dead row versions",
+        now.manual,
+        now.dead
+    );
+}

@@ -471,6 +471,45 @@ pub fn requeue(
     Ok(n)
 }
 
+/// Dead row versions of `webhook_deliveries` (delivered rows deleted,
+/// leases and attempts updated) past which PostgreSQL's copy is vacuumed.
+const VACUUM_DEAD_ROWS: i64 = 20_000;
+
+#[derive(QueryableByName)]
+struct RowVersions {
+    #[diesel(sql_type = BigInt)]
+    live: i64,
+    #[diesel(sql_type = BigInt)]
+    dead: i64,
+}
+
+/// On PostgreSQL, vacuums and analyses `webhook_deliveries` once its dead
+/// row versions pass [`VACUUM_DEAD_ROWS`] and a fifth of its live rows. A
+/// queue table turns over quickly: without it (autovacuum off, or lagging a
+/// burst) every claim walks the dead entries of the due index and the
+/// planner works from stale statistics, and claims slow to hundreds of
+/// milliseconds. With autovacuum keeping up this never fires. `SKIP_LOCKED`:
+/// a vacuum already running elsewhere is enough. Returns whether it ran.
+pub fn vacuum_if_bloated(conn: &mut DbConn) -> Result<bool, StorageError> {
+    use diesel::connection::SimpleConnection;
+    let DbConn::Pg(c) = conn else {
+        return Ok(false);
+    };
+    let versions: Option<RowVersions> = diesel::sql_query(
+        "SELECT n_live_tup AS live, n_dead_tup AS dead FROM pg_stat_user_tables \
+         WHERE relname = 'webhook_deliveries' AND schemaname = current_schema()",
+    )
+    .get_result(c)
+    .optional()?;
+    match versions {
+        Some(v) if v.dead >= VACUUM_DEAD_ROWS.max(v.live / 5) => {
+            c.batch_execute("VACUUM (ANALYZE, SKIP_LOCKED) webhook_deliveries")?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// Deletes dead letters that died before `before`.
 pub fn purge_dead(conn: &mut DbConn, before: i64) -> Result<usize, StorageError> {
     Ok(write_tx!(conn, c => diesel::delete(d::table.filter(d::dead_at.lt(before))).execute(c))?)

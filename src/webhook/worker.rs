@@ -423,7 +423,8 @@ async fn record_outcomes(
     }
 }
 
-/// The pending gauge, dead-letter retention, and the re-read of enabled webhooks.
+/// The pending gauge, dead-letter retention, the vacuum of the deliveries
+/// table on PostgreSQL, and the re-read of enabled webhooks.
 async fn housekeeping(env: WorkerEnv) {
     let mut last_refresh = Instant::now();
     let mut timer = RefreshTimer::new(HOUSEKEEPING, env.resync.clone());
@@ -442,6 +443,9 @@ async fn housekeeping(env: WorkerEnv) {
             // A publish that raced with a disable may have stored some.
             let killed = deliveries::kill_disabled(conn, now_millis())?;
             let pending = deliveries::pending_total(conn)?;
+            if deliveries::vacuum_if_bloated(conn)? {
+                log::debug!("webhook deliveries table vacuumed");
+            }
             if refresh {
                 load_enabled(conn, &webhooks)?;
             }
