@@ -18,7 +18,7 @@
 # nothing else), QUIET_WAIT (90: most seconds to wait before each run for the
 # machine to be quiet), QUICK (0; 1 = SECS=3 ROUNDS=1 IDLE_CLIENTS=2000
 # CLUSTER=0 QUIET_WAIT=5 unless set, for checking the script, not for
-# figures), PEERS_SRC (../shared/peers beside the repository: the peers'
+# figures), WEBHOOK_BACKENDS ("sqlite postgres"), PEERS_SRC (../shared/peers beside the repository: the peers'
 # sources, read-only), PEERS_DIR (/tmp/eventgate-peers: where they are
 # built), OUT (results file), PG_URL, NATS_URL.
 set -u
@@ -230,7 +230,7 @@ fi
 # p99 at 20%, publish rate with and without a webhook, a 100,000-delivery
 # backlog, and KILLS SIGKILL restarts during a publish stream.
 if want webhook && [[ " $TARGETS " == *" eventgate "* ]]; then
-    for backend in sqlite postgres; do
+    for backend in ${WEBHOOK_BACKENDS:-sqlite postgres}; do
         if [ $backend = sqlite ]; then db="$WORK/wh.sqlite3"; rm -f "$db"*
         else db=$(fresh_pg webhook) || { echo "(no PostgreSQL: webhook run on it skipped)"; continue; }; fi
         wait_quiet; PIDS=()
