@@ -36,8 +36,16 @@ use crate::settings::ClusterSettings;
 /// Messages waiting to be sent to NATS before new ones are dropped.
 const OUTBOX: usize = 10_000;
 
+/// A message waiting in the outbox: subject, history id (see
+/// [`HISTORY_ID_HEADER`]), payload.
+type Outgoing = (String, Option<String>, Bytes);
+
 /// Header naming the node a message came from.
 const ORIGIN_HEADER: &str = "Eventgate-Node";
+
+/// On events sent the plain way after a shared-history publish of unknown
+/// outcome: that publish's message id (see `shared_history`).
+const HISTORY_ID_HEADER: &str = "Eventgate-History-Id";
 
 /// Longest wait between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -66,7 +74,7 @@ pub struct NatsBus {
     client: Client,
     node: String,
     prefix: String,
-    outbox: mpsc::Sender<(String, Bytes)>,
+    outbox: mpsc::Sender<Outgoing>,
     metrics: Arc<Metrics>,
     last_warning: Mutex<Option<Instant>>,
     /// The shared history, when the instances keep one (contract §12).
@@ -121,7 +129,7 @@ impl Bus {
             .connect(cluster.nats_url.as_str())
             .await
             .map_err(|e| BusError::Connect(e.to_string()))?;
-        let (outbox, mut rx) = mpsc::channel::<(String, Bytes)>(OUTBOX);
+        let (outbox, mut rx) = mpsc::channel::<Outgoing>(OUTBOX);
         let bus = Arc::new(NatsBus {
             client: client.clone(),
             node: node.clone(),
@@ -149,9 +157,12 @@ impl Bus {
         });
         let sender = bus.clone();
         actix_web::rt::spawn(async move {
-            while let Some((subject, payload)) = rx.recv().await {
+            while let Some((subject, history_id, payload)) = rx.recv().await {
                 let mut headers = HeaderMap::new();
                 headers.insert(ORIGIN_HEADER, sender.node.as_str());
+                if let Some(id) = history_id {
+                    headers.insert(HISTORY_ID_HEADER, id.as_str());
+                }
                 if let Err(e) = sender
                     .client
                     .publish_with_headers(subject, headers, payload)
@@ -180,10 +191,21 @@ impl Bus {
     }
 
     /// Sends accepted events to the other nodes (not waiting, never blocking).
-    pub fn publish_events(&self, instance: InstanceId, events: &[Event]) {
+    /// `history_id` names a shared-history publish of unknown outcome that
+    /// these events are (the receiving nodes remember it).
+    pub fn publish_events(
+        &self,
+        instance: InstanceId,
+        events: &[Event],
+        history_id: Option<String>,
+    ) {
         if let Bus::Nats(bus) = self {
             match serde_json::to_vec(events) {
-                Ok(payload) => bus.send(format!("{}.ev.{}", bus.prefix, instance.0), payload),
+                Ok(payload) => bus.send_with(
+                    format!("{}.ev.{}", bus.prefix, instance.0),
+                    history_id,
+                    payload,
+                ),
                 Err(e) => bus.could_not_cross("encode", &e),
             }
         }
@@ -249,6 +271,10 @@ impl Bus {
             while let Some(msg) = sub.next().await {
                 if bus.is_own(&msg) {
                     continue;
+                }
+                let history_id = msg.headers.as_ref().and_then(|h| h.get(HISTORY_ID_HEADER));
+                if let (Some(id), Some(history)) = (history_id, &bus.history) {
+                    history.delivered_plainly(id.as_str());
                 }
                 match serde_json::from_slice::<Vec<Event>>(&msg.payload) {
                     // Waits while the instance is behind: the subscription's
@@ -321,12 +347,16 @@ impl NatsBus {
     }
 
     fn send(&self, subject: String, payload: Vec<u8>) {
+        self.send_with(subject, None, payload)
+    }
+
+    fn send_with(&self, subject: String, history_id: Option<String>, payload: Vec<u8>) {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return self.could_not_cross("disconnected", &"NATS is not connected");
         }
         if self
             .outbox
-            .try_send((subject, Bytes::from(payload)))
+            .try_send((subject, history_id, Bytes::from(payload)))
             .is_err()
         {
             self.could_not_cross("queue_full", &"the outgoing queue is full");

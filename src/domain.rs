@@ -107,6 +107,16 @@ impl EventSet {
     pub fn allows(self, kind: EventKind) -> bool {
         self.0 == 0 || self.0 & kind.bit() != 0
     }
+
+    /// The set as bits (for the wire between nodes).
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The set of `bits` (from [`EventSet::bits`]).
+    pub fn from_bits(bits: u8) -> Self {
+        EventSet(bits)
+    }
 }
 
 /// An instance's WebSocket configuration, as persisted and as replied.

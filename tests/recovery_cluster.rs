@@ -474,3 +474,164 @@ async fn losing_jetstream_changes_the_epoch() {
     let v = again.envelope().await;
     assert_eq!((n(&v), v["epoch"].as_str()), (2, Some(new_epoch.as_str())));
 }
+
+/// Appends `payload` to instance `id`'s history subject as a node would
+/// (after the subject's last message), with `headers` besides the chain's;
+/// returns JetStream's acknowledgement.
+async fn append_to_history(
+    js: &async_nats::jetstream::Context,
+    prefix: &str,
+    id: &str,
+    payload: &Value,
+    headers: &[(&str, &str)],
+) -> async_nats::jetstream::publish::PublishAck {
+    let subject = format!("{prefix}.hist.{id}");
+    let stream = js.get_stream(format!("{prefix}_HISTORY")).await.unwrap();
+    let prev = stream
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap()
+        .sequence
+        .to_string();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Eventgate-Prev", prev.as_str());
+    h.insert("Nats-Expected-Last-Subject-Sequence", prev.as_str());
+    for (k, v) in headers {
+        h.insert(*k, *v);
+    }
+    let payload = serde_json::to_vec(payload).unwrap();
+    js.publish_with_headers(subject, h, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+/// Two nodes on `url`'s NATS, instance `name` created on A and a client of
+/// B, opted in to recovery, that received A's first event: the cluster, A,
+/// B, B's client and the instance's id (the end of its epoch,
+/// `<stream creation>-<instance id>`).
+async fn a_client_of_b(
+    db: &TestDb,
+    url: &str,
+    name: &str,
+) -> (Cluster, TestServer, TestServer, common::Ws, String) {
+    let cluster = Cluster::shared(url.to_string());
+    let a = cluster.node(db).await;
+    let b = cluster.node(db).await;
+    a.instance(name).await;
+    let (mut wb, first) = open(&b, name, "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap();
+    let id = epoch.rsplit('-').next().unwrap().to_string();
+    assert_eq!(a.publish(name, ev(1)).await.status, 202);
+    assert_eq!(n(&wb.envelope().await), 1);
+    (cluster, a, b, wb, id)
+}
+
+/// A publish whose JetStream acknowledgement never came (a timeout, NATS
+/// restarting) takes the plain way, carrying its message id; if JetStream
+/// kept it after all, the followers keep it without delivering it again.
+/// Also what the retry of such a publish relies on: JetStream answers a
+/// message id it already kept with the first sequence, whatever the
+/// expected last sequence says.
+#[actix_rt::test]
+async fn a_publish_kept_after_its_events_went_the_plain_way_is_not_delivered_twice() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(url) = require_nats() else {
+        return;
+    };
+    let (cluster, a, _b, mut wb, id) = a_client_of_b(&db, &url, "twice").await;
+
+    // Node "elsewhere" could not get an answer from JetStream for ev(2):
+    // its events cross the plain way, with the message id.
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Eventgate-Node", "elsewhere");
+    headers.insert("Eventgate-History-Id", "elsewhere-7");
+    client
+        .publish_with_headers(
+            format!("{}.ev.{id}", cluster.prefix),
+            headers,
+            serde_json::to_vec(&json!([ev(2)])).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let plain = wb.envelope().await;
+    assert_eq!(n(&plain), 2, "{plain}");
+
+    // JetStream had kept it: it reaches the followers too.
+    let js = async_nats::jetstream::new(client);
+    let kept = [("Nats-Msg-Id", "elsewhere-7")];
+    let ack = append_to_history(&js, &cluster.prefix, &id, &json!([ev(2)]), &kept).await;
+    assert!(!ack.duplicate);
+    // A retry with the same id is answered with the first sequence, though
+    // its expected last sequence (the new last message's) differs now.
+    let again = append_to_history(&js, &cluster.prefix, &id, &json!([ev(2)]), &kept).await;
+    assert!(again.duplicate);
+    assert_eq!(again.sequence, ack.sequence);
+
+    // The next event follows at once; ev(2) does not come again.
+    assert_eq!(a.publish("twice", ev(3)).await.status, 202);
+    let next = wb.envelope().await;
+    assert_eq!(n(&next), 3, "ev(2) delivered twice: {next}");
+    cluster.clean_up().await;
+}
+
+/// Events reach a node's clients filtered as they were accepted: a node
+/// whose follower is behind does not apply a settings change made after
+/// their 202 to them.
+#[actix_rt::test]
+async fn events_are_filtered_by_the_settings_they_were_accepted_under() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(url) = require_nats() else {
+        return;
+    };
+    let (cluster, a, b, mut wb, id) = a_client_of_b(&db, &url, "late").await;
+
+    // B now keeps only message.exchange ...
+    let r = b
+        .call(
+            "POST",
+            "/api/events/websocket/late",
+            Some(ACCOUNT),
+            Some(json!({"enabled": true, "events": ["message.exchange"]})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    // ... when a call.update accepted under "all events" reaches its follower.
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    append_to_history(
+        &js,
+        &cluster.prefix,
+        &id,
+        &json!([ev(2)]),
+        &[("Eventgate-Filter", "0/0")],
+    )
+    .await;
+    let exchange = json!({"event": "message.exchange", "data": {"n": 3}});
+    assert_eq!(a.publish("late", exchange).await.status, 202);
+    let got = wb.envelope().await;
+    assert_eq!(
+        (got["event"].as_str(), n(&got)),
+        (Some("call.update"), 2),
+        "the late event was filtered by the newer settings: {got}"
+    );
+    let got = wb.envelope().await;
+    assert_eq!(
+        (got["event"].as_str(), n(&got)),
+        (Some("message.exchange"), 3)
+    );
+    // Accepted after the change (on B, which made it), a call.update is
+    // filtered out.
+    assert_eq!(b.publish("late", ev(4)).await.status, 202);
+    let exchange = json!({"event": "message.exchange", "data": {"n": 5}});
+    assert_eq!(b.publish("late", exchange).await.status, 202);
+    assert_eq!(n(&wb.envelope().await), 5);
+    cluster.clean_up().await;
+}

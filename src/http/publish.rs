@@ -13,6 +13,7 @@ use crate::auth;
 use crate::domain::InstanceId;
 use crate::error::ApiError;
 use crate::events::{parse_publish, Event};
+use crate::instance::shared_history::SharedHistoryError;
 use crate::instance::Change;
 use crate::storage::deliveries::NewDelivery;
 use crate::webhook::signature::new_delivery_id;
@@ -104,15 +105,26 @@ pub async fn publish(
         // delivers the events from it, in its order; the reply waits for
         // JetStream's acknowledgement. When it cannot be reached, the events
         // take the plain way and recovery across them is refused.
-        let enabled = instance.config.as_ref().is_some_and(|c| c.config.enabled);
+        let config = instance
+            .config
+            .as_ref()
+            .map(|c| &c.config)
+            .filter(|c| c.enabled);
         let shared = state
             .bus
             .shared_history()
-            .filter(|_| enabled && state.bus.is_connected());
+            .zip(config)
+            .filter(|_| state.bus.is_connected());
+        let mut history_id = None;
         let through_history = match shared {
-            Some(history) => match history.publish(instance.id, &events).await {
+            Some((history, config)) => match history.publish(instance.id, &events, config).await {
                 Ok(()) => true,
                 Err(e) => {
+                    if let SharedHistoryError::Unsure { id, .. } = &e {
+                        // Kept after all? Then not delivered a second time.
+                        history.delivered_plainly(id);
+                        history_id = Some(id.clone());
+                    }
                     log::warn!(
                         "instance={} events not kept in the shared history: {e}",
                         instance.name
@@ -128,7 +140,7 @@ pub async fn publish(
             None => false,
         };
         if !through_history {
-            state.bus.publish_events(instance.id, &events);
+            state.bus.publish_events(instance.id, &events, history_id);
             if let Some(inbox) = state.registry.inbox(instance.id) {
                 if inbox.publish(events).await {
                     state.metrics.publish_waits.inc();

@@ -178,6 +178,12 @@ pub struct Sequenced {
     /// How long ago JetStream accepted it.
     pub age: std::time::Duration,
     pub events: Arc<[Event]>,
+    /// Whether this node already delivered them the plain way (JetStream
+    /// kept a publish whose acknowledgement never came): kept, not sent.
+    pub delivered: bool,
+    /// The instance's filter and mediaBase64 when they were accepted
+    /// (`None`: the message does not say; the current ones apply).
+    pub accepted_under: Option<(EventSet, bool)>,
     /// Whether nothing older is left to load.
     pub caught_up: bool,
 }

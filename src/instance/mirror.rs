@@ -148,10 +148,14 @@ impl Handler<Sequenced> for InstanceActor {
         let at = now.checked_sub(msg.age).unwrap_or(now);
         let config = self.config.as_ref().map(|c| &c.config);
         // While loading, what arrives is history: kept, not delivered.
-        let live = !self.loading && self.synced && !self.sessions.is_empty();
-        let (filter, media, enabled) = match config {
-            Some(c) => (c.event_set(), c.media_base64, c.enabled),
-            None => (EventSet::default(), false, false),
+        let live = !self.loading && self.synced && !self.sessions.is_empty() && !msg.delivered;
+        // Filtered as accepted (a change of `events` or `mediaBase64` made
+        // after their 202 does not apply to them); none is delivered while
+        // the WebSocket is disabled now (contract §7).
+        let (filter, media, enabled) = match (msg.accepted_under, config) {
+            (Some((filter, media)), Some(c)) => (filter, media, c.enabled),
+            (None, Some(c)) => (c.event_set(), c.media_base64, c.enabled),
+            (_, None) => (EventSet::default(), false, false),
         };
         let stamping = self.recovering > 0;
         let mut frames = Vec::new();

@@ -11,6 +11,19 @@
 //! so that the chain holds across nodes: a node that loads the subject can
 //! tell what was lost before the first message it found.
 //!
+//! Each message carries a `Nats-Msg-Id` unique to its publish request, so a
+//! publish whose acknowledgement was lost (a timeout, NATS restarting) is
+//! sent again and JetStream keeps it once. When every attempt fails, the
+//! events take the plain way (see `http::publish`) and the request's id is
+//! remembered as *delivered plainly* (on the other nodes too, from the plain
+//! message's header): if JetStream did keep it after all, the followers
+//! keep it in the mirror without delivering it a second time.
+//!
+//! Each message also carries the instance's filter (`events`, `mediaBase64`)
+//! under which its events were accepted (`Eventgate-Filter`): a node whose
+//! follower is behind filters them as they were accepted, not by a settings
+//! change made after their 202 (a disabled WebSocket still delivers none).
+//!
 //! Every node with clients of the instance follows the subject with an
 //! ordered consumer from its first retained message, so its instance actor
 //! mirrors the history and serves recoveries itself, atomically with live
@@ -18,8 +31,9 @@
 //! the wire format only; it never touches the database or sessions.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix::Addr;
 use async_nats::jetstream::{self, consumer, stream};
@@ -30,7 +44,7 @@ use parking_lot::Mutex;
 use super::history::HistoryLimits;
 use super::messages::{MirrorPosition, Sequenced, SyncStart};
 use super::InstanceActor;
-use crate::domain::InstanceId;
+use crate::domain::{EventSet, InstanceId, WsConfig};
 use crate::events::Event;
 
 /// Offsets of one stream message's events: `sequence << OFFSET_BITS | index`.
@@ -39,8 +53,21 @@ pub const OFFSET_BITS: u32 = 20;
 /// Header naming the previous message of the same subject (0: none).
 const PREV_HEADER: &str = "Eventgate-Prev";
 
+/// Header with the instance's filter when the events were accepted:
+/// `<event set bits>/<mediaBase64 0|1>`.
+const FILTER_HEADER: &str = "Eventgate-Filter";
+
 /// Attempts at a publish whose expected predecessor another node changed.
 const PUBLISH_ATTEMPTS: usize = 8;
+
+/// How long a publish whose outcome is unknown is sent again (with the same
+/// message id) before its events take the plain way. Below JetStream's
+/// duplicate window (2 minutes by default), so the retries are deduplicated.
+const UNSURE_RETRY_FOR: Duration = Duration::from_secs(6);
+
+/// How long a request delivered plainly is remembered; longer than the
+/// duplicate window, after which JetStream cannot keep it any more.
+const PLAIN_MEMORY: Duration = Duration::from_secs(180);
 
 /// How much longer than `ws.history_ttl_secs` the stream keeps messages, so
 /// that the age bound is applied by the nodes (at the same moment for all
@@ -52,10 +79,32 @@ const AGE_MARGIN: Duration = Duration::from_secs(60);
 pub enum SharedHistoryError {
     #[error("JetStream: {0}")]
     JetStream(String),
+    /// No attempt was acknowledged, and one may have been kept: the events
+    /// go the plain way under this message id (see [`SharedHistory::delivered_plainly`]).
+    #[error("JetStream did not acknowledge (message {id}): {cause}")]
+    Unsure { id: String, cause: String },
 }
 
 fn js_error(e: impl std::fmt::Display) -> SharedHistoryError {
     SharedHistoryError::JetStream(e.to_string())
+}
+
+/// An `Eventgate-Filter` header's value: the event set and mediaBase64.
+fn parse_filter(value: &str) -> Option<(EventSet, bool)> {
+    let (bits, media) = value.split_once('/')?;
+    let media = match media {
+        "0" => false,
+        "1" => true,
+        _ => return None,
+    };
+    Some((EventSet::from_bits(bits.parse().ok()?), media))
+}
+
+fn unsure(id: &str, cause: impl std::fmt::Display) -> SharedHistoryError {
+    SharedHistoryError::Unsure {
+        id: id.to_string(),
+        cause: cause.to_string(),
+    }
 }
 
 /// The offset of the `index`th event of the message with sequence `seq`.
@@ -87,6 +136,12 @@ pub struct SharedHistory {
     /// the connection before may be gone from the server, so followers
     /// start over at once instead of waiting to miss its heartbeats.
     connected: tokio::sync::watch::Receiver<u64>,
+    /// Names this node's publish requests (`<node part>-<counter>`).
+    id_prefix: String,
+    next_id: AtomicU64,
+    /// Message ids of requests whose events were delivered the plain way,
+    /// with when: a follower that finds one keeps it without delivering it.
+    plain: Mutex<HashMap<String, Instant>>,
 }
 
 impl SharedHistory {
@@ -104,7 +159,24 @@ impl SharedHistory {
             limits,
             stream: tokio::sync::Mutex::new(None),
             heads: Mutex::new(HashMap::new()),
+            id_prefix: crate::auth::generate_token()[..12].to_string(),
+            next_id: AtomicU64::new(1),
+            plain: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Remembers that request `id`'s events were delivered the plain way.
+    pub fn delivered_plainly(&self, id: &str) {
+        let now = Instant::now();
+        let mut plain = self.plain.lock();
+        plain.retain(|_, at| now.duration_since(*at) < PLAIN_MEMORY);
+        plain.insert(id.to_string(), now);
+    }
+
+    /// Whether request `id`'s events were delivered the plain way.
+    fn was_delivered_plainly(&self, id: &str) -> bool {
+        let plain = self.plain.lock();
+        !plain.is_empty() && plain.contains_key(id)
     }
 
     fn subject(&self, id: InstanceId) -> String {
@@ -158,24 +230,47 @@ impl SharedHistory {
     }
 
     /// Appends a publish request's events to `id`'s history; every node's
-    /// follower delivers them. Waits for JetStream's acknowledgement.
+    /// follower delivers them. Waits for JetStream's acknowledgement; a
+    /// publish whose acknowledgement did not come is sent again with the
+    /// same message id (JetStream keeps it once) for [`UNSURE_RETRY_FOR`].
     pub async fn publish(
         &self,
         id: InstanceId,
         events: &[Event],
+        accepted_under: &WsConfig,
     ) -> Result<(), SharedHistoryError> {
         let payload = serde_json::to_vec(events).map_err(js_error)?;
+        let filter = format!(
+            "{}/{}",
+            accepted_under.event_set().bits(),
+            u8::from(accepted_under.media_base64)
+        );
+        let msg_id = format!(
+            "{}-{}",
+            self.id_prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
         let head = self.heads.lock().entry(id).or_default().clone();
         let mut head = head.lock().await;
         let subject = self.subject(id);
+        let started = Instant::now();
         let mut fresh = false;
-        for _ in 0..PUBLISH_ATTEMPTS {
-            let stream = self.stream(fresh).await?;
+        let mut sent = false;
+        let mut attempts = 0;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            attempts += 1;
+            let stream = match self.stream(fresh).await {
+                Ok(stream) => stream,
+                Err(e) if sent => return Err(unsure(&msg_id, e)),
+                Err(e) => return Err(e),
+            };
             let prev = match *head {
                 Some(prev) => prev,
                 None => match stream.get_last_raw_message_by_subject(&subject).await {
                     Ok(m) => m.sequence,
                     Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
+                    Err(e) if sent => return Err(unsure(&msg_id, e)),
                     Err(e) => return Err(js_error(e)),
                 },
             };
@@ -185,35 +280,62 @@ impl SharedHistory {
                 async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
                 prev.to_string().as_str(),
             );
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
+            headers.insert(FILTER_HEADER, filter.as_str());
             let outcome = match self
                 .js
                 .publish_with_headers(subject.clone(), headers, payload.clone().into())
                 .await
             {
-                Ok(ack) => ack.await,
+                Ok(ack) => {
+                    sent = true;
+                    ack.await
+                }
                 Err(e) => Err(e),
             };
-            match outcome {
+            let e = match outcome {
                 Ok(ack) => {
+                    // A retry of a kept message answers with the first's sequence.
                     *head = Some(ack.sequence);
                     return Ok(());
                 }
-                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Err(e) => e,
+            };
+            match e.kind() {
+                // Not kept: another node's publish came first.
+                jetstream::context::PublishErrorKind::WrongLastSequence
+                    if attempts < PUBLISH_ATTEMPTS =>
+                {
                     *head = None;
                 }
-                Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                jetstream::context::PublishErrorKind::StreamNotFound
+                    if attempts < PUBLISH_ATTEMPTS =>
+                {
                     *head = None;
                     fresh = true;
                 }
-                Err(e) => {
+                jetstream::context::PublishErrorKind::WrongLastSequence
+                | jetstream::context::PublishErrorKind::StreamNotFound => {
                     *head = None;
-                    return Err(js_error(e));
+                    return Err(SharedHistoryError::JetStream(
+                        "the instance's history kept changing under this publish".into(),
+                    ));
+                }
+                // No answer: it may have been kept. The same id again.
+                _ if sent && started.elapsed() + backoff < UNSURE_RETRY_FOR => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                _ => {
+                    *head = None;
+                    return Err(if sent {
+                        unsure(&msg_id, e)
+                    } else {
+                        js_error(e)
+                    });
                 }
             }
         }
-        Err(SharedHistoryError::JetStream(
-            "the instance's history kept changing under this publish".into(),
-        ))
     }
 
     /// Forgets a deleted instance's history.
@@ -317,6 +439,16 @@ impl SharedHistory {
                 .and_then(|h| h.get(PREV_HEADER))
                 .and_then(|v| v.as_str().parse::<u64>().ok())
                 .unwrap_or(0);
+            let accepted_under = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(FILTER_HEADER))
+                .and_then(|v| parse_filter(v.as_str()));
+            let delivered = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                .is_some_and(|v| self.was_delivered_plainly(v.as_str()));
             let events: Vec<Event> = match serde_json::from_slice(&msg.payload) {
                 Ok(events) => events,
                 Err(e) => {
@@ -332,6 +464,8 @@ impl SharedHistory {
                     prev,
                     age,
                     events: events.into(),
+                    delivered,
+                    accepted_under,
                     caught_up: pending == 0,
                 })
                 .await

@@ -6,6 +6,7 @@
 //! write lock there), and record outcomes in batches.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Text};
@@ -44,6 +45,9 @@ pub struct Claimed {
     /// Attempts made before this one.
     #[diesel(sql_type = BigInt)]
     pub attempts: i64,
+    /// When it became due.
+    #[diesel(sql_type = BigInt)]
+    pub next_attempt_at: i64,
     #[diesel(sql_type = Bool)]
     pub ordered: bool,
 }
@@ -129,6 +133,51 @@ pub struct Intake<'a> {
     pub now: i64,
 }
 
+/// How long a webhook's counted backlog stands in for a new count.
+const COUNT_FOR: Duration = Duration::from_secs(1);
+
+/// What a node knows of each webhook's pending deliveries: the last count
+/// and what the node stored since. Counting reads every pending row of the
+/// webhook, which a long backlog (a slow or dead receiver) makes costly, so
+/// a publish counts again only when the count is older than [`COUNT_FOR`]
+/// or the estimate says the backlog bound would be passed. On one node the
+/// estimate is never below the truth (only that node stores; deliveries
+/// lower it); in a cluster it misses what other nodes stored in the last
+/// second, as concurrent transactions of two nodes would anyway.
+#[derive(Debug, Default)]
+pub struct PendingCounts {
+    known: HashMap<i64, (i64, Instant)>,
+}
+
+impl PendingCounts {
+    /// The estimate of `webhook`'s pending deliveries, when it is fresh and
+    /// leaves room for `adding` under `max_pending` (else: count them).
+    fn estimate(&self, webhook: i64, adding: usize, max_pending: i64) -> Option<i64> {
+        let adding = i64::try_from(adding).unwrap_or(i64::MAX);
+        self.known
+            .get(&webhook)
+            .filter(|(n, at)| at.elapsed() < COUNT_FOR && n.saturating_add(adding) <= max_pending)
+            .map(|(n, _)| *n)
+    }
+
+    /// `webhook` has `n` pending deliveries now.
+    fn counted(&mut self, webhook: i64, n: i64) {
+        self.known.insert(webhook, (n, Instant::now()));
+    }
+
+    /// `stored` more pending deliveries of `webhook`.
+    fn stored(&mut self, webhook: i64, stored: usize) {
+        if let Some((n, _)) = self.known.get_mut(&webhook) {
+            *n = n.saturating_add(i64::try_from(stored).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Forgets counts too old to stand in for one.
+    fn forget_stale(&mut self) {
+        self.known.retain(|_, (_, at)| at.elapsed() < COUNT_FOR);
+    }
+}
+
 /// Stores the deliveries of several publishes in one transaction, in the
 /// order given (their acceptance order). Past `max_pending` pending
 /// deliveries of a webhook, the rest are stored as dead letters with error
@@ -137,10 +186,10 @@ pub fn enqueue(
     conn: &mut DbConn,
     intakes: &[Intake<'_>],
     max_pending: i64,
+    pending: &mut PendingCounts,
 ) -> Result<Vec<u64>, StorageError> {
+    pending.forget_stale();
     let refused = write_tx!(conn, c => {
-        // Each webhook's pending count, read once per transaction.
-        let mut pending: HashMap<i64, i64> = HashMap::new();
         let mut refused = Vec::with_capacity(intakes.len());
         for intake in intakes {
             let now = intake.now;
@@ -149,17 +198,21 @@ pub fn enqueue(
                 if rows.is_empty() {
                     continue;
                 }
-                let held = match pending.get(webhook) {
-                    Some(n) => *n,
-                    None => d::table
-                        .filter(d::webhook_id.eq(webhook))
-                        .filter(d::dead_at.is_null())
-                        .count()
-                        .get_result(c)?,
+                let held = match pending.estimate(*webhook, rows.len(), max_pending) {
+                    Some(n) => n,
+                    None => {
+                        let n = d::table
+                            .filter(d::webhook_id.eq(webhook))
+                            .filter(d::dead_at.is_null())
+                            .count()
+                            .get_result(c)?;
+                        pending.counted(*webhook, n);
+                        n
+                    }
                 };
-                let room = usize::try_from((max_pending - held).max(0)).unwrap_or(0);
+            let room = usize::try_from((max_pending - held).max(0)).unwrap_or(0);
                 let (ok, over) = rows.split_at(room.min(rows.len()));
-                pending.insert(*webhook, held + ok.len() as i64);
+                pending.stored(*webhook, ok.len());
                 for chunk in ok.chunks(INSERT_CHUNK) {
                     let values: Vec<_> = chunk
                         .iter()
@@ -203,55 +256,110 @@ pub fn enqueue(
     Ok(refused)
 }
 
+/// The columns of a claimed delivery, from `d` (and `w.ordered`).
+const CLAIMED: &str =
+    "d.seq, d.id, d.webhook_id, d.event, d.data, d.created_at, d.attempts, d.next_attempt_at";
+
+/// The due deliveries of webhook `w` (the first `$3`, in claim order): for
+/// an `ordered` webhook only its oldest pending one (found in the
+/// `(webhook_id, dead_at, seq)` index: as `MIN(seq)`, PostgreSQL walked the
+/// primary key from the oldest row of any webhook).
+const DUE_OF_WEBHOOK: &str = "d.webhook_id = w.id AND d.dead_at IS NULL \
+     AND d.next_attempt_at <= $1 AND d.lease_until <= $1 \
+     AND (NOT w.ordered OR d.seq = (SELECT d2.seq FROM webhook_deliveries d2 \
+          WHERE d2.webhook_id = w.id AND d2.dead_at IS NULL \
+          ORDER BY d2.webhook_id, d2.dead_at, d2.seq LIMIT 1))";
+
+/// A webhook a claim may take deliveries of.
+#[derive(QueryableByName)]
+struct Claimable {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
 /// Claims up to `limit` due deliveries (oldest first), leasing them until
 /// `lease_until`, skipping webhooks in `exclude` (at their in-flight limit
-/// on this node) and taking at most `room(webhook)` per webhook. An
+/// on this node) and taking at most `room(webhook)` (never more than
+/// `most_per_webhook`) per webhook. An
 /// `ordered` webhook's delivery is due only when it is the webhook's oldest
 /// pending one, so one is in flight in the whole cluster and a retrying one
 /// holds back the later ones.
+///
+/// Each webhook's due deliveries are read from its own index range, so the
+/// backlog of an excluded webhook (a slow or dead receiver) costs nothing:
+/// one `LATERAL` query on PostgreSQL, one query per enabled webhook on
+/// SQLite (in process, inside its write lock).
 pub fn claim(
     conn: &mut DbConn,
     now: i64,
     lease_until: i64,
     limit: i64,
+    most_per_webhook: usize,
     exclude: &[i64],
     room: &mut dyn FnMut(i64) -> usize,
 ) -> Result<(Vec<Claimed>, Vec<Target>), StorageError> {
-    let locking = if matches!(conn, DbConn::Pg(_)) {
-        " FOR UPDATE OF d SKIP LOCKED"
-    } else {
-        ""
-    };
-    let select = dialect(
+    let pg = matches!(conn, DbConn::Pg(_));
+    let claimable = format!("w.enabled AND w.id NOT IN ({})", id_list(exclude));
+    let hooks = format!("SELECT w.id FROM webhooks w WHERE {claimable}");
+    let all_at_once = dialect(
         conn,
         &format!(
-            "SELECT d.seq, d.id, d.webhook_id, d.event, d.data, d.created_at, d.attempts, w.ordered \
-             FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id \
-             WHERE d.dead_at IS NULL AND d.next_attempt_at <= $1 AND d.lease_until <= $1 AND w.enabled \
-             AND d.webhook_id NOT IN ({}) \
-             AND (NOT w.ordered OR d.seq = (SELECT MIN(d2.seq) FROM webhook_deliveries d2 \
-                  WHERE d2.webhook_id = d.webhook_id AND d2.dead_at IS NULL)) \
-             ORDER BY d.next_attempt_at, d.seq LIMIT $2{locking}",
-            id_list(exclude)
+            "SELECT d.*, w.ordered FROM webhooks w \
+             CROSS JOIN LATERAL (SELECT {CLAIMED} FROM webhook_deliveries d \
+                 WHERE {DUE_OF_WEBHOOK} ORDER BY d.next_attempt_at, d.seq LIMIT $3 \
+                 FOR UPDATE OF d SKIP LOCKED) d \
+             WHERE {claimable} ORDER BY d.next_attempt_at, d.seq LIMIT $2"
         ),
     );
+    let one_webhook = dialect(
+        conn,
+        &format!(
+            "SELECT {CLAIMED}, w.ordered FROM webhook_deliveries d JOIN webhooks w ON w.id = $3 \
+             WHERE {DUE_OF_WEBHOOK} ORDER BY d.next_attempt_at, d.seq LIMIT $2"
+        ),
+    );
+    let most = i64::try_from(most_per_webhook)
+        .unwrap_or(i64::MAX)
+        .min(limit);
     let claimed: Vec<Claimed> = unsynced(conn, |conn| {
         Ok(write_tx!(conn, c => {
-            let found: Vec<Claimed> = diesel::sql_query(&select)
-                .bind::<BigInt, _>(now)
-                .bind::<BigInt, _>(limit)
-                .load(c)?;
-            let mut taken: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
-            let mut chosen = Vec::with_capacity(found.len());
-            for row in found {
-                let n = taken.entry(row.webhook_id).or_insert(0);
-                if *n < room(row.webhook_id) {
-                    *n += 1;
-                    chosen.push(row);
+            let mut found: Vec<Claimed> = if pg {
+                diesel::sql_query(&all_at_once)
+                    .bind::<BigInt, _>(now)
+                    .bind::<BigInt, _>(limit)
+                    .bind::<BigInt, _>(most)
+                    .load(c)?
+            } else {
+                let candidates: Vec<Claimable> = diesel::sql_query(&hooks).load(c)?;
+                let mut found = Vec::new();
+                for hook in candidates {
+                    let take = i64::try_from(room(hook.id)).unwrap_or(i64::MAX).min(most);
+                    if take == 0 {
+                        continue;
+                    }
+                    found.extend(
+                        diesel::sql_query(&one_webhook)
+                            .bind::<BigInt, _>(now)
+                            .bind::<BigInt, _>(take)
+                            .bind::<BigInt, _>(hook.id)
+                            .load::<Claimed>(c)?,
+                    );
                 }
-            }
-            if !chosen.is_empty() {
-                let seqs: Vec<i64> = chosen.iter().map(|r| r.seq).collect();
+                found.sort_unstable_by_key(|r| (r.next_attempt_at, r.seq));
+                found.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+                found
+            };
+            let mut taken: HashMap<i64, usize> = HashMap::new();
+            found.retain(|row| {
+                let n = taken.entry(row.webhook_id).or_insert(0);
+                let keep = *n < room(row.webhook_id);
+                if keep {
+                    *n += 1;
+                }
+                keep
+            });
+            if !found.is_empty() {
+                let seqs: Vec<i64> = found.iter().map(|r| r.seq).collect();
                 diesel::update(d::table.filter(d::seq.eq_any(&seqs)))
                     .set((
                         d::lease_until.eq(lease_until),
@@ -261,7 +369,7 @@ pub fn claim(
                     ))
                     .execute(c)?;
             }
-            Ok::<_, diesel::result::Error>(chosen)
+            Ok::<_, diesel::result::Error>(found)
         })?)
     })?;
     if claimed.is_empty() {
@@ -299,7 +407,7 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
             _ => None,
         })
         .collect();
-    let mut last_success: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+    let mut last_success: HashMap<i64, i64> = HashMap::new();
     // Failures likewise: one update per webhook, with its latest failure.
     let mut last_failure: std::collections::HashMap<i64, (i64, &str)> =
         std::collections::HashMap::new();
@@ -331,6 +439,7 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
     }
     unsynced(conn, |conn| {
         Ok(write_tx!(conn, c => {
+            let mut delivered_per_hook: HashMap<i64, i64> = HashMap::new();
             if !delivered.is_empty() {
                 // Not `dead_at IS NULL`: PostgreSQL would read the whole
                 // partial index of pending rows beside the primary key
@@ -342,16 +451,8 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
                 )
                 .returning(d::webhook_id)
                 .get_results(c)?;
-                let mut per_hook: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
                 for w in gone {
-                    *per_hook.entry(w).or_insert(0) += 1;
-                }
-                for (w, n) in per_hook {
-                    diesel::sql_query(&q_success)
-                        .bind::<BigInt, _>(n)
-                        .bind::<BigInt, _>(last_success.get(&w).copied().unwrap_or(0))
-                        .bind::<BigInt, _>(w)
-                        .execute(c)?;
+                    *delivered_per_hook.entry(w).or_insert(0) += 1;
                 }
             }
             for o in outcomes {
@@ -388,12 +489,30 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
                     }
                 }
             }
-            for (w, (at, error)) in &last_failure {
-                diesel::sql_query(&q_failure)
-                    .bind::<BigInt, _>(at)
-                    .bind::<Text, _>(*error)
-                    .bind::<BigInt, _>(w)
-                    .execute(c)?;
+            // The webhooks' rows last, in id order: two nodes recording
+            // outcomes of the same webhooks lock them in one order (no deadlock).
+            let mut hooks: Vec<i64> = delivered_per_hook
+                .keys()
+                .chain(last_failure.keys())
+                .copied()
+                .collect();
+            hooks.sort_unstable();
+            hooks.dedup();
+            for w in hooks {
+                if let Some(n) = delivered_per_hook.get(&w) {
+                    diesel::sql_query(&q_success)
+                        .bind::<BigInt, _>(n)
+                        .bind::<BigInt, _>(last_success.get(&w).copied().unwrap_or(0))
+                        .bind::<BigInt, _>(w)
+                        .execute(c)?;
+                }
+                if let Some((at, error)) = last_failure.get(&w) {
+                    diesel::sql_query(&q_failure)
+                        .bind::<BigInt, _>(at)
+                        .bind::<Text, _>(*error)
+                        .bind::<BigInt, _>(w)
+                        .execute(c)?;
+                }
             }
             Ok::<(), diesel::result::Error>(())
         })?)

@@ -10,7 +10,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::storage::deliveries::{self, NewDelivery};
+use crate::storage::deliveries::{self, NewDelivery, PendingCounts};
 use crate::storage::{DbPool, StorageError};
 
 /// Rows beyond which a group takes no more requests (a larger request is
@@ -71,6 +71,7 @@ impl Intake {
 
 /// The intake thread: one group, one transaction, at a time.
 fn run(pool: DbPool, mut queue: mpsc::Receiver<Request>, max_pending: i64) {
+    let mut pending = PendingCounts::default();
     while let Some(first) = queue.blocking_recv() {
         let mut rows = first.rows();
         let mut group = vec![first];
@@ -83,7 +84,7 @@ fn run(pool: DbPool, mut queue: mpsc::Receiver<Request>, max_pending: i64) {
                 Err(_) => break,
             }
         }
-        match store(&pool, &group, max_pending) {
+        match store(&pool, &group, max_pending, &mut pending) {
             Ok(refused) => {
                 for (request, refused) in group.into_iter().zip(refused) {
                     let _ = request.answer.send(Ok(refused));
@@ -100,8 +101,13 @@ fn run(pool: DbPool, mut queue: mpsc::Receiver<Request>, max_pending: i64) {
                     group.len()
                 );
                 for request in group {
-                    let alone = store(&pool, std::slice::from_ref(&request), max_pending)
-                        .map(|refused| refused.first().copied().unwrap_or(0));
+                    let alone = store(
+                        &pool,
+                        std::slice::from_ref(&request),
+                        max_pending,
+                        &mut pending,
+                    )
+                    .map(|refused| refused.first().copied().unwrap_or(0));
                     let _ = request.answer.send(alone);
                 }
             }
@@ -109,7 +115,12 @@ fn run(pool: DbPool, mut queue: mpsc::Receiver<Request>, max_pending: i64) {
     }
 }
 
-fn store(pool: &DbPool, group: &[Request], max_pending: i64) -> Result<Vec<u64>, StorageError> {
+fn store(
+    pool: &DbPool,
+    group: &[Request],
+    max_pending: i64,
+    pending: &mut PendingCounts,
+) -> Result<Vec<u64>, StorageError> {
     let mut conn = pool.get()?;
     let intakes: Vec<deliveries::Intake<'_>> = group
         .iter()
@@ -118,5 +129,5 @@ fn store(pool: &DbPool, group: &[Request], max_pending: i64) -> Result<Vec<u64>,
             now: r.now,
         })
         .collect();
-    deliveries::enqueue(&mut conn, &intakes, max_pending)
+    deliveries::enqueue(&mut conn, &intakes, max_pending, pending)
 }

@@ -256,7 +256,15 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
         let claimed = db(&env.pool, move |conn| {
             // A webhook this node holds nothing of starts with its in-flight room.
             let mut room = |w: i64| room.get(&w).copied().unwrap_or(max);
-            deliveries::claim(conn, now, lease_until, CLAIM_BATCH, &exclude, &mut room)
+            deliveries::claim(
+                conn,
+                now,
+                lease_until,
+                CLAIM_BATCH,
+                max * PREFETCH,
+                &exclude,
+                &mut room,
+            )
         })
         .await;
         let (rows, targets) = match claimed {

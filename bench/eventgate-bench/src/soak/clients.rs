@@ -126,6 +126,7 @@ async fn session(
         chain,
         narrowing,
         t_join: f64::INFINITY,
+        resumed_from: resume.as_ref().map(|p| (p.epoch.clone(), p.offset)),
         ..Session::default()
     };
     let mut pos = Position {
@@ -135,6 +136,8 @@ async fn session(
     };
     let deadline = Instant::now() + life;
     let mut asked_to_close = false;
+    // Envelopes up to this offset are the recovery's replay.
+    let mut replay_up_to = 0u64;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() && !asked_to_close {
@@ -180,6 +183,9 @@ async fn session(
                     record.t_join = soak.now();
                     if resume.is_some() {
                         record.recovered = v["data"]["recovered"].as_bool();
+                        if record.recovered == Some(true) {
+                            replay_up_to = v["data"]["offset"].as_u64().unwrap_or(0);
+                        }
                     }
                     pos.epoch = v["data"]["epoch"].as_str().unwrap_or_default().to_string();
                     pos.offset = v["data"]["offset"].as_u64().unwrap_or(0);
@@ -191,15 +197,24 @@ async fn session(
                 };
                 let media = !data["message"]["media"]["base64"].is_null();
                 record.received.push((seq, media));
-                if let Some(offset) = v["offset"].as_u64() {
+                // The position is the last envelope's (epoch, offset).
+                if let (Some(offset), Some(epoch)) = (v["offset"].as_u64(), v["epoch"].as_str()) {
+                    if epoch != pos.epoch {
+                        record.epoch_changes += 1;
+                        pos.epoch = epoch.to_string();
+                    }
                     pos.offset = offset;
                 }
                 let now_ns = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_nanos() as u64)
                     .unwrap_or(0);
-                soak.ledger
-                    .delivered(soak.now() as u64, now_ns.saturating_sub(ts) / 1000);
+                let replayed = v["offset"].as_u64().is_some_and(|o| o <= replay_up_to);
+                soak.ledger.delivered(
+                    soak.now() as u64,
+                    now_ns.saturating_sub(ts) / 1000,
+                    replayed,
+                );
             }
             Ok(Some(Ok(_))) => {}
         }

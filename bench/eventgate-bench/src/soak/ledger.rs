@@ -118,6 +118,11 @@ pub(crate) struct Session {
     pub(crate) received: Vec<(u64, bool)>,
     /// The answer of its `connection.recovery` frame when it asked to recover.
     pub(crate) recovered: Option<bool>,
+    /// The position it asked to recover from: (epoch, since).
+    pub(crate) resumed_from: Option<(String, u64)>,
+    /// Envelopes whose epoch differed from the one before (the numbering
+    /// changed under the session).
+    pub(crate) epoch_changes: u32,
     /// A close the client did not ask for: code (None: the connection broke).
     pub(crate) closed_by_server: Option<Option<u16>>,
 }
@@ -174,6 +179,9 @@ pub(crate) struct Verdict {
     /// against the filters or with the wrong media treatment, each with its
     /// session and the settings changes around it.
     pub(crate) ws_misses: Vec<String>,
+    /// The first WebSocket events a chain of sessions received twice, each
+    /// with the sessions that received it.
+    pub(crate) ws_duplicate_notes: Vec<String>,
     /// Per fault: what it did.
     pub(crate) faults: Vec<FaultEffect>,
 }
@@ -236,9 +244,16 @@ impl Ledger {
         self.inner.lock().sessions.push(session);
     }
 
-    pub(crate) fn delivered(&self, second: u64, latency_us: u64) {
+    /// One envelope received `second`s into the run, `latency_us` after its
+    /// publish; a replayed one (a recovery's, published while the client was
+    /// away) counts as delivered but not in the latency, which would then
+    /// measure how long clients stayed away.
+    pub(crate) fn delivered(&self, second: u64, latency_us: u64, replayed: bool) {
         let mut b = self.inner.lock();
         b.delivered_ws += 1;
+        if replayed {
+            return;
+        }
         if let Some(h) = b
             .latency
             .entry(second)
@@ -435,6 +450,7 @@ impl Ledger {
             .flat_map(|c| c.values())
             .filter(|n| **n > 1)
             .count() as u64;
+        v.ws_duplicate_notes = describe_duplicates(&b, &chains);
         // Webhooks: every acknowledged event of a persistent instance.
         for (instance, list) in b.published.iter().filter(|(i, _)| i.starts_with("soak-")) {
             let seen = receivers.seen(instance);
@@ -592,6 +608,58 @@ fn note_miss(out: &mut Vec<String>, what: &str, s: &Session, p: &Published, chan
         show(before),
         show(after),
     ));
+}
+
+/// Describes the first duplicates: the event (when it was published and
+/// acknowledged) and every session of its chain that received it.
+fn describe_duplicates(b: &Books, chains: &HashMap<u64, HashMap<u64, u32>>) -> Vec<String> {
+    let mut dups: Vec<(u64, u64)> = chains
+        .iter()
+        .flat_map(|(chain, seqs)| {
+            seqs.iter()
+                .filter(|(_, n)| **n > 1)
+                .map(move |(seq, _)| (*chain, *seq))
+        })
+        .collect();
+    dups.sort_unstable();
+    dups.truncate(MISSES_LISTED);
+    dups.iter()
+        .map(|(chain, seq)| {
+            let sessions: Vec<&Session> = b
+                .sessions
+                .iter()
+                .filter(|s| s.chain == *chain && s.received.iter().any(|(q, _)| q == seq))
+                .collect();
+            let published = sessions.first().and_then(|s| {
+                b.published
+                    .get(&s.instance)
+                    .and_then(|l| l.iter().find(|p| p.seq == *seq))
+            });
+            let event = match (sessions.first(), published) {
+                (Some(s), Some(p)) => format!(
+                    "{} seq {seq} sent {:.2} s, acked {:.2} s",
+                    s.instance, p.t_send, p.t_ack
+                ),
+                _ => format!("seq {seq}"),
+            };
+            let lives: Vec<String> = sessions
+                .iter()
+                .map(|s| {
+                    format!(
+                        "node {} {:.2}–{:.2} s, {}× in it, resumed from {:?} → recovered {:?}, epoch changes {}",
+                        s.node,
+                        s.t_join,
+                        s.t_leave,
+                        s.received.iter().filter(|(q, _)| q == seq).count(),
+                        s.resumed_from,
+                        s.recovered,
+                        s.epoch_changes,
+                    )
+                })
+                .collect();
+            format!("{event}; chain {chain}: {}", lives.join("; "))
+        })
+        .collect()
 }
 
 fn new_histogram() -> Option<Histogram<u64>> {

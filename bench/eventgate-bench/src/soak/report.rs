@@ -322,7 +322,7 @@ settings changed every 3 s, an instance created and deleted every 15 s, webhook 
         ),
         ("ephemeral instance rounds", v.ephemeral_rounds.to_string()),
         (
-            "p99 first / last window",
+            "p99 of live deliveries (replays left out), first / last window",
             format!(
                 "{} / {} ms ({window} s each)",
                 first.map(|x| format!("{x:.2}")).unwrap_or("-".into()),
@@ -354,6 +354,16 @@ settings changed every 3 s, an instance created and deleted every 15 s, webhook 
     if !v.ws_misses.is_empty() {
         let _ = writeln!(md, "\n## WebSocket misses outside fault windows, filter violations and media mismatches (the first {})\n", v.ws_misses.len());
         for m in &v.ws_misses {
+            let _ = writeln!(md, "- {m}");
+        }
+    }
+    if !v.ws_duplicate_notes.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## WebSocket events received twice (the first {})\n",
+            v.ws_duplicate_notes.len()
+        );
+        for m in &v.ws_duplicate_notes {
             let _ = writeln!(md, "- {m}");
         }
     }
