@@ -121,8 +121,7 @@ pub async fn publish(
                 Ok(()) => true,
                 Err(e) => {
                     if let SharedHistoryError::Unsure { id, .. } = &e {
-                        // Kept after all? Then not delivered a second time.
-                        history.delivered_plainly(id);
+                        // Kept after all? Then no node delivers it a second time.
                         history_id = Some(id.clone());
                     }
                     log::warn!(

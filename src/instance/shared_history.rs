@@ -80,7 +80,8 @@ pub enum SharedHistoryError {
     #[error("JetStream: {0}")]
     JetStream(String),
     /// No attempt was acknowledged, and one may have been kept: the events
-    /// go the plain way under this message id (see [`SharedHistory::delivered_plainly`]).
+    /// go the plain way under this message id, already remembered here as
+    /// delivered plainly (see [`SharedHistory::delivered_plainly`]).
     #[error("JetStream did not acknowledge (message {id}): {cause}")]
     Unsure { id: String, cause: String },
 }
@@ -98,13 +99,6 @@ fn parse_filter(value: &str) -> Option<(EventSet, bool)> {
         _ => return None,
     };
     Some((EventSet::from_bits(bits.parse().ok()?), media))
-}
-
-fn unsure(id: &str, cause: impl std::fmt::Display) -> SharedHistoryError {
-    SharedHistoryError::Unsure {
-        id: id.to_string(),
-        cause: cause.to_string(),
-    }
 }
 
 /// The offset of the `index`th event of the message with sequence `seq`.
@@ -173,10 +167,19 @@ impl SharedHistory {
         plain.insert(id.to_string(), now);
     }
 
+    /// A publish that may have been kept: its events go the plain way, so
+    /// they are remembered as delivered plainly.
+    fn unsure(&self, id: &str, cause: impl std::fmt::Display) -> SharedHistoryError {
+        self.delivered_plainly(id);
+        SharedHistoryError::Unsure {
+            id: id.to_string(),
+            cause: cause.to_string(),
+        }
+    }
+
     /// Whether request `id`'s events were delivered the plain way.
     fn was_delivered_plainly(&self, id: &str) -> bool {
-        let plain = self.plain.lock();
-        !plain.is_empty() && plain.contains_key(id)
+        self.plain.lock().contains_key(id)
     }
 
     fn subject(&self, id: InstanceId) -> String {
@@ -262,7 +265,7 @@ impl SharedHistory {
             attempts += 1;
             let stream = match self.stream(fresh).await {
                 Ok(stream) => stream,
-                Err(e) if sent => return Err(unsure(&msg_id, e)),
+                Err(e) if sent => return Err(self.unsure(&msg_id, e)),
                 Err(e) => return Err(e),
             };
             let prev = match *head {
@@ -270,7 +273,7 @@ impl SharedHistory {
                 None => match stream.get_last_raw_message_by_subject(&subject).await {
                     Ok(m) => m.sequence,
                     Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
-                    Err(e) if sent => return Err(unsure(&msg_id, e)),
+                    Err(e) if sent => return Err(self.unsure(&msg_id, e)),
                     Err(e) => return Err(js_error(e)),
                 },
             };
@@ -329,7 +332,7 @@ impl SharedHistory {
                 _ => {
                     *head = None;
                     return Err(if sent {
-                        unsure(&msg_id, e)
+                        self.unsure(&msg_id, e)
                     } else {
                         js_error(e)
                     });
@@ -433,21 +436,12 @@ impl SharedHistory {
             let age = SystemTime::now()
                 .duration_since(SystemTime::from(info.published))
                 .unwrap_or_default();
-            let prev = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(PREV_HEADER))
+            let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name));
+            let prev = header(PREV_HEADER)
                 .and_then(|v| v.as_str().parse::<u64>().ok())
                 .unwrap_or(0);
-            let accepted_under = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(FILTER_HEADER))
-                .and_then(|v| parse_filter(v.as_str()));
-            let delivered = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            let accepted_under = header(FILTER_HEADER).and_then(|v| parse_filter(v.as_str()));
+            let delivered = header(async_nats::header::NATS_MESSAGE_ID.as_ref())
                 .is_some_and(|v| self.was_delivered_plainly(v.as_str()));
             let events: Vec<Event> = match serde_json::from_slice(&msg.payload) {
                 Ok(events) => events,

@@ -210,7 +210,7 @@ pub fn enqueue(
                         n
                     }
                 };
-            let room = usize::try_from((max_pending - held).max(0)).unwrap_or(0);
+                let room = usize::try_from((max_pending - held).max(0)).unwrap_or(0);
                 let (ok, over) = rows.split_at(room.min(rows.len()));
                 pending.stored(*webhook, ok.len());
                 for chunk in ok.chunks(INSERT_CHUNK) {
@@ -409,8 +409,7 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
         .collect();
     let mut last_success: HashMap<i64, i64> = HashMap::new();
     // Failures likewise: one update per webhook, with its latest failure.
-    let mut last_failure: std::collections::HashMap<i64, (i64, &str)> =
-        std::collections::HashMap::new();
+    let mut last_failure: HashMap<i64, (i64, &str)> = HashMap::new();
     for o in outcomes {
         match o {
             Outcome::Delivered { webhook_id, at, .. } => {

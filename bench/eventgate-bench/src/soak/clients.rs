@@ -197,8 +197,9 @@ async fn session(
                 };
                 let media = !data["message"]["media"]["base64"].is_null();
                 record.received.push((seq, media));
+                let offset = v["offset"].as_u64();
                 // The position is the last envelope's (epoch, offset).
-                if let (Some(offset), Some(epoch)) = (v["offset"].as_u64(), v["epoch"].as_str()) {
+                if let (Some(offset), Some(epoch)) = (offset, v["epoch"].as_str()) {
                     if epoch != pos.epoch {
                         record.epoch_changes += 1;
                         pos.epoch = epoch.to_string();
@@ -209,7 +210,7 @@ async fn session(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_nanos() as u64)
                     .unwrap_or(0);
-                let replayed = v["offset"].as_u64().is_some_and(|o| o <= replay_up_to);
+                let replayed = offset.is_some_and(|o| o <= replay_up_to);
                 soak.ledger.delivered(
                     soak.now() as u64,
                     now_ns.saturating_sub(ts) / 1000,
