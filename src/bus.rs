@@ -3,11 +3,13 @@
 //!
 //! A publish is delivered to this node's clients directly and sent once to
 //! `<prefix>.ev.<instance id>`; a node subscribes to that subject only while
-//! it has clients of the instance (interest-based), and skips what it sent
-//! itself. Settings changes and deletions go to `<prefix>.ctl`. Sending goes
-//! through a bounded queue and is skipped while NATS is unreachable, so a
-//! NATS outage never blocks a request or grows memory: what could not cross
-//! is counted (`eventgate_bus_errors_total`) and logged.
+//! it has clients of the instance, and for a while after the last one left
+//! (interest-based, see `instance::actor::INTEREST_LINGER`), and skips what
+//! it sent itself. Settings changes and deletions go to `<prefix>.ctl`.
+//! Sending goes through a bounded queue and is skipped while NATS is
+//! unreachable, so a NATS outage never blocks a request or grows memory:
+//! what could not cross is counted (`eventgate_bus_errors_total`) and
+//! logged.
 //!
 //! A change that could not cross is not lost for good: each time a node's
 //! NATS connection comes up (at start and after an outage) it re-reads

@@ -15,6 +15,7 @@ use common::{
     free_port, require_nats, require_postgres, services_required, unique_subject_prefix, Got,
     Process, TestDb, TestServer, ACCOUNT, REQUIRE_ENV,
 };
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 /// A nats-server with JetStream of the test's own, on a free port.
@@ -633,5 +634,74 @@ async fn events_are_filtered_by_the_settings_they_were_accepted_under() {
     let exchange = json!({"event": "message.exchange", "data": {"n": 5}});
     assert_eq!(b.publish("late", exchange).await.status, 202);
     assert_eq!(n(&wb.envelope().await), 5);
+    cluster.clean_up().await;
+}
+
+/// A node goes on following an instance's shared history for a while after
+/// its last client of it left, so a client back after a short drop finds the
+/// mirror loaded. Seen from JetStream: B's consumer of the subject keeps
+/// taking what A publishes after B's client has gone (a consumer whose
+/// follower stopped has no interest left, and JetStream delivers it
+/// nothing more), and the client recovers on B.
+#[actix_rt::test]
+async fn a_node_keeps_following_an_instance_for_a_while_after_its_last_client_left() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(url) = require_nats() else {
+        return;
+    };
+    let cluster = Cluster::shared(url.clone());
+    let a = cluster.node(&db).await;
+    let b = cluster.node(&db).await;
+    a.instance("linger").await;
+    let (mut wb, first) = open(&b, "linger", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    let id = epoch.rsplit('-').next().unwrap().to_string();
+    assert_eq!(a.publish("linger", ev(1)).await.status, 202);
+    let since = offset(&wb.envelope().await);
+    drop(wb);
+    b.wait_clients("linger", Some(0)).await;
+    // Time for a stopped follower's unsubscription to reach NATS.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 2..=4 {
+        assert_eq!(a.publish("linger", ev(i)).await.status, 202);
+    }
+
+    let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+    let subject = format!("{}.hist.{id}", cluster.prefix);
+    let stream = js
+        .get_stream(format!("{}_HISTORY", cluster.prefix))
+        .await
+        .unwrap();
+    let last = stream
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap()
+        .sequence;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut consumers = stream.consumers();
+        let mut delivered = Vec::new();
+        while let Some(info) = consumers.next().await {
+            let info = info.unwrap();
+            if info.config.filter_subject == subject {
+                delivered.push(info.delivered.stream_sequence);
+            }
+        }
+        if delivered.contains(&last) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no consumer of {subject} took message {last}: {delivered:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let (mut again, first) = resume(&b, "linger", &epoch, since, "").await;
+    assert_eq!(first["recovered"], true, "{first}");
+    let got = read_until(&mut again, 4).await;
+    assert_eq!(got.iter().map(n).collect::<Vec<_>>(), [2, 3, 4]);
     cluster.clean_up().await;
 }

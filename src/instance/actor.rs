@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::dev::SendError;
 use actix::prelude::*;
@@ -41,6 +41,12 @@ mod recovery;
 
 /// Mailbox capacity of an instance actor (see `started`).
 const INSTANCE_MAILBOX: usize = 1 << 16;
+
+/// How long a node goes on following an instance's events (and, in a
+/// cluster with history, its shared history) after its last session left:
+/// clients that come back after a short drop (a network change, a deploy)
+/// find the mirror loaded instead of waiting for it.
+const INTEREST_LINGER: Duration = Duration::from_secs(30);
 
 /// What the actor needs from the node, shared by all instance actors.
 #[derive(Clone)]
@@ -89,8 +95,12 @@ pub struct InstanceActor {
     metrics_label: String,
     /// What this actor has added to that label's gauge.
     reported: i64,
-    /// Follows this instance's events from other nodes while it has sessions.
+    /// Follows this instance's events from other nodes while it has
+    /// sessions, and for [`INTEREST_LINGER`] after the last one left.
     following: Option<tokio::task::JoinHandle<()>>,
+    /// Ends `following` once the actor has been without sessions for
+    /// [`INTEREST_LINGER`].
+    linger: Option<SpawnHandle>,
     /// Publishes sent to this actor and not yet handled (shared with its `Inbox`es).
     waiting: Arc<AtomicUsize>,
     /// This instance's recent events (`None`: no history configured).
@@ -141,6 +151,7 @@ impl InstanceActor {
             metrics_label,
             reported: 0,
             following: None,
+            linger: None,
             waiting,
             synced: shared.is_none(),
             shared,
@@ -198,21 +209,27 @@ impl InstanceActor {
         n + waiting
     }
 
-    /// Subscribes to other nodes' events while there are sessions, and only then.
+    /// Subscribes to other nodes' events while there are sessions, and for
+    /// [`INTEREST_LINGER`] after the last one left.
     fn update_interest(&mut self, ctx: &mut Context<Self>) {
         let idle = self.sessions.is_empty() && self.parked.is_empty();
-        match (idle, &self.following) {
-            (false, None) => {
+        if !idle {
+            if let Some(timer) = self.linger.take() {
+                ctx.cancel_future(timer);
+            }
+            if self.following.is_none() {
                 let inbox = Inbox::new(ctx.address(), self.waiting.clone(), self.env.publish_queue);
                 self.following = self.env.bus.follow(self.info.id, inbox);
                 self.follow_shared(ctx);
             }
-            (true, Some(task)) => {
-                task.abort();
-                self.following = None;
-                self.unfollow_shared();
-            }
-            _ => {}
+        } else if self.following.is_some() && self.linger.is_none() {
+            self.linger = Some(ctx.run_later(INTEREST_LINGER, |act, _| {
+                act.linger = None;
+                if let Some(task) = act.following.take() {
+                    task.abort();
+                }
+                act.unfollow_shared();
+            }));
         }
     }
 

@@ -1,8 +1,9 @@
 //! The instance actor's side of the cluster's shared history (see
-//! `shared_history`): while it has sessions, the actor follows the
-//! instance's subject and keeps a mirror of it in its `history`, numbered
-//! with the shared offsets and epoch, so recoveries are served from memory,
-//! atomically with live delivery, as on a single node.
+//! `shared_history`): while it has sessions (and for `INTEREST_LINGER`
+//! after the last one left), the actor follows the instance's subject and
+//! keeps a mirror of it in its `history`, numbered with the shared offsets
+//! and epoch, so recoveries are served from memory, atomically with live
+//! delivery, as on a single node.
 //!
 //! Joins that arrive while the mirror loads wait (are parked) until it has
 //! caught up, or until [`SYNC_WAIT`] passes; events that did not go through

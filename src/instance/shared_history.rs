@@ -25,8 +25,8 @@
 //! change made after their 202 (a disabled WebSocket still delivers none).
 //!
 //! Every node with clients of the instance follows the subject with an
-//! ordered consumer from its first retained message, so its instance actor
-//! mirrors the history and serves recoveries itself, atomically with live
+//! ordered push consumer from its first retained message, so its instance
+//! actor mirrors the history and serves recoveries itself, atomically with live
 //! delivery, in offset order (see `actor`). This module owns the stream and
 //! the wire format only; it never touches the database or sessions.
 
@@ -73,6 +73,12 @@ const PLAIN_MEMORY: Duration = Duration::from_secs(180);
 /// that the age bound is applied by the nodes (at the same moment for all
 /// the events it concerns) rather than by JetStream.
 const AGE_MARGIN: Duration = Duration::from_secs(60);
+
+/// A message that reaches a caught-up follower later than this after
+/// JetStream stored it is logged (at most every [`LAG_LOG_EVERY`]): live
+/// delivery of the instance is that late on this node.
+const LAG_LOGGED_OVER: Duration = Duration::from_secs(1);
+const LAG_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Why a publish did not reach the shared history.
 #[derive(Debug, thiserror::Error)]
@@ -410,23 +416,30 @@ impl SharedHistory {
             },
             None => consumer::DeliverPolicy::All,
         };
+        // A push consumer: JetStream sends each message as it is stored (with
+        // flow control). An ordered pull consumer was seen in the soak
+        // (nats-server 2.9.10) holding stored messages back until its pull
+        // request expired: live delivery stalled for the request's lifetime.
         let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: self.js.client().new_inbox(),
                 filter_subject: subject.clone(),
                 deliver_policy,
-                max_expires: Duration::from_secs(5),
                 ..Default::default()
             })
             .await
             .map_err(js_error)?;
+        // Lag is reported once the follower has caught up (older messages
+        // before that are history being loaded, not late delivery).
+        let mut caught_up = consumer.cached_info().num_pending == 0;
         if resume_after.is_none() {
-            let pending = consumer.cached_info().num_pending;
             actor.do_send(SyncStart {
                 epoch: epoch.clone(),
-                caught_up: pending == 0,
+                caught_up,
             });
         }
         let mut messages = consumer.messages().await.map_err(js_error)?;
+        let mut lag_logged: Option<Instant> = None;
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(js_error)?;
             let Ok(info) = msg.info() else {
@@ -436,6 +449,18 @@ impl SharedHistory {
             let age = SystemTime::now()
                 .duration_since(SystemTime::from(info.published))
                 .unwrap_or_default();
+            if caught_up
+                && age > LAG_LOGGED_OVER
+                && lag_logged.is_none_or(|t| t.elapsed() >= LAG_LOG_EVERY)
+            {
+                lag_logged = Some(Instant::now());
+                log::warn!(
+                    "instance_id={} history message {seq} reached this node {:.2} s after JetStream stored it ({pending} more pending)",
+                    id.0,
+                    age.as_secs_f64()
+                );
+            }
+            caught_up |= pending == 0;
             let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name));
             let prev = header(PREV_HEADER)
                 .and_then(|v| v.as_str().parse::<u64>().ok())

@@ -196,7 +196,7 @@ async fn session(
                     continue;
                 };
                 let media = !data["message"]["media"]["base64"].is_null();
-                record.received.push((seq, media));
+                record.received.push((seq, media, soak.now() as f32));
                 let offset = v["offset"].as_u64();
                 // The position is the last envelope's (epoch, offset).
                 if let (Some(offset), Some(epoch)) = (offset, v["epoch"].as_str()) {
@@ -215,6 +215,7 @@ async fn session(
                     soak.now() as u64,
                     now_ns.saturating_sub(ts) / 1000,
                     replayed,
+                    (node, instance),
                 );
             }
             Ok(Some(Ok(_))) => {}

@@ -25,6 +25,9 @@ const CHANGE_SLACK_SECS: f64 = 1.0;
 /// After a fault ends, WebSocket delivery gets this long to be whole again.
 const FAULT_TAIL_SECS: f64 = 10.0;
 
+/// A live delivery slower than this is listed (with its node and instance).
+const SLOW_DELIVERY_US: u64 = 1_000_000;
+
 /// A fault injected into the soak.
 #[derive(Debug, Clone)]
 pub(crate) enum Fault {
@@ -90,6 +93,8 @@ impl WsState {
 #[derive(Debug, Clone, Copy)]
 struct Published {
     seq: u64,
+    /// The node that accepted it.
+    node: usize,
     kind: usize,
     t_send: f64,
     t_ack: f64,
@@ -114,8 +119,9 @@ pub(crate) struct Session {
     pub(crate) narrowing: Option<Vec<usize>>,
     pub(crate) t_join: f64,
     pub(crate) t_leave: f64,
-    /// (seq, media present) of every event received, in order.
-    pub(crate) received: Vec<(u64, bool)>,
+    /// (seq, media present, seconds into the run) of every event received,
+    /// in order.
+    pub(crate) received: Vec<(u64, bool, f32)>,
     /// The answer of its `connection.recovery` frame when it asked to recover.
     pub(crate) recovered: Option<bool>,
     /// The position it asked to recover from: (epoch, since).
@@ -144,6 +150,9 @@ struct Books {
     problems: Vec<(f64, String)>,
     /// Publish → receive latency per second of the run, in microseconds.
     latency: HashMap<u64, Option<Histogram<u64>>>,
+    /// Live deliveries slower than [`SLOW_DELIVERY_US`] by (second, node,
+    /// instance): how many, and the slowest (µs).
+    slow: HashMap<(u64, usize, String), (u64, u64)>,
     delivered_ws: u64,
     dead_letters_retried: u64,
     ephemeral_rounds: u64,
@@ -182,6 +191,8 @@ pub(crate) struct Verdict {
     /// The first WebSocket events a chain of sessions received twice, each
     /// with the sessions that received it.
     pub(crate) ws_duplicate_notes: Vec<String>,
+    /// The slowest seconds of live delivery (over 1 s) by node and instance.
+    pub(crate) slow_deliveries: Vec<String>,
     /// Per fault: what it did.
     pub(crate) faults: Vec<FaultEffect>,
 }
@@ -202,6 +213,7 @@ impl Ledger {
     pub(crate) fn published(
         &self,
         instance: &str,
+        node: usize,
         items: &[(u64, usize)],
         t_send: f64,
         t_ack: f64,
@@ -210,6 +222,7 @@ impl Ledger {
         let list = b.published.entry(instance.to_string()).or_default();
         list.extend(items.iter().map(|&(seq, kind)| Published {
             seq,
+            node,
             kind,
             t_send,
             t_ack,
@@ -247,12 +260,24 @@ impl Ledger {
     /// One envelope received `second`s into the run, `latency_us` after its
     /// publish; a replayed one (a recovery's, published while the client was
     /// away) counts as delivered but not in the latency, which would then
-    /// measure how long clients stayed away.
-    pub(crate) fn delivered(&self, second: u64, latency_us: u64, replayed: bool) {
+    /// measure how long clients stayed away. `at` is the session's node and
+    /// instance.
+    pub(crate) fn delivered(
+        &self,
+        second: u64,
+        latency_us: u64,
+        replayed: bool,
+        at: (usize, &str),
+    ) {
         let mut b = self.inner.lock();
         b.delivered_ws += 1;
         if replayed {
             return;
+        }
+        if latency_us > SLOW_DELIVERY_US {
+            let slow = b.slow.entry((second, at.0, at.1.to_string())).or_default();
+            slow.0 += 1;
+            slow.1 = slow.1.max(latency_us);
         }
         if let Some(h) = b
             .latency
@@ -376,9 +401,9 @@ impl Ledger {
                 .get(&s.instance)
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
-            let got: HashMap<u64, bool> = s.received.iter().copied().collect();
+            let got: HashMap<u64, bool> = s.received.iter().map(|&(q, m, _)| (q, m)).collect();
             let chain = chains.entry(s.chain).or_default();
-            for (seq, _) in &s.received {
+            for (seq, _, _) in &s.received {
                 *chain.entry(*seq).or_default() += 1;
             }
             if let Some(r) = s.recovered {
@@ -415,7 +440,14 @@ impl Ledger {
                         v.ws_delivered += 1;
                         if p.kind == 0 && *media != state.media {
                             v.ws_media_mismatches += 1;
-                            note_miss(&mut v.ws_misses, "wrong mediaBase64", s, p, changes);
+                            note_miss(
+                                &mut v.ws_misses,
+                                "wrong mediaBase64",
+                                s,
+                                p,
+                                changes,
+                                &b.sessions,
+                            );
                         }
                     }
                     (true, None) => {
@@ -427,7 +459,7 @@ impl Ledger {
                             }
                             None => {
                                 v.ws_lost_unexplained += 1;
-                                note_miss(&mut v.ws_misses, "lost", s, p, changes);
+                                note_miss(&mut v.ws_misses, "lost", s, p, changes, &b.sessions);
                             }
                         }
                     }
@@ -439,6 +471,7 @@ impl Ledger {
                             s,
                             p,
                             changes,
+                            &b.sessions,
                         );
                     }
                     (false, None) => {}
@@ -451,6 +484,7 @@ impl Ledger {
             .filter(|n| **n > 1)
             .count() as u64;
         v.ws_duplicate_notes = describe_duplicates(&b, &chains);
+        v.slow_deliveries = describe_slow(&b);
         // Webhooks: every acknowledged event of a persistent instance.
         for (instance, list) in b.published.iter().filter(|(i, _)| i.starts_with("soak-")) {
             let seen = receivers.seen(instance);
@@ -582,10 +616,41 @@ impl Verdict {
 const MISSES_LISTED: usize = 40;
 
 /// Describes one miss: the event, its session, the last settings change
-/// acknowledged before it was sent and the next one after.
-fn note_miss(out: &mut Vec<String>, what: &str, s: &Session, p: &Published, changes: &[Change]) {
+/// acknowledged before it was sent and the next one after, and how the
+/// other sessions of the instance connected then fared, by node (received
+/// by how many, and the latest how long after the acknowledgement): late
+/// elsewhere too, or lost in one session only.
+fn note_miss(
+    out: &mut Vec<String>,
+    what: &str,
+    s: &Session,
+    p: &Published,
+    changes: &[Change],
+    sessions: &[Session],
+) {
     if out.len() >= MISSES_LISTED {
         return;
+    }
+    let mut others: Vec<String> = Vec::new();
+    for node in 0..=sessions.iter().map(|o| o.node).max().unwrap_or(0) {
+        let (mut connected, mut got, mut latest) = (0, 0, 0f32);
+        for o in sessions.iter().filter(|o| {
+            !std::ptr::eq(*o, s)
+                && o.node == node
+                && o.instance == s.instance
+                && o.t_join + JOIN_SLACK_SECS < p.t_send
+                && o.t_leave > p.t_ack
+                && o.narrowing.as_ref().is_none_or(|n| n.contains(&p.kind))
+        }) {
+            connected += 1;
+            if let Some(&(_, _, at)) = o.received.iter().find(|r| r.0 == p.seq) {
+                got += 1;
+                latest = latest.max(at - p.t_ack as f32);
+            }
+        }
+        others.push(format!(
+            "node {node}: {got} of {connected} (latest {latest:.2} s after the ack)"
+        ));
     }
     let before = changes.iter().rev().find(|c| c.t_ack < p.t_send);
     let after = changes.iter().find(|c| c.t_send > p.t_ack);
@@ -594,11 +659,12 @@ fn note_miss(out: &mut Vec<String>, what: &str, s: &Session, p: &Published, chan
         None => "none".into(),
     };
     out.push(format!(
-        "{what}: {} seq {} ({}) sent {:.2} s, acked {:.2} s; session on node {} (chain {}, narrowing {:?}) {:.2}–{:.2} s; change before: {}; change after: {}",
+        "{what}: {} seq {} ({}) sent {:.2} s to node {}, acked {:.2} s; session on node {} (chain {}, narrowing {:?}) {:.2}–{:.2} s; change before: {}; change after: {}; other sessions that received it: {}",
         s.instance,
         p.seq,
         super::KINDS[p.kind],
         p.t_send,
+        p.node,
         p.t_ack,
         s.node,
         s.chain,
@@ -607,7 +673,30 @@ fn note_miss(out: &mut Vec<String>, what: &str, s: &Session, p: &Published, chan
         s.t_leave,
         show(before),
         show(after),
+        others.join(", "),
     ));
+}
+
+/// The slowest seconds of live delivery: second, node, instance, how many
+/// deliveries took over a second and the slowest, in time order.
+fn describe_slow(b: &Books) -> Vec<String> {
+    let mut slow: Vec<(&(u64, usize, String), &(u64, u64))> = b.slow.iter().collect();
+    slow.sort_unstable_by_key(|(_, (_, max))| std::cmp::Reverse(*max));
+    slow.truncate(MISSES_LISTED);
+    slow.sort_unstable_by_key(|(key, _)| (*key).clone());
+    slow.iter()
+        .map(|((second, node, instance), (count, max))| {
+            let fault = if ws_fault_at(&b.faults, *second as f64 - 1.0, *second as f64).is_some() {
+                " (fault window)"
+            } else {
+                ""
+            };
+            format!(
+                "{second} s, node {node}, {instance}: {count} over 1 s, slowest {:.2} s{fault}",
+                *max as f64 / 1e6
+            )
+        })
+        .collect()
 }
 
 /// Describes the first duplicates: the event (when it was published and
@@ -628,7 +717,7 @@ fn describe_duplicates(b: &Books, chains: &HashMap<u64, HashMap<u64, u32>>) -> V
             let sessions: Vec<&Session> = b
                 .sessions
                 .iter()
-                .filter(|s| s.chain == *chain && s.received.iter().any(|(q, _)| q == seq))
+                .filter(|s| s.chain == *chain && s.received.iter().any(|(q, _, _)| q == seq))
                 .collect();
             let published = sessions.first().and_then(|s| {
                 b.published
@@ -650,7 +739,7 @@ fn describe_duplicates(b: &Books, chains: &HashMap<u64, HashMap<u64, u32>>) -> V
                         s.node,
                         s.t_join,
                         s.t_leave,
-                        s.received.iter().filter(|(q, _)| q == seq).count(),
+                        s.received.iter().filter(|(q, _, _)| q == seq).count(),
                         s.resumed_from,
                         s.recovered,
                         s.epoch_changes,

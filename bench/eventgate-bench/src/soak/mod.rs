@@ -134,8 +134,12 @@ impl Soak {
 
     /// An API client on a random running node.
     pub(crate) fn api(&self) -> Api {
-        self.cluster
-            .api(rand::thread_rng().gen_range(0..self.cluster.len()))
+        self.cluster.api(self.random_node())
+    }
+
+    /// A random node's index.
+    pub(crate) fn random_node(&self) -> usize {
+        rand::thread_rng().gen_range(0..self.cluster.len())
     }
 
     fn running(&self) -> bool {
@@ -248,7 +252,8 @@ async fn publish_loop(soak: Arc<Soak>, inst: Inst) {
             kinds.push((seq, kind));
             items.push(event_item(&inst.name, seq, kind));
         }
-        let api = soak.api();
+        let node = soak.random_node();
+        let api = soak.cluster.api(node);
         let t_send = soak.now();
         let outcome = api
             .call(
@@ -259,7 +264,9 @@ async fn publish_loop(soak: Arc<Soak>, inst: Inst) {
             .await;
         let t_ack = soak.now();
         match outcome {
-            Ok((202, _)) => soak.ledger.published(&inst.name, &kinds, t_send, t_ack),
+            Ok((202, _)) => soak
+                .ledger
+                .published(&inst.name, node, &kinds, t_send, t_ack),
             Ok((status, body)) => {
                 soak.ledger
                     .http_status("publish", status, t_ack, &body.to_string())

@@ -367,6 +367,16 @@ settings changed every 3 s, an instance created and deleted every 15 s, webhook 
             let _ = writeln!(md, "- {m}");
         }
     }
+    if !v.slow_deliveries.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n## Slowest seconds of live WebSocket delivery (over 1 s; the {} slowest, in time order)\n",
+            v.slow_deliveries.len()
+        );
+        for m in &v.slow_deliveries {
+            let _ = writeln!(md, "- {m}");
+        }
+    }
     if !v.problems.is_empty() {
         let _ = writeln!(md, "\n## Problems\n");
         for p in v.problems.iter().take(30) {
