@@ -207,15 +207,17 @@ if storms:
     print("Reconnect storms: every client drops while events are published, then reconnects "
           "(plain: no recovery; recovery: with its epoch and offset)")
     print()
-    print("| run | clients | events | plain s | recovery s | ratio | target | server CPU s plain / recovery | recovered true / false | lost | dup | out of order |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| run | clients | events | plain s | recovery s | ratio | target | clients done, p50 / p99 s (plain; recovery) | server CPU s plain / recovery | recovered true / false | lost | dup | out of order |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in storms:
         ra = ratio(r.get("recovery_secs"), r.get("plain_secs"))
         ok = (ra is not None and ra <= 1.5 and r.get("recovery_lost") == 0
               and r.get("recovery_duplicates") == 0)
         print(f"| {r['label']} | {r['clients']} | {r['storm_events']} | {fmt(r.get('plain_secs'), '{:.2f}')} | "
               f"{fmt(r.get('recovery_secs'), '{:.2f}')} | {fmt(ra, '{:.2f}×')} | ≤ 1.5×, 0 lost, 0 dup: "
-              f"{'met' if ok else 'missed'} | {fmt(r.get('plain_server_cpu_secs'), '{:.2f}')} / "
+              f"{'met' if ok else 'missed'} | {fmt(r.get('plain_p50_secs'), '{:.2f}')} / {fmt(r.get('plain_p99_secs'), '{:.2f}')}; "
+              f"{fmt(r.get('recovery_p50_secs'), '{:.2f}')} / {fmt(r.get('recovery_p99_secs'), '{:.2f}')} | "
+              f"{fmt(r.get('plain_server_cpu_secs'), '{:.2f}')} / "
               f"{fmt(r.get('recovery_server_cpu_secs'), '{:.2f}')} | {r.get('recovery_recovered_true')} / "
               f"{r.get('recovery_recovered_false')} | {r.get('recovery_lost')} | {r.get('recovery_duplicates')} | "
               f"{r.get('recovery_out_of_order')} |")

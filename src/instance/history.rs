@@ -3,9 +3,14 @@
 //! an offset within an epoch. Held by the instance actor beside its sessions;
 //! an instance without history (`ws.history_size = 0`) holds none of this.
 //!
+//! The bytes bound counts each event's envelope once; an entry that was
+//! replayed also keeps its stamped copy (made at its first replay, shared by
+//! the next), so a history's memory stays under about twice that bound.
+//!
 //! It owns the numbering and the bounds only: which sessions get what, and
 //! the filters, stay with the actor. It never touches the database or the bus.
 
+use std::cell::OnceCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +55,10 @@ pub struct Entry {
     /// The envelope without `data.message.media.base64`, when the event
     /// carries one (for instances without mediaBase64); not counted in bytes.
     pub stripped: Option<ByteString>,
+    /// `frame_for(true)` and `frame_for(false)` stamped with the offset and
+    /// epoch, made at the entry's first replay and shared by every later
+    /// one (a reconnect storm replays each entry to thousands of sessions).
+    stamped: [OnceCell<ByteString>; 2],
 }
 
 impl Entry {
@@ -125,6 +134,7 @@ impl History {
             kind,
             frame,
             stripped,
+            stamped: Default::default(),
         });
         self.trim(now);
         self.latest
@@ -185,6 +195,14 @@ impl History {
     /// `frame` (an envelope) with this epoch's `"offset"` and `"epoch"` keys.
     pub fn stamp(&self, frame: &str, offset: u64) -> ByteString {
         stamp(frame, offset, &self.epoch_json)
+    }
+
+    /// A kept entry's envelope as an instance with or without mediaBase64
+    /// sends it, stamped (made once per entry and media setting).
+    pub fn stamped(&self, entry: &Entry, media_base64: bool) -> ByteString {
+        entry.stamped[usize::from(media_base64)]
+            .get_or_init(|| self.stamp(entry.frame_for(media_base64), entry.offset))
+            .clone()
     }
 
     /// How many events are kept, and their bytes.
@@ -265,6 +283,26 @@ mod tests {
         assert!(!h.covers(1, later));
         assert!(h.covers(2, later));
         assert_eq!(h.size(), (0, 0));
+    }
+
+    #[test]
+    fn an_entry_is_stamped_once_per_media_setting_and_shared() {
+        let now = Instant::now();
+        let mut h = History::with_epoch(limits(4, 60, 1 << 20), "e".into());
+        h.push(
+            EventKind::MessageExchange,
+            ByteString::from_static(r#"{"m":"kept"}"#),
+            Some(ByteString::from_static(r#"{"m":"stripped"}"#)),
+            now,
+        );
+        let entry = h.after(0).next().unwrap();
+        let (kept, again) = (h.stamped(entry, true), h.stamped(entry, true));
+        assert_eq!(&*kept, r#"{"m":"kept","offset":1,"epoch":"e"}"#);
+        assert_eq!(kept.as_bytes().as_ptr(), again.as_bytes().as_ptr());
+        assert_eq!(
+            &*h.stamped(entry, false),
+            r#"{"m":"stripped","offset":1,"epoch":"e"}"#
+        );
     }
 
     #[test]

@@ -86,8 +86,7 @@ impl InstanceActor {
                         .after(*since)
                         .filter(|e| filter.allows(e.kind) && narrowing.allows(e.kind))
                     {
-                        frames
-                            .push(history.stamp(kept.frame_for(config.media_base64), kept.offset));
+                        frames.push(history.stamped(kept, config.media_base64));
                     }
                 }
                 (

@@ -80,7 +80,7 @@ pub(crate) async fn mode_storm(opts: &Opts, ep: Arc<Endpoint>, srv: &Server) -> 
         // Connect everyone (they learn the epoch and offset), then drop them all.
         let warm = 10usize.div_ceil(instances) * instances;
         connect_and_drop(opts, &ep, &mut clients, &mut publisher, instances, warm).await?;
-        wait_disconnected(&mut publisher).await;
+        wait_disconnected(&ep).await?;
         publish(&mut publisher, &ep, instances, events).await?;
         let cpu0 = srv.cpu();
         let t0 = Instant::now();
@@ -92,12 +92,20 @@ pub(crate) async fn mode_storm(opts: &Opts, ep: Arc<Endpoint>, srv: &Server) -> 
             events.div_ceil(instances) as u64,
         )
         .await?;
-        let secs = outcomes
+        let mut done: Vec<f64> = outcomes
             .iter()
             .filter_map(|o| o.done_after)
-            .max()
-            .unwrap_or_default()
-            .as_secs_f64();
+            .map(|d| d.as_secs_f64())
+            .collect();
+        done.sort_unstable_by(f64::total_cmp);
+        let secs = done.last().copied().unwrap_or_default();
+        // How the clients' completion times spread: a few stragglers (a
+        // dropped SYN is retried after 1 s, then 3 s) read differently
+        // from a storm that is slow throughout.
+        let at =
+            |q: f64| done.get(((done.len() as f64 * q) as usize).min(done.len().saturating_sub(1)));
+        r.opt_num(&format!("{round}_p50_secs"), at(0.5).copied(), 3);
+        r.opt_num(&format!("{round}_p99_secs"), at(0.99).copied(), 3);
         let cpu = cpu0.zip(srv.cpu()).map(|(a, b)| b - a);
         let joined = outcomes.iter().filter(|o| o.joined).count();
         r.num(&format!("{round}_secs"), secs, 3);
@@ -405,22 +413,32 @@ async fn publish(
     Ok(())
 }
 
-/// Waits until the server's `/metrics` shows none of the dropped clients.
-async fn wait_disconnected(conn: &mut HttpConn) {
+/// Waits until every node's `/metrics` shows none of the dropped clients
+/// (a node still closing them would slow the storm that follows).
+async fn wait_disconnected(ep: &Endpoint) -> BoxResult<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(reply) = conn.request(Method::GET, "/metrics", Bytes::new()).await {
-            let text = String::from_utf8_lossy(&reply.body);
-            let left = text
-                .lines()
-                .find_map(|l| l.strip_prefix("eventgate_connected_clients "))
-                .and_then(|v| v.trim().parse::<f64>().ok());
-            if left == Some(0.0) {
-                return;
+    for (addr, host) in &ep.client_hosts {
+        let node = Endpoint {
+            addr: *addr,
+            host: host.clone(),
+            ..ep.clone()
+        };
+        let mut conn = HttpConn::new(&node)?;
+        while Instant::now() < deadline {
+            if let Ok(reply) = conn.request(Method::GET, "/metrics", Bytes::new()).await {
+                let text = String::from_utf8_lossy(&reply.body);
+                let left = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("eventgate_connected_clients "))
+                    .and_then(|v| v.trim().parse::<f64>().ok());
+                if left == Some(0.0) {
+                    break;
+                }
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(())
 }
 
 #[cfg(test)]

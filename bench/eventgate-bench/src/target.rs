@@ -42,7 +42,7 @@ impl Target {
 // ---------------------------------------------------------------------------
 
 /// One server under test, as parsed from the command line.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Endpoint {
     /// Its protocol.
     pub(crate) target: Target,

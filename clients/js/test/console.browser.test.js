@@ -1,8 +1,7 @@
 // The console (/console) in a real browser: Debian's chromium driven by
 // playwright-core, against a real gateway binary (see gateway.js). Saves
-// screenshots under clients/js/test-output/. Parts that need webhooks (§11)
-// or a history (§12) check that the gateway has them and say so when they
-// skip.
+// screenshots under clients/js/test-output/. The gateway runs with a
+// history (§12) and serves webhooks (§11); a build without either fails.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -344,15 +343,9 @@ test('phone width: nothing wider than the screen, headings on one line', async (
   await page.setViewportSize({ width: 1280, height: 800 });
 });
 
-test('webhooks: dead letters are listed and retried against a test receiver (needs webhooks, §11)', async (t) => {
+test('webhooks: dead letters are listed and retried against a test receiver', async () => {
   await page.getByRole('tab', { name: 'Webhooks' }).click();
-  if (!(await gw.has('/api/events/getWebhook/shop-1'))) {
-    await page.locator('#webhooks-unavailable').waitFor();
-    assert.equal(await page.locator('#webhooks-unavailable').textContent(), 'Webhooks are not available on this gateway.');
-    await page.getByRole('tab', { name: 'Live events' }).click();
-    t.skip('skipped: this gateway has no webhook routes (GET /api/events/getWebhook/shop-1 answered 404 Not found; webhooks, §11, not in this build); checked that the console says "Webhooks are not available on this gateway."');
-    return;
-  }
+  assert.ok(await gw.has('/api/events/getWebhook/shop-1'), 'the gateway serves the webhook routes (§11)');
   const seen = [];
   let answer = 500;
   const receiver = createServer((req, res) => {
@@ -400,8 +393,8 @@ test('webhooks: dead letters are listed and retried against a test receiver (nee
   }
 });
 
-test('reload: the console recovers the events it missed (needs a history, §12), never claims it otherwise', async (t) => {
-  const history = await hasHistory(gw, WebSocket);
+test('reload: the console recovers the events it missed', async () => {
+  assert.ok(await hasHistory(gw, WebSocket), 'the gateway keeps a history (§12; the test sets EVENTGATE_WS_HISTORY_SIZE)');
   await gw.publish('shop-1', { event: 'label.update', data: { name: 'before reload' } });
   await until(
     () => [...document.querySelectorAll('#events li')].some((li) => li.textContent.includes('before reload')),
@@ -416,14 +409,6 @@ test('reload: the console recovers the events it missed (needs a history, §12),
     { event: 'label.update', data: { name: 'missed-2' } },
   ]);
   await openConsole();
-  if (!history) {
-    await until(() => document.querySelector('#conn')?.textContent === 'shop-1: live', null, 'live after reload');
-    await page.waitForFunction(() => document.querySelector('#instances button[data-instance="shop-1"]'));
-    const words = await phrase();
-    assert.ok(!/recover/.test(words) && !/epoch/.test(words), `no recovery claimed: ${words}`);
-    t.skip('skipped: this gateway keeps no history (recovery, §12, not in this build); checked that a reload resumes with "live" and claims no recovery');
-    return;
-  }
   await until(() => document.querySelector('#conn')?.textContent === 'shop-1: live · recovered 2 missed events', null, 'recovered', 20000);
   const recovered = await page.locator('#events li', { hasText: '(recovered)' }).count();
   assert.equal(recovered, 2);
@@ -439,16 +424,13 @@ test('connection state: a gateway restart reads "reconnecting in N s (attempt N)
   await page.screenshot({ path: join(OUT, 'console-reconnecting-1280x800.png') });
   await gw.spawn();
   await until(() => document.querySelector('#conn')?.textContent?.startsWith('shop-1: live'), null, 'live after the restart', 40000);
-  if (history) {
-    // A restart starts a new epoch (§12): what was missed cannot be replayed, and the page says so.
-    await until(
-      () => document.querySelector('#conn')?.textContent === 'shop-1: live · could not recover: reload from your backend',
-      null,
-      'the failed recovery',
-    );
-  } else {
-    assert.equal(await phrase(), 'shop-1: live');
-  }
+  // A restart starts a new epoch (§12): what was missed cannot be replayed, and the page says so.
+  assert.ok(history, 'the gateway keeps a history');
+  await until(
+    () => document.querySelector('#conn')?.textContent === 'shop-1: live · could not recover: reload from your backend',
+    null,
+    'the failed recovery',
+  );
 });
 
 test('a TokenInstance sees only its instance and cannot publish; a second tab keeps its own token', async () => {

@@ -28,6 +28,11 @@ const FAULT_TAIL_SECS: f64 = 10.0;
 /// A live delivery slower than this is listed (with its node and instance).
 const SLOW_DELIVERY_US: u64 = 1_000_000;
 
+/// Where slow deliveries happened: (second of the run, node, instance).
+type SlowAt = (u64, usize, String);
+/// How many deliveries were slow there, and the slowest (µs).
+type SlowCount = (u64, u64);
+
 /// A fault injected into the soak.
 #[derive(Debug, Clone)]
 pub(crate) enum Fault {
@@ -152,7 +157,7 @@ struct Books {
     latency: HashMap<u64, Option<Histogram<u64>>>,
     /// Live deliveries slower than [`SLOW_DELIVERY_US`] by (second, node,
     /// instance): how many, and the slowest (µs).
-    slow: HashMap<(u64, usize, String), (u64, u64)>,
+    slow: HashMap<SlowAt, SlowCount>,
     delivered_ws: u64,
     dead_letters_retried: u64,
     ephemeral_rounds: u64,
@@ -680,7 +685,7 @@ fn note_miss(
 /// The slowest seconds of live delivery: second, node, instance, how many
 /// deliveries took over a second and the slowest, in time order.
 fn describe_slow(b: &Books) -> Vec<String> {
-    let mut slow: Vec<(&(u64, usize, String), &(u64, u64))> = b.slow.iter().collect();
+    let mut slow: Vec<(&SlowAt, &SlowCount)> = b.slow.iter().collect();
     slow.sort_unstable_by_key(|(_, (_, max))| std::cmp::Reverse(*max));
     slow.truncate(MISSES_LISTED);
     slow.sort_unstable_by_key(|(key, _)| (*key).clone());
