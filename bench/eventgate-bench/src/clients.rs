@@ -61,6 +61,7 @@ pub(crate) async fn tcp_connect(
             .map_err(|e| format!("SO_RCVBUF: {e}"))?;
     }
     if let Some(ip) = src {
+        bind_port_at_connect(&sock).map_err(|e| format!("IP_BIND_ADDRESS_NO_PORT: {e}"))?;
         sock.bind(SocketAddr::new(ip, 0))
             .map_err(|e| format!("bind {ip}: {e}"))?;
     }
@@ -70,6 +71,34 @@ pub(crate) async fn tcp_connect(
         .map_err(|e| format!("connect {dst}: {e}"))?;
     let _ = s.set_nodelay(true);
     Ok(s)
+}
+
+/// Has the kernel choose a bound socket's source port at `connect`, by the
+/// whole address pair, instead of at `bind` (`IP_BIND_ADDRESS_NO_PORT`).
+/// Without it, `bind(ip, 0)` must find a port of `ip` that no socket holds,
+/// TIME_WAIT ones included: after a few waves of tens of thousands of
+/// connections (a reconnect storm's rounds) that search blocked the tool's
+/// only thread for seconds, and a whole storm waited with it.
+fn bind_port_at_connect(sock: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: the descriptor belongs to `sock`, alive for the call; the
+    // option value points to a live c_int and its size is passed with it.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Connects client `idx` to an instance's WebSocket.
