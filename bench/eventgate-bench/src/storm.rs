@@ -22,10 +22,11 @@ use tokio::sync::{watch, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::clients::tcp_connect;
+use crate::latency::Latencies;
 use crate::publish::{setup_instances, HttpConn};
 use crate::report::{header, Report};
 use crate::system::{check_fds, Server};
-use crate::target::Endpoint;
+use crate::target::{connected_clients, Endpoint};
 use crate::{BoxResult, Mode, Opts};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
@@ -92,20 +93,23 @@ pub(crate) async fn mode_storm(opts: &Opts, ep: Arc<Endpoint>, srv: &Server) -> 
             events.div_ceil(instances) as u64,
         )
         .await?;
-        let mut done: Vec<f64> = outcomes
-            .iter()
-            .filter_map(|o| o.done_after)
-            .map(|d| d.as_secs_f64())
-            .collect();
-        done.sort_unstable_by(f64::total_cmp);
-        let secs = done.last().copied().unwrap_or_default();
-        // How the clients' completion times spread: a few stragglers (a
-        // dropped SYN is retried after 1 s, then 3 s) read differently
-        // from a storm that is slow throughout.
-        let at =
-            |q: f64| done.get(((done.len() as f64 * q) as usize).min(done.len().saturating_sub(1)));
-        r.opt_num(&format!("{round}_p50_secs"), at(0.5).copied(), 3);
-        r.opt_num(&format!("{round}_p99_secs"), at(0.99).copied(), 3);
+        // When each client was done, and how those times spread: a few
+        // stragglers read differently from a storm slow throughout.
+        let mut done = Latencies::default();
+        for d in outcomes.iter().filter_map(|o| o.done_after) {
+            done.record(d.as_micros() as u64);
+        }
+        let secs = done.max() as f64 / 1e6;
+        r.num(
+            &format!("{round}_p50_secs"),
+            done.quantile(0.5) as f64 / 1e6,
+            3,
+        );
+        r.num(
+            &format!("{round}_p99_secs"),
+            done.quantile(0.99) as f64 / 1e6,
+            3,
+        );
         let cpu = cpu0.zip(srv.cpu()).map(|(a, b)| b - a);
         let joined = outcomes.iter().filter(|o| o.joined).count();
         r.num(&format!("{round}_secs"), secs, 3);
@@ -426,12 +430,7 @@ async fn wait_disconnected(ep: &Endpoint) -> BoxResult<()> {
         let mut conn = HttpConn::new(&node)?;
         while Instant::now() < deadline {
             if let Ok(reply) = conn.request(Method::GET, "/metrics", Bytes::new()).await {
-                let text = String::from_utf8_lossy(&reply.body);
-                let left = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("eventgate_connected_clients "))
-                    .and_then(|v| v.trim().parse::<f64>().ok());
-                if left == Some(0.0) {
+                if connected_clients(&String::from_utf8_lossy(&reply.body)) == Some(0) {
                     break;
                 }
             }

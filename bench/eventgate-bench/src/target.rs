@@ -172,6 +172,15 @@ pub(crate) fn now_unix_nanos() -> u128 {
         .unwrap_or(0)
 }
 
+/// eventgate's `eventgate_connected_clients` from a `/metrics` text.
+pub(crate) fn connected_clients(metrics: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("eventgate_connected_clients "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::{parse_loopback_url, pct_encode, Endpoint, Target};

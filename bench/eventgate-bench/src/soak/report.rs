@@ -71,12 +71,7 @@ pub(crate) async fn sample_loop(soak: Arc<Soak>) {
 /// is not ready, say with NATS away, still counts its clients).
 async fn connected_clients(soak: &Soak, node: usize) -> u64 {
     match soak.cluster.api(node).metrics().await {
-        Ok(text) => text
-            .lines()
-            .find_map(|l| l.strip_prefix("eventgate_connected_clients "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|v| v as u64)
-            .unwrap_or(0),
+        Ok(text) => crate::target::connected_clients(&text).unwrap_or(0),
         Err(_) => 0,
     }
 }
@@ -237,6 +232,18 @@ pub(crate) fn write(soak: &Soak, _instances: &[Inst]) -> BoxResult<()> {
     }
 }
 
+/// A section of `heading` listing `items`, one bullet each; nothing when
+/// there are none.
+fn bullets(md: &mut String, heading: &str, items: &[String]) {
+    if items.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n## {heading}\n");
+    for item in items {
+        let _ = writeln!(md, "- {item}");
+    }
+}
+
 fn write_file(path: &std::path::Path, text: &str) -> BoxResult<()> {
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -351,37 +358,31 @@ settings changed every 3 s, an instance created and deleted every 15 s, webhook 
     for row in growth_rows {
         let _ = writeln!(md, "{row}");
     }
-    if !v.ws_misses.is_empty() {
-        let _ = writeln!(md, "\n## WebSocket misses outside fault windows, filter violations and media mismatches (the first {})\n", v.ws_misses.len());
-        for m in &v.ws_misses {
-            let _ = writeln!(md, "- {m}");
-        }
-    }
-    if !v.ws_duplicate_notes.is_empty() {
-        let _ = writeln!(
-            md,
-            "\n## WebSocket events received twice (the first {})\n",
-            v.ws_duplicate_notes.len()
-        );
-        for m in &v.ws_duplicate_notes {
-            let _ = writeln!(md, "- {m}");
-        }
-    }
-    if !v.slow_deliveries.is_empty() {
-        let _ = writeln!(
-            md,
-            "\n## Slowest seconds of live WebSocket delivery (over 1 s; the {} slowest, in time order)\n",
+    let listed = |what: &str, n: usize| format!("{what} (the first {n})");
+    bullets(
+        &mut md,
+        &listed(
+            "WebSocket misses outside fault windows, filter violations and media mismatches",
+            v.ws_misses.len(),
+        ),
+        &v.ws_misses,
+    );
+    bullets(
+        &mut md,
+        &listed(
+            "WebSocket events received twice",
+            v.ws_duplicate_notes.len(),
+        ),
+        &v.ws_duplicate_notes,
+    );
+    bullets(
+        &mut md,
+        &format!(
+            "Slowest seconds of live WebSocket delivery (over 1 s; the {} slowest, in time order)",
             v.slow_deliveries.len()
-        );
-        for m in &v.slow_deliveries {
-            let _ = writeln!(md, "- {m}");
-        }
-    }
-    if !v.problems.is_empty() {
-        let _ = writeln!(md, "\n## Problems\n");
-        for p in v.problems.iter().take(30) {
-            let _ = writeln!(md, "- {p}");
-        }
-    }
+        ),
+        &v.slow_deliveries,
+    );
+    bullets(&mut md, "Problems", &v.problems[..v.problems.len().min(30)]);
     md
 }
