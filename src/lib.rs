@@ -225,12 +225,15 @@ pub async fn serve(
         sealer: webhook::sealing::Sealer::new(&settings.webhook.encryption_key)
             .map_err(|e| webhook::worker::ClientError::from(e.to_string()))?,
         client: webhook_client,
+        policy: Arc::new(webhook::address::AddressPolicy::new(
+            &settings.webhook.allowed_networks,
+        )),
         refresh,
         resync: bus.resyncs(),
         stopping: Arc::new(move || stopping.is_shutting_down()),
     };
     if deliver {
-        webhook::worker::start(worker);
+        state.intake.attach(webhook::worker::start(worker));
     } else {
         log::info!("webhook deliveries are stored here and delivered by other nodes");
     }

@@ -575,6 +575,7 @@ async fn rotation_signs_with_both_secrets() {
         &s.db.url,
         &format!("UPDATE webhooks SET rotated_at = {day_ago}"),
     );
+    outlast_read_of_webhook().await;
     s.publish("rot2", event("group.flow", json!({"later": true})))
         .await;
     let later = rx.wait_count(2, WAIT).await.remove(1);
@@ -1106,6 +1107,49 @@ async fn deliveries_claimed_ahead_of_a_receiver_turning_slow_are_given_back() {
     );
 }
 
+/// New deliveries start in acceptance order whichever way they reach the
+/// node's lane: claimed from the database, or handed over by the publish
+/// that stored them (when the lane has room and nothing older is due).
+/// With one in flight, the receiver sees the start order.
+#[actix_rt::test]
+async fn deliveries_start_in_acceptance_order_whether_claimed_or_handed_over() {
+    let s = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.max_in_flight = 1;
+    })
+    .await;
+    let rx = Receiver::start();
+    s.instance("seq").await;
+    set_ok(&s, "seq", json!({"enabled": true, "url": rx.url("/")})).await;
+    let (batches, per_batch) = (40, 60);
+    for b in 0..batches {
+        let events: Vec<Value> = (0..per_batch)
+            .map(|k| event("call.update", json!({"i": b * per_batch + k})))
+            .collect();
+        s.publish("seq", json!(events)).await;
+        if b % 10 == 9 {
+            // A pause: the lane drains and catches up, so the next
+            // publishes are handed over, then overflow into the database.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let total = (batches * per_batch) as usize;
+    let got = rx.wait_count(total, Duration::from_secs(60)).await;
+    let order: Vec<i64> = got
+        .iter()
+        .map(|g| g.json()["data"]["i"].as_i64().unwrap())
+        .collect();
+    let want: Vec<i64> = (0..total as i64).collect();
+    if let Some(at) = order.iter().zip(&want).position(|(a, b)| a != b) {
+        panic!(
+            "delivery {at} started out of order: {:?}",
+            &order[at.saturating_sub(3)..(at + 3).min(order.len())]
+        );
+    }
+    assert_eq!(order.len(), total);
+    assert_eq!(rx.max_in_flight(), 1);
+}
+
 #[actix_rt::test]
 async fn ordered_holds_back_later_deliveries_until_the_first_succeeds() {
     let s = server_with(&[1, 1]).await;
@@ -1399,12 +1443,20 @@ async fn secrets_are_encrypted_at_rest_and_a_wrong_key_fails_with_cannot_decrypt
     // A value sealed with another key: shown as stored, deliveries fail.
     let foreign = "enc:v1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
     overwrite_auth(&s.db.url, foreign);
+    outlast_read_of_webhook().await;
     let shown = stats_full(&s, "enc").await;
     assert_eq!(shown["authorization"], foreign);
     s.publish("enc", event("call.update", json!({}))).await;
     let st = wait_stats(&s, "enc", "default", |st| st["failed"] == 1).await;
     assert_eq!(st["lastError"], "cannot decrypt");
     assert_eq!(rx.count(), 1);
+}
+
+/// Waits until a node delivering to a webhook reads its row again: a change
+/// made in the database, behind the node's back, is used after this.
+async fn outlast_read_of_webhook() {
+    let fresh = eventgate::webhook::worker::TARGET_FRESH;
+    tokio::time::sleep(fresh + Duration::from_millis(300)).await;
 }
 
 async fn stats_full(s: &TestServer, name: &str) -> Value {

@@ -54,11 +54,12 @@ async fn enqueue_webhooks(
     if batches.is_empty() {
         return Ok(());
     }
-    let refused = state
+    let stored = state
         .intake
         .store(batches, crate::storage::now_millis())
         .await
         .map_err(ApiError::from)?;
+    let refused = stored.refused;
     if refused > 0 {
         state
             .metrics
@@ -74,7 +75,10 @@ async fn enqueue_webhooks(
             );
         }
     }
-    state.registry.change(Change::WebhooksDue { instance });
+    // Deliveries stored leased to this node are already in its lanes.
+    if stored.for_claims {
+        state.registry.change(Change::WebhooksDue { instance });
+    }
     Ok(())
 }
 

@@ -130,7 +130,23 @@ const INSERT_CHUNK: usize = 400;
 /// One publish's deliveries: per webhook id, the rows to store, accepted at `now`.
 pub struct Intake<'a> {
     pub batches: &'a [(i64, Vec<NewDelivery>)],
+    /// Per batch: how many of its first rows this node attempts at once,
+    /// without a claim (stored leased until `lease_until`, their first
+    /// attempt counted, as a claim would).
+    pub leased: &'a [usize],
     pub now: i64,
+    pub lease_until: i64,
+}
+
+/// What [`enqueue`] stored.
+#[derive(Debug, Default)]
+pub struct Enqueued {
+    /// Per publish, how many became dead letters at once (`backlog full`).
+    pub refused: Vec<u64>,
+    /// The rows stored leased to this node, as a claim returns them.
+    pub leased: Vec<Claimed>,
+    /// Whether any row was stored for a claim to take.
+    pub for_claims: bool,
 }
 
 /// How long a webhook's counted backlog stands in for a new count.
@@ -178,23 +194,51 @@ impl PendingCounts {
     }
 }
 
+/// The values of new rows of `$webhook` accepted at `$now`: `$attempts`
+/// counted, leased until `$lease`, a dead letter (`backlog full`) at `$dead`
+/// when that is `Some`.
+macro_rules! rows {
+    ($chunk:expr, $webhook:expr, $now:expr, $attempts:expr, $lease:expr, $dead:expr) => {{
+        let dead: Option<i64> = $dead;
+        $chunk
+            .iter()
+            .map(|r| {
+                (
+                    d::id.eq(&r.id),
+                    d::webhook_id.eq($webhook),
+                    d::event.eq(r.event),
+                    d::data.eq(&r.data),
+                    d::created_at.eq($now),
+                    d::attempts.eq($attempts),
+                    d::next_attempt_at.eq($now),
+                    d::lease_until.eq($lease),
+                    d::last_error.eq(dead.map(|_| BACKLOG_FULL)),
+                    d::dead_at.eq(dead),
+                )
+            })
+            .collect::<Vec<_>>()
+    }};
+}
+
 /// Stores the deliveries of several publishes in one transaction, in the
 /// order given (their acceptance order). Past `max_pending` pending
 /// deliveries of a webhook, the rest are stored as dead letters with error
-/// `backlog full`. Returns, per publish, how many were.
+/// `backlog full`. Of the rest, each batch's first `leased` rows are stored
+/// leased (returned, for this node to attempt at once), the others due for
+/// a claim.
 pub fn enqueue(
     conn: &mut DbConn,
     intakes: &[Intake<'_>],
     max_pending: i64,
     pending: &mut PendingCounts,
-) -> Result<Vec<u64>, StorageError> {
+) -> Result<Enqueued, StorageError> {
     pending.forget_stale();
-    let refused = write_tx!(conn, c => {
-        let mut refused = Vec::with_capacity(intakes.len());
+    let stored = write_tx!(conn, c => {
+        let mut out = Enqueued::default();
         for intake in intakes {
             let now = intake.now;
             let mut over_total = 0u64;
-            for (webhook, rows) in intake.batches {
+            for (i, (webhook, rows)) in intake.batches.iter().enumerate() {
                 if rows.is_empty() {
                     continue;
                 }
@@ -213,47 +257,50 @@ pub fn enqueue(
                 let room = usize::try_from((max_pending - held).max(0)).unwrap_or(0);
                 let (ok, over) = rows.split_at(room.min(rows.len()));
                 pending.stored(*webhook, ok.len());
-                for chunk in ok.chunks(INSERT_CHUNK) {
-                    let values: Vec<_> = chunk
-                        .iter()
-                        .map(|r| (
-                            d::id.eq(&r.id),
-                            d::webhook_id.eq(webhook),
-                            d::event.eq(r.event),
-                            d::data.eq(&r.data),
-                            d::created_at.eq(now),
-                            d::attempts.eq(0_i64),
-                            d::next_attempt_at.eq(now),
-                            d::lease_until.eq(0_i64),
-                        ))
+                let leased_n = intake.leased.get(i).copied().unwrap_or(0).min(ok.len());
+                let (leased, due) = ok.split_at(leased_n);
+                for chunk in leased.chunks(INSERT_CHUNK) {
+                    // Their first attempt counted as started, as a claim counts it.
+                    let values = rows!(chunk, webhook, now, 1_i64, intake.lease_until, None);
+                    let seqs: HashMap<String, i64> = diesel::insert_into(d::table)
+                        .values(values)
+                        .returning((d::id, d::seq))
+                        .get_results::<(String, i64)>(c)?
+                        .into_iter()
                         .collect();
+                    for r in chunk {
+                        let Some(seq) = seqs.get(&r.id) else {
+                            continue;
+                        };
+                        out.leased.push(Claimed {
+                            seq: *seq,
+                            id: r.id.clone(),
+                            webhook_id: *webhook,
+                            event: r.event.to_string(),
+                            data: r.data.clone(),
+                            created_at: now,
+                            attempts: 0,
+                            next_attempt_at: now,
+                            ordered: false,
+                        });
+                    }
+                }
+                for chunk in due.chunks(INSERT_CHUNK) {
+                    let values = rows!(chunk, webhook, now, 0_i64, 0_i64, None);
                     diesel::insert_into(d::table).values(values).execute(c)?;
+                    out.for_claims = true;
                 }
                 for chunk in over.chunks(INSERT_CHUNK) {
-                    let values: Vec<_> = chunk
-                        .iter()
-                        .map(|r| (
-                            d::id.eq(&r.id),
-                            d::webhook_id.eq(webhook),
-                            d::event.eq(r.event),
-                            d::data.eq(&r.data),
-                            d::created_at.eq(now),
-                            d::attempts.eq(0_i64),
-                            d::next_attempt_at.eq(now),
-                            d::lease_until.eq(0_i64),
-                            d::last_error.eq(BACKLOG_FULL),
-                            d::dead_at.eq(now),
-                        ))
-                        .collect();
+                    let values = rows!(chunk, webhook, now, 0_i64, 0_i64, Some(now));
                     diesel::insert_into(d::table).values(values).execute(c)?;
                 }
                 over_total += over.len() as u64;
             }
-            refused.push(over_total);
+            out.refused.push(over_total);
         }
-        Ok::<Vec<u64>, diesel::result::Error>(refused)
+        Ok::<Enqueued, diesel::result::Error>(out)
     })?;
-    Ok(refused)
+    Ok(stored)
 }
 
 /// The columns of a claimed delivery, from `d` (and `w.ordered`).
@@ -269,6 +316,18 @@ const DUE_OF_WEBHOOK: &str = "d.webhook_id = w.id AND d.dead_at IS NULL \
      AND (NOT w.ordered OR d.seq = (SELECT d2.seq FROM webhook_deliveries d2 \
           WHERE d2.webhook_id = w.id AND d2.dead_at IS NULL \
           ORDER BY d2.webhook_id, d2.dead_at, d2.seq LIMIT 1))";
+
+/// What a claim took.
+#[derive(Debug)]
+pub struct Claim {
+    /// The deliveries, leased to the caller.
+    pub rows: Vec<Claimed>,
+    /// Their webhooks.
+    pub targets: Vec<Target>,
+    /// False when the claim stopped at its limit: due deliveries may remain
+    /// beyond what each webhook's room asked for.
+    pub complete: bool,
+}
 
 /// A webhook a claim may take deliveries of.
 #[derive(QueryableByName)]
@@ -297,7 +356,7 @@ pub fn claim(
     most_per_webhook: usize,
     exclude: &[i64],
     room: &mut dyn FnMut(i64) -> usize,
-) -> Result<(Vec<Claimed>, Vec<Target>), StorageError> {
+) -> Result<Claim, StorageError> {
     let pg = matches!(conn, DbConn::Pg(_));
     let claimable = format!("w.enabled AND w.id NOT IN ({})", id_list(exclude));
     let hooks = format!("SELECT w.id FROM webhooks w WHERE {claimable}");
@@ -321,7 +380,7 @@ pub fn claim(
     let most = i64::try_from(most_per_webhook)
         .unwrap_or(i64::MAX)
         .min(limit);
-    let claimed: Vec<Claimed> = unsynced(conn, |conn| {
+    let (claimed, complete) = unsynced(conn, |conn| {
         Ok(write_tx!(conn, c => {
             let mut found: Vec<Claimed> = if pg {
                 diesel::sql_query(&all_at_once)
@@ -346,9 +405,11 @@ pub fn claim(
                     );
                 }
                 found.sort_unstable_by_key(|r| (r.next_attempt_at, r.seq));
-                found.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
                 found
             };
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let complete = found.len() < limit;
+            found.truncate(limit);
             let mut taken: HashMap<i64, usize> = HashMap::new();
             found.retain(|row| {
                 let n = taken.entry(row.webhook_id).or_insert(0);
@@ -369,11 +430,15 @@ pub fn claim(
                     ))
                     .execute(c)?;
             }
-            Ok::<_, diesel::result::Error>(found)
+            Ok::<_, diesel::result::Error>((found, complete))
         })?)
     })?;
     if claimed.is_empty() {
-        return Ok((claimed, Vec::new()));
+        return Ok(Claim {
+            rows: claimed,
+            targets: Vec::new(),
+            complete,
+        });
     }
     let mut hooks: Vec<i64> = claimed.iter().map(|r| r.webhook_id).collect();
     hooks.sort_unstable();
@@ -384,7 +449,11 @@ pub fn claim(
         id_list(&hooks)
     );
     let targets: Vec<Target> = with_conn!(conn, c => diesel::sql_query(&text).load(c))?;
-    Ok((claimed, targets))
+    Ok(Claim {
+        rows: claimed,
+        targets,
+        complete,
+    })
 }
 
 /// Records attempt outcomes (and the webhooks' counters) in one transaction.
@@ -647,13 +716,4 @@ pub fn kill_disabled(conn: &mut DbConn, now: i64) -> Result<usize, StorageError>
 /// Pending deliveries of every webhook.
 pub fn pending_total(conn: &mut DbConn) -> Result<i64, StorageError> {
     Ok(with_conn!(conn, c => d::table.filter(d::dead_at.is_null()).count().get_result(c))?)
-}
-
-/// The earliest time a pending delivery is due, if any.
-pub fn next_due(conn: &mut DbConn) -> Result<Option<i64>, StorageError> {
-    use diesel::dsl::min;
-    Ok(with_conn!(conn, c => d::table
-        .filter(d::dead_at.is_null())
-        .select(min(d::next_attempt_at))
-        .first::<Option<i64>>(c))?)
 }

@@ -7,9 +7,17 @@
 //! request is answered only after its rows are committed. When a shared
 //! transaction fails, each of its requests is tried again alone, so one
 //! request's failure is never another's.
+//!
+//! Where a webhook's lane on this node has room and nothing older is due,
+//! the thread stores its new deliveries leased to this node and hands them
+//! to the lane after the commit ([`Direct`]): they start at once, with no
+//! claim.
+
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::worker::Direct;
 use crate::storage::deliveries::{self, NewDelivery, PendingCounts};
 use crate::storage::{DbPool, StorageError};
 
@@ -24,7 +32,16 @@ const QUEUE: usize = 1_024;
 struct Request {
     batches: Vec<(i64, Vec<NewDelivery>)>,
     now: i64,
-    answer: oneshot::Sender<Result<u64, StorageError>>,
+    answer: oneshot::Sender<Result<Stored, StorageError>>,
+}
+
+/// What storing one publish's deliveries did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stored {
+    /// How many became dead letters at once (`backlog full`).
+    pub refused: u64,
+    /// Whether some wait for a claim (then delivery workers are woken).
+    pub for_claims: bool,
 }
 
 impl Request {
@@ -36,25 +53,32 @@ impl Request {
 /// The handle publishes store through; the thread ends when it is dropped.
 pub struct Intake {
     requests: mpsc::Sender<Request>,
+    direct: Arc<OnceLock<Arc<Direct>>>,
 }
 
 impl Intake {
     /// Starts the intake thread on `pool`.
     pub fn start(pool: DbPool, max_pending: i64) -> std::io::Result<Intake> {
         let (requests, queue) = mpsc::channel(QUEUE);
+        let direct: Arc<OnceLock<Arc<Direct>>> = Arc::default();
+        let thread_direct = direct.clone();
         std::thread::Builder::new()
             .name("eventgate-intake".into())
-            .spawn(move || run(pool, queue, max_pending))?;
-        Ok(Intake { requests })
+            .spawn(move || run(pool, queue, max_pending, &thread_direct))?;
+        Ok(Intake { requests, direct })
     }
 
-    /// Stores one publish's deliveries, accepted at `now`; returns how many
-    /// became dead letters at once (`backlog full`).
+    /// Lets deliveries skip the claim on this node (it delivers).
+    pub fn attach(&self, direct: Arc<Direct>) {
+        let _ = self.direct.set(direct);
+    }
+
+    /// Stores one publish's deliveries, accepted at `now`.
     pub async fn store(
         &self,
         batches: Vec<(i64, Vec<NewDelivery>)>,
         now: i64,
-    ) -> Result<u64, StorageError> {
+    ) -> Result<Stored, StorageError> {
         let stopped = || StorageError::Blocking("the webhook intake has stopped".into());
         let (answer, answered) = oneshot::channel();
         self.requests
@@ -70,7 +94,12 @@ impl Intake {
 }
 
 /// The intake thread: one group, one transaction, at a time.
-fn run(pool: DbPool, mut queue: mpsc::Receiver<Request>, max_pending: i64) {
+fn run(
+    pool: DbPool,
+    mut queue: mpsc::Receiver<Request>,
+    max_pending: i64,
+    direct: &OnceLock<Arc<Direct>>,
+) {
     let mut pending = PendingCounts::default();
     while let Some(first) = queue.blocking_recv() {
         let mut rows = first.rows();
@@ -84,10 +113,11 @@ fn run(pool: DbPool, mut queue: mpsc::Receiver<Request>, max_pending: i64) {
                 Err(_) => break,
             }
         }
-        match store(&pool, &group, max_pending, &mut pending) {
-            Ok(refused) => {
-                for (request, refused) in group.into_iter().zip(refused) {
-                    let _ = request.answer.send(Ok(refused));
+        let direct = direct.get().map(Arc::as_ref);
+        match store(&pool, &group, max_pending, &mut pending, direct) {
+            Ok(stored) => {
+                for (request, stored) in group.into_iter().zip(stored) {
+                    let _ = request.answer.send(Ok(stored));
                 }
             }
             Err(e) if group.len() == 1 => {
@@ -106,8 +136,9 @@ fn run(pool: DbPool, mut queue: mpsc::Receiver<Request>, max_pending: i64) {
                         std::slice::from_ref(&request),
                         max_pending,
                         &mut pending,
+                        direct,
                     )
-                    .map(|refused| refused.first().copied().unwrap_or(0));
+                    .map(|stored| stored.first().copied().unwrap_or_default());
                     let _ = request.answer.send(alone);
                 }
             }
@@ -115,19 +146,75 @@ fn run(pool: DbPool, mut queue: mpsc::Receiver<Request>, max_pending: i64) {
     }
 }
 
+/// Stores one group in one transaction: per request, what it stored.
+/// Deliveries stored leased go to their lanes once committed; room
+/// reserved for more than were stored leased (or for a failed
+/// transaction) is given back.
 fn store(
     pool: &DbPool,
     group: &[Request],
     max_pending: i64,
     pending: &mut PendingCounts,
-) -> Result<Vec<u64>, StorageError> {
-    let mut conn = pool.get()?;
-    let intakes: Vec<deliveries::Intake<'_>> = group
+    direct: Option<&Direct>,
+) -> Result<Vec<Stored>, StorageError> {
+    let lease_until = direct.map_or(0, |d| d.lease_until(crate::storage::now_millis()));
+    let leased: Vec<Vec<usize>> = group
         .iter()
-        .map(|r| deliveries::Intake {
-            batches: &r.batches,
-            now: r.now,
+        .map(|r| {
+            r.batches
+                .iter()
+                .map(|(w, rows)| direct.map_or(0, |d| d.reserve(*w, rows.len())))
+                .collect()
         })
         .collect();
-    deliveries::enqueue(&mut conn, &intakes, max_pending, pending)
+    let intakes: Vec<deliveries::Intake<'_>> = group
+        .iter()
+        .zip(&leased)
+        .map(|(r, leased)| deliveries::Intake {
+            batches: &r.batches,
+            leased,
+            now: r.now,
+            lease_until,
+        })
+        .collect();
+    let stored = pool
+        .get()
+        .map_err(StorageError::from)
+        .and_then(|mut conn| deliveries::enqueue(&mut conn, &intakes, max_pending, pending));
+    let Some(direct) = direct else {
+        return stored.map(|s| answers(&s));
+    };
+    // Room reserved and not used: all of it if nothing was stored.
+    let mut unused: std::collections::HashMap<i64, usize> = Default::default();
+    for (r, leased) in group.iter().zip(&leased) {
+        for ((w, _), n) in r.batches.iter().zip(leased) {
+            *unused.entry(*w).or_insert(0) += n;
+        }
+    }
+    if let Ok(s) = &stored {
+        for row in &s.leased {
+            if let Some(n) = unused.get_mut(&row.webhook_id) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+    for (w, n) in unused {
+        direct.unreserve(w, n);
+    }
+    let stored = stored?;
+    let out = answers(&stored);
+    direct.hand_over(stored.leased, lease_until);
+    Ok(out)
+}
+
+/// Each request's answer.
+fn answers(stored: &deliveries::Enqueued) -> Vec<Stored> {
+    stored
+        .refused
+        .iter()
+        .map(|refused| Stored {
+            refused: *refused,
+            for_claims: stored.for_claims,
+        })
+        .collect()
 }

@@ -23,6 +23,7 @@ pub mod signature;
 pub mod worker;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -94,6 +95,9 @@ impl EnabledWebhook {
 #[derive(Debug, Default)]
 pub struct Webhooks {
     enabled: RwLock<HashMap<InstanceId, Arc<[EnabledWebhook]>>>,
+    /// Counts the changes of webhooks seen here: what the delivery workers
+    /// read of a webhook at one generation is stale at the next.
+    generation: AtomicU64,
     /// Rung when deliveries were stored or requeued.
     pub wake: Notify,
 }
@@ -109,9 +113,16 @@ impl Webhooks {
         !self.enabled.read().is_empty()
     }
 
-    /// Replaces what is known of one instance.
+    /// The count of webhook changes seen on this node.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Replaces what is known of one instance (after any change of one of
+    /// its webhooks, its URL or secret too).
     pub fn set(&self, instance: InstanceId, hooks: Vec<EnabledWebhook>) {
         let mut map = self.enabled.write();
+        self.generation.fetch_add(1, Ordering::AcqRel);
         if hooks.is_empty() {
             map.remove(&instance);
         } else {
@@ -126,7 +137,11 @@ impl Webhooks {
             .filter(|(_, v)| !v.is_empty())
             .map(|(k, v)| (k, Arc::from(v)))
             .collect();
-        *self.enabled.write() = fresh;
+        let mut map = self.enabled.write();
+        if *map != fresh {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            *map = fresh;
+        }
     }
 
     /// Wakes the delivery workers of this node.

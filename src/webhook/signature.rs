@@ -24,14 +24,36 @@ pub fn new_secret() -> String {
     format!("{SECRET_PREFIX}{}", STANDARD.encode(key))
 }
 
-/// A new delivery id: `msg_` + 24 characters of `A-Z a-z 0-9` (142 bits).
+/// The characters of a delivery id's tail, in ascending byte order (so ids
+/// with the same length sort as their numbers do).
+const ID_ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// Characters of an id that encode its creation time in milliseconds
+/// (62^8 ms is about 6,900 years).
+const ID_TIME_CHARS: usize = 8;
+
+/// A new delivery id: `msg_` + 24 characters of `A-Z a-z 0-9`: 8 of the
+/// creation time in milliseconds, then 16 random ones (95 bits, from the
+/// thread's CSPRNG). Ids made later sort after earlier ones, so storing them
+/// appends to the id index instead of writing all over it.
 pub fn new_delivery_id() -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rngs::OsRng;
-    let tail: String = (0..24)
-        .map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())]))
-        .collect();
-    format!("msg_{tail}")
+    delivery_id_at(crate::storage::now_millis())
+}
+
+fn delivery_id_at(millis: i64) -> String {
+    let base = ID_ALPHABET.len() as u64;
+    let mut out = [0u8; 4 + ID_TIME_CHARS + 16];
+    out[..4].copy_from_slice(b"msg_");
+    let mut t = u64::try_from(millis).unwrap_or(0);
+    for slot in out[4..4 + ID_TIME_CHARS].iter_mut().rev() {
+        *slot = ID_ALPHABET[(t % base) as usize];
+        t /= base;
+    }
+    let mut rng = rand::thread_rng();
+    for slot in &mut out[4 + ID_TIME_CHARS..] {
+        *slot = ID_ALPHABET[rng.gen_range(0..ID_ALPHABET.len())];
+    }
+    out.iter().map(|b| char::from(*b)).collect()
 }
 
 /// Whether `id` has the form of a delivery id.
@@ -99,6 +121,17 @@ mod tests {
         assert!(!is_delivery_id("msg_"));
         assert!(!is_delivery_id("msg_a-b"));
         assert!(!is_delivery_id("x_abc"));
+    }
+
+    #[test]
+    fn ids_sort_by_creation_time() {
+        let earlier = delivery_id_at(1_764_900_000_000);
+        let later = delivery_id_at(1_764_900_000_001);
+        assert!(is_delivery_id(&earlier) && is_delivery_id(&later));
+        assert_eq!(earlier.len(), 28);
+        assert!(earlier < later, "{earlier} {later}");
+        assert!(delivery_id_at(1) < delivery_id_at(62_i64.pow(7)));
+        assert_ne!(delivery_id_at(5), delivery_id_at(5));
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! `webhook.max_in_flight` attempts at once, and claims that run ahead of
 //! them only while its receiver answers fast (a slow receiver holds its own
 //! slots and nothing more; what it cannot attempt within the lease goes
-//! back unattempted). Housekeeping beside it: the pending gauge,
+//! back unattempted). New deliveries of a webhook whose lane has room and
+//! has taken every due delivery skip the claim: the intake stores them
+//! leased to this node and hands them to the lane ([`Direct`]). Housekeeping
+//! beside it: the pending gauge,
 //! dead-letter retention, and a periodic re-read of the enabled webhooks (a
 //! safety net behind the bus).
 //!
@@ -38,12 +41,15 @@ use crate::storage::deliveries::{self, Claimed, Outcome, Target};
 use crate::storage::{now_millis, webhooks, DbConn, DbPool, StorageError};
 
 /// Deliveries claimed in one round.
-const CLAIM_BATCH: i64 = 256;
+const CLAIM_BATCH: i64 = 1024;
 
 /// How many times its in-flight room a webhook whose receiver answers fast
 /// may hold: claims run ahead of attempts, so the database round trip of a
-/// claim is not between one attempt and the next.
-const PREFETCH: usize = 16;
+/// claim is not between one attempt and the next. What a lane holds must
+/// start within its lease (the attempt timeout and
+/// `LEASE_MARGIN_MS - RECORD_MARGIN_MS`, 10 s): 1,024 deliveries at the
+/// default in-flight limit, a tenth of a second of a fast receiver.
+const PREFETCH: usize = 128;
 
 /// An attempt that succeeded within this lets its webhook claim ahead.
 const FAST_ATTEMPT: Duration = Duration::from_secs(1);
@@ -53,7 +59,13 @@ const FAST_ATTEMPT: Duration = Duration::from_secs(1);
 const RECORD_MARGIN_MS: i64 = 5_000;
 
 /// Outcomes recorded in one transaction at most.
-const COMPLETE_BATCH: usize = 256;
+const COMPLETE_BATCH: usize = 1024;
+
+/// How long a webhook as a claim read it stands for its stored row when new
+/// deliveries skip the claim: a change this node did not hear of (missed on
+/// the bus, or made in the database) is used within this. Past it, the next
+/// deliveries wait for a claim, which reads the row again.
+pub const TARGET_FRESH: Duration = Duration::from_secs(1);
 
 /// How often the loop looks for due deliveries when nothing woke it
 /// (retries coming due, deliveries stored by another node without a bus).
@@ -85,6 +97,8 @@ pub struct WorkerEnv {
     pub base_url: Arc<str>,
     pub sealer: Sealer,
     pub client: reqwest::Client,
+    /// The refused-address rule, for URLs that are IP literals.
+    pub policy: Arc<AddressPolicy>,
     /// Seconds between re-reads of the enabled webhooks.
     pub refresh: Duration,
     /// Ticks when they should be re-read at once (the bus came back).
@@ -169,11 +183,16 @@ struct Lane {
     queued: VecDeque<(Claimed, i64)>,
     /// Being attempted: at most `webhook.max_in_flight`.
     sending: usize,
-    /// Claimed and not yet recorded (queued + sending + finished).
+    /// Claimed and not yet recorded (queued + sending + finished), and
+    /// room reserved by the intake for deliveries it is storing leased.
     held: usize,
     /// Whether the last attempt succeeded within [`FAST_ATTEMPT`]: then the
     /// lane claims ahead of its attempts ([`PREFETCH`]).
     fast: bool,
+    /// Whether the last claim of this webhook took every due delivery of it
+    /// and none was stored for a claim since: new deliveries may then skip
+    /// the claim without starting before older ones.
+    caught_up: bool,
 }
 
 impl Lane {
@@ -198,28 +217,222 @@ impl Lane {
     }
 }
 
+/// A webhook as its attempts need it, read by a claim: its row and
+/// instance, with the secrets decrypted and the instance data of envelopes
+/// made once, not at every attempt.
+struct Prepared {
+    target: Target,
+    /// When the claim read it, and the generation of the enabled webhooks then.
+    read_at: Instant,
+    generation: u64,
+    /// `instanceData` of its envelopes.
+    instance_data: String,
+    /// Its signing keys and authorization, or the error of every attempt.
+    keys: Result<Keys, &'static str>,
+}
+
+struct Keys {
+    current: Vec<u8>,
+    /// The previous secret's key, honoured until the given time.
+    previous: Option<(Vec<u8>, i64)>,
+    authorization: Option<HeaderValue>,
+}
+
+impl Prepared {
+    fn new(env: &WorkerEnv, target: Target, generation: u64) -> Prepared {
+        let keys = Self::keys(env, &target);
+        let instance_data =
+            instance_data_json(&env.base_url, &target.instance_name, &target.instance_token);
+        Prepared {
+            target,
+            read_at: Instant::now(),
+            generation,
+            instance_data,
+            keys,
+        }
+    }
+
+    fn keys(env: &WorkerEnv, target: &Target) -> Result<Keys, &'static str> {
+        let hook = &target.hook;
+        let decrypt = |stored: &str| {
+            env.sealer.open(stored).map_err(|_| {
+                log::warn!(
+                    "webhook {} of instance {}: a stored secret cannot be decrypted",
+                    hook.label,
+                    target.instance_name
+                );
+                CANNOT_DECRYPT
+            })
+        };
+        let key = |stored: &str| secret_key(&decrypt(stored)?).map_err(|_| CANNOT_DECRYPT);
+        let previous = match (&hook.previous_secret, hook.rotated_at) {
+            (Some(prev), Some(at)) => Some((key(prev)?, at + ROTATION_OVERLAP_MS)),
+            _ => None,
+        };
+        let authorization = match &hook.auth_header {
+            Some(a) => {
+                Some(HeaderValue::from_str(&decrypt(a)?).map_err(|_| "invalid authorization")?)
+            }
+            None => None,
+        };
+        Ok(Keys {
+            current: key(&hook.secret)?,
+            previous,
+            authorization,
+        })
+    }
+
+    /// Whether new deliveries of this webhook may skip the claim on its strength.
+    fn fresh(&self, generation: u64) -> bool {
+        self.generation == generation
+            && self.read_at.elapsed() < TARGET_FRESH
+            && !self.target.hook.ordered
+    }
+}
+
 /// The lanes of this node, by webhook id, and the targets their deliveries go to.
 #[derive(Default)]
 struct Lanes {
     lanes: HashMap<i64, Lane>,
-    targets: HashMap<i64, Arc<Target>>,
+    targets: HashMap<i64, Arc<Prepared>>,
+    /// Counts the times the intake stored deliveries for a claim: a claim
+    /// marks webhooks caught up only when this did not move while it ran.
+    stored_for_claims: u64,
 }
 
 type SharedLanes = Arc<Mutex<Lanes>>;
 
+/// Deliveries stored leased to this node, on their way to their lanes.
+type Handoff = (Vec<Claimed>, i64);
+
+/// How the intake gives new deliveries straight to this node's lanes: it
+/// reserves room in a lane, stores that many deliveries leased to this
+/// node in the publish's transaction, and hands them over once committed.
+/// The lease keeps other nodes off them; if this node dies they come due
+/// when it ends, as claimed ones do.
+pub struct Direct {
+    lanes: SharedLanes,
+    webhooks: Arc<Webhooks>,
+    max: usize,
+    lease_ms: i64,
+    handoff: mpsc::UnboundedSender<Handoff>,
+    stopping: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl Direct {
+    /// The lease of deliveries stored at `now`.
+    pub fn lease_until(&self, now: i64) -> i64 {
+        now + self.lease_ms
+    }
+
+    /// How many of `n` new deliveries of `webhook` go straight to its lane,
+    /// counted as held from now; the rest are for a claim, and the webhook
+    /// is no longer caught up (they must start before any newer one).
+    pub fn reserve(&self, webhook: i64, n: usize) -> usize {
+        let generation = self.webhooks.generation();
+        let stopping = (self.stopping)();
+        let mut held = self.lanes.lock();
+        let Lanes {
+            lanes,
+            targets,
+            stored_for_claims,
+        } = &mut *held;
+        let fresh = targets.get(&webhook).is_some_and(|t| t.fresh(generation));
+        let lane = lanes.entry(webhook).or_default();
+        let room = if fresh && lane.caught_up && !stopping {
+            lane.depth(self.max).saturating_sub(lane.held)
+        } else {
+            0
+        };
+        let take = room.min(n);
+        lane.held += take;
+        if take < n {
+            lane.caught_up = false;
+            *stored_for_claims += 1;
+        }
+        take
+    }
+
+    /// Gives back room reserved for deliveries that were not stored leased.
+    pub fn unreserve(&self, webhook: i64, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut held = self.lanes.lock();
+        if let Some(lane) = held.lanes.get_mut(&webhook) {
+            lane.held = lane.held.saturating_sub(n);
+        }
+    }
+
+    /// Hands deliveries stored leased until `lease_until` to their lanes.
+    pub fn hand_over(&self, rows: Vec<Claimed>, lease_until: i64) {
+        if !rows.is_empty() {
+            // Closed only when the loop stopped: the leases then run out.
+            let _ = self.handoff.send((rows, lease_until));
+        }
+    }
+}
+
 /// Starts the delivery loop and the outcome recorder on the current
-/// (actix system) runtime.
-pub fn start(env: WorkerEnv) {
+/// (actix system) runtime; returns the intake's way to its lanes.
+pub fn start(env: WorkerEnv) -> Arc<Direct> {
     let lanes: SharedLanes = Arc::default();
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Outcome>();
+    let (handoff, handoffs) = mpsc::unbounded_channel::<Handoff>();
+    let direct = Arc::new(Direct {
+        lanes: lanes.clone(),
+        webhooks: env.webhooks.clone(),
+        max: env.settings.max_in_flight,
+        lease_ms: lease_ms(&env.settings),
+        handoff,
+        stopping: env.stopping.clone(),
+    });
     actix_web::rt::spawn(record_outcomes(env.clone(), lanes.clone(), done_rx));
     actix_web::rt::spawn(housekeeping(env.clone()));
+    actix_web::rt::spawn(take_handoffs(
+        env.clone(),
+        lanes.clone(),
+        handoffs,
+        done_tx.clone(),
+    ));
     actix_web::rt::spawn(dispatch(env, lanes, done_tx));
+    direct
+}
+
+/// How long a claim (or a delivery stored leased) holds a delivery.
+fn lease_ms(settings: &WebhookSettings) -> i64 {
+    i64::try_from(settings.timeout_secs).unwrap_or(3600) * 1000 + LEASE_MARGIN_MS
+}
+
+/// Puts deliveries the intake stored leased into their lanes and starts them.
+async fn take_handoffs(
+    env: WorkerEnv,
+    lanes: SharedLanes,
+    mut handoffs: mpsc::UnboundedReceiver<Handoff>,
+    done: mpsc::UnboundedSender<Outcome>,
+) {
+    while let Some((rows, lease_until)) = handoffs.recv().await {
+        let mut held = lanes.lock();
+        let mut touched = Vec::new();
+        for row in rows {
+            let w = row.webhook_id;
+            // The room was reserved (held) before the rows were stored.
+            held.lanes
+                .entry(w)
+                .or_default()
+                .queued
+                .push_back((row, lease_until));
+            touched.push(w);
+        }
+        touched.dedup();
+        for w in touched {
+            start_attempts(&env, &lanes, &mut held, w, &done);
+        }
+    }
 }
 
 async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSender<Outcome>) {
-    let lease_ms =
-        i64::try_from(env.settings.timeout_secs).unwrap_or(3600) * 1000 + LEASE_MARGIN_MS;
+    let lease_ms = lease_ms(&env.settings);
     let max = env.settings.max_in_flight;
     let mut failing_since: Option<Instant> = None;
     loop {
@@ -236,8 +449,19 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
             }
             continue;
         }
-        let (exclude, room): (Vec<i64>, HashMap<i64, usize>) = {
-            let held = lanes.lock();
+        let generation = env.webhooks.generation();
+        let (exclude, room, mark): (Vec<i64>, HashMap<i64, usize>, u64) = {
+            let mut held = lanes.lock();
+            // Idle lanes of webhooks changed since they were read go: a
+            // claim makes them again as they are now.
+            let Lanes { lanes, targets, .. } = &mut *held;
+            lanes.retain(|w, l| {
+                let current = targets.get(w).is_some_and(|t| t.generation == generation);
+                if l.held == 0 && !current {
+                    targets.remove(w);
+                }
+                l.held > 0 || current
+            });
             let exclude = held
                 .lanes
                 .iter()
@@ -249,10 +473,11 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
                 .iter()
                 .map(|(id, l)| (*id, l.depth(max).saturating_sub(l.held)))
                 .collect();
-            (exclude, room)
+            (exclude, room, held.stored_for_claims)
         };
         let now = now_millis();
         let lease_until = now + lease_ms;
+        let (asked, excluded) = (room.clone(), exclude.clone());
         let claimed = db(&env.pool, move |conn| {
             // A webhook this node holds nothing of starts with its in-flight room.
             let mut room = |w: i64| room.get(&w).copied().unwrap_or(max);
@@ -267,7 +492,7 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
             )
         })
         .await;
-        let (rows, targets) = match claimed {
+        let claim = match claimed {
             Ok(found) => {
                 failing_since = None;
                 found
@@ -281,22 +506,33 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
                 continue;
             }
         };
-        let full_round = rows.len() as i64 == CLAIM_BATCH;
+        let full_round = !claim.complete;
         {
             let mut held = lanes.lock();
-            for t in targets {
-                held.targets.insert(t.hook.id, Arc::new(t));
+            for t in claim.targets {
+                held.targets
+                    .insert(t.hook.id, Arc::new(Prepared::new(&env, t, generation)));
             }
-            let mut touched = Vec::new();
-            for row in rows {
+            let mut found: HashMap<i64, usize> = HashMap::new();
+            for row in claim.rows {
                 let w = row.webhook_id;
                 let lane = held.lanes.entry(w).or_default();
                 lane.held += 1;
                 lane.queued.push_back((row, lease_until));
-                touched.push(w);
+                *found.entry(w).or_insert(0) += 1;
             }
+            // A webhook the claim asked more of than it found has nothing
+            // due left, unless the intake stored some for a claim meanwhile.
+            if !full_round && held.stored_for_claims == mark {
+                for (w, lane) in held.lanes.iter_mut() {
+                    let wanted = asked.get(w).copied().unwrap_or(max).min(max * PREFETCH);
+                    if !excluded.contains(w) && found.get(w).copied().unwrap_or(0) < wanted {
+                        lane.caught_up = true;
+                    }
+                }
+            }
+            let mut touched: Vec<i64> = found.into_keys().collect();
             touched.sort_unstable();
-            touched.dedup();
             for w in touched {
                 start_attempts(&env, &lanes, &mut held, w, &done);
             }
@@ -332,7 +568,7 @@ fn start_attempts(
     let gone = (env.stopping)()
         || !env
             .webhooks
-            .enabled(InstanceId(target.hook.instance_id))
+            .enabled(InstanceId(target.target.hook.instance_id))
             .is_some_and(|hooks| hooks.iter().any(|h| h.id == w));
     let Some(lane) = held.lanes.get_mut(&w) else {
         return;
@@ -418,11 +654,10 @@ async fn record_outcomes(
                 continue;
             };
             lane.held = lane.held.saturating_sub(1);
-            if lane.held == 0 {
-                // A fast lane is remembered, so its next claim runs ahead.
-                if !lane.fast {
-                    held.lanes.remove(&w);
-                }
+            // A fast or caught-up lane is remembered (its next claim runs
+            // ahead; new deliveries skip the claim), with its target.
+            if lane.held == 0 && !lane.fast && !lane.caught_up {
+                held.lanes.remove(&w);
                 held.targets.remove(&w);
             }
         }
@@ -505,7 +740,7 @@ impl Failure {
 }
 
 /// One attempt of one claimed delivery.
-async fn attempt(env: &WorkerEnv, row: &Claimed, target: &Target) -> Outcome {
+async fn attempt(env: &WorkerEnv, row: &Claimed, target: &Prepared) -> Outcome {
     let attempt_no = row.attempts + 1;
     let started = now_millis();
     let result = send(env, row, target, attempt_no, started).await;
@@ -579,11 +814,11 @@ fn header(name: &'static str, value: &str) -> Option<(HeaderName, HeaderValue)> 
 async fn send(
     env: &WorkerEnv,
     row: &Claimed,
-    target: &Target,
+    prepared: &Prepared,
     attempt_no: i64,
     now: i64,
 ) -> Result<(), Failure> {
-    let hook = &target.hook;
+    let hook = &prepared.target.hook;
     let kind = EventKind::parse(&row.event)
         .ok_or_else(|| Failure::new(None, "stored event is invalid"))?;
     let data: Map<String, Value> = serde_json::from_str(&row.data)
@@ -594,51 +829,34 @@ async fn send(
             ..Failure::new(None, "webhook disabled")
         });
     };
-    let decrypt = |stored: &str| {
-        env.sealer.open(stored).map_err(|_| {
-            log::warn!(
-                "webhook {} of instance {}: a stored secret cannot be decrypted",
-                hook.label,
-                target.instance_name
-            );
-            Failure::new(None, CANNOT_DECRYPT)
-        })
-    };
-    let key =
-        secret_key(&decrypt(&hook.secret)?).map_err(|_| Failure::new(None, CANNOT_DECRYPT))?;
-    let previous = match (&hook.previous_secret, hook.rotated_at) {
-        (Some(prev), Some(at)) if now < at + ROTATION_OVERLAP_MS => {
-            Some(secret_key(&decrypt(prev)?).map_err(|_| Failure::new(None, CANNOT_DECRYPT))?)
-        }
-        _ => None,
-    };
-    let authorization = match &hook.auth_header {
-        Some(a) => Some(decrypt(a)?),
-        None => None,
-    };
+    let keys = prepared.keys.as_ref().map_err(|e| Failure::new(None, *e))?;
+    let previous = keys
+        .previous
+        .as_ref()
+        .filter(|(_, until)| now < *until)
+        .map(|(key, _)| key.as_slice());
     let url = target_url(url, hook.by_events, kind);
-    let policy = AddressPolicy::new(&env.settings.allowed_networks);
-    if ip_literal(&url).is_some_and(|ip| !policy.permits(ip)) {
+    if ip_literal(&url).is_some_and(|ip| !env.policy.permits(ip)) {
         return Err(Failure {
             final_: true,
             ..Failure::new(None, REFUSED_ADDRESS)
         });
     }
-    let instance_data =
-        instance_data_json(&env.base_url, &target.instance_name, &target.instance_token);
-    let body = envelope(&Event { kind, data }, &instance_data, hook.media_base64);
+    let body = envelope(
+        &Event { kind, data },
+        &prepared.instance_data,
+        hook.media_base64,
+    );
     let ts = now / 1000;
-    let signature = signature_header(&key, previous.as_deref(), &row.id, ts, body.as_bytes());
+    let signature = signature_header(&keys.current, previous, &row.id, ts, body.as_bytes());
     let mut headers = HeaderMap::new();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(
         USER_AGENT,
         HeaderValue::from_static(concat!("eventgate/", env!("CARGO_PKG_VERSION"))),
     );
-    if let Some(a) = authorization {
-        let value =
-            HeaderValue::from_str(&a).map_err(|_| Failure::new(None, "invalid authorization"))?;
-        headers.insert(AUTHORIZATION, value);
+    if let Some(a) = &keys.authorization {
+        headers.insert(AUTHORIZATION, a.clone());
     }
     for (name, value) in [
         header("webhook-id", &row.id),

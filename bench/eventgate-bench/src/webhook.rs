@@ -8,8 +8,10 @@
 //!    `--secs` to an instance with one enabled webhook, then waits for every
 //!    delivery: deliveries/s from the first acceptance to the last receipt,
 //!    lost (accepted, never received) and duplicates;
-//! 3. `fixed`: the same at 20% of the sustained rate: p99 acceptance →
-//!    receipt;
+//! 3. `fixed`: the same at 20% of the sustained rate: p50/p99 acceptance →
+//!    receipt, from when a batch was sent (its 100th delivery waits for the
+//!    99 before it); then `fixed_single`: the same rate of events spread
+//!    evenly, one per publish, each timed from when it was sent;
 //! 4. `publish`: events accepted/s (batches of 100) with one enabled webhook
 //!    and with none;
 //! 5. `backlog`: the receiver refuses connections while `--backlog` events
@@ -241,7 +243,31 @@ pub(crate) async fn mode_webhook(
         fixed_p99 / (raw_lat.quantile(0.99) as f64 / 1000.0).max(0.001),
         2,
     );
+    r.num(
+        "fixed_p50_ms",
+        rx.books.lock().latency.quantile(0.50) as f64 / 1000.0,
+        3,
+    );
     r.int("fixed_lost", accepted.saturating_sub(rx.counts(tag).0));
+    rx.reset_timing();
+    let tag = 6;
+    let accepted = publish_singles(&ep, "bench-0", tag, secs, rate).await;
+    drain(&rx, tag, accepted).await;
+    let (p50, p99) = {
+        let b = rx.books.lock();
+        (b.latency.quantile(0.50), b.latency.quantile(0.99))
+    };
+    r.num("fixed_single_p50_ms", p50 as f64 / 1000.0, 3);
+    r.num("fixed_single_p99_ms", p99 as f64 / 1000.0, 3);
+    r.num(
+        "fixed_single_p99_ratio_to_raw",
+        p99 as f64 / (raw_lat.quantile(0.99) as f64).max(1.0),
+        2,
+    );
+    r.int(
+        "fixed_single_lost",
+        accepted.saturating_sub(rx.counts(tag).0),
+    );
     // 4. publish rate with and without a webhook
     let (with, with_secs) =
         publish_for(&ep, opts.publishers.max(1), "bench-0", 3, secs, None).await;
@@ -392,6 +418,62 @@ async fn publish_for(
         accepted += t.await.unwrap_or(0);
     }
     (accepted, t0.elapsed().as_secs_f64())
+}
+
+/// Connections [`publish_singles`] spreads its publishes over: enough that
+/// a publish waiting for its commit does not delay the next one due.
+const SINGLE_PUBLISHERS: usize = 16;
+
+/// Publishes events of run `tag` one per request at `rate` events/s, evenly
+/// spaced, for `secs`, each stamped when it is sent: events accepted.
+async fn publish_singles(
+    ep: &Arc<Endpoint>,
+    instance: &str,
+    tag: u64,
+    secs: Duration,
+    rate: f64,
+) -> u64 {
+    let t0 = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..SINGLE_PUBLISHERS {
+        let (ep, next, path) = (
+            ep.clone(),
+            next.clone(),
+            format!("/api/events/publish/{instance}"),
+        );
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut conn) = HttpConn::new(&ep) else {
+                return 0u64;
+            };
+            let mut accepted = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::AcqRel);
+                let due = Duration::from_secs_f64(i as f64 / rate);
+                if due >= secs {
+                    return accepted;
+                }
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+                let body = json!([{"event": "message.status",
+                    "data": {"tag": tag, "seq": i + 1, "ts": now_unix_nanos() as u64}}]);
+                if let Ok(reply) = conn
+                    .request(Method::POST, &path, Bytes::from(body.to_string()))
+                    .await
+                {
+                    if reply.status == 202 {
+                        accepted += 1;
+                    }
+                }
+            }
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        accepted += t.await.unwrap_or(0);
+    }
+    accepted
 }
 
 /// Publishes until `stop`, surviving a server that goes away: events acknowledged.
