@@ -61,6 +61,11 @@ const RECORD_MARGIN_MS: i64 = 5_000;
 /// Outcomes recorded in one transaction at most.
 const COMPLETE_BATCH: usize = 1024;
 
+/// How long the recorder waits after an outcome for more to record in the
+/// same transaction: without it, outcomes arriving one by one were
+/// recorded nearly one transaction (and one blocking-pool hand-off) each.
+const RECORD_GATHER: Duration = Duration::from_millis(2);
+
 /// How long a webhook as a claim read it stands for its stored row when new
 /// deliveries skip the claim: a change this node did not hear of (missed on
 /// the bus, or made in the database) is used within this. Past it, the next
@@ -227,8 +232,19 @@ struct Prepared {
     generation: u64,
     /// `instanceData` of its envelopes.
     instance_data: String,
+    /// Where each kind of event goes (`EventKind::ALL` order; empty
+    /// without a URL).
+    destinations: Vec<Destination>,
     /// Its signing keys and authorization, or the error of every attempt.
     keys: Result<Keys, &'static str>,
+}
+
+/// The URL one kind of event is sent to.
+struct Destination {
+    /// Parsed once (`None`: it does not parse, and attempts fail).
+    url: Option<reqwest::Url>,
+    /// Whether it is an IP literal the refused-address rule refuses.
+    refused: bool,
 }
 
 struct Keys {
@@ -243,11 +259,26 @@ impl Prepared {
         let keys = Self::keys(env, &target);
         let instance_data =
             instance_data_json(&env.base_url, &target.instance_name, &target.instance_token);
+        let hook = &target.hook;
+        let destinations = match hook.url.as_deref() {
+            Some(url) => EventKind::ALL
+                .into_iter()
+                .map(|kind| {
+                    let url = target_url(url, hook.by_events, kind);
+                    Destination {
+                        refused: ip_literal(&url).is_some_and(|ip| !env.policy.permits(ip)),
+                        url: reqwest::Url::parse(&url).ok(),
+                    }
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         Prepared {
             target,
             read_at: Instant::now(),
             generation,
             instance_data,
+            destinations,
             keys,
         }
     }
@@ -627,9 +658,14 @@ async fn record_outcomes(
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
+        let mut gathered = false;
         while batch.len() < COMPLETE_BATCH {
             match rx.try_recv() {
                 Ok(o) => batch.push(o),
+                Err(_) if !gathered => {
+                    gathered = true;
+                    tokio::time::sleep(RECORD_GATHER).await;
+                }
                 Err(_) => break,
             }
         }
@@ -823,7 +859,11 @@ async fn send(
         .ok_or_else(|| Failure::new(None, "stored event is invalid"))?;
     let data: Map<String, Value> = serde_json::from_str(&row.data)
         .map_err(|_| Failure::new(None, "stored event is invalid"))?;
-    let Some(url) = hook.url.as_deref() else {
+    let Some(to) = EventKind::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .and_then(|i| prepared.destinations.get(i))
+    else {
         return Err(Failure {
             final_: true,
             ..Failure::new(None, "webhook disabled")
@@ -835,13 +875,16 @@ async fn send(
         .as_ref()
         .filter(|(_, until)| now < *until)
         .map(|(key, _)| key.as_slice());
-    let url = target_url(url, hook.by_events, kind);
-    if ip_literal(&url).is_some_and(|ip| !env.policy.permits(ip)) {
+    if to.refused {
         return Err(Failure {
             final_: true,
             ..Failure::new(None, REFUSED_ADDRESS)
         });
     }
+    let url = to
+        .url
+        .clone()
+        .ok_or_else(|| Failure::new(None, "request failed"))?;
     let body = envelope(
         &Event { kind, data },
         &prepared.instance_data,
@@ -871,7 +914,7 @@ async fn send(
     }
     let sent = env
         .client
-        .post(&url)
+        .post(url)
         .headers(headers)
         .body(body.into_bytes())
         .send()
