@@ -443,17 +443,24 @@ pub fn claim(
     let mut hooks: Vec<i64> = claimed.iter().map(|r| r.webhook_id).collect();
     hooks.sort_unstable();
     hooks.dedup();
+    Ok(Claim {
+        targets: targets(conn, &hooks)?,
+        rows: claimed,
+        complete,
+    })
+}
+
+/// These webhooks, with their instances' names and tokens (a read only).
+pub fn targets(conn: &mut DbConn, hooks: &[i64]) -> Result<Vec<Target>, StorageError> {
+    if hooks.is_empty() {
+        return Ok(Vec::new());
+    }
     let text = format!(
         "SELECT {COLUMNS}, i.name AS instance_name, i.token AS instance_token \
          FROM webhooks w JOIN instances i ON i.id = w.instance_id WHERE w.id IN ({})",
-        id_list(&hooks)
+        id_list(hooks)
     );
-    let targets: Vec<Target> = with_conn!(conn, c => diesel::sql_query(&text).load(c))?;
-    Ok(Claim {
-        rows: claimed,
-        targets,
-        complete,
-    })
+    Ok(with_conn!(conn, c => diesel::sql_query(&text).load(c))?)
 }
 
 /// Records attempt outcomes (and the webhooks' counters) in one transaction.

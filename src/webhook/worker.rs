@@ -426,8 +426,51 @@ pub fn start(env: WorkerEnv) -> Arc<Direct> {
         handoffs,
         done_tx.clone(),
     ));
+    actix_web::rt::spawn(refresh_targets(env.clone(), lanes.clone()));
     actix_web::rt::spawn(dispatch(env, lanes, done_tx));
     direct
+}
+
+/// Reads again, before they go stale, the webhooks whose new deliveries
+/// skip the claim, so a busy webhook keeps doing so: otherwise every
+/// [`TARGET_FRESH`] its deliveries would wait for a claim (a write, which
+/// on SQLite may wait behind publishes) just to read the webhook again.
+async fn refresh_targets(env: WorkerEnv, lanes: SharedLanes) {
+    loop {
+        tokio::time::sleep(TARGET_FRESH / 4).await;
+        if (env.stopping)() {
+            return;
+        }
+        let generation = env.webhooks.generation();
+        let due: Vec<i64> = {
+            let held = lanes.lock();
+            held.lanes
+                .iter()
+                .filter(|(w, lane)| {
+                    lane.caught_up
+                        && held.targets.get(w).is_some_and(|t| {
+                            t.generation == generation && t.read_at.elapsed() > TARGET_FRESH / 2
+                        })
+                })
+                .map(|(w, _)| *w)
+                .collect()
+        };
+        if due.is_empty() {
+            continue;
+        }
+        match db(&env.pool, move |conn| deliveries::targets(conn, &due)).await {
+            Ok(read) => {
+                let mut held = lanes.lock();
+                for t in read {
+                    if held.lanes.contains_key(&t.hook.id) {
+                        held.targets
+                            .insert(t.hook.id, Arc::new(Prepared::new(&env, t, generation)));
+                    }
+                }
+            }
+            Err(e) => log::debug!("webhooks not read again: {e}"),
+        }
+    }
 }
 
 /// How long a claim (or a delivery stored leased) holds a delivery.
@@ -684,11 +727,16 @@ async fn record_outcomes(
             }
         }
         let mut held = lanes.lock();
+        // Room freed in a lane that is not caught up may let a claim take
+        // what waits in the database; a caught-up lane has nothing there.
+        let mut wake = false;
         for o in shared.iter() {
             let w = o.webhook_id();
             let Some(lane) = held.lanes.get_mut(&w) else {
+                wake = true;
                 continue;
             };
+            wake |= !lane.caught_up || !matches!(o, Outcome::Delivered { .. });
             lane.held = lane.held.saturating_sub(1);
             // A fast or caught-up lane is remembered (its next claim runs
             // ahead; new deliveries skip the claim), with its target.
@@ -698,7 +746,9 @@ async fn record_outcomes(
             }
         }
         drop(held);
-        env.webhooks.ring();
+        if wake {
+            env.webhooks.ring();
+        }
     }
 }
 
