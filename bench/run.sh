@@ -237,7 +237,10 @@ if want webhook && [[ " $TARGETS " == *" eventgate "* ]]; then
         # The backlog bound (100,000 by default) is lifted: publishing at full
         # speed for SECS outruns delivery, and deliveries past the bound become
         # dead letters (counted by the tool, not delivered) instead of being measured.
-        hook_env=(EVENTGATE_WEBHOOK_ALLOWED_NETWORKS=127.0.0.0/8 EVENTGATE_WEBHOOK_MAX_PENDING=100000000)
+        # Retries every 2 s (100 of them): deliveries that failed while the
+        # backlog phase's receiver was down come back soon after it is up.
+        hook_env=(EVENTGATE_WEBHOOK_ALLOWED_NETWORKS=127.0.0.0/8 EVENTGATE_WEBHOOK_MAX_PENDING=100000000
+                  EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS="$(seq -s, 100 | sed 's/[0-9]\+/2/g')")
         start_eventgate 8093 "$db" "${hook_env[@]}" || { stop_servers; continue; }
         # The restart command: SIGKILL the node (its pid is in a file), start it
         # again on the same port and database, return once it listens.

@@ -198,6 +198,9 @@ struct Lane {
     /// and none was stored for a claim since: new deliveries may then skip
     /// the claim without starting before older ones.
     caught_up: bool,
+    /// When the intake last handed deliveries to it (a webhook with
+    /// traffic: its row is read again before it goes stale).
+    handed_at: Option<Instant>,
 }
 
 impl Lane {
@@ -377,6 +380,9 @@ impl Direct {
         };
         let take = room.min(n);
         lane.held += take;
+        if take > 0 {
+            lane.handed_at = Some(Instant::now());
+        }
         if take < n {
             lane.caught_up = false;
             *stored_for_claims += 1;
@@ -432,7 +438,8 @@ pub fn start(env: WorkerEnv) -> Arc<Direct> {
 }
 
 /// Reads again, before they go stale, the webhooks whose new deliveries
-/// skip the claim, so a busy webhook keeps doing so: otherwise every
+/// skip the claim (and did in the last two seconds), so a busy webhook
+/// keeps doing so: otherwise every
 /// [`TARGET_FRESH`] its deliveries would wait for a claim (a write, which
 /// on SQLite may wait behind publishes) just to read the webhook again.
 async fn refresh_targets(env: WorkerEnv, lanes: SharedLanes) {
@@ -448,6 +455,9 @@ async fn refresh_targets(env: WorkerEnv, lanes: SharedLanes) {
                 .iter()
                 .filter(|(w, lane)| {
                     lane.caught_up
+                        && lane
+                            .handed_at
+                            .is_some_and(|at| at.elapsed() < TARGET_FRESH * 2)
                         && held.targets.get(w).is_some_and(|t| {
                             t.generation == generation && t.read_at.elapsed() > TARGET_FRESH / 2
                         })

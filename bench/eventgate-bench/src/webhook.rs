@@ -14,8 +14,10 @@
 //!    evenly, one per publish, each timed from when it was sent;
 //! 4. `publish`: events accepted/s (batches of 100) with one enabled webhook
 //!    and with none;
-//! 5. `backlog`: the receiver refuses connections while `--backlog` events
-//!    queue (server RSS sampled), then comes back: drain time and rate;
+//! 5. `backlog`: the receiver is down (refuses connections, and answers
+//!    503 and closes on those already open) while `--backlog` events queue
+//!    (server RSS sampled), then comes back: drain time and rate (attempts
+//!    that failed come back on the server's retry schedule);
 //! 6. `kills` (with `--restart-cmd`): publishes while the command SIGKILLs
 //!    and restarts the server `--kills` times; every acknowledged event must
 //!    arrive (duplicates reported).
@@ -130,6 +132,17 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
     rx: Arc<Receiver>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if rx.down.load(Ordering::Acquire) {
+        // Down: a request on a connection opened before fails too, and the
+        // connection is closed (new ones are refused at accept).
+        let mut res = Response::new(Full::new(Bytes::new()));
+        *res.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+        res.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        return Ok(res);
+    }
     let body = req
         .into_body()
         .collect()
