@@ -1,9 +1,10 @@
 //! Queries on `webhook_deliveries` (contract §11): a delivery is pending
 //! while `dead_at` is NULL and a dead letter after. Publishing enqueues all
 //! of a request's deliveries in one transaction, shared with the requests
-//! that arrived with it (`webhook::intake`); workers claim due ones with
-//! a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL, inside SQLite's single
-//! write lock there), and record outcomes in batches.
+//! that arrived with it (`webhook::intake`), some of them already leased
+//! to the accepting node when it attempts them at once; workers claim due
+//! ones with a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL, inside
+//! SQLite's single write lock there), and record outcomes in batches.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
