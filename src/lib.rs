@@ -181,7 +181,12 @@ pub async fn serve(
         Arc::new(AccessCache::default()),
     );
     bus.listen_changes(registry.clone());
-    let webhook_client = webhook::worker::build_client(&settings.webhook)?;
+    // The refused-address rule: at connect time (the client's resolver) and
+    // for URLs that are IP literals (the workers).
+    let webhook_policy = Arc::new(webhook::address::AddressPolicy::new(
+        &settings.webhook.allowed_networks,
+    ));
+    let webhook_client = webhook::worker::build_client(&settings.webhook, webhook_policy.clone())?;
     {
         let (pool, webhooks) = (pool.clone(), registry.webhooks().clone());
         tokio::task::spawn_blocking(move || {
@@ -225,9 +230,7 @@ pub async fn serve(
         sealer: webhook::sealing::Sealer::new(&settings.webhook.encryption_key)
             .map_err(|e| webhook::worker::ClientError::from(e.to_string()))?,
         client: webhook_client,
-        policy: Arc::new(webhook::address::AddressPolicy::new(
-            &settings.webhook.allowed_networks,
-        )),
+        policy: webhook_policy,
         refresh,
         resync: bus.resyncs(),
         stopping: Arc::new(move || stopping.is_shutting_down()),

@@ -125,11 +125,13 @@ impl From<String> for ClientError {
 
 /// The node's one HTTP client for deliveries: rustls, no redirects, no
 /// proxies (a proxy would resolve the name instead of us), the attempt
-/// timeout, and the resolver that drops refused addresses.
-pub fn build_client(settings: &WebhookSettings) -> Result<reqwest::Client, ClientError> {
+/// timeout, and the resolver that drops the addresses `policy` refuses.
+pub fn build_client(
+    settings: &WebhookSettings,
+    policy: Arc<AddressPolicy>,
+) -> Result<reqwest::Client, ClientError> {
     // Another part of the process may have installed it already.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let policy = Arc::new(AddressPolicy::new(&settings.allowed_networks));
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
@@ -508,6 +510,7 @@ async fn take_handoffs(
                 .push_back((row, lease_until));
             touched.push(w);
         }
+        touched.sort_unstable();
         touched.dedup();
         for w in touched {
             start_attempts(&env, &lanes, &mut held, w, &done);
