@@ -199,6 +199,36 @@ if cluster:
           f"{cluster['deliveries_per_sec']:.0f} deliveries/s, lost {cluster['lost']}, dup {cluster['duplicated']}, "
           f"p99 {cluster['latency_p99_ms']:.2f} ms.")
 
+# Nodes: 1, 2, 3 nodes, each with its own clients of one instance, published
+# on the first (one load-tool process per node; their lines summed here).
+node_runs = sorted({r["nodes"] for r in rows if r["mode"] == "nodes-traffic"})
+if node_runs:
+    print()
+    print("Nodes (PostgreSQL + NATS), each with its own clients of one instance, published at max rate on the first:")
+    print()
+    print("| nodes | connections | events published/s | deliveries/s | lost | dup | p50 ms | p99 ms (worst node) | "
+          "server CPU µs/delivery (all nodes) | RSS MiB per node, loaded | NATS bytes per event, sent / received | "
+          "kernel TCP memory MiB, peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in node_runs:
+        parts = [r for r in rows if r["mode"] == "fanout" and r["label"].startswith(f"nodes{n}-p")]
+        traffic = by.get(("eventgate", f"nodes{n}-traffic"), {})
+        if len(parts) != n:
+            print(f"| {n} | {len(parts)} of {n} load processes reported | | | | | | | | | | |")
+            continue
+        window = max(r["recv_window_secs"] for r in parts)
+        deliveries = sum(r["deliveries"] for r in parts)
+        published = parts[0]["published"]
+        cpu = sum(r.get("server_cpu_secs") or 0 for r in parts)
+        rss = "/".join(fmt(r.get("server_rss_loaded_mib"), "{:.0f}") for r in parts)
+        per_event = (f"{traffic.get('nats_bytes_sent', 0) / published:.0f} / "
+                     f"{traffic.get('nats_bytes_received', 0) / published:.0f}") if published else "-"
+        print(f"| {n} | {sum(r['clients_connected'] for r in parts)} | {published / parts[0]['publish_secs']:.1f} | "
+              f"{deliveries / window:.0f} | {sum(r['lost'] for r in parts)} | {sum(r['duplicated'] for r in parts)} | "
+              f"{max(r['latency_p50_ms'] for r in parts):.1f} | {max(r['latency_p99_ms'] for r in parts):.1f} | "
+              f"{fmt(cpu * 1e6 / deliveries if deliveries else None, '{:.2f}')} | {rss} | {per_event} | "
+              f"{traffic.get('tcp_mem_pages_peak', 0) * 4 / 1024:.0f} |")
+
 # Reconnect storms (contract §12): every client drops while events are
 # published, then reconnects, plainly and then with its position.
 storms = [r for r in rows if r["mode"] == "storm" and r["target"] == "eventgate"]

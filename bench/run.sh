@@ -10,10 +10,11 @@
 #   SECS=5 IDLE_CLIENTS=5000 bash bench/run.sh
 #
 # Env: TARGETS ("eventgate gorilla node uws"), SCENARIOS ("fanout latency
-# latency150 idle stalled cluster history storm webhook"), SECS (10), ROUNDS (3: interleaved rounds
+# latency150 idle stalled cluster nodes history storm webhook"), SECS (10), ROUNDS (3: interleaved rounds
 # of the latency scenarios and of the stalled pair; the report takes
 # medians), IDLE_CLIENTS (19000), CLUSTER (1: also two eventgate nodes on
-# PostgreSQL + NATS), FLOOR (1: the latency rounds also measure the floor
+# PostgreSQL + NATS; and the nodes scenario: 1, 2, 3 nodes of NODE_CLIENTS
+# (19000) clients each, NODE_COUNTS ("1 2 3")), FLOOR (1: the latency rounds also measure the floor
 # target, `eventgate-bench floor`: one blocking write per client per event and
 # nothing else), QUIET_WAIT (90: most seconds to wait before each run for the
 # machine to be quiet), QUICK (0; 1 = SECS=3 ROUNDS=1 IDLE_CLIENTS=2000
@@ -27,10 +28,12 @@ ROOT=$PWD
 if [ "${QUICK:-0}" = 1 ]; then
     SECS=${SECS:-3} ROUNDS=${ROUNDS:-1} IDLE_CLIENTS=${IDLE_CLIENTS:-2000}
     CLUSTER=${CLUSTER:-0} QUIET_WAIT=${QUIET_WAIT:-5} STORM_CLIENTS=${STORM_CLIENTS:-1000}
+    NODE_CLIENTS=${NODE_CLIENTS:-2000}
     WEBHOOK_BACKLOG=${WEBHOOK_BACKLOG:-5000} KILLS=${KILLS:-3}
 fi
 TARGETS=${TARGETS:-"eventgate gorilla node uws"}
-SCENARIOS=${SCENARIOS:-"fanout latency latency150 idle stalled cluster history storm webhook"}
+SCENARIOS=${SCENARIOS:-"fanout latency latency150 idle stalled cluster nodes history storm webhook"}
+NODE_CLIENTS=${NODE_CLIENTS:-19000}
 STORM_CLIENTS=${STORM_CLIENTS:-10000}
 WEBHOOK_BACKLOG=${WEBHOOK_BACKLOG:-100000}
 KILLS=${KILLS:-20}
@@ -283,6 +286,48 @@ if [ "$CLUSTER" = 1 ] && want cluster && [[ " $TARGETS " == *" eventgate "* ]]; 
     else
         echo "(no PostgreSQL at $PG_URL: two-node run skipped)"
     fi
+fi
+
+# Nodes: 1, 2 and 3 eventgate nodes on one PostgreSQL database and NATS, each
+# with NODE_CLIENTS clients of one instance (a process of the load tool per
+# node: one process may hold only about 20,000 files here), published at max
+# rate on the first node. Beside the tool's lines: one line per run with the
+# bytes the nodes sent to and received from NATS, and the kernel's TCP memory.
+nats_bytes() { # sent received: over every open connection to NATS
+    ss -tinH 'dport = :4222' | grep -o 'bytes_acked:[0-9]*\|bytes_received:[0-9]*' |
+        awk -F: '{s[$1]+=$2} END {print s["bytes_acked"]+0, s["bytes_received"]+0}'
+}
+if [ "$CLUSTER" = 1 ] && want nodes && [[ " $TARGETS " == *" eventgate "* ]]; then
+    for n in ${NODE_COUNTS:-1 2 3}; do
+        node_url=$(fresh_pg nodes) || { echo "(no PostgreSQL at $PG_URL: nodes run skipped)"; break; }
+        wait_quiet; PIDS=(); ok=1
+        for i in $(seq 0 $((n - 1))); do
+            start_eventgate $((8095 + i)) "$node_url" EVENTGATE_NATS_URL="$NATS_URL" || ok=0
+        done
+        if [ $ok = 1 ]; then
+            sleep 1
+            dir=$(mktemp -d "$WORK/nodes.XXXX"); pids=()
+            read -r sent0 recv0 < <(nats_bytes)
+            ( peak=0; while sleep 0.5; do m=$(awk '/^TCP:/ {print $NF}' /proc/net/sockstat)
+                [ "$m" -gt "$peak" ] && peak=$m && echo "$peak" >"$dir/tcp-mem-pages"; done ) & sampler=$!
+            for i in $(seq 0 $((n - 1))); do
+                role=(--listeners $((n - 1))); [ "$i" -gt 0 ] && role=(--listen-only)
+                cmd=("$BENCH" fanout --clients "$NODE_CLIENTS" --instances 1 --secs "$SECS" --target eventgate
+                     --token "$TOKEN" --url "http://127.0.0.1:$((8095 + i))" --server-pid "${PIDS[$i]}"
+                     --coordinate "$dir" "${role[@]}" --label "nodes$n-p$i" --json)
+                echo "### eventgate x$n / nodes$n-p$i"; echo "\$ ${cmd[*]}"
+                timeout 600 "${cmd[@]}" >"$dir/out-$i" & pids+=($!)
+            done
+            for i in $(seq 0 $((n - 1))); do
+                wait "${pids[$i]}" && cat "$dir/out-$i" >>"$OUT" || echo "!!! eventgate/nodes$n-p$i failed"
+            done
+            kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
+            read -r sent1 recv1 < <(nats_bytes)
+            echo "{\"target\":\"eventgate\",\"mode\":\"nodes-traffic\",\"label\":\"nodes$n-traffic\",\"nodes\":$n,\"nats_bytes_sent\":$((sent1 - sent0)),\"nats_bytes_received\":$((recv1 - recv0)),\"tcp_mem_pages_peak\":$(cat "$dir/tcp-mem-pages" 2>/dev/null || echo 0)}" >>"$OUT"
+        fi
+        stop_servers
+        psql -q "$PG_URL" -c "DROP DATABASE IF EXISTS ${node_url##*/} WITH (FORCE)" >/dev/null 2>&1
+    done
 fi
 
 echo

@@ -5,6 +5,7 @@
 //! stalled client is `stalled`'s.
 
 use crate::clients::{aggregate, spawn_clients, Aggregate};
+use crate::coord;
 use crate::publish::{publisher, setup_instances, PubShared};
 use crate::report::{header, latency_rows, Report};
 use crate::system::{check_fds, machine_busy_secs, proc_cpu_secs, Server};
@@ -62,6 +63,8 @@ pub(crate) struct LoadResult {
     pub(crate) machine_cpu_secs: Option<f64>,
     /// How long the measuring lasted (publishing and drain).
     pub(crate) measured_secs: f64,
+    /// Server RSS (KiB) at the end of the drain, the clients still connected.
+    pub(crate) rss_loaded_kib: Option<u64>,
     /// Clients connected.
     pub(crate) connected: usize,
     /// Why the others did not, counted.
@@ -107,37 +110,69 @@ pub(crate) async fn run_load(
     received.store(0, Ordering::Relaxed);
 
     let sh = Arc::new(PubShared::new(ep.clone(), plan.instances, opts.event_bytes));
-    let pubs = opts.publishers.max(1);
-    let interval = match plan.rate {
-        Some(r) if r > 0.0 => Some(Duration::from_secs_f64(pubs as f64 / r)),
-        _ => None,
-    };
-    let cpu0 = srv.cpu();
-    let bench_tck = srv.tck;
+    // Split over processes (`coord`): how long to wait for the others.
+    let patience = Duration::from_secs_f64(opts.connect_timeout_secs + opts.secs + 60.0);
     let me = std::process::id().to_string();
-    let bcpu0 = proc_cpu_secs(&me, bench_tck).ok();
-    let mcpu0 = machine_busy_secs(bench_tck);
-    let t0 = Instant::now();
-    let hook = pre_publish.map(|h| h(t0));
-    let until = t0 + Duration::from_secs_f64(opts.secs);
-    let mut ph = Vec::new();
-    for p in 0..pubs {
-        let offset = interval
-            .map(|iv| iv * p as u32 / pubs as u32)
-            .unwrap_or_default();
-        ph.push(tokio::spawn(publisher(
-            p,
-            sh.clone(),
-            until,
-            interval,
-            offset,
-        )));
-    }
-    for h in ph {
-        let _ = h.await;
-    }
-    let publish_secs = t0.elapsed().as_secs_f64();
-    let published_ok: Vec<u64> = sh.ok.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    let (t0, cpu0, bcpu0, mcpu0, hook, publish_secs, published_ok) = if opts.listen_only {
+        let dir = opts
+            .coordinate
+            .as_deref()
+            .ok_or("--listen-only needs --coordinate DIR")?;
+        coord::ready(dir)?;
+        let t0 = coord::wait_started(dir, patience).await?;
+        let (cpu0, bcpu0, mcpu0) = cpu_now(srv, &me);
+        let p = coord::wait_published(dir, patience).await?;
+        if p.ok.len() != plan.instances {
+            return Err(format!(
+                "the publisher published to {} instances, this process has --instances {}",
+                p.ok.len(),
+                plan.instances
+            ));
+        }
+        (t0, cpu0, bcpu0, mcpu0, None, p.publish_secs, p.ok)
+    } else {
+        if let Some(dir) = &opts.coordinate {
+            coord::wait_ready(dir, opts.listeners, patience).await?;
+            coord::started(dir)?;
+        }
+        let pubs = opts.publishers.max(1);
+        let interval = match plan.rate {
+            Some(r) if r > 0.0 => Some(Duration::from_secs_f64(pubs as f64 / r)),
+            _ => None,
+        };
+        let (cpu0, bcpu0, mcpu0) = cpu_now(srv, &me);
+        let t0 = Instant::now();
+        let hook = pre_publish.map(|h| h(t0));
+        let until = t0 + Duration::from_secs_f64(opts.secs);
+        let mut ph = Vec::new();
+        for p in 0..pubs {
+            let offset = interval
+                .map(|iv| iv * p as u32 / pubs as u32)
+                .unwrap_or_default();
+            ph.push(tokio::spawn(publisher(
+                p,
+                sh.clone(),
+                until,
+                interval,
+                offset,
+            )));
+        }
+        for h in ph {
+            let _ = h.await;
+        }
+        let publish_secs = t0.elapsed().as_secs_f64();
+        let ok: Vec<u64> = sh.ok.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        if let Some(dir) = &opts.coordinate {
+            coord::published(
+                dir,
+                &coord::Published {
+                    publish_secs,
+                    ok: ok.clone(),
+                },
+            )?;
+        }
+        (t0, cpu0, bcpu0, mcpu0, hook, publish_secs, ok)
+    };
     let mut per_inst_clients = vec![0u64; plan.instances];
     for i in 0..plan.clients {
         per_inst_clients[i % plan.instances.max(1)] += 1;
@@ -161,9 +196,8 @@ pub(crate) async fn run_load(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cpu1 = srv.cpu();
-    let bcpu1 = proc_cpu_secs(&me, bench_tck).ok();
-    let mcpu1 = machine_busy_secs(bench_tck);
+    let (cpu1, bcpu1, mcpu1) = cpu_now(srv, &me);
+    let rss_loaded_kib = srv.rss();
     let measured_secs = t0.elapsed().as_secs_f64();
     let hook_value = match hook {
         Some(h) => h.await.ok(),
@@ -196,12 +230,22 @@ pub(crate) async fn run_load(
             machine_cpu_secs: mcpu0.zip(mcpu1).map(|(a, b)| b - a),
             measured_secs,
             agg,
+            rss_loaded_kib,
             connected,
             connect_errors,
             connect_secs,
         },
         hook_value,
     ))
+}
+
+/// CPU seconds so far: the server's, this tool's (`me`), the machine's busy ones.
+fn cpu_now(srv: &Server, me: &str) -> (Option<f64>, Option<f64>, Option<f64>) {
+    (
+        srv.cpu(),
+        proc_cpu_secs(me, srv.tck).ok(),
+        machine_busy_secs(srv.tck),
+    )
 }
 
 /// The figures of a load run.
@@ -325,6 +369,11 @@ pub(crate) async fn mode_load(
     header(&mut r, opts, mode);
     load_rows(&mut r, opts, &plan, &lr);
     r.opt_num("server_rss_before_mib", rss0.map(|v| v as f64 / 1024.0), 1);
+    r.opt_num(
+        "server_rss_loaded_mib",
+        lr.rss_loaded_kib.map(|v| v as f64 / 1024.0),
+        1,
+    );
     r.opt_num("server_rss_after_mib", rss1.map(|v| v as f64 / 1024.0), 1);
     Ok(r)
 }

@@ -21,11 +21,13 @@
 //!   loss/duplicate/order accounting;
 //! - [`latency`]: latency histograms (HdrHistogram);
 //! - [`load`], [`idle`], [`stalled`]: the measuring modes;
+//! - [`coord`]: one load run split over several processes;
 //! - [`floor`]: the floor server;
 //! - [`system`]: `/proc` and sock_diag samplers of CPU, RSS and sockets;
 //! - [`report`]: the human table and the JSON line.
 
 mod clients;
+mod coord;
 mod floor;
 mod idle;
 mod latency;
@@ -213,6 +215,18 @@ pub(crate) struct Opts {
     /// webhook: restarts by --restart-cmd.
     #[arg(long, global = true, default_value_t = 20)]
     pub(crate) kills: u32,
+    /// fanout/latency over several processes of this tool (see `coord`): the
+    /// folder they meet in.
+    #[arg(long, global = true)]
+    pub(crate) coordinate: Option<std::path::PathBuf>,
+    /// With --coordinate: connect the clients and account them, but publish
+    /// nothing; the process without this flag publishes.
+    #[arg(long, global = true)]
+    pub(crate) listen_only: bool,
+    /// With --coordinate, the publishing process: how many --listen-only
+    /// processes to wait for before publishing.
+    #[arg(long, global = true, default_value_t = 0)]
+    pub(crate) listeners: usize,
     /// stalled, idle: seconds after every client is gone before the RSS
     /// "after" is read (a server may give freed memory back periodically).
     #[arg(long, global = true, default_value_t = 6.0)]
