@@ -291,7 +291,8 @@ fi
 # Nodes: 1, 2 and 3 eventgate nodes on one PostgreSQL database and NATS, each
 # with NODE_CLIENTS clients of one instance (a process of the load tool per
 # node: one process may hold only about 20,000 files here), published at max
-# rate on the first node. Beside the tool's lines: one line per run with the
+# rate on the first node; what is queued at the end is waited for (up to
+# 60 s: at max rate, seconds of events queue). Beside the tool's lines: one line per run with the
 # bytes the nodes sent to and received from NATS, and the kernel's TCP memory.
 nats_bytes() { # sent received: over every open connection to NATS
     ss -tinH 'dport = :4222' | grep -o 'bytes_acked:[0-9]*\|bytes_received:[0-9]*' |
@@ -314,7 +315,7 @@ if [ "$CLUSTER" = 1 ] && want nodes && [[ " $TARGETS " == *" eventgate "* ]]; th
                 role=(--listeners $((n - 1))); [ "$i" -gt 0 ] && role=(--listen-only)
                 cmd=("$BENCH" fanout --clients "$NODE_CLIENTS" --instances 1 --secs "$SECS" --target eventgate
                      --token "$TOKEN" --url "http://127.0.0.1:$((8095 + i))" --server-pid "${PIDS[$i]}"
-                     --coordinate "$dir" "${role[@]}" --label "nodes$n-p$i" --json)
+                     --drain-secs 60 --coordinate "$dir" "${role[@]}" --label "nodes$n-p$i" --json)
                 echo "### eventgate x$n / nodes$n-p$i"; echo "\$ ${cmd[*]}"
                 timeout 600 "${cmd[@]}" >"$dir/out-$i" & pids+=($!)
             done

@@ -4,8 +4,9 @@
 //! A publish is delivered to this node's clients directly and sent once to
 //! `<prefix>.ev.<instance id>`; a node subscribes to that subject only while
 //! it has clients of the instance, and for a while after the last one left
-//! (interest-based, see `instance::actor::INTEREST_LINGER`), and skips what
-//! it sent itself. Settings changes and deletions go to `<prefix>.ctl`.
+//! (interest-based, see `instance::actor::INTEREST_LINGER`). NATS does not
+//! echo what a node sent back to it (`no_echo`); what a node sent itself is
+//! skipped anyway (the origin header), should an echo come. Settings changes and deletions go to `<prefix>.ctl`.
 //! Sending goes through a bounded queue and is skipped while NATS is
 //! unreachable, so a NATS outage never blocks a request or grows memory:
 //! what could not cross is counted (`eventgate_bus_errors_total`) and
@@ -101,6 +102,9 @@ impl Bus {
         let (connected_tx, mut connected) = watch::channel(0u64);
         let client = async_nats::ConnectOptions::new()
             .name(format!("eventgate-{node}"))
+            // What this node sends is not sent back to it: a node's own
+            // events would cost it a second copy of every event it publishes.
+            .no_echo()
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))

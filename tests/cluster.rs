@@ -229,6 +229,65 @@ async fn settings_disable_and_deletion_apply_on_every_node() {
     assert!(err.to_string().contains("401"), "{err}");
 }
 
+/// NATS sends a node nothing it sent itself (`no_echo`): publishing to an
+/// instance the node follows makes it send the events once and receive
+/// nothing back.
+#[actix_rt::test]
+async fn a_node_is_not_sent_its_own_events_back() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    // A NATS of the test's own, to read the node's message counts from it.
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let prefix = unique_subject_prefix();
+    let a = node(&db, &nats.url(), &prefix, |_| {}).await;
+    a.instance("echo").await;
+    let mut wa = a.connect("echo", "").await;
+    // (in_msgs, out_msgs) of the node's connection, once it follows the instance.
+    let counts = || {
+        let connz = nats.connz();
+        let conns = connz["connections"].as_array().cloned().unwrap_or_default();
+        let node: Vec<&Value> = conns
+            .iter()
+            .filter(|c| {
+                c["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("eventgate-"))
+            })
+            .collect();
+        assert_eq!(node.len(), 1, "one node connection expected: {connz}");
+        let follows = node[0]["subscriptions_list"]
+            .as_array()
+            .is_some_and(|subs| {
+                subs.iter()
+                    .any(|s| s.as_str().is_some_and(|s| s.contains(".ev.")))
+            });
+        (
+            follows,
+            node[0]["in_msgs"].as_u64().unwrap(),
+            node[0]["out_msgs"].as_u64().unwrap(),
+        )
+    };
+    let followed = eventually(DEADLINE, async || counts().0.then_some(())).await;
+    assert!(followed.is_some(), "the node never followed the instance");
+    let (_, sent_before, got_before) = counts();
+    for n in 0..5 {
+        a.publish("echo", event("call.update", json!({"n": n})))
+            .await;
+        assert_eq!(wa.envelope().await["data"]["n"], n);
+    }
+    // A bounded wait for anything still on its way back.
+    wa.silent(Duration::from_millis(300)).await;
+    let (_, sent, got) = counts();
+    assert!(
+        sent >= sent_before + 5,
+        "the node did not send its events: {sent_before} -> {sent}"
+    );
+    assert_eq!(got, got_before, "NATS sent the node messages back");
+}
+
 #[actix_rt::test]
 async fn nats_outage_keeps_local_delivery_and_heals() {
     let Some(db) = require_postgres() else {

@@ -213,10 +213,13 @@ pub fn unique_subject_prefix() -> String {
     )
 }
 
-/// A nats-server of the test's own on a free port, for tests that stop it.
+/// A nats-server of the test's own on a free port, for tests that stop it
+/// or read its monitoring endpoint.
 pub struct NatsServer {
     child: std::process::Child,
     pub port: u16,
+    /// Its HTTP monitoring port (`/connz`).
+    monitor: u16,
 }
 
 impl NatsServer {
@@ -244,8 +247,10 @@ impl NatsServer {
                     .then(|| "/usr/sbin/nats-server".to_string())
             })
             .unwrap_or_else(|| "nats-server".to_string());
+        let monitor = free_port();
         let child = match std::process::Command::new(&binary)
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-m", &monitor.to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -256,7 +261,11 @@ impl NatsServer {
                 return None;
             }
         };
-        let mut server = NatsServer { child, port };
+        let mut server = NatsServer {
+            child,
+            port,
+            monitor,
+        };
         let listening = eventually_blocking(DEADLINE, || {
             if let Ok(Some(status)) = server.child.try_wait() {
                 return Some(Err(format!("{binary} exited with {status}")));
@@ -279,6 +288,20 @@ impl NatsServer {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's `/connz?subs=1`: its client connections, with their
+    /// message counts and subscriptions.
+    pub fn connz(&self) -> Value {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.monitor))
+            .expect("the NATS monitoring port accepts");
+        stream
+            .write_all(b"GET /connz?subs=1 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .expect("request sent");
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).expect("reply read");
+        let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("/connz is not JSON ({e}): {reply}"))
     }
 
     /// Stops the server (SIGKILL) and reaps it.
