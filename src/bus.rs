@@ -286,7 +286,7 @@ impl Bus {
                     // Waits while the instance is behind: the subscription's
                     // own bound then drops (and counts) what overflows.
                     Ok(events) if !events.is_empty() => {
-                        if inbox.publish(events.into()).await {
+                        if inbox.forward(events.into()).await {
                             bus.metrics.publish_waits.inc();
                         }
                     }

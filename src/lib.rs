@@ -176,6 +176,7 @@ pub async fn serve(
             metrics: metrics.clone(),
             bus: bus.clone(),
             publish_queue: settings.limits.publish_queue,
+            publish_lag: settings.limits.publish_lag,
             history: crate::instance::history::HistoryLimits::from_settings(&settings.ws),
         },
         Arc::new(AccessCache::default()),

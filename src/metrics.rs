@@ -27,6 +27,7 @@ pub struct Metrics {
     pub rate_limited: IntCounter,
     pub bus_errors: IntCounterVec,
     pub publish_waits: IntCounter,
+    pub publish_lag: IntCounter,
     // Webhooks (contract §11).
     pub webhook_deliveries: IntCounterVec,
     pub webhook_pending: IntGauge,
@@ -110,7 +111,11 @@ impl Metrics {
         )?;
         let publish_waits = IntCounter::new(
             "eventgate_publish_waits_total",
-            "Publishes answered only once fanned out, because their instance had limits.publish_queue waiting",
+            "Publishes answered only once fanned out: their instance had limits.publish_queue waiting, or its sessions were behind on this node",
+        )?;
+        let publish_lag = IntCounter::new(
+            "eventgate_publish_lag_total",
+            "Times an instance's sessions fell behind on this node, so that its publishers waited for them to catch up",
         )?;
         let webhook_deliveries = IntCounterVec::new(
             Opts::new(
@@ -164,6 +169,7 @@ impl Metrics {
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(bus_errors.clone()))?;
         registry.register(Box::new(publish_waits.clone()))?;
+        registry.register(Box::new(publish_lag.clone()))?;
         // Labelled families show in /metrics only once they have a series:
         // the expected ones start at 0, so dashboards and alerts see every
         // family from the first scrape (config/grafana-dashboard.json,
@@ -190,6 +196,7 @@ impl Metrics {
             rate_limited,
             bus_errors,
             publish_waits,
+            publish_lag,
             webhook_deliveries,
             webhook_pending,
             webhook_delivery_seconds,

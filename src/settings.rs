@@ -150,6 +150,11 @@ settings_table! {
         /// Publish requests waiting for one instance's fan-out past which the
         /// next publisher is answered only once its events are fanned out.
         publish_queue: usize = 1024;
+        /// Publishes a session may have waiting, while its client takes all
+        /// it is sent, before this node counts as behind with it; when most
+        /// of an instance's sessions are, its publishers wait for them.
+        /// 0 = never.
+        publish_lag: usize = 6;
         /// WebSocket clients on this node; 0 = unlimited (503 over it).
         max_connections: usize = 0, env "EVENTGATE_MAX_CONNECTIONS";
         /// WebSocket clients of one account on this node; 0 = unlimited (429 over it).

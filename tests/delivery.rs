@@ -7,8 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{event, TestServer, ACCOUNT, KINDS};
-use serde_json::json;
+use common::{event, raw_ws_client, server_frames, TestServer, ACCOUNT, KINDS};
+use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -449,6 +449,97 @@ async fn connected_clients_are_counted() {
     drop(a);
     s.wait_clients("c", Some(1)).await;
     assert_eq!(s.metric("eventgate_connected_clients").await, 1.0);
+}
+
+/// While most of an instance's sessions have several batches waiting and
+/// their clients take all they are sent, this node is behind: publishers
+/// are answered only once the sessions caught up, so at full speed the
+/// queues stay short. Nothing is lost, each publisher's events arrive in
+/// its order, and no client is evicted. (The clients read raw bytes as
+/// fast as they come and decode them afterwards, so that the node, not
+/// they, is what falls behind.)
+#[actix_rt::test]
+async fn publishers_wait_while_the_node_is_behind_and_lose_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+    const PUBLISHERS: usize = 8;
+    const REQUESTS: usize = 10;
+    const BATCH: usize = 20;
+    let s = TestServer::start().await;
+    s.instance("lag").await;
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(raw_ws_client(s.addr, &format!("/ws/lag?token={ACCOUNT}")).await);
+    }
+    s.wait_clients("lag", Some(50)).await;
+    let mut next = [0u64; PUBLISHERS];
+    let mut rounds = 0;
+    while s.metric("eventgate_publish_lag_total").await == 0.0 {
+        assert!(rounds < 20, "the node was never behind with its sessions");
+        let first = next;
+        let published = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = clients
+            .drain(..)
+            .map(|mut socket| {
+                let published = published.clone();
+                actix_rt::spawn(async move {
+                    let (mut bytes, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+                    loop {
+                        match tokio::time::timeout(QUIET, socket.read(&mut buf)).await {
+                            Ok(Ok(0)) | Ok(Err(_)) => panic!("the server closed a client"),
+                            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+                            Err(_) if published.load(Ordering::Acquire) => break,
+                            Err(_) => {}
+                        }
+                    }
+                    (socket, bytes)
+                })
+            })
+            .collect();
+        let publishers = (0..PUBLISHERS).map(|p| {
+            let s = &s;
+            async move {
+                for r in 0..REQUESTS {
+                    let base = first[p] + (r * BATCH) as u64;
+                    let batch: Vec<_> = (0..BATCH as u64)
+                        .map(|i| event("message.status", json!({"p": p, "seq": base + i})))
+                        .collect();
+                    assert_eq!(s.publish("lag", json!(batch)).await.status, 202);
+                }
+            }
+        });
+        futures_util::future::join_all(publishers).await;
+        published.store(true, Ordering::Release);
+        for reader in readers {
+            let (socket, bytes) = reader.await.unwrap();
+            let texts: Vec<Value> = server_frames(&bytes)
+                .into_iter()
+                .filter(|(opcode, _)| *opcode == 1)
+                .map(|(_, payload)| serde_json::from_slice(&payload).unwrap())
+                .collect();
+            assert_eq!(
+                texts.len(),
+                PUBLISHERS * REQUESTS * BATCH,
+                "lost or extra events"
+            );
+            let mut seen = first;
+            for got in texts {
+                let p = got["data"]["p"].as_u64().unwrap() as usize;
+                assert_eq!(got["data"]["seq"], seen[p], "publisher {p} out of order");
+                seen[p] += 1;
+            }
+            next = seen;
+            clients.push(socket);
+        }
+        rounds += 1;
+    }
+    assert!(s.metric("eventgate_publish_waits_total").await >= 1.0);
+    assert_eq!(
+        s.metric("eventgate_clients_evicted_total{reason=\"slow_consumer\"}")
+            .await,
+        0.0
+    );
 }
 
 /// Past `limits.publish_queue` publishes waiting for one instance, the next

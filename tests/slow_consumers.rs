@@ -142,6 +142,48 @@ async fn byte_bound_evicts_before_the_message_bound() {
     s.wait_clients("bytes", Some(0)).await;
 }
 
+/// However many of an instance's clients stall, its producer is not held
+/// back: a session whose socket is full is the client's lag, not the
+/// node's, so the instance never counts as behind (see `instance::inbox`).
+#[actix_rt::test]
+async fn clients_that_all_stall_never_hold_their_producer_back() {
+    let s = TestServer::start_with(|st| {
+        st.ws.tcp_user_timeout_secs = 10;
+        st.ws.client_buffer = 64;
+        st.ws.client_buffer_bytes = 1024 * 1024;
+    })
+    .await;
+    s.instance("stuck").await;
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(stalled_client(s.addr, &format!("/ws/stuck?token={ACCOUNT}")).await);
+    }
+    s.wait_clients("stuck", Some(3)).await;
+    // 300 × 32 KiB: more than the kernel's socket buffers and the clients' bounds.
+    let pad = "p".repeat(32 * 1024);
+    for seq in 0..300 {
+        let r = s
+            .publish(
+                "stuck",
+                event("message.status", json!({"seq": seq, "pad": pad})),
+            )
+            .await;
+        assert_eq!(r.status, 202);
+    }
+    assert_eq!(s.metric("eventgate_publish_lag_total").await, 0.0);
+    assert_eq!(s.metric("eventgate_publish_waits_total").await, 0.0);
+    // They were behind their bounds, not the node: evicted, all three.
+    let series = "eventgate_clients_evicted_total{reason=\"slow_consumer\"}";
+    let evicted = common::eventually(common::DEADLINE, async || {
+        (s.metric(series).await >= 3.0).then_some(())
+    })
+    .await;
+    assert!(
+        evicted.is_some(),
+        "the stalled clients were not all evicted"
+    );
+}
+
 #[actix_rt::test]
 async fn silent_client_is_closed_with_4001() {
     let s = TestServer::start_with(|st| {

@@ -47,6 +47,7 @@ pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         metrics: state.metrics.clone(),
         bus: Bus::Local,
         publish_queue: state.settings.limits.publish_queue,
+        publish_lag: state.settings.limits.publish_lag,
         history: None,
     };
     // Stops with its session, the only holder of its address.

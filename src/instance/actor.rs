@@ -14,15 +14,17 @@
 //! nothing published around the hand-over is missed or repeated.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::dev::SendError;
 use actix::prelude::*;
 use bytestring::ByteString;
+use tokio::sync::oneshot;
 
 use super::history::{History, HistoryLimits};
+use super::inbox::Pressure;
 use super::messages::*;
 use super::{Inbox, InstanceInfo, Registry};
 use crate::domain::{EventKind, EventSet, VersionedConfig};
@@ -48,6 +50,14 @@ const INSTANCE_MAILBOX: usize = 1 << 16;
 /// find the mirror loaded instead of waiting for it.
 const INTEREST_LINGER: Duration = Duration::from_secs(30);
 
+/// How often an instance that is behind looks again at its sessions.
+const LAG_POLL: Duration = Duration::from_millis(1);
+
+/// Sessions an instance that is behind looks at every [`LAG_POLL`]: a
+/// sample, since looking at tens of thousands every millisecond would be a
+/// busy node's work in itself.
+const LAG_SAMPLE: usize = 128;
+
 /// What the actor needs from the node, shared by all instance actors.
 #[derive(Clone)]
 pub struct FanoutEnv {
@@ -61,6 +71,9 @@ pub struct FanoutEnv {
     /// Publishes waiting for an instance actor past which publishers wait
     /// (`limits.publish_queue`; see `Inbox`).
     pub publish_queue: usize,
+    /// Publishes waiting in a session from which it lags (`limits.publish_lag`;
+    /// see `Inbox`); 0 = never.
+    pub publish_lag: usize,
     /// Bounds of each instance's history; `None`: no history is kept.
     pub history: Option<HistoryLimits>,
 }
@@ -101,8 +114,13 @@ pub struct InstanceActor {
     /// Ends `following` once the actor has been without sessions for
     /// [`INTEREST_LINGER`].
     linger: Option<SpawnHandle>,
-    /// Publishes sent to this actor and not yet handled (shared with its `Inbox`es).
-    waiting: Arc<AtomicUsize>,
+    /// Backpressure shared with its `Inbox`es: publishes not yet handled,
+    /// and whether this node is behind with the sessions.
+    pressure: Arc<Pressure>,
+    /// Publishers waiting for the sessions to catch up.
+    answers: Vec<oneshot::Sender<()>>,
+    /// Looks at the sessions every [`LAG_POLL`] while publishers wait.
+    lag_watch: Option<SpawnHandle>,
     /// This instance's recent events (`None`: no history configured).
     history: Option<History>,
     /// Sessions that opted in to recovery.
@@ -133,7 +151,7 @@ impl InstanceActor {
         env: FanoutEnv,
         registry: std::sync::Weak<Registry>,
         metrics_label: String,
-        waiting: Arc<AtomicUsize>,
+        pressure: Arc<Pressure>,
     ) -> Self {
         let instance_data = instance_data_json(&env.base_url, &info.name, &info.token);
         let shared = env.history.and(env.bus.shared_history().cloned());
@@ -152,7 +170,9 @@ impl InstanceActor {
             reported: 0,
             following: None,
             linger: None,
-            waiting,
+            pressure,
+            answers: Vec::new(),
+            lag_watch: None,
             synced: shared.is_none(),
             shared,
             history,
@@ -218,7 +238,8 @@ impl InstanceActor {
                 ctx.cancel_future(timer);
             }
             if self.following.is_none() {
-                let inbox = Inbox::new(ctx.address(), self.waiting.clone(), self.env.publish_queue);
+                let inbox =
+                    Inbox::new(ctx.address(), self.pressure.clone(), self.env.publish_queue);
                 self.following = self.env.bus.follow(self.info.id, inbox);
                 self.follow_shared(ctx);
             }
@@ -292,10 +313,12 @@ impl InstanceActor {
             entry.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
             return Err(CloseCode::SlowConsumer);
         }
+        entry.shared.queued_batches.fetch_add(1, Ordering::AcqRel);
         match entry.recipient.try_send(wrap(batch)) {
             Ok(()) => Ok(()),
             Err(SendError::Full(_)) => {
                 entry.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                entry.shared.queued_batches.fetch_sub(1, Ordering::AcqRel);
                 Err(CloseCode::SlowConsumer)
             }
             Err(SendError::Closed(_)) => Err(CloseCode::Normal),
@@ -365,7 +388,9 @@ impl Handler<CountSessions> for InstanceActor {
 impl Handler<Publish> for InstanceActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Publish, ctx: &mut Self::Context) {
+    fn handle(&mut self, mut msg: Publish, ctx: &mut Self::Context) {
+        // Dropped unanswered on every early return: nothing to wait for.
+        let answer = msg.answer.take();
         if self.sessions.is_empty() && self.history.is_none() && self.parked.is_empty() {
             return;
         }
@@ -427,6 +452,14 @@ impl Handler<Publish> for InstanceActor {
             .metrics
             .fanout_seconds
             .observe(msg.accepted_at.elapsed().as_secs_f64());
+        if let Some(answer) = answer {
+            if self.pressure.behind.load(Ordering::Acquire) {
+                self.answers.push(answer);
+                self.watch_lag(ctx);
+            } else {
+                let _ = answer.send(());
+            }
+        }
     }
 }
 
@@ -440,6 +473,7 @@ impl InstanceActor {
         let mut batches: Vec<((EventSet, bool), Batch)> = Vec::new();
         let mut dropped = Vec::new();
         let mut delivered = 0u64;
+        let mut lag = Lag::new(self.env.publish_lag);
         for (id, entry) in &self.sessions {
             let key = (entry.narrowing, entry.recovering);
             let pos = match batches.iter().position(|(k, _)| *k == key) {
@@ -455,10 +489,14 @@ impl InstanceActor {
             }
             let n = batch.frames.len() as u64;
             match self.offer(entry, batch.clone(), ToSession::Deliver) {
-                Ok(()) => delivered += n,
+                Ok(()) => {
+                    delivered += n;
+                    lag.count(&entry.shared);
+                }
                 Err(code) => dropped.push((*id, code)),
             }
         }
+        self.set_behind(lag.behind(), ctx);
         let lost_some = !dropped.is_empty();
         for (id, code) in dropped {
             if code == CloseCode::SlowConsumer {
@@ -472,6 +510,73 @@ impl InstanceActor {
             self.update_interest(ctx);
         }
         self.env.metrics.events_delivered.inc_by(delivered);
+    }
+}
+
+/// How many sessions are lagging, of how many (see `SessionShared::lagging`).
+struct Lag {
+    /// `limits.publish_lag`.
+    threshold: usize,
+    lagging: usize,
+    sessions: usize,
+}
+
+impl Lag {
+    fn new(threshold: usize) -> Self {
+        Self {
+            threshold,
+            lagging: 0,
+            sessions: 0,
+        }
+    }
+
+    fn count(&mut self, session: &SessionShared) {
+        self.sessions += 1;
+        if self.threshold > 0 && session.lagging(self.threshold) {
+            self.lagging += 1;
+        }
+    }
+
+    /// Whether most sessions are lagging: this node is behind with them.
+    /// Sessions whose clients do not keep up never lag, so slow clients,
+    /// however many, never make an instance behind.
+    fn behind(&self) -> bool {
+        self.lagging * 2 > self.sessions
+    }
+}
+
+impl InstanceActor {
+    /// Whether this node is behind with the instance's sessions: while it is,
+    /// publishers wait (see `Inbox`); once it is not, they are answered.
+    fn set_behind(&mut self, behind: bool, ctx: &mut Context<Self>) {
+        let was = self.pressure.behind.swap(behind, Ordering::AcqRel);
+        if behind {
+            if !was {
+                self.env.metrics.publish_lag.inc();
+            }
+            return;
+        }
+        for answer in self.answers.drain(..) {
+            let _ = answer.send(());
+        }
+        if let Some(watch) = self.lag_watch.take() {
+            ctx.cancel_future(watch);
+        }
+    }
+
+    /// Looks at (a sample of) the sessions every [`LAG_POLL`] while
+    /// publishers wait for them, until they have caught up.
+    fn watch_lag(&mut self, ctx: &mut Context<Self>) {
+        if self.lag_watch.is_some() {
+            return;
+        }
+        self.lag_watch = Some(ctx.run_interval(LAG_POLL, |act, ctx| {
+            let mut lag = Lag::new(act.env.publish_lag);
+            for entry in act.sessions.values().take(LAG_SAMPLE) {
+                lag.count(&entry.shared);
+            }
+            act.set_behind(lag.behind(), ctx);
+        }));
     }
 }
 

@@ -1,35 +1,59 @@
 //! The way into an instance actor for published events, with backpressure.
 //!
 //! Publishes reach the actor without waiting for delivery (contract §9), so a
-//! producer faster than the fan-out would grow the actor's mailbox without
-//! bound. The inbox counts the publishes handed to the actor and not yet
-//! handled; past `limits.publish_queue` of them, the next publisher waits
-//! until its own publish has been fanned out before it is answered. Slow
-//! clients never cause that wait (they are evicted instead); only an instance
-//! whose fan-out is busier than the machine can keep up with does.
+//! producer faster than the fan-out would grow the queues behind it without
+//! bound, and every queued event is latency for the events behind it. A
+//! publisher is answered only once its events are fanned out, and the
+//! clients are keeping up again, when either
+//! - `limits.publish_queue` publishes already wait for the actor (a bound on
+//!   the actor's mailbox), or
+//! - this node is *behind* with the instance's sessions: most of them have
+//!   `limits.publish_lag` or more batches in their mailboxes while their clients
+//!   take all they are sent (`SessionShared::lagging`; the actor looks at
+//!   every fan-out, and every millisecond while publishers wait). This keeps the
+//!   sessions' queues a few publishes long at full speed instead of their
+//!   mailboxes' length, which at full speed is latency.
+//!
+//! Slow clients never cause that wait (contract §6): a session whose socket
+//! is full does not count as lagging, and it is evicted when its bounds are
+//! reached; only an instance whose fan-out is busier than the node can keep
+//! up with does.
+//! Events from other nodes ([`Inbox::forward`]) wait only at the mailbox
+//! bound: their subscription drops what it cannot hold, so holding them
+//! back longer would lose them.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::Addr;
+use tokio::sync::oneshot;
 
 use super::messages::{Publish, QueueTicket};
 use super::InstanceActor;
 use crate::events::Event;
 
-/// One instance actor's address with its count of publishes in flight.
+/// What an instance actor shares with its inboxes.
+#[derive(Default)]
+pub struct Pressure {
+    /// Publishes sent to the actor and not yet handled.
+    pub(super) waiting: AtomicUsize,
+    /// Whether most sessions are lagging (see the module's comment).
+    pub(super) behind: AtomicBool,
+}
+
+/// One instance actor's address with its backpressure.
 #[derive(Clone)]
 pub struct Inbox {
     addr: Addr<InstanceActor>,
-    waiting: Arc<AtomicUsize>,
+    pressure: Arc<Pressure>,
     bound: usize,
 }
 
 impl Inbox {
-    pub fn new(addr: Addr<InstanceActor>, waiting: Arc<AtomicUsize>, bound: usize) -> Self {
+    pub fn new(addr: Addr<InstanceActor>, pressure: Arc<Pressure>, bound: usize) -> Self {
         Self {
             addr,
-            waiting,
+            pressure,
             bound,
         }
     }
@@ -38,18 +62,36 @@ impl Inbox {
         &self.addr
     }
 
-    /// Hands `events` to the actor, in order behind every earlier publish.
-    /// Returns at once while fewer than the bound wait to be fanned out;
-    /// otherwise once these events have been. `true` when it waited.
+    /// Hands published `events` to the actor, in order behind every earlier
+    /// publish. Returns at once unless the actor's mailbox is at its bound or
+    /// the instance is behind; then once these events are fanned out and the
+    /// instance is no longer behind. `true` when it waited.
     pub async fn publish(&self, events: Arc<[Event]>) -> bool {
-        let over = self.waiting.load(Ordering::Acquire) >= self.bound;
-        let msg = Publish::new(events).queued(QueueTicket::take(&self.waiting));
-        if over {
-            // An error means the actor stopped (instance deleted): nothing to deliver to.
-            let _ = self.addr.send(msg).await;
-        } else {
+        let over = self.over_bound() || self.pressure.behind.load(Ordering::Acquire);
+        self.hand(events, over).await
+    }
+
+    /// Hands events from another node to the actor: like [`Inbox::publish`],
+    /// but waits only at the mailbox bound.
+    pub async fn forward(&self, events: Arc<[Event]>) -> bool {
+        self.hand(events, self.over_bound()).await
+    }
+
+    fn over_bound(&self) -> bool {
+        self.pressure.waiting.load(Ordering::Acquire) >= self.bound
+    }
+
+    async fn hand(&self, events: Arc<[Event]>, wait: bool) -> bool {
+        let msg = Publish::new(events).queued(QueueTicket::take(&self.pressure));
+        if !wait {
             self.addr.do_send(msg);
+            return false;
         }
-        over
+        let (tx, rx) = oneshot::channel();
+        self.addr.do_send(msg.answered_by(tx));
+        // An error means the actor dropped the answer (the publish had no one
+        // to go to, or the actor stopped): nothing more to wait for.
+        let _ = rx.await;
+        true
     }
 }

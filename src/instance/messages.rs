@@ -1,12 +1,15 @@
 //! Messages between HTTP handlers, instance actors and session actors.
 
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix::prelude::*;
 use bytestring::ByteString;
 
+use tokio::sync::oneshot;
+
+use super::inbox::Pressure;
 use crate::domain::{EventSet, VersionedConfig};
 use crate::events::Event;
 use crate::ws::close::CloseCode;
@@ -26,11 +29,23 @@ impl std::fmt::Display for SessionId {
 pub struct SessionShared {
     /// Bytes of frames sent to the session and not yet handed to its socket.
     pub queued_bytes: AtomicUsize,
+    /// Batches sent to the session and not yet taken from its mailbox.
+    pub queued_batches: AtomicUsize,
+    /// Whether the socket refused bytes at its last write and has not taken
+    /// them all since: the client is not reading as fast as it is sent.
+    pub socket_full: AtomicBool,
     /// A close the instance asked for (0 = none); read before every delivery.
     pub close_code: AtomicU16,
 }
 
 impl SessionShared {
+    /// Whether the session has `threshold` or more batches waiting while its
+    /// client takes all it is sent: the node, not the client, is late.
+    pub fn lagging(&self, threshold: usize) -> bool {
+        self.queued_batches.load(Ordering::Acquire) >= threshold
+            && !self.socket_full.load(Ordering::Acquire)
+    }
+
     /// Marks the session for closing with `code`, unless already marked.
     pub fn request_close(&self, code: CloseCode) {
         let _ =
@@ -102,6 +117,9 @@ pub struct Publish {
     pub accepted_at: Instant,
     /// Counts this publish in its instance's inbox until it is handled.
     ticket: Option<QueueTicket>,
+    /// Answered once the events are fanned out and the instance is not
+    /// behind (see `Inbox`); dropped unanswered when there is nothing to wait for.
+    pub answer: Option<oneshot::Sender<()>>,
 }
 
 impl Publish {
@@ -110,7 +128,14 @@ impl Publish {
             events,
             accepted_at: Instant::now(),
             ticket: None,
+            answer: None,
         }
+    }
+
+    /// The same publish, whose sender waits for `answer`.
+    pub fn answered_by(mut self, answer: oneshot::Sender<()>) -> Self {
+        self.answer = Some(answer);
+        self
     }
 
     /// The same publish, counted in an inbox while it waits.
@@ -122,18 +147,18 @@ impl Publish {
 
 /// One publish counted as waiting for its instance actor; dropped (handled,
 /// or discarded with the mailbox) it is no longer counted.
-pub struct QueueTicket(Arc<AtomicUsize>);
+pub struct QueueTicket(Arc<Pressure>);
 
 impl QueueTicket {
-    pub fn take(waiting: &Arc<AtomicUsize>) -> Self {
-        waiting.fetch_add(1, Ordering::AcqRel);
-        Self(waiting.clone())
+    pub fn take(pressure: &Arc<Pressure>) -> Self {
+        pressure.waiting.fetch_add(1, Ordering::AcqRel);
+        Self(pressure.clone())
     }
 }
 
 impl Drop for QueueTicket {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -12,6 +12,7 @@ use actix::prelude::*;
 use parking_lot::Mutex;
 
 use super::actor::{FanoutEnv, InstanceActor};
+use super::inbox::Pressure;
 use super::messages::{CloseAll, CountSessions};
 use super::{Inbox, InstanceInfo};
 use crate::auth::AccessCache;
@@ -101,13 +102,13 @@ impl Registry {
             n => self.arbiters[self.next_arbiter.fetch_add(1, Ordering::Relaxed) % n].handle(),
         };
         let (id, env, me) = (info.id, self.env.clone(), self.me.clone());
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let pressure = Arc::new(Pressure::default());
         let bound = env.publish_queue;
-        let counter = waiting.clone();
+        let shared = pressure.clone();
         let addr = InstanceActor::start_in_arbiter(&arbiter, move |_| {
-            InstanceActor::new(info, config, env, me, label, counter)
+            InstanceActor::new(info, config, env, me, label, shared)
         });
-        instances.insert(id, Inbox::new(addr.clone(), waiting, bound));
+        instances.insert(id, Inbox::new(addr.clone(), pressure, bound));
         addr
     }
 

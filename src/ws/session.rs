@@ -107,6 +107,11 @@ impl Session {
         }
     }
 
+    /// What the session shares with its instance actor.
+    pub fn shared(&self) -> Arc<SessionShared> {
+        self.shared.clone()
+    }
+
     /// The same session, recovering as the client asked (`?recover=true`).
     pub fn recovering(mut self, recovery: Recovery) -> Self {
         self.recovery = Some(recovery);
@@ -246,6 +251,9 @@ impl Handler<ToSession> for Session {
     type Result = ();
 
     fn handle(&mut self, msg: ToSession, ctx: &mut Self::Context) {
+        if matches!(msg, ToSession::Deliver(_) | ToSession::Replay(_)) {
+            self.shared.queued_batches.fetch_sub(1, Ordering::AcqRel);
+        }
         match msg {
             ToSession::Replay(batch) => self.queue(batch, ctx),
             ToSession::Deliver(batch) if !self.backlog.is_empty() => self.queue(batch, ctx),

@@ -7,7 +7,10 @@
 //! are written straight out, kept only while the kernel will not take them.
 //! While more than [`HIGH_WATER`] bytes wait for the socket, the session is
 //! not polled, so its mailbox fills and the instance closes it with 4008
-//! (contract §6); `TCP_USER_TIMEOUT` ends a socket that never drains.
+//! (contract §6); `TCP_USER_TIMEOUT` ends a socket that never drains. While
+//! the socket refuses bytes, the session's `socket_full` says so: a session
+//! whose client is late is never counted as the node being late
+//! (`instance::inbox`).
 //!
 //! After the session stops, its last frames (the close frame) are flushed,
 //! the write side is shut down and the peer gets [`LINGER`] to finish the
@@ -18,6 +21,8 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -30,6 +35,7 @@ use futures_util::Stream;
 
 use super::close_watch::{CloseWatch, INVALID_CLOSE_REASON};
 use super::session::Session;
+use crate::instance::messages::SessionShared;
 
 /// Encoded bytes waiting for the socket beyond which the session is not polled.
 pub const HIGH_WATER: usize = 32 * 1024;
@@ -47,6 +53,7 @@ const MAX_IOVECS: usize = 32;
 /// `early` holds bytes the client sent right behind its handshake.
 pub async fn serve(io: TcpStream, early: Bytes, session: Session, max_frame: usize) {
     let io = Rc::new(io);
+    let shared = session.shared();
     let incoming = Incoming {
         io: io.clone(),
         early: (!early.is_empty()).then_some(early),
@@ -60,6 +67,8 @@ pub async fn serve(io: TcpStream, early: Bytes, session: Session, max_frame: usi
         pending: VecDeque::new(),
         pending_bytes: 0,
         done: false,
+        shared,
+        full: false,
     }
     .await;
     match outcome {
@@ -159,6 +168,10 @@ struct Outgoing<S> {
     pending: VecDeque<Bytes>,
     pending_bytes: usize,
     done: bool,
+    /// Where the socket refusing bytes is told (`socket_full`).
+    shared: Arc<SessionShared>,
+    /// What `socket_full` was last set to.
+    full: bool,
 }
 
 impl<S> Outgoing<S>
@@ -182,6 +195,14 @@ where
                 Poll::Ready(None) => self.done = true,
                 Poll::Pending => return,
             }
+        }
+    }
+
+    /// Tells the instance whether the socket is refusing bytes.
+    fn socket_full(&mut self, full: bool) {
+        if self.full != full {
+            self.full = full;
+            self.shared.socket_full.store(full, Ordering::Release);
         }
     }
 
@@ -213,6 +234,7 @@ where
         loop {
             this.take_frames(cx);
             if this.pending.is_empty() {
+                this.socket_full(false);
                 return if this.done {
                     Poll::Ready(Ok(()))
                 } else {
@@ -233,7 +255,7 @@ where
             match written {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => this.consume(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.socket_full(true),
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }

@@ -851,9 +851,25 @@ pub fn code(c: CloseCode) -> u16 {
 /// A raw TCP client that completes the WebSocket handshake and then never
 /// reads again (small receive buffer), to play a stalled consumer.
 pub async fn stalled_client(addr: SocketAddr, path: &str) -> tokio::net::TcpStream {
+    upgraded_socket(addr, path, Some(4096)).await
+}
+
+/// A raw TCP client past the WebSocket handshake, reading at whatever pace
+/// the test does (its frames: [`server_frames`]).
+pub async fn raw_ws_client(addr: SocketAddr, path: &str) -> tokio::net::TcpStream {
+    upgraded_socket(addr, path, None).await
+}
+
+async fn upgraded_socket(
+    addr: SocketAddr,
+    path: &str,
+    recv_buffer: Option<u32>,
+) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
+    if let Some(bytes) = recv_buffer {
+        socket.set_recv_buffer_size(bytes).unwrap();
+    }
     let mut stream = socket.connect(addr).await.unwrap();
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\

@@ -110,68 +110,17 @@ pub(crate) async fn run_load(
     received.store(0, Ordering::Relaxed);
 
     let sh = Arc::new(PubShared::new(ep.clone(), plan.instances, opts.event_bytes));
-    // Split over processes (`coord`): how long to wait for the others.
-    let patience = Duration::from_secs_f64(opts.connect_timeout_secs + opts.secs + 60.0);
     let me = std::process::id().to_string();
-    let (t0, cpu0, bcpu0, mcpu0, hook, publish_secs, published_ok) = if opts.listen_only {
-        let dir = opts
-            .coordinate
-            .as_deref()
-            .ok_or("--listen-only needs --coordinate DIR")?;
-        coord::ready(dir)?;
-        let t0 = coord::wait_started(dir, patience).await?;
-        let (cpu0, bcpu0, mcpu0) = cpu_now(srv, &me);
-        let p = coord::wait_published(dir, patience).await?;
-        if p.ok.len() != plan.instances {
-            return Err(format!(
-                "the publisher published to {} instances, this process has --instances {}",
-                p.ok.len(),
-                plan.instances
-            ));
-        }
-        (t0, cpu0, bcpu0, mcpu0, None, p.publish_secs, p.ok)
+    let Window {
+        t0,
+        cpu0,
+        hook,
+        publish_secs,
+        published_ok,
+    } = if opts.listen_only {
+        listen(opts, plan, srv, &me).await?
     } else {
-        if let Some(dir) = &opts.coordinate {
-            coord::wait_ready(dir, opts.listeners, patience).await?;
-            coord::started(dir)?;
-        }
-        let pubs = opts.publishers.max(1);
-        let interval = match plan.rate {
-            Some(r) if r > 0.0 => Some(Duration::from_secs_f64(pubs as f64 / r)),
-            _ => None,
-        };
-        let (cpu0, bcpu0, mcpu0) = cpu_now(srv, &me);
-        let t0 = Instant::now();
-        let hook = pre_publish.map(|h| h(t0));
-        let until = t0 + Duration::from_secs_f64(opts.secs);
-        let mut ph = Vec::new();
-        for p in 0..pubs {
-            let offset = interval
-                .map(|iv| iv * p as u32 / pubs as u32)
-                .unwrap_or_default();
-            ph.push(tokio::spawn(publisher(
-                p,
-                sh.clone(),
-                until,
-                interval,
-                offset,
-            )));
-        }
-        for h in ph {
-            let _ = h.await;
-        }
-        let publish_secs = t0.elapsed().as_secs_f64();
-        let ok: Vec<u64> = sh.ok.iter().map(|a| a.load(Ordering::Relaxed)).collect();
-        if let Some(dir) = &opts.coordinate {
-            coord::published(
-                dir,
-                &coord::Published {
-                    publish_secs,
-                    ok: ok.clone(),
-                },
-            )?;
-        }
-        (t0, cpu0, bcpu0, mcpu0, hook, publish_secs, ok)
+        publish(opts, plan, srv, &me, &sh, pre_publish).await?
     };
     let mut per_inst_clients = vec![0u64; plan.instances];
     for i in 0..plan.clients {
@@ -196,7 +145,7 @@ pub(crate) async fn run_load(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (cpu1, bcpu1, mcpu1) = cpu_now(srv, &me);
+    let cpu1 = CpuSample::now(srv, &me);
     let rss_loaded_kib = srv.rss();
     let measured_secs = t0.elapsed().as_secs_f64();
     let hook_value = match hook {
@@ -225,9 +174,9 @@ pub(crate) async fn run_load(
             first_error,
             publish_secs,
             recv_window_secs,
-            cpu_secs: cpu0.zip(cpu1).map(|(a, b)| b - a),
-            bench_cpu_secs: bcpu0.zip(bcpu1).map(|(a, b)| b - a),
-            machine_cpu_secs: mcpu0.zip(mcpu1).map(|(a, b)| b - a),
+            cpu_secs: CpuSample::spent(cpu0.server, cpu1.server),
+            bench_cpu_secs: CpuSample::spent(cpu0.bench, cpu1.bench),
+            machine_cpu_secs: CpuSample::spent(cpu0.machine, cpu1.machine),
             measured_secs,
             agg,
             rss_loaded_kib,
@@ -239,13 +188,128 @@ pub(crate) async fn run_load(
     ))
 }
 
-/// CPU seconds so far: the server's, this tool's (`me`), the machine's busy ones.
-fn cpu_now(srv: &Server, me: &str) -> (Option<f64>, Option<f64>, Option<f64>) {
-    (
-        srv.cpu(),
-        proc_cpu_secs(me, srv.tck).ok(),
-        machine_busy_secs(srv.tck),
-    )
+/// CPU seconds so far.
+struct CpuSample {
+    server: Option<f64>,
+    /// This tool's.
+    bench: Option<f64>,
+    /// The machine's busy ones.
+    machine: Option<f64>,
+}
+
+impl CpuSample {
+    fn now(srv: &Server, me: &str) -> CpuSample {
+        CpuSample {
+            server: srv.cpu(),
+            bench: proc_cpu_secs(me, srv.tck).ok(),
+            machine: machine_busy_secs(srv.tck),
+        }
+    }
+
+    fn spent(from: Option<f64>, to: Option<f64>) -> Option<f64> {
+        from.zip(to).map(|(a, b)| b - a)
+    }
+}
+
+/// One process's publishing window: when it started, the CPU then, and
+/// what was acknowledged.
+struct Window {
+    t0: Instant,
+    cpu0: CpuSample,
+    /// `stalled`'s code running alongside (the publishing process only).
+    hook: Option<tokio::task::JoinHandle<Value>>,
+    publish_secs: f64,
+    /// Publishes acknowledged per instance.
+    published_ok: Vec<u64>,
+}
+
+/// How long a process split over several (`coord`) waits for the others.
+fn patience(opts: &Opts) -> Duration {
+    Duration::from_secs_f64(opts.connect_timeout_secs + opts.secs + 60.0)
+}
+
+/// Publishes for `--secs` (after the `--listeners`, with `--coordinate`),
+/// and tells them what was acknowledged.
+async fn publish(
+    opts: &Opts,
+    plan: &LoadPlan,
+    srv: &Server,
+    me: &str,
+    sh: &Arc<PubShared>,
+    pre_publish: Option<DuringHook>,
+) -> BoxResult<Window> {
+    if let Some(dir) = &opts.coordinate {
+        coord::wait_ready(dir, opts.listeners, patience(opts)).await?;
+        coord::started(dir)?;
+    }
+    let pubs = opts.publishers.max(1);
+    let interval = match plan.rate {
+        Some(r) if r > 0.0 => Some(Duration::from_secs_f64(pubs as f64 / r)),
+        _ => None,
+    };
+    let cpu0 = CpuSample::now(srv, me);
+    let t0 = Instant::now();
+    let hook = pre_publish.map(|h| h(t0));
+    let until = t0 + Duration::from_secs_f64(opts.secs);
+    let mut ph = Vec::new();
+    for p in 0..pubs {
+        let offset = interval
+            .map(|iv| iv * p as u32 / pubs as u32)
+            .unwrap_or_default();
+        ph.push(tokio::spawn(publisher(
+            p,
+            sh.clone(),
+            until,
+            interval,
+            offset,
+        )));
+    }
+    for h in ph {
+        let _ = h.await;
+    }
+    let publish_secs = t0.elapsed().as_secs_f64();
+    let published_ok: Vec<u64> = sh.ok.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    if let Some(dir) = &opts.coordinate {
+        let account = coord::Published {
+            publish_secs,
+            ok: published_ok.clone(),
+        };
+        coord::published(dir, &account)?;
+    }
+    Ok(Window {
+        t0,
+        cpu0,
+        hook,
+        publish_secs,
+        published_ok,
+    })
+}
+
+/// `--listen-only`: says its clients are ready, then follows the
+/// publishing process's window.
+async fn listen(opts: &Opts, plan: &LoadPlan, srv: &Server, me: &str) -> BoxResult<Window> {
+    let dir = opts
+        .coordinate
+        .as_deref()
+        .ok_or("--listen-only needs --coordinate DIR")?;
+    coord::ready(dir)?;
+    let t0 = coord::wait_started(dir, patience(opts)).await?;
+    let cpu0 = CpuSample::now(srv, me);
+    let account = coord::wait_published(dir, patience(opts)).await?;
+    if account.ok.len() != plan.instances {
+        return Err(format!(
+            "the publisher published to {} instances, this process has --instances {}",
+            account.ok.len(),
+            plan.instances
+        ));
+    }
+    Ok(Window {
+        t0,
+        cpu0,
+        hook: None,
+        publish_secs: account.publish_secs,
+        published_ok: account.ok,
+    })
 }
 
 /// The figures of a load run.
