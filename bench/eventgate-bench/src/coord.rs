@@ -115,3 +115,55 @@ pub(crate) async fn wait_published(dir: &Path, within: Duration) -> BoxResult<Pu
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// A folder of the test's own under the system's temporary folder.
+    fn folder(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("eventgate-coord-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_listener_follows_the_publisher_through_the_folder() {
+        let dir = folder("follow");
+        let quick = Duration::from_secs(5);
+        ready(&dir).unwrap();
+        wait_ready(&dir, 1, quick).await.unwrap();
+        let before = Instant::now();
+        started(&dir).unwrap();
+        let t0 = wait_started(&dir, quick).await.unwrap();
+        // The wall clock and the monotonic one agree within a second here.
+        assert!(t0 <= Instant::now());
+        assert!(before.saturating_duration_since(t0) < Duration::from_secs(1));
+        published(
+            &dir,
+            &Published {
+                publish_secs: 1.5,
+                ok: vec![3, 4],
+            },
+        )
+        .unwrap();
+        let account = wait_published(&dir, quick).await.unwrap();
+        assert_eq!(account.ok, vec![3, 4]);
+        assert_eq!(account.publish_secs, 1.5);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_publisher_gives_up_on_listeners_that_never_come() {
+        let dir = folder("absent");
+        ready(&dir).unwrap();
+        let err = wait_ready(&dir, 2, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(err.contains("2 listening processes"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
