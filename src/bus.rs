@@ -6,7 +6,8 @@
 //! it has clients of the instance, and for a while after the last one left
 //! (interest-based, see `instance::actor::INTEREST_LINGER`). NATS does not
 //! echo what a node sent back to it (`no_echo`); what a node sent itself is
-//! skipped anyway (the origin header), should an echo come. Settings changes and deletions go to `<prefix>.ctl`.
+//! skipped anyway (the origin header), should an echo come. Settings
+//! changes and deletions go to `<prefix>.ctl`.
 //! Sending goes through a bounded queue and is skipped while NATS is
 //! unreachable, so a NATS outage never blocks a request or grows memory:
 //! what could not cross is counted (`eventgate_bus_errors_total`) and
@@ -283,8 +284,10 @@ impl Bus {
                     history.delivered_plainly(id.as_str());
                 }
                 match serde_json::from_slice::<Vec<Event>>(&msg.payload) {
-                    // Waits while the instance is behind: the subscription's
-                    // own bound then drops (and counts) what overflows.
+                    // Waits while the instance's mailbox is at its bound
+                    // (never for its sessions: see `Inbox::forward`); the
+                    // subscription's own bound then drops (and counts) what
+                    // overflows.
                     Ok(events) if !events.is_empty() => {
                         if inbox.forward(events.into()).await {
                             bus.metrics.publish_waits.inc();
