@@ -10,7 +10,7 @@
 //!        │             → ?events= → enabled (http/connect.rs); the handler builds a
 //!        │             Session and upgrade::accept() returns the 101 carrying it
 //!        ▼
-//!  101 written, then the TcpStream leaves HTTP ──► socket::serve(io, early bytes, session)
+//!  101 written, then the TcpStream leaves HTTP ──► socket::serve(io, early bytes, session, …)
 //!        │   Incoming: reads through a stack buffer (close_watch looks at frame bounds)
 //!        │   WebsocketContext<Session>: decodes frames, runs the actor, encodes frames
 //!        │   Outgoing: writes encoded frames straight out (writev), stops polling the

@@ -51,9 +51,17 @@ const MAX_IOVECS: usize = 32;
 
 /// Runs `session` on `io` until the session stops and the socket is closed.
 /// `early` holds bytes the client sent right behind its handshake.
-pub async fn serve(io: TcpStream, early: Bytes, session: Session, max_frame: usize) {
+/// `shared` is the session's own (`Session::shared`), taken by the caller:
+/// taken here, the session would be kept whole in this future beside its
+/// context, 300 bytes more in every connection.
+pub async fn serve(
+    io: TcpStream,
+    early: Bytes,
+    session: Session,
+    shared: Arc<SessionShared>,
+    max_frame: usize,
+) {
     let io = Rc::new(io);
-    let shared = session.shared();
     let incoming = Incoming {
         io: io.clone(),
         early: (!early.is_empty()).then_some(early),
@@ -68,7 +76,6 @@ pub async fn serve(io: TcpStream, early: Bytes, session: Session, max_frame: usi
         pending_bytes: 0,
         done: false,
         shared,
-        full: false,
     }
     .await;
     match outcome {
@@ -170,8 +177,6 @@ struct Outgoing<S> {
     done: bool,
     /// Where the socket refusing bytes is told (`socket_full`).
     shared: Arc<SessionShared>,
-    /// What `socket_full` was last set to.
-    full: bool,
 }
 
 impl<S> Outgoing<S>
@@ -199,9 +204,9 @@ where
     }
 
     /// Tells the instance whether the socket is refusing bytes.
-    fn socket_full(&mut self, full: bool) {
-        if self.full != full {
-            self.full = full;
+    fn socket_full(&self, full: bool) {
+        // Read first: the line is shared with the instance's thread.
+        if self.shared.socket_full.load(Ordering::Relaxed) != full {
             self.shared.socket_full.store(full, Ordering::Release);
         }
     }
