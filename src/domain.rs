@@ -86,6 +86,11 @@ impl EventKind {
         EventKind::ALL.into_iter().find(|k| k.as_str() == name)
     }
 
+    /// Its position in [`EventKind::ALL`] (the declaration order).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// This kind's bit in an `EventSet`.
     fn bit(self) -> u8 {
         1 << (self as u8)
@@ -178,6 +183,13 @@ mod tests {
         }
         for bad in ["", "-a", ".a", "_a", "a b", "a/b", "é", &"x".repeat(65)] {
             assert!(InstanceName::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn kinds_are_indexed_in_the_order_of_all() {
+        for (i, kind) in EventKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), i, "{kind:?}");
         }
     }
 

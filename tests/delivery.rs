@@ -451,6 +451,36 @@ async fn connected_clients_are_counted() {
     assert_eq!(s.metric("eventgate_connected_clients").await, 1.0);
 }
 
+/// `P` publishers at once, each publishing `requests` batches of `batch`
+/// events to `name` and waiting for each 202; publisher `p`'s events carry
+/// `{"p": p, "seq": …}` numbered on from `first[p]`.
+async fn publish_concurrently<const P: usize>(
+    s: &TestServer,
+    name: &str,
+    first: [u64; P],
+    requests: usize,
+    batch: usize,
+) {
+    let publishers = (0..P).map(|p| async move {
+        for r in 0..requests {
+            let base = first[p] + (r * batch) as u64;
+            let events: Vec<_> = (0..batch as u64)
+                .map(|i| event("message.status", json!({"p": p, "seq": base + i})))
+                .collect();
+            assert_eq!(s.publish(name, json!(events)).await.status, 202);
+        }
+    });
+    futures_util::future::join_all(publishers).await;
+}
+
+/// Checks that `got` is the next event of its publisher (see
+/// [`publish_concurrently`]) and counts it in `seen`.
+fn next_in_order<const P: usize>(seen: &mut [u64; P], got: &Value) {
+    let p = got["data"]["p"].as_u64().unwrap() as usize;
+    assert_eq!(got["data"]["seq"], seen[p], "publisher {p} out of order");
+    seen[p] += 1;
+}
+
 /// While most of an instance's sessions have several batches waiting and
 /// their clients take all they are sent, this node is behind: publishers
 /// are answered only once the sessions caught up, so at full speed the
@@ -497,19 +527,7 @@ async fn publishers_wait_while_the_node_is_behind_and_lose_nothing() {
                 })
             })
             .collect();
-        let publishers = (0..PUBLISHERS).map(|p| {
-            let s = &s;
-            async move {
-                for r in 0..REQUESTS {
-                    let base = first[p] + (r * BATCH) as u64;
-                    let batch: Vec<_> = (0..BATCH as u64)
-                        .map(|i| event("message.status", json!({"p": p, "seq": base + i})))
-                        .collect();
-                    assert_eq!(s.publish("lag", json!(batch)).await.status, 202);
-                }
-            }
-        });
-        futures_util::future::join_all(publishers).await;
+        publish_concurrently(&s, "lag", first, REQUESTS, BATCH).await;
         published.store(true, Ordering::Release);
         for reader in readers {
             let (socket, bytes) = reader.await.unwrap();
@@ -525,9 +543,7 @@ async fn publishers_wait_while_the_node_is_behind_and_lose_nothing() {
             );
             let mut seen = first;
             for got in texts {
-                let p = got["data"]["p"].as_u64().unwrap() as usize;
-                assert_eq!(got["data"]["seq"], seen[p], "publisher {p} out of order");
-                seen[p] += 1;
+                next_in_order(&mut seen, &got);
             }
             next = seen;
             clients.push(socket);
@@ -563,26 +579,11 @@ async fn publishers_past_the_queue_bound_wait_and_lose_nothing() {
     while s.metric("eventgate_publish_waits_total").await == 0.0 {
         assert!(rounds < 20, "no publisher ever waited for the fan-out");
         let first = next;
-        let publishers = (0..PUBLISHERS).map(|p| {
-            let s = &s;
-            async move {
-                for r in 0..REQUESTS {
-                    let base = first[p] + (r * BATCH) as u64;
-                    let batch: Vec<_> = (0..BATCH as u64)
-                        .map(|i| event("message.status", json!({"p": p, "seq": base + i})))
-                        .collect();
-                    assert_eq!(s.publish("q", json!(batch)).await.status, 202);
-                }
-            }
-        });
-        futures_util::future::join_all(publishers).await;
+        publish_concurrently(&s, "q", first, REQUESTS, BATCH).await;
         for ws in &mut clients {
             let mut seen = first;
             for _ in 0..PUBLISHERS * REQUESTS * BATCH {
-                let got = ws.envelope().await;
-                let p = got["data"]["p"].as_u64().unwrap() as usize;
-                assert_eq!(got["data"]["seq"], seen[p], "publisher {p} out of order");
-                seen[p] += 1;
+                next_in_order(&mut seen, &ws.envelope().await);
             }
             next = seen;
         }

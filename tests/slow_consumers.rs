@@ -32,17 +32,18 @@ async fn read_until_gone(stream: &mut tokio::net::TcpStream, wait: Duration) -> 
     }
 }
 
+/// Client bounds (64 messages, 1 MiB) reached within a few MiB of
+/// publishing; TCP_USER_TIMEOUT long enough that a loaded machine reaches
+/// them before the kernel gives up on a stalled socket.
+fn small_client_bounds(st: &mut eventgate::settings::Settings) {
+    st.ws.tcp_user_timeout_secs = 10;
+    st.ws.client_buffer = 64;
+    st.ws.client_buffer_bytes = 1024 * 1024;
+}
+
 #[actix_rt::test]
 async fn stalled_client_is_evicted_while_fast_clients_get_everything() {
-    // The bounds (64 messages, 1 MiB) are reached within a few MiB of
-    // publishing; TCP_USER_TIMEOUT is long enough that a loaded machine
-    // reaches them before the kernel gives up on the stalled socket.
-    let s = TestServer::start_with(|st| {
-        st.ws.tcp_user_timeout_secs = 10;
-        st.ws.client_buffer = 64;
-        st.ws.client_buffer_bytes = 1024 * 1024;
-    })
-    .await;
+    let s = TestServer::start_with(small_client_bounds).await;
     s.instance("busy").await;
     let mut fast: Vec<Ws> = Vec::new();
     for _ in 0..10 {
@@ -147,12 +148,7 @@ async fn byte_bound_evicts_before_the_message_bound() {
 /// node's, so the instance never counts as behind (see `instance::inbox`).
 #[actix_rt::test]
 async fn clients_that_all_stall_never_hold_their_producer_back() {
-    let s = TestServer::start_with(|st| {
-        st.ws.tcp_user_timeout_secs = 10;
-        st.ws.client_buffer = 64;
-        st.ws.client_buffer_bytes = 1024 * 1024;
-    })
-    .await;
+    let s = TestServer::start_with(small_client_bounds).await;
     s.instance("stuck").await;
     let mut stalled = Vec::new();
     for _ in 0..3 {

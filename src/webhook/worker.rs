@@ -237,7 +237,7 @@ struct Prepared {
     generation: u64,
     /// `instanceData` of its envelopes.
     instance_data: String,
-    /// Where each kind of event goes (`EventKind::ALL` order; empty
+    /// Where each kind of event goes (at `EventKind::index`; empty
     /// without a URL).
     destinations: Vec<Destination>,
     /// Its signing keys and authorization, or the error of every attempt.
@@ -922,11 +922,7 @@ async fn send(
         .ok_or_else(|| Failure::new(None, "stored event is invalid"))?;
     let data: Map<String, Value> = serde_json::from_str(&row.data)
         .map_err(|_| Failure::new(None, "stored event is invalid"))?;
-    let Some(to) = EventKind::ALL
-        .iter()
-        .position(|k| *k == kind)
-        .and_then(|i| prepared.destinations.get(i))
-    else {
+    let Some(to) = prepared.destinations.get(kind.index()) else {
         return Err(Failure {
             final_: true,
             ..Failure::new(None, "webhook disabled")
