@@ -98,7 +98,7 @@ pub enum StartError {
     #[error(transparent)]
     Bus(#[from] bus::BusError),
     #[error(transparent)]
-    Webhook(#[from] webhook::worker::ClientError),
+    Webhook(#[from] webhook::client::ClientError),
 }
 
 /// Opens the database pool (failing fast with the real error), applies
@@ -187,7 +187,10 @@ pub async fn serve(
     let webhook_policy = Arc::new(webhook::address::AddressPolicy::new(
         &settings.webhook.allowed_networks,
     ));
-    let webhook_client = webhook::worker::build_client(&settings.webhook, webhook_policy.clone())?;
+    let webhook_client = Arc::new(webhook::client::Client::new(
+        Duration::from_secs(settings.webhook.timeout_secs),
+        webhook_policy.clone(),
+    )?);
     {
         let (pool, webhooks) = (pool.clone(), registry.webhooks().clone());
         tokio::task::spawn_blocking(move || {
@@ -222,6 +225,7 @@ pub async fn serve(
     ));
     let stopping = state.clone();
     let deliver = settings.webhook.deliver;
+    let attempt_threads = webhook::worker::AttemptThreads::start()?;
     let worker = webhook::worker::WorkerEnv {
         pool: state.pool.clone(),
         webhooks: state.registry.webhooks().clone(),
@@ -229,12 +233,13 @@ pub async fn serve(
         metrics: metrics.clone(),
         base_url: state.registry.env().base_url.clone(),
         sealer: webhook::sealing::Sealer::new(&settings.webhook.encryption_key)
-            .map_err(|e| webhook::worker::ClientError::from(e.to_string()))?,
+            .map_err(|e| webhook::client::ClientError::from(e.to_string()))?,
         client: webhook_client,
         policy: webhook_policy,
         refresh,
         resync: bus.resyncs(),
         stopping: Arc::new(move || stopping.is_shutting_down()),
+        attempts: attempt_threads.handle(),
     };
     if deliver {
         state.intake.attach(webhook::worker::start(worker));

@@ -1734,6 +1734,80 @@ async fn redirects_are_not_followed_and_a_slow_reply_is_a_timeout() {
     .await;
 }
 
+#[actix_rt::test]
+async fn deliveries_reuse_connections_and_reconnect_after_the_receiver_closes_them() {
+    let s =
+        TestServer::start_with(|s| s.webhook.allowed_networks = vec!["127.0.0.0/8".into()]).await;
+    let rx = Receiver::start();
+    s.instance("keep").await;
+    set_ok(&s, "keep", json!({"enabled": true, "url": rx.url("/k")})).await;
+    for i in 0..40 {
+        s.publish("keep", event("call.update", json!({"i": i})))
+            .await;
+    }
+    rx.wait_count(40, WAIT).await;
+    let opened = rx.connections();
+    assert!(
+        (1..=8).contains(&opened),
+        "40 deliveries opened {opened} connections (at most the in-flight limit, 8)"
+    );
+
+    // The receiver goes away and comes back on the same port: the kept
+    // connections are closed, and the next deliveries open new ones at
+    // their first attempt.
+    let port = rx.addr.port();
+    rx.stop().await;
+    let back = Receiver::start_on(port);
+    for i in 0..5 {
+        s.publish("keep", event("call.update", json!({"after": i})))
+            .await;
+    }
+    let got = back.wait_count(5, WAIT).await;
+    assert!(
+        got.iter().all(|g| g.attempt() == 1),
+        "a closed connection cost an attempt"
+    );
+    let st = wait_stats(&s, "keep", "default", |st| st["delivered"] == 45).await;
+    assert_eq!(st["failed"], 0);
+}
+
+#[actix_rt::test]
+async fn an_https_receiver_is_spoken_to_in_tls_under_its_name() {
+    // A listener that records the first bytes a client sends and hangs up:
+    // the attempt fails its handshake ("connection failed"), and what it
+    // sent is a TLS ClientHello naming the host of the URL.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, first) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = stream.read(&mut buf).unwrap_or(0);
+            buf.truncate(n);
+            let _ = tx.send(buf);
+        }
+    });
+    let s = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.retry_schedule_secs = vec![];
+    })
+    .await;
+    s.instance("tls").await;
+    let url = format!("https://localhost:{port}/t");
+    set_ok(&s, "tls", json!({"enabled": true, "url": url})).await;
+    s.publish("tls", event("call.update", json!({}))).await;
+    let st = wait_stats(&s, "tls", "default", |st| st["failed"] == 1).await;
+    assert_eq!(st["lastError"], "connection failed");
+    let hello = first.recv_timeout(WAIT).unwrap();
+    assert_eq!(hello.first(), Some(&0x16), "a TLS handshake record");
+    assert!(
+        hello.windows(9).any(|w| w == b"localhost"),
+        "the ClientHello names the host (SNI)"
+    );
+}
+
 #[derive(diesel::QueryableByName)]
 struct Vacuums {
     #[diesel(sql_type = diesel::sql_types::BigInt)]

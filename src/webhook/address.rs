@@ -1,12 +1,12 @@
 //! The refused-address rule of contract §11: which IP addresses a delivery
-//! may never connect to, the operator's allowlist of networks
-//! (`webhook.allowed_networks`), and the DNS resolver that applies the rule
-//! to the addresses a name resolves to at the moment of connecting.
+//! may never connect to, and the operator's allowlist of networks
+//! (`webhook.allowed_networks`). The delivery client (`webhook::client`)
+//! applies it to the addresses a name resolves to at the moment of
+//! connecting.
 //!
 //! Owns address classification only; it sends nothing and stores nothing.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// One allowed network (`10.1.0.0/16`, `::1/128`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,49 +132,6 @@ fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
         return Some(Ipv4Addr::from(((bits >> 80) & 0xffff_ffff) as u32));
     }
     None
-}
-
-/// A host name resolved to nothing a delivery may connect to.
-#[derive(Debug, thiserror::Error)]
-#[error("refused address")]
-pub struct RefusedAddress;
-
-/// Resolves names with the system resolver and drops refused addresses; a
-/// name left with none fails with [`RefusedAddress`]. reqwest consults it on
-/// every new connection, so the rule holds for the address connected to.
-pub struct GuardedResolver {
-    pub policy: Arc<AddressPolicy>,
-}
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.policy.clone();
-        let host = name.as_str().to_string();
-        Box::pin(async move {
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let kept: Vec<SocketAddr> = found
-                .into_iter()
-                .filter(|a| policy.permits(a.ip()))
-                .collect();
-            if kept.is_empty() {
-                return Err(Box::new(RefusedAddress) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
-/// Whether an error (or any of its causes) is [`RefusedAddress`].
-pub fn is_refused_error(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if e.is::<RefusedAddress>() || e.to_string() == "refused address" {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
 }
 
 #[cfg(test)]

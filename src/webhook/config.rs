@@ -325,7 +325,7 @@ pub fn validate_url(url: &str, policy: &AddressPolicy) -> Result<(), String> {
             return Err("has an invalid port".into());
         }
     }
-    if reqwest::Url::parse(url).is_err() {
+    if url::Url::parse(url).is_err() {
         return Err("is not a valid URL".into());
     }
     if let Some(ip) = ip_literal(url) {

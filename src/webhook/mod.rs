@@ -16,6 +16,7 @@
 //! `Registry::apply`, on every node. It never touches the database itself.
 
 pub mod address;
+pub mod client;
 pub mod config;
 pub mod intake;
 pub mod sealing;

@@ -1,5 +1,6 @@
 //! The delivery loop of one node (contract §11): claims due deliveries with a
-//! lease, attempts them on tokio tasks (never on an HTTP worker), and records
+//! lease, attempts them on tokio tasks on threads of their own
+//! ([`AttemptThreads`]; never on an HTTP worker), and records
 //! outcomes in batches — success, a retry after the jittered schedule (or a
 //! receiver's `Retry-After`), or a dead letter (attempts used up, 410,
 //! refused address). Each webhook has a lane on this node: at most
@@ -19,15 +20,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use parking_lot::Mutex;
 use rand::Rng;
-use reqwest::header::{
-    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT,
-};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
-use super::address::{is_refused_error, AddressPolicy, GuardedResolver};
+use super::address::AddressPolicy;
+use super::client::{Client, Endpoint, SendError};
 use super::config::{ip_literal, target_url};
 use super::sealing::Sealer;
 use super::signature::{secret_key, signature_header, ROTATION_OVERLAP_MS};
@@ -101,7 +101,7 @@ pub struct WorkerEnv {
     /// `instanceData.baseUrl` of envelopes.
     pub base_url: Arc<str>,
     pub sealer: Sealer,
-    pub client: reqwest::Client,
+    pub client: Arc<Client>,
     /// The refused-address rule, for URLs that are IP literals.
     pub policy: Arc<AddressPolicy>,
     /// Seconds between re-reads of the enabled webhooks.
@@ -110,36 +110,43 @@ pub struct WorkerEnv {
     pub resync: Option<tokio::sync::watch::Receiver<u64>>,
     /// Whether the node is shutting down.
     pub stopping: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Where attempts and their connections run ([`AttemptThreads`]).
+    pub attempts: tokio::runtime::Handle,
 }
 
-/// Why the HTTP client could not be built.
-#[derive(Debug, thiserror::Error)]
-#[error("webhook HTTP client: {0}")]
-pub struct ClientError(String);
+/// The threads attempts and their connections run on, one per core: off
+/// the HTTP workers and the actix system thread, so a burst of deliveries
+/// uses every core and the node's other work is not queued behind it.
+/// Shut down, without waiting, when dropped.
+pub struct AttemptThreads {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
 
-impl From<String> for ClientError {
-    fn from(s: String) -> Self {
-        ClientError(s)
+impl AttemptThreads {
+    pub fn start() -> std::io::Result<AttemptThreads> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("eventgate-webhook")
+            .enable_all()
+            .build()?;
+        Ok(AttemptThreads {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Where to spawn attempts.
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        self.handle.clone()
     }
 }
 
-/// The node's one HTTP client for deliveries: rustls, no redirects, no
-/// proxies (a proxy would resolve the name instead of us), the attempt
-/// timeout, and the resolver that drops the addresses `policy` refuses.
-pub fn build_client(
-    settings: &WebhookSettings,
-    policy: Arc<AddressPolicy>,
-) -> Result<reqwest::Client, ClientError> {
-    // Another part of the process may have installed it already.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .timeout(Duration::from_secs(settings.timeout_secs))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .dns_resolver(Arc::new(GuardedResolver { policy }))
-        .build()
-        .map_err(|e| ClientError(e.to_string()))
+impl Drop for AttemptThreads {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Reads every enabled webhook into the node's map (start-up; blocking).
@@ -247,7 +254,7 @@ struct Prepared {
 /// The URL one kind of event is sent to.
 struct Destination {
     /// Parsed once (`None`: it does not parse, and attempts fail).
-    url: Option<reqwest::Url>,
+    url: Option<Endpoint>,
     /// Whether it is an IP literal the refused-address rule refuses.
     refused: bool,
 }
@@ -272,7 +279,7 @@ impl Prepared {
                     let url = target_url(url, hook.by_events, kind);
                     Destination {
                         refused: ip_literal(&url).is_some_and(|ip| !env.policy.permits(ip)),
-                        url: reqwest::Url::parse(&url).ok(),
+                        url: Endpoint::parse(&url),
                     }
                 })
                 .collect(),
@@ -669,9 +676,10 @@ fn start_attempts(
             continue;
         }
         lane.sending += 1;
+        let threads = &env.attempts;
         let (env, done, shared, target) =
             (env.clone(), done.clone(), shared.clone(), target.clone());
-        actix_web::rt::spawn(async move {
+        threads.spawn(async move {
             let started = Instant::now();
             let outcome = attempt(&env, &row, &target).await;
             let fast =
@@ -766,7 +774,8 @@ async fn record_outcomes(
 }
 
 /// The pending gauge, dead-letter retention, the vacuum of the deliveries
-/// table on PostgreSQL, and the re-read of enabled webhooks.
+/// table on PostgreSQL, the re-read of enabled webhooks, and closing
+/// receivers' connections left unused.
 async fn housekeeping(env: WorkerEnv) {
     let mut last_refresh = Instant::now();
     let mut timer = RefreshTimer::new(HOUSEKEEPING, env.resync.clone());
@@ -776,6 +785,7 @@ async fn housekeeping(env: WorkerEnv) {
         if (env.stopping)() {
             return;
         }
+        env.client.sweep();
         let keep_ms = i64::try_from(env.settings.dead_letter_hours).unwrap_or(i64::MAX / 4_000_000)
             * 3_600_000;
         let refresh = asked || last_refresh.elapsed() >= env.refresh;
@@ -942,7 +952,7 @@ async fn send(
     }
     let url = to
         .url
-        .clone()
+        .as_ref()
         .ok_or_else(|| Failure::new(None, "request failed"))?;
     let body = envelope(
         &Event { kind, data },
@@ -971,49 +981,37 @@ async fn send(
     {
         headers.insert(name, value);
     }
-    let sent = env
+    let reply = env
         .client
-        .post(url)
-        .headers(headers)
-        .body(body.into_bytes())
-        .send()
-        .await;
-    match sent {
-        Ok(res) => {
-            let status = res.status();
-            let retry_after_header = res.headers().get(reqwest::header::RETRY_AFTER).cloned();
-            // Reading the (short) reply to its end lets the connection be
-            // reused for the next delivery to this receiver.
-            let _ = tokio::time::timeout(Duration::from_secs(1), res.bytes()).await;
-            if status.is_success() {
-                return Ok(());
-            }
-            let code = i64::from(status.as_u16());
-            let retry_after = if code == 429 || code == 503 {
-                retry_after_header
-                    .as_ref()
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .filter(|s| *s <= MAX_RETRY_AFTER)
-            } else {
-                None
-            };
-            Err(Failure {
-                status: Some(code),
-                error: format!("HTTP {code}"),
-                retry_after,
-                final_: code == 410,
-            })
-        }
-        Err(e) if is_refused_error(&e) => Err(Failure {
-            final_: true,
-            ..Failure::new(None, REFUSED_ADDRESS)
-        }),
-        Err(e) if e.is_timeout() => Err(Failure::new(None, "timeout")),
-        Err(e) if e.is_connect() => Err(Failure::new(None, "connection failed")),
-        Err(e) => {
-            log::debug!("webhook attempt failed: {e}");
-            Err(Failure::new(None, "request failed"))
-        }
+        .post(url, headers, body.into_bytes())
+        .await
+        .map_err(|e| match e {
+            SendError::Refused => Failure {
+                final_: true,
+                ..Failure::new(None, REFUSED_ADDRESS)
+            },
+            SendError::Timeout => Failure::new(None, "timeout"),
+            SendError::Connect => Failure::new(None, "connection failed"),
+            SendError::Request => Failure::new(None, "request failed"),
+        })?;
+    if (200..300).contains(&reply.status) {
+        return Ok(());
     }
+    let code = i64::from(reply.status);
+    let retry_after = if code == 429 || code == 503 {
+        reply
+            .retry_after
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|s| *s <= MAX_RETRY_AFTER)
+    } else {
+        None
+    };
+    Err(Failure {
+        status: Some(code),
+        error: format!("HTTP {code}"),
+        retry_after,
+        final_: code == 410,
+    })
 }

@@ -74,6 +74,8 @@ struct Inner {
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
     completed: AtomicUsize,
+    /// TCP connections accepted.
+    connections: AtomicUsize,
 }
 
 /// A running receiver.
@@ -132,10 +134,12 @@ impl Receiver {
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
             completed: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
         });
         let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
         let addr = listener.local_addr().unwrap();
         let data = web::Data::from(inner.clone());
+        let accepted = inner.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             actix_rt::System::new().block_on(async move {
@@ -143,6 +147,9 @@ impl Receiver {
                     App::new()
                         .app_data(data.clone())
                         .default_service(web::to(handle))
+                })
+                .on_connect(move |_, _| {
+                    accepted.connections.fetch_add(1, Ordering::SeqCst);
                 })
                 .workers(2)
                 .disable_signals()
@@ -196,6 +203,11 @@ impl Receiver {
 
     pub fn count(&self) -> usize {
         self.inner.got.lock().len()
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.inner.connections.load(Ordering::SeqCst)
     }
 
     pub fn max_in_flight(&self) -> usize {
