@@ -293,9 +293,12 @@ impl Client {
                 SendError::Refused
             });
         }
+        // Each address gets its share of the timeout, so one that never
+        // answers (an unreachable IPv6 route) leaves time for the next.
+        let share = self.timeout / u32::try_from(permitted.len()).unwrap_or(u32::MAX);
         let mut stream = None;
         for addr in permitted {
-            if let Ok(s) = TcpStream::connect(addr).await {
+            if let Ok(Ok(s)) = tokio::time::timeout(share, TcpStream::connect(addr)).await {
                 stream = Some(s);
                 break;
             }
