@@ -195,30 +195,58 @@ impl PendingCounts {
     }
 }
 
-/// The values of new rows of `$webhook` accepted at `$now`: `$attempts`
-/// counted, leased until `$lease`, a dead letter (`backlog full`) at `$dead`
-/// when that is `Some`.
-macro_rules! rows {
-    ($chunk:expr, $webhook:expr, $now:expr, $attempts:expr, $lease:expr, $dead:expr) => {{
-        let dead: Option<i64> = $dead;
-        $chunk
-            .iter()
-            .map(|r| {
-                (
-                    d::id.eq(&r.id),
-                    d::webhook_id.eq($webhook),
-                    d::event.eq(r.event),
-                    d::data.eq(&r.data),
-                    d::created_at.eq($now),
-                    d::attempts.eq($attempts),
-                    d::next_attempt_at.eq($now),
-                    d::lease_until.eq($lease),
-                    d::last_error.eq(dead.map(|_| BACKLOG_FULL)),
-                    d::dead_at.eq(dead),
-                )
-            })
-            .collect::<Vec<_>>()
-    }};
+/// How a new row is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// Leased to this node, its first attempt counted (as a claim counts it).
+    Leased,
+    /// Due, for a claim to take.
+    Due,
+    /// A dead letter at once (`backlog full`).
+    Refused,
+}
+
+/// One new row, with its publish's acceptance time and lease.
+struct NewRow<'a> {
+    row: &'a NewDelivery,
+    now: i64,
+    lease_until: i64,
+}
+
+/// Consecutive new rows of one webhook stored the same way.
+struct Run<'a> {
+    stored: Stored,
+    rows: Vec<NewRow<'a>>,
+}
+
+/// Each webhook's new rows of a group, in acceptance order, as runs.
+#[derive(Default)]
+struct Runs<'a> {
+    webhooks: Vec<(i64, Vec<Run<'a>>)>,
+    at: HashMap<i64, usize>,
+}
+
+impl<'a> Runs<'a> {
+    /// Adds `rows` of `webhook`, of the publish `from`, stored as `stored`.
+    fn push(&mut self, webhook: i64, stored: Stored, rows: &'a [NewDelivery], from: &Intake<'_>) {
+        let rows = rows.iter().map(|row| NewRow {
+            row,
+            now: from.now,
+            lease_until: from.lease_until,
+        });
+        let i = *self.at.entry(webhook).or_insert_with(|| {
+            self.webhooks.push((webhook, Vec::new()));
+            self.webhooks.len() - 1
+        });
+        let runs = &mut self.webhooks[i].1;
+        match runs.last_mut() {
+            Some(run) if run.stored == stored => run.rows.extend(rows),
+            _ => runs.push(Run {
+                stored,
+                rows: rows.collect(),
+            }),
+        }
+    }
 }
 
 /// Stores the deliveries of several publishes in one transaction, in the
@@ -226,7 +254,10 @@ macro_rules! rows {
 /// deliveries of a webhook, the rest are stored as dead letters with error
 /// `backlog full`. Of the rest, each batch's first `leased` rows are stored
 /// leased (returned, for this node to attempt at once), the others due for
-/// a claim.
+/// a claim. Each webhook's rows of all the publishes go in as few
+/// statements as their order allows (one per run of rows stored the same
+/// way), not one per publish: on PostgreSQL each statement is a round
+/// trip, and a stream of single-event publishes waited for them in turn.
 pub fn enqueue(
     conn: &mut DbConn,
     intakes: &[Intake<'_>],
@@ -236,8 +267,11 @@ pub fn enqueue(
     pending.forget_stale();
     let stored = write_tx!(conn, c => {
         let mut out = Enqueued::default();
+        let mut runs = Runs::default();
+        // Pending rows of each webhook this group adds before the inserts:
+        // a count made meanwhile does not see them yet.
+        let mut planned: HashMap<i64, i64> = HashMap::new();
         for intake in intakes {
-            let now = intake.now;
             let mut over_total = 0u64;
             for (i, (webhook, rows)) in intake.batches.iter().enumerate() {
                 if rows.is_empty() {
@@ -250,7 +284,8 @@ pub fn enqueue(
                             .filter(d::webhook_id.eq(webhook))
                             .filter(d::dead_at.is_null())
                             .count()
-                            .get_result(c)?;
+                            .get_result::<i64>(c)?
+                            + planned.get(webhook).copied().unwrap_or(0);
                         pending.counted(*webhook, n);
                         n
                     }
@@ -258,46 +293,76 @@ pub fn enqueue(
                 let room = usize::try_from((max_pending - held).max(0)).unwrap_or(0);
                 let (ok, over) = rows.split_at(room.min(rows.len()));
                 pending.stored(*webhook, ok.len());
+                *planned.entry(*webhook).or_insert(0) += i64::try_from(ok.len()).unwrap_or(i64::MAX);
                 let leased_n = intake.leased.get(i).copied().unwrap_or(0).min(ok.len());
                 let (leased, due) = ok.split_at(leased_n);
-                for chunk in leased.chunks(INSERT_CHUNK) {
-                    // Their first attempt counted as started, as a claim counts it.
-                    let values = rows!(chunk, webhook, now, 1_i64, intake.lease_until, None);
+                for (stored, rows) in [
+                    (Stored::Leased, leased),
+                    (Stored::Due, due),
+                    (Stored::Refused, over),
+                ] {
+                    if !rows.is_empty() {
+                        runs.push(*webhook, stored, rows, intake);
+                    }
+                }
+                out.for_claims |= !due.is_empty();
+                over_total += over.len() as u64;
+            }
+            out.refused.push(over_total);
+        }
+        for (webhook, runs) in &runs.webhooks {
+            for run in runs {
+                let (attempts, leased, dead) = match run.stored {
+                    Stored::Leased => (1_i64, true, false),
+                    Stored::Due => (0, false, false),
+                    Stored::Refused => (0, false, true),
+                };
+                for chunk in run.rows.chunks(INSERT_CHUNK) {
+                    let values = chunk
+                        .iter()
+                        .map(|n| {
+                            (
+                                d::id.eq(&n.row.id),
+                                d::webhook_id.eq(*webhook),
+                                d::event.eq(n.row.event),
+                                d::data.eq(&n.row.data),
+                                d::created_at.eq(n.now),
+                                d::attempts.eq(attempts),
+                                d::next_attempt_at.eq(n.now),
+                                d::lease_until.eq(if leased { n.lease_until } else { 0 }),
+                                d::last_error.eq(dead.then_some(BACKLOG_FULL)),
+                                d::dead_at.eq(dead.then_some(n.now)),
+                            )
+                        })
+                        .collect::<Vec<_>>();
+                    if !leased {
+                        diesel::insert_into(d::table).values(values).execute(c)?;
+                        continue;
+                    }
                     let seqs: HashMap<String, i64> = diesel::insert_into(d::table)
                         .values(values)
                         .returning((d::id, d::seq))
                         .get_results::<(String, i64)>(c)?
                         .into_iter()
                         .collect();
-                    for r in chunk {
-                        let Some(seq) = seqs.get(&r.id) else {
+                    for n in chunk {
+                        let Some(seq) = seqs.get(&n.row.id) else {
                             continue;
                         };
                         out.leased.push(Claimed {
                             seq: *seq,
-                            id: r.id.clone(),
+                            id: n.row.id.clone(),
                             webhook_id: *webhook,
-                            event: r.event.to_string(),
-                            data: r.data.clone(),
-                            created_at: now,
+                            event: n.row.event.to_string(),
+                            data: n.row.data.clone(),
+                            created_at: n.now,
                             attempts: 0,
-                            next_attempt_at: now,
+                            next_attempt_at: n.now,
                             ordered: false,
                         });
                     }
                 }
-                for chunk in due.chunks(INSERT_CHUNK) {
-                    let values = rows!(chunk, webhook, now, 0_i64, 0_i64, None);
-                    diesel::insert_into(d::table).values(values).execute(c)?;
-                    out.for_claims = true;
-                }
-                for chunk in over.chunks(INSERT_CHUNK) {
-                    let values = rows!(chunk, webhook, now, 0_i64, 0_i64, Some(now));
-                    diesel::insert_into(d::table).values(values).execute(c)?;
-                }
-                over_total += over.len() as u64;
             }
-            out.refused.push(over_total);
         }
         Ok::<Enqueued, diesel::result::Error>(out)
     })?;
