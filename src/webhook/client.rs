@@ -202,9 +202,9 @@ impl Client {
                 sender
                     .send_request(req)
                     .await
-                    .map_err(|_| SendError::Request)?
+                    .map_err(failed(SendError::Request, "request"))?
             }
-            Err(_) => return Err(SendError::Request),
+            Err(e) => return Err(failed(SendError::Request, "request")(e.into_error())),
         };
         let status = res.status().as_u16();
         let retry_after = res.headers().get(RETRY_AFTER).cloned();
@@ -278,7 +278,7 @@ impl Client {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, to.port)],
             Host::Name(name) => tokio::net::lookup_host((name.as_str(), to.port))
                 .await
-                .map_err(|_| SendError::Connect)?
+                .map_err(failed(SendError::Connect, "name resolution"))?
                 .collect(),
         };
         let permitted: Vec<SocketAddr> = found
@@ -298,9 +298,13 @@ impl Client {
         let share = self.timeout / u32::try_from(permitted.len()).unwrap_or(u32::MAX);
         let mut stream = None;
         for addr in permitted {
-            if let Ok(Ok(s)) = tokio::time::timeout(share, TcpStream::connect(addr)).await {
-                stream = Some(s);
-                break;
+            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    stream = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => log::debug!("webhook connection to {addr} failed: {e}"),
+                Err(_) => log::debug!("webhook connection to {addr} timed out"),
             }
         }
         let stream = stream.ok_or(SendError::Connect)?;
@@ -308,18 +312,29 @@ impl Client {
         if to.tls {
             let name = match &to.host {
                 Host::Name(n) => rustls::pki_types::ServerName::try_from(n.clone())
-                    .map_err(|_| SendError::Connect)?,
+                    .map_err(failed(SendError::Connect, "TLS server name"))?,
                 Host::Ip(ip) => rustls::pki_types::ServerName::IpAddress((*ip).into()),
             };
             let tls = self
                 .tls
                 .connect(name, stream)
                 .await
-                .map_err(|_| SendError::Connect)?;
+                .map_err(failed(SendError::Connect, "TLS handshake"))?;
             handshake(tls).await
         } else {
             handshake(stream).await
         }
+    }
+}
+
+/// Logs why a step failed (the attempt's error names only its kind).
+fn failed<E: std::fmt::Display>(
+    kind: SendError,
+    step: &'static str,
+) -> impl FnOnce(E) -> SendError {
+    move |e| {
+        log::debug!("webhook {step} failed: {e}");
+        kind
     }
 }
 
@@ -330,7 +345,7 @@ where
 {
     let (sender, conn) = http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|_| SendError::Connect)?;
+        .map_err(failed(SendError::Connect, "HTTP handshake"))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             log::debug!("webhook connection ended: {e}");
