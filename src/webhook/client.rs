@@ -38,7 +38,7 @@ const IDLE_PER_RECEIVER: usize = 64;
 /// be reused; a longer body closes the connection instead.
 const MAX_REPLY_BODY: usize = 64 * 1024;
 
-/// How long reading a successful reply's body may take at most.
+/// How long reading a reply's body may take at most.
 const REPLY_BODY_TIME: Duration = Duration::from_secs(1);
 
 /// Why the client could not be built.
