@@ -99,6 +99,8 @@ pub enum StartError {
     Bus(#[from] bus::BusError),
     #[error(transparent)]
     Webhook(#[from] webhook::client::ClientError),
+    #[error("EVENTGATE_ENCRYPTION_KEY {0}")]
+    EncryptionKey(#[from] webhook::sealing::BadKey),
 }
 
 /// Opens the database pool (failing fast with the real error), applies
@@ -232,8 +234,7 @@ pub async fn serve(
         settings: settings.webhook.clone(),
         metrics: metrics.clone(),
         base_url: state.registry.env().base_url.clone(),
-        sealer: webhook::sealing::Sealer::new(&settings.webhook.encryption_key)
-            .map_err(|e| webhook::client::ClientError::from(e.to_string()))?,
+        sealer: webhook::sealing::Sealer::new(&settings.webhook.encryption_key)?,
         client: webhook_client,
         policy: webhook_policy,
         refresh,

@@ -41,6 +41,21 @@ fn small_client_bounds(st: &mut eventgate::settings::Settings) {
     st.ws.client_buffer_bytes = 1024 * 1024;
 }
 
+/// Publishes events `0..total` to `instance` one by one, each padded to
+/// 32 KiB; every one is accepted.
+async fn publish_padded(s: &TestServer, instance: &str, total: u64) {
+    let pad = "p".repeat(32 * 1024);
+    for seq in 0..total {
+        let r = s
+            .publish(
+                instance,
+                event("message.status", json!({"seq": seq, "pad": pad})),
+            )
+            .await;
+        assert_eq!(r.status, 202);
+    }
+}
+
 #[actix_rt::test]
 async fn stalled_client_is_evicted_while_fast_clients_get_everything() {
     let s = TestServer::start_with(small_client_bounds).await;
@@ -67,16 +82,7 @@ async fn stalled_client_is_evicted_while_fast_clients_get_everything() {
         })
         .collect();
     // 300 × 32 KiB: more than the kernel's socket buffers and the client's bounds.
-    let pad = "p".repeat(32 * 1024);
-    for seq in 0..total {
-        let r = s
-            .publish(
-                "busy",
-                event("message.status", json!({"seq": seq, "pad": pad})),
-            )
-            .await;
-        assert_eq!(r.status, 202);
-    }
+    publish_padded(&s, "busy", total).await;
     let mut still_open = Vec::new();
     for r in readers {
         still_open.push(r.await.unwrap());
@@ -156,16 +162,7 @@ async fn clients_that_all_stall_never_hold_their_producer_back() {
     }
     s.wait_clients("stuck", Some(3)).await;
     // 300 × 32 KiB: more than the kernel's socket buffers and the clients' bounds.
-    let pad = "p".repeat(32 * 1024);
-    for seq in 0..300 {
-        let r = s
-            .publish(
-                "stuck",
-                event("message.status", json!({"seq": seq, "pad": pad})),
-            )
-            .await;
-        assert_eq!(r.status, 202);
-    }
+    publish_padded(&s, "stuck", 300).await;
     assert_eq!(s.metric("eventgate_publish_lag_total").await, 0.0);
     assert_eq!(s.metric("eventgate_publish_waits_total").await, 0.0);
     // They were behind their bounds, not the node: evicted, all three.

@@ -46,12 +46,6 @@ const REPLY_BODY_TIME: Duration = Duration::from_secs(1);
 #[error("webhook HTTP client: {0}")]
 pub struct ClientError(String);
 
-impl From<String> for ClientError {
-    fn from(s: String) -> Self {
-        ClientError(s)
-    }
-}
-
 /// Why an attempt got no reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendError {
@@ -128,6 +122,13 @@ impl Endpoint {
 struct Idle {
     sender: SendRequest<Full<Bytes>>,
     since: Instant,
+}
+
+impl Idle {
+    /// Whether it may still be used: open, and unused for less than [`IDLE`].
+    fn usable(&self) -> bool {
+        self.since.elapsed() < IDLE && !self.sender.is_closed()
+    }
 }
 
 /// The node's one client for deliveries.
@@ -239,7 +240,7 @@ impl Client {
         let mut idle = self.idle.lock();
         let kept = idle.get_mut(to)?;
         while let Some(c) = kept.pop() {
-            if c.since.elapsed() < IDLE && !c.sender.is_closed() {
+            if c.usable() {
                 return Some(c.sender);
             }
         }
@@ -252,7 +253,7 @@ impl Client {
         }
         let mut idle = self.idle.lock();
         let kept = idle.entry(to.clone()).or_default();
-        kept.retain(|c| c.since.elapsed() < IDLE && !c.sender.is_closed());
+        kept.retain(Idle::usable);
         if kept.len() < IDLE_PER_RECEIVER {
             kept.push(Idle {
                 sender,
@@ -266,7 +267,7 @@ impl Client {
     pub fn sweep(&self) {
         let mut idle = self.idle.lock();
         for kept in idle.values_mut() {
-            kept.retain(|c| c.since.elapsed() < IDLE && !c.sender.is_closed());
+            kept.retain(Idle::usable);
         }
         idle.retain(|_, kept| !kept.is_empty());
     }
