@@ -9,7 +9,7 @@ mod common;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use common::{event, Process, TestDb, TestServer, ACCOUNT};
+use common::{event, eventually, Process, TestDb, TestServer, ACCOUNT};
 use eventgate::settings::Settings;
 use serde_json::json;
 
@@ -235,7 +235,12 @@ async fn metrics_parse_and_move() {
     ] {
         assert!(before.iter().any(|(n, _)| n == name), "{name} missing");
     }
-    assert_eq!(s.metric("eventgate_connected_clients").await, 2.0);
+    // The gauge moves as a session starts, just after it joined its instance.
+    eventually(Duration::from_secs(10), async || {
+        (s.metric("eventgate_connected_clients").await == 2.0).then_some(())
+    })
+    .await
+    .expect("the gauge says 2");
     let pad = "x".repeat(64 * 1024);
     // The reading client keeps up; the stalled one falls behind and is evicted.
     for i in 0..200 {

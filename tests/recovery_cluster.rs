@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::recovery::{assert_increasing, ev, n, offset, open, read_until, resume};
 use common::{
-    free_port, require_nats, require_postgres, services_required, unique_subject_prefix, Got,
-    Process, TestDb, TestServer, ACCOUNT, REQUIRE_ENV,
+    eventually, free_port, require_nats, require_postgres, services_required,
+    unique_subject_prefix, Got, Process, TestDb, TestServer, ACCOUNT, REQUIRE_ENV,
 };
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -264,8 +264,16 @@ async fn clients_of_a_node_killed_with_sigkill_recover_on_another_node() {
     let a = a_process.client(&b.settings);
     // Several clients of A, each at its own position.
     let mut clients = Vec::new();
-    let (_, first) = open(&a, "crash", "&recover=true").await;
+    // A process listens before it has reached JetStream: a client that came
+    // that early would be numbered locally. A shows B's epoch once it has.
+    let (_, first) = open(&b, "crash", "&recover=true").await;
     let epoch = first["epoch"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(20), async || {
+        let (_, first) = open(&a, "crash", "&recover=true").await;
+        (first["epoch"] == epoch.as_str()).then_some(())
+    })
+    .await
+    .expect("A never showed the shared epoch");
     for _ in 0..3 {
         clients.push(open(&a, "crash", "&recover=true").await.0);
     }

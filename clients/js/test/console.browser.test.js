@@ -369,7 +369,13 @@ test('webhooks: dead letters are listed and retried against a test receiver', as
     const firstId = seen[0].headers['webhook-id'];
     await page.getByRole('button', { name: 'Refresh' }).last().click();
     const card = page.locator('#webhooks li[data-label="crm"]');
-    await card.waitFor();
+    // The card may already be on the page from before the delivery failed:
+    // the refresh replaces it once its request is answered.
+    await until(
+      () => /dead letters 1/.test(document.querySelector('#webhooks li[data-label="crm"]')?.textContent ?? ''),
+      null,
+      'the refreshed card with its dead letter',
+    );
     const cardText = await card.textContent();
     assert.ok(!cardText.includes('receiver-secret'), 'authorization is masked');
     assert.match(cardText, /dead letters 1/);
