@@ -75,6 +75,8 @@ fn fan_out(c: &mut Criterion) {
                 publish_queue: usize::MAX,
                 // The sink takes every batch at once: nothing to wait for.
                 publish_lag: 0,
+                // The sink has no socket: every batch goes through its mailbox.
+                direct_writes: false,
                 history: None,
             };
             let info = InstanceInfo {

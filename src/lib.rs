@@ -179,6 +179,7 @@ pub async fn serve(
             bus: bus.clone(),
             publish_queue: settings.limits.publish_queue,
             publish_lag: settings.limits.publish_lag,
+            direct_writes: settings.server.direct_writes,
             history: crate::instance::history::HistoryLimits::from_settings(&settings.ws),
         },
         Arc::new(AccessCache::default()),

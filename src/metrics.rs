@@ -28,6 +28,7 @@ pub struct Metrics {
     pub bus_errors: IntCounterVec,
     pub publish_waits: IntCounter,
     pub publish_lag: IntCounter,
+    pub direct_writes: IntCounterVec,
     // Webhooks (contract §11).
     pub webhook_deliveries: IntCounterVec,
     pub webhook_pending: IntGauge,
@@ -117,6 +118,13 @@ impl Metrics {
             "eventgate_publish_lag_total",
             "Times an instance's sessions fell behind on this node, so that its publishers waited for them to catch up",
         )?;
+        let direct_writes = IntCounterVec::new(
+            Opts::new(
+                "eventgate_direct_writes_total",
+                "Batches the fan-out wrote to an idle client's socket itself, by whether the socket took them whole or in part (the rest then went through the session)",
+            ),
+            &["written"],
+        )?;
         let webhook_deliveries = IntCounterVec::new(
             Opts::new(
                 "eventgate_webhook_deliveries_total",
@@ -170,6 +178,7 @@ impl Metrics {
         registry.register(Box::new(bus_errors.clone()))?;
         registry.register(Box::new(publish_waits.clone()))?;
         registry.register(Box::new(publish_lag.clone()))?;
+        registry.register(Box::new(direct_writes.clone()))?;
         // Labelled families show in /metrics only once they have a series:
         // the expected ones start at 0, so dashboards and alerts see every
         // family from the first scrape (config/grafana-dashboard.json,
@@ -181,6 +190,9 @@ impl Metrics {
         upgrades.with_label_values(&["accepted"]);
         for recovered in ["true", "false"] {
             recoveries.with_label_values(&[recovered]);
+        }
+        for written in ["whole", "partly"] {
+            direct_writes.with_label_values(&[written]);
         }
         Ok(Self {
             registry,
@@ -197,6 +209,7 @@ impl Metrics {
             bus_errors,
             publish_waits,
             publish_lag,
+            direct_writes,
             webhook_deliveries,
             webhook_pending,
             webhook_delivery_seconds,

@@ -72,6 +72,11 @@ settings_table! {
         /// Threads that instance actors are spread over; 0 = each instance's
         /// actor runs on the HTTP worker thread that first needs it.
         instance_arbiters: usize = 2, env "EVENTGATE_INSTANCE_ARBITERS";
+        /// Whether an instance's fan-out writes a session's frames to its
+        /// socket itself while nothing of that session's waits to be written
+        /// (less CPU at low rates, less throughput at full speed; see
+        /// BENCHMARKS.md); false = always through the session's mailbox.
+        direct_writes: bool = false, env "EVENTGATE_DIRECT_WRITES";
         /// Seconds a graceful shutdown may take before the process exits anyway.
         shutdown_drain_secs: u64 = 10, env "EVENTGATE_SHUTDOWN_DRAIN_SECS";
         /// Seconds an idle HTTP keep-alive connection is kept open.

@@ -73,7 +73,19 @@ async fn offsets_increase_and_are_shared_by_every_client_while_others_see_plain_
 
 #[actix_rt::test]
 async fn replay_is_exactly_what_was_missed_then_live_with_events_published_during_the_replay() {
-    let s = server(10_000, |_| {}).await;
+    replay_then_live(false).await;
+}
+
+/// The same with the fan-out writing idle sockets itself (`direct_writes`):
+/// a replay goes through the session, and nothing written directly
+/// overtakes it.
+#[actix_rt::test]
+async fn replay_then_live_with_direct_writes() {
+    replay_then_live(true).await;
+}
+
+async fn replay_then_live(direct_writes: bool) {
+    let s = server(10_000, |st| st.server.direct_writes = direct_writes).await;
     s.instance("gap").await;
     let (mut watcher, first) = open(&s, "gap", "&recover=true").await;
     let epoch = first["epoch"].as_str().unwrap().to_string();

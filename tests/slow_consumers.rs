@@ -312,3 +312,98 @@ async fn one_batch_larger_than_the_byte_bound_reaches_a_client_that_keeps_up() {
         0.0
     );
 }
+
+/// With `direct_writes`, a client that stops reading for a while and then
+/// reads everything: the fan-out writes its socket itself while it takes
+/// frames; the write that fills it is taken in part, and its rest and what
+/// follows go through the session. Every event arrives whole, once and in
+/// order, on a client whose bounds hold what it fell behind by; a fast
+/// client beside it is unaffected. First one publisher (each publish alone,
+/// so written directly) until a write was taken in part, then four at once
+/// while the session's writer holds the rest.
+#[actix_rt::test]
+async fn a_client_that_pauses_gets_every_frame_whole_and_in_order() {
+    const PUBLISHERS: usize = 4;
+    const EACH: u64 = 50;
+    let s = TestServer::start_with(|st| {
+        st.server.direct_writes = true;
+        st.ws.tcp_user_timeout_secs = 30;
+        st.ws.client_buffer = 4096;
+        st.ws.client_buffer_bytes = 64 << 20;
+    })
+    .await;
+    s.instance("pause").await;
+    let mut fast = s.connect("pause", "").await;
+    let mut paused = stalled_client(s.addr, &format!("/ws/pause?token={ACCOUNT}")).await;
+    s.wait_clients("pause", Some(2)).await;
+    let pad = "p".repeat(32 * 1024);
+    let publish = |p: usize, seq: u64| {
+        let body = event("message.status", json!({"p": p, "seq": seq, "pad": pad}));
+        let s = &s;
+        async move { assert_eq!(s.publish("pause", body).await.status, 202) }
+    };
+    let partly = "eventgate_direct_writes_total{written=\"partly\"}";
+    // Publisher PUBLISHERS, alone: 32 KiB at a time until the socket is full.
+    let mut first = 0;
+    while s.metric(partly).await < 1.0 {
+        assert!(first < 300, "no write was taken in part");
+        publish(PUBLISHERS, first).await;
+        first += 1;
+    }
+    assert!(
+        s.metric("eventgate_direct_writes_total{written=\"whole\"}")
+            .await
+            >= 1.0
+    );
+    let publishers = (0..PUBLISHERS).map(|p| async move {
+        for seq in 0..EACH {
+            publish(p, seq).await;
+        }
+    });
+    futures_util::future::join_all(publishers).await;
+    let total = first as usize + PUBLISHERS * EACH as usize;
+    // Each publisher's events arrive in its order, none missing or repeated.
+    let in_order = |events: &[serde_json::Value]| {
+        let mut next = [0u64; PUBLISHERS + 1];
+        for v in events {
+            let p = v["data"]["p"].as_u64().unwrap() as usize;
+            assert_eq!(v["data"]["seq"], next[p], "publisher {p}");
+            next[p] += 1;
+        }
+        assert_eq!(events.len(), total);
+    };
+    let mut got = Vec::new();
+    for _ in 0..total {
+        got.push(fast.envelope().await);
+    }
+    in_order(&got);
+    // Now the paused client reads: every text frame whole (a JSON envelope).
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let texts = loop {
+        let texts: Vec<_> = server_frames(&bytes)
+            .into_iter()
+            .filter(|(op, _)| *op == 1)
+            .collect();
+        if texts.len() >= total {
+            break texts
+                .iter()
+                .map(|(_, payload)| serde_json::from_slice(payload).unwrap())
+                .collect::<Vec<serde_json::Value>>();
+        }
+        assert!(Instant::now() < deadline, "{} frames arrived", texts.len());
+        let n = tokio::time::timeout(Duration::from_secs(10), paused.read(&mut buf))
+            .await
+            .expect("frames keep coming")
+            .unwrap();
+        assert!(n > 0, "closed after {} frames", texts.len());
+        bytes.extend_from_slice(&buf[..n]);
+    };
+    in_order(&texts);
+    assert_eq!(
+        s.metric("eventgate_clients_evicted_total{reason=\"slow_consumer\"}")
+            .await,
+        0.0
+    );
+}

@@ -48,6 +48,8 @@ pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         bus: Bus::Local,
         publish_queue: state.settings.limits.publish_queue,
         publish_lag: state.settings.limits.publish_lag,
+        // Nothing is fanned out here: the session answers its client itself.
+        direct_writes: false,
         history: None,
     };
     // Stops with its session, the only holder of its address.

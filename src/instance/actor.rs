@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use actix::dev::SendError;
 use actix::prelude::*;
+use bytes::Bytes;
 use bytestring::ByteString;
 use tokio::sync::oneshot;
 
@@ -31,6 +32,7 @@ use crate::domain::{EventKind, EventSet, VersionedConfig};
 use crate::events::{envelope, instance_data_json, strips_media};
 use crate::metrics::Metrics;
 use crate::ws::close::CloseCode;
+use crate::ws::direct::{encode_texts, Direct};
 
 // Following the cluster's shared history: handlers of `SyncStart` and
 // `Sequenced`, joins parked until the mirror is loaded.
@@ -74,6 +76,8 @@ pub struct FanoutEnv {
     /// Publishes waiting in a session from which it lags (`limits.publish_lag`;
     /// see `Inbox`); 0 = never.
     pub publish_lag: usize,
+    /// Whether the fan-out writes idle sessions' sockets itself (`ws::direct`).
+    pub direct_writes: bool,
     /// Bounds of each instance's history; `None`: no history is kept.
     pub history: Option<HistoryLimits>,
 }
@@ -117,6 +121,9 @@ pub struct InstanceActor {
     /// Backpressure shared with its `Inbox`es: publishes not yet handled,
     /// and whether this node is behind with the sessions.
     pressure: Arc<Pressure>,
+    /// Whether the last fan-out found (nearly) every session's writer idle:
+    /// only then does the next one write sockets itself (`ws::direct`).
+    writers_idle: bool,
     /// Publishers waiting for the sessions to catch up.
     answers: Vec<oneshot::Sender<()>>,
     /// Looks at the sessions every [`LAG_POLL`] while publishers wait.
@@ -171,6 +178,7 @@ impl InstanceActor {
             following: None,
             linger: None,
             pressure,
+            writers_idle: true,
             answers: Vec::new(),
             lag_watch: None,
             synced: shared.is_none(),
@@ -447,7 +455,11 @@ impl Handler<Publish> for InstanceActor {
         if frames.is_empty() {
             return;
         }
-        self.fan_out(&frames, ctx);
+        // Another publish waiting behind this one (its ticket is still
+        // held): the sessions' writers, which gather several publishes into
+        // one write, keep up better than a write per publish here.
+        let alone = self.pressure.waiting.load(Ordering::Acquire) <= 1;
+        self.fan_out(&frames, alone, ctx);
         self.env
             .metrics
             .fanout_seconds
@@ -464,30 +476,61 @@ impl Handler<Publish> for InstanceActor {
 }
 
 impl InstanceActor {
-    /// Queues `frames` to every session, evicting those past their bounds.
-    fn fan_out(&mut self, frames: &[Frame], ctx: &mut Context<Self>) {
+    /// Queues `frames` to every session, evicting those past their bounds;
+    /// `alone` when nothing else waits for this actor: then an idle
+    /// session's socket is written here at once instead (`ws::direct`).
+    fn fan_out(&mut self, frames: &[Frame], alone: bool, ctx: &mut Context<Self>) {
         if frames.is_empty() {
             return;
         }
-        // Sessions with the same narrowing and opt-in share one batch.
-        let mut batches: Vec<((EventSet, bool), Batch)> = Vec::new();
+        // Sessions with the same narrowing and opt-in share one batch (and
+        // its encoding, made when a session is first written directly).
+        let mut batches: Vec<((EventSet, bool), Batch, Option<Bytes>)> = Vec::new();
         let mut dropped = Vec::new();
         let mut delivered = 0u64;
         let mut lag = Lag::new(self.env.publish_lag);
+        let (mut whole, mut partly) = (0u64, 0u64);
+        let direct = alone && self.env.direct_writes && self.writers_idle;
+        // Sessions given frames, and those of them with some still waiting.
+        let (mut given, mut busy) = (0usize, 0usize);
         for (id, entry) in &self.sessions {
             let key = (entry.narrowing, entry.recovering);
-            let pos = match batches.iter().position(|(k, _)| *k == key) {
+            let pos = match batches.iter().position(|(k, _, _)| *k == key) {
                 Some(pos) => pos,
                 None => {
-                    batches.push((key, batch_of(frames, key.0, key.1)));
+                    batches.push((key, batch_of(frames, key.0, key.1), None));
                     batches.len() - 1
                 }
             };
-            let batch = &batches[pos].1;
+            let (_, batch, wire) = &mut batches[pos];
             if batch.frames.is_empty() {
                 continue;
             }
             let n = batch.frames.len() as u64;
+            let idle = entry.shared.nothing_waiting();
+            given += 1;
+            busy += usize::from(!idle);
+            if direct && idle {
+                let wire = wire.get_or_insert_with(|| encode_texts(&batch.frames));
+                let written = match entry.shared.direct.write(wire) {
+                    Direct::Written => {
+                        whole += 1;
+                        true
+                    }
+                    Direct::Partly => {
+                        partly += 1;
+                        // Full or closed: the writer is woken by what waits, or is gone.
+                        let _ = entry.recipient.try_send(ToSession::Flush);
+                        true
+                    }
+                    Direct::Refused => false,
+                };
+                // Not counted for the lag: it is of the sessions that queue.
+                if written {
+                    delivered += n;
+                    continue;
+                }
+            }
             match self.offer(entry, batch.clone(), ToSession::Deliver) {
                 Ok(()) => {
                     delivered += n;
@@ -496,6 +539,9 @@ impl InstanceActor {
                 Err(code) => dropped.push((*id, code)),
             }
         }
+        // At full speed the writers are busy, and each gathers several
+        // publishes into one write: better than a write per publish here.
+        self.writers_idle = busy * 8 <= given;
         self.set_behind(lag.behind(), ctx);
         let lost_some = !dropped.is_empty();
         for (id, code) in dropped {
@@ -510,6 +556,11 @@ impl InstanceActor {
             self.update_interest(ctx);
         }
         self.env.metrics.events_delivered.inc_by(delivered);
+        if whole + partly > 0 {
+            let written = &self.env.metrics.direct_writes;
+            written.with_label_values(&["whole"]).inc_by(whole);
+            written.with_label_values(&["partly"]).inc_by(partly);
+        }
     }
 }
 

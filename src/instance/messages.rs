@@ -36,6 +36,8 @@ pub struct SessionShared {
     pub socket_full: AtomicBool,
     /// A close the instance asked for (0 = none); read before every delivery.
     pub close_code: AtomicU16,
+    /// The fan-out's way to the session's socket while its writer is idle.
+    pub direct: crate::ws::direct::DirectWay,
 }
 
 impl SessionShared {
@@ -44,6 +46,14 @@ impl SessionShared {
     pub fn lagging(&self, threshold: usize) -> bool {
         self.queued_batches.load(Ordering::Acquire) >= threshold
             && !self.socket_full.load(Ordering::Acquire)
+    }
+
+    /// Whether nothing sent to the session waits in its mailbox or backlog
+    /// and no close was asked for: a direct write would overtake nothing.
+    pub fn nothing_waiting(&self) -> bool {
+        self.queued_batches.load(Ordering::Acquire) == 0
+            && self.queued_bytes.load(Ordering::Acquire) == 0
+            && self.close_code.load(Ordering::Acquire) == 0
     }
 
     /// Marks the session for closing with `code`, unless already marked.
@@ -73,6 +83,9 @@ pub struct Batch {
 pub enum ToSession {
     /// Write these frames, in order.
     Deliver(Batch),
+    /// A direct write left part of its frames for the connection's writer
+    /// (`ws::direct`): this wakes it to send them.
+    Flush,
     /// Write these frames (a recovery's first frame and replay), in order,
     /// as fast as the socket takes them; later deliveries follow them.
     Replay(Batch),

@@ -185,7 +185,8 @@ impl Handler<Sequenced> for InstanceActor {
             }
         }
         if !frames.is_empty() {
-            self.fan_out(&frames, ctx);
+            // Nothing more pending in the stream: nothing waits behind these.
+            self.fan_out(&frames, msg.caught_up, ctx);
         }
         if msg.caught_up {
             self.loading = false;

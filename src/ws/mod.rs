@@ -18,6 +18,9 @@
 //!        ▼
 //!  Session actor (session.rs) ── started(): mailbox raised, Join ──► InstanceActor
 //!        ◄── try_send(Batch) on its one stored Recipient; Full ⇒ 4008 (instance side)
+//!
+//!  With `server.direct_writes`, while Outgoing has nothing to write and the
+//!  mailbox is empty, the fan-out writes the encoded frames itself (direct.rs).
 //! ```
 //!
 //! Why the connection leaves actix-http's dispatcher: the dispatcher keeps an
@@ -30,6 +33,7 @@
 
 pub mod close;
 pub mod close_watch;
+pub mod direct;
 pub mod rules;
 pub mod session;
 pub mod socket;

@@ -163,6 +163,8 @@ impl Session {
 
     /// Sends a close frame with `code` and stops the actor.
     fn close(&mut self, ctx: &mut WebsocketContext<Self>, code: CloseCode) {
+        // Nothing may follow the close frame.
+        self.shared.direct.end();
         self.ended = code;
         ctx.close(Some(CloseReason {
             code: code.code().into(),
@@ -228,6 +230,7 @@ impl Actor for Session {
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.shared.direct.end();
         self.instance.do_send(Leave { session: self.id });
         Running::Stop
     }
@@ -269,6 +272,8 @@ impl Handler<ToSession> for Session {
                 }
             }
             ToSession::Close(code) => self.close(ctx, code),
+            // The connection's writer, polled for this, sends what is left.
+            ToSession::Flush => {}
         }
     }
 }
@@ -311,6 +316,7 @@ impl StreamHandler<Result<Message, ProtocolError>> for Session {
             }
             Message::Close(reason) => {
                 // Echo the client's code, as the close handshake asks.
+                self.shared.direct.end();
                 self.ended = CloseCode::Normal;
                 ctx.close(reason);
                 ctx.stop();

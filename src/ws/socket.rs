@@ -20,7 +20,6 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -61,7 +60,10 @@ pub async fn serve(
     shared: Arc<SessionShared>,
     max_frame: usize,
 ) {
-    let io = Rc::new(io);
+    let io = Arc::new(io);
+    shared.direct.attach(io.clone());
+    // Dropped before `io` on every way out, also when this future is.
+    let direct = EndDirect(shared.clone());
     let incoming = Incoming {
         io: io.clone(),
         early: (!early.is_empty()).then_some(early),
@@ -78,10 +80,20 @@ pub async fn serve(
         shared,
     }
     .await;
+    drop(direct);
     match outcome {
         // Boxed: its buffer and timer are not carried by every idle connection.
         Ok(()) => Box::pin(close_gracefully(&io)).await,
         Err(e) => log::debug!("websocket connection ended: {e}"),
+    }
+}
+
+/// Closes the fan-out's direct way to the socket (see `ws::direct`).
+struct EndDirect(Arc<SessionShared>);
+
+impl Drop for EndDirect {
+    fn drop(&mut self) {
+        self.0.direct.end();
     }
 }
 
@@ -113,7 +125,7 @@ async fn close_gracefully(io: &TcpStream) {
 
 /// The client's bytes, as the session's frame decoder reads them.
 struct Incoming {
-    io: Rc<TcpStream>,
+    io: Arc<TcpStream>,
     early: Option<Bytes>,
     eof: bool,
     /// Finds a close frame whose reason is not UTF-8 (1007, not 1002).
@@ -170,7 +182,7 @@ impl Stream for Incoming {
 /// Takes the session's encoded frames and writes them to the socket.
 /// Ready with `Ok` once the session stopped and everything was written.
 struct Outgoing<S> {
-    io: Rc<TcpStream>,
+    io: Arc<TcpStream>,
     frames: Pin<Box<S>>,
     pending: VecDeque<Bytes>,
     pending_bytes: usize,
@@ -236,6 +248,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        // What a direct write left goes first, before the session's frames.
+        let rest = this.shared.direct.busy();
+        if !rest.is_empty() {
+            this.pending_bytes += rest.len();
+            this.pending.push_front(rest);
+        }
         loop {
             this.take_frames(cx);
             if this.pending.is_empty() {
@@ -243,6 +261,7 @@ where
                 return if this.done {
                     Poll::Ready(Ok(()))
                 } else {
+                    this.shared.direct.idle();
                     Poll::Pending
                 };
             }
@@ -264,5 +283,59 @@ where
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::direct::Direct;
+    use std::io::Read;
+
+    /// What a direct write left unwritten goes out before the session's
+    /// next frames, however they came.
+    #[actix_rt::test]
+    async fn the_rest_of_a_direct_write_goes_before_the_sessions_frames() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let io = Arc::new(TcpStream::from_std(server).unwrap());
+        let shared = Arc::new(SessionShared::default());
+        shared.direct.attach(io.clone());
+        shared.direct.idle();
+        // Nobody reads yet: direct writes until one is taken in part.
+        let chunk = Bytes::from(vec![b'a'; 64 * 1024]);
+        let mut written = 0;
+        while shared.direct.write(&chunk) == Direct::Written {
+            written += chunk.len();
+        }
+        assert_eq!(
+            shared.direct.write(&chunk),
+            Direct::Refused,
+            "the way closed"
+        );
+        let frames = futures_util::stream::iter([Ok(Bytes::from_static(b"B"))]);
+        let outgoing = Outgoing::<_> {
+            io: io.clone(),
+            frames: Box::pin(frames),
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            done: false,
+            shared,
+        };
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            client.read_to_end(&mut all).unwrap();
+            all
+        });
+        outgoing.await.unwrap();
+        socket2::SockRef::from(&*io)
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap();
+        let all = reader.join().unwrap();
+        assert_eq!(all.len(), written + chunk.len() + 1);
+        assert!(all[..all.len() - 1].iter().all(|b| *b == b'a'));
+        assert_eq!(all.last(), Some(&b'B'));
     }
 }

@@ -1,0 +1,152 @@
+//! Direct writes: the instance's fan-out writing a session's frames to its
+//! socket itself, on the instance's thread, while the connection's writer
+//! (`socket::Outgoing`) has nothing queued, nothing waits in the session's
+//! mailbox and its client takes what it is sent. The frame is on the wire
+//! at once, with no message, no wake-up of the session's task and no
+//! encoding per session; otherwise deliveries take the mailbox as before.
+//! Only with `server.direct_writes` (off by default: it saves CPU at low
+//! rates, but at full speed a write per publish and session costs more than
+//! the writers' gathering of several publishes into one write), and only
+//! while the instance has nothing else waiting and its last fan-out found
+//! the writers idle (`instance::actor`).
+//!
+//! The writer and the fan-out take turns under one lock: the writer closes
+//! the way in (`busy`) each time it runs and opens it (`idle`) when it stops
+//! with nothing left to write; the fan-out writes only while it is open. So
+//! bytes never interleave and never overtake what the writer holds. A write
+//! the socket takes only in part closes the way; its rest is the writer's
+//! to send first. Once the session closes (or its connection ends), the way
+//! stays closed: nothing follows a close frame.
+
+use std::io;
+use std::sync::Arc;
+
+use actix_rt::net::TcpStream;
+use bytes::{BufMut, Bytes, BytesMut};
+use bytestring::ByteString;
+use parking_lot::Mutex;
+
+/// What became of a direct write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direct {
+    /// The socket took all of it.
+    Written,
+    /// The socket took part of it; the writer sends the rest once woken
+    /// (the caller wakes it with a message to the session).
+    Partly,
+    /// Not written: the caller delivers through the mailbox.
+    Refused,
+}
+
+/// One session's way in for direct writes.
+#[derive(Debug, Default)]
+pub struct DirectWay {
+    inner: Mutex<Way>,
+}
+
+#[derive(Debug, Default)]
+struct Way {
+    /// The connection's socket, from its start until the session closes.
+    socket: Option<Arc<TcpStream>>,
+    /// Whether the writer is stopped with nothing to write.
+    open: bool,
+    /// What a direct write left unwritten, for the writer to send first.
+    rest: Bytes,
+}
+
+impl DirectWay {
+    /// The connection's socket is here (the way stays closed until `idle`).
+    pub fn attach(&self, socket: Arc<TcpStream>) {
+        self.inner.lock().socket = Some(socket);
+    }
+
+    /// Closes the way for good: the session is closing or its connection ended.
+    pub fn end(&self) {
+        let mut way = self.inner.lock();
+        way.socket = None;
+        way.open = false;
+    }
+
+    /// The writer runs: the way closes; returns what a direct write left.
+    pub fn busy(&self) -> Bytes {
+        let mut way = self.inner.lock();
+        way.open = false;
+        std::mem::take(&mut way.rest)
+    }
+
+    /// The writer stopped with nothing left to write: the way opens.
+    pub fn idle(&self) {
+        let mut way = self.inner.lock();
+        way.open = way.socket.is_some() && way.rest.is_empty();
+    }
+
+    /// Writes `wire` (encoded frames) if the way is open.
+    pub fn write(&self, wire: &Bytes) -> Direct {
+        let mut way = self.inner.lock();
+        let Some(socket) = way.socket.as_ref().filter(|_| way.open) else {
+            return Direct::Refused;
+        };
+        let written = match socket.try_write(wire) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                // The connection failed; its writer finds out on its own.
+                way.open = false;
+                return Direct::Refused;
+            }
+        };
+        if written == wire.len() {
+            return Direct::Written;
+        }
+        way.open = false;
+        way.rest = wire.slice(written..);
+        Direct::Partly
+    }
+}
+
+/// `texts` as unmasked, unfragmented WebSocket text frames (RFC 6455 §5.2),
+/// one after the other.
+pub fn encode_texts(texts: &[ByteString]) -> Bytes {
+    let size = texts.iter().map(|t| t.len() + 10).sum();
+    let mut out = BytesMut::with_capacity(size);
+    for text in texts {
+        out.put_u8(0x81);
+        let len = text.len();
+        if len < 126 {
+            out.put_u8(len as u8);
+        } else if let Ok(len) = u16::try_from(len) {
+            out.put_u8(126);
+            out.put_u16(len);
+        } else {
+            out.put_u8(127);
+            out.put_u64(len as u64);
+        }
+        out.put_slice(text.as_bytes());
+    }
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_codec::Decoder;
+    use actix_http::ws::{Codec, Frame};
+
+    #[test]
+    fn encoded_texts_are_what_the_codec_reads() {
+        let texts: Vec<ByteString> = [0usize, 1, 125, 126, 65535, 65536, 70000]
+            .iter()
+            .map(|&n| "x".repeat(n).into())
+            .collect();
+        let mut wire = BytesMut::from(&encode_texts(&texts)[..]);
+        // The client side of the codec reads unmasked frames.
+        let mut codec = Codec::new().client_mode().max_size(1 << 20);
+        for text in &texts {
+            match codec.decode(&mut wire).unwrap() {
+                Some(Frame::Text(got)) => assert_eq!(&got[..], text.as_bytes()),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(wire.is_empty());
+    }
+}
