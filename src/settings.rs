@@ -74,8 +74,9 @@ settings_table! {
         instance_arbiters: usize = 2, env "EVENTGATE_INSTANCE_ARBITERS";
         /// Whether an instance's fan-out writes a session's frames to its
         /// socket itself while nothing of that session's waits to be written
-        /// (less CPU at low rates, less throughput at full speed; see
-        /// BENCHMARKS.md); false = always through the session's mailbox.
+        /// and the node is quiet (less CPU per delivery at low rates, a
+        /// longer tail at full speed; BENCHMARKS.md, "Direct writes");
+        /// false = always through the session's mailbox.
         direct_writes: bool = false, env "EVENTGATE_DIRECT_WRITES";
         /// Seconds a graceful shutdown may take before the process exits anyway.
         shutdown_drain_secs: u64 = 10, env "EVENTGATE_SHUTDOWN_DRAIN_SECS";

@@ -90,6 +90,13 @@ struct SessionEntry {
     recovering: bool,
 }
 
+/// Least time between an instance's fan-outs for the second to write idle
+/// sockets itself (`ws::direct`): an instance publishing faster than this
+/// (200 publishes a second) keeps its sessions' writers busy, and they
+/// gather several publishes into one write, which a write per publish from
+/// here cannot match.
+const DIRECT_SPACING: Duration = Duration::from_millis(5);
+
 /// One event's envelopes for this node's sessions.
 struct Frame {
     kind: EventKind,
@@ -124,6 +131,8 @@ pub struct InstanceActor {
     /// Whether the last fan-out found (nearly) every session's writer idle:
     /// only then does the next one write sockets itself (`ws::direct`).
     writers_idle: bool,
+    /// When the last fan-out began.
+    last_fan_out: Option<Instant>,
     /// Publishers waiting for the sessions to catch up.
     answers: Vec<oneshot::Sender<()>>,
     /// Looks at the sessions every [`LAG_POLL`] while publishers wait.
@@ -179,6 +188,7 @@ impl InstanceActor {
             linger: None,
             pressure,
             writers_idle: true,
+            last_fan_out: None,
             answers: Vec::new(),
             lag_watch: None,
             synced: shared.is_none(),
@@ -455,10 +465,12 @@ impl Handler<Publish> for InstanceActor {
         if frames.is_empty() {
             return;
         }
-        // Another publish waiting behind this one (its ticket is still
-        // held): the sessions' writers, which gather several publishes into
-        // one write, keep up better than a write per publish here.
-        let alone = self.pressure.waiting.load(Ordering::Acquire) <= 1;
+        // Another publish waiting behind this one, of this instance or of
+        // any on this node (this one's ticket is still held): the node is
+        // busy, and the sessions' writers, which gather several publishes
+        // into one write, keep up better than a write per publish here.
+        let alone = self.pressure.waiting.load(Ordering::Acquire) <= 1
+            && self.pressure.node_waiting.load(Ordering::Acquire) <= 1;
         self.fan_out(&frames, alone, ctx);
         self.env
             .metrics
@@ -476,9 +488,12 @@ impl Handler<Publish> for InstanceActor {
 }
 
 impl InstanceActor {
-    /// Queues `frames` to every session, evicting those past their bounds;
-    /// `alone` when nothing else waits for this actor: then an idle
-    /// session's socket is written here at once instead (`ws::direct`).
+    /// Queues `frames` to every session, evicting those past their bounds.
+    /// With `server.direct_writes`, when the node is quiet (`alone`: nothing
+    /// else waits for this actor nor for any other of the node; this
+    /// instance's last fan-out at least [`DIRECT_SPACING`] ago and its
+    /// writers idle then), an idle session's socket is written here at once
+    /// instead (`ws::direct`).
     fn fan_out(&mut self, frames: &[Frame], alone: bool, ctx: &mut Context<Self>) {
         if frames.is_empty() {
             return;
@@ -490,7 +505,12 @@ impl InstanceActor {
         let mut delivered = 0u64;
         let mut lag = Lag::new(self.env.publish_lag);
         let (mut whole, mut partly) = (0u64, 0u64);
-        let direct = alone && self.env.direct_writes && self.writers_idle;
+        let now = Instant::now();
+        let spaced = self
+            .last_fan_out
+            .is_none_or(|last| now.duration_since(last) >= DIRECT_SPACING);
+        self.last_fan_out = Some(now);
+        let direct = alone && spaced && self.env.direct_writes && self.writers_idle;
         // Sessions given frames, and those of them with some still waiting.
         let (mut given, mut busy) = (0usize, 0usize);
         for (id, entry) in &self.sessions {

@@ -39,6 +39,19 @@ pub struct Pressure {
     pub(super) waiting: AtomicUsize,
     /// Whether most sessions are lagging (see the module's comment).
     pub(super) behind: AtomicBool,
+    /// Publishes sent to any instance actor of this node and not yet
+    /// handled, shared by all of them: more than one means the node is busy.
+    pub(super) node_waiting: Arc<AtomicUsize>,
+}
+
+impl Pressure {
+    /// An instance's pressure, counted also in the node's `node_waiting`.
+    pub fn on_node(node_waiting: Arc<AtomicUsize>) -> Self {
+        Self {
+            node_waiting,
+            ..Self::default()
+        }
+    }
 }
 
 /// One instance actor's address with its backpressure.

@@ -165,6 +165,7 @@ pub struct QueueTicket(Arc<Pressure>);
 impl QueueTicket {
     pub fn take(pressure: &Arc<Pressure>) -> Self {
         pressure.waiting.fetch_add(1, Ordering::AcqRel);
+        pressure.node_waiting.fetch_add(1, Ordering::AcqRel);
         Self(pressure.clone())
     }
 }
@@ -172,6 +173,7 @@ impl QueueTicket {
 impl Drop for QueueTicket {
     fn drop(&mut self) {
         self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.node_waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

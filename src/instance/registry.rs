@@ -31,6 +31,9 @@ pub struct Registry {
     next_arbiter: AtomicUsize,
     env: FanoutEnv,
     labelled: AtomicUsize,
+    /// Publishes handed to this node's instance actors and not yet handled
+    /// (see `Pressure::node_waiting`).
+    node_waiting: Arc<AtomicUsize>,
     /// Remembered authorisations, forgotten on every change (see [`super::change`]).
     access: Arc<AccessCache>,
     /// Every instance's enabled webhooks (see [`crate::webhook::Webhooks`]).
@@ -50,6 +53,7 @@ impl Registry {
             next_arbiter: AtomicUsize::new(0),
             env,
             labelled: AtomicUsize::new(0),
+            node_waiting: Arc::default(),
             access,
             webhooks: Arc::default(),
             me: me.clone(),
@@ -102,7 +106,7 @@ impl Registry {
             n => self.arbiters[self.next_arbiter.fetch_add(1, Ordering::Relaxed) % n].handle(),
         };
         let (id, env, me) = (info.id, self.env.clone(), self.me.clone());
-        let pressure = Arc::new(Pressure::default());
+        let pressure = Arc::new(Pressure::on_node(self.node_waiting.clone()));
         let bound = env.publish_queue;
         let shared = pressure.clone();
         let addr = InstanceActor::start_in_arbiter(&arbiter, move |_| {

@@ -7,8 +7,7 @@
 //! Only with `server.direct_writes` (off by default: it saves CPU at low
 //! rates, but at full speed a write per publish and session costs more than
 //! the writers' gathering of several publishes into one write), and only
-//! while the instance has nothing else waiting and its last fan-out found
-//! the writers idle (`instance::actor`).
+//! while the node is quiet (`instance::actor::fan_out`).
 //!
 //! The writer and the fan-out take turns under one lock: the writer closes
 //! the way in (`busy`) each time it runs and opens it (`idle`) when it stops
