@@ -318,9 +318,9 @@ async fn one_batch_larger_than_the_byte_bound_reaches_a_client_that_keeps_up() {
 /// frames; the write that fills it is taken in part, and its rest and what
 /// follows go through the session. Every event arrives whole, once and in
 /// order, on a client whose bounds hold what it fell behind by; a fast
-/// client beside it is unaffected. First one publisher (each publish alone,
-/// so written directly) until a write was taken in part, then four at once
-/// while the session's writer holds the rest.
+/// client beside it is unaffected. First one publisher (each publish alone
+/// and spaced, so written directly) until a write was taken in part, then
+/// four at once while the session's writer holds the rest.
 #[actix_rt::test]
 async fn a_client_that_pauses_gets_every_frame_whole_and_in_order() {
     const PUBLISHERS: usize = 4;
@@ -343,12 +343,15 @@ async fn a_client_that_pauses_gets_every_frame_whole_and_in_order() {
         async move { assert_eq!(s.publish("pause", body).await.status, 202) }
     };
     let partly = "eventgate_direct_writes_total{written=\"partly\"}";
-    // Publisher PUBLISHERS, alone: 32 KiB at a time until the socket is full.
+    // Publisher PUBLISHERS, alone, until the socket is full: the node writes
+    // directly only to an instance whose fan-outs are spaced (5 ms), so
+    // these are 20 ms apart (the spacing is the condition, not a wait).
     let mut first = 0;
     while s.metric(partly).await < 1.0 {
         assert!(first < 300, "no write was taken in part");
         publish(PUBLISHERS, first).await;
         first += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
         s.metric("eventgate_direct_writes_total{written=\"whole\"}")

@@ -128,8 +128,9 @@ pub struct InstanceActor {
     /// Backpressure shared with its `Inbox`es: publishes not yet handled,
     /// and whether this node is behind with the sessions.
     pressure: Arc<Pressure>,
-    /// Whether the last fan-out found (nearly) every session's writer idle:
-    /// only then does the next one write sockets itself (`ws::direct`).
+    /// Whether the last fan-out found at most one in eight of its sessions
+    /// with something waiting for them: only then does the next one write
+    /// sockets itself (`ws::direct`).
     writers_idle: bool,
     /// When the last fan-out began.
     last_fan_out: Option<Instant>,
@@ -469,8 +470,7 @@ impl Handler<Publish> for InstanceActor {
         // any on this node (this one's ticket is still held): the node is
         // busy, and the sessions' writers, which gather several publishes
         // into one write, keep up better than a write per publish here.
-        let alone = self.pressure.waiting.load(Ordering::Acquire) <= 1
-            && self.pressure.node_waiting.load(Ordering::Acquire) <= 1;
+        let alone = self.pressure.waiting.load(Ordering::Acquire) <= 1 && self.node_quiet(1);
         self.fan_out(&frames, alone, ctx);
         self.env
             .metrics
@@ -488,6 +488,12 @@ impl Handler<Publish> for InstanceActor {
 }
 
 impl InstanceActor {
+    /// Whether no more than `own` publishes (those being handled here) wait
+    /// for the instance actors of this node.
+    pub(super) fn node_quiet(&self, own: usize) -> bool {
+        self.pressure.node_waiting.load(Ordering::Acquire) <= own
+    }
+
     /// Queues `frames` to every session, evicting those past their bounds.
     /// With `server.direct_writes`, when the node is quiet (`alone`: nothing
     /// else waits for this actor nor for any other of the node; this
@@ -545,9 +551,9 @@ impl InstanceActor {
                     }
                     Direct::Refused => false,
                 };
-                // Not counted for the lag: it is of the sessions that queue.
                 if written {
                     delivered += n;
+                    lag.count(&entry.shared);
                     continue;
                 }
             }
@@ -559,8 +565,8 @@ impl InstanceActor {
                 Err(code) => dropped.push((*id, code)),
             }
         }
-        // At full speed the writers are busy, and each gathers several
-        // publishes into one write: better than a write per publish here.
+        // At full speed sessions have publishes waiting, and each writer
+        // gathers several into one write: better than a write per publish here.
         self.writers_idle = busy * 8 <= given;
         self.set_behind(lag.behind(), ctx);
         let lost_some = !dropped.is_empty();

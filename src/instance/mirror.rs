@@ -185,8 +185,10 @@ impl Handler<Sequenced> for InstanceActor {
             }
         }
         if !frames.is_empty() {
-            // Nothing more pending in the stream: nothing waits behind these.
-            self.fan_out(&frames, msg.caught_up, ctx);
+            // Nothing more pending in the stream, and no publish waiting for
+            // any instance of the node: nothing waits behind these.
+            let alone = msg.caught_up && self.node_quiet(0);
+            self.fan_out(&frames, alone, ctx);
         }
         if msg.caught_up {
             self.loading = false;

@@ -1,7 +1,7 @@
 //! Direct writes: the instance's fan-out writing a session's frames to its
 //! socket itself, on the instance's thread, while the connection's writer
-//! (`socket::Outgoing`) has nothing queued, nothing waits in the session's
-//! mailbox and its client takes what it is sent. The frame is on the wire
+//! (`socket::Outgoing`) has nothing queued (so its socket took all it was
+//! given) and nothing waits in the session's mailbox. The frame is on the wire
 //! at once, with no message, no wake-up of the session's task and no
 //! encoding per session; otherwise deliveries take the mailbox as before.
 //! Only with `server.direct_writes` (off by default: it saves CPU at low
@@ -30,8 +30,8 @@ use parking_lot::Mutex;
 pub enum Direct {
     /// The socket took all of it.
     Written,
-    /// The socket took part of it; the writer sends the rest once woken
-    /// (the caller wakes it with a message to the session).
+    /// The socket took part of it, possibly nothing; the writer sends the
+    /// rest once woken (the caller wakes it with a message to the session).
     Partly,
     /// Not written: the caller delivers through the mailbox.
     Refused,
