@@ -76,9 +76,9 @@ async fn replay_is_exactly_what_was_missed_then_live_with_events_published_durin
     replay_then_live(false).await;
 }
 
-/// The same with the fan-out writing idle sockets itself (`direct_writes`):
-/// a replay goes through the session, and nothing written directly
-/// overtakes it.
+/// The same with the fan-out writing idle sockets itself (`direct_writes`),
+/// the producer spaced so that it does: a replay goes through the session,
+/// and nothing written directly overtakes it.
 #[actix_rt::test]
 async fn replay_then_live_with_direct_writes() {
     replay_then_live(true).await;
@@ -109,6 +109,10 @@ async fn replay_then_live(direct_writes: bool) {
     let producer = async {
         for i in 301..=last {
             assert_eq!(s.publish("gap", ev(i)).await.status, 202);
+            if direct_writes {
+                // Fan-outs spaced past the node's 5 ms gate: written directly.
+                tokio::time::sleep(Duration::from_millis(6)).await;
+            }
         }
     };
     let consumer = async {
@@ -144,6 +148,10 @@ async fn replay_then_live(direct_writes: bool) {
     // The watcher, connected throughout, saw the same offsets.
     let all = read_until(&mut watcher, last).await;
     assert_eq!(&all[5..], &got[..]);
+    let direct = s
+        .metric("eventgate_direct_writes_total{written=\"whole\"}")
+        .await;
+    assert_eq!(direct > 100.0, direct_writes, "{direct} direct writes");
 }
 
 #[actix_rt::test]

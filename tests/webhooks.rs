@@ -15,6 +15,25 @@ use webhook_receiver::{eventually, Receiver};
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Runs `$body` with `$c` a connection of its own to the server's database
+/// at `$url`, of either backend (on SQLite, waiting its turn to write).
+macro_rules! on_db {
+    ($url:expr, $c:ident => $body:expr) => {{
+        use diesel::{Connection, RunQueryDsl};
+        let url: &str = $url;
+        if url.starts_with("postgres") {
+            let $c = &mut diesel::PgConnection::establish(url).unwrap();
+            $body
+        } else {
+            let $c = &mut diesel::SqliteConnection::establish(url).unwrap();
+            diesel::sql_query("PRAGMA busy_timeout = 10000")
+                .execute($c)
+                .unwrap();
+            $body
+        }
+    }};
+}
+
 /// A server that may deliver to 127.0.0.0/8, with a short retry schedule.
 async fn server_with(schedule: &[u64]) -> TestServer {
     let schedule = schedule.to_vec();
@@ -1488,36 +1507,15 @@ struct StoredRow {
 }
 
 fn stored_secrets(url: &str) -> Vec<(String, Option<String>)> {
-    use diesel::{Connection, RunQueryDsl};
     let q = "SELECT secret, auth_header FROM webhooks";
-    let rows: Vec<StoredRow> = if url.starts_with("postgres") {
-        diesel::sql_query(q)
-            .load(&mut diesel::PgConnection::establish(url).unwrap())
-            .unwrap()
-    } else {
-        diesel::sql_query(q)
-            .load(&mut diesel::SqliteConnection::establish(url).unwrap())
-            .unwrap()
-    };
+    let rows: Vec<StoredRow> = on_db!(url, c => diesel::sql_query(q).load(c).unwrap());
     rows.into_iter()
         .map(|r| (r.secret, r.auth_header))
         .collect()
 }
 
 fn overwrite_auth(url: &str, value: &str) {
-    use diesel::{Connection, RunQueryDsl};
-    let q = format!("UPDATE webhooks SET auth_header = '{value}'");
-    if url.starts_with("postgres") {
-        diesel::sql_query(q)
-            .execute(&mut diesel::PgConnection::establish(url).unwrap())
-            .unwrap();
-    } else {
-        let mut c = diesel::SqliteConnection::establish(url).unwrap();
-        diesel::sql_query("PRAGMA busy_timeout = 10000")
-            .execute(&mut c)
-            .unwrap();
-        diesel::sql_query(q).execute(&mut c).unwrap();
-    }
+    execute(url, &format!("UPDATE webhooks SET auth_header = '{value}'"));
 }
 
 #[actix_rt::test]
@@ -1691,34 +1689,12 @@ struct Count {
 
 /// The `n` of a `SELECT COUNT(*) AS n …` on the server's database.
 fn count(url: &str, sql: &str) -> i64 {
-    use diesel::{Connection, RunQueryDsl};
-    let rows: Vec<Count> = if url.starts_with("postgres") {
-        diesel::sql_query(sql)
-            .load(&mut diesel::PgConnection::establish(url).unwrap())
-            .unwrap()
-    } else {
-        let mut c = diesel::SqliteConnection::establish(url).unwrap();
-        diesel::sql_query("PRAGMA busy_timeout = 10000")
-            .execute(&mut c)
-            .unwrap();
-        diesel::sql_query(sql).load(&mut c).unwrap()
-    };
+    let rows: Vec<Count> = on_db!(url, c => diesel::sql_query(sql).load(c).unwrap());
     rows[0].n
 }
 
 fn execute(url: &str, sql: &str) {
-    use diesel::{Connection, RunQueryDsl};
-    if url.starts_with("postgres") {
-        diesel::sql_query(sql)
-            .execute(&mut diesel::PgConnection::establish(url).unwrap())
-            .unwrap();
-    } else {
-        let mut c = diesel::SqliteConnection::establish(url).unwrap();
-        diesel::sql_query("PRAGMA busy_timeout = 10000")
-            .execute(&mut c)
-            .unwrap();
-        diesel::sql_query(sql).execute(&mut c).unwrap();
-    }
+    on_db!(url, c => diesel::sql_query(sql).execute(c).unwrap());
 }
 
 #[actix_rt::test]

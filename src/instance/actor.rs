@@ -494,12 +494,23 @@ impl InstanceActor {
         self.pressure.node_waiting.load(Ordering::Acquire) <= own
     }
 
+    /// Whether this fan-out may write idle sessions' sockets itself: `alone`,
+    /// at least [`DIRECT_SPACING`] after the previous one, which found the
+    /// writers idle.
+    fn may_write_directly(&mut self, alone: bool) -> bool {
+        let now = Instant::now();
+        let spaced = self
+            .last_fan_out
+            .is_none_or(|last| now.duration_since(last) >= DIRECT_SPACING);
+        self.last_fan_out = Some(now);
+        alone && spaced && self.writers_idle
+    }
+
     /// Queues `frames` to every session, evicting those past their bounds.
     /// With `server.direct_writes`, when the node is quiet (`alone`: nothing
-    /// else waits for this actor nor for any other of the node; this
-    /// instance's last fan-out at least [`DIRECT_SPACING`] ago and its
-    /// writers idle then), an idle session's socket is written here at once
-    /// instead (`ws::direct`).
+    /// else waits for this actor nor any other of the node; and see
+    /// `may_write_directly`), an idle session's socket is written here at
+    /// once instead (`ws::direct`).
     fn fan_out(&mut self, frames: &[Frame], alone: bool, ctx: &mut Context<Self>) {
         if frames.is_empty() {
             return;
@@ -510,13 +521,9 @@ impl InstanceActor {
         let mut dropped = Vec::new();
         let mut delivered = 0u64;
         let mut lag = Lag::new(self.env.publish_lag);
-        let (mut whole, mut partly) = (0u64, 0u64);
-        let now = Instant::now();
-        let spaced = self
-            .last_fan_out
-            .is_none_or(|last| now.duration_since(last) >= DIRECT_SPACING);
-        self.last_fan_out = Some(now);
-        let direct = alone && spaced && self.env.direct_writes && self.writers_idle;
+        // Batches written directly, whole and in part (`ws::direct`).
+        let mut written = [0u64; 2];
+        let direct = self.env.direct_writes && self.may_write_directly(alone);
         // Sessions given frames, and those of them with some still waiting.
         let (mut given, mut busy) = (0usize, 0usize);
         for (id, entry) in &self.sessions {
@@ -533,28 +540,24 @@ impl InstanceActor {
                 continue;
             }
             let n = batch.frames.len() as u64;
-            let idle = entry.shared.nothing_waiting();
-            given += 1;
-            busy += usize::from(!idle);
-            if direct && idle {
-                let wire = wire.get_or_insert_with(|| encode_texts(&batch.frames));
-                let written = match entry.shared.direct.write(wire) {
-                    Direct::Written => {
-                        whole += 1;
-                        true
+            if self.env.direct_writes {
+                let idle = entry.shared.nothing_waiting();
+                given += 1;
+                busy += usize::from(!idle);
+                if direct && idle {
+                    let wire = wire.get_or_insert_with(|| encode_texts(&batch.frames));
+                    let done = entry.shared.direct.write(wire);
+                    if done != Direct::Refused {
+                        if done == Direct::Partly {
+                            // Wakes the writer to send the rest (if it is
+                            // full or gone, what waits wakes it, or nothing need).
+                            let _ = entry.recipient.try_send(ToSession::Flush);
+                        }
+                        written[usize::from(done == Direct::Partly)] += 1;
+                        delivered += n;
+                        lag.count(&entry.shared);
+                        continue;
                     }
-                    Direct::Partly => {
-                        partly += 1;
-                        // Full or closed: the writer is woken by what waits, or is gone.
-                        let _ = entry.recipient.try_send(ToSession::Flush);
-                        true
-                    }
-                    Direct::Refused => false,
-                };
-                if written {
-                    delivered += n;
-                    lag.count(&entry.shared);
-                    continue;
                 }
             }
             match self.offer(entry, batch.clone(), ToSession::Deliver) {
@@ -582,10 +585,10 @@ impl InstanceActor {
             self.update_interest(ctx);
         }
         self.env.metrics.events_delivered.inc_by(delivered);
-        if whole + partly > 0 {
-            let written = &self.env.metrics.direct_writes;
-            written.with_label_values(&["whole"]).inc_by(whole);
-            written.with_label_values(&["partly"]).inc_by(partly);
+        if written != [0, 0] {
+            let counter = &self.env.metrics.direct_writes;
+            counter.with_label_values(&["whole"]).inc_by(written[0]);
+            counter.with_label_values(&["partly"]).inc_by(written[1]);
         }
     }
 }

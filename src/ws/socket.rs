@@ -71,15 +71,7 @@ pub async fn serve(
         watch: CloseWatch::default(),
     };
     let frames = WebsocketContext::with_codec(session, incoming, Codec::new().max_size(max_frame));
-    let outcome = Outgoing {
-        io: io.clone(),
-        frames: Box::pin(frames),
-        pending: VecDeque::new(),
-        pending_bytes: 0,
-        done: false,
-        shared,
-    }
-    .await;
+    let outcome = Outgoing::new(io.clone(), frames, shared).await;
     drop(direct);
     match outcome {
         // Boxed: its buffer and timer are not carried by every idle connection.
@@ -195,6 +187,17 @@ impl<S> Outgoing<S>
 where
     S: Stream<Item = Result<Bytes, actix_web::Error>>,
 {
+    fn new(io: Arc<TcpStream>, frames: S, shared: Arc<SessionShared>) -> Self {
+        Self {
+            io,
+            frames: Box::pin(frames),
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            done: false,
+            shared,
+        }
+    }
+
     /// Polls the session for frames while few enough wait for the socket.
     fn take_frames(&mut self, cx: &mut Context<'_>) {
         while !self.done && self.pending_bytes < HIGH_WATER {
@@ -316,14 +319,7 @@ mod tests {
             "the way closed"
         );
         let frames = futures_util::stream::iter([Ok(Bytes::from_static(b"B"))]);
-        let outgoing = Outgoing::<_> {
-            io: io.clone(),
-            frames: Box::pin(frames),
-            pending: VecDeque::new(),
-            pending_bytes: 0,
-            done: false,
-            shared,
-        };
+        let outgoing = Outgoing::new(io.clone(), frames, shared);
         let reader = std::thread::spawn(move || {
             let mut all = Vec::new();
             client.read_to_end(&mut all).unwrap();
