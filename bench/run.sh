@@ -50,7 +50,8 @@ mkdir -p bench/results
 OUT=${OUT:-bench/results/run-$(date +%Y%m%d-%H%M%S).jsonl}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BENCH=$TARGET_DIR/release/eventgate-bench
-GATE=$TARGET_DIR/release/eventgate
+# GATE: the gateway binary measured (another build, for an A/B comparison).
+GATE=${GATE:-$TARGET_DIR/release/eventgate}
 TOKEN=bench-account-token-0123456789abcdef0123
 WORK=$(mktemp -d)
 

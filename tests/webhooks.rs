@@ -1416,11 +1416,33 @@ async fn instance_creation_stores_the_default_webhook_and_list_shows_it() {
     assert!(wi["webhook"].get("stats").is_none());
     assert_eq!(list.body["instances"][1]["webhook"], Value::Null);
 
-    // Deleting the instance deletes its webhooks and deliveries.
+    // Deleting the instance deletes its webhooks and deliveries: one
+    // pending (its receiver is down) and one dead letter.
+    set_ok(
+        &s,
+        "wi",
+        json!({"label": "down", "enabled": true, "url": "http://127.0.0.1:9/"}),
+    )
+    .await;
+    s.publish("wi", event("call.update", json!({}))).await;
+    let of_down = "SELECT COUNT(*) AS n FROM webhook_deliveries \
+         WHERE webhook_id IN (SELECT id FROM webhooks WHERE label = 'down')";
+    execute(
+        &s.db.url,
+        "INSERT INTO webhook_deliveries (id, webhook_id, event, data, created_at, next_attempt_at, dead_at) \
+         SELECT 'msg_deadletter', id, 'call.update', '{}', 1, 1, 1 FROM webhooks WHERE label = 'down'",
+    );
+    assert_eq!(
+        count(&s.db.url, of_down),
+        2,
+        "a pending delivery and a dead letter"
+    );
     let r = s
         .call("DELETE", "/api/instance/delete/wi", Some(ACCOUNT), None)
         .await;
     assert_eq!(r.status, 200);
+    let all = "SELECT COUNT(*) AS n FROM webhook_deliveries";
+    assert_eq!(count(&s.db.url, all), 0, "deleted with the instance");
     let r = s
         .call(
             "POST",
@@ -1894,4 +1916,51 @@ async fn the_deliveries_table_is_vacuumed_on_postgresql_without_autovacuum() {
         now.manual,
         now.dead
     );
+}
+
+#[actix_rt::test]
+async fn a_webhook_deleted_or_disabled_while_publishes_are_stored_and_attempts_recorded() {
+    let s = server_with(&[3600]).await;
+    let port = common::free_port();
+    s.instance("race").await;
+    let down = json!({"enabled": true, "url": format!("http://127.0.0.1:{port}/")});
+    let orphans = "SELECT COUNT(*) AS n FROM webhook_deliveries d \
+         WHERE NOT EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id)";
+    for round in 0..6 {
+        set_ok(&s, "race", down.clone()).await;
+        let batch = json!((0..50)
+            .map(|i| event("call.update", json!({"i": i})))
+            .collect::<Vec<_>>());
+        // Four publishers storing deliveries while the webhook is deleted.
+        let publishers = futures_util::future::join_all((0..4).map(|_| async {
+            let mut statuses = Vec::new();
+            for _ in 0..15 {
+                statuses.push(s.publish("race", batch.clone()).await.status);
+            }
+            statuses
+        }));
+        // Deleted in even rounds, disabled in odd ones, while failed
+        // attempts are being recorded.
+        let delete = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if round % 2 == 0 {
+                s.call(
+                    "DELETE",
+                    "/api/events/webhook/race?label=default",
+                    Some(ACCOUNT),
+                    None,
+                )
+                .await
+            } else {
+                set(&s, "race", json!({"enabled": false})).await
+            }
+        };
+        let (statuses, deleted) = tokio::join!(publishers, delete);
+        assert_eq!(deleted.status, 200, "{}", deleted.body);
+        assert!(
+            statuses.iter().flatten().all(|s| *s == 202),
+            "round {round}: every publish accepted: {statuses:?}"
+        );
+        assert_eq!(count(&s.db.url, orphans), 0, "round {round}");
+    }
 }

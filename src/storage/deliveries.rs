@@ -13,7 +13,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Text};
 
 use super::schema::webhook_deliveries as d;
-use super::webhooks::{dialect, id_list, WebhookRow, COLUMNS};
+use super::webhooks::{dialect, hook_locks, id_list, HookId, WebhookRow, COLUMNS};
 use super::{unsynced, with_conn, write_tx, DbConn, StorageError};
 
 /// Error of a delivery refused because its webhook's backlog is full.
@@ -249,6 +249,114 @@ impl<'a> Runs<'a> {
     }
 }
 
+/// A run's rows, inserted in one statement (returning `(id, seq)` of each
+/// row when they are stored leased, for the node to attempt them).
+trait InsertRun {
+    fn insert_run(&mut self, webhook: i64, run: &Run<'_>) -> QueryResult<Vec<(String, i64)>>;
+}
+
+impl Stored {
+    /// `(attempts, leased, dead)` of a row stored this way.
+    fn columns(self) -> (i64, bool, bool) {
+        match self {
+            Stored::Leased => (1, true, false),
+            Stored::Due => (0, false, false),
+            Stored::Refused => (0, false, true),
+        }
+    }
+}
+
+/// SQLite: multi-row `INSERT`s (a statement costs no round trip here).
+impl InsertRun for diesel::sqlite::SqliteConnection {
+    fn insert_run(&mut self, webhook: i64, run: &Run<'_>) -> QueryResult<Vec<(String, i64)>> {
+        let (attempts, leased, dead) = run.stored.columns();
+        let mut returned = Vec::new();
+        for chunk in run.rows.chunks(INSERT_CHUNK) {
+            let values = chunk
+                .iter()
+                .map(|n| {
+                    (
+                        d::id.eq(&n.row.id),
+                        d::webhook_id.eq(webhook),
+                        d::event.eq(n.row.event),
+                        d::data.eq(&n.row.data),
+                        d::created_at.eq(n.now),
+                        d::attempts.eq(attempts),
+                        d::next_attempt_at.eq(n.now),
+                        d::lease_until.eq(if leased { n.lease_until } else { 0 }),
+                        d::last_error.eq(dead.then_some(BACKLOG_FULL)),
+                        d::dead_at.eq(dead.then_some(n.now)),
+                    )
+                })
+                .collect::<Vec<_>>();
+            let insert = diesel::insert_into(d::table).values(values);
+            if leased {
+                returned.extend(
+                    insert
+                        .returning((d::id, d::seq))
+                        .get_results::<(String, i64)>(self)?,
+                );
+            } else {
+                insert.execute(self)?;
+            }
+        }
+        Ok(returned)
+    }
+}
+
+/// A stored row's id and acceptance position.
+#[derive(QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+}
+
+/// PostgreSQL: the whole run in one statement of one short text, its
+/// columns bound as arrays. A multi-row `VALUES` list was parsed and
+/// planned anew for every statement, with ten parameters per row.
+impl InsertRun for diesel::pg::PgConnection {
+    fn insert_run(&mut self, webhook: i64, run: &Run<'_>) -> QueryResult<Vec<(String, i64)>> {
+        use diesel::sql_types::{Array, Nullable};
+        const INSERT: &str = "INSERT INTO webhook_deliveries \
+             (id, webhook_id, event, data, created_at, attempts, next_attempt_at, lease_until, last_error, dead_at) \
+             SELECT t.id, $1, t.event, t.data, t.at, $2, t.at, t.lease, $3, CASE WHEN $4 THEN t.at END \
+             FROM unnest($5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[]) \
+             WITH ORDINALITY AS t(id, event, data, at, lease, n) ORDER BY t.n";
+        let (attempts, leased, dead) = run.stored.columns();
+        let rows = &run.rows;
+        let query = diesel::sql_query(if leased {
+            format!("{INSERT} RETURNING id, seq")
+        } else {
+            INSERT.to_string()
+        })
+        .bind::<BigInt, _>(webhook)
+        .bind::<BigInt, _>(attempts)
+        .bind::<Nullable<Text>, _>(dead.then_some(BACKLOG_FULL))
+        .bind::<Bool, _>(dead)
+        .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.id.as_str()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.event).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.data.as_str()).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(rows.iter().map(|n| n.now).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(
+            rows.iter()
+                .map(|n| if leased { n.lease_until } else { 0 })
+                .collect::<Vec<_>>(),
+        );
+        if leased {
+            Ok(query
+                .get_results::<Inserted>(self)?
+                .into_iter()
+                .map(|r| (r.id, r.seq))
+                .collect())
+        } else {
+            query.execute(self)?;
+            Ok(Vec::new())
+        }
+    }
+}
+
 /// Stores the deliveries of several publishes in one transaction, in the
 /// order given (their acceptance order). Past `max_pending` pending
 /// deliveries of a webhook, the rest are stored as dead letters with error
@@ -265,7 +373,25 @@ pub fn enqueue(
     pending: &mut PendingCounts,
 ) -> Result<Enqueued, StorageError> {
     pending.forget_stale();
+    // The webhooks still stored, held until the commit (`hook_locks`): a
+    // webhook deleted meanwhile gets no rows.
+    let mut hooks: Vec<i64> = intakes
+        .iter()
+        .flat_map(|i| i.batches.iter().map(|(w, _)| *w))
+        .collect();
+    hooks.sort_unstable();
+    hooks.dedup();
+    let q_lock = hook_locks(conn, &hooks, true);
+    let q_hooks = format!("SELECT id FROM webhooks WHERE id IN ({})", id_list(&hooks));
     let stored = write_tx!(conn, c => {
+        if let Some(q) = &q_lock {
+            diesel::sql_query(q).execute(c)?;
+        }
+        let existing: Vec<i64> = diesel::sql_query(&q_hooks)
+            .load::<HookId>(c)?
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
         let mut out = Enqueued::default();
         let mut runs = Runs::default();
         // Pending rows of each webhook this group adds before the inserts:
@@ -274,7 +400,7 @@ pub fn enqueue(
         for intake in intakes {
             let mut over_total = 0u64;
             for (i, (webhook, rows)) in intake.batches.iter().enumerate() {
-                if rows.is_empty() {
+                if rows.is_empty() || !existing.contains(webhook) {
                     continue;
                 }
                 let held = match pending.estimate(*webhook, rows.len(), max_pending) {
@@ -312,55 +438,26 @@ pub fn enqueue(
         }
         for (webhook, runs) in &runs.webhooks {
             for run in runs {
-                let (attempts, leased, dead) = match run.stored {
-                    Stored::Leased => (1_i64, true, false),
-                    Stored::Due => (0, false, false),
-                    Stored::Refused => (0, false, true),
-                };
-                for chunk in run.rows.chunks(INSERT_CHUNK) {
-                    let values = chunk
-                        .iter()
-                        .map(|n| {
-                            (
-                                d::id.eq(&n.row.id),
-                                d::webhook_id.eq(*webhook),
-                                d::event.eq(n.row.event),
-                                d::data.eq(&n.row.data),
-                                d::created_at.eq(n.now),
-                                d::attempts.eq(attempts),
-                                d::next_attempt_at.eq(n.now),
-                                d::lease_until.eq(if leased { n.lease_until } else { 0 }),
-                                d::last_error.eq(dead.then_some(BACKLOG_FULL)),
-                                d::dead_at.eq(dead.then_some(n.now)),
-                            )
-                        })
-                        .collect::<Vec<_>>();
-                    if !leased {
-                        diesel::insert_into(d::table).values(values).execute(c)?;
+                let returned = c.insert_run(*webhook, run)?;
+                if run.stored != Stored::Leased {
+                    continue;
+                }
+                let seqs: HashMap<String, i64> = returned.into_iter().collect();
+                for n in &run.rows {
+                    let Some(seq) = seqs.get(&n.row.id) else {
                         continue;
-                    }
-                    let seqs: HashMap<String, i64> = diesel::insert_into(d::table)
-                        .values(values)
-                        .returning((d::id, d::seq))
-                        .get_results::<(String, i64)>(c)?
-                        .into_iter()
-                        .collect();
-                    for n in chunk {
-                        let Some(seq) = seqs.get(&n.row.id) else {
-                            continue;
-                        };
-                        out.leased.push(Claimed {
-                            seq: *seq,
-                            id: n.row.id.clone(),
-                            webhook_id: *webhook,
-                            event: n.row.event.to_string(),
-                            data: n.row.data.clone(),
-                            created_at: n.now,
-                            attempts: 0,
-                            next_attempt_at: n.now,
-                            ordered: false,
-                        });
-                    }
+                    };
+                    out.leased.push(Claimed {
+                        seq: *seq,
+                        id: n.row.id.clone(),
+                        webhook_id: *webhook,
+                        event: n.row.event.to_string(),
+                        data: n.row.data.clone(),
+                        created_at: n.now,
+                        attempts: 0,
+                        next_attempt_at: n.now,
+                        ordered: false,
+                    });
                 }
             }
         }
@@ -393,13 +490,6 @@ pub struct Claim {
     /// False when the claim stopped at its limit: due deliveries may remain
     /// beyond what each webhook's room asked for.
     pub complete: bool,
-}
-
-/// A webhook a claim may take deliveries of.
-#[derive(QueryableByName)]
-struct Claimable {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
 }
 
 /// Claims up to `limit` due deliveries (oldest first), leasing them until
@@ -455,7 +545,7 @@ pub fn claim(
                     .bind::<BigInt, _>(most)
                     .load(c)?
             } else {
-                let candidates: Vec<Claimable> = diesel::sql_query(&hooks).load(c)?;
+                let candidates: Vec<HookId> = diesel::sql_query(&hooks).load(c)?;
                 let mut found = Vec::new();
                 for hook in candidates {
                     let take = i64::try_from(room(hook.id)).unwrap_or(i64::MAX).min(most);
@@ -578,8 +668,13 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
             Outcome::Released { .. } => {}
         }
     }
+    let hooks: Vec<i64> = outcomes.iter().map(Outcome::webhook_id).collect();
+    let q_lock = hook_locks(conn, &hooks, true);
     unsynced(conn, |conn| {
         Ok(write_tx!(conn, c => {
+            if let Some(q) = &q_lock {
+                diesel::sql_query(q).execute(c)?;
+            }
             let mut delivered_per_hook: HashMap<i64, i64> = HashMap::new();
             if !delivered.is_empty() {
                 // Not `dead_at IS NULL`: PostgreSQL would read the whole
@@ -778,12 +873,33 @@ pub fn purge_dead(conn: &mut DbConn, before: i64) -> Result<usize, StorageError>
 /// Turns pending deliveries of disabled webhooks into dead letters with
 /// error `webhook disabled` (a publish that raced with the disable).
 pub fn kill_disabled(conn: &mut DbConn, now: i64) -> Result<usize, StorageError> {
+    let hooks: Vec<i64> = with_conn!(conn, c => diesel::sql_query(
+        "SELECT w.id FROM webhooks w WHERE NOT w.enabled AND EXISTS \
+         (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.dead_at IS NULL)",
+    )
+    .load::<HookId>(c))?
+    .into_iter()
+    .map(|h| h.id)
+    .collect();
+    if hooks.is_empty() {
+        return Ok(0);
+    }
+    let q_lock = hook_locks(conn, &hooks, false);
     let text = dialect(
         conn,
-        "UPDATE webhook_deliveries SET dead_at = $1, last_error = 'webhook disabled' \
-         WHERE dead_at IS NULL AND webhook_id IN (SELECT id FROM webhooks WHERE NOT enabled)",
+        &format!(
+            "UPDATE webhook_deliveries SET dead_at = $1, last_error = 'webhook disabled' \
+             WHERE dead_at IS NULL AND webhook_id IN ({}) \
+             AND webhook_id IN (SELECT id FROM webhooks WHERE NOT enabled)",
+            id_list(&hooks)
+        ),
     );
-    Ok(write_tx!(conn, c => diesel::sql_query(&text).bind::<BigInt, _>(now).execute(c))?)
+    Ok(write_tx!(conn, c => {
+        if let Some(q) = &q_lock {
+            diesel::sql_query(q).execute(c)?;
+        }
+        diesel::sql_query(&text).bind::<BigInt, _>(now).execute(c)
+    })?)
 }
 
 /// Pending deliveries of every webhook.

@@ -5,6 +5,7 @@
 use diesel::prelude::*;
 
 use super::schema::{accounts, instances, ws_settings};
+use super::webhooks::{hook_locks, id_list, HookId};
 use super::ws_settings::{decode, encode_events, ConfigRow};
 use super::{is_unique_violation, now_millis, with_conn, write_tx, DbConn, StorageError};
 use crate::domain::{AccountId, InstanceId, InstanceName, VersionedConfig, WsConfig};
@@ -218,7 +219,21 @@ pub fn delete(
     let Some(found) = find(conn, account, name)? else {
         return Ok(None);
     };
+    // Its webhooks, locked as `webhooks::delete` locks one, then their
+    // deliveries (no foreign key cascades to those on PostgreSQL).
+    let q_hooks = format!("SELECT id FROM webhooks WHERE instance_id = {}", found.id.0);
+    let hooks: Vec<i64> = with_conn!(conn, c => diesel::sql_query(&q_hooks).load::<HookId>(c))?
+        .into_iter()
+        .map(|h| h.id)
+        .collect();
+    let q_lock = hook_locks(conn, &hooks, false);
+    let ids = id_list(&hooks);
     let deleted: usize = write_tx!(conn, c => {
+        if let Some(q) = &q_lock {
+            diesel::sql_query(q).execute(c)?;
+        }
+        diesel::sql_query(format!("DELETE FROM webhook_deliveries WHERE webhook_id IN ({ids})"))
+            .execute(c)?;
         diesel::delete(ws_settings::table.filter(ws_settings::instance_id.eq(found.id.0)))
             .execute(c)?;
         diesel::delete(instances::table.filter(instances::id.eq(found.id.0))).execute(c)

@@ -25,6 +25,37 @@ pub(crate) fn dialect(conn: &DbConn, sql: &str) -> String {
     }
 }
 
+/// A webhook's id.
+#[derive(QueryableByName)]
+pub(crate) struct HookId {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+}
+
+/// The statement that takes, on PostgreSQL, the transaction's advisory
+/// lock on each of `hooks` (sorted, so takers never wait in a circle):
+/// shared by the intake while it stores their deliveries, exclusive by
+/// whoever deletes them. Deliveries have no foreign key to their webhook
+/// (its per-row check cost a twelfth of the database's time), so this is
+/// what keeps a delete from missing rows a publish is storing: the delete
+/// waits for the intake to commit, and an intake behind it finds the
+/// webhook gone. `None` on SQLite, whose writers take turns anyway.
+pub(crate) fn hook_locks(conn: &DbConn, hooks: &[i64], shared: bool) -> Option<String> {
+    matches!(conn, DbConn::Pg(_)).then(|| pg_hook_locks(hooks, shared))
+}
+
+/// [`hook_locks`]' statement (PostgreSQL only).
+fn pg_hook_locks(hooks: &[i64], shared: bool) -> String {
+    let mut sorted = hooks.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let kind = if shared { "_shared" } else { "" };
+    format!(
+        "SELECT pg_advisory_xact_lock{kind}(k) FROM unnest('{{{}}}'::bigint[]) AS k",
+        id_list(&sorted)
+    )
+}
+
 /// A comma-separated list of ids for an `IN (…)` (never empty: `-1` stands
 /// for none, which no row has).
 pub(crate) fn id_list(ids: &[i64]) -> String {
@@ -274,8 +305,8 @@ pub fn upsert(
 ) -> Result<(WebhookRow, usize), SetError> {
     let now = now_millis();
     let events = encode_events(&new.events);
-    let lock = matches!(conn, DbConn::Pg(_))
-        .then_some("SELECT id FROM instances WHERE id = $1 FOR UPDATE");
+    let pg = matches!(conn, DbConn::Pg(_));
+    let lock = pg.then_some("SELECT id FROM instances WHERE id = $1 FOR UPDATE");
     let q_existing = dialect(
         conn,
         &format!("SELECT {COLUMNS} FROM webhooks w WHERE w.instance_id = $1 AND w.label = $2"),
@@ -349,6 +380,10 @@ pub fn upsert(
                 } else {
                     (old.secret.as_str(), old.previous_secret.as_deref(), old.rotated_at)
                 };
+                if pg && !new.enabled {
+                    // Its pending deliveries are about to die (`hook_locks`).
+                    diesel::sql_query(pg_hook_locks(&[old.id], false)).execute(c)?;
+                }
                 diesel::sql_query(&q_update)
                     .bind::<Bool, _>(new.enabled)
                     .bind::<Nullable<Text>, _>(new.url.as_deref())
@@ -386,9 +421,13 @@ pub fn delete(conn: &mut DbConn, instance: InstanceId, label: &str) -> Result<bo
     let Some(found) = find(conn, instance, label)? else {
         return Ok(false);
     };
+    let q_lock = hook_locks(conn, &[found.id], false);
     let q_deliveries = dialect(conn, "DELETE FROM webhook_deliveries WHERE webhook_id = $1");
     let q_hook = dialect(conn, "DELETE FROM webhooks WHERE id = $1");
     let n: usize = write_tx!(conn, c => {
+        if let Some(q) = &q_lock {
+            diesel::sql_query(q).execute(c)?;
+        }
         diesel::sql_query(&q_deliveries).bind::<BigInt, _>(found.id).execute(c)?;
         diesel::sql_query(&q_hook).bind::<BigInt, _>(found.id).execute(c)
     })?;
