@@ -494,8 +494,8 @@ pub struct Claim {
 
 /// Claims up to `limit` due deliveries (oldest first), leasing them until
 /// `lease_until`, skipping webhooks in `exclude` (at their in-flight limit
-/// on this node) and taking at most `room(webhook)` (never more than
-/// `most_per_webhook`) per webhook. An
+/// on this node) and taking at most the webhook's room (`rooms`, else
+/// `default_room`; never more than `most_per_webhook`). An
 /// `ordered` webhook's delivery is due only when it is the webhook's oldest
 /// pending one, so one is in flight in the whole cluster and a retrying one
 /// holds back the later ones.
@@ -503,7 +503,11 @@ pub struct Claim {
 /// Each webhook's due deliveries are read from its own index range, so the
 /// backlog of an excluded webhook (a slow or dead receiver) costs nothing:
 /// one `LATERAL` query on PostgreSQL, one query per enabled webhook on
-/// SQLite (in process, inside its write lock).
+/// SQLite (in process, inside its write lock). Each reads and locks no
+/// more than the webhook's room: a row locked is a row written, and a
+/// claim that locked a prefetch's worth of rows of a webhook with room for
+/// a sixth of them spent most of its time on rows it then let go.
+#[allow(clippy::too_many_arguments)]
 pub fn claim(
     conn: &mut DbConn,
     now: i64,
@@ -511,8 +515,20 @@ pub fn claim(
     limit: i64,
     most_per_webhook: usize,
     exclude: &[i64],
-    room: &mut dyn FnMut(i64) -> usize,
+    rooms: &HashMap<i64, usize>,
+    default_room: usize,
 ) -> Result<Claim, StorageError> {
+    let room = |w: i64| {
+        rooms
+            .get(&w)
+            .copied()
+            .unwrap_or(default_room)
+            .min(most_per_webhook)
+    };
+    let (room_ids, room_sizes): (Vec<i64>, Vec<i64>) = rooms
+        .iter()
+        .map(|(w, n)| (*w, i64::try_from(*n).unwrap_or(i64::MAX)))
+        .unzip();
     let pg = matches!(conn, DbConn::Pg(_));
     let claimable = format!("w.enabled AND w.id NOT IN ({})", id_list(exclude));
     let hooks = format!("SELECT w.id FROM webhooks w WHERE {claimable}");
@@ -520,10 +536,14 @@ pub fn claim(
         conn,
         &format!(
             "SELECT d.*, w.ordered FROM webhooks w \
+             LEFT JOIN unnest('{{{}}}'::bigint[], '{{{}}}'::bigint[]) AS r(id, room) ON r.id = w.id \
              CROSS JOIN LATERAL (SELECT {CLAIMED} FROM webhook_deliveries d \
-                 WHERE {DUE_OF_WEBHOOK} ORDER BY d.next_attempt_at, d.seq LIMIT $3 \
+                 WHERE {DUE_OF_WEBHOOK} ORDER BY d.next_attempt_at, d.seq \
+                 LIMIT LEAST(COALESCE(r.room, $4), $3) \
                  FOR UPDATE OF d SKIP LOCKED) d \
-             WHERE {claimable} ORDER BY d.next_attempt_at, d.seq LIMIT $2"
+             WHERE {claimable} ORDER BY d.next_attempt_at, d.seq LIMIT $2",
+            id_list(&room_ids),
+            id_list(&room_sizes),
         ),
     );
     let one_webhook = dialect(
@@ -543,6 +563,7 @@ pub fn claim(
                     .bind::<BigInt, _>(now)
                     .bind::<BigInt, _>(limit)
                     .bind::<BigInt, _>(most)
+                    .bind::<BigInt, _>(i64::try_from(default_room).unwrap_or(i64::MAX))
                     .load(c)?
             } else {
                 let candidates: Vec<HookId> = diesel::sql_query(&hooks).load(c)?;

@@ -69,9 +69,16 @@ impl r2d2::ManageConnection for DbManager {
 
     fn connect(&self) -> Result<DbConn, StorageError> {
         match self.backend {
-            Backend::Postgres => PgConnection::establish(&self.url)
-                .map(DbConn::Pg)
-                .map_err(|e| StorageError::Connection(e.to_string())),
+            Backend::Postgres => {
+                let mut conn = PgConnection::establish(&self.url)
+                    .map_err(|e| StorageError::Connection(e.to_string()))?;
+                // No JIT: its compilation takes hundreds of milliseconds, and
+                // a claim whose row estimate passes `jit_above_cost` (the
+                // LIMITs are per webhook) paid it on every run.
+                conn.batch_execute("SET jit = off")
+                    .map_err(|e| StorageError::Connection(e.to_string()))?;
+                Ok(DbConn::Pg(conn))
+            }
             Backend::Sqlite => {
                 let mut conn = SqliteConnection::establish(&self.url)
                     .map_err(|e| StorageError::Connection(e.to_string()))?;

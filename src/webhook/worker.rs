@@ -574,7 +574,6 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
         let (asked, excluded) = (room.clone(), exclude.clone());
         let claimed = db(&env.pool, move |conn| {
             // A webhook this node holds nothing of starts with its in-flight room.
-            let mut room = |w: i64| room.get(&w).copied().unwrap_or(max);
             deliveries::claim(
                 conn,
                 now,
@@ -582,7 +581,8 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
                 CLAIM_BATCH,
                 max * PREFETCH,
                 &exclude,
-                &mut room,
+                &room,
+                max,
             )
         })
         .await;

@@ -1,0 +1,4 @@
+-- PostgreSQL drops the foreign key from deliveries to webhooks here and
+-- leaves room in the table's pages for leases. SQLite keeps the key (its
+-- check is a lookup in the same process; the gateway deletes a webhook's
+-- deliveries itself on both backends) and has no use for the room.

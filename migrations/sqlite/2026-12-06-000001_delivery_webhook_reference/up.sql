@@ -1,3 +1,0 @@
--- PostgreSQL drops the foreign key from deliveries to webhooks here. SQLite
--- keeps it: its check is a lookup in the same process, and the gateway
--- deletes a webhook's deliveries itself on both backends.
