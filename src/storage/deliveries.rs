@@ -314,8 +314,9 @@ struct Inserted {
 }
 
 /// PostgreSQL: the whole run in one statement of one short text, its
-/// columns bound as arrays. A multi-row `VALUES` list was parsed and
-/// planned anew for every statement, with ten parameters per row.
+/// columns bound as arrays (a multi-row `VALUES` list was parsed and
+/// planned anew for every statement, with ten parameters per row), and
+/// nothing stored when the webhook is gone (there is no foreign key).
 impl InsertRun for diesel::pg::PgConnection {
     fn insert_run(&mut self, webhook: i64, run: &Run<'_>) -> QueryResult<Vec<(String, i64)>> {
         use diesel::sql_types::{Array, Nullable};
@@ -323,7 +324,8 @@ impl InsertRun for diesel::pg::PgConnection {
              (id, webhook_id, event, data, created_at, attempts, next_attempt_at, lease_until, last_error, dead_at) \
              SELECT t.id, $1, t.event, t.data, t.at, $2, t.at, t.lease, $3, CASE WHEN $4 THEN t.at END \
              FROM unnest($5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[]) \
-             WITH ORDINALITY AS t(id, event, data, at, lease, n) ORDER BY t.n";
+             WITH ORDINALITY AS t(id, event, data, at, lease, n) \
+             WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = $1) ORDER BY t.n";
         let (attempts, leased, dead) = run.stored.columns();
         let rows = &run.rows;
         let query = diesel::sql_query(if leased {
@@ -373,8 +375,11 @@ pub fn enqueue(
     pending: &mut PendingCounts,
 ) -> Result<Enqueued, StorageError> {
     pending.forget_stale();
-    // The webhooks still stored, held until the commit (`hook_locks`): a
-    // webhook deleted meanwhile gets no rows.
+    // The webhooks are held until the commit (`hook_locks`), and a webhook
+    // deleted meanwhile gets no rows: on PostgreSQL each `INSERT` asks for
+    // its webhook itself (no round trip more; a publish's `refused` may
+    // then count rows of a webhook deleted at that moment), on SQLite,
+    // whose foreign key would refuse them, a query asks first.
     let mut hooks: Vec<i64> = intakes
         .iter()
         .flat_map(|i| i.batches.iter().map(|(w, _)| *w))
@@ -382,16 +387,20 @@ pub fn enqueue(
     hooks.sort_unstable();
     hooks.dedup();
     let q_lock = hook_locks(conn, &hooks, true);
-    let q_hooks = format!("SELECT id FROM webhooks WHERE id IN ({})", id_list(&hooks));
+    let q_hooks = matches!(conn, DbConn::Sqlite(_))
+        .then(|| format!("SELECT id FROM webhooks WHERE id IN ({})", id_list(&hooks)));
     let stored = write_tx!(conn, c => {
         if let Some(q) = &q_lock {
             diesel::sql_query(q).execute(c)?;
         }
-        let existing: Vec<i64> = diesel::sql_query(&q_hooks)
-            .load::<HookId>(c)?
-            .into_iter()
-            .map(|h| h.id)
-            .collect();
+        let existing: Vec<i64> = match &q_hooks {
+            Some(q) => diesel::sql_query(q)
+                .load::<HookId>(c)?
+                .into_iter()
+                .map(|h| h.id)
+                .collect(),
+            None => hooks.clone(),
+        };
         let mut out = Enqueued::default();
         let mut runs = Runs::default();
         // Pending rows of each webhook this group adds before the inserts:
