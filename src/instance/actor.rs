@@ -489,9 +489,13 @@ impl Handler<Publish> for InstanceActor {
 
 impl InstanceActor {
     /// Whether no more than `own` publishes (those being handled here) wait
-    /// for the instance actors of this node.
+    /// for the instance actors of this node (not counted, so `true`,
+    /// without direct writes, which alone ask).
     pub(super) fn node_quiet(&self, own: usize) -> bool {
-        self.pressure.node_waiting.load(Ordering::Acquire) <= own
+        self.pressure
+            .node_waiting
+            .as_ref()
+            .is_none_or(|n| n.load(Ordering::Acquire) <= own)
     }
 
     /// Whether this fan-out may write idle sessions' sockets itself: `alone`,

@@ -41,12 +41,14 @@ pub struct Pressure {
     pub(super) behind: AtomicBool,
     /// Publishes sent to any instance actor of this node and not yet
     /// handled, shared by all of them: more than one means the node is busy.
-    pub(super) node_waiting: Arc<AtomicUsize>,
+    /// Counted only for direct writes (`server.direct_writes`), the one
+    /// reader; `None` without them.
+    pub(super) node_waiting: Option<Arc<AtomicUsize>>,
 }
 
 impl Pressure {
     /// An instance's pressure, counted also in the node's `node_waiting`.
-    pub fn on_node(node_waiting: Arc<AtomicUsize>) -> Self {
+    pub fn on_node(node_waiting: Option<Arc<AtomicUsize>>) -> Self {
         Self {
             node_waiting,
             ..Self::default()

@@ -165,7 +165,9 @@ pub struct QueueTicket(Arc<Pressure>);
 impl QueueTicket {
     pub fn take(pressure: &Arc<Pressure>) -> Self {
         pressure.waiting.fetch_add(1, Ordering::AcqRel);
-        pressure.node_waiting.fetch_add(1, Ordering::AcqRel);
+        if let Some(node) = &pressure.node_waiting {
+            node.fetch_add(1, Ordering::AcqRel);
+        }
         Self(pressure.clone())
     }
 }
@@ -173,7 +175,9 @@ impl QueueTicket {
 impl Drop for QueueTicket {
     fn drop(&mut self) {
         self.0.waiting.fetch_sub(1, Ordering::AcqRel);
-        self.0.node_waiting.fetch_sub(1, Ordering::AcqRel);
+        if let Some(node) = &self.0.node_waiting {
+            node.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 

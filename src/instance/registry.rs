@@ -32,8 +32,8 @@ pub struct Registry {
     env: FanoutEnv,
     labelled: AtomicUsize,
     /// Publishes handed to this node's instance actors and not yet handled
-    /// (see `Pressure::node_waiting`).
-    node_waiting: Arc<AtomicUsize>,
+    /// (see `Pressure::node_waiting`; only with direct writes).
+    node_waiting: Option<Arc<AtomicUsize>>,
     /// Remembered authorisations, forgotten on every change (see [`super::change`]).
     access: Arc<AccessCache>,
     /// Every instance's enabled webhooks (see [`crate::webhook::Webhooks`]).
@@ -51,9 +51,9 @@ impl Registry {
             instances: Mutex::new(HashMap::new()),
             arbiters: (0..arbiters).map(|_| Arbiter::new()).collect(),
             next_arbiter: AtomicUsize::new(0),
+            node_waiting: env.direct_writes.then(Arc::default),
             env,
             labelled: AtomicUsize::new(0),
-            node_waiting: Arc::default(),
             access,
             webhooks: Arc::default(),
             me: me.clone(),

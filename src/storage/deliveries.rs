@@ -380,26 +380,27 @@ pub fn enqueue(
     // its webhook itself (no round trip more; a publish's `refused` may
     // then count rows of a webhook deleted at that moment), on SQLite,
     // whose foreign key would refuse them, a query asks first.
-    let mut hooks: Vec<i64> = intakes
+    let hooks: Vec<i64> = intakes
         .iter()
         .flat_map(|i| i.batches.iter().map(|(w, _)| *w))
         .collect();
-    hooks.sort_unstable();
-    hooks.dedup();
-    let q_lock = hook_locks(conn, &hooks, true);
-    let q_hooks = matches!(conn, DbConn::Sqlite(_))
+    let q_lock = hook_locks(conn.is_pg(), &hooks, true);
+    let q_hooks = (!conn.is_pg())
         .then(|| format!("SELECT id FROM webhooks WHERE id IN ({})", id_list(&hooks)));
     let stored = write_tx!(conn, c => {
         if let Some(q) = &q_lock {
             diesel::sql_query(q).execute(c)?;
         }
-        let existing: Vec<i64> = match &q_hooks {
-            Some(q) => diesel::sql_query(q)
-                .load::<HookId>(c)?
-                .into_iter()
-                .map(|h| h.id)
-                .collect(),
-            None => hooks.clone(),
+        let gone: Vec<i64> = match &q_hooks {
+            Some(q) => {
+                let stored: Vec<HookId> = diesel::sql_query(q).load(c)?;
+                hooks
+                    .iter()
+                    .copied()
+                    .filter(|w| !stored.iter().any(|h| h.id == *w))
+                    .collect()
+            }
+            None => Vec::new(),
         };
         let mut out = Enqueued::default();
         let mut runs = Runs::default();
@@ -409,7 +410,7 @@ pub fn enqueue(
         for intake in intakes {
             let mut over_total = 0u64;
             for (i, (webhook, rows)) in intake.batches.iter().enumerate() {
-                if rows.is_empty() || !existing.contains(webhook) {
+                if rows.is_empty() || gone.contains(webhook) {
                     continue;
                 }
                 let held = match pending.estimate(*webhook, rows.len(), max_pending) {
@@ -501,10 +502,31 @@ pub struct Claim {
     pub complete: bool,
 }
 
+/// How many deliveries of each webhook a claim may take for this node.
+#[derive(Debug, Clone)]
+pub struct Rooms {
+    /// The room of each webhook the node holds deliveries of.
+    pub known: HashMap<i64, usize>,
+    /// Any other webhook's (its in-flight limit).
+    pub default: usize,
+    /// Never more than this for one webhook.
+    pub most: usize,
+}
+
+impl Rooms {
+    /// Webhook `w`'s room.
+    pub fn of(&self, w: i64) -> usize {
+        self.known
+            .get(&w)
+            .copied()
+            .unwrap_or(self.default)
+            .min(self.most)
+    }
+}
+
 /// Claims up to `limit` due deliveries (oldest first), leasing them until
 /// `lease_until`, skipping webhooks in `exclude` (at their in-flight limit
-/// on this node) and taking at most the webhook's room (`rooms`, else
-/// `default_room`; never more than `most_per_webhook`). An
+/// on this node) and taking at most each webhook's room. An
 /// `ordered` webhook's delivery is due only when it is the webhook's oldest
 /// pending one, so one is in flight in the whole cluster and a retrying one
 /// holds back the later ones.
@@ -516,29 +538,21 @@ pub struct Claim {
 /// more than the webhook's room: a row locked is a row written, and a
 /// claim that locked a prefetch's worth of rows of a webhook with room for
 /// a sixth of them spent most of its time on rows it then let go.
-#[allow(clippy::too_many_arguments)]
 pub fn claim(
     conn: &mut DbConn,
     now: i64,
     lease_until: i64,
     limit: i64,
-    most_per_webhook: usize,
     exclude: &[i64],
-    rooms: &HashMap<i64, usize>,
-    default_room: usize,
+    rooms: &Rooms,
 ) -> Result<Claim, StorageError> {
-    let room = |w: i64| {
-        rooms
-            .get(&w)
-            .copied()
-            .unwrap_or(default_room)
-            .min(most_per_webhook)
-    };
+    let room = |w: i64| rooms.of(w);
     let (room_ids, room_sizes): (Vec<i64>, Vec<i64>) = rooms
+        .known
         .iter()
         .map(|(w, n)| (*w, i64::try_from(*n).unwrap_or(i64::MAX)))
         .unzip();
-    let pg = matches!(conn, DbConn::Pg(_));
+    let pg = conn.is_pg();
     let claimable = format!("w.enabled AND w.id NOT IN ({})", id_list(exclude));
     let hooks = format!("SELECT w.id FROM webhooks w WHERE {claimable}");
     let all_at_once = dialect(
@@ -562,9 +576,7 @@ pub fn claim(
              WHERE {DUE_OF_WEBHOOK} ORDER BY d.next_attempt_at, d.seq LIMIT $2"
         ),
     );
-    let most = i64::try_from(most_per_webhook)
-        .unwrap_or(i64::MAX)
-        .min(limit);
+    let most = i64::try_from(rooms.most).unwrap_or(i64::MAX).min(limit);
     let (claimed, complete) = unsynced(conn, |conn| {
         Ok(write_tx!(conn, c => {
             let mut found: Vec<Claimed> = if pg {
@@ -572,7 +584,7 @@ pub fn claim(
                     .bind::<BigInt, _>(now)
                     .bind::<BigInt, _>(limit)
                     .bind::<BigInt, _>(most)
-                    .bind::<BigInt, _>(i64::try_from(default_room).unwrap_or(i64::MAX))
+                    .bind::<BigInt, _>(i64::try_from(rooms.default).unwrap_or(i64::MAX))
                     .load(c)?
             } else {
                 let candidates: Vec<HookId> = diesel::sql_query(&hooks).load(c)?;
@@ -699,7 +711,7 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
         }
     }
     let hooks: Vec<i64> = outcomes.iter().map(Outcome::webhook_id).collect();
-    let q_lock = hook_locks(conn, &hooks, true);
+    let q_lock = hook_locks(conn.is_pg(), &hooks, true);
     unsynced(conn, |conn| {
         Ok(write_tx!(conn, c => {
             if let Some(q) = &q_lock {
@@ -914,7 +926,7 @@ pub fn kill_disabled(conn: &mut DbConn, now: i64) -> Result<usize, StorageError>
     if hooks.is_empty() {
         return Ok(0);
     }
-    let q_lock = hook_locks(conn, &hooks, false);
+    let q_lock = hook_locks(conn.is_pg(), &hooks, false);
     let text = dialect(
         conn,
         &format!(

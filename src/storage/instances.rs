@@ -220,18 +220,28 @@ pub fn delete(
         return Ok(None);
     };
     // Its webhooks, locked as `webhooks::delete` locks one, then their
-    // deliveries (no foreign key cascades to those on PostgreSQL).
+    // deliveries (no foreign key cascades to those on PostgreSQL). The
+    // instance's row first: a webhook set meanwhile (`webhooks::upsert`
+    // locks it too) comes before or after all of this.
+    let pg = conn.is_pg();
+    let q_instance = format!(
+        "SELECT id FROM instances WHERE id = {} FOR UPDATE",
+        found.id.0
+    );
     let q_hooks = format!("SELECT id FROM webhooks WHERE instance_id = {}", found.id.0);
-    let hooks: Vec<i64> = with_conn!(conn, c => diesel::sql_query(&q_hooks).load::<HookId>(c))?
-        .into_iter()
-        .map(|h| h.id)
-        .collect();
-    let q_lock = hook_locks(conn, &hooks, false);
-    let ids = id_list(&hooks);
     let deleted: usize = write_tx!(conn, c => {
-        if let Some(q) = &q_lock {
+        if pg {
+            diesel::sql_query(&q_instance).execute(c)?;
+        }
+        let hooks: Vec<i64> = diesel::sql_query(&q_hooks)
+            .load::<HookId>(c)?
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+        if let Some(q) = hook_locks(pg, &hooks, false) {
             diesel::sql_query(q).execute(c)?;
         }
+        let ids = id_list(&hooks);
         diesel::sql_query(format!("DELETE FROM webhook_deliveries WHERE webhook_id IN ({ids})"))
             .execute(c)?;
         diesel::delete(ws_settings::table.filter(ws_settings::instance_id.eq(found.id.0)))

@@ -32,28 +32,27 @@ pub(crate) struct HookId {
     pub id: i64,
 }
 
-/// The statement that takes, on PostgreSQL, the transaction's advisory
-/// lock on each of `hooks` (sorted, so takers never wait in a circle):
-/// shared by the intake while it stores their deliveries, exclusive by
-/// whoever deletes them. Deliveries have no foreign key to their webhook
-/// (its per-row check cost a twelfth of the database's time), so this is
-/// what keeps a delete from missing rows a publish is storing: the delete
-/// waits for the intake to commit, and an intake behind it finds the
-/// webhook gone. `None` on SQLite, whose writers take turns anyway.
-pub(crate) fn hook_locks(conn: &DbConn, hooks: &[i64], shared: bool) -> Option<String> {
-    matches!(conn, DbConn::Pg(_)).then(|| pg_hook_locks(hooks, shared))
-}
-
-/// [`hook_locks`]' statement (PostgreSQL only).
-fn pg_hook_locks(hooks: &[i64], shared: bool) -> String {
+/// The statement that takes, on PostgreSQL (`pg`), the transaction's
+/// advisory lock on each of `hooks` (sorted, so takers never wait in a
+/// circle): shared by the intake while it stores their deliveries and by
+/// the recording of their outcomes, exclusive by whoever deletes or kills
+/// them, before touching them. Deliveries have no foreign key to their
+/// webhook (its per-row check cost a twelfth of the database's time), so
+/// this is what keeps a delete from missing rows a publish is storing: the
+/// delete waits for the intake to commit, and an intake behind it finds
+/// the webhook gone. `None` on SQLite, whose writers take turns anyway.
+pub(crate) fn hook_locks(pg: bool, hooks: &[i64], shared: bool) -> Option<String> {
+    if !pg {
+        return None;
+    }
     let mut sorted = hooks.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
     let kind = if shared { "_shared" } else { "" };
-    format!(
+    Some(format!(
         "SELECT pg_advisory_xact_lock{kind}(k) FROM unnest('{{{}}}'::bigint[]) AS k",
         id_list(&sorted)
-    )
+    ))
 }
 
 /// A comma-separated list of ids for an `IN (…)` (never empty: `-1` stands
@@ -305,7 +304,7 @@ pub fn upsert(
 ) -> Result<(WebhookRow, usize), SetError> {
     let now = now_millis();
     let events = encode_events(&new.events);
-    let pg = matches!(conn, DbConn::Pg(_));
+    let pg = conn.is_pg();
     let lock = pg.then_some("SELECT id FROM instances WHERE id = $1 FOR UPDATE");
     let q_existing = dialect(
         conn,
@@ -380,9 +379,9 @@ pub fn upsert(
                 } else {
                     (old.secret.as_str(), old.previous_secret.as_deref(), old.rotated_at)
                 };
-                if pg && !new.enabled {
-                    // Its pending deliveries are about to die (`hook_locks`).
-                    diesel::sql_query(pg_hook_locks(&[old.id], false)).execute(c)?;
+                // Its pending deliveries are about to die (`hook_locks`).
+                if let Some(q) = hook_locks(pg && !new.enabled, &[old.id], false) {
+                    diesel::sql_query(q).execute(c)?;
                 }
                 diesel::sql_query(&q_update)
                     .bind::<Bool, _>(new.enabled)
@@ -421,7 +420,7 @@ pub fn delete(conn: &mut DbConn, instance: InstanceId, label: &str) -> Result<bo
     let Some(found) = find(conn, instance, label)? else {
         return Ok(false);
     };
-    let q_lock = hook_locks(conn, &[found.id], false);
+    let q_lock = hook_locks(conn.is_pg(), &[found.id], false);
     let q_deliveries = dialect(conn, "DELETE FROM webhook_deliveries WHERE webhook_id = $1");
     let q_hook = dialect(conn, "DELETE FROM webhooks WHERE id = $1");
     let n: usize = write_tx!(conn, c => {

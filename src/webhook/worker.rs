@@ -37,7 +37,7 @@ use crate::events::{envelope, instance_data_json, Event};
 use crate::instance::change::RefreshTimer;
 use crate::metrics::Metrics;
 use crate::settings::WebhookSettings;
-use crate::storage::deliveries::{self, Claimed, Outcome, Target};
+use crate::storage::deliveries::{self, Claimed, Outcome, Rooms, Target};
 use crate::storage::{now_millis, webhooks, DbConn, DbPool, StorageError};
 
 /// Deliveries claimed in one round.
@@ -544,7 +544,7 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
             continue;
         }
         let generation = env.webhooks.generation();
-        let (exclude, room, mark): (Vec<i64>, HashMap<i64, usize>, u64) = {
+        let (exclude, room, mark): (Vec<i64>, Rooms, u64) = {
             let mut held = lanes.lock();
             // Idle lanes of webhooks changed since they were read go: a
             // claim makes them again as they are now.
@@ -562,28 +562,23 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
                 .filter(|(_, l)| l.skip_claim(max))
                 .map(|(id, _)| *id)
                 .collect();
-            let room = held
-                .lanes
-                .iter()
-                .map(|(id, l)| (*id, l.depth(max).saturating_sub(l.held)))
-                .collect();
+            let room = Rooms {
+                known: held
+                    .lanes
+                    .iter()
+                    .map(|(id, l)| (*id, l.depth(max).saturating_sub(l.held)))
+                    .collect(),
+                // A webhook this node holds nothing of starts with its in-flight room.
+                default: max,
+                most: max * PREFETCH,
+            };
             (exclude, room, held.stored_for_claims)
         };
         let now = now_millis();
         let lease_until = now + lease_ms;
         let (asked, excluded) = (room.clone(), exclude.clone());
         let claimed = db(&env.pool, move |conn| {
-            // A webhook this node holds nothing of starts with its in-flight room.
-            deliveries::claim(
-                conn,
-                now,
-                lease_until,
-                CLAIM_BATCH,
-                max * PREFETCH,
-                &exclude,
-                &room,
-                max,
-            )
+            deliveries::claim(conn, now, lease_until, CLAIM_BATCH, &exclude, &room)
         })
         .await;
         let claim = match claimed {
@@ -619,8 +614,7 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
             // due left, unless the intake stored some for a claim meanwhile.
             if !full_round && held.stored_for_claims == mark {
                 for (w, lane) in held.lanes.iter_mut() {
-                    let wanted = asked.get(w).copied().unwrap_or(max).min(max * PREFETCH);
-                    if !excluded.contains(w) && found.get(w).copied().unwrap_or(0) < wanted {
+                    if !excluded.contains(w) && found.get(w).copied().unwrap_or(0) < asked.of(*w) {
                         lane.caught_up = true;
                     }
                 }
