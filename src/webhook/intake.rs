@@ -184,6 +184,14 @@ fn store(
     let Some(direct) = direct else {
         return stored.map(|s| answers(&s));
     };
+    // The stores for a claim that `reserve` began have ended.
+    let for_claims = group
+        .iter()
+        .zip(&leased)
+        .flat_map(|(r, leased)| r.batches.iter().zip(leased))
+        .filter(|((_, rows), n)| **n < rows.len())
+        .count();
+    direct.stores_for_claims_ended(for_claims);
     // Room reserved and not used: all of it if nothing was stored.
     let mut unused: std::collections::HashMap<i64, usize> = Default::default();
     for (r, leased) in group.iter().zip(&leased) {

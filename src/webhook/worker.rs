@@ -338,9 +338,13 @@ impl Prepared {
 struct Lanes {
     lanes: HashMap<i64, Lane>,
     targets: HashMap<i64, Arc<Prepared>>,
-    /// Counts the times the intake stored deliveries for a claim: a claim
-    /// marks webhooks caught up only when this did not move while it ran.
+    /// Counts the times the intake began storing deliveries for a claim: a
+    /// claim marks webhooks caught up only when this did not move while it
+    /// ran and none of those stores was still uncommitted when it began
+    /// (its query could not see their rows).
     stored_for_claims: u64,
+    /// Stores for a claim begun and not yet ended (committed or failed).
+    storing_for_claims: usize,
 }
 
 type SharedLanes = Arc<Mutex<Lanes>>;
@@ -379,6 +383,7 @@ impl Direct {
             lanes,
             targets,
             stored_for_claims,
+            storing_for_claims,
         } = &mut *held;
         let fresh = targets.get(&webhook).is_some_and(|t| t.fresh(generation));
         let lane = lanes.entry(webhook).or_default();
@@ -395,8 +400,18 @@ impl Direct {
         if take < n {
             lane.caught_up = false;
             *stored_for_claims += 1;
+            *storing_for_claims += 1;
         }
         take
+    }
+
+    /// Ends `n` stores for a claim that [`Direct::reserve`] began (their
+    /// transaction committed or failed).
+    pub fn stores_for_claims_ended(&self, n: usize) {
+        if n > 0 {
+            let mut held = self.lanes.lock();
+            held.storing_for_claims = held.storing_for_claims.saturating_sub(n);
+        }
     }
 
     /// Gives back room reserved for deliveries that were not stored leased.
@@ -544,7 +559,7 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
             continue;
         }
         let generation = env.webhooks.generation();
-        let (exclude, room, mark): (Vec<i64>, Rooms, u64) = {
+        let (exclude, room, mark): (Vec<i64>, Rooms, Option<u64>) = {
             let mut held = lanes.lock();
             // Idle lanes of webhooks changed since they were read go: a
             // claim makes them again as they are now.
@@ -572,7 +587,9 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
                 default: max,
                 most: max * PREFETCH,
             };
-            (exclude, room, held.stored_for_claims)
+            // Rows of a store not committed yet are not seen by this claim.
+            let mark = (held.storing_for_claims == 0).then_some(held.stored_for_claims);
+            (exclude, room, mark)
         };
         let now = now_millis();
         let lease_until = now + lease_ms;
@@ -611,8 +628,9 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
                 *found.entry(w).or_insert(0) += 1;
             }
             // A webhook the claim asked more of than it found has nothing
-            // due left, unless the intake stored some for a claim meanwhile.
-            if !full_round && held.stored_for_claims == mark {
+            // due left, unless the intake stored some for a claim meanwhile
+            // (or was storing some when the claim began).
+            if !full_round && mark == Some(held.stored_for_claims) {
                 for (w, lane) in held.lanes.iter_mut() {
                     if !excluded.contains(w) && found.get(w).copied().unwrap_or(0) < asked.of(*w) {
                         lane.caught_up = true;
