@@ -512,6 +512,13 @@ impl TestServer {
 
     /// Starts a server on an existing database.
     pub async fn start_on(db: TestDb, tweak: impl FnOnce(&mut Settings)) -> TestServer {
+        // The server's log (warnings and up, or `EVENTGATE_LOG`), shown with
+        // a failing test's output: the error behind a 500 is logged there.
+        let _ = env_logger::Builder::from_env(
+            env_logger::Env::new().filter_or("EVENTGATE_LOG", "warn"),
+        )
+        .is_test(true)
+        .try_init();
         let mut settings = test_settings(&db);
         tweak(&mut settings);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
