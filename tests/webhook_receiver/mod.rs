@@ -251,20 +251,14 @@ impl Receiver {
     }
 }
 
-/// Polls `f` until it returns `Some`, or fails after `wait`.
+/// Polls `f` until it returns `Some` ([`super::common::eventually`]), or
+/// fails after `wait` naming `what`.
 pub async fn eventually<T, F, Fut>(wait: Duration, what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + wait;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    super::common::eventually(wait, async || f().await)
+        .await
+        .unwrap_or_else(|| panic!("timed out waiting for {what}"))
 }
