@@ -78,6 +78,7 @@ fn fan_out(c: &mut Criterion) {
                 // The sink has no socket: every batch goes through its mailbox.
                 direct_writes: false,
                 history: None,
+                ping_interval: std::time::Duration::from_secs(20),
             };
             let info = InstanceInfo {
                 id: InstanceId(1),

@@ -181,6 +181,7 @@ pub async fn serve(
             publish_lag: settings.limits.publish_lag,
             direct_writes: settings.server.direct_writes,
             history: crate::instance::history::HistoryLimits::from_settings(&settings.ws),
+            ping_interval: Duration::from_secs(settings.ws.ping_interval_secs),
         },
         Arc::new(AccessCache::default()),
     );

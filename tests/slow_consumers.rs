@@ -211,6 +211,47 @@ async fn silent_client_is_closed_with_4001() {
     );
 }
 
+/// Each client is pinged once per ping interval, whichever second of it
+/// its turn falls in (the instance tells a slice of its sessions each
+/// second), and closed with 4001 at its first turn past the idle timeout.
+#[actix_rt::test]
+async fn every_client_is_pinged_once_per_interval_until_its_idle_timeout() {
+    let s = TestServer::start_with(|st| {
+        st.ws.ping_interval_secs = 2;
+        st.ws.idle_timeout_secs = 5;
+    })
+    .await;
+    s.instance("beat").await;
+    let mut silent = Vec::new();
+    for _ in 0..6 {
+        silent.push(stalled_client(s.addr, &format!("/ws/beat?token={ACCOUNT}")).await);
+    }
+    s.wait_clients("beat", Some(6)).await;
+    let reads = silent
+        .iter_mut()
+        .map(|c| read_until_gone(c, Duration::from_secs(15)));
+    for (i, bytes) in futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let frames = server_frames(&bytes.expect("closed"));
+        let pings = frames.iter().filter(|(op, _)| *op == 0x9).count();
+        // Turns 2 s apart: the first within 2 s of joining, the last before
+        // 5 s of silence have passed; one a second would be 4 or more.
+        assert!((2..=3).contains(&pings), "client {i}: {pings} pings");
+        let close = frames
+            .iter()
+            .find(|(op, _)| *op == 0x8)
+            .expect("a close frame");
+        assert_eq!(
+            u16::from_be_bytes([close.1[0], close.1[1]]),
+            4001,
+            "client {i}"
+        );
+    }
+}
+
 #[actix_rt::test]
 async fn oversize_and_invalid_client_messages() {
     let s = TestServer::start().await;

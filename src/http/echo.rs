@@ -8,6 +8,8 @@
 //! against storage, where this one does not exist (it would be closed as
 //! deleted), and nothing publishes to it.
 
+use std::time::Duration;
+
 use actix::Actor;
 use actix_web::{web, HttpRequest, HttpResponse};
 
@@ -51,6 +53,7 @@ pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         // Nothing is fanned out here: the session answers its client itself.
         direct_writes: false,
         history: None,
+        ping_interval: Duration::from_secs(ws.ping_interval_secs),
     };
     // Stops with its session, the only holder of its address.
     let instance = InstanceActor::new(

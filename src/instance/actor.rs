@@ -5,7 +5,8 @@
 //! full mailbox is reported to us (`try_send` → `Full`) and the session is
 //! evicted with 4008; nobody else waits for it. The envelope of an event is
 //! built once per event (per mediaBase64 variant) and shared by all sessions;
-//! with no sessions nothing is built.
+//! with no sessions nothing is built. One timer per instance, not one per
+//! session, tells the sessions when to check their client's heartbeat.
 //!
 //! With a history (contract §12, [`History`]), every event accepted while the
 //! WebSocket is enabled is kept and numbered, sessions or not; sessions that
@@ -80,6 +81,9 @@ pub struct FanoutEnv {
     pub direct_writes: bool,
     /// Bounds of each instance's history; `None`: no history is kept.
     pub history: Option<HistoryLimits>,
+    /// How often each session checks its client's heartbeat and pings it
+    /// (`ws.ping_interval_secs`): this actor tells it when ([`HEARTBEAT_SLICE`]).
+    pub ping_interval: Duration,
 }
 
 struct SessionEntry {
@@ -96,6 +100,13 @@ struct SessionEntry {
 /// gather several publishes into one write, which a write per publish from
 /// here cannot match.
 const DIRECT_SPACING: Duration = Duration::from_millis(5);
+
+/// How often an instance with sessions tells a slice of them to check
+/// their heartbeat: each session once per ping interval, so one timer per
+/// instance serves every session (a timer per session cost each idle
+/// connection about 150 bytes), and a large instance's pings are spread
+/// over the interval instead of sent at once.
+const HEARTBEAT_SLICE: Duration = Duration::from_secs(1);
 
 /// One event's envelopes for this node's sessions.
 struct Frame {
@@ -138,6 +149,10 @@ pub struct InstanceActor {
     answers: Vec<oneshot::Sender<()>>,
     /// Looks at the sessions every [`LAG_POLL`] while publishers wait.
     lag_watch: Option<SpawnHandle>,
+    /// Tells the sessions when to check their heartbeat, while there are any.
+    heartbeats: Option<SpawnHandle>,
+    /// Slices told so far ([`HEARTBEAT_SLICE`]).
+    heartbeat_slices: u64,
     /// This instance's recent events (`None`: no history configured).
     history: Option<History>,
     /// Sessions that opted in to recovery.
@@ -192,6 +207,8 @@ impl InstanceActor {
             last_fan_out: None,
             answers: Vec::new(),
             lag_watch: None,
+            heartbeats: None,
+            heartbeat_slices: 0,
             synced: shared.is_none(),
             shared,
             history,
@@ -252,6 +269,18 @@ impl InstanceActor {
     /// [`INTEREST_LINGER`] after the last one left.
     fn update_interest(&mut self, ctx: &mut Context<Self>) {
         let idle = self.sessions.is_empty() && self.parked.is_empty();
+        match (idle, self.heartbeats.is_some()) {
+            (false, false) => {
+                self.heartbeats =
+                    Some(ctx.run_interval(HEARTBEAT_SLICE, |act, _| act.tell_heartbeats()));
+            }
+            (true, true) => {
+                if let Some(timer) = self.heartbeats.take() {
+                    ctx.cancel_future(timer);
+                }
+            }
+            _ => {}
+        }
         if !idle {
             if let Some(timer) = self.linger.take() {
                 ctx.cancel_future(timer);
@@ -645,6 +674,24 @@ impl InstanceActor {
         }
         if let Some(watch) = self.lag_watch.take() {
             ctx.cancel_future(watch);
+        }
+    }
+
+    /// Tells this slice's sessions (and joins waiting for the mirror) to
+    /// check their client's heartbeat: a session's slice is its id modulo
+    /// the number of slices in a ping interval.
+    fn tell_heartbeats(&mut self) {
+        let slices = (self.env.ping_interval.as_millis() / HEARTBEAT_SLICE.as_millis()).max(1);
+        let slices = u64::try_from(slices).unwrap_or(u64::MAX);
+        let slice = self.heartbeat_slices % slices;
+        self.heartbeat_slices = self.heartbeat_slices.wrapping_add(1);
+        let sessions = self.sessions.iter().map(|(id, e)| (id, &e.recipient));
+        let waiting = self.parked.iter().map(|(j, _)| (&j.session, &j.recipient));
+        for (id, recipient) in sessions.chain(waiting) {
+            if id.0 % slices == slice {
+                // Past the mailbox's bound, as a close is: one small message.
+                recipient.do_send(ToSession::Heartbeat);
+            }
         }
     }
 

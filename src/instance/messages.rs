@@ -91,6 +91,9 @@ pub enum ToSession {
     Replay(Batch),
     /// Close with this code and stop.
     Close(CloseCode),
+    /// Check the client's heartbeat: close if it went quiet (or a close was
+    /// asked for), else ping it. Sent once per ping interval.
+    Heartbeat,
 }
 
 /// A session joins its instance's fan-out (sent from the session's `started`).

@@ -41,7 +41,6 @@ const REPLAY_CHUNK: usize = super::socket::HIGH_WATER;
 pub struct SessionLimits {
     pub mailbox: usize,
     pub max_message_bytes: usize,
-    pub ping_interval: Duration,
     pub idle_timeout: Duration,
 }
 
@@ -50,7 +49,6 @@ impl SessionLimits {
         Self {
             mailbox: ws.client_buffer,
             max_message_bytes: ws.max_message_bytes,
-            ping_interval: Duration::from_secs(ws.ping_interval_secs),
             idle_timeout: Duration::from_secs(ws.idle_timeout_secs),
         }
     }
@@ -161,6 +159,27 @@ impl Session {
         self
     }
 
+    /// Once per ping interval (told by the instance actor): closes a session
+    /// asked to close or whose client went quiet, else pings the client.
+    fn heartbeat_turn(&mut self, ctx: &mut WebsocketContext<Self>) {
+        if let Some(code) = self.shared.requested_close() {
+            self.close(ctx, code);
+        } else if self.heartbeat.expired(Instant::now()) {
+            self.metrics
+                .clients_evicted
+                .with_label_values(&[CloseCode::HeartbeatTimeout.label()])
+                .inc();
+            log::warn!(
+                "instance={} session={} heartbeat timeout",
+                self.instance_name,
+                self.id
+            );
+            self.close(ctx, CloseCode::HeartbeatTimeout);
+        } else {
+            ctx.ping(b"");
+        }
+    }
+
     /// Sends a close frame with `code` and stops the actor.
     fn close(&mut self, ctx: &mut WebsocketContext<Self>, code: CloseCode) {
         // Nothing may follow the close frame.
@@ -209,24 +228,6 @@ impl Actor for Session {
             self.instance_name,
             self.id
         );
-        ctx.run_interval(self.limits.ping_interval, |act, ctx| {
-            if let Some(code) = act.shared.requested_close() {
-                act.close(ctx, code);
-            } else if act.heartbeat.expired(Instant::now()) {
-                act.metrics
-                    .clients_evicted
-                    .with_label_values(&[CloseCode::HeartbeatTimeout.label()])
-                    .inc();
-                log::warn!(
-                    "instance={} session={} heartbeat timeout",
-                    act.instance_name,
-                    act.id
-                );
-                act.close(ctx, CloseCode::HeartbeatTimeout);
-            } else {
-                ctx.ping(b"");
-            }
-        });
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
@@ -272,6 +273,7 @@ impl Handler<ToSession> for Session {
                 }
             }
             ToSession::Close(code) => self.close(ctx, code),
+            ToSession::Heartbeat => self.heartbeat_turn(ctx),
             // The connection's writer, polled for this, sends what is left.
             ToSession::Flush => {}
         }
