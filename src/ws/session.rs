@@ -223,6 +223,12 @@ impl Actor for Session {
             recovery: self.recovery.take(),
         });
         self.metrics.connected_clients.inc();
+        if !self.instance.connected() {
+            // The instance was deleted as this client connected: its actor
+            // stopped, so nothing would reach the session (not even its
+            // heartbeat turns, which the instance actor gives).
+            self.close(ctx, CloseCode::InstanceDeleted);
+        }
         log::debug!(
             "instance={} session={} connected",
             self.instance_name,
