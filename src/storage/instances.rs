@@ -5,7 +5,7 @@
 use diesel::prelude::*;
 
 use super::schema::{accounts, instances, ws_settings};
-use super::webhooks::{hook_locks, id_list, HookId};
+use super::webhooks::{hook_locks, id_list, HookId, LOCK_INSTANCE};
 use super::ws_settings::{decode, encode_events, ConfigRow};
 use super::{is_unique_violation, now_millis, with_conn, write_tx, DbConn, StorageError};
 use crate::domain::{AccountId, InstanceId, InstanceName, VersionedConfig, WsConfig};
@@ -224,14 +224,12 @@ pub fn delete(
     // instance's row first: a webhook set meanwhile (`webhooks::upsert`
     // locks it too) comes before or after all of this.
     let pg = conn.is_pg();
-    let q_instance = format!(
-        "SELECT id FROM instances WHERE id = {} FOR UPDATE",
-        found.id.0
-    );
     let q_hooks = format!("SELECT id FROM webhooks WHERE instance_id = {}", found.id.0);
     let deleted: usize = write_tx!(conn, c => {
         if pg {
-            diesel::sql_query(&q_instance).execute(c)?;
+            diesel::sql_query(LOCK_INSTANCE)
+                .bind::<diesel::sql_types::BigInt, _>(found.id.0)
+                .execute(c)?;
         }
         let hooks: Vec<i64> = diesel::sql_query(&q_hooks)
             .load::<HookId>(c)?

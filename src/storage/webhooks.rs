@@ -25,6 +25,10 @@ pub(crate) fn dialect(conn: &DbConn, sql: &str) -> String {
     }
 }
 
+/// Locks an instance's row (PostgreSQL): whoever sets one of its webhooks,
+/// or deletes it with its webhooks, goes one at a time.
+pub(crate) const LOCK_INSTANCE: &str = "SELECT id FROM instances WHERE id = $1 FOR UPDATE";
+
 /// A webhook's id.
 #[derive(QueryableByName)]
 pub(crate) struct HookId {
@@ -305,7 +309,7 @@ pub fn upsert(
     let now = now_millis();
     let events = encode_events(&new.events);
     let pg = conn.is_pg();
-    let lock = pg.then_some("SELECT id FROM instances WHERE id = $1 FOR UPDATE");
+    let lock = pg.then_some(LOCK_INSTANCE);
     let q_existing = dialect(
         conn,
         &format!("SELECT {COLUMNS} FROM webhooks w WHERE w.instance_id = $1 AND w.label = $2"),
