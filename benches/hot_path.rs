@@ -79,6 +79,7 @@ fn fan_out(c: &mut Criterion) {
                 direct_writes: false,
                 history: None,
                 ping_interval: std::time::Duration::from_secs(20),
+                idle_timeout: std::time::Duration::from_secs(60),
             };
             let info = InstanceInfo {
                 id: InstanceId(1),

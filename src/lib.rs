@@ -182,6 +182,7 @@ pub async fn serve(
             direct_writes: settings.server.direct_writes,
             history: crate::instance::history::HistoryLimits::from_settings(&settings.ws),
             ping_interval: Duration::from_secs(settings.ws.ping_interval_secs),
+            idle_timeout: Duration::from_secs(settings.ws.idle_timeout_secs),
         },
         Arc::new(AccessCache::default()),
     );

@@ -54,6 +54,7 @@ pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         direct_writes: false,
         history: None,
         ping_interval: Duration::from_secs(ws.ping_interval_secs),
+        idle_timeout: Duration::from_secs(ws.idle_timeout_secs),
     };
     // Stops with its session, the only holder of its address.
     let instance = InstanceActor::new(
@@ -65,6 +66,7 @@ pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         Default::default(),
     )
     .start();
+    let instance = std::sync::Arc::new(instance);
     let session = Session::new(
         instance,
         NAME.to_string(),

@@ -6,7 +6,8 @@
 //! evicted with 4008; nobody else waits for it. The envelope of an event is
 //! built once per event (per mediaBase64 variant) and shared by all sessions;
 //! with no sessions nothing is built. One timer per instance, not one per
-//! session, tells the sessions when to check their client's heartbeat.
+//! session, drives the heartbeats: the instance pings a client still heard
+//! from on its socket itself, and tells its session only when it cannot.
 //!
 //! With a history (contract §12, [`History`]), every event accepted while the
 //! WebSocket is enabled is kept and numbered, sessions or not; sessions that
@@ -33,7 +34,7 @@ use crate::domain::{EventKind, EventSet, VersionedConfig};
 use crate::events::{envelope, instance_data_json, strips_media};
 use crate::metrics::Metrics;
 use crate::ws::close::CloseCode;
-use crate::ws::direct::{encode_texts, Direct};
+use crate::ws::direct::{encode_texts, Direct, PING};
 
 // Following the cluster's shared history: handlers of `SyncStart` and
 // `Sequenced`, joins parked until the mirror is loaded.
@@ -84,6 +85,9 @@ pub struct FanoutEnv {
     /// How often each session checks its client's heartbeat and pings it
     /// (`ws.ping_interval_secs`): this actor tells it when ([`HEARTBEAT_SLICE`]).
     pub ping_interval: Duration,
+    /// How long a client may stay silent before it is closed with 4001
+    /// (`ws.idle_timeout_secs`).
+    pub idle_timeout: Duration,
 }
 
 struct SessionEntry {
@@ -101,11 +105,11 @@ struct SessionEntry {
 /// here cannot match.
 const DIRECT_SPACING: Duration = Duration::from_millis(5);
 
-/// How often an instance with sessions tells a slice of them to check
-/// their heartbeat: each session once per ping interval, so one timer per
-/// instance serves every session (a timer per session cost each idle
-/// connection about 150 bytes), and a large instance's pings are spread
-/// over the interval instead of sent at once.
+/// How often an instance with sessions takes the heartbeat turn of a slice
+/// of them: each session once per ping interval, so one timer per instance
+/// serves every session (a timer per session cost each idle connection
+/// about 150 bytes), and a large instance's pings are spread over the
+/// interval instead of sent at once.
 const HEARTBEAT_SLICE: Duration = Duration::from_secs(1);
 
 /// One event's envelopes for this node's sessions.
@@ -272,7 +276,7 @@ impl InstanceActor {
         match (idle, self.heartbeats.is_some()) {
             (false, false) => {
                 self.heartbeats =
-                    Some(ctx.run_interval(HEARTBEAT_SLICE, |act, _| act.tell_heartbeats()));
+                    Some(ctx.run_interval(HEARTBEAT_SLICE, |act, _| act.take_heartbeat_turns()));
             }
             (true, true) => {
                 if let Some(timer) = self.heartbeats.take() {
@@ -677,21 +681,44 @@ impl InstanceActor {
         }
     }
 
-    /// Tells this slice's sessions (and joins waiting for the mirror) to
-    /// check their client's heartbeat: a session's slice is its id modulo
-    /// the number of slices in a ping interval.
-    fn tell_heartbeats(&mut self) {
+    /// Takes the heartbeat turn of this slice's sessions (and of joins
+    /// waiting for the mirror): a session's slice is its id modulo the number
+    /// of slices in a ping interval. A client still heard from whose writer
+    /// is idle is pinged here, straight on its socket (`ws::direct`), with
+    /// no message and no wake-up of its session; any other session is told
+    /// to take its turn itself (ping, or close).
+    fn take_heartbeat_turns(&mut self) {
         let slices = (self.env.ping_interval.as_millis() / HEARTBEAT_SLICE.as_millis()).max(1);
         let slices = u64::try_from(slices).unwrap_or(u64::MAX);
         let slice = self.heartbeat_slices % slices;
         self.heartbeat_slices = self.heartbeat_slices.wrapping_add(1);
-        let sessions = self.sessions.iter().map(|(id, e)| (id, &e.recipient));
-        let waiting = self.parked.iter().map(|(j, _)| (&j.session, &j.recipient));
-        for (id, recipient) in sessions.chain(waiting) {
-            if id.0 % slices == slice {
-                // Past the mailbox's bound, as a close is: one small message.
-                recipient.do_send(ToSession::Heartbeat);
+        let now = Instant::now();
+        let sessions = self
+            .sessions
+            .iter()
+            .map(|(id, e)| (id, &e.recipient, &e.shared));
+        let waiting = self
+            .parked
+            .iter()
+            .map(|(j, _)| (&j.session, &j.recipient, &j.shared));
+        for (id, recipient, shared) in sessions.chain(waiting) {
+            if id.0 % slices != slice {
+                continue;
             }
+            let silent = shared.heartbeat.expired(self.env.idle_timeout, now);
+            if !silent && shared.requested_close().is_none() {
+                match shared.direct.write(&PING) {
+                    Direct::Written => continue,
+                    Direct::Partly => {
+                        // Its writer sends the rest once woken.
+                        let _ = recipient.try_send(ToSession::Flush);
+                        continue;
+                    }
+                    Direct::Refused => {}
+                }
+            }
+            // Past the mailbox's bound, as a close is: one small message.
+            recipient.do_send(ToSession::Heartbeat { silent });
         }
     }
 

@@ -59,7 +59,9 @@ impl Pressure {
 /// One instance actor's address with its backpressure.
 #[derive(Clone)]
 pub struct Inbox {
-    addr: Addr<InstanceActor>,
+    /// Shared, not cloned: each clone of an `Addr` allocates (its sender's
+    /// own parking state), and only `do_send` is used through this one.
+    addr: Arc<Addr<InstanceActor>>,
     pressure: Arc<Pressure>,
     bound: usize,
 }
@@ -67,7 +69,7 @@ pub struct Inbox {
 impl Inbox {
     pub fn new(addr: Addr<InstanceActor>, pressure: Arc<Pressure>, bound: usize) -> Self {
         Self {
-            addr,
+            addr: Arc::new(addr),
             pressure,
             bound,
         }
@@ -75,6 +77,12 @@ impl Inbox {
 
     pub fn addr(&self) -> &Addr<InstanceActor> {
         &self.addr
+    }
+
+    /// The actor's address, shared with this inbox (for `do_send` only: a
+    /// `send` waiting at a full mailbox would share its parking with others).
+    pub fn shared_addr(&self) -> Arc<Addr<InstanceActor>> {
+        self.addr.clone()
     }
 
     /// Hands published `events` to the actor, in order behind every earlier

@@ -38,6 +38,8 @@ pub struct SessionShared {
     pub close_code: AtomicU16,
     /// The fan-out's way to the session's socket while its writer is idle.
     pub direct: crate::ws::direct::DirectWay,
+    /// When the client was last heard from (stamped by the session).
+    pub heartbeat: crate::ws::rules::Heartbeat,
 }
 
 impl SessionShared {
@@ -91,9 +93,11 @@ pub enum ToSession {
     Replay(Batch),
     /// Close with this code and stop.
     Close(CloseCode),
-    /// Check the client's heartbeat: close if it went quiet (or a close was
-    /// asked for), else ping it. Sent once per ping interval.
-    Heartbeat,
+    /// The client's heartbeat turn, once per ping interval, when the
+    /// instance could not ping it itself (`ws::direct`): close if a close
+    /// was asked for, close with 4001 if the client went `silent` (past the
+    /// idle timeout), else ping it.
+    Heartbeat { silent: bool },
 }
 
 /// A session joins its instance's fan-out (sent from the session's `started`).

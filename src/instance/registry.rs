@@ -85,15 +85,16 @@ impl Registry {
         self.instances.lock().get(&id).cloned()
     }
 
-    /// The instance's actor, started with `config` when it is not running.
+    /// The instance's actor, started with `config` when it is not running
+    /// (its address shared, for `do_send`: see [`Inbox::shared_addr`]).
     pub fn get_or_start(
         &self,
         info: InstanceInfo,
         config: Option<VersionedConfig>,
-    ) -> Addr<InstanceActor> {
+    ) -> Arc<Addr<InstanceActor>> {
         let mut instances = self.instances.lock();
         if let Some(inbox) = instances.get(&info.id).filter(|i| i.addr().connected()) {
-            return inbox.addr().clone();
+            return inbox.shared_addr();
         }
         let label = if self.labelled.fetch_add(1, Ordering::AcqRel) < MAX_INSTANCE_LABELS {
             format!("{}#{}", info.name, info.id.0)
@@ -112,7 +113,9 @@ impl Registry {
         let addr = InstanceActor::start_in_arbiter(&arbiter, move |_| {
             InstanceActor::new(info, config, env, me, label, shared)
         });
-        instances.insert(id, Inbox::new(addr.clone(), pressure, bound));
+        let inbox = Inbox::new(addr, pressure, bound);
+        let addr = inbox.shared_addr();
+        instances.insert(id, inbox);
         addr
     }
 

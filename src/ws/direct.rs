@@ -25,6 +25,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
 use parking_lot::Mutex;
 
+/// An empty ping frame, unmasked (RFC 6455 §5.5.2): a heartbeat's ping.
+pub static PING: Bytes = Bytes::from_static(&[0x89, 0x00]);
+
 /// What became of a direct write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direct {

@@ -4,6 +4,8 @@
 //! deadline.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use actix_http::ws::ProtocolError;
@@ -150,29 +152,46 @@ pub fn refusal(error: &ProtocolError) -> Option<CloseCode> {
 }
 
 /// When a client was last heard from, and when that is too long ago.
-#[derive(Debug, Clone, Copy)]
+/// Shared: the session, which hears the client, stamps it; the instance
+/// actor, which pings the client, reads it (`SessionShared::heartbeat`).
+#[derive(Debug)]
 pub struct Heartbeat {
-    last_heard: Instant,
-    idle_timeout: Duration,
+    /// Milliseconds from [`clock_start`] to the last time the client was heard.
+    last_heard: AtomicU64,
+}
+
+impl Default for Heartbeat {
+    /// A client just connected counts as heard.
+    fn default() -> Self {
+        Self {
+            last_heard: AtomicU64::new(since_clock_start(Instant::now())),
+        }
+    }
 }
 
 impl Heartbeat {
-    pub fn new(idle_timeout: Duration) -> Self {
-        Self {
-            last_heard: Instant::now(),
-            idle_timeout,
-        }
-    }
-
     /// Anything from the client (pong, data, ping) counts.
-    pub fn heard(&mut self) {
-        self.last_heard = Instant::now();
+    pub fn heard(&self) {
+        let now = since_clock_start(Instant::now());
+        self.last_heard.store(now, Ordering::Relaxed);
     }
 
-    /// Whether the client has been silent longer than the timeout at `now`.
-    pub fn expired(&self, now: Instant) -> bool {
-        now.duration_since(self.last_heard) > self.idle_timeout
+    /// Whether the client has been silent longer than `idle_timeout` at `now`.
+    pub fn expired(&self, idle_timeout: Duration, now: Instant) -> bool {
+        let silent = since_clock_start(now).saturating_sub(self.last_heard.load(Ordering::Relaxed));
+        u128::from(silent) > idle_timeout.as_millis()
     }
+}
+
+/// The heartbeats' common origin: the first time one was read or stamped.
+fn clock_start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+fn since_clock_start(at: Instant) -> u64 {
+    let millis = at.saturating_duration_since(clock_start()).as_millis();
+    u64::try_from(millis).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -289,8 +308,12 @@ mod tests {
 
     #[test]
     fn heartbeat_expires() {
-        let hb = Heartbeat::new(Duration::from_millis(10));
-        assert!(!hb.expired(Instant::now()));
-        assert!(hb.expired(Instant::now() + Duration::from_millis(20)));
+        let hb = Heartbeat::default();
+        let timeout = Duration::from_millis(10);
+        assert!(!hb.expired(timeout, Instant::now()));
+        assert!(hb.expired(timeout, Instant::now() + Duration::from_millis(20)));
+        std::thread::sleep(Duration::from_millis(20));
+        hb.heard();
+        assert!(!hb.expired(timeout, Instant::now()));
     }
 }

@@ -1,7 +1,7 @@
 //! The session actor: one per WebSocket client. It joins its instance's
 //! fan-out from `started` (after raising its mailbox capacity), writes the
-//! frames it is given, answers pings, pings on a timer, and closes with the
-//! contract's codes. It never touches the database. Client data is ignored,
+//! frames it is given, answers pings, pings when its instance asks (see
+//! [`ToSession::Heartbeat`]), and closes with the contract's codes. It never touches the database. Client data is ignored,
 //! except in echo mode (the conformance route), which sends each message back.
 //!
 //! A recovery's replay (contract §12) arrives as one message; it is written a
@@ -12,7 +12,6 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_http::ws::{CloseReason, Item, Message, ProtocolError};
@@ -20,7 +19,7 @@ use actix_web_actors::ws::WebsocketContext;
 use bytestring::ByteString;
 
 use super::close::CloseCode;
-use super::rules::{self, Heartbeat, Reassembly, Verdict, Whole};
+use super::rules::{self, Reassembly, Verdict, Whole};
 use crate::domain::EventSet;
 use crate::instance::messages::{
     Batch, Join, Leave, Recovery, SessionId, SessionShared, ToSession,
@@ -41,7 +40,6 @@ const REPLAY_CHUNK: usize = super::socket::HIGH_WATER;
 pub struct SessionLimits {
     pub mailbox: usize,
     pub max_message_bytes: usize,
-    pub idle_timeout: Duration,
 }
 
 impl SessionLimits {
@@ -49,7 +47,6 @@ impl SessionLimits {
         Self {
             mailbox: ws.client_buffer,
             max_message_bytes: ws.max_message_bytes,
-            idle_timeout: Duration::from_secs(ws.idle_timeout_secs),
         }
     }
 }
@@ -57,20 +54,21 @@ impl SessionLimits {
 /// One connected client.
 pub struct Session {
     id: SessionId,
-    instance: Addr<InstanceActor>,
+    instance: Arc<Addr<InstanceActor>>,
     instance_name: String,
     narrowing: EventSet,
     shared: Arc<SessionShared>,
     limits: SessionLimits,
-    heartbeat: Heartbeat,
     reassembly: Reassembly,
     metrics: Arc<Metrics>,
     /// Why the session ended, for the disconnect counter.
     ended: CloseCode,
     /// Sends each client message back instead of ignoring it.
     echo: bool,
-    /// The client's opt-in to recovery, handed to the instance on joining.
-    recovery: Option<Recovery>,
+    /// The client's opt-in to recovery, handed to the instance on joining
+    /// (boxed: most sessions have none, and every byte here is in every
+    /// connection's context).
+    recovery: Option<Box<Recovery>>,
     /// Replay frames (and deliveries behind them) not yet written; their
     /// bytes are still counted in `shared.queued_bytes`.
     backlog: VecDeque<ByteString>,
@@ -80,7 +78,7 @@ pub struct Session {
 
 impl Session {
     pub fn new(
-        instance: Addr<InstanceActor>,
+        instance: Arc<Addr<InstanceActor>>,
         instance_name: String,
         narrowing: EventSet,
         limits: SessionLimits,
@@ -94,7 +92,6 @@ impl Session {
             narrowing,
             shared: Arc::new(SessionShared::default()),
             limits,
-            heartbeat: Heartbeat::new(limits.idle_timeout),
             reassembly: Reassembly::default(),
             metrics,
             ended: CloseCode::Normal,
@@ -112,7 +109,7 @@ impl Session {
 
     /// The same session, recovering as the client asked (`?recover=true`).
     pub fn recovering(mut self, recovery: Recovery) -> Self {
-        self.recovery = Some(recovery);
+        self.recovery = Some(Box::new(recovery));
         self
     }
 
@@ -159,12 +156,12 @@ impl Session {
         self
     }
 
-    /// Once per ping interval (told by the instance actor): closes a session
-    /// asked to close or whose client went quiet, else pings the client.
-    fn heartbeat_turn(&mut self, ctx: &mut WebsocketContext<Self>) {
+    /// The heartbeat turn the instance actor could not take itself (see
+    /// [`ToSession::Heartbeat`]).
+    fn heartbeat_turn(&mut self, silent: bool, ctx: &mut WebsocketContext<Self>) {
         if let Some(code) = self.shared.requested_close() {
             self.close(ctx, code);
-        } else if self.heartbeat.expired(Instant::now()) {
+        } else if silent {
             self.metrics
                 .clients_evicted
                 .with_label_values(&[CloseCode::HeartbeatTimeout.label()])
@@ -220,7 +217,7 @@ impl Actor for Session {
             recipient: ctx.address().recipient(),
             narrowing: self.narrowing,
             shared: self.shared.clone(),
-            recovery: self.recovery.take(),
+            recovery: self.recovery.take().map(|r| *r),
         });
         self.metrics.connected_clients.inc();
         if !self.instance.connected() {
@@ -279,7 +276,7 @@ impl Handler<ToSession> for Session {
                 }
             }
             ToSession::Close(code) => self.close(ctx, code),
-            ToSession::Heartbeat => self.heartbeat_turn(ctx),
+            ToSession::Heartbeat { silent } => self.heartbeat_turn(silent, ctx),
             // The connection's writer, polled for this, sends what is left.
             ToSession::Flush => {}
         }
@@ -288,7 +285,7 @@ impl Handler<ToSession> for Session {
 
 impl StreamHandler<Result<Message, ProtocolError>> for Session {
     fn handle(&mut self, msg: Result<Message, ProtocolError>, ctx: &mut Self::Context) {
-        self.heartbeat.heard();
+        self.shared.heartbeat.heard();
         let max = self.limits.max_message_bytes;
         let msg = match msg {
             Ok(msg) => msg,

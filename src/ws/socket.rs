@@ -50,33 +50,38 @@ const MAX_IOVECS: usize = 32;
 
 /// Runs `session` on `io` until the session stops and the socket is closed.
 /// `early` holds bytes the client sent right behind its handshake.
-/// `shared` is the session's own (`Session::shared`), taken by the caller:
-/// taken here, the session would be kept whole in this future beside its
-/// context, 300 bytes more in every connection.
-pub async fn serve(
+///
+/// Not an `async fn`: its arguments would be kept in the connection's task
+/// for as long as it lives (the session alone is 280 bytes), beside the
+/// context they were moved into. Everything is built here; the future keeps
+/// only what it uses.
+pub fn serve(
     io: TcpStream,
     early: Bytes,
     session: Session,
-    shared: Arc<SessionShared>,
     max_frame: usize,
-) {
+) -> impl Future<Output = ()> {
+    let shared = session.shared();
     let io = Arc::new(io);
     shared.direct.attach(io.clone());
     // Dropped before `io` on every way out, also when this future is.
     let direct = EndDirect(shared.clone());
     let incoming = Incoming {
         io: io.clone(),
-        early: (!early.is_empty()).then_some(early),
+        early: (!early.is_empty()).then(|| Box::new(early)),
         eof: false,
         watch: CloseWatch::default(),
     };
     let frames = WebsocketContext::with_codec(session, incoming, Codec::new().max_size(max_frame));
-    let outcome = Outgoing::new(io.clone(), frames, shared).await;
-    drop(direct);
-    match outcome {
-        // Boxed: its buffer and timer are not carried by every idle connection.
-        Ok(()) => Box::pin(close_gracefully(&io)).await,
-        Err(e) => log::debug!("websocket connection ended: {e}"),
+    let outgoing = Outgoing::new(io, frames, shared);
+    async move {
+        let outcome = outgoing.await;
+        drop(direct);
+        match outcome {
+            // Boxed: its buffer and timer are not carried by every idle connection.
+            Ok(io) => Box::pin(close_gracefully(&io)).await,
+            Err(e) => log::debug!("websocket connection ended: {e}"),
+        }
     }
 }
 
@@ -118,7 +123,9 @@ async fn close_gracefully(io: &TcpStream) {
 /// The client's bytes, as the session's frame decoder reads them.
 struct Incoming {
     io: Arc<TcpStream>,
-    early: Option<Bytes>,
+    /// Bytes sent right behind the handshake (boxed: rare, and this struct
+    /// is in every connection).
+    early: Option<Box<Bytes>>,
     eof: bool,
     /// Finds a close frame whose reason is not UTF-8 (1007, not 1002).
     watch: CloseWatch,
@@ -144,7 +151,7 @@ impl Stream for Incoming {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(early) = self.early.take() {
-            return Poll::Ready(Some(self.checked(early)));
+            return Poll::Ready(Some(self.checked(*early)));
         }
         if self.eof {
             return Poll::Ready(None);
@@ -172,7 +179,8 @@ impl Stream for Incoming {
 }
 
 /// Takes the session's encoded frames and writes them to the socket.
-/// Ready with `Ok` once the session stopped and everything was written.
+/// Ready with `Ok` (and the socket, to close) once the session stopped and
+/// everything was written.
 struct Outgoing<S> {
     io: Arc<TcpStream>,
     frames: Pin<Box<S>>,
@@ -247,7 +255,7 @@ impl<S> Future for Outgoing<S>
 where
     S: Stream<Item = Result<Bytes, actix_web::Error>>,
 {
-    type Output = io::Result<()>;
+    type Output = io::Result<Arc<TcpStream>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -262,7 +270,7 @@ where
             if this.pending.is_empty() {
                 this.socket_full(false);
                 return if this.done {
-                    Poll::Ready(Ok(()))
+                    Poll::Ready(Ok(this.io.clone()))
                 } else {
                     this.shared.direct.idle();
                     Poll::Pending
@@ -325,7 +333,7 @@ mod tests {
             client.read_to_end(&mut all).unwrap();
             all
         });
-        outgoing.await.unwrap();
+        let _ = outgoing.await.unwrap();
         socket2::SockRef::from(&*io)
             .shutdown(std::net::Shutdown::Write)
             .unwrap();

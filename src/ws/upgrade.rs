@@ -100,12 +100,10 @@ where
     if let Some(Accepted { session, max_frame }) = accepted {
         framed.send(Message::Item((head, BodySize::None))).await?;
         let parts = framed.into_parts();
-        let shared = session.shared();
         actix_rt::spawn(super::socket::serve(
             parts.io,
             parts.read_buf.freeze(),
             session,
-            shared,
             max_frame,
         ));
         return Ok(());
