@@ -82,8 +82,8 @@ pub struct FanoutEnv {
     pub direct_writes: bool,
     /// Bounds of each instance's history; `None`: no history is kept.
     pub history: Option<HistoryLimits>,
-    /// How often each session checks its client's heartbeat and pings it
-    /// (`ws.ping_interval_secs`): this actor tells it when ([`HEARTBEAT_SLICE`]).
+    /// How often each client is pinged and its silence checked
+    /// (`ws.ping_interval_secs`), by this actor's heartbeat turns ([`HEARTBEAT_SLICE`]).
     pub ping_interval: Duration,
     /// How long a client may stay silent before it is closed with 4001
     /// (`ws.idle_timeout_secs`).

@@ -1,8 +1,9 @@
 //! The session actor: one per WebSocket client. It joins its instance's
 //! fan-out from `started` (after raising its mailbox capacity), writes the
 //! frames it is given, answers pings, pings when its instance asks (see
-//! [`ToSession::Heartbeat`]), and closes with the contract's codes. It never touches the database. Client data is ignored,
-//! except in echo mode (the conformance route), which sends each message back.
+//! [`ToSession::Heartbeat`]), and closes with the contract's codes. It never
+//! touches the database. Client data is ignored, except in echo mode (the
+//! conformance route), which sends each message back.
 //!
 //! A recovery's replay (contract §12) arrives as one message; it is written a
 //! chunk at a time, each when the socket has taken the previous one, and its

@@ -30,7 +30,7 @@ use actix_http::ws::Codec;
 use actix_rt::net::TcpStream;
 use actix_web_actors::ws::WebsocketContext;
 use bytes::{Buf, Bytes};
-use futures_util::Stream;
+use futures_util::{FutureExt, Stream};
 
 use super::close_watch::{CloseWatch, INVALID_CLOSE_REASON};
 use super::session::Session;
@@ -73,16 +73,18 @@ pub fn serve(
         watch: CloseWatch::default(),
     };
     let frames = WebsocketContext::with_codec(session, incoming, Codec::new().max_size(max_frame));
-    let outgoing = Outgoing::new(io, frames, shared);
-    async move {
-        let outcome = outgoing.await;
+    // A combinator, not an `async` block: the block would keep the writer
+    // twice, once captured and once where it is awaited.
+    Outgoing::new(io, frames, shared).then(move |outcome| {
         drop(direct);
-        match outcome {
-            // Boxed: its buffer and timer are not carried by every idle connection.
-            Ok(io) => Box::pin(close_gracefully(&io)).await,
-            Err(e) => log::debug!("websocket connection ended: {e}"),
+        async move {
+            match outcome {
+                // Boxed: its buffer and timer are not carried by every idle connection.
+                Ok(io) => Box::pin(close_gracefully(&io)).await,
+                Err(e) => log::debug!("websocket connection ended: {e}"),
+            }
         }
-    }
+    })
 }
 
 /// Closes the fan-out's direct way to the socket (see `ws::direct`).
@@ -178,12 +180,21 @@ impl Stream for Incoming {
     }
 }
 
-/// Takes the session's encoded frames and writes them to the socket.
-/// Ready with `Ok` (and the socket, to close) once the session stopped and
-/// everything was written.
-struct Outgoing<S> {
+pin_project_lite::pin_project! {
+    /// Takes the session's encoded frames and writes them to the socket.
+    /// Ready with `Ok` (and the socket, to close) once the session stopped
+    /// and everything was written. The session's context is held inline, so
+    /// a connection is one task allocation, not two.
+    struct Outgoing<S> {
+        #[pin]
+        frames: S,
+        writer: Writer,
+    }
+}
+
+/// The socket's side of [`Outgoing`]: frames taken and not yet written.
+struct Writer {
     io: Arc<TcpStream>,
-    frames: Pin<Box<S>>,
     pending: VecDeque<Bytes>,
     pending_bytes: usize,
     done: bool,
@@ -197,19 +208,26 @@ where
 {
     fn new(io: Arc<TcpStream>, frames: S, shared: Arc<SessionShared>) -> Self {
         Self {
-            io,
-            frames: Box::pin(frames),
-            pending: VecDeque::new(),
-            pending_bytes: 0,
-            done: false,
-            shared,
+            frames,
+            writer: Writer {
+                io,
+                pending: VecDeque::new(),
+                pending_bytes: 0,
+                done: false,
+                shared,
+            },
         }
     }
+}
 
+impl Writer {
     /// Polls the session for frames while few enough wait for the socket.
-    fn take_frames(&mut self, cx: &mut Context<'_>) {
+    fn take_frames<S>(&mut self, mut frames: Pin<&mut S>, cx: &mut Context<'_>)
+    where
+        S: Stream<Item = Result<Bytes, actix_web::Error>>,
+    {
         while !self.done && self.pending_bytes < HIGH_WATER {
-            match self.frames.as_mut().poll_next(cx) {
+            match frames.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(bytes))) => {
                     if !bytes.is_empty() {
                         self.pending_bytes += bytes.len();
@@ -258,39 +276,41 @@ where
     type Output = io::Result<Arc<TcpStream>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
+        let this = self.project();
+        let mut frames = this.frames;
+        let w = this.writer;
         // What a direct write left goes first, before the session's frames.
-        let rest = this.shared.direct.busy();
+        let rest = w.shared.direct.busy();
         if !rest.is_empty() {
-            this.pending_bytes += rest.len();
-            this.pending.push_front(rest);
+            w.pending_bytes += rest.len();
+            w.pending.push_front(rest);
         }
         loop {
-            this.take_frames(cx);
-            if this.pending.is_empty() {
-                this.socket_full(false);
-                return if this.done {
-                    Poll::Ready(Ok(this.io.clone()))
+            w.take_frames(frames.as_mut(), cx);
+            if w.pending.is_empty() {
+                w.socket_full(false);
+                return if w.done {
+                    Poll::Ready(Ok(w.io.clone()))
                 } else {
-                    this.shared.direct.idle();
+                    w.shared.direct.idle();
                     Poll::Pending
                 };
             }
-            ready!(this.io.poll_write_ready(cx))?;
-            let written = if this.pending.len() == 1 {
-                this.io.try_write(&this.pending[0])
+            ready!(w.io.poll_write_ready(cx))?;
+            let written = if w.pending.len() == 1 {
+                w.io.try_write(&w.pending[0])
             } else {
                 let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                let n = slices.len().min(this.pending.len());
-                for (slot, chunk) in slices.iter_mut().zip(&this.pending) {
+                let n = slices.len().min(w.pending.len());
+                for (slot, chunk) in slices.iter_mut().zip(&w.pending) {
                     *slot = IoSlice::new(chunk);
                 }
-                this.io.try_write_vectored(&slices[..n])
+                w.io.try_write_vectored(&slices[..n])
             };
             match written {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => this.consume(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.socket_full(true),
+                Ok(n) => w.consume(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.socket_full(true),
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
