@@ -252,6 +252,64 @@ async fn every_client_is_pinged_once_per_interval_until_its_idle_timeout() {
     }
 }
 
+/// A client whose connection is busy writing (it stopped reading, so its
+/// socket is full) cannot be pinged on its socket by the instance: its
+/// session is told to take its turn instead, and the ping is queued behind
+/// what waits for the socket. Without that, such a client would get no ping
+/// until it caught up.
+#[actix_rt::test]
+async fn a_client_whose_connection_is_writing_is_pinged_through_its_session() {
+    let s = TestServer::start_with(|st| {
+        st.ws.ping_interval_secs = 1;
+        st.ws.idle_timeout_secs = 60;
+        st.ws.tcp_user_timeout_secs = 60;
+        st.ws.client_buffer = 4096;
+        st.ws.client_buffer_bytes = 64 << 20;
+    })
+    .await;
+    s.instance("busy").await;
+    let mut paused = stalled_client(s.addr, &format!("/ws/busy?token={ACCOUNT}")).await;
+    s.wait_clients("busy", Some(1)).await;
+    // 32 MiB: more than loopback's socket buffers take, so the connection's
+    // writer holds the rest while the client does not read.
+    let pad = "p".repeat(32 * 1024);
+    for seq in 0..1024 {
+        let body = event("message.status", json!({"seq": seq, "pad": pad}));
+        assert_eq!(s.publish("busy", body).await.status, 202);
+    }
+    // Three heartbeat turns while the writer is busy, then a marker.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let marker = event("call.update", json!({"marker": true}));
+    assert_eq!(s.publish("busy", marker).await.status, 202);
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let has_marker = |p: &[u8]| p.windows(6).any(|w| w == b"marker");
+    let mut seen = false;
+    let before_marker = loop {
+        // Parsed only once the marker's bytes are in (32 MiB, read 64 KiB at a time).
+        if seen {
+            let frames = server_frames(&bytes);
+            if let Some(at) = frames.iter().position(|(op, p)| *op == 1 && has_marker(p)) {
+                break frames[..at].to_vec();
+            }
+        }
+        assert!(Instant::now() < deadline, "the marker did not arrive");
+        let n = tokio::time::timeout(Duration::from_secs(10), paused.read(&mut buf))
+            .await
+            .expect("frames keep coming")
+            .unwrap();
+        assert!(n > 0, "closed before the marker");
+        let from = bytes.len().saturating_sub(5);
+        bytes.extend_from_slice(&buf[..n]);
+        seen = seen || has_marker(&bytes[from..]);
+    };
+    let texts = before_marker.iter().filter(|(op, _)| *op == 1).count();
+    assert_eq!(texts, 1024, "every event before the marker");
+    let pings = before_marker.iter().filter(|(op, _)| *op == 0x9).count();
+    assert!(pings >= 2, "{pings} pings while the connection was writing");
+}
+
 #[actix_rt::test]
 async fn oversize_and_invalid_client_messages() {
     let s = TestServer::start().await;
