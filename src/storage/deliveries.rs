@@ -906,14 +906,11 @@ pub fn purge_dead(conn: &mut DbConn, before: i64) -> Result<usize, StorageError>
 /// Turns pending deliveries of disabled webhooks into dead letters with
 /// error `webhook disabled` (a publish that raced with the disable).
 pub fn kill_disabled(conn: &mut DbConn, now: i64) -> Result<usize, StorageError> {
-    let hooks: Vec<i64> = with_conn!(conn, c => diesel::sql_query(
+    let hooks = HookId::ids(with_conn!(conn, c => diesel::sql_query(
         "SELECT w.id FROM webhooks w WHERE NOT w.enabled AND EXISTS \
          (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.dead_at IS NULL)",
     )
-    .load::<HookId>(c))?
-    .into_iter()
-    .map(|h| h.id)
-    .collect();
+    .load::<HookId>(c))?);
     if hooks.is_empty() {
         return Ok(0);
     }

@@ -231,11 +231,7 @@ pub fn delete(
                 .bind::<diesel::sql_types::BigInt, _>(found.id.0)
                 .execute(c)?;
         }
-        let hooks: Vec<i64> = diesel::sql_query(&q_hooks)
-            .load::<HookId>(c)?
-            .into_iter()
-            .map(|h| h.id)
-            .collect();
+        let hooks = HookId::ids(diesel::sql_query(&q_hooks).load::<HookId>(c)?);
         if let Some(q) = hook_locks(pg, &hooks, false) {
             diesel::sql_query(q).execute(c)?;
         }

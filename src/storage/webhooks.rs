@@ -36,6 +36,13 @@ pub(crate) struct HookId {
     pub id: i64,
 }
 
+impl HookId {
+    /// The ids of `rows`, as a query for webhooks loads them.
+    pub(crate) fn ids(rows: Vec<HookId>) -> Vec<i64> {
+        rows.into_iter().map(|h| h.id).collect()
+    }
+}
+
 /// The statement that takes, on PostgreSQL (`pg`), the transaction's
 /// advisory lock on each of `hooks` (sorted, so takers never wait in a
 /// circle): shared by the intake while it stores their deliveries and by
