@@ -705,8 +705,8 @@ impl InstanceActor {
             if id.0 % slices != slice {
                 continue;
             }
-            let silent = shared.heartbeat.expired(self.env.idle_timeout, now);
-            if !silent && shared.requested_close().is_none() {
+            let silent_since = shared.heartbeat.silent_since(self.env.idle_timeout, now);
+            if silent_since.is_none() && shared.requested_close().is_none() {
                 match shared.direct.write(&PING) {
                     Direct::Written => continue,
                     Direct::Partly => {
@@ -718,7 +718,7 @@ impl InstanceActor {
                 }
             }
             // Past the mailbox's bound, as a close is: one small message.
-            recipient.do_send(ToSession::Heartbeat { silent });
+            recipient.do_send(ToSession::Heartbeat { silent_since });
         }
     }
 

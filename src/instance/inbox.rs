@@ -75,8 +75,19 @@ impl Inbox {
         }
     }
 
-    pub fn addr(&self) -> &Addr<InstanceActor> {
-        &self.addr
+    /// The actor's address, a clone of its own: free to `send` and wait.
+    pub fn addr(&self) -> Addr<InstanceActor> {
+        Addr::clone(&self.addr)
+    }
+
+    /// Whether the actor still runs.
+    pub fn connected(&self) -> bool {
+        self.addr.connected()
+    }
+
+    /// Whether this is the way into the actor at `addr`.
+    pub fn leads_to(&self, addr: &Addr<InstanceActor>) -> bool {
+        *self.addr == *addr
     }
 
     /// The actor's address, shared with this inbox (for `do_send` only: a

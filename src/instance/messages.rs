@@ -95,9 +95,10 @@ pub enum ToSession {
     Close(CloseCode),
     /// The client's heartbeat turn, once per ping interval, when the
     /// instance could not ping it itself (`ws::direct`): close if a close
-    /// was asked for, close with 4001 if the client went `silent` (past the
-    /// idle timeout), else ping it.
-    Heartbeat { silent: bool },
+    /// was asked for, close with 4001 if the client went silent past the
+    /// idle timeout (`silent_since`: when it was last heard, if it still
+    /// was not heard since), else ping it.
+    Heartbeat { silent_since: Option<u64> },
 }
 
 /// A session joins its instance's fan-out (sent from the session's `started`).

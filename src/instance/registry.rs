@@ -77,7 +77,7 @@ impl Registry {
 
     /// The instance's actor, if it runs on this node.
     pub fn get(&self, id: InstanceId) -> Option<Addr<InstanceActor>> {
-        self.instances.lock().get(&id).map(|i| i.addr().clone())
+        self.instances.lock().get(&id).map(Inbox::addr)
     }
 
     /// Where the instance's published events go, if its actor runs on this node.
@@ -93,7 +93,7 @@ impl Registry {
         config: Option<VersionedConfig>,
     ) -> Arc<Addr<InstanceActor>> {
         let mut instances = self.instances.lock();
-        if let Some(inbox) = instances.get(&info.id).filter(|i| i.addr().connected()) {
+        if let Some(inbox) = instances.get(&info.id).filter(|i| i.connected()) {
             return inbox.shared_addr();
         }
         let label = if self.labelled.fetch_add(1, Ordering::AcqRel) < MAX_INSTANCE_LABELS {
@@ -122,7 +122,7 @@ impl Registry {
     /// Forgets a stopped actor (only if it is still the one registered).
     pub(super) fn remove(&self, id: InstanceId, addr: &Addr<InstanceActor>, label: &str) {
         let mut instances = self.instances.lock();
-        if instances.get(&id).map(Inbox::addr) == Some(addr) {
+        if instances.get(&id).is_some_and(|i| i.leads_to(addr)) {
             instances.remove(&id);
         }
         if label != OTHER_LABEL {
@@ -137,11 +137,7 @@ impl Registry {
 
     /// Every running instance actor.
     pub fn all(&self) -> Vec<Addr<InstanceActor>> {
-        self.instances
-            .lock()
-            .values()
-            .map(|i| i.addr().clone())
-            .collect()
+        self.instances.lock().values().map(Inbox::addr).collect()
     }
 
     /// Clients of the instance connected to this node.

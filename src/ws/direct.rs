@@ -7,7 +7,9 @@
 //! Only with `server.direct_writes` (off by default: it saves CPU at low
 //! rates, but at full speed a write per publish and session costs more than
 //! the writers' gathering of several publishes into one write), and only
-//! while the node is quiet (`instance::actor::fan_out`).
+//! while the node is quiet (`instance::actor::fan_out`). The instance's
+//! heartbeat pings ([`PING`]) take the same way always, setting or not
+//! (`instance::actor::take_heartbeat_turns`).
 //!
 //! The writer and the fan-out take turns under one lock: the writer closes
 //! the way in (`busy`) each time it runs and opens it (`idle`) when it stops

@@ -176,10 +176,18 @@ impl Heartbeat {
         self.last_heard.store(now, Ordering::Relaxed);
     }
 
-    /// Whether the client has been silent longer than `idle_timeout` at `now`.
-    pub fn expired(&self, idle_timeout: Duration, now: Instant) -> bool {
-        let silent = since_clock_start(now).saturating_sub(self.last_heard.load(Ordering::Relaxed));
-        u128::from(silent) > idle_timeout.as_millis()
+    /// When the client was last heard from (milliseconds on this clock).
+    pub fn last_heard(&self) -> u64 {
+        self.last_heard.load(Ordering::Relaxed)
+    }
+
+    /// `Some(last_heard)` when the client has been silent longer than
+    /// `idle_timeout` at `now`: the caller closes it only if it is still
+    /// silent since then ([`Heartbeat::last_heard`] unchanged).
+    pub fn silent_since(&self, idle_timeout: Duration, now: Instant) -> Option<u64> {
+        let heard = self.last_heard();
+        let silent = since_clock_start(now).saturating_sub(heard);
+        (u128::from(silent) > idle_timeout.as_millis()).then_some(heard)
     }
 }
 
@@ -310,10 +318,13 @@ mod tests {
     fn heartbeat_expires() {
         let hb = Heartbeat::default();
         let timeout = Duration::from_millis(10);
-        assert!(!hb.expired(timeout, Instant::now()));
-        assert!(hb.expired(timeout, Instant::now() + Duration::from_millis(20)));
+        assert_eq!(hb.silent_since(timeout, Instant::now()), None);
+        let later = Instant::now() + Duration::from_millis(20);
+        assert_eq!(hb.silent_since(timeout, later), Some(hb.last_heard()));
         std::thread::sleep(Duration::from_millis(20));
+        let before = hb.last_heard();
         hb.heard();
-        assert!(!hb.expired(timeout, Instant::now()));
+        assert_ne!(hb.last_heard(), before);
+        assert_eq!(hb.silent_since(timeout, Instant::now()), None);
     }
 }

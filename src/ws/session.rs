@@ -159,7 +159,9 @@ impl Session {
 
     /// The heartbeat turn the instance actor could not take itself (see
     /// [`ToSession::Heartbeat`]).
-    fn heartbeat_turn(&mut self, silent: bool, ctx: &mut WebsocketContext<Self>) {
+    fn heartbeat_turn(&mut self, silent_since: Option<u64>, ctx: &mut WebsocketContext<Self>) {
+        // Heard from since the instance looked: not silent after all.
+        let silent = silent_since == Some(self.shared.heartbeat.last_heard());
         if let Some(code) = self.shared.requested_close() {
             self.close(ctx, code);
         } else if silent {
@@ -277,7 +279,7 @@ impl Handler<ToSession> for Session {
                 }
             }
             ToSession::Close(code) => self.close(ctx, code),
-            ToSession::Heartbeat { silent } => self.heartbeat_turn(silent, ctx),
+            ToSession::Heartbeat { silent_since } => self.heartbeat_turn(silent_since, ctx),
             // The connection's writer, polled for this, sends what is left.
             ToSession::Flush => {}
         }

@@ -64,7 +64,8 @@ pub fn serve(
     let shared = session.shared();
     let io = Arc::new(io);
     shared.direct.attach(io.clone());
-    // Dropped before `io` on every way out, also when this future is.
+    // Ends the direct way once the writer has finished (the session's
+    // `stopping` ends it too, also when this future is dropped early).
     let direct = EndDirect(shared.clone());
     let incoming = Incoming {
         io: io.clone(),
