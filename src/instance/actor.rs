@@ -153,9 +153,9 @@ pub struct InstanceActor {
     answers: Vec<oneshot::Sender<()>>,
     /// Looks at the sessions every [`LAG_POLL`] while publishers wait.
     lag_watch: Option<SpawnHandle>,
-    /// Tells the sessions when to check their heartbeat, while there are any.
+    /// Takes the sessions' heartbeat turns, while there are any.
     heartbeats: Option<SpawnHandle>,
-    /// Slices told so far ([`HEARTBEAT_SLICE`]).
+    /// Heartbeat turns taken so far, one slice each ([`HEARTBEAT_SLICE`]).
     heartbeat_slices: u64,
     /// This instance's recent events (`None`: no history configured).
     history: Option<History>,
