@@ -116,18 +116,11 @@ pub async fn connect(
     let info = InstanceInfo {
         id: instance.id,
         account: instance.account,
-        name: instance.name.clone(),
+        name: instance.name,
         token: instance.token.clone(),
     };
     let addr = state.registry.get_or_start(info, instance.config.clone());
-    let mut session = Session::new(
-        addr,
-        instance.name,
-        narrowing,
-        limits,
-        state.metrics.clone(),
-        slot,
-    );
+    let mut session = Session::new(addr, narrowing, limits, state.metrics.clone(), slot);
     if let Some(recovery) = recovery {
         session = session.recovering(recovery);
     }

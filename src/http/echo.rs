@@ -18,7 +18,7 @@ use crate::bus::Bus;
 use crate::domain::{AccountId, EventSet, InstanceId};
 use crate::error::ApiError;
 use crate::instance::actor::FanoutEnv;
-use crate::instance::{InstanceActor, InstanceInfo};
+use crate::instance::{InstanceActor, InstanceInfo, SharedAddr};
 use crate::ws::session::{Session, SessionLimits};
 use crate::ws::upgrade;
 
@@ -66,10 +66,9 @@ pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         Default::default(),
     )
     .start();
-    let instance = std::sync::Arc::new(instance);
+    let instance = std::sync::Arc::new(SharedAddr::new(instance, NAME));
     let session = Session::new(
         instance,
-        NAME.to_string(),
         EventSet::default(),
         SessionLimits::from_settings(ws),
         state.metrics.clone(),

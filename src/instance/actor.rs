@@ -1,7 +1,7 @@
 //! The instance actor: holds one instance's settings and its sessions on this
 //! node, and fans published events out to them.
 //!
-//! Each session is stored with the one `Recipient` used for every send, so a
+//! Each session is stored with the one address used for every send, so a
 //! full mailbox is reported to us (`try_send` → `Full`) and the session is
 //! evicted with 4008; nobody else waits for it. The envelope of an event is
 //! built once per event (per mediaBase64 variant) and shared by all sessions;
@@ -91,7 +91,7 @@ pub struct FanoutEnv {
 }
 
 struct SessionEntry {
-    recipient: Recipient<ToSession>,
+    recipient: SessionAddr,
     narrowing: EventSet,
     shared: Arc<SessionShared>,
     /// Whether the client opted in to recovery (`?recover=true`).
@@ -290,8 +290,12 @@ impl InstanceActor {
                 ctx.cancel_future(timer);
             }
             if self.following.is_none() {
-                let inbox =
-                    Inbox::new(ctx.address(), self.pressure.clone(), self.env.publish_queue);
+                let inbox = Inbox::new(
+                    ctx.address(),
+                    &self.info.name,
+                    self.pressure.clone(),
+                    self.env.publish_queue,
+                );
                 self.following = self.env.bus.follow(self.info.id, inbox);
                 self.follow_shared(ctx);
             }

@@ -56,20 +56,62 @@ impl Pressure {
     }
 }
 
+/// An instance actor's address as its sessions hold it, with the instance's
+/// name for their logs. Shared, not cloned: each clone of an `Addr`
+/// allocates (its sender's own parking state), and so would each copy of the
+/// name. Only for `do_send`: a `send` waiting at a full mailbox would share
+/// its parking with every other holder.
+pub struct SharedAddr {
+    addr: Addr<InstanceActor>,
+    name: Box<str>,
+}
+
+impl SharedAddr {
+    pub fn new(addr: Addr<InstanceActor>, name: &str) -> Self {
+        Self {
+            addr,
+            name: name.into(),
+        }
+    }
+
+    /// Sends `msg` without waiting, whatever the mailbox holds.
+    pub fn do_send<M>(&self, msg: M)
+    where
+        M: actix::Message + Send + 'static,
+        M::Result: Send,
+        InstanceActor: actix::Handler<M>,
+    {
+        self.addr.do_send(msg);
+    }
+
+    /// Whether the actor still runs.
+    pub fn connected(&self) -> bool {
+        self.addr.connected()
+    }
+
+    /// The instance's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 /// One instance actor's address with its backpressure.
 #[derive(Clone)]
 pub struct Inbox {
-    /// Shared, not cloned: each clone of an `Addr` allocates (its sender's
-    /// own parking state), and only `do_send` is used through this one.
-    addr: Arc<Addr<InstanceActor>>,
+    addr: Arc<SharedAddr>,
     pressure: Arc<Pressure>,
     bound: usize,
 }
 
 impl Inbox {
-    pub fn new(addr: Addr<InstanceActor>, pressure: Arc<Pressure>, bound: usize) -> Self {
+    pub fn new(
+        addr: Addr<InstanceActor>,
+        name: &str,
+        pressure: Arc<Pressure>,
+        bound: usize,
+    ) -> Self {
         Self {
-            addr: Arc::new(addr),
+            addr: Arc::new(SharedAddr::new(addr, name)),
             pressure,
             bound,
         }
@@ -77,7 +119,7 @@ impl Inbox {
 
     /// The actor's address, a clone of its own: free to `send` and wait.
     pub fn addr(&self) -> Addr<InstanceActor> {
-        Addr::clone(&self.addr)
+        self.addr.addr.clone()
     }
 
     /// Whether the actor still runs.
@@ -87,12 +129,11 @@ impl Inbox {
 
     /// Whether this is the way into the actor at `addr`.
     pub fn leads_to(&self, addr: &Addr<InstanceActor>) -> bool {
-        *self.addr == *addr
+        self.addr.addr == *addr
     }
 
-    /// The actor's address, shared with this inbox (for `do_send` only: a
-    /// `send` waiting at a full mailbox would share its parking with others).
-    pub fn shared_addr(&self) -> Arc<Addr<InstanceActor>> {
+    /// The actor's address as sessions share it (see [`SharedAddr`]).
+    pub fn shared_addr(&self) -> Arc<SharedAddr> {
         self.addr.clone()
     }
 

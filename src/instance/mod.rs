@@ -20,7 +20,7 @@ pub mod shared_history;
 
 pub use actor::InstanceActor;
 pub use change::Change;
-pub use inbox::Inbox;
+pub use inbox::{Inbox, SharedAddr};
 pub use registry::Registry;
 
 use crate::domain::{AccountId, InstanceId};

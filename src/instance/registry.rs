@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use super::actor::{FanoutEnv, InstanceActor};
 use super::inbox::Pressure;
 use super::messages::{CloseAll, CountSessions};
-use super::{Inbox, InstanceInfo};
+use super::{Inbox, InstanceInfo, SharedAddr};
 use crate::auth::AccessCache;
 use crate::domain::{InstanceId, VersionedConfig};
 use crate::metrics::MAX_INSTANCE_LABELS;
@@ -86,12 +86,12 @@ impl Registry {
     }
 
     /// The instance's actor, started with `config` when it is not running
-    /// (its address shared, for `do_send`: see [`Inbox::shared_addr`]).
+    /// (its address shared, for `do_send`: see [`SharedAddr`]).
     pub fn get_or_start(
         &self,
         info: InstanceInfo,
         config: Option<VersionedConfig>,
-    ) -> Arc<Addr<InstanceActor>> {
+    ) -> Arc<SharedAddr> {
         let mut instances = self.instances.lock();
         if let Some(inbox) = instances.get(&info.id).filter(|i| i.connected()) {
             return inbox.shared_addr();
@@ -106,14 +106,15 @@ impl Registry {
             0 => Arbiter::current(),
             n => self.arbiters[self.next_arbiter.fetch_add(1, Ordering::Relaxed) % n].handle(),
         };
-        let (id, env, me) = (info.id, self.env.clone(), self.me.clone());
+        let (id, name) = (info.id, info.name.clone());
+        let (env, me) = (self.env.clone(), self.me.clone());
         let pressure = Arc::new(Pressure::on_node(self.node_waiting.clone()));
         let bound = env.publish_queue;
         let shared = pressure.clone();
         let addr = InstanceActor::start_in_arbiter(&arbiter, move |_| {
             InstanceActor::new(info, config, env, me, label, shared)
         });
-        let inbox = Inbox::new(addr, pressure, bound);
+        let inbox = Inbox::new(addr, &name, pressure, bound);
         let addr = inbox.shared_addr();
         instances.insert(id, inbox);
         addr

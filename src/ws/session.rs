@@ -25,7 +25,7 @@ use crate::domain::EventSet;
 use crate::instance::messages::{
     Batch, Join, Leave, Recovery, SessionId, SessionShared, ToSession,
 };
-use crate::instance::InstanceActor;
+use crate::instance::SharedAddr;
 use crate::limits::ConnectionSlot;
 use crate::metrics::Metrics;
 use crate::settings::WsSettings;
@@ -55,8 +55,7 @@ impl SessionLimits {
 /// One connected client.
 pub struct Session {
     id: SessionId,
-    instance: Arc<Addr<InstanceActor>>,
-    instance_name: String,
+    instance: Arc<SharedAddr>,
     narrowing: EventSet,
     shared: Arc<SessionShared>,
     limits: SessionLimits,
@@ -72,15 +71,47 @@ pub struct Session {
     recovery: Option<Box<Recovery>>,
     /// Replay frames (and deliveries behind them) not yet written; their
     /// bytes are still counted in `shared.queued_bytes`.
-    backlog: VecDeque<ByteString>,
+    backlog: Backlog,
     /// This client's place in the connection limits, given back on drop.
     _slot: ConnectionSlot,
 }
 
+/// A session's replay backlog, allocated only while it holds frames: most
+/// sessions never replay, and every byte of the session is in every
+/// connection's task.
+#[derive(Default)]
+struct Backlog(Option<Box<VecDeque<ByteString>>>);
+
+impl Backlog {
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn extend(&mut self, frames: impl IntoIterator<Item = ByteString>) {
+        let queue = self.0.get_or_insert_with(Box::default);
+        queue.extend(frames);
+        if queue.is_empty() {
+            self.0 = None;
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<ByteString> {
+        let queue = self.0.as_mut()?;
+        let frame = queue.pop_front();
+        if queue.is_empty() {
+            self.0 = None;
+        }
+        frame
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
 impl Session {
     pub fn new(
-        instance: Arc<Addr<InstanceActor>>,
-        instance_name: String,
+        instance: Arc<SharedAddr>,
         narrowing: EventSet,
         limits: SessionLimits,
         metrics: Arc<Metrics>,
@@ -89,7 +120,6 @@ impl Session {
         Self {
             id: SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed)),
             instance,
-            instance_name,
             narrowing,
             shared: Arc::new(SessionShared::default()),
             limits,
@@ -98,7 +128,7 @@ impl Session {
             ended: CloseCode::Normal,
             echo: false,
             recovery: None,
-            backlog: VecDeque::new(),
+            backlog: Backlog::default(),
             _slot: slot,
         }
     }
@@ -171,7 +201,7 @@ impl Session {
                 .inc();
             log::warn!(
                 "instance={} session={} heartbeat timeout",
-                self.instance_name,
+                self.instance.name(),
                 self.id
             );
             self.close(ctx, CloseCode::HeartbeatTimeout);
@@ -200,7 +230,7 @@ impl Session {
             Verdict::Close(code) => {
                 log::warn!(
                     "instance={} session={} client frame refused: {}",
-                    self.instance_name,
+                    self.instance.name(),
                     self.id,
                     code.reason()
                 );
@@ -217,7 +247,7 @@ impl Actor for Session {
         ctx.set_mailbox_capacity(self.limits.mailbox);
         self.instance.do_send(Join {
             session: self.id,
-            recipient: ctx.address().recipient(),
+            recipient: ctx.address(),
             narrowing: self.narrowing,
             shared: self.shared.clone(),
             recovery: self.recovery.take().map(|r| *r),
@@ -231,7 +261,7 @@ impl Actor for Session {
         }
         log::debug!(
             "instance={} session={} connected",
-            self.instance_name,
+            self.instance.name(),
             self.id
         );
     }
@@ -250,7 +280,7 @@ impl Actor for Session {
             .inc();
         log::info!(
             "instance={} session={} disconnected: {}",
-            self.instance_name,
+            self.instance.name(),
             self.id,
             self.ended.reason()
         );
@@ -334,5 +364,30 @@ impl StreamHandler<Result<Message, ProtocolError>> for Session {
 
     fn finished(&mut self, ctx: &mut Self::Context) {
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The backlog holds no allocation while empty: not at first, not after
+    /// nothing was queued, not once its last frame was taken.
+    #[test]
+    fn the_backlog_is_allocated_only_while_it_holds_frames() {
+        let mut backlog = Backlog::default();
+        assert!(backlog.is_empty() && backlog.0.is_none());
+        backlog.extend(Vec::new());
+        assert!(backlog.is_empty() && backlog.0.is_none());
+        backlog.extend([ByteString::from("a"), ByteString::from("b")]);
+        assert!(!backlog.is_empty());
+        assert_eq!(backlog.pop_front().as_deref(), Some("a"));
+        assert!(!backlog.is_empty());
+        assert_eq!(backlog.pop_front().as_deref(), Some("b"));
+        assert!(backlog.is_empty() && backlog.0.is_none());
+        assert_eq!(backlog.pop_front(), None);
+        backlog.extend([ByteString::from("c")]);
+        backlog.clear();
+        assert!(backlog.is_empty() && backlog.0.is_none());
     }
 }
