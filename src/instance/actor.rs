@@ -1,7 +1,7 @@
 //! The instance actor: holds one instance's settings and its sessions on this
 //! node, and fans published events out to them.
 //!
-//! Each session is stored with the one address used for every send, so a
+//! Each session is stored with the one `Recipient` used for every send, so a
 //! full mailbox is reported to us (`try_send` → `Full`) and the session is
 //! evicted with 4008; nobody else waits for it. The envelope of an event is
 //! built once per event (per mediaBase64 variant) and shared by all sessions;
@@ -91,7 +91,7 @@ pub struct FanoutEnv {
 }
 
 struct SessionEntry {
-    recipient: SessionAddr,
+    recipient: Recipient<ToSession>,
     narrowing: EventSet,
     shared: Arc<SessionShared>,
     /// Whether the client opted in to recovery (`?recover=true`).

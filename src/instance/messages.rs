@@ -101,17 +101,13 @@ pub enum ToSession {
     Heartbeat { silent_since: Option<u64> },
 }
 
-/// A session's address, as its instance keeps it.
-pub type SessionAddr = Addr<crate::ws::session::Session>;
-
 /// A session joins its instance's fan-out (sent from the session's `started`).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Join {
     pub session: SessionId,
-    /// The one stored address used for every send to this session (an
-    /// `Addr`, not a boxed `Recipient`: one allocation less per session).
-    pub recipient: SessionAddr,
+    /// The one stored address used for every send to this session.
+    pub recipient: Recipient<ToSession>,
     /// The client's `?events=` narrowing (empty = none).
     pub narrowing: EventSet,
     pub shared: Arc<SessionShared>,

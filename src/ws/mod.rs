@@ -17,7 +17,7 @@
 //!        │             session above socket::HIGH_WATER unwritten bytes
 //!        ▼
 //!  Session actor (session.rs) ── started(): mailbox raised, Join ──► InstanceActor
-//!        ◄── try_send(Batch) on its one stored Addr; Full ⇒ 4008 (instance side)
+//!        ◄── try_send(Batch) on its one stored Recipient; Full ⇒ 4008 (instance side)
 //!
 //!  With `server.direct_writes`, while Outgoing has nothing to write and the
 //!  mailbox is empty, the fan-out writes the encoded frames itself (direct.rs).

@@ -248,7 +248,7 @@ impl Actor for Session {
         ctx.set_mailbox_capacity(self.limits.mailbox);
         self.instance.do_send(Join {
             session: self.id,
-            recipient: ctx.address(),
+            recipient: ctx.address().recipient(),
             narrowing: self.narrowing,
             shared: self.shared.clone(),
             recovery: self.recovery.take().map(|r| *r),
