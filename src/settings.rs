@@ -74,10 +74,10 @@ settings_table! {
         instance_arbiters: usize = 2, env "EVENTGATE_INSTANCE_ARBITERS";
         /// Whether an instance's fan-out writes a session's frames to its
         /// socket itself while nothing of that session's waits to be written
-        /// and the node is quiet (less CPU per delivery at low rates, a
-        /// longer tail at full speed; BENCHMARKS.md, "Direct writes");
-        /// false = always through the session's mailbox.
-        direct_writes: bool = false, env "EVENTGATE_DIRECT_WRITES";
+        /// and the node is quiet (less CPU per delivery at low and moderate
+        /// rates; BENCHMARKS.md, "Direct writes"); false = always through
+        /// the session's mailbox.
+        direct_writes: bool = true, env "EVENTGATE_DIRECT_WRITES";
         /// Seconds a graceful shutdown may take before the process exits anyway.
         shutdown_drain_secs: u64 = 10, env "EVENTGATE_SHUTDOWN_DRAIN_SECS";
         /// Seconds an idle HTTP keep-alive connection is kept open.

@@ -98,11 +98,11 @@ struct SessionEntry {
     recovering: bool,
 }
 
-/// Least time between an instance's fan-outs for the second to write idle
-/// sockets itself (`ws::direct`): an instance publishing faster than this
-/// (200 publishes a second) keeps its sessions' writers busy, and they
-/// gather several publishes into one write, which a write per publish from
-/// here cannot match.
+/// Least time between the node's fan-outs (of all its instances) for the
+/// second to write idle sockets itself (`ws::direct`): a node fanning out
+/// faster than this (200 publishes a second in all) keeps its sessions'
+/// writers busy, and they gather several publishes into one write, which a
+/// write per publish from here cannot match.
 const DIRECT_SPACING: Duration = Duration::from_millis(5);
 
 /// How often an instance with sessions takes the heartbeat turn of a slice
@@ -147,8 +147,6 @@ pub struct InstanceActor {
     /// with something waiting for them: only then does the next one write
     /// sockets itself (`ws::direct`).
     writers_idle: bool,
-    /// When the last fan-out began.
-    last_fan_out: Option<Instant>,
     /// Publishers waiting for the sessions to catch up.
     answers: Vec<oneshot::Sender<()>>,
     /// Looks at the sessions every [`LAG_POLL`] while publishers wait.
@@ -208,7 +206,6 @@ impl InstanceActor {
             linger: None,
             pressure,
             writers_idle: true,
-            last_fan_out: None,
             answers: Vec::new(),
             lag_watch: None,
             heartbeats: None,
@@ -507,7 +504,8 @@ impl Handler<Publish> for InstanceActor {
         // any on this node (this one's ticket is still held): the node is
         // busy, and the sessions' writers, which gather several publishes
         // into one write, keep up better than a write per publish here.
-        let alone = self.pressure.waiting.load(Ordering::Acquire) <= 1 && self.node_quiet(1);
+        let alone =
+            (self.pressure.waiting.load(Ordering::Acquire) <= 1 && self.node_quiet(1)).then_some(1);
         self.fan_out(&frames, alone, ctx);
         self.env
             .metrics
@@ -530,29 +528,32 @@ impl InstanceActor {
     /// without direct writes, which alone ask).
     pub(super) fn node_quiet(&self, own: usize) -> bool {
         self.pressure
-            .node_waiting
+            .node
             .as_ref()
-            .is_none_or(|n| n.load(Ordering::Acquire) <= own)
+            .is_none_or(|n| n.waiting.load(Ordering::Acquire) <= own)
     }
 
     /// Whether this fan-out may write idle sessions' sockets itself: `alone`,
-    /// at least [`DIRECT_SPACING`] after the previous one, which found the
-    /// writers idle.
-    fn may_write_directly(&mut self, alone: bool) -> bool {
-        let now = Instant::now();
+    /// at least [`DIRECT_SPACING`] after the node's previous one (of any
+    /// instance), and this instance's previous one found the writers idle.
+    fn may_write_directly(&self, alone: bool) -> bool {
         let spaced = self
-            .last_fan_out
-            .is_none_or(|last| now.duration_since(last) >= DIRECT_SPACING);
-        self.last_fan_out = Some(now);
+            .pressure
+            .node
+            .as_ref()
+            .is_some_and(|n| n.fan_out_spaced(DIRECT_SPACING));
         alone && spaced && self.writers_idle
     }
 
     /// Queues `frames` to every session, evicting those past their bounds.
-    /// With `server.direct_writes`, when the node is quiet (`alone`: nothing
-    /// else waits for this actor nor any other of the node; and see
+    /// With `server.direct_writes`, when the node is quiet (`alone` is
+    /// `Some(own)`: nothing but the `own` publishes being handled here waits
+    /// for this actor or any other of the node; and see
     /// `may_write_directly`), an idle session's socket is written here at
-    /// once instead (`ws::direct`).
-    fn fan_out(&mut self, frames: &[Frame], alone: bool, ctx: &mut Context<Self>) {
+    /// once instead (`ws::direct`), until another publish arrives for the
+    /// node: from then on the rest take their mailboxes, so a publish never
+    /// waits behind a whole fan-out of socket writes.
+    fn fan_out(&mut self, frames: &[Frame], alone: Option<usize>, ctx: &mut Context<Self>) {
         if frames.is_empty() {
             return;
         }
@@ -564,7 +565,8 @@ impl InstanceActor {
         let mut lag = Lag::new(self.env.publish_lag);
         // Batches written directly, whole and in part (`ws::direct`).
         let mut written = [0u64; 2];
-        let direct = self.env.direct_writes && self.may_write_directly(alone);
+        let mut direct = self.env.direct_writes && self.may_write_directly(alone.is_some());
+        let own = alone.unwrap_or(0);
         // Sessions given frames, and those of them with some still waiting.
         let (mut given, mut busy) = (0usize, 0usize);
         for (id, entry) in &self.sessions {
@@ -585,6 +587,8 @@ impl InstanceActor {
                 let idle = entry.shared.nothing_waiting();
                 given += 1;
                 busy += usize::from(!idle);
+                // Looked at before each write: a publish arriving ends them.
+                direct = direct && self.node_quiet(own);
                 if direct && idle {
                     let wire = wire.get_or_insert_with(|| encode_texts(&batch.frames));
                     let done = entry.shared.direct.write(wire);

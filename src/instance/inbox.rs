@@ -22,8 +22,9 @@
 //! bound: their subscription drops what it cannot hold, so holding them
 //! back longer would lose them.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use tokio::sync::oneshot;
@@ -39,20 +40,50 @@ pub struct Pressure {
     pub(super) waiting: AtomicUsize,
     /// Whether most sessions are lagging (see the module's comment).
     pub(super) behind: AtomicBool,
-    /// Publishes sent to any instance actor of this node and not yet
-    /// handled, shared by all of them: more than one means the node is busy.
-    /// Counted only for direct writes (`server.direct_writes`), the one
-    /// reader; `None` without them.
-    pub(super) node_waiting: Option<Arc<AtomicUsize>>,
+    /// How busy the whole node is, shared by all its instance actors. Kept
+    /// only for direct writes (`server.direct_writes`), the one reader;
+    /// `None` without them.
+    pub(super) node: Option<Arc<NodeLoad>>,
 }
 
 impl Pressure {
-    /// An instance's pressure, counted also in the node's `node_waiting`.
-    pub fn on_node(node_waiting: Option<Arc<AtomicUsize>>) -> Self {
+    /// An instance's pressure, counted also in the node's `node`.
+    pub fn on_node(node: Option<Arc<NodeLoad>>) -> Self {
         Self {
-            node_waiting,
+            node,
             ..Self::default()
         }
+    }
+}
+
+/// How busy a node's instance actors are, together (see [`Pressure::node`]).
+pub struct NodeLoad {
+    /// Publishes sent to any instance actor of this node and not yet
+    /// handled: more than one means the node is busy.
+    pub(super) waiting: AtomicUsize,
+    /// When the node's latest fan-out began, in µs since `epoch`.
+    last_fan_out: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for NodeLoad {
+    fn default() -> Self {
+        Self {
+            waiting: AtomicUsize::new(0),
+            last_fan_out: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl NodeLoad {
+    /// Notes a fan-out beginning now, on any instance of the node; whether
+    /// the node's previous one began at least `spacing` earlier.
+    pub(super) fn fan_out_spaced(&self, spacing: Duration) -> bool {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let now = micros(self.epoch.elapsed());
+        let before = self.last_fan_out.swap(now, Ordering::AcqRel);
+        now.saturating_sub(before) >= micros(spacing)
     }
 }
 
@@ -168,5 +199,23 @@ impl Inbox {
         // to go to, or the actor stopped): nothing more to wait for.
         let _ = rx.await;
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fan_out_is_spaced_only_from_the_nodes_previous_one() {
+        let node = NodeLoad::default();
+        let spacing = Duration::from_millis(10);
+        node.fan_out_spaced(spacing);
+        // Right behind the previous fan-out (of any instance): not spaced.
+        assert!(!node.fan_out_spaced(spacing));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(node.fan_out_spaced(spacing));
+        assert!(!node.fan_out_spaced(spacing));
+        assert!(node.fan_out_spaced(Duration::ZERO));
     }
 }

@@ -173,8 +173,8 @@ pub struct QueueTicket(Arc<Pressure>);
 impl QueueTicket {
     pub fn take(pressure: &Arc<Pressure>) -> Self {
         pressure.waiting.fetch_add(1, Ordering::AcqRel);
-        if let Some(node) = &pressure.node_waiting {
-            node.fetch_add(1, Ordering::AcqRel);
+        if let Some(node) = &pressure.node {
+            node.waiting.fetch_add(1, Ordering::AcqRel);
         }
         Self(pressure.clone())
     }
@@ -183,8 +183,8 @@ impl QueueTicket {
 impl Drop for QueueTicket {
     fn drop(&mut self) {
         self.0.waiting.fetch_sub(1, Ordering::AcqRel);
-        if let Some(node) = &self.0.node_waiting {
-            node.fetch_sub(1, Ordering::AcqRel);
+        if let Some(node) = &self.0.node {
+            node.waiting.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }

@@ -187,7 +187,7 @@ impl Handler<Sequenced> for InstanceActor {
         if !frames.is_empty() {
             // Nothing more pending in the stream, and no publish waiting for
             // any instance of the node: nothing waits behind these.
-            let alone = msg.caught_up && self.node_quiet(0);
+            let alone = (msg.caught_up && self.node_quiet(0)).then_some(0);
             self.fan_out(&frames, alone, ctx);
         }
         if msg.caught_up {

@@ -12,7 +12,7 @@ use actix::prelude::*;
 use parking_lot::Mutex;
 
 use super::actor::{FanoutEnv, InstanceActor};
-use super::inbox::Pressure;
+use super::inbox::{NodeLoad, Pressure};
 use super::messages::{CloseAll, CountSessions};
 use super::{Inbox, InstanceInfo, SharedAddr};
 use crate::auth::AccessCache;
@@ -31,9 +31,9 @@ pub struct Registry {
     next_arbiter: AtomicUsize,
     env: FanoutEnv,
     labelled: AtomicUsize,
-    /// Publishes handed to this node's instance actors and not yet handled
-    /// (see `Pressure::node_waiting`; only with direct writes).
-    node_waiting: Option<Arc<AtomicUsize>>,
+    /// How busy this node's instance actors are, together (see
+    /// `Pressure::node`; only with direct writes).
+    node: Option<Arc<NodeLoad>>,
     /// Remembered authorisations, forgotten on every change (see [`super::change`]).
     access: Arc<AccessCache>,
     /// Every instance's enabled webhooks (see [`crate::webhook::Webhooks`]).
@@ -51,7 +51,7 @@ impl Registry {
             instances: Mutex::new(HashMap::new()),
             arbiters: (0..arbiters).map(|_| Arbiter::new()).collect(),
             next_arbiter: AtomicUsize::new(0),
-            node_waiting: env.direct_writes.then(Arc::default),
+            node: env.direct_writes.then(Arc::default),
             env,
             labelled: AtomicUsize::new(0),
             access,
@@ -108,7 +108,7 @@ impl Registry {
         };
         let (id, name) = (info.id, info.name.clone());
         let (env, me) = (self.env.clone(), self.me.clone());
-        let pressure = Arc::new(Pressure::on_node(self.node_waiting.clone()));
+        let pressure = Arc::new(Pressure::on_node(self.node.clone()));
         let bound = env.publish_queue;
         let shared = pressure.clone();
         let addr = InstanceActor::start_in_arbiter(&arbiter, move |_| {

@@ -4,10 +4,10 @@
 //! given) and nothing waits in the session's mailbox. The frame is on the wire
 //! at once, with no message, no wake-up of the session's task and no
 //! encoding per session; otherwise deliveries take the mailbox as before.
-//! Only with `server.direct_writes` (off by default: it saves CPU at low
-//! rates, but at full speed a write per publish and session costs more than
-//! the writers' gathering of several publishes into one write), and only
-//! while the node is quiet (`instance::actor::fan_out`). The instance's
+//! Only with `server.direct_writes` (on by default), and only while the
+//! node is quiet (`instance::actor::fan_out`): at full speed a write per
+//! publish and session would cost more than the writers' gathering of
+//! several publishes into one write. The instance's
 //! heartbeat pings ([`PING`]) take the same way always, setting or not
 //! (`instance::actor::take_heartbeat_turns`).
 //!
