@@ -501,11 +501,11 @@ impl Handler<Publish> for InstanceActor {
             return;
         }
         // Another publish waiting behind this one, of this instance or of
-        // any on this node (this one's ticket is still held): the node is
-        // busy, and the sessions' writers, which gather several publishes
-        // into one write, keep up better than a write per publish here.
-        let alone =
-            (self.pressure.waiting.load(Ordering::Acquire) <= 1 && self.node_quiet(1)).then_some(1);
+        // any on this node (the node's count holds every instance's, this
+        // one's ticket included): the node is busy, and the sessions'
+        // writers, which gather several publishes into one write, keep up
+        // better than a write per publish here.
+        let alone = self.node_quiet(1).then_some(1);
         self.fan_out(&frames, alone, ctx);
         self.env
             .metrics
