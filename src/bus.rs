@@ -64,6 +64,15 @@ pub enum BusError {
     Connect(String),
 }
 
+/// This node's NATS connection: how many times it came up, and whether it
+/// is up now (a watch of it tells the shared history's followers when
+/// their mirror may have fallen out of step).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Link {
+    pub ups: u64,
+    pub up: bool,
+}
+
 /// The bus chosen by settings.
 #[derive(Clone)]
 pub enum Bus {
@@ -100,7 +109,7 @@ impl Bus {
         }
         let node = crate::auth::generate_token()[..16].to_string();
         let events_metrics = metrics.clone();
-        let (connected_tx, mut connected) = watch::channel(0u64);
+        let (link_tx, mut link) = watch::channel(Link::default());
         let client = async_nats::ConnectOptions::new()
             .name(format!("eventgate-{node}"))
             // What this node sends is not sent back to it: a node's own
@@ -115,7 +124,7 @@ impl Bus {
             })
             .event_callback(move |event| {
                 let metrics = events_metrics.clone();
-                let connected_tx = connected_tx.clone();
+                let link_tx = link_tx.clone();
                 async move {
                     match event {
                         async_nats::Event::SlowConsumer(sid) => {
@@ -124,10 +133,14 @@ impl Bus {
                         }
                         async_nats::Event::Connected => {
                             log::info!("NATS connected");
-                            connected_tx.send_modify(|n| *n += 1);
+                            link_tx.send_modify(|l| {
+                                l.ups += 1;
+                                l.up = true;
+                            });
                         }
                         async_nats::Event::Disconnected => {
-                            log::warn!("NATS disconnected; reconnecting")
+                            log::warn!("NATS disconnected; reconnecting");
+                            link_tx.send_modify(|l| l.up = false);
                         }
                         other => log::warn!("NATS: {other}"),
                     }
@@ -149,7 +162,7 @@ impl Bus {
                     client.clone(),
                     &cluster.subject_prefix,
                     limits,
-                    connected.clone(),
+                    link.clone(),
                 ))
             }),
             resync: watch::Sender::new(0),
@@ -157,9 +170,14 @@ impl Bus {
         let announcer = bus.clone();
         actix_web::rt::spawn(async move {
             // A connection made before this task ran is still a change.
-            while connected.changed().await.is_ok() {
-                announcer.resync_here();
-                announcer.send(format!("{}.resync", announcer.prefix), Vec::new());
+            let mut ups = 0;
+            while link.changed().await.is_ok() {
+                let now = *link.borrow_and_update();
+                if now.ups != ups {
+                    ups = now.ups;
+                    announcer.resync_here();
+                    announcer.send(format!("{}.resync", announcer.prefix), Vec::new());
+                }
             }
         });
         let sender = bus.clone();

@@ -2,12 +2,17 @@
 //! PostgreSQL database and one NATS server with JetStream share the history,
 //! so every node shows the same offsets and epoch and a client recovers on
 //! any node, also after the node it was on was killed; a NATS outage turns
-//! recovery into `recovered: false` while live delivery goes on.
+//! recovery into `recovered: false` while live delivery goes on, and a node
+//! cut off while JetStream lost the history never answers from the lost
+//! epoch and delivers what the new one holds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::net::{Shutdown, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::recovery::{assert_increasing, ev, n, offset, open, read_until, resume};
@@ -133,8 +138,17 @@ impl Cluster {
         self.node_keeping(db, SIZE).await
     }
 
+    /// A node that reaches this NATS at `url` (a relay in front of it).
+    async fn node_via(&self, db: &TestDb, url: String) -> TestServer {
+        self.node_at(db, url, SIZE).await
+    }
+
     async fn node_keeping(&self, db: &TestDb, size: usize) -> TestServer {
-        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        self.node_at(db, self.url.clone(), size).await
+    }
+
+    async fn node_at(&self, db: &TestDb, url: String, size: usize) -> TestServer {
+        let prefix = self.prefix.clone();
         TestServer::start_on(db.shared(), move |s| {
             s.cluster.nats_url = url;
             s.cluster.subject_prefix = prefix;
@@ -329,14 +343,7 @@ async fn a_nats_outage_makes_recovery_false_while_live_delivery_goes_on() {
     let since = offset(&one);
 
     nats.kill();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while a.raw("GET", "/readyz", &[], None).await.status != 503 {
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never noticed the outage"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&a, 503).await;
     // Live delivery goes on, numbered locally (another epoch).
     assert_eq!(a.publish("outage", ev(2)).await.status, 202);
     let two = ws.envelope().await;
@@ -470,22 +477,10 @@ async fn losing_jetstream_changes_the_epoch() {
     drop(ws);
     a.wait_clients("lost", Some(0)).await;
     nats.restart_empty();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while a.raw("GET", "/readyz", &[], None).await.status != 200 {
-        assert!(Instant::now() < deadline, "NATS never came back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Ready again does not yet mean the node has looked at the new
-    // JetStream: its follower starts over on the reconnection, apart from
-    // the readiness check. A new client sees the new epoch once it has.
-    loop {
-        let (_, fresh) = open(&a, "lost", "&recover=true").await;
-        if fresh["epoch"] != epoch.as_str() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the epoch never changed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&a, 200).await;
+    // Ready again does not yet mean the node's follower has looked at the
+    // new JetStream: a recovery waits until it has, and is never answered
+    // from the lost epoch.
     let (mut again, first) = resume(&a, "lost", &epoch, since, "").await;
     assert_eq!(first["recovered"], false, "{first}");
     let new_epoch = first["epoch"].as_str().unwrap().to_string();
@@ -493,6 +488,131 @@ async fn losing_jetstream_changes_the_epoch() {
     a.publish("lost", ev(2)).await;
     let v = again.envelope().await;
     assert_eq!((n(&v), v["epoch"].as_str()), (2, Some(new_epoch.as_str())));
+}
+
+/// A node cut off from NATS while JetStream loses the history, as another
+/// node accepts events into the new one: a client of the cut-off node that
+/// recovers meanwhile learns it cannot (the node cannot know what the epoch
+/// holds), and once the node is back its clients get what the new history
+/// holds live, in the new epoch, instead of its mirror loading it unseen.
+#[actix_rt::test]
+async fn a_node_cut_off_while_jetstream_lost_the_history_delivers_what_the_new_one_holds() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let relay = Relay::start(nats.port);
+    let cluster = Cluster::own(&nats);
+    let a = cluster.node_via(&db, relay.url()).await;
+    let b = cluster.node(&db).await;
+    b.instance("cut").await;
+    let (mut ws, first) = open(&a, "cut", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    assert_eq!(b.publish("cut", ev(1)).await.status, 202);
+    let one = ws.envelope().await;
+    assert_eq!((n(&one), one["epoch"].as_str()), (1, Some(epoch.as_str())));
+    let since = offset(&one);
+
+    relay.cut();
+    wait_ready(&a, 503).await;
+    let (_, first) = resume(&a, "cut", &epoch, since, "").await;
+    assert_eq!(first["recovered"], false, "{first}");
+    nats.restart_empty();
+    wait_ready(&b, 200).await;
+    let (mut wb, _) = open(&b, "cut", "&recover=true").await;
+    for i in 2..=3 {
+        assert_eq!(b.publish("cut", ev(i)).await.status, 202);
+    }
+    let on_b = read_until(&mut wb, 3).await;
+    let new_epoch = on_b[0]["epoch"].as_str().unwrap().to_string();
+    assert_ne!(new_epoch, epoch);
+
+    relay.restore();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match ws.next_within(Duration::from_secs(20)).await {
+            Got::Text(v) => got.push(v),
+            other => panic!("expected 2 and 3 once A is back, got {other:?} after {got:?}"),
+        }
+    }
+    assert_eq!(positions(&got), positions(&on_b), "live, in the new epoch");
+    let (_, first) = resume(&a, "cut", &epoch, since, "").await;
+    assert_eq!(first["recovered"], false, "{first}");
+    assert_eq!(first["epoch"], json!(new_epoch));
+}
+
+/// Waits until `/readyz` of `s` answers `status`.
+async fn wait_ready(s: &TestServer, status: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.raw("GET", "/readyz", &[], None).await.status != status {
+        assert!(Instant::now() < deadline, "/readyz never answered {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP relay in front of NATS that a test can cut: the connections
+/// through it drop, and new ones are refused until it is restored.
+struct Relay {
+    port: u16,
+    open: Arc<AtomicBool>,
+    streams: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    fn start(to: u16) -> Relay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let streams = Arc::new(Mutex::new(Vec::new()));
+        let (is_open, held) = (open.clone(), streams.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                // Dropped at once while cut: the connection is refused.
+                let Ok(client) = client else { continue };
+                if !is_open.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                let mut held = held.lock().unwrap();
+                held.push(client.try_clone().unwrap());
+                held.push(server.try_clone().unwrap());
+                let ways = [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ];
+                for (mut from, mut into) in ways {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut into);
+                        let _ = into.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay {
+            port,
+            open,
+            streams,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for stream in self.streams.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Appends `payload` to instance `id`'s history subject as a node would

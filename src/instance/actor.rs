@@ -170,6 +170,9 @@ pub struct InstanceActor {
     /// Whether the mirror is loading what the shared history holds (those
     /// events are kept, not delivered).
     loading: bool,
+    /// Whether NATS dropped or came back since the follower last looked at
+    /// JetStream: recoveries wait (see `mirror`).
+    unsure: bool,
     /// Joins waiting for the mirror to load, with when they arrived.
     parked: Vec<(Join, Instant)>,
     /// The shared epoch and the last stream sequence the follower delivered.
@@ -217,6 +220,7 @@ impl InstanceActor {
             degraded: false,
             parked: Vec::new(),
             loading: false,
+            unsure: false,
             shared_seen: None,
             mirror_task: None,
         }

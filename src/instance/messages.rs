@@ -209,14 +209,24 @@ pub struct CloseAll(pub CloseCode);
 #[rtype(result = "usize")]
 pub struct CountSessions;
 
-/// The shared history's follower (re)starts: the mirror begins empty, in
-/// `epoch`; `caught_up` when the subject holds nothing to load.
+/// The shared history's follower has looked at JetStream and (re)starts:
+/// `resumed` after the last message the mirror saw, in the same epoch (the
+/// mirror stays); otherwise the mirror begins empty, in `epoch`.
+/// `caught_up` when the subject holds nothing more to load.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SyncStart {
     pub epoch: Arc<str>,
     pub caught_up: bool,
+    pub resumed: bool,
 }
+
+/// This node's NATS connection dropped or came back: until the follower has
+/// looked at JetStream again (the next `SyncStart`), the mirror may lack
+/// what JetStream holds, or JetStream may have lost the epoch.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsure;
 
 /// One publish request's events from the shared history, in stream order.
 #[derive(Message)]

@@ -10,13 +10,21 @@
 //! the shared history (NATS unreachable) make the actor fall back to a
 //! local numbering with its own epoch until the shared one is back, so
 //! recoveries across it answer `recovered: false` while live delivery goes on.
+//!
+//! From the moment NATS drops until the follower has looked at JetStream
+//! again, the mirror may lack what JetStream holds, and JetStream may have
+//! lost the history (the epoch ends): joins that recover wait as well, so
+//! none is told `recovered: true` from an epoch that is gone. When the
+//! follower finds a new epoch after one it followed, what the new one holds
+//! was accepted since and never reached this node: it is delivered live,
+//! not loaded as history.
 
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
 use super::super::history::History;
-use super::super::messages::{Batch, Join, MirrorPosition, Sequenced, SyncStart};
+use super::super::messages::{Batch, Join, MirrorPosition, Sequenced, SyncStart, Unsure};
 use super::super::shared_history::{last_offset_of, offset_of, OFFSET_BITS};
 use super::{Frame, InstanceActor};
 use crate::domain::EventSet;
@@ -40,17 +48,25 @@ impl InstanceActor {
             self.history = None;
             self.synced = false;
             self.loading = false;
+            self.unsure = false;
             self.degraded = false;
             self.shared_seen = None;
         }
     }
 
-    /// Holds a join until the mirror is loaded.
+    /// Whether `join` must wait for the mirror: it is loading, or the join
+    /// recovers while the actor is unsure of the shared epoch (a local
+    /// numbering answers at once: it is this node's own).
+    pub(super) fn waits_for_mirror(&self, join: &Join) -> bool {
+        !self.synced || (join.recovery.is_some() && self.unsure && !self.degraded)
+    }
+
+    /// Holds a join until the mirror is loaded (and sure).
     pub(super) fn park(&mut self, msg: Join, ctx: &mut Context<Self>) {
         self.parked.push((msg, Instant::now()));
         self.update_interest(ctx);
         ctx.run_later(SYNC_WAIT, |act, ctx| {
-            if !act.synced {
+            if !act.synced || (act.unsure && !act.degraded) {
                 log::warn!(
                     "instance={} shared history not loaded in time; numbering locally",
                     act.info.name
@@ -112,6 +128,14 @@ impl Handler<MirrorPosition> for InstanceActor {
     }
 }
 
+impl Handler<Unsure> for InstanceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Unsure, _: &mut Self::Context) {
+        self.unsure = self.shared.is_some();
+    }
+}
+
 impl Handler<SyncStart> for InstanceActor {
     type Result = ();
 
@@ -119,10 +143,22 @@ impl Handler<SyncStart> for InstanceActor {
         let Some(limits) = self.env.history else {
             return;
         };
+        self.unsure = false;
+        if msg.resumed {
+            // What came meanwhile follows, delivered live.
+            if self.synced {
+                self.set_synced(ctx);
+            }
+            return;
+        }
+        // A mirror that followed an epoch before: the new one holds only
+        // what was accepted since, which is delivered, not loaded.
+        let followed_before = self.shared_seen.is_some();
         self.history = Some(History::with_epoch(limits, msg.epoch.to_string()));
+        self.shared_seen = Some((msg.epoch.clone(), 0));
         self.degraded = false;
         self.synced = false;
-        self.loading = !msg.caught_up;
+        self.loading = !msg.caught_up && !followed_before;
         if msg.caught_up {
             self.set_synced(ctx);
         }
@@ -149,7 +185,7 @@ impl Handler<Sequenced> for InstanceActor {
         let at = now.checked_sub(msg.age).unwrap_or(now);
         let config = self.config.as_ref().map(|c| &c.config);
         // While loading, what arrives is history: kept, not delivered.
-        let live = !self.loading && self.synced && !self.sessions.is_empty() && !msg.delivered;
+        let live = !self.loading && !self.sessions.is_empty() && !msg.delivered;
         // Filtered as accepted (a change of `events` or `mediaBase64` made
         // after their 202 does not apply to them); none is delivered while
         // the WebSocket is disabled now (contract §7).

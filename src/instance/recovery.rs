@@ -19,7 +19,7 @@ impl Handler<Join> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Join, ctx: &mut Self::Context) {
-        if !self.synced {
+        if self.waits_for_mirror(&msg) {
             return self.park(msg, ctx);
         }
         self.admit(msg, None, ctx);

@@ -42,8 +42,9 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 
 use super::history::HistoryLimits;
-use super::messages::{MirrorPosition, Sequenced, SyncStart};
+use super::messages::{MirrorPosition, Sequenced, SyncStart, Unsure};
 use super::InstanceActor;
+use crate::bus::Link;
 use crate::domain::{EventSet, InstanceId, WsConfig};
 use crate::events::Event;
 
@@ -132,10 +133,12 @@ pub struct SharedHistory {
     /// Per instance: the last sequence of its subject this node knows of,
     /// behind a lock that keeps this node's publishes of it in order.
     heads: Mutex<HashMap<InstanceId, Arc<tokio::sync::Mutex<Option<u64>>>>>,
-    /// Ticks each time this node's NATS connection comes up: a consumer of
-    /// the connection before may be gone from the server, so followers
-    /// start over at once instead of waiting to miss its heartbeats.
-    connected: tokio::sync::watch::Receiver<u64>,
+    /// This node's NATS connection. When it goes down, followers tell their
+    /// actors that the mirror may be out of step (JetStream may even lose
+    /// the history meanwhile); when it comes up, a consumer of the
+    /// connection before may be gone from the server, so followers start
+    /// over at once instead of waiting to miss its heartbeats.
+    link: tokio::sync::watch::Receiver<Link>,
     /// Names this node's publish requests (`<node part>-<counter>`).
     id_prefix: String,
     next_id: AtomicU64,
@@ -149,10 +152,10 @@ impl SharedHistory {
         client: Client,
         prefix: &str,
         limits: HistoryLimits,
-        connected: tokio::sync::watch::Receiver<u64>,
+        link: tokio::sync::watch::Receiver<Link>,
     ) -> Self {
         Self {
-            connected,
+            link,
             js: jetstream::new(client),
             prefix: prefix.to_string(),
             stream_name: format!("{}_HISTORY", prefix.replace('.', "_")),
@@ -361,7 +364,9 @@ impl SharedHistory {
 
     /// Follows `id`'s subject into its actor, from the first retained
     /// message, until the task is aborted; starts over (a new `SyncStart`)
-    /// when the consumer fails, and at once when NATS reconnects.
+    /// when the consumer fails, and at once when NATS comes back. From the
+    /// moment the connection drops (or comes up again) until the follower
+    /// has looked at JetStream again, the actor is `Unsure` of its mirror.
     pub fn follow(
         self: &Arc<Self>,
         id: InstanceId,
@@ -370,8 +375,8 @@ impl SharedHistory {
         let me = self.clone();
         actix_web::rt::spawn(async move {
             let mut backoff = Duration::from_millis(100);
-            let mut connected = me.connected.clone();
-            connected.borrow_and_update();
+            let mut link = me.link.clone();
+            link.borrow_and_update();
             loop {
                 tokio::select! {
                     followed = me.follow_once(id, &actor) => {
@@ -379,10 +384,17 @@ impl SharedHistory {
                             log::warn!("instance_id={} shared history not followed: {e}", id.0);
                         }
                     }
-                    Ok(()) = connected.changed() => {
-                        // Resumes after the last message seen: nothing is skipped.
-                        log::debug!("instance_id={} NATS reconnected: following again", id.0);
+                    Ok(()) = link.changed() => {
+                        actor.do_send(Unsure);
                         backoff = Duration::from_millis(100);
+                        // Resumes after the last message seen once NATS is
+                        // back: nothing is skipped.
+                        while !link.borrow_and_update().up {
+                            if link.changed().await.is_err() {
+                                return;
+                            }
+                        }
+                        log::debug!("instance_id={} NATS reconnected: following again", id.0);
                         continue;
                     }
                 }
@@ -432,12 +444,11 @@ impl SharedHistory {
         // Lag is reported once the follower has caught up (older messages
         // before that are history being loaded, not late delivery).
         let mut caught_up = consumer.cached_info().num_pending == 0;
-        if resume_after.is_none() {
-            actor.do_send(SyncStart {
-                epoch: epoch.clone(),
-                caught_up,
-            });
-        }
+        actor.do_send(SyncStart {
+            epoch: epoch.clone(),
+            caught_up,
+            resumed: resume_after.is_some(),
+        });
         let mut messages = consumer.messages().await.map_err(js_error)?;
         let mut lag_logged: Option<Instant> = None;
         while let Some(msg) = messages.next().await {
