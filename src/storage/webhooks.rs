@@ -52,19 +52,27 @@ impl HookId {
 /// this is what keeps a delete from missing rows a publish is storing: the
 /// delete waits for the intake to commit, and an intake behind it finds
 /// the webhook gone. `None` on SQLite, whose writers take turns anyway.
+///
+/// The locks use PostgreSQL's two-key form, under [`HOOK_LOCK_CLASS`], so
+/// they never meet another application's single-key advisory locks on the
+/// same database; the second key is the id's low 31 bits (two webhooks
+/// 2³¹ ids apart would only share a lock).
 pub(crate) fn hook_locks(pg: bool, hooks: &[i64], shared: bool) -> Option<String> {
     if !pg {
         return None;
     }
-    let mut sorted = hooks.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
+    let mut keys: Vec<i64> = hooks.iter().map(|id| id & 0x7fff_ffff).collect();
+    keys.sort_unstable();
+    keys.dedup();
     let kind = if shared { "_shared" } else { "" };
     Some(format!(
-        "SELECT pg_advisory_xact_lock{kind}(k) FROM unnest('{{{}}}'::bigint[]) AS k",
-        id_list(&sorted)
+        "SELECT pg_advisory_xact_lock{kind}({HOOK_LOCK_CLASS}, k) FROM unnest('{{{}}}'::int4[]) AS k",
+        id_list(&keys)
     ))
 }
+
+/// First key of the webhooks' advisory locks (any fixed number will do).
+const HOOK_LOCK_CLASS: i32 = 0x6567_7768; // "egwh"
 
 /// A comma-separated list of ids for an `IN (…)` (never empty: `-1` stands
 /// for none, which no row has).
