@@ -229,6 +229,13 @@ pub async fn serve(
         move || stopping.is_shutting_down(),
     ));
     let stopping = state.clone();
+    actix_web::rt::spawn(webhook::worker::refresh_enabled(
+        state.pool.clone(),
+        state.registry.webhooks().clone(),
+        instance::change::RefreshTimer::new(refresh, bus.resyncs()),
+        Arc::new(move || stopping.is_shutting_down()),
+    ));
+    let stopping = state.clone();
     let deliver = settings.webhook.deliver;
     let attempt_threads = webhook::worker::AttemptThreads::start()?;
     let worker = webhook::worker::WorkerEnv {
@@ -240,7 +247,6 @@ pub async fn serve(
         sealer: webhook::sealing::Sealer::new(&settings.webhook.encryption_key)?,
         client: webhook_client,
         policy: webhook_policy,
-        refresh,
         resync: bus.resyncs(),
         stopping: Arc::new(move || stopping.is_shutting_down()),
         attempts: attempt_threads.handle(),

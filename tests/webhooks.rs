@@ -1565,6 +1565,45 @@ async fn an_api_only_node_stores_deliveries_that_another_node_delivers() {
     .await;
 }
 
+/// An API-only node stores deliveries only for webhooks it knows enabled.
+/// One enabled on another node whose notice never reached it (here it has
+/// no bus at all) is read from storage within its refresh period, so its
+/// publishes store deliveries for it from then on.
+#[actix_rt::test]
+async fn an_api_only_node_reads_the_enabled_webhooks_again() {
+    let api = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.deliver = false;
+        s.cluster.refresh_secs = 1;
+    })
+    .await;
+    api.instance("later").await;
+    let worker = TestServer::start_on(api.db.shared(), |s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    let rx = Receiver::start();
+    set_ok(
+        &worker,
+        "later",
+        json!({"enabled": true, "url": rx.url("/l")}),
+    )
+    .await;
+    let mut n = 0;
+    eventually(WAIT, "a publish on the API node stored a delivery", || {
+        n += 1;
+        let publish = api.publish("later", event("call.update", json!({"n": n})));
+        async {
+            publish.await;
+            let st = stats(&api, "later", "default").await;
+            (st["pending"] != 0 || st["delivered"] != 0).then_some(())
+        }
+    })
+    .await;
+    let got = rx.wait_count(1, WAIT).await;
+    assert_eq!(got[0].json()["data"], json!({"n": n}));
+}
+
 #[actix_rt::test]
 async fn an_ip_literal_is_checked_again_when_connecting() {
     // Set where 127.0.0.0/8 was allowed; delivered by a node where it is not.

@@ -104,9 +104,8 @@ pub struct WorkerEnv {
     pub client: Arc<Client>,
     /// The refused-address rule, for URLs that are IP literals.
     pub policy: Arc<AddressPolicy>,
-    /// Seconds between re-reads of the enabled webhooks.
-    pub refresh: Duration,
-    /// Ticks when they should be re-read at once (the bus came back).
+    /// Ticks when housekeeping should run at once (the bus came back:
+    /// wake-ups sent by other nodes meanwhile may be lost).
     pub resync: Option<tokio::sync::watch::Receiver<u64>>,
     /// Whether the node is shutting down.
     pub stopping: Arc<dyn Fn() -> bool + Send + Sync>,
@@ -159,6 +158,28 @@ pub fn load_enabled(conn: &mut DbConn, into: &Webhooks) -> Result<(), StorageErr
     }
     into.replace_all(all);
     Ok(())
+}
+
+/// Keeps this node's map of enabled webhooks current behind the bus: reads
+/// them again every `refresh`, and at once when the bus asks (NATS came
+/// back, so notices may have been lost). Runs on every node, delivering or
+/// not: the intake stores deliveries only for webhooks it knows enabled.
+pub async fn refresh_enabled(
+    pool: DbPool,
+    webhooks: Arc<Webhooks>,
+    mut timer: RefreshTimer,
+    stopping: Arc<dyn Fn() -> bool + Send + Sync>,
+) {
+    loop {
+        timer.tick().await;
+        if stopping() {
+            return;
+        }
+        let into = webhooks.clone();
+        if let Err(e) = db(&pool, move |conn| load_enabled(conn, &into)).await {
+            log::warn!("enabled webhooks not read again: {e}");
+        }
+    }
 }
 
 /// The in-memory form of an enabled row.
@@ -786,10 +807,8 @@ async fn record_outcomes(
 }
 
 /// The pending gauge, dead-letter retention, the vacuum of the deliveries
-/// table on PostgreSQL, the re-read of enabled webhooks, and closing
-/// receivers' connections left unused.
+/// table on PostgreSQL, and closing receivers' connections left unused.
 async fn housekeeping(env: WorkerEnv) {
-    let mut last_refresh = Instant::now();
     let mut timer = RefreshTimer::new(HOUSEKEEPING, env.resync.clone());
     let mut asked = false;
     loop {
@@ -800,8 +819,6 @@ async fn housekeeping(env: WorkerEnv) {
         env.client.sweep();
         let keep_ms = i64::try_from(env.settings.dead_letter_hours).unwrap_or(i64::MAX / 4_000_000)
             * 3_600_000;
-        let refresh = asked || last_refresh.elapsed() >= env.refresh;
-        let webhooks = env.webhooks.clone();
         let done = db(&env.pool, move |conn| {
             let purged = deliveries::purge_dead(conn, now_millis().saturating_sub(keep_ms))?;
             // A publish that raced with a disable may have stored some.
@@ -809,9 +826,6 @@ async fn housekeeping(env: WorkerEnv) {
             let pending = deliveries::pending_total(conn)?;
             if deliveries::vacuum_if_bloated(conn)? {
                 log::debug!("webhook deliveries table vacuumed");
-            }
-            if refresh {
-                load_enabled(conn, &webhooks)?;
             }
             Ok((purged, pending, killed))
         })
@@ -825,9 +839,6 @@ async fn housekeeping(env: WorkerEnv) {
                 env.metrics.webhook_pending.set(pending);
                 if purged > 0 {
                     log::info!("{purged} webhook dead letters past retention removed");
-                }
-                if refresh {
-                    last_refresh = Instant::now();
                 }
                 if asked {
                     // Wake-ups sent by other nodes meanwhile may be lost too.
