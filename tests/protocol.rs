@@ -74,6 +74,34 @@ async fn protocol_errors_close_with_1002() {
     assert_eq!(close_code(&close), 1002);
 }
 
+/// A connection reset by the client (no close frame, an RST) is counted as
+/// lost, not as a protocol error of the client.
+#[actix_rt::test]
+async fn a_reset_connection_is_counted_as_lost() {
+    let s = TestServer::start().await;
+    s.instance("p").await;
+    let ws = client(&s).await;
+    s.wait_clients("p", Some(1)).await;
+    let ws = ws.into_std().unwrap();
+    socket2::SockRef::from(&ws)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(ws);
+    s.wait_clients("p", Some(0)).await;
+    let lost = r#"eventgate_client_disconnects_total{reason="connection_lost"}"#;
+    let mut seen = 0.0;
+    for _ in 0..50 {
+        seen = s.metric(lost).await;
+        if seen > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, 1.0);
+    let protocol = r#"eventgate_client_disconnects_total{reason="protocol_error"}"#;
+    assert_eq!(s.metric(protocol).await, 0.0);
+}
+
 #[actix_rt::test]
 async fn pings_are_answered_even_between_fragments() {
     let s = TestServer::start().await;

@@ -61,8 +61,10 @@ pub struct Session {
     limits: SessionLimits,
     reassembly: Reassembly,
     metrics: Arc<Metrics>,
-    /// Why the session ended, for the disconnect counter.
-    ended: CloseCode,
+    /// Why the session ended, for the disconnect counter: the close code,
+    /// or `None` when the connection was lost (reset, or ended by
+    /// `TCP_USER_TIMEOUT`) with no close to send.
+    ended: Option<CloseCode>,
     /// Sends each client message back instead of ignoring it.
     echo: bool,
     /// The client's opt-in to recovery, handed to the instance on joining
@@ -126,7 +128,7 @@ impl Session {
             limits,
             reassembly: Reassembly::default(),
             metrics,
-            ended: CloseCode::Normal,
+            ended: Some(CloseCode::Normal),
             echo: false,
             recovery: None,
             backlog: Backlog::default(),
@@ -215,7 +217,7 @@ impl Session {
     fn close(&mut self, ctx: &mut WebsocketContext<Self>, code: CloseCode) {
         // Nothing may follow the close frame.
         self.shared.direct.end();
-        self.ended = code;
+        self.ended = Some(code);
         ctx.close(Some(CloseReason {
             code: code.code().into(),
             description: Some(code.reason().to_string()),
@@ -277,13 +279,13 @@ impl Actor for Session {
         self.metrics.connected_clients.dec();
         self.metrics
             .disconnects
-            .with_label_values(&[self.ended.label()])
+            .with_label_values(&[self.ended.map_or("connection_lost", CloseCode::label)])
             .inc();
         log::info!(
             "instance={} session={} disconnected: {}",
             self.instance.name(),
             self.id,
-            self.ended.reason()
+            self.ended.map_or("connection lost", CloseCode::reason)
         );
     }
 }
@@ -328,7 +330,7 @@ impl StreamHandler<Result<Message, ProtocolError>> for Session {
                     Some(code) => self.verdict(ctx, Verdict::Close(code)),
                     None => {
                         // The connection itself failed: nothing to send a close on.
-                        self.ended = CloseCode::ProtocolError;
+                        self.ended = None;
                         ctx.stop();
                     }
                 };
@@ -356,7 +358,7 @@ impl StreamHandler<Result<Message, ProtocolError>> for Session {
             Message::Close(reason) => {
                 // Echo the client's code, as the close handshake asks.
                 self.shared.direct.end();
-                self.ended = CloseCode::Normal;
+                self.ended = Some(CloseCode::Normal);
                 ctx.close(reason);
                 ctx.stop();
             }
