@@ -145,8 +145,12 @@ impl Handler<SyncStart> for InstanceActor {
         };
         self.unsure = false;
         if msg.resumed {
-            // What came meanwhile follows, delivered live.
-            if self.synced {
+            // What came meanwhile follows, delivered live (or, while the
+            // mirror is still loading, kept until it has caught up).
+            if msg.caught_up {
+                self.loading = false;
+            }
+            if msg.caught_up || self.synced {
                 self.set_synced(ctx);
             }
             return;
