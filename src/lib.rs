@@ -229,13 +229,6 @@ pub async fn serve(
         move || stopping.is_shutting_down(),
     ));
     let stopping = state.clone();
-    actix_web::rt::spawn(webhook::worker::refresh_enabled(
-        state.pool.clone(),
-        state.registry.webhooks().clone(),
-        instance::change::RefreshTimer::new(refresh, bus.resyncs()),
-        Arc::new(move || stopping.is_shutting_down()),
-    ));
-    let stopping = state.clone();
     let deliver = settings.webhook.deliver;
     let attempt_threads = webhook::worker::AttemptThreads::start()?;
     let worker = webhook::worker::WorkerEnv {

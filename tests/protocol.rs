@@ -89,15 +89,12 @@ async fn a_reset_connection_is_counted_as_lost() {
     drop(ws);
     s.wait_clients("p", Some(0)).await;
     let lost = r#"eventgate_client_disconnects_total{reason="connection_lost"}"#;
-    let mut seen = 0.0;
-    for _ in 0..50 {
-        seen = s.metric(lost).await;
-        if seen > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(seen, 1.0);
+    let seen = common::eventually(Duration::from_secs(5), async || {
+        let seen = s.metric(lost).await;
+        (seen > 0.0).then_some(seen)
+    })
+    .await;
+    assert_eq!(seen, Some(1.0));
     let protocol = r#"eventgate_client_disconnects_total{reason="protocol_error"}"#;
     assert_eq!(s.metric(protocol).await, 0.0);
 }

@@ -8,7 +8,8 @@
 //! the bus comes back from an outage ([`RefreshTimer`]).
 //!
 //! Nothing here touches the database except the refresh loop, which reads it
-//! on the blocking pool.
+//! on the blocking pool (the enabled webhooks too, see
+//! [`refresh_from_storage`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,10 +118,12 @@ impl RefreshTimer {
     }
 }
 
-/// Safety net: re-reads every running instance's settings from storage at
-/// each tick of `timer`, in case a change notice was lost on the bus or the
-/// change was made offline (`eventgate instance delete` on a running node's
-/// database). Stops when `stopping` says so.
+/// Safety net: re-reads every running instance's settings, and every
+/// enabled webhook, from storage at each tick of `timer`, in case a change
+/// notice was lost on the bus or the change was made offline (`eventgate
+/// instance delete` on a running node's database). The webhooks on every
+/// node, delivering or not: the intake stores deliveries only for webhooks
+/// it knows enabled. Stops when `stopping` says so.
 pub async fn refresh_from_storage(
     registry: Arc<Registry>,
     pool: DbPool,
@@ -132,27 +135,43 @@ pub async fn refresh_from_storage(
         if stopping() {
             return;
         }
-        for id in registry.ids() {
-            let pool = pool.clone();
-            let looked_up = actix_web::web::block(move || {
-                let mut conn = pool.get().map_err(StorageError::from)?;
-                storage::instances::find_by_id(&mut conn, id)
-            })
-            .await;
-            match looked_up {
-                Ok(Ok(Some(rec))) => registry.apply(Change::Settings {
-                    instance: id,
-                    settings: rec.config,
-                }),
-                Ok(Ok(None)) => registry.apply(Change::Deleted { instance: id }),
-                Ok(Err(e)) => {
-                    log::warn!("refresh from storage skipped: {e}");
-                    break;
-                }
-                Err(e) => {
-                    log::warn!("refresh from storage skipped: {e}");
-                    break;
-                }
+        refresh_instances(&registry, &pool).await;
+        let (pool, webhooks) = (pool.clone(), registry.webhooks().clone());
+        let read = actix_web::web::block(move || {
+            let mut conn = pool.get().map_err(StorageError::from)?;
+            crate::webhook::worker::load_enabled(&mut conn, &webhooks)
+        })
+        .await;
+        match read {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::warn!("enabled webhooks not read again: {e}"),
+            Err(e) => log::warn!("enabled webhooks not read again: {e}"),
+        }
+    }
+}
+
+/// Applies every running instance's stored settings (or its deletion).
+async fn refresh_instances(registry: &Registry, pool: &DbPool) {
+    for id in registry.ids() {
+        let pool = pool.clone();
+        let looked_up = actix_web::web::block(move || {
+            let mut conn = pool.get().map_err(StorageError::from)?;
+            storage::instances::find_by_id(&mut conn, id)
+        })
+        .await;
+        match looked_up {
+            Ok(Ok(Some(rec))) => registry.apply(Change::Settings {
+                instance: id,
+                settings: rec.config,
+            }),
+            Ok(Ok(None)) => registry.apply(Change::Deleted { instance: id }),
+            Ok(Err(e)) => {
+                log::warn!("refresh from storage skipped: {e}");
+                return;
+            }
+            Err(e) => {
+                log::warn!("refresh from storage skipped: {e}");
+                return;
             }
         }
     }

@@ -54,11 +54,17 @@ impl InstanceActor {
         }
     }
 
+    /// Whether the mirror can answer a recovery: loaded, and not unsure of
+    /// the shared epoch (a local numbering answers at once: it is this
+    /// node's own).
+    fn mirror_sure(&self) -> bool {
+        self.synced && (!self.unsure || self.degraded)
+    }
+
     /// Whether `join` must wait for the mirror: it is loading, or the join
-    /// recovers while the actor is unsure of the shared epoch (a local
-    /// numbering answers at once: it is this node's own).
+    /// recovers and the mirror is not sure.
     pub(super) fn waits_for_mirror(&self, join: &Join) -> bool {
-        !self.synced || (join.recovery.is_some() && self.unsure && !self.degraded)
+        !self.synced || (join.recovery.is_some() && !self.mirror_sure())
     }
 
     /// Holds a join until the mirror is loaded (and sure).
@@ -66,7 +72,7 @@ impl InstanceActor {
         self.parked.push((msg, Instant::now()));
         self.update_interest(ctx);
         ctx.run_later(SYNC_WAIT, |act, ctx| {
-            if !act.synced || (act.unsure && !act.degraded) {
+            if !act.mirror_sure() {
                 log::warn!(
                     "instance={} shared history not loaded in time; numbering locally",
                     act.info.name

@@ -148,7 +148,8 @@ impl Drop for AttemptThreads {
     }
 }
 
-/// Reads every enabled webhook into the node's map (start-up; blocking).
+/// Reads every enabled webhook into the node's map (start-up and the
+/// periodic re-read, `instance::change::refresh_from_storage`; blocking).
 pub fn load_enabled(conn: &mut DbConn, into: &Webhooks) -> Result<(), StorageError> {
     let mut all: HashMap<InstanceId, Vec<EnabledWebhook>> = HashMap::new();
     for row in webhooks::enabled_all(conn)? {
@@ -158,28 +159,6 @@ pub fn load_enabled(conn: &mut DbConn, into: &Webhooks) -> Result<(), StorageErr
     }
     into.replace_all(all);
     Ok(())
-}
-
-/// Keeps this node's map of enabled webhooks current behind the bus: reads
-/// them again every `refresh`, and at once when the bus asks (NATS came
-/// back, so notices may have been lost). Runs on every node, delivering or
-/// not: the intake stores deliveries only for webhooks it knows enabled.
-pub async fn refresh_enabled(
-    pool: DbPool,
-    webhooks: Arc<Webhooks>,
-    mut timer: RefreshTimer,
-    stopping: Arc<dyn Fn() -> bool + Send + Sync>,
-) {
-    loop {
-        timer.tick().await;
-        if stopping() {
-            return;
-        }
-        let into = webhooks.clone();
-        if let Err(e) = db(&pool, move |conn| load_enabled(conn, &into)).await {
-            log::warn!("enabled webhooks not read again: {e}");
-        }
-    }
 }
 
 /// The in-memory form of an enabled row.
