@@ -14,6 +14,7 @@ use eventgate::instance::actor::{FanoutEnv, InstanceActor};
 use eventgate::instance::messages::{Join, Publish, SessionId, SessionShared, ToSession};
 use eventgate::instance::InstanceInfo;
 use eventgate::metrics::Metrics;
+use eventgate::ws::session::SessionLimits;
 
 /// A 200-byte `message.exchange` with media, like the load benchmark's.
 fn sample_event() -> Event {
@@ -80,6 +81,10 @@ fn fan_out(c: &mut Criterion) {
                 history: None,
                 ping_interval: std::time::Duration::from_secs(20),
                 idle_timeout: std::time::Duration::from_secs(60),
+                session_limits: SessionLimits {
+                    mailbox: 256,
+                    max_message_bytes: 1 << 20,
+                },
             };
             let info = InstanceInfo {
                 id: InstanceId(1),

@@ -183,6 +183,7 @@ pub async fn serve(
             history: crate::instance::history::HistoryLimits::from_settings(&settings.ws),
             ping_interval: Duration::from_secs(settings.ws.ping_interval_secs),
             idle_timeout: Duration::from_secs(settings.ws.idle_timeout_secs),
+            session_limits: crate::ws::session::SessionLimits::from_settings(&settings.ws),
         },
         Arc::new(AccessCache::default()),
     );

@@ -89,14 +89,36 @@ async fn a_reset_connection_is_counted_as_lost() {
     drop(ws);
     s.wait_clients("p", Some(0)).await;
     let lost = r#"eventgate_client_disconnects_total{reason="connection_lost"}"#;
-    let seen = common::eventually(Duration::from_secs(5), async || {
-        let seen = s.metric(lost).await;
-        (seen > 0.0).then_some(seen)
-    })
-    .await;
-    assert_eq!(seen, Some(1.0));
+    assert_eq!(counted(&s, lost).await, Some(1.0));
     let protocol = r#"eventgate_client_disconnects_total{reason="protocol_error"}"#;
     assert_eq!(s.metric(protocol).await, 0.0);
+}
+
+/// A client that ends its side with no close frame (a bare EOF) lost its
+/// connection (RFC 6455's 1006); one that closes with a close frame ended it
+/// normally.
+#[actix_rt::test]
+async fn an_eof_without_a_close_frame_is_counted_as_lost() {
+    let s = TestServer::start().await;
+    s.instance("p").await;
+    let normal = r#"eventgate_client_disconnects_total{reason="normal"}"#;
+    let lost = r#"eventgate_client_disconnects_total{reason="connection_lost"}"#;
+    let mut ws = client(&s).await;
+    s.wait_clients("p", Some(1)).await;
+    ws.write_all(&frame(0x88, &[0x03, 0xE8])).await.unwrap();
+    assert_eq!(close_code(&read_until(&mut ws, 0x8).await.unwrap()), 1000);
+    assert_eq!(counted(&s, normal).await, Some(1.0));
+    s.wait_clients("p", Some(0)).await;
+
+    let mut ws = client(&s).await;
+    s.wait_clients("p", Some(1)).await;
+    ws.shutdown().await.unwrap();
+    assert_eq!(counted(&s, lost).await, Some(1.0));
+    assert_eq!(
+        s.metric(normal).await,
+        1.0,
+        "the bare EOF is not a normal close"
+    );
 }
 
 #[actix_rt::test]
@@ -125,6 +147,16 @@ async fn pings_are_answered_even_between_fragments() {
         matches!(eof, Ok(Ok(0)) | Ok(Err(_))),
         "the server closed the connection"
     );
+}
+
+/// The value of a counter `series` once it is above zero (`None` if it
+/// stays at zero for 5 s).
+async fn counted(s: &TestServer, series: &str) -> Option<f64> {
+    common::eventually(Duration::from_secs(5), async || {
+        let seen = s.metric(series).await;
+        (seen > 0.0).then_some(seen)
+    })
+    .await
 }
 
 /// Sends `request` on a new connection and reads until the server closes it.

@@ -10,7 +10,7 @@ use crate::domain::{EventKind, EventSet};
 use crate::error::ApiError;
 use crate::instance::messages::Recovery;
 use crate::instance::InstanceInfo;
-use crate::ws::session::{Session, SessionLimits};
+use crate::ws::session::Session;
 use crate::ws::upgrade;
 
 /// Parses every `?events=` value (comma-separated, repeatable); empty = no narrowing.
@@ -112,7 +112,6 @@ pub async fn connect(
         .acquire(instance.id, instance.account)
         .map_err(refused)?;
     let ws = &state.settings.ws;
-    let limits = SessionLimits::from_settings(ws);
     let info = InstanceInfo {
         id: instance.id,
         account: instance.account,
@@ -120,7 +119,7 @@ pub async fn connect(
         token: instance.token.clone(),
     };
     let addr = state.registry.get_or_start(info, instance.config.clone());
-    let mut session = Session::new(addr, narrowing, limits, state.metrics.clone(), slot);
+    let mut session = Session::new(addr, narrowing, slot);
     if let Some(recovery) = recovery {
         session = session.recovering(recovery);
     }

@@ -55,7 +55,9 @@ pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         history: None,
         ping_interval: Duration::from_secs(ws.ping_interval_secs),
         idle_timeout: Duration::from_secs(ws.idle_timeout_secs),
+        session_limits: SessionLimits::from_settings(ws),
     };
+    let shared_env = env.clone();
     // Stops with its session, the only holder of its address.
     let instance = InstanceActor::new(
         info,
@@ -66,14 +68,7 @@ pub async fn echo(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         Default::default(),
     )
     .start();
-    let instance = std::sync::Arc::new(SharedAddr::new(instance, NAME));
-    let session = Session::new(
-        instance,
-        EventSet::default(),
-        SessionLimits::from_settings(ws),
-        state.metrics.clone(),
-        slot,
-    )
-    .echoing();
+    let instance = std::sync::Arc::new(SharedAddr::new(instance, NAME, &shared_env));
+    let session = Session::new(instance, EventSet::default(), slot).echoing();
     upgrade::accept(&req, session, ws.max_message_bytes)
 }

@@ -88,6 +88,9 @@ pub struct FanoutEnv {
     /// How long a client may stay silent before it is closed with 4001
     /// (`ws.idle_timeout_secs`).
     pub idle_timeout: Duration,
+    /// Each session's mailbox and message size (`ws.client_buffer`,
+    /// `ws.max_message_bytes`).
+    pub session_limits: crate::ws::session::SessionLimits,
 }
 
 struct SessionEntry {
@@ -295,7 +298,7 @@ impl InstanceActor {
                     ctx.address(),
                     &self.info.name,
                     self.pressure.clone(),
-                    self.env.publish_queue,
+                    &self.env,
                 );
                 self.following = self.env.bus.follow(self.info.id, inbox);
                 self.follow_shared(ctx);

@@ -29,9 +29,12 @@ use std::time::{Duration, Instant};
 use actix::Addr;
 use tokio::sync::oneshot;
 
+use super::actor::FanoutEnv;
 use super::messages::{Publish, QueueTicket};
 use super::InstanceActor;
 use crate::events::Event;
+use crate::metrics::Metrics;
+use crate::ws::session::SessionLimits;
 
 /// What an instance actor shares with its inboxes.
 #[derive(Default)]
@@ -87,22 +90,38 @@ impl NodeLoad {
     }
 }
 
-/// An instance actor's address as its sessions hold it, with the instance's
-/// name for their logs. Shared, not cloned: each clone of an `Addr`
-/// allocates (its sender's own parking state), and so would each copy of the
-/// name. Only for `do_send`: a `send` waiting at a full mailbox would share
-/// its parking with every other holder.
+/// An instance actor's address as its sessions hold it, with what they all
+/// share: the instance's name for their logs, the node's metrics, the
+/// session limits. Shared, not cloned: each clone of an `Addr` allocates
+/// (its sender's own parking state), and so would each copy of the name;
+/// and each session's fields are in its connection's task. Only for
+/// `do_send`: a `send` waiting at a full mailbox would share its parking
+/// with every other holder.
 pub struct SharedAddr {
     addr: Addr<InstanceActor>,
     name: Box<str>,
+    metrics: Arc<Metrics>,
+    session_limits: SessionLimits,
 }
 
 impl SharedAddr {
-    pub fn new(addr: Addr<InstanceActor>, name: &str) -> Self {
+    pub fn new(addr: Addr<InstanceActor>, name: &str, env: &FanoutEnv) -> Self {
         Self {
             addr,
             name: name.into(),
+            metrics: env.metrics.clone(),
+            session_limits: env.session_limits,
         }
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The limits of each session.
+    pub fn session_limits(&self) -> SessionLimits {
+        self.session_limits
     }
 
     /// Sends `msg` without waiting, whatever the mailbox holds.
@@ -135,16 +154,17 @@ pub struct Inbox {
 }
 
 impl Inbox {
+    /// The inbox of the actor at `addr`, bounded by `env.publish_queue`.
     pub fn new(
         addr: Addr<InstanceActor>,
         name: &str,
         pressure: Arc<Pressure>,
-        bound: usize,
+        env: &FanoutEnv,
     ) -> Self {
         Self {
-            addr: Arc::new(SharedAddr::new(addr, name)),
+            addr: Arc::new(SharedAddr::new(addr, name, env)),
             pressure,
-            bound,
+            bound: env.publish_queue,
         }
     }
 

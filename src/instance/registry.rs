@@ -109,12 +109,12 @@ impl Registry {
         let (id, name) = (info.id, info.name.clone());
         let (env, me) = (self.env.clone(), self.me.clone());
         let pressure = Arc::new(Pressure::on_node(self.node.clone()));
-        let bound = env.publish_queue;
+        let inbox_env = env.clone();
         let shared = pressure.clone();
         let addr = InstanceActor::start_in_arbiter(&arbiter, move |_| {
             InstanceActor::new(info, config, env, me, label, shared)
         });
-        let inbox = Inbox::new(addr, &name, pressure, bound);
+        let inbox = Inbox::new(addr, &name, pressure, &inbox_env);
         let addr = inbox.shared_addr();
         instances.insert(id, inbox);
         addr

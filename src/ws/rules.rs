@@ -13,13 +13,21 @@ use actix_http::ws::ProtocolError;
 use super::close::CloseCode;
 
 /// Tracks a fragmented client message (fragments are counted together).
+/// Its state is allocated only while a message is open: every byte here is
+/// in every connection's task, and most clients never fragment.
 #[derive(Debug, Default)]
 pub struct Reassembly {
-    /// `Some(is_text)` while a fragmented message is open.
-    open: Option<bool>,
-    size: usize,
-    /// Whether whole messages are kept and handed back (the echo route).
+    /// The fragmented message being received, if one is open.
+    open: Option<Box<Open>>,
+}
+
+/// A fragmented message between its first and its last fragment.
+#[derive(Debug)]
+struct Open {
+    is_text: bool,
+    /// Whether the whole message is kept and handed back (the echo route).
     keep: bool,
+    size: usize,
     /// The message so far when kept; otherwise only a text message's
     /// unfinished UTF-8 sequence (at most 3 bytes).
     data: Vec<u8>,
@@ -46,51 +54,49 @@ pub enum Verdict {
 }
 
 impl Reassembly {
-    /// A reassembly that keeps each message and hands it back when complete.
-    pub fn keeping() -> Self {
-        Self {
-            keep: true,
-            ..Self::default()
-        }
-    }
-
-    /// A first fragment of a text (`is_text`) or binary message.
-    pub fn first(&mut self, is_text: bool, data: &[u8], max: usize) -> Verdict {
-        let was_open = self.open.is_some();
-        self.reset();
-        if was_open {
+    /// A first fragment of a text (`is_text`) or binary message; `keep`
+    /// keeps the message, to hand it back whole with the last fragment.
+    pub fn first(&mut self, is_text: bool, keep: bool, data: &[u8], max: usize) -> Verdict {
+        if self.open.take().is_some() {
             return Verdict::Close(CloseCode::ProtocolError);
         }
-        self.open = Some(is_text);
+        self.open = Some(Box::new(Open {
+            is_text,
+            keep,
+            size: 0,
+            data: Vec::new(),
+            checked: 0,
+        }));
         self.more(data, max)
     }
 
     /// A middle fragment.
     pub fn more(&mut self, data: &[u8], max: usize) -> Verdict {
-        let Some(is_text) = self.open else {
+        let Some(open) = self.open.as_mut() else {
             return Verdict::Close(CloseCode::ProtocolError);
         };
-        self.size += data.len();
-        if self.size > max {
-            self.reset();
+        let keep = open.keep;
+        open.size += data.len();
+        if open.size > max {
+            self.open = None;
             return Verdict::Close(CloseCode::TooBig);
         }
-        if is_text || self.keep {
-            self.data.extend_from_slice(data);
+        if open.is_text || keep {
+            open.data.extend_from_slice(data);
         }
-        if is_text {
+        if open.is_text {
             // Fail fast on bytes that can never become valid UTF-8.
-            match std::str::from_utf8(&self.data[self.checked..]) {
-                Ok(_) => self.checked = self.data.len(),
+            match std::str::from_utf8(&open.data[open.checked..]) {
+                Ok(_) => open.checked = open.data.len(),
                 Err(e) if e.error_len().is_some() => {
-                    self.reset();
+                    self.open = None;
                     return Verdict::Close(CloseCode::InvalidUtf8);
                 }
-                Err(e) => self.checked += e.valid_up_to(),
+                Err(e) => open.checked += e.valid_up_to(),
             }
-            if !self.keep {
-                self.data.drain(..self.checked);
-                self.checked = 0;
+            if !keep {
+                open.data.drain(..open.checked);
+                open.checked = 0;
             }
         }
         Verdict::Ok
@@ -102,14 +108,20 @@ impl Reassembly {
         if verdict != Verdict::Ok {
             return verdict;
         }
-        let is_text = self.open == Some(true);
-        if is_text && self.checked != self.data.len() {
-            self.reset();
+        let Some(open) = self.open.take() else {
+            return Verdict::Close(CloseCode::ProtocolError);
+        };
+        let Open {
+            is_text,
+            keep,
+            data,
+            checked,
+            ..
+        } = *open;
+        if is_text && checked != data.len() {
             return Verdict::Close(CloseCode::InvalidUtf8);
         }
-        let data = std::mem::take(&mut self.data);
-        self.reset();
-        match (self.keep, is_text) {
+        match (keep, is_text) {
             (false, _) => Verdict::Ok,
             (true, true) => match String::from_utf8(data) {
                 Ok(text) => Verdict::Complete(Whole::Text(text)),
@@ -122,13 +134,6 @@ impl Reassembly {
     /// Whether a fragmented message is open (a new data frame then is an error).
     pub fn is_open(&self) -> bool {
         self.open.is_some()
-    }
-
-    fn reset(&mut self) {
-        self.open = None;
-        self.size = 0;
-        self.data = Vec::new();
-        self.checked = 0;
     }
 }
 
@@ -209,7 +214,7 @@ mod tests {
     #[test]
     fn fragments_count_together() {
         let mut r = Reassembly::default();
-        assert_eq!(r.first(false, &[0; 40], 100), Verdict::Ok);
+        assert_eq!(r.first(false, false, &[0; 40], 100), Verdict::Ok);
         assert_eq!(r.more(&[0; 40], 100), Verdict::Ok);
         assert_eq!(r.last(&[0; 40], 100), Verdict::Close(CloseCode::TooBig));
         assert!(!r.is_open());
@@ -219,14 +224,14 @@ mod tests {
     fn utf8_split_across_fragments_is_fine() {
         let bytes = "héllo".as_bytes();
         let mut r = Reassembly::default();
-        assert_eq!(r.first(true, &bytes[..2], 100), Verdict::Ok);
+        assert_eq!(r.first(true, false, &bytes[..2], 100), Verdict::Ok);
         assert_eq!(r.last(&bytes[2..], 100), Verdict::Ok);
         assert_eq!(
-            r.first(true, &[0xff], 100),
+            r.first(true, false, &[0xff], 100),
             Verdict::Close(CloseCode::InvalidUtf8)
         );
         let mut r = Reassembly::default();
-        assert_eq!(r.first(true, &[0xc3], 100), Verdict::Ok);
+        assert_eq!(r.first(true, false, &[0xc3], 100), Verdict::Ok);
         assert_eq!(r.last(&[], 100), Verdict::Close(CloseCode::InvalidUtf8));
     }
 
@@ -234,9 +239,9 @@ mod tests {
     fn continuation_without_start_is_protocol_error() {
         let mut r = Reassembly::default();
         assert_eq!(r.more(b"x", 10), Verdict::Close(CloseCode::ProtocolError));
-        assert_eq!(r.first(true, b"x", 10), Verdict::Ok);
+        assert_eq!(r.first(true, false, b"x", 10), Verdict::Ok);
         assert_eq!(
-            r.first(true, b"x", 10),
+            r.first(true, false, b"x", 10),
             Verdict::Close(CloseCode::ProtocolError)
         );
     }
@@ -245,11 +250,11 @@ mod tests {
     fn utf8_fails_fast_and_remembers_only_the_unfinished_sequence() {
         let euro = "€".as_bytes();
         let mut r = Reassembly::default();
-        assert_eq!(r.first(true, b"ab", 100), Verdict::Ok);
+        assert_eq!(r.first(true, false, b"ab", 100), Verdict::Ok);
         assert_eq!(r.more(&euro[..1], 100), Verdict::Ok);
-        assert_eq!(r.data.len(), 1);
+        assert_eq!(r.open.as_ref().map(|o| o.data.len()), Some(1));
         assert_eq!(r.more(&euro[1..], 100), Verdict::Ok);
-        assert!(r.data.is_empty());
+        assert!(r.open.as_ref().is_some_and(|o| o.data.is_empty()));
         assert_eq!(
             r.more(&[0xed, 0xa0, 0x80], 100),
             Verdict::Close(CloseCode::InvalidUtf8)
@@ -259,19 +264,19 @@ mod tests {
 
     #[test]
     fn kept_messages_come_back_whole() {
-        let mut r = Reassembly::keeping();
-        assert_eq!(r.first(true, "hé".as_bytes(), 100), Verdict::Ok);
+        let mut r = Reassembly::default();
+        assert_eq!(r.first(true, true, "hé".as_bytes(), 100), Verdict::Ok);
         assert_eq!(r.more(b"", 100), Verdict::Ok);
         assert_eq!(
             r.last(b"llo", 100),
             Verdict::Complete(Whole::Text("héllo".into()))
         );
-        assert_eq!(r.first(false, &[0xff], 100), Verdict::Ok);
+        assert_eq!(r.first(false, true, &[0xff], 100), Verdict::Ok);
         assert_eq!(
             r.last(&[0], 100),
             Verdict::Complete(Whole::Binary(vec![0xff, 0]))
         );
-        assert_eq!(r.first(false, &[0; 60], 100), Verdict::Ok);
+        assert_eq!(r.first(false, true, &[0; 60], 100), Verdict::Ok);
         assert_eq!(r.last(&[0; 60], 100), Verdict::Close(CloseCode::TooBig));
         assert!(!r.is_open());
     }

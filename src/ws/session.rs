@@ -27,7 +27,6 @@ use crate::instance::messages::{
 };
 use crate::instance::SharedAddr;
 use crate::limits::ConnectionSlot;
-use crate::metrics::Metrics;
 use crate::settings::WsSettings;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -36,7 +35,8 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 /// take them (the socket's own high-water mark).
 const REPLAY_CHUNK: usize = super::socket::HIGH_WATER;
 
-/// Per-session limits, from the `[ws]` settings.
+/// Per-session limits, from the `[ws]` settings (held once per instance,
+/// in its [`SharedAddr`]).
 #[derive(Debug, Clone, Copy)]
 pub struct SessionLimits {
     pub mailbox: usize,
@@ -52,54 +52,81 @@ impl SessionLimits {
     }
 }
 
-/// One connected client.
+/// One connected client. Every byte here is in every connection's task
+/// (see `ws::socket`): what all sessions of an instance share (its name,
+/// the node's metrics, the session limits) is in its [`SharedAddr`], and
+/// what few sessions hold is boxed.
 pub struct Session {
     id: SessionId,
     instance: Arc<SharedAddr>,
     narrowing: EventSet,
     shared: Arc<SessionShared>,
-    limits: SessionLimits,
     reassembly: Reassembly,
-    metrics: Arc<Metrics>,
-    /// Why the session ended, for the disconnect counter: the close code,
-    /// or `None` when the connection was lost (reset, or ended by
-    /// `TCP_USER_TIMEOUT`) with no close to send.
+    /// Why the session ended, for the disconnect counter: the close code
+    /// of the close handshake (the client's or ours), or `None` while there
+    /// was none: a connection that ends without one (a reset, an EOF with
+    /// no close frame, `TCP_USER_TIMEOUT`) was lost (RFC 6455's 1006).
     ended: Option<CloseCode>,
     /// Sends each client message back instead of ignoring it.
     echo: bool,
-    /// The client's opt-in to recovery, handed to the instance on joining
-    /// (boxed: most sessions have none, and every byte here is in every
-    /// connection's context).
-    recovery: Option<Box<Recovery>>,
-    /// Replay frames (and deliveries behind them) not yet written; their
-    /// bytes are still counted in `shared.queued_bytes`.
-    backlog: Backlog,
+    /// The client's opt-in to recovery until the session joins its
+    /// instance, then the replay's frames not yet written.
+    aside: Aside,
     /// This client's place in the connection limits, given back on drop.
     _slot: ConnectionSlot,
 }
 
-/// A session's replay backlog, allocated only while it holds frames: most
-/// sessions never replay, and every byte of the session is in every
-/// connection's task. Boxed on purpose: 8 bytes in the session, not 32.
+/// What few sessions hold, allocated only while held: most clients never
+/// recover. Until the session joins, the client's opt-in to recovery
+/// (handed to the instance with the join); after it, the replay's frames
+/// (and deliveries behind them) not yet written, whose bytes are still
+/// counted in `shared.queued_bytes`.
 #[derive(Default)]
-#[allow(clippy::box_collection)]
-struct Backlog(Option<Box<VecDeque<ByteString>>>);
+struct Aside(Option<Box<Held>>);
 
-impl Backlog {
+enum Held {
+    Recovery(Recovery),
+    Backlog(VecDeque<ByteString>),
+}
+
+impl Aside {
+    fn recovering(recovery: Recovery) -> Self {
+        Self(Some(Box::new(Held::Recovery(recovery))))
+    }
+
+    /// The recovery asked for, taken to join (nothing is held after it).
+    fn take_recovery(&mut self) -> Option<Recovery> {
+        match self.0.take().map(|held| *held) {
+            Some(Held::Recovery(recovery)) => Some(recovery),
+            Some(backlog @ Held::Backlog(_)) => {
+                self.0 = Some(Box::new(backlog));
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Whether no replay frame waits.
     fn is_empty(&self) -> bool {
-        self.0.is_none()
+        !matches!(self.0.as_deref(), Some(Held::Backlog(_)))
     }
 
     fn extend(&mut self, frames: impl IntoIterator<Item = ByteString>) {
-        let queue = self.0.get_or_insert_with(Box::default);
-        queue.extend(frames);
-        if queue.is_empty() {
-            self.0 = None;
+        if self.is_empty() {
+            self.0 = Some(Box::new(Held::Backlog(VecDeque::new())));
+        }
+        if let Some(Held::Backlog(queue)) = self.0.as_deref_mut() {
+            queue.extend(frames);
+            if queue.is_empty() {
+                self.0 = None;
+            }
         }
     }
 
     fn pop_front(&mut self) -> Option<ByteString> {
-        let queue = self.0.as_mut()?;
+        let Some(Held::Backlog(queue)) = self.0.as_deref_mut() else {
+            return None;
+        };
         let frame = queue.pop_front();
         if queue.is_empty() {
             self.0 = None;
@@ -108,30 +135,23 @@ impl Backlog {
     }
 
     fn clear(&mut self) {
-        self.0 = None;
+        if !self.is_empty() {
+            self.0 = None;
+        }
     }
 }
 
 impl Session {
-    pub fn new(
-        instance: Arc<SharedAddr>,
-        narrowing: EventSet,
-        limits: SessionLimits,
-        metrics: Arc<Metrics>,
-        slot: ConnectionSlot,
-    ) -> Self {
+    pub fn new(instance: Arc<SharedAddr>, narrowing: EventSet, slot: ConnectionSlot) -> Self {
         Self {
             id: SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed)),
             instance,
             narrowing,
             shared: Arc::new(SessionShared::default()),
-            limits,
             reassembly: Reassembly::default(),
-            metrics,
-            ended: Some(CloseCode::Normal),
+            ended: None,
             echo: false,
-            recovery: None,
-            backlog: Backlog::default(),
+            aside: Aside::default(),
             _slot: slot,
         }
     }
@@ -143,14 +163,14 @@ impl Session {
 
     /// The same session, recovering as the client asked (`?recover=true`).
     pub fn recovering(mut self, recovery: Recovery) -> Self {
-        self.recovery = Some(Box::new(recovery));
+        self.aside = Aside::recovering(recovery);
         self
     }
 
     /// Queues frames behind the backlog and writes the next chunk.
     fn queue(&mut self, batch: Batch, ctx: &mut WebsocketContext<Self>) {
-        let was_idle = self.backlog.is_empty();
-        self.backlog.extend(batch.frames.iter().cloned());
+        let was_idle = self.aside.is_empty();
+        self.aside.extend(batch.frames.iter().cloned());
         if was_idle {
             self.write_backlog(ctx);
         }
@@ -161,12 +181,12 @@ impl Session {
     /// only below the socket's high-water mark).
     fn write_backlog(&mut self, ctx: &mut WebsocketContext<Self>) {
         if let Some(code) = self.shared.requested_close() {
-            self.backlog.clear();
+            self.aside.clear();
             return self.close(ctx, code);
         }
         let mut written = 0;
         while written < REPLAY_CHUNK {
-            let Some(frame) = self.backlog.pop_front() else {
+            let Some(frame) = self.aside.pop_front() else {
                 break;
             };
             written += frame.len();
@@ -175,7 +195,7 @@ impl Session {
                 .fetch_sub(frame.len(), Ordering::AcqRel);
             ctx.text(frame);
         }
-        if !self.backlog.is_empty() {
+        if !self.aside.is_empty() {
             ctx.spawn(
                 actix::fut::wrap_future::<_, Self>(tokio::task::yield_now())
                     .map(|_, act, ctx| act.write_backlog(ctx)),
@@ -186,7 +206,6 @@ impl Session {
     /// The same session, sending each complete client message back.
     pub fn echoing(mut self) -> Self {
         self.echo = true;
-        self.reassembly = Reassembly::keeping();
         self
     }
 
@@ -198,7 +217,8 @@ impl Session {
         if let Some(code) = self.shared.requested_close() {
             self.close(ctx, code);
         } else if silent {
-            self.metrics
+            self.instance
+                .metrics()
                 .clients_evicted
                 .with_label_values(&[CloseCode::HeartbeatTimeout.label()])
                 .inc();
@@ -247,15 +267,15 @@ impl Actor for Session {
     type Context = WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.limits.mailbox);
+        ctx.set_mailbox_capacity(self.instance.session_limits().mailbox);
         self.instance.do_send(Join {
             session: self.id,
             recipient: ctx.address().recipient(),
             narrowing: self.narrowing,
             shared: self.shared.clone(),
-            recovery: self.recovery.take().map(|r| *r),
+            recovery: self.aside.take_recovery(),
         });
-        self.metrics.connected_clients.inc();
+        self.instance.metrics().connected_clients.inc();
         if !self.instance.connected() {
             // The instance was deleted as this client connected: its actor
             // stopped, so nothing would reach the session (not even its
@@ -276,8 +296,9 @@ impl Actor for Session {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        self.metrics.connected_clients.dec();
-        self.metrics
+        self.instance.metrics().connected_clients.dec();
+        self.instance
+            .metrics()
             .disconnects
             .with_label_values(&[self.ended.map_or("connection_lost", CloseCode::label)])
             .inc();
@@ -299,7 +320,7 @@ impl Handler<ToSession> for Session {
         }
         match msg {
             ToSession::Replay(batch) => self.queue(batch, ctx),
-            ToSession::Deliver(batch) if !self.backlog.is_empty() => self.queue(batch, ctx),
+            ToSession::Deliver(batch) if !self.aside.is_empty() => self.queue(batch, ctx),
             ToSession::Deliver(batch) => {
                 self.shared
                     .queued_bytes
@@ -322,17 +343,14 @@ impl Handler<ToSession> for Session {
 impl StreamHandler<Result<Message, ProtocolError>> for Session {
     fn handle(&mut self, msg: Result<Message, ProtocolError>, ctx: &mut Self::Context) {
         self.shared.heartbeat.heard();
-        let max = self.limits.max_message_bytes;
+        let max = self.instance.session_limits().max_message_bytes;
         let msg = match msg {
             Ok(msg) => msg,
             Err(e) => {
                 return match rules::refusal(&e) {
                     Some(code) => self.verdict(ctx, Verdict::Close(code)),
-                    None => {
-                        // The connection itself failed: nothing to send a close on.
-                        self.ended = None;
-                        ctx.stop();
-                    }
+                    // The connection itself failed: nothing to send a close on.
+                    None => ctx.stop(),
                 };
             }
         };
@@ -348,8 +366,8 @@ impl StreamHandler<Result<Message, ProtocolError>> for Session {
             Message::Text(_) | Message::Binary(_) => {}
             Message::Continuation(item) => {
                 let verdict = match item {
-                    Item::FirstText(data) => self.reassembly.first(true, &data, max),
-                    Item::FirstBinary(data) => self.reassembly.first(false, &data, max),
+                    Item::FirstText(data) => self.reassembly.first(true, self.echo, &data, max),
+                    Item::FirstBinary(data) => self.reassembly.first(false, self.echo, &data, max),
                     Item::Continue(data) => self.reassembly.more(&data, max),
                     Item::Last(data) => self.reassembly.last(&data, max),
                 };
@@ -365,6 +383,8 @@ impl StreamHandler<Result<Message, ProtocolError>> for Session {
         }
     }
 
+    /// The client's side ended: after its close frame a clean close,
+    /// without one (a bare EOF) a lost connection (`ended` stays `None`).
     fn finished(&mut self, ctx: &mut Self::Context) {
         ctx.stop();
     }
@@ -374,23 +394,28 @@ impl StreamHandler<Result<Message, ProtocolError>> for Session {
 mod tests {
     use super::*;
 
-    /// The backlog holds no allocation while empty: not at first, not after
-    /// nothing was queued, not once its last frame was taken.
+    /// Nothing is allocated while nothing is held: not at first, not after
+    /// the recovery was taken to join, not once the backlog's last frame
+    /// was taken.
     #[test]
-    fn the_backlog_is_allocated_only_while_it_holds_frames() {
-        let mut backlog = Backlog::default();
-        assert!(backlog.is_empty() && backlog.0.is_none());
-        backlog.extend(Vec::new());
-        assert!(backlog.is_empty() && backlog.0.is_none());
-        backlog.extend([ByteString::from("a"), ByteString::from("b")]);
-        assert!(!backlog.is_empty());
-        assert_eq!(backlog.pop_front().as_deref(), Some("a"));
-        assert!(!backlog.is_empty());
-        assert_eq!(backlog.pop_front().as_deref(), Some("b"));
-        assert!(backlog.is_empty() && backlog.0.is_none());
-        assert_eq!(backlog.pop_front(), None);
-        backlog.extend([ByteString::from("c")]);
-        backlog.clear();
-        assert!(backlog.is_empty() && backlog.0.is_none());
+    fn the_aside_is_allocated_only_while_it_holds_something() {
+        let mut aside = Aside::recovering(Recovery { since: None });
+        assert!(aside.is_empty(), "a recovery is no backlog");
+        assert!(aside.take_recovery().is_some());
+        assert!(aside.is_empty() && aside.0.is_none());
+        assert!(aside.take_recovery().is_none());
+        aside.extend(Vec::new());
+        assert!(aside.is_empty() && aside.0.is_none());
+        aside.extend([ByteString::from("a"), ByteString::from("b")]);
+        assert!(!aside.is_empty());
+        assert!(aside.take_recovery().is_none(), "the backlog stays");
+        assert_eq!(aside.pop_front().as_deref(), Some("a"));
+        assert!(!aside.is_empty());
+        assert_eq!(aside.pop_front().as_deref(), Some("b"));
+        assert!(aside.is_empty() && aside.0.is_none());
+        assert_eq!(aside.pop_front(), None);
+        aside.extend([ByteString::from("c")]);
+        aside.clear();
+        assert!(aside.is_empty() && aside.0.is_none());
     }
 }

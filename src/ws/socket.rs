@@ -16,7 +16,6 @@
 //! the write side is shut down and the peer gets [`LINGER`] to finish the
 //! close handshake, so its close frame never meets a reset.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -52,7 +51,7 @@ const MAX_IOVECS: usize = 32;
 /// `early` holds bytes the client sent right behind its handshake.
 ///
 /// Not an `async fn`: its arguments would be kept in the connection's task
-/// for as long as it lives (the session alone is 144 bytes), beside the
+/// for as long as it lives (the session alone is 72 bytes), beside the
 /// context they were moved into. Everything is built here; the future keeps
 /// only what it uses.
 pub fn serve(
@@ -64,9 +63,6 @@ pub fn serve(
     let shared = session.shared();
     let io = Arc::new(io);
     shared.direct.attach(io.clone());
-    // Ends the direct way once the writer has finished (the session's
-    // `stopping` ends it too, also when this future is dropped early).
-    let direct = EndDirect(shared.clone());
     let incoming = Incoming {
         io: io.clone(),
         early: (!early.is_empty()).then(|| Box::new(early)),
@@ -76,8 +72,7 @@ pub fn serve(
     let frames = WebsocketContext::with_codec(session, incoming, Codec::new().max_size(max_frame));
     // A combinator, not an `async` block: the block would keep the writer
     // twice, once captured and once where it is awaited.
-    Outgoing::new(io, frames, shared).then(move |outcome| {
-        drop(direct);
+    Outgoing::new(io, frames, shared).then(|outcome| {
         async move {
             match outcome {
                 // Boxed: its buffer and timer are not carried by every idle connection.
@@ -86,15 +81,6 @@ pub fn serve(
             }
         }
     })
-}
-
-/// Closes the fan-out's direct way to the socket (see `ws::direct`).
-struct EndDirect(Arc<SessionShared>);
-
-impl Drop for EndDirect {
-    fn drop(&mut self) {
-        self.0.direct.end();
-    }
 }
 
 /// Shuts the write side down and reads (discarding) until the peer closes
@@ -194,10 +180,17 @@ pin_project_lite::pin_project! {
 }
 
 /// The socket's side of [`Outgoing`]: frames taken and not yet written.
+/// Dropped (the writer finished, or the connection's task was dropped
+/// early), it closes the fan-out's direct way to the socket (see
+/// `ws::direct`; the session's `stopping` closes it too).
+///
+/// Every byte here is in every connection's task: the queue is a `Vec`
+/// (24 bytes, not a `VecDeque`'s 32), and its byte count a `u32`
+/// (saturating; the count only decides when the session is polled).
 struct Writer {
     io: Arc<TcpStream>,
-    pending: VecDeque<Bytes>,
-    pending_bytes: usize,
+    pending: Vec<Bytes>,
+    pending_bytes: u32,
     done: bool,
     /// Where the socket refusing bytes is told (`socket_full`).
     shared: Arc<SessionShared>,
@@ -212,12 +205,18 @@ where
             frames,
             writer: Writer {
                 io,
-                pending: VecDeque::new(),
+                pending: Vec::new(),
                 pending_bytes: 0,
                 done: false,
                 shared,
             },
         }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.shared.direct.end();
     }
 }
 
@@ -227,12 +226,12 @@ impl Writer {
     where
         S: Stream<Item = Result<Bytes, actix_web::Error>>,
     {
-        while !self.done && self.pending_bytes < HIGH_WATER {
+        while !self.done && (self.pending_bytes as usize) < HIGH_WATER {
             match frames.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(bytes))) => {
                     if !bytes.is_empty() {
-                        self.pending_bytes += bytes.len();
-                        self.pending.push_back(bytes);
+                        self.count(bytes.len());
+                        self.pending.push(bytes);
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -253,20 +252,26 @@ impl Writer {
         }
     }
 
+    /// Counts `n` more bytes waiting.
+    fn count(&mut self, n: usize) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        self.pending_bytes = self.pending_bytes.saturating_add(n);
+    }
+
     /// Drops `n` written bytes from the front of the queue.
     fn consume(&mut self, mut n: usize) {
-        self.pending_bytes -= n;
-        while n > 0 {
-            let Some(front) = self.pending.front_mut() else {
-                return;
-            };
-            if n < front.len() {
-                front.advance(n);
-                return;
+        let counted = u32::try_from(n).unwrap_or(u32::MAX);
+        self.pending_bytes = self.pending_bytes.saturating_sub(counted);
+        let mut whole = 0;
+        for chunk in &mut self.pending {
+            if n < chunk.len() {
+                chunk.advance(n);
+                break;
             }
-            n -= front.len();
-            self.pending.pop_front();
+            n -= chunk.len();
+            whole += 1;
         }
+        self.pending.drain(..whole);
     }
 }
 
@@ -283,8 +288,8 @@ where
         // What a direct write left goes first, before the session's frames.
         let rest = w.shared.direct.busy();
         if !rest.is_empty() {
-            w.pending_bytes += rest.len();
-            w.pending.push_front(rest);
+            w.count(rest.len());
+            w.pending.insert(0, rest);
         }
         loop {
             w.take_frames(frames.as_mut(), cx);
