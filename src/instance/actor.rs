@@ -182,6 +182,8 @@ pub struct InstanceActor {
     shared_seen: Option<(Arc<str>, u64)>,
     /// Follows the shared history into this actor while it has sessions.
     mirror_task: Option<tokio::task::JoinHandle<()>>,
+    /// The follower `mirror_task` runs (only its messages are heard).
+    follower: FollowerId,
 }
 
 impl InstanceActor {
@@ -226,6 +228,7 @@ impl InstanceActor {
             unsure: false,
             shared_seen: None,
             mirror_task: None,
+            follower: FollowerId::default(),
         }
     }
 

@@ -209,6 +209,14 @@ pub struct CloseAll(pub CloseCode);
 #[rtype(result = "usize")]
 pub struct CountSessions;
 
+/// One follower of the shared history into an instance actor, numbered by
+/// the actor each time it starts following. A follower's messages that were
+/// already on their way when the actor stopped following (and dropped its
+/// mirror) are recognised as stale and ignored: they would otherwise bring
+/// back a position the next follower's first load would be taken for new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FollowerId(pub u64);
+
 /// The shared history's follower has looked at JetStream and (re)starts:
 /// `resumed` after the last message the mirror saw, in the same epoch (the
 /// mirror stays); otherwise the mirror begins empty, in `epoch`.
@@ -216,6 +224,8 @@ pub struct CountSessions;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SyncStart {
+    /// Which follower sent it (see [`FollowerId`]).
+    pub follower: FollowerId,
     pub epoch: Arc<str>,
     pub caught_up: bool,
     pub resumed: bool,
@@ -226,12 +236,17 @@ pub struct SyncStart {
 /// what JetStream holds, or JetStream may have lost the epoch.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Unsure;
+pub struct Unsure {
+    /// Which follower sent it (see [`FollowerId`]).
+    pub follower: FollowerId,
+}
 
 /// One publish request's events from the shared history, in stream order.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Sequenced {
+    /// Which follower sent it (see [`FollowerId`]).
+    pub follower: FollowerId,
     pub epoch: Arc<str>,
     /// Its stream sequence (its events' offsets derive from it).
     pub seq: u64,

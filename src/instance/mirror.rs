@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::super::history::History;
-use super::super::messages::{Batch, Join, MirrorPosition, Sequenced, SyncStart, Unsure};
+use super::super::messages::{
+    Batch, FollowerId, Join, MirrorPosition, Sequenced, SyncStart, Unsure,
+};
 use super::super::shared_history::{last_offset_of, offset_of, OFFSET_BITS};
 use super::{Frame, InstanceActor};
 use crate::domain::EventSet;
@@ -37,8 +39,14 @@ impl InstanceActor {
     /// Starts following the shared history (when there is one).
     pub(super) fn follow_shared(&mut self, ctx: &mut Context<Self>) {
         if let (Some(shared), None) = (&self.shared, &self.mirror_task) {
-            self.mirror_task = Some(shared.follow(self.info.id, ctx.address()));
+            self.follower = FollowerId(self.follower.0 + 1);
+            self.mirror_task = Some(shared.follow(self.info.id, ctx.address(), self.follower));
         }
+    }
+
+    /// Whether a message of `follower` is from the one followed now.
+    fn hears(&self, follower: FollowerId) -> bool {
+        self.mirror_task.is_some() && follower == self.follower
     }
 
     /// Stops following it; the mirror is dropped (reloaded on the next join).
@@ -137,7 +145,10 @@ impl Handler<MirrorPosition> for InstanceActor {
 impl Handler<Unsure> for InstanceActor {
     type Result = ();
 
-    fn handle(&mut self, _: Unsure, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Unsure, _: &mut Self::Context) {
+        if !self.hears(msg.follower) {
+            return;
+        }
         self.unsure = self.shared.is_some();
     }
 }
@@ -146,7 +157,7 @@ impl Handler<SyncStart> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: SyncStart, ctx: &mut Self::Context) {
-        let Some(limits) = self.env.history else {
+        let Some(limits) = self.env.history.filter(|_| self.hears(msg.follower)) else {
             return;
         };
         self.unsure = false;
@@ -179,7 +190,7 @@ impl Handler<Sequenced> for InstanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Sequenced, ctx: &mut Self::Context) {
-        let Some(limits) = self.env.history else {
+        let Some(limits) = self.env.history.filter(|_| self.hears(msg.follower)) else {
             return;
         };
         let same_epoch = self
@@ -242,5 +253,91 @@ impl Handler<Sequenced> for InstanceActor {
                 self.set_synced(ctx);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::Bus;
+    use crate::domain::{AccountId, InstanceId};
+    use crate::instance::actor::FanoutEnv;
+    use crate::instance::history::HistoryLimits;
+    use crate::instance::inbox::Pressure;
+    use crate::instance::InstanceInfo;
+    use crate::ws::session::SessionLimits;
+
+    fn actor_with_history() -> Addr<InstanceActor> {
+        let env = FanoutEnv {
+            base_url: "http://h".into(),
+            client_buffer_bytes: 1 << 20,
+            metrics: std::sync::Arc::new(crate::metrics::Metrics::new().unwrap()),
+            bus: Bus::Local,
+            publish_queue: 64,
+            publish_lag: 0,
+            direct_writes: false,
+            history: Some(HistoryLimits {
+                size: 100,
+                ttl: Duration::from_secs(60),
+                bytes: 1 << 20,
+            }),
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            session_limits: SessionLimits {
+                mailbox: 16,
+                max_message_bytes: 1 << 16,
+            },
+        };
+        let info = InstanceInfo {
+            id: InstanceId(1),
+            account: AccountId(1),
+            name: "i".into(),
+            token: "t".into(),
+        };
+        let pressure = std::sync::Arc::new(Pressure::default());
+        InstanceActor::new(
+            info,
+            None,
+            env,
+            std::sync::Weak::new(),
+            "i".into(),
+            pressure,
+        )
+        .start()
+    }
+
+    /// Messages of a follower the actor no longer runs (already on their
+    /// way when it stopped following) leave no mirror and no position
+    /// behind: the next follower's first load must not be taken for
+    /// events accepted after a follow.
+    #[actix_rt::test]
+    async fn a_stopped_followers_messages_are_ignored() {
+        let actor = actor_with_history();
+        let stale = FollowerId::default();
+        actor
+            .send(SyncStart {
+                follower: stale,
+                epoch: "e1".into(),
+                caught_up: false,
+                resumed: false,
+            })
+            .await
+            .unwrap();
+        actor
+            .send(Sequenced {
+                follower: stale,
+                epoch: "e1".into(),
+                seq: 5,
+                prev: 0,
+                age: Duration::ZERO,
+                events: Vec::new().into(),
+                delivered: false,
+                accepted_under: None,
+                caught_up: true,
+            })
+            .await
+            .unwrap();
+        actor.send(Unsure { follower: stale }).await.unwrap();
+        assert_eq!(actor.send(MirrorPosition).await.unwrap(), None);
     }
 }

@@ -42,7 +42,7 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 
 use super::history::HistoryLimits;
-use super::messages::{MirrorPosition, Sequenced, SyncStart, Unsure};
+use super::messages::{FollowerId, MirrorPosition, Sequenced, SyncStart, Unsure};
 use super::InstanceActor;
 use crate::bus::Link;
 use crate::domain::{EventSet, InstanceId, WsConfig};
@@ -371,6 +371,7 @@ impl SharedHistory {
         self: &Arc<Self>,
         id: InstanceId,
         actor: Addr<InstanceActor>,
+        follower: FollowerId,
     ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         actix_web::rt::spawn(async move {
@@ -379,13 +380,13 @@ impl SharedHistory {
             link.borrow_and_update();
             loop {
                 tokio::select! {
-                    followed = me.follow_once(id, &actor) => {
+                    followed = me.follow_once(id, &actor, follower) => {
                         if let Err(e) = followed {
                             log::warn!("instance_id={} shared history not followed: {e}", id.0);
                         }
                     }
                     Ok(()) = link.changed() => {
-                        actor.do_send(Unsure);
+                        actor.do_send(Unsure { follower });
                         backoff = Duration::from_millis(100);
                         // Resumes after the last message seen once NATS is
                         // back: nothing is skipped.
@@ -411,6 +412,7 @@ impl SharedHistory {
         &self,
         id: InstanceId,
         actor: &Addr<InstanceActor>,
+        follower: FollowerId,
     ) -> Result<(), SharedHistoryError> {
         let stream = self.stream(true).await?;
         let epoch: Arc<str> = Self::epoch(&stream, id).into();
@@ -445,6 +447,7 @@ impl SharedHistory {
         // before that are history being loaded, not late delivery).
         let mut caught_up = consumer.cached_info().num_pending == 0;
         actor.do_send(SyncStart {
+            follower,
             epoch: epoch.clone(),
             caught_up,
             resumed: resume_after.is_some(),
@@ -489,6 +492,7 @@ impl SharedHistory {
             // Waits while the actor is behind (its mailbox is bounded).
             if actor
                 .send(Sequenced {
+                    follower,
                     epoch: epoch.clone(),
                     seq,
                     prev,
