@@ -37,6 +37,13 @@ fn envelopes(c: &mut Criterion) {
     group.finish();
 }
 
+/// A webhook delivery's id, made for every delivery a publish stores.
+fn delivery_ids(c: &mut Criterion) {
+    c.bench_function("new_delivery_id", |b| {
+        b.iter(eventgate::webhook::signature::new_delivery_id)
+    });
+}
+
 /// A session stand-in: takes deliveries off its queue and counts nothing else.
 struct Sink {
     shared: Arc<SessionShared>,
@@ -135,5 +142,5 @@ fn fan_out(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, envelopes, fan_out);
+criterion_group!(benches, envelopes, delivery_ids, fan_out);
 criterion_main!(benches);

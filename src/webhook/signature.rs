@@ -49,9 +49,15 @@ fn delivery_id_at(millis: i64) -> String {
         *slot = ID_ALPHABET[(t % base) as usize];
         t /= base;
     }
+    // Two draws from the thread's CSPRNG, 8 characters from each (62^8 <
+    // 2^64: a draw's reduction favours some tails by at most 1 in 84,000).
     let mut rng = rand::thread_rng();
-    for slot in &mut out[4 + ID_TIME_CHARS..] {
-        *slot = ID_ALPHABET[rng.gen_range(0..ID_ALPHABET.len())];
+    for tail in out[4 + ID_TIME_CHARS..].chunks_mut(8) {
+        let mut r: u64 = rng.gen();
+        for slot in tail {
+            *slot = ID_ALPHABET[(r % base) as usize];
+            r /= base;
+        }
     }
     out.iter().map(|b| char::from(*b)).collect()
 }
