@@ -194,7 +194,7 @@ pub async fn serve(
         &settings.webhook.allowed_networks,
     ));
     let webhook_client = Arc::new(webhook::client::Client::new(
-        Duration::from_secs(settings.webhook.timeout_secs),
+        webhook::attempt_timeout(&settings.webhook),
         webhook_policy.clone(),
     )?);
     {

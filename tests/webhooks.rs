@@ -283,6 +283,17 @@ async fn invalid_bodies_name_their_key() {
             "url",
         ),
         (json!({"enabled": true, "url": "http://100.64.0.1/"}), "url"),
+        // Other spellings of IPv4 addresses the URL standard reads (127.0.0.1, 10.0.0.1).
+        (json!({"enabled": true, "url": "http://127.1:9/x"}), "url"),
+        (
+            json!({"enabled": true, "url": "http://2130706433/x"}),
+            "url",
+        ),
+        (
+            json!({"enabled": true, "url": "http://0x7f000001/x"}),
+            "url",
+        ),
+        (json!({"enabled": true, "url": "http://10.1/x"}), "url"),
         (json!({"enabled": true, "url": "http://[::1]:80/"}), "url"),
         (
             json!({"enabled": true, "url": "http://[::ffff:192.168.0.1]/"}),
@@ -855,6 +866,17 @@ async fn dead_letters_page_and_retry_validates() {
         )
         .await;
     assert_eq!(r.body["requeued"], 0);
+    // More ids than one statement can bind on SQLite: still ignored, not a 500.
+    let many: Vec<String> = (0..40_000).map(|i| format!("msg_{i}")).collect();
+    let r = s
+        .call("POST", path, Some(ACCOUNT), Some(json!({ "ids": many })))
+        .await;
+    assert_eq!(
+        (r.status, &r.body["requeued"]),
+        (202, &json!(0)),
+        "{}",
+        r.body
+    );
     let first = all.body["deliveries"][0]["id"]
         .as_str()
         .unwrap()
@@ -869,6 +891,21 @@ async fn dead_letters_page_and_retry_validates() {
         )
         .await;
     assert_eq!(r.body["requeued"], 1);
+    // A cursor whose dead letter was replayed and delivered (gone): the page
+    // after it still holds the four accepted after it.
+    wait_stats(&s, "pg", "x", |st| {
+        st["delivered"] == 1 && st["failed"] == 4
+    })
+    .await;
+    let r = failed(&s, "pg", &format!("?label=x&after={first}")).await;
+    let rest: Vec<i64> = r.body["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["envelope"]["data"]["i"].as_i64().unwrap())
+        .collect();
+    assert_eq!(rest, [1, 2, 3, 4], "{}", r.body);
+    assert_eq!(r.body["next"], Value::Null);
     let r = s.raw("POST", path, &[("token", ACCOUNT)], None).await;
     assert_eq!(r.status, 202, "{}", r.body);
     let got = rx.wait_count(10, WAIT).await;
@@ -881,7 +918,7 @@ async fn dead_letters_page_and_retry_validates() {
 
 #[actix_rt::test]
 async fn retry_after_is_honoured_and_410_ends_retries() {
-    let s = server_with(&[1, 1]).await;
+    let s = server_with(&[1, 1, 1]).await;
     let rx = Receiver::start();
     rx.answer(|_, n| match n {
         0 => (503, vec![("Retry-After", "3".to_string())]),
@@ -889,12 +926,14 @@ async fn retry_after_is_honoured_and_410_ends_retries() {
             429,
             vec![("Retry-After", "Wed, 21 Oct 2015 07:28:00 GMT".to_string())],
         ),
+        // Not whole seconds as written: another form, ignored.
+        2 => (503, vec![("Retry-After", "+30".to_string())]),
         _ => (200, vec![]),
     });
     s.instance("ra").await;
     set_ok(&s, "ra", json!({"enabled": true, "url": rx.url("/")})).await;
     s.publish("ra", event("call.update", json!({}))).await;
-    let got = rx.wait_count(3, WAIT).await;
+    let got = rx.wait_count(4, WAIT).await;
     let first_gap = got[1].at - got[0].at;
     assert!(
         first_gap >= Duration::from_millis(2900),
@@ -905,7 +944,12 @@ async fn retry_after_is_honoured_and_410_ends_retries() {
         second_gap < Duration::from_secs(5),
         "an HTTP-date is ignored: {second_gap:?}"
     );
-    assert_eq!(got[2].attempt(), 3);
+    let third_gap = got[3].at - got[2].at;
+    assert!(
+        third_gap < Duration::from_secs(5),
+        "a signed number is ignored: {third_gap:?}"
+    );
+    assert_eq!(got[3].attempt(), 4);
 
     let gone = Receiver::start();
     gone.answer(|_, _| (410, vec![]));
@@ -923,6 +967,117 @@ async fn retry_after_is_honoured_and_410_ends_retries() {
     assert_eq!(f.body["deliveries"][0]["attempts"], 1);
     assert_eq!(f.body["deliveries"][0]["lastStatus"], 410);
     assert_eq!(gone.count(), 1);
+}
+
+/// Settings at the edge of what parses: a timeout no clock can add (taken
+/// as a day) still delivers, and a retry interval too long for the clock is
+/// a retry that never comes due — the delivery waits, it is neither retried
+/// at once nor made a dead letter.
+#[actix_rt::test]
+async fn the_largest_timeout_and_interval_neither_panic_nor_wrap() {
+    let s = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.retry_schedule_secs = vec![u64::MAX];
+        s.webhook.timeout_secs = u64::MAX;
+    })
+    .await;
+    let rx = Receiver::start();
+    rx.answer(|_, n| if n == 0 { (500, vec![]) } else { (204, vec![]) });
+    s.instance("edge").await;
+    set_ok(&s, "edge", json!({"enabled": true, "url": rx.url("/")})).await;
+    s.publish("edge", event("call.update", json!({}))).await;
+    let st = wait_stats(&s, "edge", "default", |st| st["lastError"] == "HTTP 500").await;
+    assert_eq!(st["pending"], 1);
+    // Long enough for a wrapped due time to have come round.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rx.count(), 1, "not retried");
+    let st = stats(&s, "edge", "default").await;
+    assert_eq!(
+        (st["pending"].clone(), st["failed"].clone()),
+        (json!(1), json!(0))
+    );
+    s.publish("edge", event("call.update", json!({}))).await;
+    let got = rx.wait_count(2, WAIT).await;
+    assert_eq!(got[1].attempt(), 1, "a new delivery is attempted");
+}
+
+/// Without an encryption key, values are stored as given — also one that
+/// looks like a sealed value: it is shown and sent verbatim, never taken
+/// for a value that cannot be decrypted.
+#[actix_rt::test]
+async fn an_authorization_that_looks_sealed_is_sent_verbatim_without_a_key() {
+    let s = server().await;
+    let rx = Receiver::start();
+    s.instance("looks").await;
+    let auth = "enc:v1:not-a-sealed-value";
+    let wh = set_ok(
+        &s,
+        "looks",
+        json!({"enabled": true, "url": rx.url("/"), "authorization": auth}),
+    )
+    .await;
+    assert_eq!(wh["authorization"], auth);
+    assert_eq!(stats_full(&s, "looks").await["authorization"], auth);
+    s.publish("looks", event("call.update", json!({}))).await;
+    let got = rx.wait_count(1, WAIT).await.remove(0);
+    assert_eq!(got.header("authorization"), Some(auth));
+}
+
+/// §2 on every webhook endpoint, in its order: token (401: missing, then
+/// unknown) → instance (403 for another instance's token, 404 for a name
+/// unknown to the account) → body size (413) → body (400).
+#[actix_rt::test]
+async fn every_webhook_endpoint_checks_token_instance_and_size_in_order() {
+    let s = server().await;
+    s.instance("mine").await;
+    let other = s.instance("theirs").await;
+    let big = format!(r#"{{"pad":"{}"}}"#, "a".repeat(1024 * 1024));
+    let endpoints: [(&str, &str, bool); 6] = [
+        ("POST", "/api/events/webhook/{}", true),
+        ("GET", "/api/events/getWebhook/{}", false),
+        ("GET", "/api/events/webhook/{}", false),
+        ("DELETE", "/api/events/webhook/{}?label=x", false),
+        ("GET", "/api/events/webhook/{}/failed", false),
+        ("POST", "/api/events/webhook/{}/retry", true),
+    ];
+    for (method, path, has_body) in endpoints {
+        let at = |name: &str| path.replace("{}", name);
+        let body = has_body.then_some(&b"{}"[..]);
+        let json = ("content-type", "application/json");
+        let what = format!("{method} {path}");
+        s.raw(method, &at("mine"), &[json], body)
+            .await
+            .assert_error(
+                401,
+                "Missing token in header, Authorization header, or query parameter",
+            );
+        s.raw(
+            method,
+            &at("mine"),
+            &[json, ("token", "not-a-known-token-at-all")],
+            body,
+        )
+        .await
+        .assert_error(401, "Invalid token");
+        s.raw(method, &at("mine"), &[json, ("token", &other)], body)
+            .await
+            .assert_error(403, "Instance token does not match this instance");
+        // The instance is checked before the body's size.
+        let body = has_body.then_some(big.as_bytes()).or(body);
+        s.raw(method, &at("nope"), &[json, ("token", ACCOUNT)], body)
+            .await
+            .assert_error(404, "Instance not found");
+        if has_body {
+            let r = s
+                .raw(method, &at("mine"), &[json, ("token", ACCOUNT)], body)
+                .await;
+            r.assert_error(413, "Payload too large");
+            let r = s
+                .raw(method, &at("mine"), &[json, ("token", ACCOUNT)], Some(b"{"))
+                .await;
+            assert_eq!(r.status, 400, "{what}: {}", r.body);
+        }
+    }
 }
 
 #[actix_rt::test]

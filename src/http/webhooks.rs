@@ -14,16 +14,16 @@ use crate::domain::{EventKind, InstanceId};
 use crate::error::ApiError;
 use crate::events::{envelope, instance_data_json, Event};
 use crate::instance::Change;
-use crate::storage::deliveries;
+use crate::storage::deliveries::{self, PageStart};
 use crate::storage::instances::InstanceRecord;
 use crate::storage::webhooks::{self, Counts, NewConfig, SetError, WebhookRow};
-use crate::storage::{self, now_millis};
+use crate::storage::{self, now_millis, StorageError};
 use crate::webhook::address::AddressPolicy;
 use crate::webhook::config::{
     is_valid_label, label_or_default, parse_fields, WebhookInput, DEFAULT_LABEL, SET_KEYS,
 };
 use crate::webhook::sealing::Sealer;
-use crate::webhook::signature::{is_delivery_id, new_secret};
+use crate::webhook::signature::{delivery_id_time, is_delivery_id, new_secret};
 use crate::webhook::worker::enabled_from;
 
 /// 500 message of the set endpoint.
@@ -99,20 +99,24 @@ pub async fn store(
         new_secret: sealer.seal(&new_secret()),
         rotate_secret: input.rotate_secret,
     };
+    // Every storage failure, the connection's checkout too, is `failure`.
     let (row, enabled, killed) = state
         .db(move |conn| {
-            let (row, killed) = webhooks::upsert(conn, instance, &new).map_err(|e| match e {
+            let stored = webhooks::upsert(conn, instance, &new).map_err(|e| match e {
                 SetError::TooManyEnabled => ApiError::TooManyWebhooks,
                 SetError::Storage(cause) => ApiError::Storage {
                     message: failure,
                     cause,
                 },
-            })?;
-            let enabled =
-                webhooks::enabled_of(conn, instance).map_err(ApiError::storage(failure))?;
-            Ok::<_, ApiError>((row, enabled, killed))
+            });
+            Ok::<_, StorageError>(stored.and_then(|(row, killed)| {
+                let enabled =
+                    webhooks::enabled_of(conn, instance).map_err(ApiError::storage(failure))?;
+                Ok((row, enabled, killed))
+            }))
         })
-        .await?;
+        .await
+        .map_err(ApiError::storage(failure))??;
     state
         .metrics
         .webhook_deliveries
@@ -328,14 +332,16 @@ pub async fn failed(
     let ids: Vec<i64> = chosen.iter().map(|r| r.id).collect();
     let mut letters = state
         .db(move |conn| {
-            let after_seq = match &after {
-                None => 0,
-                Some(a) => match deliveries::seq_of(conn, a)? {
-                    Some(s) => s,
-                    None => return Ok(Vec::new()),
+            let start = match &after {
+                None => PageStart::AfterSeq(0),
+                Some(a) => match (deliveries::seq_of(conn, a)?, delivery_id_time(a)) {
+                    (Some(seq), _) => PageStart::AfterSeq(seq),
+                    // Gone since: resume where it stood, by its time.
+                    (None, Some(at)) => PageStart::Since(at),
+                    (None, None) => return Ok(Vec::new()),
                 },
             };
-            deliveries::dead_letters(conn, &ids, after_seq, limit + 1)
+            deliveries::dead_letters(conn, &ids, start, limit + 1)
         })
         .await
         .map_err(ApiError::storage(GET_FAILED))?;

@@ -797,17 +797,33 @@ pub fn seq_of(conn: &mut DbConn, id: &str) -> Result<Option<i64>, StorageError> 
         .optional())?)
 }
 
-/// Dead letters of these webhooks after `after_seq`, oldest first, at most `limit`.
+/// Where a page of dead letters starts.
+#[derive(Debug, Clone, Copy)]
+pub enum PageStart {
+    /// After the delivery at this acceptance position (0: from the first).
+    AfterSeq(i64),
+    /// With the deliveries accepted at or after this time (Unix ms): where
+    /// a cursor whose delivery is gone (replayed and delivered, or
+    /// deleted) stood.
+    Since(i64),
+}
+
+/// Dead letters of these webhooks from `start`, oldest first, at most `limit`.
 pub fn dead_letters(
     conn: &mut DbConn,
     webhooks: &[i64],
-    after_seq: i64,
+    start: PageStart,
     limit: i64,
 ) -> Result<Vec<DeadLetter>, StorageError> {
+    let (after_seq, since) = match start {
+        PageStart::AfterSeq(seq) => (seq, i64::MIN),
+        PageStart::Since(at) => (0, at),
+    };
     Ok(with_conn!(conn, c => d::table
         .filter(d::webhook_id.eq_any(webhooks))
         .filter(d::dead_at.is_not_null())
         .filter(d::seq.gt(after_seq))
+        .filter(d::created_at.ge(since))
         .order(d::seq)
         .limit(limit)
         .select((
@@ -825,6 +841,9 @@ pub fn dead_letters(
         .load::<DeadLetter>(c))?)
 }
 
+/// Ids of dead letters requeued per statement.
+const REQUEUE_CHUNK: usize = 1_000;
+
 /// Puts dead letters of these webhooks (all, or those of `ids`) back as
 /// pending from the first attempt; returns how many.
 pub fn requeue(
@@ -840,14 +859,22 @@ pub fn requeue(
         d::lease_until.eq(0_i64),
     );
     let n = match ids {
-        Some(ids) => write_tx!(conn, c => diesel::update(
-            d::table
-                .filter(d::webhook_id.eq_any(webhooks))
-                .filter(d::dead_at.is_not_null())
-                .filter(d::id.eq_any(ids)),
-        )
-        .set(changes)
-        .execute(c))?,
+        // In chunks: SQLite takes at most 32,766 bound values in a statement,
+        // and a request may name more ids (unknown ones are ignored).
+        Some(ids) => write_tx!(conn, c => {
+            let mut n = 0;
+            for chunk in ids.chunks(REQUEUE_CHUNK) {
+                n += diesel::update(
+                    d::table
+                        .filter(d::webhook_id.eq_any(webhooks))
+                        .filter(d::dead_at.is_not_null())
+                        .filter(d::id.eq_any(chunk)),
+                )
+                .set(changes)
+                .execute(c)?;
+            }
+            Ok::<usize, diesel::result::Error>(n)
+        })?,
         None => write_tx!(conn, c => diesel::update(
             d::table
                 .filter(d::webhook_id.eq_any(webhooks))

@@ -250,16 +250,15 @@ pub fn parse_fields(
 }
 
 /// The host of a URL already validated by [`validate_url`], as an IP
-/// address when it is a literal.
+/// address when it is a literal — in any spelling the URL standard reads as
+/// one (`127.1`, `2130706433`, `0x7f000001` are 127.0.0.1), as the client
+/// that delivers reads it.
 pub fn ip_literal(url: &str) -> Option<IpAddr> {
-    let (_, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?']).next()?;
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next()?
-    } else {
-        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-    };
-    host.parse().ok()
+    match url::Url::parse(url).ok()?.host()? {
+        url::Host::Ipv4(v4) => Some(IpAddr::V4(v4)),
+        url::Host::Ipv6(v6) => Some(IpAddr::V6(v6)),
+        url::Host::Domain(_) => None,
+    }
 }
 
 /// Checks a webhook URL against the contract's rules; the error says why.
@@ -390,6 +389,9 @@ mod tests {
             "https://[::1]/",
             "https://10.0.0.1:80/",
             "https://[::ffff:169.254.169.254]/",
+            "https://127.1/",
+            "https://0x7f.1/",
+            "https://3232235521/",
             "https://[2001:db8::1/",
         ] {
             assert!(validate_url(bad, &p()).is_err(), "{bad}");

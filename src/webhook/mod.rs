@@ -26,12 +26,28 @@ pub mod worker;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::domain::{EventKind, EventSet, InstanceId};
+
+/// The longest an attempt may last: a longer `webhook.timeout_secs` is
+/// taken as this (a day; past it a deadline would not fit the clock).
+pub const LONGEST_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// How long an attempt may last (`webhook.timeout_secs`, at most
+/// [`LONGEST_TIMEOUT`]).
+pub fn attempt_timeout(s: &crate::settings::WebhookSettings) -> Duration {
+    Duration::from_secs(s.timeout_secs).min(LONGEST_TIMEOUT)
+}
+
+/// [`attempt_timeout`] in milliseconds.
+pub fn attempt_ms(s: &crate::settings::WebhookSettings) -> i64 {
+    i64::try_from(attempt_timeout(s).as_millis()).unwrap_or(i64::MAX)
+}
 
 /// Checks the `[webhook]` settings that parse but cannot work: the key at
 /// fault and why.

@@ -62,6 +62,20 @@ fn delivery_id_at(millis: i64) -> String {
     out.iter().map(|b| char::from(*b)).collect()
 }
 
+/// When a delivery id made by [`new_delivery_id`] was made (Unix
+/// milliseconds); `None` for an id of another form.
+pub fn delivery_id_time(id: &str) -> Option<i64> {
+    let tail = id.strip_prefix("msg_")?.as_bytes();
+    if tail.len() != ID_TIME_CHARS + 16 {
+        return None;
+    }
+    let base = ID_ALPHABET.len() as i64;
+    tail[..ID_TIME_CHARS].iter().try_fold(0i64, |t, c| {
+        let digit = ID_ALPHABET.iter().position(|a| a == c)?;
+        t.checked_mul(base)?.checked_add(digit as i64)
+    })
+}
+
 /// Whether `id` has the form of a delivery id.
 pub fn is_delivery_id(id: &str) -> bool {
     id.strip_prefix("msg_").is_some_and(|t| {
@@ -131,6 +145,12 @@ mod tests {
 
     #[test]
     fn ids_sort_by_creation_time() {
+        assert_eq!(
+            delivery_id_time(&delivery_id_at(1_764_900_000_123)),
+            Some(1_764_900_000_123)
+        );
+        assert_eq!(delivery_id_time("msg_x"), None);
+        assert_eq!(delivery_id_time(&format!("msg_{}", "!".repeat(24))), None);
         let earlier = delivery_id_at(1_764_900_000_000);
         let later = delivery_id_at(1_764_900_000_001);
         assert!(is_delivery_id(&earlier) && is_delivery_id(&later));

@@ -509,7 +509,7 @@ async fn refresh_targets(env: WorkerEnv, lanes: SharedLanes) {
 
 /// How long a claim (or a delivery stored leased) holds a delivery.
 fn lease_ms(settings: &WebhookSettings) -> i64 {
-    i64::try_from(settings.timeout_secs).unwrap_or(3600) * 1000 + LEASE_MARGIN_MS
+    super::attempt_ms(settings) + LEASE_MARGIN_MS
 }
 
 /// Puts deliveries the intake stored leased into their lanes and starts them.
@@ -665,7 +665,7 @@ fn start_attempts(
     done: &mpsc::UnboundedSender<Outcome>,
 ) {
     let max = env.settings.max_in_flight;
-    let attempt_ms = i64::try_from(env.settings.timeout_secs).unwrap_or(3600) * 1000;
+    let attempt_ms = super::attempt_ms(&env.settings);
     let Some(target) = held.targets.get(&w).cloned() else {
         return;
     };
@@ -796,8 +796,9 @@ async fn housekeeping(env: WorkerEnv) {
             return;
         }
         env.client.sweep();
-        let keep_ms = i64::try_from(env.settings.dead_letter_hours).unwrap_or(i64::MAX / 4_000_000)
-            * 3_600_000;
+        let keep_ms = i64::try_from(env.settings.dead_letter_hours)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(3_600_000);
         let done = db(&env.pool, move |conn| {
             let purged = deliveries::purge_dead(conn, now_millis().saturating_sub(keep_ms))?;
             // A publish that raced with a disable may have stored some.
@@ -889,7 +890,9 @@ async fn attempt(env: &WorkerEnv, row: &Claimed, target: &Prepared) -> Outcome {
                         seq: row.seq,
                         webhook_id: row.webhook_id,
                         attempts: attempt_no,
-                        next_at: at + delay_ms as i64,
+                        // Saturating (`as` does too): an interval too long
+                        // for the clock is a retry that never comes due.
+                        next_at: at.saturating_add(delay_ms as i64),
                         status: f.status,
                         error: f.error,
                         at,
@@ -1005,7 +1008,10 @@ async fn send(
             .retry_after
             .as_ref()
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(str::trim)
+            // Whole seconds only: `+8`, `8.0` and dates are other forms.
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok())
             .filter(|s| *s <= MAX_RETRY_AFTER)
     } else {
         None
