@@ -38,14 +38,23 @@ async fn every_event_type_arrives_in_the_exact_envelope() {
     }
 }
 
+/// Also: the public base URL's trailing `/` is dropped (README), and the
+/// default Origin allowlist (`*`) takes a browser's request, which carries one.
 #[actix_rt::test]
 async fn instance_token_client_gets_the_instance_token_in_envelopes() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let s =
-        TestServer::start_with(|st| st.server.public_base_url = "https://gw.example.com".into())
+        TestServer::start_with(|st| st.server.public_base_url = "https://gw.example.com/".into())
             .await;
     let token = s.instance("tok").await;
-    let url = s.ws_url(&format!("/ws/tok?token={token}"));
-    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut request = s
+        .ws_url(&format!("/ws/tok?token={token}"))
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("origin", "https://any.example".parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     let mut ws = common::Ws { inner: ws };
     s.wait_clients("tok", Some(1)).await;
     s.publish("tok", event("call.update", json!({}))).await;

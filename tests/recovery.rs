@@ -362,6 +362,10 @@ async fn recovery_parameters_that_are_not_valid_are_400_before_the_upgrade() {
         "since=0x10&epoch=abc",
         "since=12345678901234567890&epoch=abc",
         "since=1&since=2&epoch=abc",
+        // Given twice, even with the same value.
+        "recover=true&recover=true",
+        "since=1&since=1&epoch=abc",
+        "since=1&epoch=abc&epoch=abc",
     ] {
         // Checked before the settings-enabled check.
         for name in ["bad", "off"] {
