@@ -149,11 +149,16 @@ impl RateLimiter {
 }
 
 /// Which bucket a request falls in, and whether it consumes from it.
-/// `None` for paths outside `/api/*` and `/ws/*`.
+/// `None` for paths outside `/api/*` and `/ws/*`. `path` is the path as the
+/// router matches it (percent-escapes decoded), so `/api/instance/%6Eew`
+/// is instance creation here too.
 fn classify(method: &Method, path: &str, publish_limited: bool) -> Option<(Bucket, bool)> {
+    let publish = path
+        .strip_prefix("/api/events/publish/")
+        .is_some_and(|instance| !instance.is_empty() && !instance.contains('/'));
     if path == "/api/instance/new" && method == Method::POST {
         Some((Bucket::InstanceNew, true))
-    } else if path.starts_with("/api/events/publish/") && method == Method::POST {
+    } else if publish && method == Method::POST {
         if publish_limited {
             Some((Bucket::Publish, true))
         } else {
@@ -192,7 +197,7 @@ pub async fn middleware(
     let limiter = req.app_data::<web::Data<RateLimiter>>().cloned();
     let classified = limiter.as_ref().and_then(|l| {
         let publish_limited = l.limit_of(Bucket::Publish) > 0;
-        classify(req.method(), req.path(), publish_limited).map(|c| (l, c))
+        classify(req.method(), req.match_info().as_str(), publish_limited).map(|c| (l, c))
     });
     let peer_ip = req
         .peer_addr()

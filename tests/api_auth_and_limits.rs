@@ -195,6 +195,16 @@ async fn instance_creation_has_its_own_bucket() {
         .await;
     r.assert_error(429, "Rate limit exceeded. Try again later.");
     assert!(r.header("retry-after").is_some());
+    // The same route spelled with percent-escapes is the same bucket.
+    let r = s
+        .call(
+            "POST",
+            "/api/instance/%6Eew",
+            Some(ACCOUNT),
+            Some(json!({"name":"n9"})),
+        )
+        .await;
+    r.assert_error(429, "Rate limit exceeded. Try again later.");
     // The general bucket was not consumed by creations.
     let r = s
         .call("GET", "/api/instance/list", Some(ACCOUNT), None)
@@ -308,4 +318,81 @@ async fn head_answers_wherever_get_does() {
         .await;
     r.assert_error(405, "Method not allowed");
     assert_eq!(r.header("allow"), Some("GET, HEAD"));
+}
+
+/// Publishing shows the general bucket without consuming it, however its
+/// path is spelled; a path under publish that is no route (404) counts.
+#[actix_rt::test]
+async fn publish_spelled_with_escapes_consumes_nothing_and_non_routes_count() {
+    let s = TestServer::start_with(|st| st.rate_limit.per_minute = 100).await;
+    s.instance("q1").await;
+    let body = json!({"event": "call.update", "data": {}});
+    let r = s
+        .call(
+            "POST",
+            "/api/events/%70ublish/q1",
+            Some(ACCOUNT),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let before = r.header("x-ratelimit-remaining").map(str::to_string);
+    let r = s
+        .call(
+            "POST",
+            "/api/events/publish/q1",
+            Some(ACCOUNT),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(
+        r.header("x-ratelimit-remaining").map(str::to_string),
+        before
+    );
+    let r = s
+        .call(
+            "POST",
+            "/api/events/publish/q1/x",
+            Some(ACCOUNT),
+            Some(body),
+        )
+        .await;
+    r.assert_error(404, "Not found");
+    let after = s
+        .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+        .await;
+    let remaining = |v: Option<String>| v.and_then(|v| v.parse::<u64>().ok()).unwrap();
+    assert_eq!(
+        remaining(after.header("x-ratelimit-remaining").map(str::to_string)),
+        remaining(before) - 2,
+        "the 404 and the list counted"
+    );
+}
+
+/// A `token` header whose value is not visible ASCII is present: it is an
+/// unknown token (401 `Invalid token`), and the sources after it are not
+/// consulted, a valid `Authorization: Bearer` included.
+#[actix_rt::test]
+async fn a_token_header_outside_ascii_is_present_and_invalid() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start().await;
+    let addr = s.addr;
+    let exchange = |extra: String| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut request = b"GET /api/instance/list HTTP/1.1\r\nHost: x\r\nConnection: close\r\ntoken: t\xc3\xb6k\xc3\xa9n\r\n".to_vec();
+        request.extend_from_slice(extra.as_bytes());
+        request.extend_from_slice(b"\r\n");
+        stream.write_all(&request).await.unwrap();
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).await.unwrap();
+        String::from_utf8_lossy(&all).into_owned()
+    };
+    for extra in [
+        String::new(),
+        format!("Authorization: Bearer {ACCOUNT}\r\n"),
+    ] {
+        let reply = exchange(extra).await;
+        assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+        assert!(reply.contains("Invalid token"), "{reply}");
+    }
 }

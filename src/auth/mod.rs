@@ -46,15 +46,15 @@ pub fn is_valid_custom_token(token: &str) -> bool {
 /// `?token=`; the first present and non-empty one wins.
 pub fn request_token(req: &HttpRequest) -> Option<String> {
     let headers = req.headers();
-    if let Some(t) = headers.get("token").and_then(|v| v.to_str().ok()) {
+    // A value with bytes outside visible ASCII is present all the same (and
+    // matches no token): a later source is not consulted.
+    let text = |v: &header::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+    if let Some(t) = headers.get("token").map(text) {
         if !t.trim().is_empty() {
             return Some(t.trim().to_string());
         }
     }
-    if let Some(auth) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(auth) = headers.get(header::AUTHORIZATION).map(text) {
         let auth = auth.trim();
         if let Some((scheme, rest)) = auth.split_once(' ') {
             if scheme.eq_ignore_ascii_case("bearer") && !rest.trim().is_empty() {

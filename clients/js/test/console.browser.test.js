@@ -485,6 +485,13 @@ test('a TokenInstance sees only its instance and cannot publish; a second tab ke
   }
 });
 
+test('a malformed link (#instance=%) still signs in with the saved token', async () => {
+  await page.goto(`${gw.base}/console#instance=%`);
+  await page.locator('#instances button[data-instance="shop-1"]').waitFor();
+  assert.equal(await page.locator('#login').isVisible(), false, 'no sign-in card');
+  assert.equal(await page.evaluate(() => sessionStorage.getItem('eventgate.console.token')), ACCOUNT, 'the token is kept');
+});
+
 test('no failed requests and no script errors on the way', async () => {
   // A 429 or a 404 of an asset (the favicon, a wrong path) would show here.
   // Expected: the wrong token's 401, the webhook list's 404 on a gateway

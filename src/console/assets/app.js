@@ -30,6 +30,7 @@ const state = {
   received: 0,
   counts: Object.fromEntries(EVENT_TYPES.map((t) => [t, 0])),
   pending: [],
+  redraw: false,
   paused: false,
   pausedNew: 0,
   frame: 0,
@@ -141,7 +142,12 @@ async function signIn(token, { remember }) {
   clearInterval(state.listTimer);
   state.listTimer = setInterval(refreshInstances, LIST_EVERY_MS);
   const saved = sessionStorage.getItem(INSTANCE_KEY);
-  const fromHash = decodeURIComponent(location.hash.replace(/^#instance=/, ''));
+  let fromHash = '';
+  try {
+    fromHash = decodeURIComponent(location.hash.replace(/^#instance=/, ''));
+  } catch {
+    // A malformed link (`#instance=%`) names no instance.
+  }
   const wanted = [fromHash, saved].find((n) => n && instances.some((i) => i.name === n));
   if (wanted) selectInstance(wanted);
   else if (instances.length === 1) selectInstance(instances[0].name);
@@ -402,8 +408,14 @@ function onEvent(envelope, meta) {
   if (envelope.offset !== undefined && envelope.epoch) state.position = { epoch: envelope.epoch, offset: envelope.offset };
   if (state.paused) {
     state.pausedNew += 1;
-  } else {
+  } else if (!state.redraw) {
     state.pending.push(entry);
+    // No frame for a while (a hidden tab gets none): rather than a backlog
+    // beyond the kept events, the next frame redraws from those.
+    if (state.pending.length > KEEP) {
+      state.pending = [];
+      state.redraw = true;
+    }
   }
   if (!state.frame) state.frame = requestAnimationFrame(flush);
 }
@@ -417,6 +429,11 @@ function flush() {
     $('paused-note').textContent = `${fmt.format(state.pausedNew)} new while paused`;
     $('paused-note').hidden = false;
     renderMore();
+    return;
+  }
+  if (state.redraw) {
+    rerender();
+    if (state.recovery) renderConn();
     return;
   }
   const fresh = state.pending.filter(matches).slice(-SHOW);
@@ -494,6 +511,7 @@ function rerender() {
   for (let i = shown.length - 1; i >= 0; i -= 1) frag.append(row(shown[i]));
   $('events').replaceChildren(frag);
   state.pending = [];
+  state.redraw = false;
   renderMore();
 }
 
