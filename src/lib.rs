@@ -206,6 +206,15 @@ pub async fn serve(
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
     }
+    {
+        let (reread, asked) = tokio::sync::mpsc::unbounded_channel();
+        registry.webhooks().reread_with(reread);
+        actix_web::rt::spawn(instance::change::reread_webhooks(
+            registry.webhooks().clone(),
+            pool.clone(),
+            asked,
+        ));
+    }
     let intake = webhook::intake::Intake::start(
         pool.clone(),
         i64::try_from(settings.webhook.max_pending).unwrap_or(i64::MAX),

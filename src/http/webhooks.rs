@@ -100,7 +100,8 @@ pub async fn store(
         rotate_secret: input.rotate_secret,
     };
     // Every storage failure, the connection's checkout too, is `failure`.
-    let (row, enabled, killed) = state
+    let hooks = state.registry.webhooks().clone();
+    let (row, enabled, killed, read) = state
         .db(move |conn| {
             let stored = webhooks::upsert(conn, instance, &new).map_err(|e| match e {
                 SetError::TooManyEnabled => ApiError::TooManyWebhooks,
@@ -110,9 +111,10 @@ pub async fn store(
                 },
             });
             Ok::<_, StorageError>(stored.and_then(|(row, killed)| {
+                let read = hooks.ticket();
                 let enabled =
                     webhooks::enabled_of(conn, instance).map_err(ApiError::storage(failure))?;
-                Ok((row, enabled, killed))
+                Ok((row, enabled, killed, read))
             }))
         })
         .await
@@ -122,10 +124,14 @@ pub async fn store(
         .webhook_deliveries
         .with_label_values(&["dead_letter"])
         .inc_by(killed as u64);
-    state.registry.change(Change::Webhooks {
-        instance,
-        enabled: enabled.iter().map(enabled_from).collect(),
-    });
+    let enabled: Vec<_> = enabled.iter().map(enabled_from).collect();
+    state
+        .registry
+        .webhooks()
+        .set(instance, read, enabled.clone());
+    state
+        .registry
+        .tell_others(&Change::Webhooks { instance, enabled });
     if !row.enabled {
         state.registry.webhooks().ring();
     }
@@ -243,20 +249,24 @@ pub async fn delete(
         .to_string();
     let id = instance.id;
     let shown = label.clone();
-    let (deleted, enabled) = state
+    let hooks = state.registry.webhooks().clone();
+    let (deleted, enabled, read) = state
         .db(move |conn| {
             let deleted = is_valid_label(&label) && webhooks::delete(conn, id, &label)?;
+            let read = hooks.ticket();
             let enabled = webhooks::enabled_of(conn, id)?;
-            Ok::<_, storage::StorageError>((deleted, enabled))
+            Ok::<_, storage::StorageError>((deleted, enabled, read))
         })
         .await
         .map_err(ApiError::storage(GET_FAILED))?;
     if !deleted {
         return Err(ApiError::WebhookNotFound);
     }
-    state.registry.change(Change::Webhooks {
+    let enabled: Vec<_> = enabled.iter().map(enabled_from).collect();
+    state.registry.webhooks().set(id, read, enabled.clone());
+    state.registry.tell_others(&Change::Webhooks {
         instance: id,
-        enabled: enabled.iter().map(enabled_from).collect(),
+        enabled,
     });
     log::info!("instance={} webhook {shown} deleted", instance.name);
     Ok(HttpResponse::Ok().json(json!({

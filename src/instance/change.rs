@@ -9,7 +9,8 @@
 //!
 //! Nothing here touches the database except the refresh loop, which reads it
 //! on the blocking pool (the enabled webhooks too, see
-//! [`refresh_from_storage`]).
+//! [`refresh_from_storage`]), and [`reread_webhooks`], which reads the
+//! webhooks of an instance changed on another node.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,11 +63,16 @@ impl Registry {
     pub fn apply(&self, change: Change) {
         let id = change.instance();
         match &change {
+            // Made on another node (this node's own changes are set by the
+            // handler that made them, with the ticket of its read).
             Change::Webhooks { enabled, .. } => {
-                return self.webhooks().set(id, enabled.clone());
+                return self.webhooks().changed_elsewhere(id, enabled.clone());
             }
             Change::WebhooksDue { .. } => return self.webhooks().ring(),
-            Change::Deleted { .. } => self.webhooks().set(id, Vec::new()),
+            Change::Deleted { .. } => {
+                let now = self.webhooks().ticket();
+                self.webhooks().set(id, now, Vec::new());
+            }
             Change::Settings { .. } => {}
         }
         self.access().forget_instance(id);
@@ -83,7 +89,12 @@ impl Registry {
     /// A change made on this node: applied here, then sent to the others.
     pub fn change(&self, change: Change) {
         self.apply(change.clone());
-        self.env().bus.publish_change(&change);
+        self.tell_others(&change);
+    }
+
+    /// Sends a change made and applied on this node to the other nodes.
+    pub fn tell_others(&self, change: &Change) {
+        self.env().bus.publish_change(change);
     }
 }
 
@@ -146,6 +157,43 @@ pub async fn refresh_from_storage(
             Ok(Ok(())) => {}
             Ok(Err(e)) => log::warn!("enabled webhooks not read again: {e}"),
             Err(e) => log::warn!("enabled webhooks not read again: {e}"),
+        }
+    }
+}
+
+/// Reads again the enabled webhooks of instances whose webhooks changed on
+/// another node ([`crate::webhook::Webhooks::changed_elsewhere`]), those
+/// waiting together in one go. Each read carries its ticket, so two notices
+/// arriving in the other order than their changes were made leave the
+/// newer state. A read that fails leaves it to the next refresh.
+pub async fn reread_webhooks(
+    webhooks: Arc<crate::webhook::Webhooks>,
+    pool: DbPool,
+    mut asked: tokio::sync::mpsc::UnboundedReceiver<InstanceId>,
+) {
+    while let Some(first) = asked.recv().await {
+        let mut ids = vec![first];
+        while let Ok(more) = asked.try_recv() {
+            if !ids.contains(&more) {
+                ids.push(more);
+            }
+        }
+        let (pool, webhooks) = (pool.clone(), webhooks.clone());
+        let read = actix_web::web::block(move || {
+            let mut conn = pool.get().map_err(StorageError::from)?;
+            for id in ids {
+                let ticket = webhooks.ticket();
+                let rows = storage::webhooks::enabled_of(&mut conn, id)?;
+                let enabled = rows.iter().map(crate::webhook::worker::enabled_from);
+                webhooks.set(id, ticket, enabled.collect());
+            }
+            Ok::<(), StorageError>(())
+        })
+        .await;
+        match read {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::warn!("webhooks changed on another node not read: {e}"),
+            Err(e) => log::warn!("webhooks changed on another node not read: {e}"),
         }
     }
 }

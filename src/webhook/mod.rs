@@ -107,14 +107,46 @@ impl EnabledWebhook {
     }
 }
 
+/// When a read of the enabled webhooks from storage began, on this node's
+/// one counter: a read that began later sees every change committed before
+/// it began, so of two results the later read's is the newer state,
+/// whichever arrives first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReadTicket(u64);
+
+/// What this node knows, and since which read.
+#[derive(Debug, Default)]
+struct Known {
+    enabled: HashMap<InstanceId, Arc<[EnabledWebhook]>>,
+    /// Per instance, the read its entry came from, when newer than `floor`.
+    read_at: HashMap<InstanceId, ReadTicket>,
+    /// The read every entry is at least as new as (the last full read).
+    floor: Option<ReadTicket>,
+}
+
+impl Known {
+    /// Whether a read taken at `ticket` is not older than what is known of `instance`.
+    fn takes(&self, instance: InstanceId, ticket: ReadTicket) -> bool {
+        self.floor.is_none_or(|f| ticket >= f)
+            && self.read_at.get(&instance).is_none_or(|t| ticket >= *t)
+    }
+}
+
 /// Every instance's enabled webhooks on this node, and the bell that wakes
-/// this node's delivery workers.
+/// this node's delivery workers. Each change is applied with the
+/// [`ReadTicket`] of the storage read it came from, and an older read never
+/// replaces a newer one: two changes of one instance's webhooks, made on
+/// two nodes or two workers, reach this node in either order.
 #[derive(Debug, Default)]
 pub struct Webhooks {
-    enabled: RwLock<HashMap<InstanceId, Arc<[EnabledWebhook]>>>,
+    known: RwLock<Known>,
+    reads: AtomicU64,
     /// Counts the changes of webhooks seen here: what the delivery workers
     /// read of a webhook at one generation is stale at the next.
     generation: AtomicU64,
+    /// Where an instance changed on another node is read again (set at
+    /// start-up; without it the notice's own list is taken).
+    reread: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<InstanceId>>,
     /// Rung when deliveries were stored or requeued.
     pub wake: Notify,
 }
@@ -122,12 +154,12 @@ pub struct Webhooks {
 impl Webhooks {
     /// The instance's enabled webhooks (empty for most instances).
     pub fn enabled(&self, instance: InstanceId) -> Option<Arc<[EnabledWebhook]>> {
-        self.enabled.read().get(&instance).cloned()
+        self.known.read().enabled.get(&instance).cloned()
     }
 
     /// Whether any instance has an enabled webhook (else nothing can be due).
     pub fn any_enabled(&self) -> bool {
-        !self.enabled.read().is_empty()
+        !self.known.read().enabled.is_empty()
     }
 
     /// The count of webhook changes seen on this node.
@@ -135,29 +167,75 @@ impl Webhooks {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Taken just before reading enabled webhooks from storage.
+    pub fn ticket(&self) -> ReadTicket {
+        ReadTicket(self.reads.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+
     /// Replaces what is known of one instance (after any change of one of
-    /// its webhooks, its URL or secret too).
-    pub fn set(&self, instance: InstanceId, hooks: Vec<EnabledWebhook>) {
-        let mut map = self.enabled.write();
+    /// its webhooks, its URL or secret too) with what a read taken at
+    /// `ticket` found, unless a newer read is known.
+    pub fn set(&self, instance: InstanceId, ticket: ReadTicket, hooks: Vec<EnabledWebhook>) {
+        let mut known = self.known.write();
+        if !known.takes(instance, ticket) {
+            return;
+        }
         self.generation.fetch_add(1, Ordering::AcqRel);
+        known.read_at.insert(instance, ticket);
         if hooks.is_empty() {
-            map.remove(&instance);
+            known.enabled.remove(&instance);
         } else {
-            map.insert(instance, hooks.into());
+            known.enabled.insert(instance, hooks.into());
         }
     }
 
-    /// Replaces everything (start-up, and the periodic re-read from storage).
-    pub fn replace_all(&self, all: HashMap<InstanceId, Vec<EnabledWebhook>>) {
-        let fresh = all
+    /// Replaces everything (start-up, and the periodic re-read from
+    /// storage, begun at `ticket`), except instances known from a newer read.
+    pub fn replace_all(&self, ticket: ReadTicket, all: HashMap<InstanceId, Vec<EnabledWebhook>>) {
+        let mut known = self.known.write();
+        if known.floor.is_some_and(|f| ticket < f) {
+            return;
+        }
+        let mut fresh: HashMap<InstanceId, Arc<[EnabledWebhook]>> = all
             .into_iter()
             .filter(|(_, v)| !v.is_empty())
             .map(|(k, v)| (k, Arc::from(v)))
             .collect();
-        let mut map = self.enabled.write();
-        if *map != fresh {
+        let newer: Vec<InstanceId> = known
+            .read_at
+            .iter()
+            .filter(|(_, t)| **t > ticket)
+            .map(|(i, _)| *i)
+            .collect();
+        for instance in newer {
+            match known.enabled.get(&instance) {
+                Some(hooks) => fresh.insert(instance, hooks.clone()),
+                None => fresh.remove(&instance),
+            };
+        }
+        known.read_at.retain(|_, t| *t > ticket);
+        known.floor = Some(ticket);
+        if known.enabled != fresh {
             self.generation.fetch_add(1, Ordering::AcqRel);
-            *map = fresh;
+            known.enabled = fresh;
+        }
+    }
+
+    /// Where instances changed on other nodes are sent to be read again.
+    pub fn reread_with(&self, to: tokio::sync::mpsc::UnboundedSender<InstanceId>) {
+        let _ = self.reread.set(to);
+    }
+
+    /// A change of `instance`'s webhooks made on another node, with the list
+    /// it read there: read again here when this node can (that notice and
+    /// another may arrive in either order), else taken as it is.
+    pub fn changed_elsewhere(&self, instance: InstanceId, hooks: Vec<EnabledWebhook>) {
+        let sent = self
+            .reread
+            .get()
+            .is_some_and(|to| to.send(instance).is_ok());
+        if !sent {
+            self.set(instance, self.ticket(), hooks);
         }
     }
 
@@ -169,7 +247,55 @@ impl Webhooks {
 
 #[cfg(test)]
 mod tests {
+    use super::{EnabledWebhook, InstanceId, Webhooks};
     use crate::settings::Settings;
+    use std::collections::HashMap;
+
+    fn hooks(ids: &[i64]) -> Vec<EnabledWebhook> {
+        ids.iter()
+            .map(|id| EnabledWebhook {
+                id: *id,
+                events: Vec::new(),
+            })
+            .collect()
+    }
+
+    fn ids(w: &Webhooks, instance: InstanceId) -> Vec<i64> {
+        w.enabled(instance)
+            .map(|h| h.iter().map(|e| e.id).collect())
+            .unwrap_or_default()
+    }
+
+    /// Two reads of one instance's webhooks that finish in the other order
+    /// than they began: the later-begun read's state stays.
+    #[test]
+    fn an_older_read_never_replaces_a_newer_one() {
+        let w = Webhooks::default();
+        let i = InstanceId(7);
+        let older = w.ticket();
+        let newer = w.ticket();
+        w.set(i, newer, hooks(&[1, 2]));
+        w.set(i, older, hooks(&[1]));
+        assert_eq!(ids(&w, i), [1, 2]);
+        // A full read begun before that newer one keeps it, and sets the rest.
+        let other = InstanceId(8);
+        let full = {
+            let mut all = HashMap::new();
+            all.insert(i, hooks(&[1]));
+            all.insert(other, hooks(&[3]));
+            all
+        };
+        w.replace_all(older, full);
+        assert_eq!((ids(&w, i), ids(&w, other)), (vec![1, 2], vec![3]));
+        // Once a later full read is in, reads begun before it are ignored.
+        let last = w.ticket();
+        w.replace_all(last, HashMap::new());
+        assert!(!w.any_enabled());
+        w.set(i, newer, hooks(&[9]));
+        assert!(!w.any_enabled(), "a read older than the last full one");
+        w.set(i, w.ticket(), hooks(&[4]));
+        assert_eq!(ids(&w, i), [4]);
+    }
 
     fn load(var: &'static str, value: &'static str) -> Result<Settings, String> {
         Settings::load(None, &move |k| (k == var).then(|| value.to_string()))

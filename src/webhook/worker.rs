@@ -151,13 +151,14 @@ impl Drop for AttemptThreads {
 /// Reads every enabled webhook into the node's map (start-up and the
 /// periodic re-read, `instance::change::refresh_from_storage`; blocking).
 pub fn load_enabled(conn: &mut DbConn, into: &Webhooks) -> Result<(), StorageError> {
+    let read = into.ticket();
     let mut all: HashMap<InstanceId, Vec<EnabledWebhook>> = HashMap::new();
     for row in webhooks::enabled_all(conn)? {
         all.entry(InstanceId(row.instance_id))
             .or_default()
             .push(enabled_from(&row));
     }
-    into.replace_all(all);
+    into.replace_all(read, all);
     Ok(())
 }
 
