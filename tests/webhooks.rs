@@ -1186,6 +1186,45 @@ async fn a_name_resolving_to_loopback_is_refused_at_delivery_unless_allowed() {
     assert_eq!(got[0].path, "/y");
 }
 
+/// Deliveries already queued on the node when the webhook's URL changes
+/// start at the new URL: each attempt uses the configuration as it is when
+/// the attempt starts (§11), not as it was when the delivery was claimed.
+#[actix_rt::test]
+async fn queued_deliveries_start_with_the_configuration_of_their_start() {
+    let s = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.timeout_secs = 60;
+    })
+    .await;
+    let old = Receiver::start();
+    let new = Receiver::start();
+    s.instance("moved").await;
+    set_ok(&s, "moved", json!({"enabled": true, "url": old.url("/")})).await;
+    // A quick first delivery: the lane takes deliveries in depth after it.
+    s.publish("moved", event("call.update", json!({"i": 0})))
+        .await;
+    old.wait_count(1, WAIT).await;
+    old.hold(true);
+    let batch: Vec<Value> = (1..=100)
+        .map(|i| event("call.update", json!({ "i": i })))
+        .collect();
+    assert_eq!(s.publish("moved", json!(batch)).await.status, 202);
+    // Eight in flight, held; the rest wait on this node or in the database.
+    eventually(WAIT, "eight held at the old URL", || async {
+        (old.count() == 9).then_some(())
+    })
+    .await;
+    set_ok(&s, "moved", json!({"enabled": true, "url": new.url("/")})).await;
+    old.hold(false);
+    let got = new.wait_count(92, WAIT).await;
+    assert_eq!(got.len(), 92);
+    assert_eq!(
+        old.count(),
+        9,
+        "nothing started at the old URL after the change"
+    );
+}
+
 #[actix_rt::test]
 async fn a_slow_receiver_does_not_delay_another_label() {
     // Held attempts must not time out (and make room for more) while the

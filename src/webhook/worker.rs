@@ -672,7 +672,12 @@ fn start_attempts(
     };
     // Disabled or deleted since the claim (the change reached this node):
     // what is queued goes back, and the database makes it a dead letter.
+    // Changed since its target was read (a change of any webhook moves the
+    // generation): what is queued goes back too, and the next claim reads
+    // the configuration anew — each attempt uses the configuration as it is
+    // when the attempt starts (§11).
     let gone = (env.stopping)()
+        || target.generation != env.webhooks.generation()
         || !env
             .webhooks
             .enabled(InstanceId(target.target.hook.instance_id))
