@@ -24,7 +24,7 @@ use crate::webhook::config::{
 };
 use crate::webhook::sealing::Sealer;
 use crate::webhook::signature::{delivery_id_time, is_delivery_id, new_secret};
-use crate::webhook::worker::enabled_from;
+use crate::webhook::worker::read_enabled;
 
 /// 500 message of the set endpoint.
 const SET_FAILED: &str = "Failed to get instance";
@@ -101,7 +101,7 @@ pub async fn store(
     };
     // Every storage failure, the connection's checkout too, is `failure`.
     let hooks = state.registry.webhooks().clone();
-    let (row, enabled, killed, read) = state
+    let (row, enabled, killed) = state
         .db(move |conn| {
             let stored = webhooks::upsert(conn, instance, &new).map_err(|e| match e {
                 SetError::TooManyEnabled => ApiError::TooManyWebhooks,
@@ -111,10 +111,9 @@ pub async fn store(
                 },
             });
             Ok::<_, StorageError>(stored.and_then(|(row, killed)| {
-                let read = hooks.ticket();
                 let enabled =
-                    webhooks::enabled_of(conn, instance).map_err(ApiError::storage(failure))?;
-                Ok((row, enabled, killed, read))
+                    read_enabled(conn, &hooks, instance).map_err(ApiError::storage(failure))?;
+                Ok((row, enabled, killed))
             }))
         })
         .await
@@ -124,11 +123,6 @@ pub async fn store(
         .webhook_deliveries
         .with_label_values(&["dead_letter"])
         .inc_by(killed as u64);
-    let enabled: Vec<_> = enabled.iter().map(enabled_from).collect();
-    state
-        .registry
-        .webhooks()
-        .set(instance, read, enabled.clone());
     state
         .registry
         .tell_others(&Change::Webhooks { instance, enabled });
@@ -250,20 +244,17 @@ pub async fn delete(
     let id = instance.id;
     let shown = label.clone();
     let hooks = state.registry.webhooks().clone();
-    let (deleted, enabled, read) = state
+    let (deleted, enabled) = state
         .db(move |conn| {
             let deleted = is_valid_label(&label) && webhooks::delete(conn, id, &label)?;
-            let read = hooks.ticket();
-            let enabled = webhooks::enabled_of(conn, id)?;
-            Ok::<_, storage::StorageError>((deleted, enabled, read))
+            let enabled = read_enabled(conn, &hooks, id)?;
+            Ok::<_, storage::StorageError>((deleted, enabled))
         })
         .await
         .map_err(ApiError::storage(GET_FAILED))?;
     if !deleted {
         return Err(ApiError::WebhookNotFound);
     }
-    let enabled: Vec<_> = enabled.iter().map(enabled_from).collect();
-    state.registry.webhooks().set(id, read, enabled.clone());
     state.registry.tell_others(&Change::Webhooks {
         instance: id,
         enabled,

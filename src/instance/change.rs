@@ -182,10 +182,7 @@ pub async fn reread_webhooks(
         let read = actix_web::web::block(move || {
             let mut conn = pool.get().map_err(StorageError::from)?;
             for id in ids {
-                let ticket = webhooks.ticket();
-                let rows = storage::webhooks::enabled_of(&mut conn, id)?;
-                let enabled = rows.iter().map(crate::webhook::worker::enabled_from);
-                webhooks.set(id, ticket, enabled.collect());
+                crate::webhook::worker::read_enabled(&mut conn, &webhooks, id)?;
             }
             Ok::<(), StorageError>(())
         })

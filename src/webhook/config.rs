@@ -254,7 +254,12 @@ pub fn parse_fields(
 /// one (`127.1`, `2130706433`, `0x7f000001` are 127.0.0.1), as the client
 /// that delivers reads it.
 pub fn ip_literal(url: &str) -> Option<IpAddr> {
-    match url::Url::parse(url).ok()?.host()? {
+    host_ip(&url::Url::parse(url).ok()?)
+}
+
+/// The host of a parsed URL as an IP address, when it is one.
+fn host_ip(url: &url::Url) -> Option<IpAddr> {
+    match url.host()? {
         url::Host::Ipv4(v4) => Some(IpAddr::V4(v4)),
         url::Host::Ipv6(v6) => Some(IpAddr::V6(v6)),
         url::Host::Domain(_) => None,
@@ -324,10 +329,10 @@ pub fn validate_url(url: &str, policy: &AddressPolicy) -> Result<(), String> {
             return Err("has an invalid port".into());
         }
     }
-    if url::Url::parse(url).is_err() {
+    let Ok(parsed) = url::Url::parse(url) else {
         return Err("is not a valid URL".into());
-    }
-    if let Some(ip) = ip_literal(url) {
+    };
+    if let Some(ip) = host_ip(&parsed) {
         if !policy.permits(ip) {
             return Err("names a refused address (loopback, private, link-local, …)".into());
         }

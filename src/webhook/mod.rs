@@ -111,7 +111,7 @@ impl EnabledWebhook {
 /// one counter: a read that began later sees every change committed before
 /// it began, so of two results the later read's is the newer state,
 /// whichever arrives first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ReadTicket(u64);
 
 /// What this node knows, and since which read.
@@ -120,15 +120,15 @@ struct Known {
     enabled: HashMap<InstanceId, Arc<[EnabledWebhook]>>,
     /// Per instance, the read its entry came from, when newer than `floor`.
     read_at: HashMap<InstanceId, ReadTicket>,
-    /// The read every entry is at least as new as (the last full read).
-    floor: Option<ReadTicket>,
+    /// The read every entry is at least as new as (the last full read;
+    /// tickets start at 1).
+    floor: ReadTicket,
 }
 
 impl Known {
     /// Whether a read taken at `ticket` is not older than what is known of `instance`.
     fn takes(&self, instance: InstanceId, ticket: ReadTicket) -> bool {
-        self.floor.is_none_or(|f| ticket >= f)
-            && self.read_at.get(&instance).is_none_or(|t| ticket >= *t)
+        ticket >= self.floor && self.read_at.get(&instance).is_none_or(|t| ticket >= *t)
     }
 }
 
@@ -193,7 +193,7 @@ impl Webhooks {
     /// storage, begun at `ticket`), except instances known from a newer read.
     pub fn replace_all(&self, ticket: ReadTicket, all: HashMap<InstanceId, Vec<EnabledWebhook>>) {
         let mut known = self.known.write();
-        if known.floor.is_some_and(|f| ticket < f) {
+        if ticket < known.floor {
             return;
         }
         let mut fresh: HashMap<InstanceId, Arc<[EnabledWebhook]>> = all
@@ -214,7 +214,7 @@ impl Webhooks {
             };
         }
         known.read_at.retain(|_, t| *t > ticket);
-        known.floor = Some(ticket);
+        known.floor = ticket;
         if known.enabled != fresh {
             self.generation.fetch_add(1, Ordering::AcqRel);
             known.enabled = fresh;

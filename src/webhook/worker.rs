@@ -162,6 +162,23 @@ pub fn load_enabled(conn: &mut DbConn, into: &Webhooks) -> Result<(), StorageErr
     Ok(())
 }
 
+/// Reads one instance's enabled webhooks into the node's map, with the
+/// ticket of this read (after a change of them, made here or on another
+/// node; blocking): the list read, for the other nodes.
+pub fn read_enabled(
+    conn: &mut DbConn,
+    into: &Webhooks,
+    instance: InstanceId,
+) -> Result<Vec<EnabledWebhook>, StorageError> {
+    let read = into.ticket();
+    let enabled: Vec<EnabledWebhook> = webhooks::enabled_of(conn, instance)?
+        .iter()
+        .map(enabled_from)
+        .collect();
+    into.set(instance, read, enabled.clone());
+    Ok(enabled)
+}
+
 /// The in-memory form of an enabled row.
 pub fn enabled_from(row: &webhooks::EnabledRow) -> EnabledWebhook {
     EnabledWebhook {
@@ -676,7 +693,7 @@ fn start_attempts(
     // generation): what is queued goes back too, and the next claim reads
     // the configuration anew — each attempt uses the configuration as it is
     // when the attempt starts (§11).
-    let gone = (env.stopping)()
+    let give_back = (env.stopping)()
         || target.generation != env.webhooks.generation()
         || !env
             .webhooks
@@ -689,7 +706,7 @@ fn start_attempts(
         let Some((row, lease_until)) = lane.queued.pop_front() else {
             break;
         };
-        if gone || lease_until - now_millis() < attempt_ms + RECORD_MARGIN_MS {
+        if give_back || lease_until - now_millis() < attempt_ms + RECORD_MARGIN_MS {
             let _ = done.send(release(&row));
             continue;
         }
