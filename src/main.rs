@@ -151,6 +151,7 @@ fn instance(settings: &Settings, cmd: InstanceCommand) -> Result<(), CommandErro
                 &token,
                 &auth::token_hash(&token),
                 None,
+                None,
             )?;
             println!(
                 "instance {} created in account {account}. Its TokenInstance:",

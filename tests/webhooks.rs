@@ -1529,6 +1529,70 @@ async fn concurrent_publishes_stored_together_keep_the_backlog_bound() {
     assert!(dead.iter().all(|d| d["lastError"] == "backlog full"));
 }
 
+/// Runs `sql` (one statement or a batch) on the test's database.
+fn run_sql(s: &TestServer, sql: &str) {
+    use diesel::connection::SimpleConnection;
+    let pool = eventgate::storage::connect(&s.db.url, 1, Duration::from_secs(5)).unwrap();
+    let mut conn = pool.get().unwrap();
+    match &mut *conn {
+        eventgate::storage::DbConn::Sqlite(c) => c.batch_execute(sql).unwrap(),
+        eventgate::storage::DbConn::Pg(c) => c.batch_execute(sql).unwrap(),
+    }
+}
+
+/// Instance creation with a webhook is one write: when the webhook cannot
+/// be stored, the instance is not stored either, and the same request
+/// succeeds once storage works (§8: "nothing is created").
+#[actix_rt::test]
+async fn an_instance_whose_webhook_cannot_be_stored_is_not_created() {
+    let s = server().await;
+    let (refuse, allow) = if s.db.is_postgres() {
+        ("CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ \
+         LANGUAGE plpgsql; \
+         CREATE TRIGGER refuse BEFORE INSERT ON webhooks FOR EACH ROW EXECUTE FUNCTION refuse();",
+         "DROP TRIGGER refuse ON webhooks")
+    } else {
+        ("CREATE TRIGGER refuse BEFORE INSERT ON webhooks BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+         "DROP TRIGGER refuse")
+    };
+    run_sql(&s, refuse);
+    let body = json!({"name": "whole", "webhookEnabled": true, "webhookURL": "https://a.example/",
+        "websocketEnabled": true});
+    let r = s
+        .call(
+            "POST",
+            "/api/instance/new",
+            Some(ACCOUNT),
+            Some(body.clone()),
+        )
+        .await;
+    r.assert_error(500, "Internal server error");
+    let list = s
+        .call("GET", "/api/instance/list", Some(ACCOUNT), None)
+        .await;
+    assert_eq!(list.body["instances"], json!([]), "{}", list.body);
+    run_sql(&s, allow);
+    let r = s
+        .call("POST", "/api/instance/new", Some(ACCOUNT), Some(body))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["instance"]["webhook"]["url"], "https://a.example/");
+    assert_eq!(r.body["instance"]["websocket"]["enabled"], true);
+    // The new webhook is enabled on this node at once.
+    let p = s
+        .publish("whole", json!(event("call.update", json!({}))))
+        .await;
+    assert_eq!(p.status, 202);
+    let got = s
+        .call("GET", "/api/events/getWebhook/whole", Some(ACCOUNT), None)
+        .await;
+    assert_eq!(
+        got.body["webhooks"][0]["stats"]["pending"], 1,
+        "{}",
+        got.body
+    );
+}
+
 #[actix_rt::test]
 async fn instance_creation_stores_the_default_webhook_and_list_shows_it() {
     let s = server().await;

@@ -11,7 +11,8 @@ use crate::error::ApiError;
 use crate::http::websocket::parse_events;
 use crate::instance::Change;
 use crate::storage::instances::{CreateError, InstanceRecord};
-use crate::storage::{self};
+use crate::storage::{self, StorageError};
+use crate::webhook::worker::read_enabled;
 
 /// The body of `POST /api/instance/new`, validated.
 #[derive(Debug)]
@@ -114,21 +115,45 @@ pub async fn create(
     let webhook = parse_new_webhook(&body, &super::webhooks::address_policy(&state))?;
     let account = access.principal.account();
     let token = new.token.unwrap_or_else(auth::generate_token);
-    let record = state
+    let hook = webhook.map(|input| super::webhooks::new_config(&state, input));
+    let hooks = state.registry.webhooks().clone();
+    // One transaction stores the instance, its WebSocket configuration and
+    // its webhook (all or nothing); then this node's map of enabled
+    // webhooks learns of it, and the other nodes are told.
+    let (record, webhook) = state
         .db(move |conn| {
             let hash = auth::token_hash(&token);
-            storage::instances::create(conn, account, &new.name, &token, &hash, new.config.as_ref())
-                .map_err(|e| match e {
-                    CreateError::NameTaken => ApiError::InstanceExists,
-                    CreateError::TokenTaken => ApiError::TokenInUse,
-                    CreateError::Storage(e) => ApiError::from(e),
-                })
+            let record = storage::instances::create(
+                conn,
+                account,
+                &new.name,
+                &token,
+                &hash,
+                new.config.as_ref(),
+                hook.as_ref(),
+            )
+            .map_err(|e| match e {
+                CreateError::NameTaken => ApiError::InstanceExists,
+                CreateError::TokenTaken => ApiError::TokenInUse,
+                CreateError::Storage(e) => ApiError::from(e),
+            })?;
+            let webhook = match &hook {
+                Some(hook) => {
+                    let row = storage::webhooks::find(conn, record.id, &hook.label)?
+                        .ok_or_else(|| StorageError::Corrupt("stored webhook vanished".into()))?;
+                    Some((row, read_enabled(conn, &hooks, record.id)?))
+                }
+                None => None,
+            };
+            Ok::<_, ApiError>((record, webhook))
         })
         .await?;
     let webhook = match webhook {
-        Some(input) => {
-            let row =
-                super::webhooks::store(&state, record.id, input, "Internal server error").await?;
+        Some((row, enabled)) => {
+            state.registry.tell_others(&Change::Webhooks {
+                instance: record.id,
+                enabled,
+            });
             super::webhooks::webhook_json(&row, &super::webhooks::sealer(&state), None)
         }
         None => Value::Null,

@@ -2,7 +2,8 @@
 //! alias), delete, the dead letters (`/failed`, paged) and their replay
 //! (`/retry`). Each persists first, then tells every node what changed
 //! through `Registry::change`. Instance creation stores its `default`
-//! webhook through [`store`] too.
+//! webhook in its own transaction, with a configuration made by
+//! [`new_config`].
 
 use std::collections::HashMap;
 
@@ -77,17 +78,12 @@ pub fn webhook_json(row: &WebhookRow, sealer: &Sealer, stats: Option<Counts>) ->
     out
 }
 
-/// Stores a validated configuration for the instance and tells every node
-/// which of its webhooks are enabled now.
-pub async fn store(
-    state: &AppState,
-    instance: InstanceId,
-    input: WebhookInput,
-    failure: &'static str,
-) -> Result<WebhookRow, ApiError> {
+/// What storing a validated configuration writes: secrets sealed, and a
+/// new secret for a new label or a rotation.
+pub fn new_config(state: &AppState, input: WebhookInput) -> NewConfig {
     let sealer = sealer(state);
     let c = input.config;
-    let new = NewConfig {
+    NewConfig {
         label: c.label,
         enabled: c.enabled,
         url: c.url,
@@ -98,26 +94,36 @@ pub async fn store(
         ordered: c.ordered,
         new_secret: sealer.seal(&new_secret()),
         rotate_secret: input.rotate_secret,
-    };
-    // Every storage failure, the connection's checkout too, is `failure`.
+    }
+}
+
+/// Stores a validated configuration for the instance and tells every node
+/// which of its webhooks are enabled now.
+async fn store(
+    state: &AppState,
+    instance: InstanceId,
+    input: WebhookInput,
+) -> Result<WebhookRow, ApiError> {
+    let new = new_config(state, input);
+    // Every storage failure, the connection's checkout too, is `SET_FAILED`.
     let hooks = state.registry.webhooks().clone();
     let (row, enabled, killed) = state
         .db(move |conn| {
             let stored = webhooks::upsert(conn, instance, &new).map_err(|e| match e {
                 SetError::TooManyEnabled => ApiError::TooManyWebhooks,
                 SetError::Storage(cause) => ApiError::Storage {
-                    message: failure,
+                    message: SET_FAILED,
                     cause,
                 },
             });
             Ok::<_, StorageError>(stored.and_then(|(row, killed)| {
                 let enabled =
-                    read_enabled(conn, &hooks, instance).map_err(ApiError::storage(failure))?;
+                    read_enabled(conn, &hooks, instance).map_err(ApiError::storage(SET_FAILED))?;
                 Ok((row, enabled, killed))
             }))
         })
         .await
-        .map_err(ApiError::storage(failure))??;
+        .map_err(ApiError::storage(SET_FAILED))??;
     state
         .metrics
         .webhook_deliveries
@@ -158,7 +164,7 @@ pub async fn set(
     let input = parse_fields(&fields, &SET_KEYS, true, &address_policy(&state))
         .map_err(|i| ApiError::invalid_body(i.details()))?
         .ok_or_else(|| ApiError::invalid_body("`enabled` is required"))?;
-    let row = store(&state, instance.id, input, SET_FAILED).await?;
+    let row = store(&state, instance.id, input).await?;
     log::info!(
         "instance={} webhook {} configured (enabled={})",
         instance.name,

@@ -5,7 +5,9 @@
 use diesel::prelude::*;
 
 use super::schema::{accounts, instances, ws_settings};
-use super::webhooks::{hook_locks, id_list, HookId, LOCK_INSTANCE};
+use super::webhooks::{
+    self, hook_locks, id_list, insert_webhook, HookId, NewConfig, LOCK_INSTANCE,
+};
 use super::ws_settings::{decode, encode_events, ConfigRow};
 use super::{is_unique_violation, now_millis, with_conn, write_tx, DbConn, StorageError};
 use crate::domain::{AccountId, InstanceId, InstanceName, VersionedConfig, WsConfig};
@@ -123,7 +125,9 @@ pub fn find_by_token_hash(
     Ok(found.into_iter().next())
 }
 
-/// Creates an instance and, when given, its configuration, in one transaction.
+/// Creates an instance and, when given, its WebSocket configuration and its
+/// first webhook (a new label: no other webhook of it exists yet), in one
+/// transaction: all of it is stored, or nothing.
 pub fn create(
     conn: &mut DbConn,
     account: AccountId,
@@ -131,9 +135,17 @@ pub fn create(
     token: &str,
     token_hash: &str,
     config: Option<&WsConfig>,
+    webhook: Option<&NewConfig>,
 ) -> Result<InstanceRecord, CreateError> {
     let now = now_millis();
     let events = config.map(|c| encode_events(&c.events));
+    let webhook = webhook.map(|new| {
+        (
+            new,
+            webhooks::dialect(conn, webhooks::INSERT),
+            webhooks::encode_events(&new.events),
+        )
+    });
     let outcome: Result<Result<(i64, Option<ConfigRow>), CreateError>, diesel::result::Error> = write_tx!(conn, c => {
         let name_taken: i64 = instances::table
             .filter(instances::account_id.eq(account.0))
@@ -185,6 +197,9 @@ pub fn create(
             ),
             _ => None,
         };
+        if let Some((new, q, events)) = &webhook {
+            insert_webhook!(c, q, id, new, events, now)?;
+        }
         Ok(Ok((id, row)))
     });
     let (id, row) = match outcome {

@@ -306,10 +306,44 @@ pub fn enabled_of(
 }
 
 /// Encodes an event list as stored: a JSON array of wire names.
-fn encode_events(events: &[EventKind]) -> String {
+pub(crate) fn encode_events(events: &[EventKind]) -> String {
     let names: Vec<&str> = events.iter().map(|k| k.as_str()).collect();
     serde_json::Value::from(names).to_string()
 }
+
+/// The insert of a new label's webhook (`$1` instance, `$2`–`$10` the
+/// configuration as [`insert_webhook`] binds it, `$11` now).
+pub(crate) const INSERT: &str = "INSERT INTO webhooks (instance_id, label, enabled, url, \
+     auth_header, by_events, events, media_base64, ordered, secret, previous_secret, rotated_at, \
+     delivered, created_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, NULL, 0, $11, $11)";
+
+/// Inserts a new label's webhook in the caller's transaction: `$c` is the
+/// backend's connection inside `write_tx!`, `$q` the [`INSERT`] text in its
+/// dialect, `$new` a [`NewConfig`] and `$events` its events as stored. A
+/// macro, as `write_tx!` is: its body runs on either backend's connection.
+/// A set request ([`upsert`]) and an instance's creation
+/// (`instances::create`) both store a new webhook through it.
+macro_rules! insert_webhook {
+    ($c:expr, $q:expr, $instance:expr, $new:expr, $events:expr, $now:expr) => {{
+        use diesel::sql_types::{BigInt, Bool, Nullable, Text};
+        let new: &$crate::storage::webhooks::NewConfig = $new;
+        diesel::sql_query($q)
+            .bind::<BigInt, _>($instance)
+            .bind::<Text, _>(&new.label)
+            .bind::<Bool, _>(new.enabled)
+            .bind::<Nullable<Text>, _>(new.url.as_deref())
+            .bind::<Nullable<Text>, _>(new.auth_header.as_deref())
+            .bind::<Bool, _>(new.by_events)
+            .bind::<Text, _>($events)
+            .bind::<Bool, _>(new.media_base64)
+            .bind::<Bool, _>(new.ordered)
+            .bind::<Text, _>(&new.new_secret)
+            .bind::<BigInt, _>($now)
+            .execute($c)
+    }};
+}
+pub(crate) use insert_webhook;
 
 /// Stores a set request: insert or replace the label's configuration (its
 /// secret kept unless rotating), refusing a fourth enabled webhook; a
@@ -333,12 +367,7 @@ pub fn upsert(
         conn,
         "SELECT COUNT(*) AS n FROM webhooks WHERE instance_id = $1 AND enabled AND label <> $2",
     );
-    let q_insert = dialect(
-        conn,
-        "INSERT INTO webhooks (instance_id, label, enabled, url, auth_header, by_events, events, \
-         media_base64, ordered, secret, previous_secret, rotated_at, delivered, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, NULL, 0, $11, $11)",
-    );
+    let q_insert = dialect(conn, INSERT);
     let q_update = dialect(
         conn,
         "UPDATE webhooks SET enabled = $1, url = $2, auth_header = $3, by_events = $4, events = $5, \
@@ -378,19 +407,7 @@ pub fn upsert(
         }
         match &existing {
             None => {
-                diesel::sql_query(&q_insert)
-                    .bind::<BigInt, _>(instance.0)
-                    .bind::<Text, _>(&new.label)
-                    .bind::<Bool, _>(new.enabled)
-                    .bind::<Nullable<Text>, _>(new.url.as_deref())
-                    .bind::<Nullable<Text>, _>(new.auth_header.as_deref())
-                    .bind::<Bool, _>(new.by_events)
-                    .bind::<Text, _>(&events)
-                    .bind::<Bool, _>(new.media_base64)
-                    .bind::<Bool, _>(new.ordered)
-                    .bind::<Text, _>(&new.new_secret)
-                    .bind::<BigInt, _>(now)
-                    .execute(c)?;
+                insert_webhook!(c, &q_insert, instance.0, new, &events, now)?;
             }
             Some(old) => {
                 let (secret, previous, rotated) = if new.rotate_secret {
