@@ -247,6 +247,15 @@ impl Settings {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
+        // A publish's events are numbered within its shared-history message
+        // in the low bits of their offsets.
+        let most_events = 1usize << crate::instance::shared_history::OFFSET_BITS;
+        if self.limits.publish_batch > most_events {
+            return Err(invalid(
+                "limits.publish_batch",
+                format!("must be at most {most_events}"),
+            ));
+        }
         if self.ws.idle_timeout_secs <= self.ws.ping_interval_secs {
             return Err(invalid(
                 "ws.idle_timeout_secs",

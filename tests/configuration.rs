@@ -247,6 +247,19 @@ fn bad_and_unknown_variables_are_named() {
         err.contains("ws.idle_timeout_secs` (from EVENTGATE_WS__IDLE_TIMEOUT_SECS)"),
         "{err}"
     );
+    // More events per publish than a shared-history message can number.
+    let (code, _, err) = run_cli(
+        &["check-config"],
+        &owned(&[("EVENTGATE_LIMITS__PUBLISH_BATCH", "1048577")]),
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("limits.publish_batch"), "{err}");
+    assert!(err.contains("must be at most 1048576"), "{err}");
+    let (code, _, err) = run_cli(
+        &["check-config"],
+        &owned(&[("EVENTGATE_LIMITS__PUBLISH_BATCH", "1048576")]),
+    );
+    assert_eq!(code, 0, "{err}");
 }
 
 /// Polls the process's stderr until it contains `text`.
