@@ -375,6 +375,45 @@ async fn oversize_and_invalid_client_messages() {
     assert_eq!(ws.closed(Duration::from_secs(5)).await, Some(1007));
 }
 
+/// A data frame whose header declares more than 64 KiB is refused at its
+/// header (1009), however little of it follows: the server does not hold
+/// the bytes of a frame it will refuse while waiting for the rest.
+#[actix_rt::test]
+async fn a_frame_declaring_more_than_the_limit_is_closed_at_its_header() {
+    use tokio::io::AsyncWriteExt;
+    let s = TestServer::start().await;
+    s.instance("huge").await;
+    for declared in [65_537u64, 1 << 30, 1 << 40] {
+        let mut raw = common::raw_ws_client(s.addr, &format!("/ws/huge?token={ACCOUNT}")).await;
+        let mut header = vec![0x82, 0x80 | 127];
+        header.extend_from_slice(&declared.to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
+        raw.write_all(&header).await.unwrap();
+        // Some of the payload, never all of it.
+        raw.write_all(&[0u8; 4096]).await.unwrap();
+        let bytes = read_until_gone(&mut raw, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("still open 5 s after a header declaring {declared}"));
+        let closes: Vec<Vec<u8>> = server_frames(&bytes)
+            .into_iter()
+            .filter(|(op, _)| *op == 0x8)
+            .map(|(_, payload)| payload)
+            .collect();
+        assert_eq!(closes.len(), 1, "{declared}: {bytes:?}");
+        assert_eq!(
+            u16::from_be_bytes([closes[0][0], closes[0][1]]),
+            1009,
+            "{declared}"
+        );
+        s.wait_clients("huge", Some(0)).await;
+    }
+    // A frame of exactly 64 KiB is taken (and ignored).
+    let mut ws = s.connect("huge", "").await;
+    ws.send(Message::Binary(vec![0; 64 * 1024])).await;
+    s.publish("huge", event("call.update", json!({}))).await;
+    assert_eq!(ws.envelope().await["event"], "call.update");
+}
+
 #[actix_rt::test]
 async fn client_close_is_answered() {
     let s = TestServer::start().await;

@@ -11,7 +11,7 @@
 //!        │             Session and upgrade::accept() returns the 101 carrying it
 //!        ▼
 //!  101 written, then the TcpStream leaves HTTP ──► socket::serve(io, early bytes, session, …)
-//!        │   Incoming: reads through a stack buffer (close_watch looks at frame bounds)
+//!        │   Incoming: reads through a stack buffer (frame_watch looks at frame headers)
 //!        │   WebsocketContext<Session>: decodes frames, runs the actor, encodes frames
 //!        │   Outgoing: writes encoded frames straight out (writev), stops polling the
 //!        │             session above socket::HIGH_WATER unwritten bytes
@@ -32,8 +32,8 @@
 //! else, and lets the close handshake end with a FIN rather than a reset.
 
 pub mod close;
-pub mod close_watch;
 pub mod direct;
+pub mod frame_watch;
 pub mod rules;
 pub mod session;
 pub mod socket;

@@ -142,6 +142,11 @@ impl Reassembly {
 pub fn refusal(error: &ProtocolError) -> Option<CloseCode> {
     match error {
         ProtocolError::Overflow => Some(CloseCode::TooBig),
+        // A data frame declaring more than the limit (found at its header
+        // by the socket's watch).
+        ProtocolError::Io(e) if e.to_string().contains(super::frame_watch::FRAME_TOO_BIG) => {
+            Some(CloseCode::TooBig)
+        }
         // A text frame that is not UTF-8 (the text is checked after decoding),
         // or a close frame whose reason is not (found by the socket's watch).
         ProtocolError::Io(e) if e.to_string().contains("utf-8") => Some(CloseCode::InvalidUtf8),
@@ -291,7 +296,14 @@ mod tests {
             (
                 ProtocolError::Io(Error::other(format!(
                     "I/O error: {}",
-                    crate::ws::close_watch::INVALID_CLOSE_REASON
+                    crate::ws::frame_watch::FRAME_TOO_BIG
+                ))),
+                Some(CloseCode::TooBig),
+            ),
+            (
+                ProtocolError::Io(Error::other(format!(
+                    "I/O error: {}",
+                    crate::ws::frame_watch::INVALID_CLOSE_REASON
                 ))),
                 Some(CloseCode::InvalidUtf8),
             ),

@@ -31,7 +31,7 @@ use actix_web_actors::ws::WebsocketContext;
 use bytes::{Buf, Bytes};
 use futures_util::{FutureExt, Stream};
 
-use super::close_watch::{CloseWatch, INVALID_CLOSE_REASON};
+use super::frame_watch::{Finding, FrameWatch, FRAME_TOO_BIG, INVALID_CLOSE_REASON};
 use super::session::Session;
 use crate::instance::messages::SessionShared;
 
@@ -67,7 +67,8 @@ pub fn serve(
         io: io.clone(),
         early: (!early.is_empty()).then(|| Box::new(early)),
         eof: false,
-        watch: CloseWatch::default(),
+        max_frame: u32::try_from(max_frame).unwrap_or(u32::MAX),
+        watch: FrameWatch::default(),
     };
     let frames = WebsocketContext::with_codec(session, incoming, Codec::new().max_size(max_frame));
     // A combinator, not an `async` block: the block would keep the writer
@@ -116,22 +117,29 @@ struct Incoming {
     /// is in every connection).
     early: Option<Box<Bytes>>,
     eof: bool,
-    /// Finds a close frame whose reason is not UTF-8 (1007, not 1002).
-    watch: CloseWatch,
+    /// The longest data frame taken (the message limit).
+    max_frame: u32,
+    /// Finds a close frame whose reason is not UTF-8 (1007, not 1002), and
+    /// a data frame longer than `max_frame` at its header (1009).
+    watch: FrameWatch,
 }
 
 impl Incoming {
     /// The chunk as read, or the error that makes the session close with
-    /// 1007 when it completes a close frame with an invalid reason.
+    /// 1007 when it completes a close frame with an invalid reason, or with
+    /// 1009 when it holds the header of a data frame over the limit (nothing
+    /// more is read: its payload is never buffered).
     fn checked(&mut self, chunk: Bytes) -> Result<Bytes, PayloadError> {
-        if self.watch.invalid_close_reason(&chunk) {
-            self.eof = true;
-            return Err(PayloadError::Io(io::Error::new(
-                io::ErrorKind::InvalidData,
-                INVALID_CLOSE_REASON,
-            )));
-        }
-        Ok(chunk)
+        let refused = match self.watch.read(&chunk, self.max_frame) {
+            Finding::Nothing => return Ok(chunk),
+            Finding::InvalidCloseReason => INVALID_CLOSE_REASON,
+            Finding::TooBig => FRAME_TOO_BIG,
+        };
+        self.eof = true;
+        Err(PayloadError::Io(io::Error::new(
+            io::ErrorKind::InvalidData,
+            refused,
+        )))
     }
 }
 

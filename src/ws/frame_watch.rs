@@ -1,7 +1,13 @@
-//! A light watch over the client's raw bytes for one thing the frame decoder
-//! cannot tell apart: a close frame whose reason is not UTF-8. actix-http
-//! refuses it with the same error as an unknown opcode (which earns 1002),
-//! while contract §6 (and RFC 6455 §8.1) close it with 1007.
+//! A light watch over the client's raw bytes, at frame headers, for two
+//! things the frame decoder gets wrong:
+//! - a close frame whose reason is not UTF-8: actix-http refuses it with the
+//!   same error as an unknown opcode (which earns 1002), while contract §6
+//!   (and RFC 6455 §8.1) close it with 1007;
+//! - a data frame whose header declares more than the message limit:
+//!   actix-http compares the length with its limit only once the whole
+//!   frame has arrived, buffering all of it meanwhile (a client declaring
+//!   a gigabyte made the server hold whatever it sent); the watch refuses
+//!   it at its header (1009).
 //!
 //! The watch only follows frame boundaries (headers are at most 14 bytes;
 //! payloads of other frames are skipped without being looked at) and keeps a
@@ -17,13 +23,31 @@ const MAX_HEADER: usize = 14;
 /// The opcode of a close frame.
 const OPCODE_CLOSE: u8 = 0x8;
 
+/// The bit that opcodes of control frames have (RFC 6455 §5.5).
+const OPCODE_CONTROL: u8 = 0x8;
+
 /// The message the socket pump fails the client's stream with when the watch
 /// finds such a frame; [`super::rules::refusal`] turns it into 1007.
 pub const INVALID_CLOSE_REASON: &str = "close frame reason is not valid utf-8";
 
+/// The message the socket pump fails the client's stream with when a data
+/// frame declares more than the limit; [`super::rules::refusal`] turns it
+/// into 1009.
+pub const FRAME_TOO_BIG: &str = "data frame longer than the message limit";
+
+/// What the watch found in the bytes it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finding {
+    Nothing,
+    /// A complete close frame whose reason is not UTF-8.
+    InvalidCloseReason,
+    /// A data frame header declaring more than the limit.
+    TooBig,
+}
+
 /// Follows the frames of one connection's incoming bytes.
 #[derive(Debug, Default)]
-pub struct CloseWatch {
+pub struct FrameWatch {
     header: [u8; MAX_HEADER],
     have: u8,
     /// Payload bytes of a frame that is not a close, still to pass.
@@ -39,10 +63,11 @@ struct ClosePayload {
     data: Vec<u8>,
 }
 
-impl CloseWatch {
-    /// Reads `bytes` (the next bytes of the stream); true when they complete
-    /// a close frame whose reason is not UTF-8.
-    pub fn invalid_close_reason(&mut self, mut bytes: &[u8]) -> bool {
+impl FrameWatch {
+    /// Reads `bytes` (the next bytes of the stream): what they complete, a
+    /// close frame whose reason is not UTF-8 or the header of a data frame
+    /// (text, binary or continuation) longer than `max_payload`.
+    pub fn read(&mut self, mut bytes: &[u8], max_payload: u32) -> Finding {
         while !bytes.is_empty() {
             if self.skip > 0 {
                 let n = usize::try_from(self.skip)
@@ -59,7 +84,7 @@ impl CloseWatch {
                 if close.data.len() == close.len {
                     let done = self.close.take();
                     if done.is_some_and(|c| !c.reason_is_utf8()) {
-                        return true;
+                        return Finding::InvalidCloseReason;
                     }
                 }
                 continue;
@@ -70,6 +95,9 @@ impl CloseWatch {
             bytes = &bytes[1..];
             if let Some((opcode, len, mask)) = self.parse_header() {
                 self.have = 0;
+                if opcode & OPCODE_CONTROL == 0 && len > u64::from(max_payload) {
+                    return Finding::TooBig;
+                }
                 match usize::try_from(len) {
                     Ok(len) if opcode == OPCODE_CLOSE && len <= MAX_CONTROL_PAYLOAD => {
                         if len > 0 {
@@ -84,7 +112,7 @@ impl CloseWatch {
                 }
             }
         }
-        false
+        Finding::Nothing
     }
 
     /// The opcode, payload length and mask key once the header is complete.
@@ -153,9 +181,13 @@ mod tests {
         stream.extend(frame(0xA, b"pong", [0, 1, 0, 1]));
         stream.extend(frame(OPCODE_CLOSE, &[0x03, 0xe8, 0xff, 0xfe], [5, 6, 7, 8]));
         for split in [1, 2, 3, 7, 100, stream.len()] {
-            let mut watch = CloseWatch::default();
-            let found = stream.chunks(split).any(|c| watch.invalid_close_reason(c));
-            assert!(found, "split {split}");
+            let mut watch = FrameWatch::default();
+            let found: Vec<Finding> = stream
+                .chunks(split)
+                .map(|c| watch.read(c, 100_000))
+                .filter(|f| *f != Finding::Nothing)
+                .collect();
+            assert_eq!(found, [Finding::InvalidCloseReason], "split {split}");
         }
     }
 
@@ -167,12 +199,57 @@ mod tests {
             &[0x03, 0xe8, b'o', b'k'],
             "\u{e9}t\u{e9}".as_bytes(),
         ] {
-            let mut watch = CloseWatch::default();
+            let mut watch = FrameWatch::default();
             let close = frame(OPCODE_CLOSE, payload, [1, 2, 3, 4]);
-            assert!(!close.chunks(1).any(|c| watch.invalid_close_reason(c)));
+            assert!(close
+                .chunks(1)
+                .all(|c| watch.read(c, 100) == Finding::Nothing));
         }
         // A text frame of invalid UTF-8 is not this watch's business.
-        let mut watch = CloseWatch::default();
-        assert!(!watch.invalid_close_reason(&frame(0x1, &[0xff, 0xfe, 0xfd], [0; 4])));
+        let mut watch = FrameWatch::default();
+        assert_eq!(
+            watch.read(&frame(0x1, &[0xff, 0xfe, 0xfd], [0; 4]), 100),
+            Finding::Nothing
+        );
+    }
+
+    #[test]
+    fn a_data_frame_over_the_limit_is_found_at_its_header() {
+        // Every length form (7-bit, 16-bit, 64-bit), after a frame that fits.
+        for (limit, over) in [(100u32, 101usize), (1_000, 1_001), (65_536, 70_000)] {
+            for opcode in [0x0, 0x1, 0x2] {
+                let mut stream = frame(0x1, &vec![b'a'; limit as usize], [1, 2, 3, 4]);
+                let at = stream.len();
+                stream.extend(frame(opcode, &vec![b'b'; over], [5, 6, 7, 8]));
+                // Only the header of the long frame: its payload never comes.
+                let header = if over < 126 {
+                    6
+                } else if over <= 0xffff {
+                    8
+                } else {
+                    14
+                };
+                let mut watch = FrameWatch::default();
+                assert_eq!(watch.read(&stream[..at], limit), Finding::Nothing);
+                let found: Vec<Finding> = stream[at..at + header]
+                    .chunks(1)
+                    .map(|c| watch.read(c, limit))
+                    .collect();
+                assert_eq!(found.last(), Some(&Finding::TooBig), "{opcode} {over}");
+                assert!(found[..header - 1].iter().all(|f| *f == Finding::Nothing));
+            }
+        }
+        // A declared gigabyte, and a control frame over the limit (the
+        // decoder's business: 1002).
+        let mut watch = FrameWatch::default();
+        let mut huge = vec![0x82, 0x80 | 127];
+        huge.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        huge.extend_from_slice(&[1, 2, 3, 4]);
+        assert_eq!(watch.read(&huge, 65_536), Finding::TooBig);
+        let mut watch = FrameWatch::default();
+        assert_eq!(
+            watch.read(&frame(0x9, &[0; 125], [0; 4]), 100),
+            Finding::Nothing
+        );
     }
 }
