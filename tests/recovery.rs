@@ -535,6 +535,33 @@ async fn a_client_too_slow_for_its_replay_is_evicted_while_others_are_unaffected
     }
 }
 
+/// Events accepted before any client connected (since the instance was
+/// created, or since a restart) are numbered and kept too: "each event an
+/// instance accepts while its WebSocket is enabled gets an offset".
+#[actix_rt::test]
+async fn events_accepted_before_any_client_connected_are_kept() {
+    let s = server(100, |_| {}).await;
+    s.instance("early").await;
+    publish_range(&s, "early", 1..=3).await;
+    let (mut a, first) = open(&s, "early", "&recover=true").await;
+    assert_eq!(first["recovered"], true);
+    assert_eq!(first["offset"], 3, "{first}");
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    s.publish("early", ev(4)).await;
+    assert_eq!(offset(&a.envelope().await), 4);
+    let (mut b, first) = resume(&s, "early", &epoch, 0, "").await;
+    assert_eq!(first["recovered"], true, "{first}");
+    let got = read_until(&mut b, 4).await;
+    assert_eq!(got.iter().map(n).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(got.iter().map(offset).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    // Without the WebSocket enabled, a publish keeps nothing (and starts nothing).
+    s.instance_with("off", json!({"name": "off"})).await;
+    publish_range(&s, "off", 1..=2).await;
+    s.configure("off", json!({"enabled": true})).await;
+    let (_c, first) = open(&s, "off", "&recover=true").await;
+    assert_eq!(first["offset"], 0, "{first}");
+}
+
 #[actix_rt::test]
 async fn a_restart_of_a_single_node_changes_the_epoch() {
     let db = TestDb::sqlite();

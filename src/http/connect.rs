@@ -112,13 +112,9 @@ pub async fn connect(
         .acquire(instance.id, instance.account)
         .map_err(refused)?;
     let ws = &state.settings.ws;
-    let info = InstanceInfo {
-        id: instance.id,
-        account: instance.account,
-        name: instance.name,
-        token: instance.token.clone(),
-    };
-    let addr = state.registry.get_or_start(info, instance.config.clone());
+    let addr = state
+        .registry
+        .get_or_start(InstanceInfo::from(&instance), instance.config.clone());
     let mut session = Session::new(addr, narrowing, slot);
     if let Some(recovery) = recovery {
         session = session.recovering(recovery);

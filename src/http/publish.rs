@@ -14,7 +14,7 @@ use crate::domain::InstanceId;
 use crate::error::ApiError;
 use crate::events::{parse_publish, Event};
 use crate::instance::shared_history::SharedHistoryError;
-use crate::instance::Change;
+use crate::instance::{Change, InstanceInfo};
 use crate::storage::deliveries::NewDelivery;
 use crate::webhook::signature::new_delivery_id;
 
@@ -144,6 +144,17 @@ pub async fn publish(
         };
         if !through_history {
             state.bus.publish_events(instance.id, &events, history_id);
+            // With a history kept on this node, every event accepted while
+            // the WebSocket is enabled is numbered and kept (§12), whether
+            // or not a client has connected since the start: the actor
+            // that keeps it is started here too.
+            let keeps_history =
+                state.registry.env().history.is_some() && state.bus.shared_history().is_none();
+            if keeps_history && config.is_some() && state.registry.inbox(instance.id).is_none() {
+                state
+                    .registry
+                    .get_or_start(InstanceInfo::from(&instance), instance.config.clone());
+            }
             if let Some(inbox) = state.registry.inbox(instance.id) {
                 if inbox.publish(events).await {
                     state.metrics.publish_waits.inc();

@@ -34,3 +34,14 @@ pub struct InstanceInfo {
     /// The TokenInstance, for envelopes.
     pub token: String,
 }
+
+impl From<&crate::storage::instances::InstanceRecord> for InstanceInfo {
+    fn from(record: &crate::storage::instances::InstanceRecord) -> Self {
+        InstanceInfo {
+            id: record.id,
+            account: record.account,
+            name: record.name.clone(),
+            token: record.token.clone(),
+        }
+    }
+}
