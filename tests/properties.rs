@@ -147,6 +147,21 @@ fn floats_keep_their_exact_value() {
     }
 }
 
+/// Integers within 64 bits arrive digit for digit; numbers outside what a
+/// double holds are read as JavaScript reads them (README).
+#[test]
+fn integers_keep_their_digits_and_others_read_as_doubles() {
+    let body =
+        br#"{"event":"call.update","data":{"max":18446744073709551615,"min":-9223372036854775808,
+        "big":123456789012345678901234567890,"tiny":1e-400}}"#;
+    let events = parse_publish(body, 10).unwrap();
+    let text = envelope(&events[0], &instance_data_json("http://h", "i", "t"), true);
+    assert!(text.contains(r#""max":18446744073709551615"#), "{text}");
+    assert!(text.contains(r#""min":-9223372036854775808"#), "{text}");
+    assert!(text.contains(r#""big":1.2345678901234568e+29"#), "{text}");
+    assert!(text.contains(r#""tiny":0.0"#), "{text}");
+}
+
 #[test]
 fn deep_nesting_and_huge_batches_are_refused_cleanly() {
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
