@@ -348,13 +348,23 @@ pub fn mask_url_password(url: &str) -> String {
     format!("{}://{}@{}", &url[..scheme_end], masked, &rest[at + 1..])
 }
 
-/// Splits a comma-separated list, trimming and dropping empty items.
-pub fn split_list(value: &str) -> Vec<String> {
+/// Splits a comma-separated list, trimming its items; an empty (or blank)
+/// value is the empty list, and an empty item in a list (`5,,5`, `5,`) is
+/// an error, not an item dropped.
+pub fn split_list(value: &str) -> Result<Vec<String>, String> {
+    if value.trim().is_empty() {
+        return Ok(Vec::new());
+    }
     value
         .split(',')
         .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
+        .map(|item| {
+            if item.is_empty() {
+                Err("a comma-separated list with an empty item".to_string())
+            } else {
+                Ok(item.to_string())
+            }
+        })
         .collect()
 }
 

@@ -67,7 +67,8 @@ impl Key {
 }
 
 /// A type a key may have: how it is read from an environment variable.
-/// Values are trimmed; lists are comma-separated, empty items dropped.
+/// Values are trimmed; lists are comma-separated (an empty value is the
+/// empty list; an empty item is an error).
 pub trait FromEnv: Sized {
     /// Parses one environment value.
     fn from_env(raw: &str) -> Result<Self, String>;
@@ -99,7 +100,7 @@ impl FromEnv for PathBuf {
 
 impl<T: FromEnv> FromEnv for Vec<T> {
     fn from_env(raw: &str) -> Result<Self, String> {
-        super::split_list(raw)
+        super::split_list(raw)?
             .iter()
             .map(|item| T::from_env(item))
             .collect()

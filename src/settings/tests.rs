@@ -33,7 +33,7 @@ fn changed(key: &Key, default: &toml::Value) -> (String, toml::Value) {
             ("7, 8".into(), V::Array(vec![V::Integer(7), V::Integer(8)]))
         }
         V::Array(_) => (
-            "https://a.example, ,https://b.example".into(),
+            " https://a.example , https://b.example".into(),
             V::Array(vec![
                 V::String("https://a.example".into()),
                 V::String("https://b.example".into()),

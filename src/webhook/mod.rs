@@ -318,9 +318,17 @@ mod tests {
             Settings::default().webhook.retry_schedule_secs,
             vec![5, 300, 1800, 7200, 18000, 36000, 36000]
         );
-        for bad in ["0", "x", "1,-2"] {
+        for bad in ["0", "x", "1,-2", "5,,5", "5,", ",5"] {
             assert!(load(schedule, bad).is_err(), "{bad}");
         }
+        assert_eq!(
+            load(schedule, " 5, 6 ")
+                .unwrap()
+                .webhook
+                .retry_schedule_secs,
+            vec![5, 6],
+            "items are trimmed"
+        );
         let many: &'static str = Box::leak(vec!["1"; 101].join(",").into_boxed_str());
         assert!(load(schedule, many).is_err());
         assert!(load("EVENTGATE_WEBHOOK_ALLOWED_NETWORKS", "10.0.0.0/8, nope").is_err());
