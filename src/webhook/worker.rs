@@ -16,7 +16,8 @@
 //!
 //! Storage work runs on the blocking pool; this module owns no HTTP route.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,6 +76,10 @@ pub const TARGET_FRESH: Duration = Duration::from_secs(1);
 /// How often the loop looks for due deliveries when nothing woke it
 /// (retries coming due, deliveries stored by another node without a bus).
 const POLL: Duration = Duration::from_millis(500);
+
+/// Retry due times a node keeps to claim them on time (beyond, the poll
+/// finds them).
+const RETRY_TIMES: usize = 4096;
 
 /// How often the pending gauge is refreshed and old dead letters purged.
 const HOUSEKEEPING: Duration = Duration::from_secs(5);
@@ -363,6 +368,38 @@ struct Lanes {
     stored_for_claims: u64,
     /// Stores for a claim begun and not yet ended (committed or failed).
     storing_for_claims: usize,
+    /// The due times (Unix ms) of retries this node recorded, earliest
+    /// first, that no claim has looked for yet (at most [`RETRY_TIMES`]):
+    /// the loop claims at each, not at its next poll, which made retries up
+    /// to [`POLL`] later than their interval.
+    retries_due: BinaryHeap<Reverse<i64>>,
+}
+
+impl Lanes {
+    /// Remembers a retry due at `at`.
+    fn retry_at(&mut self, at: i64) {
+        if self.retries_due.len() < RETRY_TIMES {
+            self.retries_due.push(Reverse(at));
+        }
+    }
+
+    /// Forgets the retries a claim at `now` looks for.
+    fn claimed_retries(&mut self, now: i64) {
+        while self
+            .retries_due
+            .peek()
+            .is_some_and(|Reverse(at)| *at <= now)
+        {
+            self.retries_due.pop();
+        }
+    }
+
+    /// How long the loop may wait before the next retry comes due.
+    fn until_next_retry(&self, now: i64) -> Duration {
+        self.retries_due.peek().map_or(POLL, |Reverse(at)| {
+            Duration::from_millis(u64::try_from(at - now).unwrap_or(0)).min(POLL)
+        })
+    }
 }
 
 type SharedLanes = Arc<Mutex<Lanes>>;
@@ -402,6 +439,7 @@ impl Direct {
             targets,
             stored_for_claims,
             storing_for_claims,
+            ..
         } = &mut *held;
         let fresh = targets.get(&webhook).is_some_and(|t| t.fresh(generation));
         let lane = lanes.entry(webhook).or_default();
@@ -612,6 +650,8 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
         let now = now_millis();
         let lease_until = now + lease_ms;
         let (asked, excluded) = (room.clone(), exclude.clone());
+        // This claim looks for every retry due by now.
+        lanes.lock().claimed_retries(now);
         let claimed = db(&env.pool, move |conn| {
             deliveries::claim(conn, now, lease_until, CLAIM_BATCH, &exclude, &room)
         })
@@ -664,9 +704,10 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
         if full_round {
             continue;
         }
+        let wait = lanes.lock().until_next_retry(now_millis());
         tokio::select! {
             _ = env.webhooks.wake.notified() => {}
-            _ = tokio::time::sleep(POLL) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -784,15 +825,21 @@ async fn record_outcomes(
         }
         let mut held = lanes.lock();
         // Room freed in a lane that is not caught up may let a claim take
-        // what waits in the database; a caught-up lane has nothing there.
+        // what waits in the database; a caught-up lane has nothing there,
+        // unless its webhook is ordered.
         let mut wake = false;
         for o in shared.iter() {
             let w = o.webhook_id();
+            if let Outcome::Retry { next_at, .. } = o {
+                held.retry_at(*next_at);
+            }
+            // An ordered webhook's next delivery is due only now.
+            let ordered = held.targets.get(&w).is_some_and(|t| t.target.hook.ordered);
             let Some(lane) = held.lanes.get_mut(&w) else {
                 wake = true;
                 continue;
             };
-            wake |= !lane.caught_up || !matches!(o, Outcome::Delivered { .. });
+            wake |= ordered || !lane.caught_up || !matches!(o, Outcome::Delivered { .. });
             lane.held = lane.held.saturating_sub(1);
             // A fast or caught-up lane is remembered (its next claim runs
             // ahead; new deliveries skip the claim), with its target.
