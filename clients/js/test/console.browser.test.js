@@ -254,6 +254,34 @@ test('pause keeps counting ("N new while paused"), resume shows them; search nar
   assert.match(await page.locator('#events li').first().textContent(), /needle-label/);
   await page.locator('#search').fill('');
   await until((n) => document.querySelectorAll('#events li').length === n + 3, rows, 'all rows again');
+
+  // A search while paused looks only at what came before the pause.
+  await page.getByRole('button', { name: 'Pause' }).click();
+  await gw.publish('shop-1', [{ event: 'label.update', data: { name: 'haystack-late' } }]);
+  await until(() => document.querySelector('#paused-note')?.textContent === '1 new while paused', null, 'paused count');
+  await page.locator('#search').fill('haystack');
+  await until(() => document.querySelector('#events-empty') && document.querySelectorAll('#events li').length === 0, null, 'no match before the pause');
+  assert.equal(await page.locator('#paused-note').textContent(), '1 new while paused');
+  await page.getByRole('button', { name: 'Resume' }).click();
+  await until(() => document.querySelectorAll('#events li').length === 1, null, 'the late match after resuming');
+  assert.match(await page.locator('#events li').first().textContent(), /haystack-late/);
+  await page.locator('#search').fill('');
+  await until((n) => document.querySelectorAll('#events li').length === n + 4, rows, 'all rows again');
+});
+
+test('keyboard focus stays on an instance across the list\'s refresh', async () => {
+  const button = page.locator('#instances button[data-instance="shop-1"]');
+  await button.focus();
+  await button.evaluate((b) => {
+    b.dataset.old = 'yes';
+  });
+  // The refresh rebuilds the list (the button clicked by script: focus stays put).
+  await page.evaluate(() => document.querySelector('#refresh').click());
+  await until(() => {
+    const b = document.querySelector('#instances button[data-instance="shop-1"]');
+    return b && !b.dataset.old;
+  }, null, 'a new list');
+  assert.equal(await page.evaluate(() => document.activeElement?.dataset?.instance), 'shop-1');
 });
 
 test('test-publish form and WebSocket settings editor', async () => {
@@ -485,7 +513,46 @@ test('a TokenInstance sees only its instance and cannot publish; a second tab ke
   }
 });
 
+test('a link to an instance the token does not have says so, and the list stays', async () => {
+  // Opened afresh (a new page load), then followed while the console is open.
+  await page.goto('about:blank');
+  await page.goto(`${gw.base}/console#instance=no-such-instance`);
+  await page.locator('#instances button[data-instance="shop-1"]').waitFor();
+  await page.locator('#link-error').waitFor({ state: 'visible' });
+  assert.match(await page.locator('#link-error').textContent(), /does not have: “no-such-instance”/);
+  assert.notEqual(await page.evaluate(() => location.hash), '#instance=no-such-instance', 'the bad link is not kept');
+  await page.locator('#instances button[data-instance="shop-1"]').click();
+  await until(() => document.querySelector('#conn')?.textContent.startsWith('shop-1: live'), null, 'shop-1');
+  assert.ok(await page.locator('#link-error').isHidden(), 'the note goes with the next choice');
+  await page.evaluate(() => {
+    location.hash = '#instance=another-missing';
+  });
+  await page.locator('#link-error').waitFor({ state: 'visible' });
+  assert.match(await page.locator('#link-error').textContent(), /“another-missing”/);
+  assert.equal(await page.evaluate(() => location.hash), '#instance=shop-1', 'the open instance stays in the link');
+  assert.match(await phrase(), /^shop-1: live/, 'the open instance stays open');
+});
+
+test('a long instance name at phone width: the connection phrase wraps, nothing is wider than the screen', async () => {
+  const name = `long-${'n'.repeat(59)}`;
+  assert.equal((await gw.call('POST', '/api/instance/new', { name, websocketEnabled: true })).status, 201);
+  await page.evaluate(() => document.querySelector('#refresh').click());
+  await page.locator(`#instances button[data-instance="${name}"]`).click();
+  await until((n) => document.querySelector('#conn')?.textContent === `${n}: live`, name, 'live');
+  await page.setViewportSize({ width: 390, height: 844 });
+  const box = await page.evaluate(() => ({
+    doc: document.documentElement.scrollWidth,
+    conn: document.querySelector('#conn').getBoundingClientRect().right,
+  }));
+  await page.screenshot({ path: join(OUT, 'console-390x844-long-name.png') });
+  await page.setViewportSize({ width: 1280, height: 800 });
+  assert.ok(box.doc <= 390 && box.conn <= 390, `inside the screen: ${JSON.stringify(box)}`);
+  await page.locator('#instances button[data-instance="shop-1"]').click();
+  await until(() => document.querySelector('#conn')?.textContent.startsWith('shop-1: live'), null, 'back on shop-1');
+});
+
 test('a malformed link (#instance=%) still signs in with the saved token', async () => {
+  await page.goto('about:blank');
   await page.goto(`${gw.base}/console#instance=%`);
   await page.locator('#instances button[data-instance="shop-1"]').waitFor();
   assert.equal(await page.locator('#login').isVisible(), false, 'no sign-in card');

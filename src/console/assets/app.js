@@ -33,6 +33,8 @@ const state = {
   redraw: false,
   paused: false,
   pausedNew: 0,
+  /** The last entry received before the pause (`seq`). */
+  pausedAt: 0,
   frame: 0,
   search: '',
   replayed: 0,
@@ -142,16 +144,40 @@ async function signIn(token, { remember }) {
   clearInterval(state.listTimer);
   state.listTimer = setInterval(refreshInstances, LIST_EVERY_MS);
   const saved = sessionStorage.getItem(INSTANCE_KEY);
-  let fromHash = '';
-  try {
-    fromHash = decodeURIComponent(location.hash.replace(/^#instance=/, ''));
-  } catch {
-    // A malformed link (`#instance=%`) names no instance.
-  }
+  const fromHash = linkedInstance();
   const wanted = [fromHash, saved].find((n) => n && instances.some((i) => i.name === n));
   if (wanted) selectInstance(wanted);
   else if (instances.length === 1) selectInstance(instances[0].name);
 }
+
+/**
+ * The instance a link names (`#instance=<name>`), or '' when it names none
+ * or one this token does not have (said under the list; the link is dropped).
+ */
+function linkedInstance() {
+  let name = '';
+  try {
+    name = decodeURIComponent(location.hash.replace(/^#instance=/, ''));
+  } catch {
+    // A malformed link (`#instance=%`) names no instance.
+  }
+  if (name && !state.instances.some((i) => i.name === name)) {
+    show($('link-error'), `The link names an instance this token does not have: “${name}”.`);
+    history.replaceState(null, '', state.current ? `#instance=${encodeURIComponent(state.current)}` : location.pathname);
+    return '';
+  }
+  return name;
+}
+
+// A link followed while the console is open.
+window.addEventListener('hashchange', () => {
+  if (!state.api) return;
+  const name = linkedInstance();
+  if (name) {
+    show($('link-error'), '');
+    selectInstance(name);
+  }
+});
 
 function signOut() {
   stopLive();
@@ -221,14 +247,21 @@ function renderInstances() {
           type: 'button',
           'data-instance': inst.name,
           'aria-current': inst.name === state.current ? 'true' : 'false',
-          onclick: () => selectInstance(inst.name),
+          onclick: () => {
+            show($('link-error'), '');
+            selectInstance(inst.name);
+          },
         },
         el('span', { class: 'name', text: inst.name }),
         off ? el('span', { class: 'off', text: 'WebSocket off' }) : el('span', { class: 'clients', text: clients }),
       ),
     );
   });
+  // The list is rebuilt every few seconds: keyboard focus stays on the
+  // instance it was on.
+  const focused = list.contains(document.activeElement) ? document.activeElement.dataset.instance : undefined;
   list.replaceChildren(...items);
+  if (focused !== undefined) list.querySelector(`button[data-instance="${CSS.escape(focused)}"]`)?.focus();
   if (state.instances.length === 0 && state.isAccount) $('create-form').open = true;
   $('instances-hint').textContent =
     state.instances.length === 0
@@ -458,6 +491,11 @@ function matches(entry) {
   return !state.search || envelopeText(entry).includes(state.search);
 }
 
+/** Whether the list may show the entry: while paused, only what came before the pause. */
+function shown(entry) {
+  return !state.paused || entry.seq <= state.pausedAt;
+}
+
 function summary(envelope) {
   const d = envelope.data ?? {};
   const pick =
@@ -506,9 +544,9 @@ function row(entry) {
 }
 
 function rerender() {
-  const shown = state.buffer.filter(matches).slice(-SHOW);
+  const rows = state.buffer.filter((e) => shown(e) && matches(e)).slice(-SHOW);
   const frag = document.createDocumentFragment();
-  for (let i = shown.length - 1; i >= 0; i -= 1) frag.append(row(shown[i]));
+  for (let i = rows.length - 1; i >= 0; i -= 1) frag.append(row(rows[i]));
   $('events').replaceChildren(frag);
   state.pending = [];
   state.redraw = false;
@@ -523,9 +561,11 @@ function renderCounts() {
 }
 
 function renderMore() {
-  const shown = $('events').childElementCount;
-  const matching = state.search ? state.buffer.filter(matches).length : state.received - state.pausedNew;
-  const hidden = Math.max(0, matching - shown);
+  const listed = $('events').childElementCount;
+  const matching = state.search
+    ? state.buffer.filter((e) => shown(e) && matches(e)).length
+    : state.received - state.pausedNew;
+  const hidden = Math.max(0, matching - listed);
   const more = $('events-more');
   if (hidden > 0) {
     more.textContent = state.search
@@ -551,6 +591,7 @@ function setPaused(paused) {
     }
   } else {
     state.pausedNew = 0;
+    state.pausedAt = state.seq;
     $('paused-note').textContent = '0 new while paused';
     $('paused-note').hidden = false;
   }
