@@ -143,7 +143,7 @@ pub fn create(
         (
             new,
             webhooks::dialect(conn, webhooks::INSERT),
-            webhooks::encode_events(&new.events),
+            encode_events(&new.events),
         )
     });
     let outcome: Result<Result<(i64, Option<ConfigRow>), CreateError>, diesel::result::Error> = write_tx!(conn, c => {

@@ -10,6 +10,7 @@
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Nullable, Text};
 
+use super::ws_settings::encode_events;
 use super::{now_millis, with_conn, write_tx, DbConn, StorageError};
 use crate::domain::{EventKind, InstanceId};
 
@@ -303,12 +304,6 @@ pub fn enabled_of(
         "SELECT id, instance_id, events FROM webhooks WHERE enabled AND instance_id = $1 ORDER BY id",
     );
     Ok(with_conn!(conn, c => diesel::sql_query(&text).bind::<BigInt, _>(instance.0).load(c))?)
-}
-
-/// Encodes an event list as stored: a JSON array of wire names.
-pub(crate) fn encode_events(events: &[EventKind]) -> String {
-    let names: Vec<&str> = events.iter().map(|k| k.as_str()).collect();
-    serde_json::Value::from(names).to_string()
 }
 
 /// The insert of a new label's webhook (`$1` instance, `$2`–`$10` the

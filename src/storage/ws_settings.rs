@@ -11,7 +11,8 @@ use crate::domain::{EventKind, InstanceId, VersionedConfig, WsConfig};
 /// The stored columns of one configuration.
 pub(super) type ConfigRow = (bool, String, bool, i64);
 
-/// Encodes the event list as stored: a JSON array of wire names.
+/// Encodes an event list as stored (a WebSocket configuration's or a
+/// webhook's): a JSON array of wire names.
 pub(super) fn encode_events(events: &[EventKind]) -> String {
     let names: Vec<&str> = events.iter().map(|k| k.as_str()).collect();
     serde_json::Value::from(names).to_string()
