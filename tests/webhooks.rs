@@ -1946,6 +1946,25 @@ async fn storage_failures_answer_the_contract_500s_and_publish_is_not_acknowledg
     s.publish("gone", event("call.update", json!({})))
         .await
         .assert_error(500, "Internal server error");
+    // A request without a token is 401 first (§2's order), storage or not.
+    for (method, path) in [
+        ("GET", "/api/instance/list"),
+        ("POST", "/api/instance/new"),
+        ("DELETE", "/api/instance/delete/gone"),
+        ("GET", "/api/events/getWebsocket/gone"),
+        ("POST", "/api/events/websocket/gone"),
+        ("GET", "/api/events/getWebhook/gone"),
+        ("POST", "/api/events/webhook/gone"),
+        ("GET", "/api/events/webhook/gone/failed"),
+        ("POST", "/api/events/publish/gone"),
+    ] {
+        s.call(method, path, None, Some(json!({})))
+            .await
+            .assert_error(
+                401,
+                "Missing token in header, Authorization header, or query parameter",
+            );
+    }
 }
 
 #[actix_rt::test]

@@ -156,14 +156,16 @@ impl From<AuthError> for ApiError {
     }
 }
 
+/// The token a request must carry: a missing one is 401 before anything
+/// touches storage (contract §2's order holds while storage is down).
+pub fn required(token: Option<String>) -> Result<String, ApiError> {
+    token.ok_or(ApiError::MissingToken)
+}
+
 /// Runs the token → instance checks of contract §2 in order: 401, then 403/404.
-/// Blocking: call inside `web::block`.
-pub fn authorize(
-    conn: &mut DbConn,
-    token: Option<&str>,
-    scope: Scope<'_>,
-) -> Result<Access, AuthError> {
-    let token = token.ok_or(ApiError::MissingToken)?;
+/// The token's presence is checked before ([`required`]). Blocking: call
+/// inside `web::block`.
+pub fn authorize(conn: &mut DbConn, token: &str, scope: Scope<'_>) -> Result<Access, AuthError> {
     let principal = resolve(conn, token)?.ok_or(ApiError::InvalidToken)?;
     match scope {
         Scope::AnyToken => Ok(Access {

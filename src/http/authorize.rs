@@ -21,13 +21,13 @@ impl AppState {
         name: String,
         account_only: bool,
     ) -> Result<Access, ApiError> {
-        let token = token.ok_or(ApiError::MissingToken)?;
+        let token = auth::required(token)?;
         let key = CacheKey::new(&token, &name, account_only);
         let access = self.registry.access();
         if let Some(hit) = access.fresh(&key) {
             return Ok(hit);
         }
-        match self.authorize_stored(Some(token), name, account_only).await {
+        match self.authorize_stored(token, name, account_only).await {
             Ok(found) => {
                 access.insert(key, found.clone());
                 Ok(found)
@@ -52,8 +52,9 @@ impl AppState {
         account_only: bool,
         failure: Option<&'static str>,
     ) -> Result<InstanceRecord, ApiError> {
+        let token = auth::required(auth::request_token(req))?;
         let found = self
-            .authorize_stored(auth::request_token(req), instance_param(req), account_only)
+            .authorize_stored(token, instance_param(req), account_only)
             .await;
         match found {
             Ok(access) => access.instance.ok_or(ApiError::InstanceNotFound),
@@ -68,14 +69,14 @@ impl AppState {
     /// The checks of contract §2 for an instance-scoped request, from storage.
     async fn authorize_stored(
         &self,
-        token: Option<String>,
+        token: String,
         name: String,
         account_only: bool,
     ) -> Result<Access, AuthError> {
         self.db(move |conn| {
             auth::authorize(
                 conn,
-                token.as_deref(),
+                &token,
                 Scope::Instance {
                     name: &name,
                     account_only,

@@ -101,9 +101,9 @@ pub async fn create(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let token = auth::request_token(&req);
+    let token = auth::required(auth::request_token(&req))?;
     let access = state
-        .db(move |conn| auth::authorize(conn, token.as_deref(), Scope::AccountOnly))
+        .db(move |conn| auth::authorize(conn, &token, Scope::AccountOnly))
         .await?;
     let body = read_body(&req, payload, state.settings.limits.body_bytes).await?;
     if !is_json(&req) {
@@ -173,10 +173,10 @@ pub async fn create(
 
 /// `GET /api/instance/list`: the account's instances, or the caller's own one.
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let token = auth::request_token(&req);
+    let token = auth::required(auth::request_token(&req))?;
     let (principal, records) = state
         .db(move |conn| {
-            let access = auth::authorize(conn, token.as_deref(), Scope::AnyToken)?;
+            let access = auth::authorize(conn, &token, Scope::AnyToken)?;
             let records = match &access.principal {
                 Principal::Account(account) => storage::instances::list(conn, *account)?,
                 Principal::Instance(own) => vec![own.clone()],
@@ -222,13 +222,13 @@ pub async fn delete(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let token = auth::request_token(&req);
+    let token = auth::required(auth::request_token(&req))?;
     let name = instance_param(&req);
     let deleted = state
         .db(move |conn| {
             let access = auth::authorize(
                 conn,
-                token.as_deref(),
+                &token,
                 Scope::Instance {
                     name: &name,
                     account_only: true,
