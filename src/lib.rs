@@ -101,6 +101,11 @@ pub enum StartError {
     Webhook(#[from] webhook::client::ClientError),
     #[error("EVENTGATE_ENCRYPTION_KEY {0}")]
     EncryptionKey(#[from] webhook::sealing::BadKey),
+    #[error(
+        "EVENTGATE_ACCOUNT_TOKEN is the TokenInstance of instance `{0}`: a token names one \
+         account or one instance (choose another account token)"
+    )]
+    AccountTokenOfAnInstance(String),
 }
 
 /// Opens the database pool (failing fast with the real error), applies
@@ -127,6 +132,11 @@ pub fn open_connection(settings: &Settings) -> Result<storage::DbConn, StartErro
 fn ensure_account(settings: &Settings, conn: &mut storage::DbConn) -> Result<(), StartError> {
     if !settings.auth.account_token.is_empty() {
         let hash = auth::token_hash(&settings.auth.account_token);
+        // An account made with an instance's token would take that token
+        // from its instance (an account is looked up first).
+        if let Some(instance) = storage::instances::find_by_token_hash(conn, &hash)? {
+            return Err(StartError::AccountTokenOfAnInstance(instance.name));
+        }
         storage::accounts::ensure(conn, "default", &hash)?;
     }
     Ok(())

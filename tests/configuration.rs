@@ -326,3 +326,48 @@ async fn sighup_rereads_the_file_and_the_environment_still_wins() {
     assert!(p.stderr().contains("publish_per_minute"), "{}", p.stderr());
     assert_eq!(status("https://env.example").await, "accepted");
 }
+
+/// An account token that is an instance's TokenInstance would take that
+/// token from the instance: the gateway refuses to start with it, saying why.
+#[test]
+fn an_account_token_that_is_an_instance_token_is_refused_at_start() {
+    let db = TestDb::sqlite();
+    let instance_token = "0123456789abcdef0123456789abcdef-instance";
+    let base = [
+        ("EVENTGATE_DATABASE_URL", db.url.as_str()),
+        ("EVENTGATE_ACCOUNT_TOKEN", ACCOUNT),
+    ];
+    let (code, out, err) = run_cli(
+        &["instance", "create", "--account", "1", "held"],
+        &owned(&base),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // Give the instance a known token, as a custom token at creation would.
+    {
+        use diesel::connection::SimpleConnection;
+        let mut conn = eventgate::storage::pool::open_one(&db.url).unwrap();
+        let eventgate::storage::DbConn::Sqlite(c) = &mut conn else {
+            panic!("a SQLite test database");
+        };
+        let hash = eventgate::auth::token_hash(instance_token);
+        c.batch_execute(&format!(
+            "UPDATE instances SET token = '{instance_token}', token_hash = '{hash}' WHERE name = 'held'"
+        ))
+        .unwrap();
+    }
+    let env = owned(&[
+        ("EVENTGATE_DATABASE_URL", db.url.as_str()),
+        ("EVENTGATE_ACCOUNT_TOKEN", instance_token),
+    ]);
+    for args in [&["migrate"][..], &["account", "list"][..]] {
+        let (code, _, err) = run_cli(args, &env);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(
+            err.contains("EVENTGATE_ACCOUNT_TOKEN is the TokenInstance of instance `held`"),
+            "{err}"
+        );
+    }
+    let (code, out, _) = run_cli(&["account", "list"], &owned(&base));
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1, "no second account was made: {out}");
+}
