@@ -24,8 +24,35 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 const CLOSE_FLUSH: Duration = Duration::from_millis(500);
 
 fn notify(states: &[NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
+    if let Err(e) = send_notify(states) {
         log::debug!("sd_notify failed: {e}");
+    }
+}
+
+/// Sends `states` to `$NOTIFY_SOCKET`, a path or, when it begins with `@`,
+/// a name in Linux's abstract socket namespace (as `sd_notify(3)` reads it;
+/// the `sd-notify` crate takes every value for a path).
+fn send_notify(states: &[NotifyState<'_>]) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let message: String = states.iter().map(|s| format!("{s}\n")).collect();
+    let socket = UnixDatagram::unbound()?;
+    let bytes = target.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(&target)?,
+    };
+    let sent = socket.send_to_addr(message.as_bytes(), &addr)?;
+    if sent == message.len() {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            "incomplete notification",
+        ))
     }
 }
 

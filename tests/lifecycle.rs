@@ -64,6 +64,27 @@ async fn notify_socket_sees_ready_watchdog_and_stopping() {
     assert!(status.success(), "{status}");
 }
 
+/// `NOTIFY_SOCKET` may name a socket in Linux's abstract namespace (`@…`,
+/// sd_notify(3)): readiness and stopping reach it too.
+#[actix_rt::test]
+async fn an_abstract_notify_socket_sees_ready_and_stopping() {
+    use std::os::linux::net::SocketAddrExt;
+    let db = TestDb::fresh();
+    let name = format!(
+        "eventgate-test-notify-{}-{}",
+        std::process::id(),
+        common::free_port()
+    );
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let sock = UnixDatagram::bind_addr(&addr).unwrap();
+    let mut p = Process::start(&db, &["serve"], &[("NOTIFY_SOCKET", format!("@{name}"))]);
+    read_notifications(&sock, "READY=1", Duration::from_secs(10));
+    p.signal("TERM");
+    read_notifications(&sock, "STOPPING=1", Duration::from_secs(5));
+    let status = p.wait_exit(Duration::from_secs(10)).expect("exited");
+    assert!(status.success(), "{status}");
+}
+
 #[actix_rt::test]
 async fn sigterm_closes_clients_with_1001_refuses_upgrades_and_exits_zero() {
     let db = TestDb::fresh();
