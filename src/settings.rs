@@ -218,6 +218,9 @@ impl Settings {
                 format!("`{}` is not an address:port", self.server.bind),
             ));
         }
+        if let Some(message) = database_url_problem(&self.storage.database_url) {
+            return Err(invalid("storage.database_url", message));
+        }
         let base = &self.server.public_base_url;
         if !(base.is_empty() || base.starts_with("http://") || base.starts_with("https://")) {
             return Err(invalid(
@@ -326,6 +329,31 @@ impl Settings {
             self.storage.database_url.clone()
         }
     }
+}
+
+/// Why a database URL cannot be used: a scheme other than `sqlite://`,
+/// `postgres://` or `postgresql://` (it would otherwise be taken for a
+/// SQLite file named after the whole text), or one of those without `//`.
+fn database_url_problem(url: &str) -> Option<String> {
+    const KNOWN: [&str; 3] = ["sqlite://", "postgres://", "postgresql://"];
+    const HELP: &str = "must be a file path, sqlite://PATH or postgres://…";
+    if KNOWN.iter().any(|k| url.starts_with(k)) {
+        return None;
+    }
+    let scheme_like = url.split_once(':').is_some_and(|(scheme, _)| {
+        scheme
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+    });
+    let named = ["sqlite:", "postgres:", "postgresql:"]
+        .iter()
+        .any(|k| url.starts_with(k));
+    (scheme_like && (url.contains("://") || named))
+        .then(|| format!("`{}`: {HELP}", mask_url_password(url)))
 }
 
 /// What replaces a secret when settings are printed.

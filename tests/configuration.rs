@@ -260,6 +260,38 @@ fn bad_and_unknown_variables_are_named() {
         &owned(&[("EVENTGATE_LIMITS__PUBLISH_BATCH", "1048576")]),
     );
     assert_eq!(code, 0, "{err}");
+    // A database URL of another scheme is named, not taken for a file name
+    // (and its password is not printed).
+    for bad in [
+        "mysql://app:s3cret@db.example/app",
+        "sqlite:/var/lib/x.db",
+        "postgres:db",
+    ] {
+        let (code, _, err) = run_cli(
+            &["check-config"],
+            &owned(&[("EVENTGATE_DATABASE_URL", bad)]),
+        );
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(err.contains("storage.database_url"), "{err}");
+        assert!(
+            err.contains("must be a file path, sqlite://PATH or postgres://"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+    for good in [
+        "/var/lib/eventgate/x.sqlite3",
+        "data/x.sqlite3",
+        "sqlite:///var/lib/x.db",
+        "postgres://u@h/db",
+        "postgresql://u@h/db",
+    ] {
+        let (code, _, err) = run_cli(
+            &["check-config"],
+            &owned(&[("EVENTGATE_DATABASE_URL", good)]),
+        );
+        assert_eq!(code, 0, "{good}: {err}");
+    }
 }
 
 /// Polls the process's stderr until it contains `text`.
