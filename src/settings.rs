@@ -151,7 +151,8 @@ settings_table! {
         body_bytes: usize = 1024 * 1024;
         /// Largest publish body, in bytes.
         publish_body_bytes: usize = 16 * 1024 * 1024;
-        /// Most events in one publish request.
+        /// Most events in one publish request (at most 1048576: a publish's
+        /// events are numbered in 20 bits of their shared-history offsets).
         publish_batch: usize = 1000;
         /// Publish requests waiting for one instance's fan-out past which the
         /// next publisher is answered only once its events are fanned out.

@@ -287,14 +287,17 @@ impl InsertRun for diesel::sqlite::SqliteConnection {
     }
 }
 
-/// Inserts the first `N` of `rows` (at least `N`) in one cached statement;
-/// returns `(id, seq)` of each when they are stored leased.
+/// Inserts the first `N` of `rows` (none when there are fewer) in one
+/// cached statement; returns `(id, seq)` of each when they are stored leased.
 fn insert_fixed<const N: usize>(
     c: &mut diesel::sqlite::SqliteConnection,
     webhook: i64,
     stored: Stored,
     rows: &[NewRow<'_>],
 ) -> QueryResult<Vec<(String, i64)>> {
+    let Some(rows) = rows.first_chunk::<N>() else {
+        return Ok(Vec::new());
+    };
     let (attempts, leased, dead) = stored.columns();
     // Owned values: a statement is cached by its type, which must then
     // borrow nothing.
@@ -1021,7 +1024,7 @@ mod tests {
                 })
                 .collect();
             let batches = vec![(hook.id, rows)];
-            let leased = [n / 3];
+            let leased = [n * 2 / 3];
             let intake = Intake {
                 batches: &batches,
                 leased: &leased,
@@ -1037,7 +1040,7 @@ mod tests {
             .unwrap();
             let expected: Vec<(String, String, i64, i64)> = (0..n)
                 .map(|i| {
-                    let leased = i < n / 3;
+                    let leased = i < n * 2 / 3;
                     (
                         format!("msg_{n}_{i:03}"),
                         format!("{{\"n\":{i}}}"),
@@ -1048,9 +1051,10 @@ mod tests {
                 .collect();
             assert_eq!(stored, expected, "{n} rows");
             let returned: Vec<&str> = out.leased.iter().map(|c| c.id.as_str()).collect();
-            let leased_ids: Vec<&str> = expected[..n / 3].iter().map(|r| r.0.as_str()).collect();
+            let leased_ids: Vec<&str> =
+                expected[..n * 2 / 3].iter().map(|r| r.0.as_str()).collect();
             assert_eq!(returned, leased_ids, "{n} rows: the leased ones returned");
-            assert_eq!(out.for_claims, n / 3 < n, "{n} rows");
+            assert_eq!(out.for_claims, n * 2 / 3 < n, "{n} rows");
         }
     }
 }

@@ -81,6 +81,10 @@ const POLL: Duration = Duration::from_millis(500);
 /// finds them).
 const RETRY_TIMES: usize = 4096;
 
+/// How long past a retry's due time the loop waits for others due with it
+/// (a receiver's outage makes many, each one claim otherwise).
+const RETRY_GATHER: Duration = Duration::from_millis(20);
+
 /// How often the pending gauge is refreshed and old dead letters purged.
 const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
@@ -394,10 +398,11 @@ impl Lanes {
         }
     }
 
-    /// How long the loop may wait before the next retry comes due.
+    /// How long the loop may wait: until the next retry comes due, and
+    /// [`RETRY_GATHER`] more, so that retries due together take one claim.
     fn until_next_retry(&self, now: i64) -> Duration {
         self.retries_due.peek().map_or(POLL, |Reverse(at)| {
-            Duration::from_millis(u64::try_from(at - now).unwrap_or(0)).min(POLL)
+            (Duration::from_millis(u64::try_from(at - now).unwrap_or(0)) + RETRY_GATHER).min(POLL)
         })
     }
 }
@@ -1092,4 +1097,39 @@ async fn send(
         retry_after,
         final_: code == 410,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loop_waits_for_the_next_retry_and_a_claim_forgets_those_due() {
+        let mut lanes = Lanes::default();
+        assert_eq!(lanes.until_next_retry(1_000), POLL, "no retry: the poll");
+        lanes.retry_at(1_300);
+        lanes.retry_at(1_100);
+        lanes.retry_at(1_100);
+        assert_eq!(
+            lanes.until_next_retry(1_000),
+            Duration::from_millis(100) + RETRY_GATHER
+        );
+        assert_eq!(lanes.until_next_retry(1_200), RETRY_GATHER, "already due");
+        lanes.claimed_retries(1_150);
+        assert_eq!(
+            lanes.until_next_retry(1_150),
+            Duration::from_millis(150) + RETRY_GATHER
+        );
+        lanes.retry_at(5_000);
+        lanes.claimed_retries(1_300);
+        assert_eq!(
+            lanes.until_next_retry(1_300),
+            POLL,
+            "the next is a poll away or more"
+        );
+        for i in 0..RETRY_TIMES + 10 {
+            lanes.retry_at(10_000 + i as i64);
+        }
+        assert_eq!(lanes.retries_due.len(), RETRY_TIMES, "bounded");
+    }
 }

@@ -23,8 +23,9 @@ const MAX_HEADER: usize = 14;
 /// The opcode of a close frame.
 const OPCODE_CLOSE: u8 = 0x8;
 
-/// The bit that opcodes of control frames have (RFC 6455 §5.5).
-const OPCODE_CONTROL: u8 = 0x8;
+/// The last data opcode: continuation (0), text (1), binary (2); the others
+/// are control frames or reserved (the decoder's business: 1002).
+const OPCODE_LAST_DATA: u8 = 0x2;
 
 /// The message the socket pump fails the client's stream with when the watch
 /// finds such a frame; [`super::rules::refusal`] turns it into 1007.
@@ -95,7 +96,7 @@ impl FrameWatch {
             bytes = &bytes[1..];
             if let Some((opcode, len, mask)) = self.parse_header() {
                 self.have = 0;
-                if opcode & OPCODE_CONTROL == 0 && len > u64::from(max_payload) {
+                if opcode <= OPCODE_LAST_DATA && len > u64::from(max_payload) {
                     return Finding::TooBig;
                 }
                 match usize::try_from(len) {
@@ -249,6 +250,13 @@ mod tests {
         let mut watch = FrameWatch::default();
         assert_eq!(
             watch.read(&frame(0x9, &[0; 125], [0; 4]), 100),
+            Finding::Nothing
+        );
+        // A reserved opcode is the decoder's business too (1002), whatever its length.
+        let mut reserved = huge.clone();
+        reserved[0] = 0x83;
+        assert_eq!(
+            FrameWatch::default().read(&reserved, 65_536),
             Finding::Nothing
         );
     }

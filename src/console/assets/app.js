@@ -170,8 +170,10 @@ function linkedInstance() {
 }
 
 // A link followed while the console is open.
-window.addEventListener('hashchange', () => {
+window.addEventListener('hashchange', async () => {
   if (!state.api) return;
+  // The list may be a few seconds old: an instance made since is in it after this.
+  await refreshInstances();
   const name = linkedInstance();
   if (name) {
     show($('link-error'), '');
@@ -180,6 +182,7 @@ window.addEventListener('hashchange', () => {
 });
 
 function signOut() {
+  show($('link-error'), '');
   stopLive();
   clearInterval(state.listTimer);
   sessionStorage.removeItem(TOKEN_KEY);
@@ -261,7 +264,9 @@ function renderInstances() {
   // instance it was on.
   const focused = list.contains(document.activeElement) ? document.activeElement.dataset.instance : undefined;
   list.replaceChildren(...items);
-  if (focused !== undefined) list.querySelector(`button[data-instance="${CSS.escape(focused)}"]`)?.focus();
+  if (focused !== undefined) {
+    list.querySelector(`button[data-instance="${CSS.escape(focused)}"]`)?.focus({ preventScroll: true });
+  }
   if (state.instances.length === 0 && state.isAccount) $('create-form').open = true;
   $('instances-hint').textContent =
     state.instances.length === 0
