@@ -25,7 +25,7 @@ fn store(c: &mut Criterion) {
     let mut conn = pool::open_one(&url).unwrap_or_else(|e| panic!("{e}"));
     let account = accounts::create(&mut conn, "bench", "hash").unwrap_or_else(|e| panic!("{e}"));
     let name = InstanceName::parse("bench").unwrap_or_else(|| panic!("name"));
-    let instance = instances::create(&mut conn, account, &name, "token", "thash", None, None)
+    let (instance, _) = instances::create(&mut conn, account, &name, "token", "thash", None, None)
         .unwrap_or_else(|e| panic!("{e:?}"));
     let config = NewConfig {
         label: "default".into(),

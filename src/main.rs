@@ -144,7 +144,7 @@ fn instance(settings: &Settings, cmd: InstanceCommand) -> Result<(), CommandErro
         InstanceCommand::Create { account, name } => {
             let name = InstanceName::parse(&name).ok_or(CommandError::BadInstanceName)?;
             let token = auth::generate_token();
-            let rec = storage::instances::create(
+            let (rec, _) = storage::instances::create(
                 &mut conn,
                 AccountId(account),
                 &name,

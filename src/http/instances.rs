@@ -10,9 +10,9 @@ use crate::domain::{InstanceName, WsConfig};
 use crate::error::ApiError;
 use crate::http::websocket::parse_events;
 use crate::instance::Change;
+use crate::storage;
 use crate::storage::instances::{CreateError, InstanceRecord};
-use crate::storage::{self, StorageError};
-use crate::webhook::worker::read_enabled;
+use crate::webhook::EnabledWebhook;
 
 /// The body of `POST /api/instance/new`, validated.
 #[derive(Debug)]
@@ -116,14 +116,12 @@ pub async fn create(
     let account = access.principal.account();
     let token = new.token.unwrap_or_else(auth::generate_token);
     let hook = webhook.map(|input| super::webhooks::new_config(&state, input));
-    let hooks = state.registry.webhooks().clone();
     // One transaction stores the instance, its WebSocket configuration and
-    // its webhook (all or nothing); then this node's map of enabled
-    // webhooks learns of it, and the other nodes are told.
+    // its webhook (all or nothing), and reads the webhook back.
     let (record, webhook) = state
         .db(move |conn| {
             let hash = auth::token_hash(&token);
-            let record = storage::instances::create(
+            storage::instances::create(
                 conn,
                 account,
                 &new.name,
@@ -136,20 +134,17 @@ pub async fn create(
                 CreateError::NameTaken => ApiError::InstanceExists,
                 CreateError::TokenTaken => ApiError::TokenInUse,
                 CreateError::Storage(e) => ApiError::from(e),
-            })?;
-            let webhook = match &hook {
-                Some(hook) => {
-                    let row = storage::webhooks::find(conn, record.id, &hook.label)?
-                        .ok_or_else(|| StorageError::Corrupt("stored webhook vanished".into()))?;
-                    Some((row, read_enabled(conn, &hooks, record.id)?))
-                }
-                None => None,
-            };
-            Ok::<_, ApiError>((record, webhook))
+            })
         })
         .await?;
     let webhook = match webhook {
-        Some((row, enabled)) => {
+        Some(row) => {
+            // A new instance has no other webhook: what is enabled is known
+            // without a read, and stands from now (its ticket is taken after
+            // the commit, so no read that missed the row can replace it).
+            let enabled: Vec<EnabledWebhook> = EnabledWebhook::of(&row).into_iter().collect();
+            let hooks = state.registry.webhooks();
+            hooks.set(record.id, hooks.ticket(), enabled.clone());
             state.registry.tell_others(&Change::Webhooks {
                 instance: record.id,
                 enabled,

@@ -1000,7 +1000,8 @@ mod tests {
         let mut conn = pool::open_one(&url).unwrap();
         let account = accounts::create(&mut conn, "a", "h").unwrap();
         let name = InstanceName::parse("i").unwrap();
-        let instance = instances::create(&mut conn, account, &name, "t", "th", None, None).unwrap();
+        let (instance, _) =
+            instances::create(&mut conn, account, &name, "t", "th", None, None).unwrap();
         let config = NewConfig {
             label: "default".into(),
             enabled: true,

@@ -6,7 +6,7 @@ use diesel::prelude::*;
 
 use super::schema::{accounts, instances, ws_settings};
 use super::webhooks::{
-    self, hook_locks, id_list, insert_webhook, HookId, NewConfig, LOCK_INSTANCE,
+    self, hook_locks, id_list, insert_webhook, HookId, NewConfig, WebhookRow, LOCK_INSTANCE,
 };
 use super::ws_settings::{decode, encode_events, ConfigRow};
 use super::{is_unique_violation, now_millis, with_conn, write_tx, DbConn, StorageError};
@@ -127,7 +127,8 @@ pub fn find_by_token_hash(
 
 /// Creates an instance and, when given, its WebSocket configuration and its
 /// first webhook (a new label: no other webhook of it exists yet), in one
-/// transaction: all of it is stored, or nothing.
+/// transaction: all of it is stored, or nothing. Returns the webhook as
+/// stored, read in that transaction.
 pub fn create(
     conn: &mut DbConn,
     account: AccountId,
@@ -136,7 +137,7 @@ pub fn create(
     token_hash: &str,
     config: Option<&WsConfig>,
     webhook: Option<&NewConfig>,
-) -> Result<InstanceRecord, CreateError> {
+) -> Result<(InstanceRecord, Option<WebhookRow>), CreateError> {
     let now = now_millis();
     let events = config.map(|c| encode_events(&c.events));
     let webhook = webhook.map(|new| {
@@ -144,9 +145,11 @@ pub fn create(
             new,
             webhooks::dialect(conn, webhooks::INSERT),
             encode_events(&new.events),
+            webhooks::one_by_label(conn),
         )
     });
-    let outcome: Result<Result<(i64, Option<ConfigRow>), CreateError>, diesel::result::Error> = write_tx!(conn, c => {
+    type Created = (i64, Option<ConfigRow>, Option<WebhookRow>);
+    let outcome: Result<Result<Created, CreateError>, diesel::result::Error> = write_tx!(conn, c => {
         let name_taken: i64 = instances::table
             .filter(instances::account_id.eq(account.0))
             .filter(instances::name.eq(name.as_str()))
@@ -197,12 +200,21 @@ pub fn create(
             ),
             _ => None,
         };
-        if let Some((new, q, events)) = &webhook {
-            insert_webhook!(c, q, id, new, events, now)?;
-        }
-        Ok(Ok((id, row)))
+        let hook = match &webhook {
+            Some((new, q, events, q_row)) => {
+                insert_webhook!(c, q, id, new, events, now)?;
+                diesel::sql_query(q_row)
+                    .bind::<diesel::sql_types::BigInt, _>(id)
+                    .bind::<diesel::sql_types::Text, _>(&new.label)
+                    .load::<WebhookRow>(c)?
+                    .into_iter()
+                    .next()
+            }
+            None => None,
+        };
+        Ok(Ok((id, row, hook)))
     });
-    let (id, row) = match outcome {
+    let (id, row, hook) = match outcome {
         Ok(result) => result?,
         // A concurrent creation on PostgreSQL won the race between check and insert.
         Err(e) if is_unique_violation(&e) => {
@@ -215,13 +227,14 @@ pub fn create(
         }
         Err(e) => return Err(StorageError::from(e).into()),
     };
-    Ok(InstanceRecord {
+    let record = InstanceRecord {
         id: InstanceId(id),
         account,
         name: name.as_str().to_string(),
         token: token.to_string(),
         config: row.map(decode).transpose()?,
-    })
+    };
+    Ok((record, hook))
 }
 
 /// Deletes the account's instance of that name (its configuration goes with

@@ -306,6 +306,15 @@ pub fn enabled_of(
     Ok(with_conn!(conn, c => diesel::sql_query(&text).bind::<BigInt, _>(instance.0).load(c))?)
 }
 
+/// The query of one webhook of an instance by label (`$1` instance, `$2`
+/// label), in `conn`'s dialect, for a transaction's own reads.
+pub(crate) fn one_by_label(conn: &DbConn) -> String {
+    dialect(
+        conn,
+        &format!("SELECT {COLUMNS} FROM webhooks w WHERE w.instance_id = $1 AND w.label = $2"),
+    )
+}
+
 /// The insert of a new label's webhook (`$1` instance, `$2`–`$10` the
 /// configuration as [`insert_webhook`] binds it, `$11` now).
 pub(crate) const INSERT: &str = "INSERT INTO webhooks (instance_id, label, enabled, url, \
@@ -354,10 +363,7 @@ pub fn upsert(
     let events = encode_events(&new.events);
     let pg = conn.is_pg();
     let lock = pg.then_some(LOCK_INSTANCE);
-    let q_existing = dialect(
-        conn,
-        &format!("SELECT {COLUMNS} FROM webhooks w WHERE w.instance_id = $1 AND w.label = $2"),
-    );
+    let q_existing = one_by_label(conn);
     let q_enabled = dialect(
         conn,
         "SELECT COUNT(*) AS n FROM webhooks WHERE instance_id = $1 AND enabled AND label <> $2",

@@ -101,6 +101,14 @@ pub struct EnabledWebhook {
 }
 
 impl EnabledWebhook {
+    /// A stored webhook as the publish path needs it, when it is enabled.
+    pub fn of(row: &crate::storage::webhooks::WebhookRow) -> Option<EnabledWebhook> {
+        row.enabled.then(|| EnabledWebhook {
+            id: row.id,
+            events: row.event_kinds(),
+        })
+    }
+
     /// Whether an event of `kind` becomes a delivery for this webhook.
     pub fn wants(&self, kind: EventKind) -> bool {
         EventSet::of(&self.events).allows(kind)
