@@ -34,6 +34,10 @@ enum CommandError {
     BadInstanceName,
     #[error("no instance {name} in account {account}")]
     NoSuchInstance { name: String, account: i64 },
+    #[error("no account {0} (see `eventgate account list`)")]
+    NoSuchAccount(i64),
+    #[error("an account name must not be empty")]
+    EmptyAccountName,
 }
 
 fn init_logging(settings: &Settings) {
@@ -121,6 +125,9 @@ fn account(settings: &Settings, cmd: AccountCommand) -> Result<(), CommandError>
     let mut conn = connection(settings)?;
     match cmd {
         AccountCommand::Create { name } => {
+            if name.trim().is_empty() {
+                return Err(CommandError::EmptyAccountName);
+            }
             let token = auth::generate_token();
             let id = storage::accounts::create(&mut conn, &name, &auth::token_hash(&token))?;
             println!(
@@ -143,6 +150,12 @@ fn instance(settings: &Settings, cmd: InstanceCommand) -> Result<(), CommandErro
     match cmd {
         InstanceCommand::Create { account, name } => {
             let name = InstanceName::parse(&name).ok_or(CommandError::BadInstanceName)?;
+            if !storage::accounts::list(&mut conn)?
+                .iter()
+                .any(|a| a.id.0 == account)
+            {
+                return Err(CommandError::NoSuchAccount(account));
+            }
             let token = auth::generate_token();
             let (rec, _) = storage::instances::create(
                 &mut conn,

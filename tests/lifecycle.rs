@@ -419,6 +419,16 @@ fn account_and_instance_commands() {
     assert_eq!(code, 0);
     let (code, _, _) = run_cli(&["instance", "delete", "--account", &id, "line-1"], &env);
     assert_ne!(code, 0);
+    // An unknown account and an empty account name are named as such.
+    let (code, _, err) = run_cli(&["instance", "create", "--account", "999", "x"], &env);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no account 999 (see `eventgate account list`)"),
+        "{err}"
+    );
+    let (code, _, err) = run_cli(&["account", "create", " "], &env);
+    assert_eq!(code, 1);
+    assert!(err.contains("an account name must not be empty"), "{err}");
     let (code, out, _) = run_cli(&["--help"], &[]);
     assert_eq!(code, 0);
     for word in ["serve", "migrate", "check-config", "account", "instance"] {
