@@ -284,6 +284,9 @@ impl Settings {
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
+        if let Some(message) = log_filter_problem(&self.log.level) {
+            return Err(invalid("log.level", message));
+        }
         let url = &self.cluster.nats_url;
         if !url.is_empty() && !url.starts_with("nats://") {
             return Err(invalid("cluster.nats_url", "must start with nats://"));
@@ -330,6 +333,28 @@ impl Settings {
             self.storage.database_url.clone()
         }
     }
+}
+
+/// Why a log filter (`level`, `target=level`, `target`, comma-separated,
+/// as env_logger reads them; a `/regex` after them is env_logger's) would
+/// not do what it says: env_logger only warns and drops what it cannot read.
+fn log_filter_problem(filter: &str) -> Option<String> {
+    let is_target = |t: &str| {
+        !t.is_empty()
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '-')
+    };
+    let is_level = |l: &str| l.parse::<log::LevelFilter>().is_ok();
+    let directives = filter.split('/').next().unwrap_or_default();
+    directives
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .find(|d| match d.split_once('=') {
+            Some((target, level)) => !is_target(target.trim()) || !is_level(level.trim()),
+            None => !is_level(d) && !is_target(d),
+        })
+        .map(|d| format!("`{d}` is not a level (off, error, warn, info, debug, trace), a target or target=level"))
 }
 
 /// Why a database URL cannot be used: a scheme other than `sqlite://`,

@@ -260,6 +260,21 @@ fn bad_and_unknown_variables_are_named() {
         &owned(&[("EVENTGATE_LIMITS__PUBLISH_BATCH", "1048576")]),
     );
     assert_eq!(code, 0, "{err}");
+    // A log filter env_logger would only warn about and drop.
+    for (filter, code) in [
+        ("info,=garbage[[", 2),
+        ("loud", 0),
+        ("verbose=info", 0),
+        ("eventgate=louder", 2),
+        ("warn, eventgate=debug, actix_web::middleware=off", 0),
+        ("debug/needle", 0),
+    ] {
+        let (got, _, err) = run_cli(&["check-config"], &owned(&[("EVENTGATE_LOG", filter)]));
+        assert_eq!(got, code, "{filter}: {err}");
+        if code == 2 {
+            assert!(err.contains("log.level"), "{err}");
+        }
+    }
     // A database URL of another scheme is named, not taken for a file name
     // (and its password is not printed).
     for bad in [
