@@ -217,32 +217,16 @@ impl From<String> for EventsText {
     }
 }
 
-fn load_rows(
-    conn: &mut DbConn,
-    filter: &str,
-    binds: (i64, Option<&str>),
-) -> Result<Vec<WebhookRow>, StorageError> {
-    let text = dialect(
-        conn,
-        &format!("SELECT {COLUMNS} FROM webhooks w WHERE {filter}"),
-    );
-    let (instance, label) = binds;
-    let mut rows: Vec<WebhookRow> = match label {
-        Some(label) => with_conn!(conn, c => diesel::sql_query(&text)
-            .bind::<BigInt, _>(instance)
-            .bind::<Text, _>(label)
-            .load(c))?,
-        None => with_conn!(conn, c => diesel::sql_query(&text)
-            .bind::<BigInt, _>(instance)
-            .load(c))?,
-    };
-    rows.sort_by(|a, b| a.label.as_bytes().cmp(b.label.as_bytes()));
-    Ok(rows)
-}
-
 /// Every webhook of the instance, sorted by label (byte order).
 pub fn list(conn: &mut DbConn, instance: InstanceId) -> Result<Vec<WebhookRow>, StorageError> {
-    load_rows(conn, "w.instance_id = $1", (instance.0, None))
+    let text = dialect(
+        conn,
+        &format!("SELECT {COLUMNS} FROM webhooks w WHERE w.instance_id = $1"),
+    );
+    let mut rows: Vec<WebhookRow> =
+        with_conn!(conn, c => diesel::sql_query(&text).bind::<BigInt, _>(instance.0).load(c))?;
+    rows.sort_by(|a, b| a.label.as_bytes().cmp(b.label.as_bytes()));
+    Ok(rows)
 }
 
 /// The instance's webhook of that label.
@@ -251,13 +235,12 @@ pub fn find(
     instance: InstanceId,
     label: &str,
 ) -> Result<Option<WebhookRow>, StorageError> {
-    Ok(load_rows(
-        conn,
-        "w.instance_id = $1 AND w.label = $2",
-        (instance.0, Some(label)),
-    )?
-    .into_iter()
-    .next())
+    let text = one_by_label(conn);
+    let rows: Vec<WebhookRow> = with_conn!(conn, c => diesel::sql_query(&text)
+        .bind::<BigInt, _>(instance.0)
+        .bind::<Text, _>(label)
+        .load(c))?;
+    Ok(rows.into_iter().next())
 }
 
 /// The `default` webhooks of these instances.
@@ -307,7 +290,7 @@ pub fn enabled_of(
 }
 
 /// The query of one webhook of an instance by label (`$1` instance, `$2`
-/// label), in `conn`'s dialect, for a transaction's own reads.
+/// label), in `conn`'s dialect: [`find`], and transactions' own reads.
 pub(crate) fn one_by_label(conn: &DbConn) -> String {
     dialect(
         conn,
