@@ -143,8 +143,10 @@ pub async fn create(
             // without a read, and stands from now (its ticket is taken after
             // the commit, so no read that missed the row can replace it).
             let enabled: Vec<EnabledWebhook> = EnabledWebhook::of(&row).into_iter().collect();
-            let hooks = state.registry.webhooks();
-            hooks.set(record.id, hooks.ticket(), enabled.clone());
+            state
+                .registry
+                .webhooks()
+                .set_now(record.id, enabled.clone());
             state.registry.tell_others(&Change::Webhooks {
                 instance: record.id,
                 enabled,

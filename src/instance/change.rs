@@ -69,10 +69,7 @@ impl Registry {
                 return self.webhooks().changed_elsewhere(id, enabled.clone());
             }
             Change::WebhooksDue { .. } => return self.webhooks().ring(),
-            Change::Deleted { .. } => {
-                let now = self.webhooks().ticket();
-                self.webhooks().set(id, now, Vec::new());
-            }
+            Change::Deleted { .. } => self.webhooks().set_now(id, Vec::new()),
             Change::Settings { .. } => {}
         }
         self.access().forget_instance(id);

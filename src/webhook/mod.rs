@@ -197,6 +197,13 @@ impl Webhooks {
         }
     }
 
+    /// Sets what is known of `instance` as of now, without a read: a state
+    /// this node knows after a commit (a deletion, a new instance's webhook,
+    /// or a notice it cannot read again). Any read begun before it is older.
+    pub fn set_now(&self, instance: InstanceId, hooks: Vec<EnabledWebhook>) {
+        self.set(instance, self.ticket(), hooks);
+    }
+
     /// Replaces everything (start-up, and the periodic re-read from
     /// storage, begun at `ticket`), except instances known from a newer read.
     pub fn replace_all(&self, ticket: ReadTicket, all: HashMap<InstanceId, Vec<EnabledWebhook>>) {
@@ -243,7 +250,7 @@ impl Webhooks {
             .get()
             .is_some_and(|to| to.send(instance).is_ok());
         if !sent {
-            self.set(instance, self.ticket(), hooks);
+            self.set_now(instance, hooks);
         }
     }
 
@@ -301,7 +308,7 @@ mod tests {
         assert!(!w.any_enabled());
         w.set(i, newer, hooks(&[9]));
         assert!(!w.any_enabled(), "a read older than the last full one");
-        w.set(i, w.ticket(), hooks(&[4]));
+        w.set_now(i, hooks(&[4]));
         assert_eq!(ids(&w, i), [4]);
     }
 
