@@ -375,9 +375,10 @@ fn database_url_problem(url: &str) -> Option<String> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
     });
-    let named = ["sqlite:", "postgres:", "postgresql:"]
+    // `sqlite:/path`, `postgres:db`: a known scheme without its `//`.
+    let named = KNOWN
         .iter()
-        .any(|k| url.starts_with(k));
+        .any(|k| url.starts_with(k.trim_end_matches('/')));
     (scheme_like && (url.contains("://") || named))
         .then(|| format!("`{}`: {HELP}", mask_url_password(url)))
 }
