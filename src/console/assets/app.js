@@ -492,13 +492,10 @@ function envelopeText(entry) {
   return entry.text;
 }
 
+/** Whether the list may show the entry: the search's, and while paused only what came before the pause. */
 function matches(entry) {
+  if (state.paused && entry.seq > state.pausedAt) return false;
   return !state.search || envelopeText(entry).includes(state.search);
-}
-
-/** Whether the list may show the entry: while paused, only what came before the pause. */
-function shown(entry) {
-  return !state.paused || entry.seq <= state.pausedAt;
 }
 
 function summary(envelope) {
@@ -549,7 +546,7 @@ function row(entry) {
 }
 
 function rerender() {
-  const rows = state.buffer.filter((e) => shown(e) && matches(e)).slice(-SHOW);
+  const rows = state.buffer.filter(matches).slice(-SHOW);
   const frag = document.createDocumentFragment();
   for (let i = rows.length - 1; i >= 0; i -= 1) frag.append(row(rows[i]));
   $('events').replaceChildren(frag);
@@ -567,9 +564,7 @@ function renderCounts() {
 
 function renderMore() {
   const listed = $('events').childElementCount;
-  const matching = state.search
-    ? state.buffer.filter((e) => shown(e) && matches(e)).length
-    : state.received - state.pausedNew;
+  const matching = state.search ? state.buffer.filter(matches).length : state.received - state.pausedNew;
   const hidden = Math.max(0, matching - listed);
   const more = $('events-more');
   if (hidden > 0) {
