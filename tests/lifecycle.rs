@@ -198,6 +198,16 @@ async fn readyz_and_storage_errors_when_postgres_goes_away() {
     let r = s.publish("pg", event("call.update", json!({"n": 2}))).await;
     assert_eq!(r.status, 202);
     assert_eq!(ws.envelope().await["data"]["n"], 2);
+    // A database created again empty answers, but is not the gateway's:
+    // not ready, and saying why once it is reached.
+    s.db.recreate_empty();
+    let lost = eventually(Duration::from_secs(10), async || {
+        let r = s.raw("GET", "/readyz", &[], None).await;
+        assert_eq!(r.status, 503);
+        (r.body["error"]["details"] == "storage has lost its tables").then_some(())
+    })
+    .await;
+    assert!(lost.is_some(), "/readyz never said the tables are gone");
 }
 
 /// Parses Prometheus text strictly enough to catch a malformed exposition.

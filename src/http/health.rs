@@ -33,15 +33,20 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         return not_ready("shutting down");
     }
     let pool = state.pool.clone();
-    let check = web::block(move || -> Result<(), String> {
-        let mut conn = pool.get_timeout(READY_TIMEOUT).map_err(|e| e.to_string())?;
-        crate::storage::ping(&mut conn).map_err(|e| e.to_string())
+    let check = web::block(move || -> Result<(), (&'static str, String)> {
+        let unreachable = |e: String| ("storage unreachable", e);
+        let mut conn = pool
+            .get_timeout(READY_TIMEOUT)
+            .map_err(|e| unreachable(e.to_string()))?;
+        crate::storage::ping(&mut conn).map_err(|e| unreachable(e.to_string()))?;
+        crate::storage::schema_present(&mut conn)
+            .map_err(|e| ("storage has lost its tables", e.to_string()))
     });
     match tokio::time::timeout(READY_TIMEOUT * 2, check).await {
         Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => {
-            log::warn!("readiness: storage unreachable: {e}");
-            return not_ready("storage unreachable");
+        Ok(Ok(Err((reason, e)))) => {
+            log::warn!("readiness: {reason}: {e}");
+            return not_ready(reason);
         }
         _ => return not_ready("storage unreachable"),
     }

@@ -58,6 +58,14 @@ pub fn ping(conn: &mut DbConn) -> Result<(), StorageError> {
     with_conn!(conn, c => c.batch_execute("SELECT 1")).map_err(StorageError::from)
 }
 
+/// Whether the database still holds the gateway's tables (a database
+/// dropped and created again empty under a running node answers [`ping`]).
+pub fn schema_present(conn: &mut DbConn) -> Result<(), StorageError> {
+    use diesel::connection::SimpleConnection;
+    with_conn!(conn, c => c.batch_execute("SELECT 1 FROM accounts LIMIT 1"))
+        .map_err(StorageError::from)
+}
+
 /// Runs `$body` with `$c` bound to the concrete connection of either backend,
 /// so one query text serves both even where diesel's generic types differ.
 macro_rules! with_conn {

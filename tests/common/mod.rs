@@ -430,6 +430,16 @@ impl TestDb {
         }
     }
 
+    /// Creates the dropped PostgreSQL database again, empty (no tables).
+    pub fn recreate_empty(&self) {
+        if let Some((admin_url, name)) = &self.pg_admin {
+            let mut admin = admin_connection(admin_url).unwrap();
+            diesel::sql_query(format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .unwrap();
+        }
+    }
+
     /// Another handle on an existing database (for a second node); dropping
     /// it leaves the database alone.
     pub fn shared(&self) -> TestDb {
