@@ -17,6 +17,7 @@ pub struct Metrics {
     registry: Registry,
     pub connected_clients: IntGauge,
     pub connected_by_instance: IntGaugeVec,
+    pub instance_actors: IntGauge,
     pub upgrades: IntCounterVec,
     pub events_published: IntCounter,
     pub events_delivered: IntCounter,
@@ -52,6 +53,10 @@ impl Metrics {
                 "WebSocket clients connected to this node, per instance (bounded; the rest under _other)",
             ),
             &["instance"],
+        )?;
+        let instance_actors = IntGauge::new(
+            "eventgate_instance_actors",
+            "Instance actors running on this node (started by a client, or by a publish when a history is kept; stopped when the instance is deleted)",
         )?;
         let upgrades = IntCounterVec::new(
             Opts::new(
@@ -166,6 +171,7 @@ impl Metrics {
         registry.register(Box::new(recoveries.clone()))?;
         registry.register(Box::new(replayed_events.clone()))?;
         registry.register(Box::new(connected_clients.clone()))?;
+        registry.register(Box::new(instance_actors.clone()))?;
         registry.register(Box::new(connected_by_instance.clone()))?;
         registry.register(Box::new(upgrades.clone()))?;
         registry.register(Box::new(events_published.clone()))?;
@@ -197,6 +203,7 @@ impl Metrics {
         Ok(Self {
             registry,
             connected_clients,
+            instance_actors,
             connected_by_instance,
             upgrades,
             events_published,

@@ -627,3 +627,41 @@ fn check_config_shows_the_history_keys() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("history_ttl_secs"));
 }
+
+/// A publish authorised just before its instance is deleted would start the
+/// actor that keeps the history after the deletion had stopped it; that
+/// actor now hears of the deletion and stops too.
+#[actix_rt::test]
+async fn a_publish_authorised_before_its_instance_is_deleted_leaves_no_actor() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = server(100, |_| {}).await;
+    s.instance("gone").await;
+    assert_eq!(s.metric("eventgate_instance_actors").await, 0.0);
+    // The headers and half the body: authorised, then reading the rest.
+    let body = serde_json::to_vec(&ev(1)).unwrap();
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let head = format!(
+        "POST /api/events/publish/gone HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {ACCOUNT}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deleted = s
+        .call("DELETE", "/api/instance/delete/gone", Some(ACCOUNT), None)
+        .await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    tcp.write_all(rest).await.unwrap();
+    let mut reply = String::new();
+    tcp.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 202"), "{reply}");
+    let stopped = eventually(Duration::from_secs(5), async || {
+        (s.metric("eventgate_instance_actors").await == 0.0).then_some(())
+    })
+    .await;
+    assert!(stopped.is_some(), "the deleted instance's actor still runs");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.metric("eventgate_instance_actors").await, 0.0);
+}

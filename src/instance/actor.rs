@@ -338,9 +338,11 @@ impl Actor for InstanceActor {
         // the capacity; it only makes `send` (counts, shutdown) wait less
         // behind a backlog than the default of 16 would.
         ctx.set_mailbox_capacity(INSTANCE_MAILBOX);
+        self.env.metrics.instance_actors.inc();
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
+        self.env.metrics.instance_actors.dec();
         self.sessions.clear();
         self.report_count();
         if let Some(task) = self.following.take() {

@@ -69,7 +69,10 @@ impl Registry {
                 return self.webhooks().changed_elsewhere(id, enabled.clone());
             }
             Change::WebhooksDue { .. } => return self.webhooks().ring(),
-            Change::Deleted { .. } => self.webhooks().set_now(id, Vec::new()),
+            Change::Deleted { .. } => {
+                self.mark_deleted(id);
+                self.webhooks().set_now(id, Vec::new());
+            }
             Change::Settings { .. } => {}
         }
         self.access().forget_instance(id);

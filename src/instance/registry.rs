@@ -3,7 +3,7 @@
 //! arbiters so one busy instance does not hold the others back) and finds it
 //! again for publishes and settings changes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 use super::actor::{FanoutEnv, InstanceActor};
 use super::inbox::{NodeLoad, Pressure};
-use super::messages::{CloseAll, CountSessions};
+use super::messages::{CloseAll, CountSessions, Deleted};
 use super::{Inbox, InstanceInfo, SharedAddr};
 use crate::auth::AccessCache;
 use crate::domain::{InstanceId, VersionedConfig};
@@ -27,6 +27,10 @@ pub const OTHER_LABEL: &str = "_other";
 /// Instance actors by id, and the threads they run on.
 pub struct Registry {
     instances: Mutex<HashMap<InstanceId, Inbox>>,
+    /// Instances deleted since the start (ids are never reused): an actor
+    /// started for one by a request authorised just before the deletion is
+    /// told at once, and stops.
+    deleted: Mutex<HashSet<InstanceId>>,
     arbiters: Vec<Arbiter>,
     next_arbiter: AtomicUsize,
     env: FanoutEnv,
@@ -49,6 +53,7 @@ impl Registry {
     pub fn new(arbiters: usize, env: FanoutEnv, access: Arc<AccessCache>) -> Arc<Self> {
         Arc::new_cyclic(|me| Registry {
             instances: Mutex::new(HashMap::new()),
+            deleted: Mutex::default(),
             arbiters: (0..arbiters).map(|_| Arbiter::new()).collect(),
             next_arbiter: AtomicUsize::new(0),
             node: env.direct_writes.then(Arc::default),
@@ -114,10 +119,20 @@ impl Registry {
         let addr = InstanceActor::start_in_arbiter(&arbiter, move |_| {
             InstanceActor::new(info, config, env, me, label, shared)
         });
+        if self.deleted.lock().contains(&id) {
+            addr.do_send(Deleted);
+        }
         let inbox = Inbox::new(addr, &name, pressure, &inbox_env);
         let addr = inbox.shared_addr();
         instances.insert(id, inbox);
         addr
+    }
+
+    /// Remembers that the instance was deleted, before its actor (if any)
+    /// is told: whichever of a deletion and a start comes second under the
+    /// actors' lock sees the other.
+    pub(super) fn mark_deleted(&self, id: InstanceId) {
+        self.deleted.lock().insert(id);
     }
 
     /// Forgets a stopped actor (only if it is still the one registered).
