@@ -51,6 +51,7 @@ export interface RateLimit {
 
 /** The reason given when an upgrade fails although a plain request passes every check (most likely the Origin allowlist). */
 export declare const ORIGIN_SUSPECTED: string;
+export declare const UPGRADE_REFUSED: string;
 
 export declare class EventGateError extends Error {
   constructor(status: number, message: string, extra?: { details?: string; rateLimit?: RateLimit; retryAfter?: number });
@@ -126,6 +127,14 @@ export interface Instance {
   connectedClients: number;
 }
 
+/** The 201's `instance`: its token always, its webhook without `stats`, no client count. */
+export interface CreatedInstance {
+  name: string;
+  token: string;
+  websocket: Required<WebSocketSettings> | null;
+  webhook: Omit<Webhook, 'stats'> | null;
+}
+
 export interface PublishItem {
   event: EventType;
   data: Record<string, unknown>;
@@ -146,7 +155,7 @@ export declare class EventGateApi {
   rateLimit: RateLimit | null;
   request<T = any>(method: string, path: string, body?: unknown): Promise<T>;
   listInstances(): Promise<Instance[]>;
-  createInstance(body: Record<string, unknown> & { name: string }): Promise<Instance>;
+  createInstance(body: Record<string, unknown> & { name: string }): Promise<CreatedInstance>;
   deleteInstance(instance: string): Promise<{ status: 'deleted' }>;
   /** null when the instance's WebSocket was never configured. */
   getWebsocket(instance: string): Promise<Required<WebSocketSettings> | null>;
@@ -177,12 +186,17 @@ export interface BackoffOptions {
   slowConsumerMs?: number;
 }
 
-/** Something that builds WebSockets like the browser's `WebSocket` (e.g. the `ws` package). */
+/**
+ * Something that builds WebSockets like the browser's `WebSocket` (e.g. the
+ * `ws` package). Loosely typed on purpose: the browser's and `ws`'s event
+ * types differ, and both must fit.
+ */
 export type WebSocketConstructor = new (url: string) => {
-  onopen: ((ev: unknown) => void) | null;
-  onmessage: ((ev: { data: unknown }) => void) | null;
-  onerror: ((ev: unknown) => void) | null;
-  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onopen: ((ev: any) => any) | null;
+  onmessage: ((ev: any) => any) | null;
+  onerror: ((ev: any) => any) | null;
+  onclose: ((ev: any) => any) | null;
+  readonly readyState: number;
   close(code?: number, reason?: string): void;
 };
 
@@ -198,6 +212,13 @@ export interface ClientOptions {
   recover?: boolean;
   /** Reconnect after a drop; default true. */
   reconnect?: boolean;
+  /**
+   * Silence after which the connection counts as dropped (ms; default 60000,
+   * 0 = never): no envelope and no ping from the gateway (which pings every
+   * 20 s). Pings are seen where the socket reports them (the `ws` package);
+   * browsers show none and keep this check to themselves.
+   */
+  heartbeatTimeoutMs?: number;
   backoff?: BackoffOptions;
   /** Required in Node 20 (no global WebSocket there): e.g. `import WebSocket from 'ws'`. */
   WebSocket?: WebSocketConstructor;

@@ -51,6 +51,10 @@ const FATAL_REFUSALS = new Set([
 export const ORIGIN_SUSPECTED =
   'WebSocket refused although the token and instance are fine: is this origin allowed (EVENTGATE_WS_ALLOWED_ORIGINS)?';
 
+/** Why an upgrade was refused outside a browser when a plain request passes every check. */
+export const UPGRADE_REFUSED =
+  'WebSocket refused although the token and instance are fine: a connection limit, or something between here and the gateway';
+
 /** An error reply of the gateway (contract §3), or a failure to reach it. */
 export class EventGateError extends Error {
   /**
@@ -260,6 +264,13 @@ class Emitter {
   }
 }
 
+/**
+ * The gateway pings every 20 s and closes a client silent for 60 s (§6); a
+ * connection from which nothing came for as long is gone, even if the socket
+ * looks open (a network change, a NAT or a laptop lid dropped it silently).
+ */
+const DEFAULT_HEARTBEAT_TIMEOUT_MS = 60000;
+
 const DEFAULT_BACKOFF = Object.freeze({
   initialMs: 500,
   maxMs: 30000,
@@ -292,6 +303,8 @@ export class EventGateClient extends Emitter {
     this.events = normaliseEvents(options.events);
     this.recover = options.recover !== false;
     this.autoReconnect = options.reconnect !== false;
+    /** Silence (no event, no ping) after which a connection counts as dropped; 0 = never. */
+    this.heartbeatTimeoutMs = options.heartbeatTimeoutMs ?? DEFAULT_HEARTBEAT_TIMEOUT_MS;
     this.backoff = { ...DEFAULT_BACKOFF, ...(options.backoff ?? {}) };
     this.random = options.random ?? Math.random;
     this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
@@ -406,8 +419,10 @@ export class EventGateClient extends Emitter {
     let opened = false;
     let sentSince = recovering;
     let first = true;
+    const heard = this._watchHeartbeat(socket);
     socket.onopen = () => {
       if (this._socket !== socket) return;
+      heard();
       opened = true;
       this._connections += 1;
       this._attempt = 0;
@@ -417,6 +432,7 @@ export class EventGateClient extends Emitter {
     };
     socket.onmessage = (msg) => {
       if (this._socket !== socket) return;
+      heard();
       if (typeof msg.data !== 'string') return;
       let envelope;
       try {
@@ -449,12 +465,54 @@ export class EventGateClient extends Emitter {
     };
     socket.onclose = (ev) => {
       if (this._socket !== socket) return;
-      this._socket = null;
       const code = ev?.code ?? 1006;
-      const reason = ev?.reason || CLOSE_REASONS[code] || `closed (${code})`;
-      this.emit('close', { code, reason, opened });
-      this._scheduleRetry({ code, reason }, opened);
+      this._dropped(socket, code, ev?.reason || CLOSE_REASONS[code] || `closed (${code})`, opened);
     };
+  }
+
+  /** The current socket ended (closed, or silent too long): retry as its code says. */
+  _dropped(socket, code, reason, opened) {
+    if (this._socket !== socket) return;
+    this._socket = null;
+    detach(socket);
+    this.emit('close', { code, reason, opened });
+    this._scheduleRetry({ code, reason }, opened);
+  }
+
+  /**
+   * Ends `socket` as a drop when nothing came from it — no envelope, no ping —
+   * for `heartbeatTimeoutMs`. Pings are seen where the socket reports them
+   * (the `ws` package's `ping` event); a browser answers them itself and
+   * shows none, so there only envelopes count and the check is left to the
+   * browser's own network stack. Returns the function to call on each
+   * envelope.
+   */
+  _watchHeartbeat(socket) {
+    const limit = this.heartbeatTimeoutMs;
+    let last = Date.now();
+    const heard = () => {
+      last = Date.now();
+    };
+    if (!(limit > 0) || typeof socket.on !== 'function') return heard;
+    socket.on('ping', heard);
+    const timer = setInterval(() => {
+      if (this._socket !== socket) {
+        clearInterval(timer);
+        return;
+      }
+      if (Date.now() - last < limit) return;
+      clearInterval(timer);
+      try {
+        if (typeof socket.terminate === 'function') socket.terminate();
+        else socket.close(4000);
+      } catch {
+        /* already gone */
+      }
+      // Silent while connecting too: a handshake that never ends.
+      this._dropped(socket, 1006, 'no heartbeat from the gateway', socket.readyState === 1);
+    }, Math.max(20, Math.min(limit / 4, 5000)));
+    timer.unref?.();
+    return heard;
   }
 
   _onRecoveryFrame(data, sentSince, { deliberate, afterDrop }) {
@@ -489,16 +547,18 @@ export class EventGateClient extends Emitter {
       this._setState({ state: 'closed', code, reason: 'instance deleted', final: true });
       return;
     }
-    if (!this.autoReconnect) {
-      this._stopped = true;
-      this._setState({ state: 'closed', code, reason: closed.reason, final: true });
-      return;
-    }
     let refusal = null;
     let minimumMs = 0;
     if (!opened) {
       refusal = await this._diagnose();
-      if (this._stopped) return;
+      // Stopped, or connected anew (`connect`, `setEvents`) meanwhile.
+      if (this._stopped || this._socket !== null) return;
+      if (refusal && !this.autoReconnect) {
+        this._stopped = true;
+        this.emit('error', refusal);
+        this._setState({ state: 'closed', reason: refusal.message, status: refusal.status, code, final: true });
+        return;
+      }
       if (refusal && FATAL_REFUSALS.has(`${refusal.status} ${refusal.message}`)) {
         this._stopped = true;
         this.emit('error', refusal);
@@ -514,6 +574,11 @@ export class EventGateClient extends Emitter {
         this.emit('error', refusal);
         if (refusal.retryAfter) minimumMs = refusal.retryAfter * 1000;
       }
+    }
+    if (!this.autoReconnect) {
+      this._stopped = true;
+      this._setState({ state: 'closed', code, reason: closed.reason, final: true });
+      return;
     }
     this._attempt += 1;
     let delay;
@@ -565,9 +630,13 @@ export class EventGateClient extends Emitter {
       const body = await res.json().catch(() => null);
       const message = body?.error?.message;
       if (message === 'WebSocket upgrade expected') {
-        // Every check passed for a plain request: what refused the upgrade is
-        // what a plain request does not send, the browser's Origin.
-        return new EventGateError(403, ORIGIN_SUSPECTED);
+        // Every check passed for a plain request. In a browser what refused
+        // the upgrade is most likely what a plain request does not send, the
+        // page's Origin; elsewhere (no Origin sent) it is a bound only an
+        // upgrade meets, such as the connection limits.
+        return typeof document === 'undefined'
+          ? new EventGateError(0, UPGRADE_REFUSED)
+          : new EventGateError(403, ORIGIN_SUSPECTED);
       }
       if (!message) return null;
       const retry = res.headers.get('retry-after');

@@ -6,7 +6,9 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket from 'ws';
 
-import { EventGateClient, EventGateApi, EventGateError, EVENT_TYPES, ORIGIN_SUSPECTED, describeState } from '../index.js';
+import { createServer, connect as tcpConnect } from 'node:net';
+
+import { EventGateClient, EventGateApi, EventGateError, EVENT_TYPES, ORIGIN_SUSPECTED, UPGRADE_REFUSED, describeState } from '../index.js';
 import { Gateway, ACCOUNT, waitFor, hasHistory } from './gateway.js';
 
 let gw;
@@ -404,4 +406,153 @@ test('REST helper: webhooks and dead letters', async () => {
   assert.equal(await api.retryDeliveries('hooks-1', { label: 'a' }), 0);
   await assert.rejects(api.failedDeliveries('hooks-1', { limit: 0 }), { status: 400, message: 'Invalid request body' });
   assert.deepEqual(await api.deleteWebhook('hooks-1', 'a'), { label: 'a', status: 'deleted' });
+});
+
+/**
+ * A TCP relay to `port` whose open connections can be frozen: nothing passes
+ * either way and neither side is told, as when a network drops a connection
+ * silently. New connections pass.
+ */
+async function freezableRelay(port) {
+  const pairs = [];
+  const server = createServer((inbound) => {
+    const outbound = tcpConnect(port, '127.0.0.1');
+    const pair = { inbound, outbound, frozen: false };
+    pairs.push(pair);
+    inbound.on('data', (d) => pair.frozen || outbound.write(d));
+    outbound.on('data', (d) => pair.frozen || inbound.write(d));
+    for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
+      a.on('error', () => b.destroy());
+      a.on('close', () => pair.frozen || b.destroy());
+    }
+  });
+  await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
+  return {
+    base: `http://127.0.0.1:${server.address().port}`,
+    freeze() {
+      for (const p of pairs) p.frozen = true;
+    },
+    close() {
+      for (const p of pairs) {
+        p.inbound.destroy();
+        p.outbound.destroy();
+      }
+      server.close();
+    },
+  };
+}
+
+test('a connection gone silent (no ping, no event) is dropped, reconnected and recovered', async () => {
+  const beating = await Gateway.start({
+    EVENTGATE_WS_HISTORY_SIZE: '100',
+    EVENTGATE_WS_PING_INTERVAL_SECS: '1',
+    EVENTGATE_WS_IDLE_TIMEOUT_SECS: '3',
+  });
+  const relay = await freezableRelay(beating.port);
+  try {
+    await beating.instance('silent-1');
+    const client = new EventGateClient({
+      baseUrl: relay.base,
+      instance: 'silent-1',
+      token: ACCOUNT,
+      WebSocket,
+      heartbeatTimeoutMs: 2500,
+      backoff: { initialMs: 50, maxMs: 100 },
+    });
+    const { got, states } = collect(client);
+    const closes = [];
+    client.on('close', (c) => closes.push(c));
+    client.connect();
+    await waitFor(async () => (await beating.clients('silent-1')) === 1, { what: 'joined' });
+    // Pings keep a quiet connection alive: no drop over twice the timeout.
+    await new Promise((r) => setTimeout(r, 5000));
+    assert.equal(closes.length, 0, 'pings count as heard');
+    await beating.publish('silent-1', { event: 'call.update', data: { n: 1 } });
+    await waitFor(() => got.length === 1, { what: 'first event' });
+    relay.freeze();
+    await beating.publish('silent-1', [
+      { event: 'call.update', data: { n: 2 } },
+      { event: 'call.update', data: { n: 3 } },
+    ]);
+    await waitFor(() => closes.length === 1, { ms: 10000, what: 'the silence noticed' });
+    assert.equal(closes[0].reason, 'no heartbeat from the gateway');
+    assert.ok(states.some((s) => s.state === 'waiting'));
+    await waitFor(() => got.length === 3, { ms: 10000, what: 'the missed events, recovered' });
+    assert.deepEqual(got.map((g) => g.env.data.n), [1, 2, 3]);
+    assert.equal(client.state.state, 'live');
+    client.close();
+  } finally {
+    relay.close();
+    await beating.close();
+  }
+});
+
+test('an upgrade refused by a connection limit is not blamed on an Origin; reconnect:false still says why', async () => {
+  const capped = await Gateway.start({ EVENTGATE_LIMITS__MAX_CONNECTIONS_PER_INSTANCE: '1' });
+  try {
+    await capped.instance('cap-1');
+    const first = new EventGateClient({ baseUrl: capped.base, instance: 'cap-1', token: ACCOUNT, WebSocket });
+    first.connect();
+    await waitFor(() => first.state.state === 'live', { what: 'the first client' });
+    const second = new EventGateClient({
+      baseUrl: capped.base,
+      instance: 'cap-1',
+      token: ACCOUNT,
+      WebSocket,
+      backoff: { initialMs: 50, maxMs: 100 },
+    });
+    second.connect();
+    await waitFor(() => second.state.state === 'waiting', { what: 'a retry' });
+    assert.equal(second.state.reason, UPGRADE_REFUSED);
+    second.close();
+
+    const once = new EventGateClient({ baseUrl: capped.base, instance: 'cap-1', token: ACCOUNT, WebSocket, reconnect: false });
+    const errors = [];
+    once.on('error', (e) => errors.push(e));
+    once.connect();
+    await waitFor(() => once.state.state === 'closed', { what: 'stopped' });
+    assert.equal(once.state.final, true);
+    assert.equal(once.state.reason, UPGRADE_REFUSED);
+    assert.equal(errors[0]?.message, UPGRADE_REFUSED);
+
+    const wrong = new EventGateClient({ baseUrl: capped.base, instance: 'cap-1', token: 'not-a-token', WebSocket, reconnect: false });
+    wrong.connect();
+    await waitFor(() => wrong.state.state === 'closed', { what: 'stopped' });
+    assert.equal(wrong.state.reason, 'Invalid token');
+    assert.equal(wrong.state.status, 401);
+    first.close();
+  } finally {
+    await capped.close();
+  }
+});
+
+test('connecting anew while a refusal is being looked into leaves one socket, and close() ends it', async () => {
+  await gw.call('POST', '/api/instance/new', { name: 'race-1' });
+  let slow = true;
+  const slowFetch = async (...args) => {
+    if (slow) await new Promise((r) => setTimeout(r, 600));
+    return fetch(...args);
+  };
+  const { Recording, made } = recordingWebSocket();
+  const client = new EventGateClient({
+    baseUrl: gw.base,
+    instance: 'race-1',
+    token: ACCOUNT,
+    WebSocket: Recording,
+    fetch: slowFetch,
+    backoff: { initialMs: 50, maxMs: 100 },
+  });
+  client.connect();
+  // The upgrade is refused (not enabled yet) and the slow diagnosis begins.
+  await waitFor(() => made.length === 1 && made[0].readyState === WebSocket.CLOSED, { what: 'the refusal' });
+  await gw.call('POST', '/api/events/websocket/race-1', { enabled: true });
+  client.setEvents(['call.update']);
+  await waitFor(() => client.state.state === 'live', { what: 'live' });
+  slow = false;
+  // Past the diagnosis: nothing else was opened.
+  await new Promise((r) => setTimeout(r, 1200));
+  assert.equal(made.filter((s) => s.readyState !== WebSocket.CLOSED).length, 1, 'one socket open');
+  assert.equal(await gw.clients('race-1'), 1);
+  client.close();
+  await waitFor(async () => (await gw.clients('race-1')) === 0, { what: 'no client left' });
 });
