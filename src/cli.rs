@@ -16,12 +16,25 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "eventgate", version, about, long_about)]
 pub struct Cli {
-    /// Settings file (TOML). Every key is documented in config/eventgate.toml.
-    #[arg(long, global = true, env = "EVENTGATE_CONFIG", value_name = "PATH")]
+    /// Settings file (TOML; else EVENTGATE_CONFIG, ignored when empty, as
+    /// every empty variable is). Every key is documented in
+    /// config/eventgate.toml.
+    #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+impl Cli {
+    /// The settings file: `--config`, else a non-empty `EVENTGATE_CONFIG`.
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.config.clone().or_else(|| {
+            std::env::var_os("EVENTGATE_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+    }
 }
 
 /// What to do; `serve` when omitted.

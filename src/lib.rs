@@ -53,6 +53,7 @@ pub mod http;
 pub mod instance;
 pub mod lifecycle;
 pub mod limits;
+pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod rate_limit;

@@ -107,12 +107,8 @@ pub async fn drain(state: web::Data<AppState>, server: ServerHandle) {
 
 /// Applies what can change safely at run time; logs what changed.
 pub fn reload(state: &AppState, limiter: &RateLimiter, fresh: &Settings) {
-    let level = fresh.log.level.parse::<log::LevelFilter>().ok();
-    if let Some(level) = level {
-        if level != log::max_level() {
-            log::set_max_level(level);
-            log::info!("reload: log level is now {level}");
-        }
+    if let Some(filter) = crate::logging::reload(&fresh.log.level) {
+        log::info!("reload: log filter is now {filter}");
     }
     let origins = OriginPolicy::new(&fresh.ws.allowed_origins);
     let mut held = state.origins.write();

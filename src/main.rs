@@ -40,17 +40,6 @@ enum CommandError {
     EmptyAccountName,
 }
 
-fn init_logging(settings: &Settings) {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| settings.log.level.clone());
-    let mut builder = env_logger::Builder::new();
-    builder.parse_filters(&filter);
-    // The journal stamps each line itself.
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.format_timestamp(None);
-    }
-    builder.init();
-}
-
 fn main() {
     exit_now(run_command());
 }
@@ -70,7 +59,8 @@ fn exit_now(code: u8) -> ! {
 
 fn run_command() -> u8 {
     let cli = Cli::parse();
-    let loaded = match Loaded::from_process(cli.config.as_deref()) {
+    let config = cli.config_path();
+    let loaded = match Loaded::from_process(config.as_deref()) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("eventgate: {e}");
@@ -78,9 +68,9 @@ fn run_command() -> u8 {
         }
     };
     let settings = loaded.settings.clone();
-    init_logging(&settings);
+    eventgate::logging::init(&settings.log.level);
     let outcome = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(settings, cli.config),
+        Command::Serve => serve(settings, config),
         Command::Migrate => eventgate::open_connection(&settings)
             .map(|_| println!("migrations applied"))
             .map_err(CommandError::from),

@@ -281,6 +281,12 @@ impl Settings {
                 "must be at least 1024",
             ));
         }
+        if self.auth.account_token == MASK {
+            return Err(invalid(
+                "auth.account_token",
+                "is the mask `check-config` prints in place of a secret, not a token: put the real one back",
+            ));
+        }
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }

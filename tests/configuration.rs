@@ -418,3 +418,20 @@ fn an_account_token_that_is_an_instance_token_is_refused_at_start() {
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), 1, "no second account was made: {out}");
 }
+
+#[test]
+fn an_empty_eventgate_config_is_ignored_like_every_empty_variable() {
+    let (code, out, err) = run_cli(
+        &["check-config"],
+        &owned(&[("EVENTGATE_CONFIG", ""), ("EVENTGATE_BIND", "127.0.0.1:9")]),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("bind = \"127.0.0.1:9\""), "{out}");
+    // A named file is still read, and one that is missing is an error.
+    let (code, _, err) = run_cli(
+        &["check-config"],
+        &owned(&[("EVENTGATE_CONFIG", "/nonexistent/eventgate.toml")]),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("/nonexistent/eventgate.toml"), "{err}");
+}

@@ -122,6 +122,53 @@ async fn sigterm_closes_clients_with_1001_refuses_upgrades_and_exits_zero() {
 }
 
 #[actix_rt::test]
+async fn sighup_raises_and_lowers_the_log_filter() {
+    let db = TestDb::fresh();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("eventgate.toml");
+    std::fs::write(&config, "[log]\nlevel = \"info\"\n").unwrap();
+    let p = Process::start(&db, &["--config", config.to_str().unwrap(), "serve"], &[]);
+    let s = p.client(&Settings::default());
+    s.instance("loud").await;
+    let session_lines = |p: &Process| {
+        p.stderr()
+            .lines()
+            .filter(|l| l.contains("DEBUG") && l.contains("connected"))
+            .count()
+    };
+    let _quiet = s.connect("loud", "").await;
+    s.wait_clients("loud", Some(1)).await;
+    assert_eq!(session_lines(&p), 0, "info lets no debug line through");
+    // Raised, for one target: a new session says so at debug.
+    std::fs::write(
+        &config,
+        "[log]\nlevel = \"info,eventgate::ws::session=debug\"\n",
+    )
+    .unwrap();
+    p.signal("HUP");
+    let raised = eventually(common::DEADLINE, async || {
+        p.stderr()
+            .contains("reload: log filter is now info,eventgate::ws::session=debug")
+            .then_some(())
+    })
+    .await;
+    assert!(raised.is_some(), "{}", p.stderr());
+    let _heard = s.connect("loud", "").await;
+    let seen = eventually(common::DEADLINE, async || {
+        (session_lines(&p) == 1).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "{}", p.stderr());
+    // Lowered again: nothing more.
+    std::fs::write(&config, "[log]\nlevel = \"warn\"\n").unwrap();
+    p.signal("HUP");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _again = s.connect("loud", "").await;
+    s.wait_clients("loud", Some(3)).await;
+    assert_eq!(session_lines(&p), 1, "{}", p.stderr());
+}
+
+#[actix_rt::test]
 async fn sighup_changes_the_origin_allowlist_without_dropping_clients() {
     let db = TestDb::fresh();
     let dir = tempfile::tempdir().unwrap();

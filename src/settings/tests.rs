@@ -389,3 +389,13 @@ fn masks_cluster_url_and_leaves_an_empty_token_empty() {
     assert_eq!(m.cluster.nats_url, "nats://user:********@nats:4222");
     assert_eq!(m.auth.account_token, "");
 }
+
+#[test]
+fn the_mask_is_refused_as_an_account_token() {
+    let env = |k: &str| (k == "EVENTGATE_ACCOUNT_TOKEN").then(|| MASK.to_string());
+    let err = Settings::load(None, &env).unwrap_err().to_string();
+    assert!(
+        err.contains("auth.account_token") && err.contains("mask"),
+        "{err}"
+    );
+}
