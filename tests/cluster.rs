@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod webhook_receiver;
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use common::{
     TestDb, TestServer, Ws, ACCOUNT, DEADLINE,
 };
 use serde_json::{json, Value};
+use webhook_receiver::Receiver;
 
 /// A node on the shared database and the given NATS, with the test's own
 /// subject prefix (tests sharing one NATS server do not hear each other).
@@ -533,4 +535,82 @@ async fn a_stale_settings_notice_never_overrides_newer_settings() {
     assert_eq!(got["event"], "group.flow", "{got}");
     assert_eq!(got["data"]["n"], 1);
     ws.silent(Duration::from_millis(300)).await;
+}
+
+/// While NATS is down a node cannot hear of webhook changes made on another
+/// node: its publishes read the instance's enabled webhooks from storage, so
+/// a webhook enabled elsewhere gets the deliveries of every 202 and one
+/// disabled elsewhere gets none.
+#[actix_rt::test]
+async fn while_nats_is_down_publishes_follow_the_webhooks_in_storage() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(mut nats) = NatsServer::start() else {
+        return;
+    };
+    let prefix = unique_subject_prefix();
+    let tweak = |s: &mut eventgate::settings::Settings| {
+        // No periodic refresh within the test: only storage can tell.
+        s.cluster.refresh_secs = 3600;
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    };
+    let a = node(&db, &nats.url(), &prefix, tweak).await;
+    let b = node(&db, &nats.url(), &prefix, tweak).await;
+    a.instance("hooks").await;
+    let rx = Receiver::start();
+    set(
+        &a,
+        json!({"label": "d", "enabled": true, "url": rx.url("/d")}),
+    )
+    .await;
+    a.publish("hooks", event("call.update", json!({"n": 1})))
+        .await;
+    rx.wait_count(1, DEADLINE).await;
+
+    nats.kill();
+    eventually(DEADLINE, async || {
+        (a.raw("GET", "/readyz", &[], None).await.status == 503
+            && b.raw("GET", "/readyz", &[], None).await.status == 503)
+            .then_some(())
+    })
+    .await
+    .expect("/readyz never turned 503");
+    // Changed on B; the notices cannot cross.
+    set(&b, json!({"label": "d", "enabled": false})).await;
+    set(
+        &b,
+        json!({"label": "e", "enabled": true, "url": rx.url("/e")}),
+    )
+    .await;
+    let r = a
+        .publish("hooks", event("call.update", json!({"n": 2})))
+        .await;
+    assert_eq!(r.status, 202);
+    let got = rx.wait_count(2, DEADLINE).await;
+    assert_eq!(got[1].path, "/e");
+    assert_eq!(got[1].json()["data"], json!({"n": 2}));
+    let failed = a
+        .call(
+            "GET",
+            "/api/events/webhook/hooks/failed?label=d",
+            Some(ACCOUNT),
+            None,
+        )
+        .await;
+    assert_eq!(failed.body["deliveries"], json!([]), "{}", failed.body);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.count(), 2);
+}
+
+async fn set(s: &TestServer, body: Value) {
+    let r = s
+        .call(
+            "POST",
+            "/api/events/webhook/hooks",
+            Some(ACCOUNT),
+            Some(body),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }

@@ -31,7 +31,12 @@ async fn enqueue_webhooks(
     instance: InstanceId,
     events: &[Event],
 ) -> Result<(), ApiError> {
-    let Some(hooks) = state.registry.webhooks().enabled(instance) else {
+    let hooks = if state.bus.is_connected() {
+        state.registry.webhooks().enabled(instance)
+    } else {
+        enabled_in_storage(state, instance).await?
+    };
+    let Some(hooks) = hooks else {
         return Ok(());
     };
     let batches: Vec<(i64, Vec<NewDelivery>)> = hooks
@@ -80,6 +85,25 @@ async fn enqueue_webhooks(
         state.registry.change(Change::WebhooksDue { instance });
     }
     Ok(())
+}
+
+/// The instance's enabled webhooks as storage has them (also kept in this
+/// node's map). Read while NATS is down: changes made on other nodes cannot
+/// reach this one then, and the deliveries of a 202 must follow the webhooks
+/// as they are, not as this node last heard of them.
+async fn enabled_in_storage(
+    state: &AppState,
+    instance: InstanceId,
+) -> Result<Option<Arc<[crate::webhook::EnabledWebhook]>>, ApiError> {
+    let (pool, webhooks) = (state.pool.clone(), state.registry.webhooks().clone());
+    let read = web::block(move || {
+        let mut conn = pool.get().map_err(crate::storage::StorageError::from)?;
+        crate::webhook::worker::read_enabled(&mut conn, &webhooks, instance)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(ApiError::from)?;
+    Ok((!read.is_empty()).then(|| read.into()))
 }
 
 /// `POST /api/events/publish/:instance`: TokenAccount only.
