@@ -844,3 +844,66 @@ async fn a_node_keeps_following_an_instance_for_a_while_after_its_last_client_le
     assert_eq!(got.iter().map(n).collect::<Vec<_>>(), [2, 3, 4]);
     cluster.clean_up().await;
 }
+
+/// Nodes publishing to one instance at once retry on each other's sequence
+/// until their publish is kept: every event is in the shared history under
+/// the one epoch, and a recovery from before the first replays all of them.
+#[actix_rt::test]
+async fn concurrent_publishers_on_every_node_keep_every_event_in_the_shared_history() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(url) = require_nats() else {
+        return;
+    };
+    const PUBLISHERS: u64 = 8;
+    const EACH: u64 = 150;
+    let total = PUBLISHERS * EACH;
+    let cluster = Cluster::shared(url);
+    let a = cluster.node_keeping(&db, 5_000).await;
+    let b = cluster.node_keeping(&db, 5_000).await;
+    a.instance("busy").await;
+    let (mut wa, first) = open(&a, "busy", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    let since = first["offset"].as_u64().unwrap();
+    let (mut wb, _) = open(&b, "busy", "&recover=true").await;
+    // Half the publishers on each node, each one publish at a time.
+    let publishers = (0..PUBLISHERS).map(|k| {
+        let node = if k % 2 == 0 { &a } else { &b };
+        async move {
+            for i in 1..=EACH {
+                let r = node.publish("busy", ev(k * EACH + i)).await;
+                assert_eq!(r.status, 202);
+            }
+        }
+    });
+    futures_util::future::join_all(publishers).await;
+    let got_a = read_count(&mut wa, total).await;
+    let got_b = read_count(&mut wb, total).await;
+    for v in got_a.iter().chain(&got_b) {
+        assert_eq!(
+            v["epoch"],
+            json!(epoch),
+            "every event in the shared history: {v}"
+        );
+    }
+    assert_eq!(positions(&got_a), positions(&got_b));
+    assert_increasing(&got_a);
+    let (mut late, first) = resume(&b, "busy", &epoch, since, "").await;
+    assert_eq!(first["recovered"], true, "{first}");
+    let replayed = read_count(&mut late, total).await;
+    assert_eq!(positions(&replayed), positions(&got_a));
+    let mut ns: Vec<u64> = replayed.iter().map(n).collect();
+    ns.sort_unstable();
+    assert_eq!(ns, (1..=total).collect::<Vec<_>>());
+    cluster.clean_up().await;
+}
+
+/// The next `count` envelopes.
+async fn read_count(ws: &mut common::Ws, count: u64) -> Vec<Value> {
+    let mut got = Vec::new();
+    for _ in 0..count {
+        got.push(ws.envelope().await);
+    }
+    got
+}

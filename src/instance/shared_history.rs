@@ -58,8 +58,17 @@ const PREV_HEADER: &str = "Eventgate-Prev";
 /// `<event set bits>/<mediaBase64 0|1>`.
 const FILTER_HEADER: &str = "Eventgate-Filter";
 
-/// Attempts at a publish whose expected predecessor another node changed.
+/// Attempts at a publish whose stream was not found (created again between).
 const PUBLISH_ATTEMPTS: usize = 8;
+
+/// How long a publish whose expected predecessor another node's publish
+/// took goes on trying, each time after a random pause of up to
+/// [`CONTENDED_PAUSE_MAX`] (growing with the attempts) so that the nodes
+/// publishing to one instance at once stop colliding. Eight attempts at
+/// once were not enough for three nodes publishing together: about one
+/// publish in a thousand then took the plain way, outside the history.
+const CONTENDED_FOR: Duration = Duration::from_secs(5);
+const CONTENDED_PAUSE_MAX: Duration = Duration::from_millis(20);
 
 /// How long a publish whose outcome is unknown is sent again (with the same
 /// message id) before its events take the plain way. Below JetStream's
@@ -80,6 +89,14 @@ const AGE_MARGIN: Duration = Duration::from_secs(60);
 /// delivery of the instance is that late on this node.
 const LAG_LOGGED_OVER: Duration = Duration::from_secs(1);
 const LAG_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A random pause before attempt `attempts + 1` of a contended publish: up
+/// to 1 ms doubled per attempt, at most [`CONTENDED_PAUSE_MAX`].
+fn contended_pause(attempts: usize) -> Duration {
+    use rand::Rng;
+    let cap = Duration::from_millis(1 << attempts.min(16)).min(CONTENDED_PAUSE_MAX);
+    cap.mul_f64(rand::thread_rng().gen::<f64>())
+}
 
 /// Why a publish did not reach the shared history.
 #[derive(Debug, thiserror::Error)]
@@ -316,9 +333,10 @@ impl SharedHistory {
             match e.kind() {
                 // Not kept: another node's publish came first.
                 jetstream::context::PublishErrorKind::WrongLastSequence
-                    if attempts < PUBLISH_ATTEMPTS =>
+                    if started.elapsed() < CONTENDED_FOR =>
                 {
                     *head = None;
+                    tokio::time::sleep(contended_pause(attempts)).await;
                 }
                 jetstream::context::PublishErrorKind::StreamNotFound
                     if attempts < PUBLISH_ATTEMPTS =>
