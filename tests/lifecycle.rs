@@ -211,6 +211,20 @@ async fn sighup_changes_the_origin_allowlist_without_dropping_clients() {
 }
 
 #[actix_rt::test]
+async fn readyz_says_when_the_sqlite_file_is_deleted_under_the_node() {
+    let s = TestServer::start_on(TestDb::sqlite(), |_| {}).await;
+    s.instance("file").await;
+    assert_eq!(s.raw("GET", "/readyz", &[], None).await.status, 200);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", s.db.url));
+    }
+    let r = s.raw("GET", "/readyz", &[], None).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.body["error"]["details"], "storage file is gone");
+    assert_eq!(s.raw("GET", "/healthz", &[], None).await.status, 200);
+}
+
+#[actix_rt::test]
 async fn readyz_and_storage_errors_when_postgres_goes_away() {
     let Some(db) = common::require_postgres() else {
         return;

@@ -39,6 +39,8 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             .get_timeout(READY_TIMEOUT)
             .map_err(|e| unreachable(e.to_string()))?;
         crate::storage::ping(&mut conn).map_err(|e| unreachable(e.to_string()))?;
+        crate::storage::file_present(&mut conn)
+            .map_err(|e| ("storage file is gone", e.to_string()))?;
         crate::storage::schema_present(&mut conn)
             .map_err(|e| ("storage has lost its tables", e.to_string()))
     });

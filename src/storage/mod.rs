@@ -58,6 +58,30 @@ pub fn ping(conn: &mut DbConn) -> Result<(), StorageError> {
     with_conn!(conn, c => c.batch_execute("SELECT 1")).map_err(StorageError::from)
 }
 
+/// On SQLite, whether the database file is still where it was opened: a
+/// file deleted (or moved) under a running node keeps answering through its
+/// open handle, and everything written to it then is lost at the restart.
+pub fn file_present(conn: &mut DbConn) -> Result<(), StorageError> {
+    #[derive(diesel::QueryableByName)]
+    struct Database {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        file: String,
+    }
+    let DbConn::Sqlite(c) = conn else {
+        return Ok(());
+    };
+    let databases: Vec<Database> =
+        diesel::RunQueryDsl::load(diesel::sql_query("PRAGMA database_list"), c)?;
+    match databases.iter().find(|d| d.name == "main") {
+        Some(main) if !main.file.is_empty() && !std::path::Path::new(&main.file).exists() => Err(
+            StorageError::Connection(format!("{} no longer exists", main.file)),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Whether the database still holds the gateway's tables (a database
 /// dropped and created again empty under a running node answers [`ping`]).
 pub fn schema_present(conn: &mut DbConn) -> Result<(), StorageError> {
