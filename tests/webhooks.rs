@@ -2315,3 +2315,33 @@ async fn a_webhook_deleted_or_disabled_while_publishes_are_stored_and_attempts_r
         }
     }
 }
+
+/// The pending gauge is counted in storage as the node starts, not only
+/// after the first housekeeping period.
+#[actix_rt::test]
+async fn the_pending_gauge_is_right_from_the_start() {
+    let s = server_with(&[3600]).await;
+    s.instance("gauge").await;
+    // Nothing listens there: each delivery fails once and waits an hour.
+    set_ok(
+        &s,
+        "gauge",
+        json!({"enabled": true, "url": "http://127.0.0.1:9/closed"}),
+    )
+    .await;
+    let batch: Vec<Value> = (0..3)
+        .map(|n| event("call.update", json!({"n": n})))
+        .collect();
+    assert_eq!(s.publish("gauge", json!(batch)).await.status, 202);
+    wait_stats(&s, "gauge", "default", |st| st["pending"] == 3).await;
+    // A second node on the same database, starting now.
+    let again = TestServer::start_on(s.db.shared(), |st| {
+        st.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        st.webhook.retry_schedule_secs = vec![3600];
+    })
+    .await;
+    eventually(Duration::from_secs(2), "the gauge counted", || async {
+        (again.metric("eventgate_webhook_pending").await == 3.0).then_some(())
+    })
+    .await;
+}

@@ -865,8 +865,8 @@ async fn record_outcomes(
 async fn housekeeping(env: WorkerEnv) {
     let mut timer = RefreshTimer::new(HOUSEKEEPING, env.resync.clone());
     let mut asked = false;
+    // At once, then every period: the gauge is right from the start.
     loop {
-        asked |= timer.tick().await;
         if (env.stopping)() {
             return;
         }
@@ -903,6 +903,7 @@ async fn housekeeping(env: WorkerEnv) {
             }
             Err(e) => log::warn!("webhook housekeeping skipped: {e}"),
         }
+        asked |= timer.tick().await;
     }
 }
 
