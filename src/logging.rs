@@ -21,6 +21,10 @@ fn filter_of(level: &str) -> String {
 
 fn build(filter: &str) -> env_logger::Logger {
     let mut builder = env_logger::Builder::new();
+    // The NATS client's connector prints its connect options, the URL's
+    // password included, at debug: kept at info unless named in the filter
+    // (a filter's own `async_nats::connector=…` replaces this one).
+    builder.filter_module("async_nats::connector", log::LevelFilter::Info);
     builder.parse_filters(filter);
     // The journal stamps each line itself.
     if std::env::var_os("JOURNAL_STREAM").is_some() {

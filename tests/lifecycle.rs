@@ -614,3 +614,28 @@ async fn a_stop_right_after_start_is_a_drain() {
         );
     }
 }
+
+#[actix_rt::test]
+async fn the_nats_password_is_never_logged_even_at_debug() {
+    let db = TestDb::sqlite();
+    let env = [
+        (
+            "EVENTGATE_NATS_URL",
+            "nats://user:s3cret-pw@127.0.0.1:1".to_string(),
+        ),
+        ("EVENTGATE_LOG", "debug".to_string()),
+    ];
+    let p = Process::start(&db, &["serve"], &env);
+    let masked = eventually(common::DEADLINE, async || {
+        p.stderr()
+            .contains("nats://user:********@127.0.0.1:1")
+            .then_some(())
+    })
+    .await;
+    assert!(masked.is_some(), "{}", p.stderr());
+    // Connection attempts go on meanwhile (nothing listens there).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = p.stderr();
+    assert!(log.contains("DEBUG"), "{log}");
+    assert!(!log.contains("s3cret-pw"), "{log}");
+}
