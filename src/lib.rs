@@ -237,6 +237,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         origins: RwLock::new(OriginPolicy::new(&settings.ws.allowed_origins)),
         shutting_down: AtomicBool::new(false),
+        in_flight: Default::default(),
         bus: bus.clone(),
         connections: limits::ConnectionLimits::new(&settings.limits),
         intake,

@@ -5,7 +5,7 @@
 //! Outside systemd (no `NOTIFY_SOCKET`) the notifications do nothing.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::dev::ServerHandle;
 use actix_web::web;
@@ -22,6 +22,12 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long closing frames get to reach clients before connections are dropped.
 const CLOSE_FLUSH: Duration = Duration::from_millis(500);
+
+/// How often the drain looks whether requests are still being handled.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(10);
+
+/// Time for the last replies to leave before the connections are closed.
+const REPLY_FLUSH: Duration = Duration::from_millis(100);
 
 fn notify(states: &[NotifyState<'_>]) {
     if let Err(e) = send_notify(states) {
@@ -92,8 +98,12 @@ pub async fn watchdog(state: web::Data<AppState>) {
 }
 
 /// Drains and stops the server: refuse upgrades, close every WebSocket with
-/// 1001, let in-flight requests finish, stop within the drain time.
+/// 1001, let in-flight requests finish, stop within the drain time. Idle
+/// keep-alive connections are not waited for: once no request is being
+/// handled (and its reply has had [`REPLY_FLUSH`] to leave), the server
+/// stops and closes them.
 pub async fn drain(state: web::Data<AppState>, server: ServerHandle) {
+    let deadline = Instant::now() + Duration::from_secs(state.settings.server.shutdown_drain_secs);
     state.shutting_down.store(true, Ordering::Release);
     notify(&[
         NotifyState::Stopping,
@@ -102,7 +112,11 @@ pub async fn drain(state: web::Data<AppState>, server: ServerHandle) {
     let closed = state.registry.close_all(CloseCode::GoingAway).await;
     log::info!("shutting down: closed {closed} WebSocket sessions");
     tokio::time::sleep(CLOSE_FLUSH).await;
-    server.stop(true).await;
+    while state.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(IN_FLIGHT_POLL).await;
+    }
+    tokio::time::sleep(REPLY_FLUSH).await;
+    server.stop(false).await;
 }
 
 /// Applies what can change safely at run time; logs what changed.

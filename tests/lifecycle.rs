@@ -85,6 +85,62 @@ async fn an_abstract_notify_socket_sees_ready_and_stopping() {
     assert!(status.success(), "{status}");
 }
 
+/// The drain waits for requests being handled, not for idle keep-alive
+/// connections: a publish whose body is still arriving gets its 202, then
+/// the process exits long before the drain time, although a client keeps
+/// an idle connection open.
+#[actix_rt::test]
+async fn sigterm_finishes_requests_in_flight_and_does_not_wait_for_idle_connections() {
+    use std::io::{Read, Write};
+    let db = TestDb::fresh();
+    let mut p = Process::start(
+        &db,
+        &["serve"],
+        &[("EVENTGATE_SHUTDOWN_DRAIN_SECS", "30".into())],
+    );
+    let s = p.client(&Settings::default());
+    s.instance("idle").await;
+    // An idle keep-alive connection, after one request.
+    let mut idle = std::net::TcpStream::connect(s.addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 512];
+    assert!(idle.read(&mut buf).unwrap() > 0);
+    // A publish whose body is half sent.
+    let body = serde_json::to_vec(&event("call.update", json!({"n": 1}))).unwrap();
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut slow = std::net::TcpStream::connect(s.addr).unwrap();
+    write!(
+        slow,
+        "POST /api/events/publish/idle HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {ACCOUNT}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    slow.write_all(first).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    p.signal("TERM");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    slow.write_all(rest).unwrap();
+    let mut reply = String::new();
+    let mut chunk = [0u8; 1024];
+    while !reply.contains("Events accepted") {
+        let n = slow.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed before the reply: {reply}");
+        reply.push_str(&String::from_utf8_lossy(&chunk[..n]));
+    }
+    assert!(reply.starts_with("HTTP/1.1 202"), "{reply}");
+    let status = p.wait_exit(Duration::from_secs(20)).expect("exited");
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "an idle connection held the drain for {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
+
 #[actix_rt::test]
 async fn sigterm_closes_clients_with_1001_refuses_upgrades_and_exits_zero() {
     let db = TestDb::fresh();

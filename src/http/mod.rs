@@ -130,12 +130,37 @@ pub async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
     Err(ApiError::NotFound)
 }
 
-/// Counts requests by route pattern and status.
+/// One request being handled, in [`AppState::in_flight`] until dropped
+/// (also when the request's future is dropped unfinished).
+struct InFlight(web::Data<AppState>);
+
+impl InFlight {
+    fn new(state: web::Data<AppState>) -> InFlight {
+        state
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Counts requests by route pattern and status, and those being handled.
 pub async fn count_requests(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
+    let _in_flight = req
+        .app_data::<web::Data<AppState>>()
+        .cloned()
+        .map(InFlight::new);
     let res = next.call(req).await?;
     if let Some(metrics) = metrics {
         let route = res

@@ -50,6 +50,9 @@ pub struct AppState {
     pub origins: RwLock<OriginPolicy>,
     /// Set when a graceful shutdown begins: upgrades get 503, `/readyz` 503.
     pub shutting_down: AtomicBool,
+    /// HTTP requests being handled now (the drain waits for them, not for
+    /// idle keep-alive connections).
+    pub in_flight: std::sync::atomic::AtomicUsize,
     /// How events and changes reach other nodes.
     pub bus: Bus,
     /// WebSocket clients per instance, account and node.
