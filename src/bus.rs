@@ -177,6 +177,9 @@ impl Bus {
                     ups = now.ups;
                     announcer.resync_here();
                     announcer.send(format!("{}.resync", announcer.prefix), Vec::new());
+                    if let Some(history) = announcer.history.clone() {
+                        actix_web::rt::spawn(async move { history.mark_gaps().await });
+                    }
                 }
             }
         });

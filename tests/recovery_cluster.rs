@@ -907,3 +907,53 @@ async fn read_count(ws: &mut common::Ws, count: u64) -> Vec<Value> {
     }
     got
 }
+
+/// Events a node cut off from NATS delivered the plain way are in no node's
+/// history: once it is back it appends a gap marker, and from then on every
+/// node answers `recovered: false` for positions from before the gap (before
+/// it, the other nodes could not know).
+#[actix_rt::test]
+async fn events_a_cut_off_node_delivered_outside_the_history_make_recovery_false_everywhere() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(nats) = Nats::start() else {
+        return;
+    };
+    let relay = Relay::start(nats.port);
+    let cluster = Cluster::own(&nats);
+    let a = cluster.node_via(&db, relay.url()).await;
+    let b = cluster.node(&db).await;
+    b.instance("gap").await;
+    let (mut wa, first) = open(&a, "gap", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    let (mut wb, _) = open(&b, "gap", "&recover=true").await;
+    assert_eq!(b.publish("gap", ev(1)).await.status, 202);
+    let since = offset(&read_until(&mut wb, 1).await[0]);
+    read_until(&mut wa, 1).await;
+
+    relay.cut();
+    wait_ready(&a, 503).await;
+    // On A only, outside the shared history; on B, in it.
+    assert_eq!(a.publish("gap", ev(2)).await.status, 202);
+    assert_eq!(b.publish("gap", ev(3)).await.status, 202);
+    read_until(&mut wb, 3).await;
+    relay.restore();
+    wait_ready(&a, 200).await;
+    let answered_false = eventually(Duration::from_secs(20), async || {
+        let (_, first) = resume(&b, "gap", &epoch, since, "").await;
+        (first["recovered"] == json!(false)).then_some(first)
+    })
+    .await;
+    let first =
+        answered_false.expect("B never learnt of the events A delivered outside the history");
+    assert_eq!(first["epoch"], json!(epoch), "the same shared epoch");
+    // A position after the marker recovers, on both nodes.
+    let latest = first["offset"].as_u64().unwrap();
+    assert_eq!(b.publish("gap", ev(4)).await.status, 202);
+    for node in [&a, &b] {
+        let (mut ws, first) = resume(node, "gap", &epoch, latest, "").await;
+        assert_eq!(first["recovered"], true, "{first}");
+        assert_eq!(n(&read_until(&mut ws, 4).await[0]), 4);
+    }
+}

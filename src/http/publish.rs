@@ -167,6 +167,11 @@ pub async fn publish(
             None => false,
         };
         if !through_history {
+            if let (Some(history), Some(_)) = (state.bus.shared_history(), config) {
+                // Outside the shared history: the other nodes' mirrors learn
+                // of the gap from a marker this node appends later.
+                history.note_gap(instance.id);
+            }
             state.bus.publish_events(instance.id, &events, history_id);
             // With a history kept on this node, every event accepted while
             // the WebSocket is enabled is numbered and kept (§12), whether

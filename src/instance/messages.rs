@@ -261,6 +261,9 @@ pub struct Sequenced {
     /// The instance's filter and mediaBase64 when they were accepted
     /// (`None`: the message does not say; the current ones apply).
     pub accepted_under: Option<(EventSet, bool)>,
+    /// A gap marker: events of the instance were delivered outside the
+    /// history before it, so no recovery from before it is complete.
+    pub gap: bool,
     /// Whether nothing older is left to load.
     pub caught_up: bool,
 }

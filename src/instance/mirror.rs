@@ -218,7 +218,10 @@ impl Handler<Sequenced> for InstanceActor {
         let stamping = self.recovering > 0;
         let mut frames = Vec::new();
         if let Some(history) = self.history.as_mut() {
-            if history.latest() >> OFFSET_BITS != msg.prev {
+            if msg.gap {
+                // Events went outside the history before this marker.
+                history.restart_after(last_offset_of(msg.seq));
+            } else if history.latest() >> OFFSET_BITS != msg.prev {
                 // What came before this message is gone from the stream.
                 history.restart_after(last_offset_of(msg.prev));
             }
@@ -333,6 +336,7 @@ mod tests {
                 events: Vec::new().into(),
                 delivered: false,
                 accepted_under: None,
+                gap: false,
                 caught_up: true,
             })
             .await

@@ -30,7 +30,7 @@
 //! delivery, in offset order (see `actor`). This module owns the stream and
 //! the wire format only; it never touches the database or sessions.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -57,6 +57,13 @@ const PREV_HEADER: &str = "Eventgate-Prev";
 /// Header with the instance's filter when the events were accepted:
 /// `<event set bits>/<mediaBase64 0|1>`.
 const FILTER_HEADER: &str = "Eventgate-Filter";
+
+/// Header of a gap marker: a message with no events, appended by a node
+/// that delivered events of the instance the plain way (outside the
+/// history) once it reaches JetStream again. Every node's mirror then
+/// answers `recovered: false` for positions before it, on every node alike:
+/// those positions may have missed the plain events.
+const GAP_HEADER: &str = "Eventgate-Gap";
 
 /// Attempts at a publish whose stream was not found (created again between).
 const PUBLISH_ATTEMPTS: usize = 8;
@@ -162,6 +169,9 @@ pub struct SharedHistory {
     /// Message ids of requests whose events were delivered the plain way,
     /// with when: a follower that finds one keeps it without delivering it.
     plain: Mutex<HashMap<String, Instant>>,
+    /// Instances whose events this node delivered the plain way since its
+    /// last gap marker for them (see [`GAP_HEADER`]).
+    gaps: Mutex<HashSet<InstanceId>>,
 }
 
 impl SharedHistory {
@@ -182,7 +192,50 @@ impl SharedHistory {
             id_prefix: crate::auth::generate_token()[..12].to_string(),
             next_id: AtomicU64::new(1),
             plain: Mutex::new(HashMap::new()),
+            gaps: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Remembers that events of `id` took the plain way: a gap marker goes
+    /// into its history before its next message (or when NATS is back).
+    pub fn note_gap(&self, id: InstanceId) {
+        self.gaps.lock().insert(id);
+    }
+
+    /// Appends the gap markers this node owes (after NATS came back).
+    pub async fn mark_gaps(&self) {
+        let owed: Vec<InstanceId> = self.gaps.lock().iter().copied().collect();
+        for id in owed {
+            let head = self.head_of(id);
+            let mut head = head.lock().await;
+            if let Err(e) = self.mark_gap(id, &mut head).await {
+                log::warn!("instance_id={} gap marker not appended yet: {e}", id.0);
+            }
+        }
+    }
+
+    /// Appends `id`'s gap marker if one is owed (under its head's lock).
+    async fn mark_gap(
+        &self,
+        id: InstanceId,
+        head: &mut Option<u64>,
+    ) -> Result<(), SharedHistoryError> {
+        if !self.gaps.lock().contains(&id) {
+            return Ok(());
+        }
+        self.append(id, head, b"[]".to_vec(), &[(GAP_HEADER, "1")])
+            .await?;
+        self.gaps.lock().remove(&id);
+        log::info!(
+            "instance_id={} gap marker appended: recoveries from before it answer recovered:false",
+            id.0
+        );
+        Ok(())
+    }
+
+    /// The lock on `id`'s head, which keeps this node's appends in order.
+    fn head_of(&self, id: InstanceId) -> Arc<tokio::sync::Mutex<Option<u64>>> {
+        self.heads.lock().entry(id).or_default().clone()
     }
 
     /// Remembers that request `id`'s events were delivered the plain way.
@@ -274,13 +327,28 @@ impl SharedHistory {
             accepted_under.event_set().bits(),
             u8::from(accepted_under.media_base64)
         );
+        let head = self.head_of(id);
+        let mut head = head.lock().await;
+        // A gap owed goes first; if it cannot, neither can these events.
+        self.mark_gap(id, &mut head).await?;
+        self.append(id, &mut head, payload, &[(FILTER_HEADER, filter.as_str())])
+            .await
+    }
+
+    /// Appends one message to `id`'s subject after the one `head` names,
+    /// retrying as [`Self::publish`] says.
+    async fn append(
+        &self,
+        id: InstanceId,
+        head: &mut Option<u64>,
+        payload: Vec<u8>,
+        extra: &[(&str, &str)],
+    ) -> Result<(), SharedHistoryError> {
         let msg_id = format!(
             "{}-{}",
             self.id_prefix,
             self.next_id.fetch_add(1, Ordering::Relaxed)
         );
-        let head = self.heads.lock().entry(id).or_default().clone();
-        let mut head = head.lock().await;
         let subject = self.subject(id);
         let started = Instant::now();
         let mut fresh = false;
@@ -310,7 +378,9 @@ impl SharedHistory {
                 prev.to_string().as_str(),
             );
             headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
-            headers.insert(FILTER_HEADER, filter.as_str());
+            for (name, value) in extra {
+                headers.insert(*name, *value);
+            }
             let outcome = match self
                 .js
                 .publish_with_headers(subject.clone(), headers, payload.clone().into())
@@ -500,6 +570,7 @@ impl SharedHistory {
             let accepted_under = header(FILTER_HEADER).and_then(|v| parse_filter(v.as_str()));
             let delivered = header(async_nats::header::NATS_MESSAGE_ID.as_ref())
                 .is_some_and(|v| self.was_delivered_plainly(v.as_str()));
+            let gap = header(GAP_HEADER).is_some();
             let events: Vec<Event> = match serde_json::from_slice(&msg.payload) {
                 Ok(events) => events,
                 Err(e) => {
@@ -518,6 +589,7 @@ impl SharedHistory {
                     events: events.into(),
                     delivered,
                     accepted_under,
+                    gap,
                     caught_up: pending == 0,
                 })
                 .await
