@@ -69,7 +69,11 @@ fn run_command() -> u8 {
     };
     let settings = loaded.settings.clone();
     eventgate::logging::init(&settings.log.level);
-    let outcome = match cli.command.unwrap_or(Command::Serve) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    // The gateway's failures go to its log too (the journal); a command's
+    // only to the terminal, once.
+    let serving = matches!(command, Command::Serve);
+    let outcome = match command {
         Command::Serve => serve(settings, config),
         Command::Migrate => eventgate::open_connection(&settings)
             .map(|_| println!("migrations applied"))
@@ -84,7 +88,9 @@ fn run_command() -> u8 {
     match outcome {
         Ok(()) => 0,
         Err(e) => {
-            log::error!("{e}");
+            if serving {
+                log::error!("{e}");
+            }
             eprintln!("eventgate: {e}");
             1
         }

@@ -553,6 +553,7 @@ fn account_and_instance_commands() {
         err.contains("no account 999 (see `eventgate account list`)"),
         "{err}"
     );
+    assert_eq!(err.matches("no account 999").count(), 1, "said once: {err}");
     let (code, _, err) = run_cli(&["account", "create", " "], &env);
     assert_eq!(code, 1);
     assert!(err.contains("an account name must not be empty"), "{err}");
