@@ -183,6 +183,20 @@ impl Bus {
                 }
             }
         });
+        if let Some(history) = bus.history.clone() {
+            // Gap markers that could not be appended (JetStream not ready
+            // yet, a flapping connection) are tried again while owed.
+            let client = bus.client.clone();
+            actix_web::rt::spawn(async move {
+                loop {
+                    tokio::time::sleep(crate::instance::shared_history::GAP_RETRY).await;
+                    let up = client.connection_state() == async_nats::connection::State::Connected;
+                    if up && history.owes_gaps() {
+                        history.mark_gaps().await;
+                    }
+                }
+            });
+        }
         let sender = bus.clone();
         actix_web::rt::spawn(async move {
             while let Some((subject, history_id, payload)) = rx.recv().await {

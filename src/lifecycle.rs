@@ -97,14 +97,15 @@ pub async fn watchdog(state: web::Data<AppState>) {
     }
 }
 
-/// Drains and stops the server: refuse upgrades, close every WebSocket with
-/// 1001, let in-flight requests finish, stop within the drain time. Idle
+/// Drains and stops the server: refuse upgrades and new requests (503, but
+/// for the probes and metrics), close every WebSocket with 1001, let the
+/// requests being handled finish, stop within the drain time. Idle
 /// keep-alive connections are not waited for: once no request is being
 /// handled (and its reply has had [`REPLY_FLUSH`] to leave), the server
 /// stops and closes them.
 pub async fn drain(state: web::Data<AppState>, server: ServerHandle) {
     let deadline = Instant::now() + Duration::from_secs(state.settings.server.shutdown_drain_secs);
-    state.shutting_down.store(true, Ordering::Release);
+    state.shutting_down.store(true, Ordering::SeqCst);
     notify(&[
         NotifyState::Stopping,
         NotifyState::Custom("STATUS=draining"),
@@ -112,7 +113,7 @@ pub async fn drain(state: web::Data<AppState>, server: ServerHandle) {
     let closed = state.registry.close_all(CloseCode::GoingAway).await;
     log::info!("shutting down: closed {closed} WebSocket sessions");
     tokio::time::sleep(CLOSE_FLUSH).await;
-    while state.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+    while state.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         tokio::time::sleep(IN_FLIGHT_POLL).await;
     }
     tokio::time::sleep(REPLY_FLUSH).await;

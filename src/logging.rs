@@ -20,11 +20,16 @@ fn filter_of(level: &str) -> String {
 }
 
 fn build(filter: &str) -> env_logger::Logger {
+    // The filter's most verbose level, which the connector's rule must not raise.
+    let most = env_logger::Builder::new()
+        .parse_filters(filter)
+        .build()
+        .filter();
     let mut builder = env_logger::Builder::new();
     // The NATS client's connector prints its connect options, the URL's
-    // password included, at debug: kept at info unless named in the filter
-    // (a filter's own `async_nats::connector=…` replaces this one).
-    builder.filter_module("async_nats::connector", log::LevelFilter::Info);
+    // password included, at debug: kept at info at most unless named in the
+    // filter (a filter's own `async_nats::connector=…` replaces this one).
+    builder.filter_module("async_nats::connector", most.min(log::LevelFilter::Info));
     builder.parse_filters(filter);
     // The journal stamps each line itself.
     if std::env::var_os("JOURNAL_STREAM").is_some() {

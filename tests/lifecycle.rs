@@ -86,9 +86,10 @@ async fn an_abstract_notify_socket_sees_ready_and_stopping() {
 }
 
 /// The drain waits for requests being handled, not for idle keep-alive
-/// connections: a publish whose body is still arriving gets its 202, then
-/// the process exits long before the drain time, although a client keeps
-/// an idle connection open.
+/// connections: a publish whose body is still arriving gets its 202, a new
+/// request gets 503 (the probes are still answered), then the process exits
+/// long before the drain time, although a client keeps an idle connection
+/// open.
 #[actix_rt::test]
 async fn sigterm_finishes_requests_in_flight_and_does_not_wait_for_idle_connections() {
     use std::io::{Read, Write};
@@ -122,6 +123,26 @@ async fn sigterm_finishes_requests_in_flight_and_does_not_wait_for_idle_connecti
     let started = Instant::now();
     p.signal("TERM");
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let ask = |stream: &mut std::net::TcpStream, path: &str| {
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {ACCOUNT}\r\n\r\n"
+        )
+        .unwrap();
+        let mut buf = [0u8; 2048];
+        let n = stream.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let refused = ask(&mut idle, "/api/instance/list");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("Server is shutting down"), "{refused}");
+    let probe = ask(&mut idle, "/readyz");
+    assert!(
+        probe.starts_with("HTTP/1.1 503") && probe.contains("shutting down"),
+        "{probe}"
+    );
+    let alive = ask(&mut idle, "/healthz");
+    assert!(alive.starts_with("HTTP/1.1 200"), "{alive}");
     slow.write_all(rest).unwrap();
     let mut reply = String::new();
     let mut chunk = [0u8; 1024];

@@ -271,6 +271,9 @@ class Emitter {
  */
 const DEFAULT_HEARTBEAT_TIMEOUT_MS = 60000;
 
+/** Longest wait for the plain GET that learns why an upgrade was refused. */
+const DIAGNOSE_TIMEOUT_MS = 10000;
+
 const DEFAULT_BACKOFF = Object.freeze({
   initialMs: 500,
   maxMs: 30000,
@@ -317,6 +320,8 @@ export class EventGateClient extends Emitter {
     /** The current state (see `state` events). */
     this.state = { state: 'idle' };
     this._socket = null;
+    /** Counts sockets made and closes asked for: a retry decided for an older one is dropped. */
+    this._generation = 0;
     this._timer = null;
     this._attempt = 0;
     this._slowStreak = 0;
@@ -350,6 +355,7 @@ export class EventGateClient extends Emitter {
   /** Closes for good (no reconnection). */
   close() {
     this._stopped = true;
+    this._generation += 1;
     this._clearTimer();
     const socket = this._socket;
     this._socket = null;
@@ -407,6 +413,17 @@ export class EventGateClient extends Emitter {
       attempt: this._attempt + 1,
       recovering,
     });
+    const leftover = this._socket;
+    this._socket = null;
+    if (leftover) {
+      detach(leftover);
+      try {
+        leftover.close(1000);
+      } catch {
+        /* already closed */
+      }
+    }
+    this._generation += 1;
     let socket;
     try {
       socket = new this.WebSocket(this.url());
@@ -416,6 +433,9 @@ export class EventGateClient extends Emitter {
       return;
     }
     this._socket = socket;
+    // The HTTP status of a refused upgrade, where the socket tells it (the
+    // `ws` package: "Unexpected server response: 429"); browsers never do.
+    let refusedWith = null;
     let opened = false;
     let sentSince = recovering;
     let first = true;
@@ -460,23 +480,25 @@ export class EventGateClient extends Emitter {
       }
       this.emit('event', envelope, meta);
     };
-    socket.onerror = () => {
-      /* the close event follows and says what happened */
+    socket.onerror = (ev) => {
+      // The close event follows and says what happened.
+      const said = /Unexpected server response: (\d+)/.exec(String(ev?.message ?? ev?.error?.message ?? ''));
+      if (said) refusedWith = Number(said[1]);
     };
     socket.onclose = (ev) => {
       if (this._socket !== socket) return;
       const code = ev?.code ?? 1006;
-      this._dropped(socket, code, ev?.reason || CLOSE_REASONS[code] || `closed (${code})`, opened);
+      this._dropped(socket, code, ev?.reason || CLOSE_REASONS[code] || `closed (${code})`, opened, refusedWith);
     };
   }
 
   /** The current socket ended (closed, or silent too long): retry as its code says. */
-  _dropped(socket, code, reason, opened) {
+  _dropped(socket, code, reason, opened, refusedWith = null) {
     if (this._socket !== socket) return;
     this._socket = null;
     detach(socket);
     this.emit('close', { code, reason, opened });
-    this._scheduleRetry({ code, reason }, opened);
+    this._scheduleRetry({ code, reason, refusedWith }, opened);
   }
 
   /**
@@ -541,6 +563,7 @@ export class EventGateClient extends Emitter {
 
   async _scheduleRetry(closed, opened) {
     if (this._stopped) return;
+    const generation = this._generation;
     const { code } = closed;
     if (code === CloseCodes.INSTANCE_DELETED) {
       this._stopped = true;
@@ -550,9 +573,9 @@ export class EventGateClient extends Emitter {
     let refusal = null;
     let minimumMs = 0;
     if (!opened) {
-      refusal = await this._diagnose();
+      refusal = await this._diagnose(closed.refusedWith);
       // Stopped, or connected anew (`connect`, `setEvents`) meanwhile.
-      if (this._stopped || this._socket !== null) return;
+      if (this._stopped || this._generation !== generation) return;
       if (refusal && !this.autoReconnect) {
         this._stopped = true;
         this.emit('error', refusal);
@@ -603,6 +626,7 @@ export class EventGateClient extends Emitter {
       code,
       reason: refusal ? refusal.message : closed.reason,
     });
+    this._clearTimer();
     this._timer = setTimeout(() => {
       this._timer = null;
       this._open();
@@ -623,20 +647,25 @@ export class EventGateClient extends Emitter {
    * GET: the gateway runs the same checks and answers the first failing one
    * (or 400 `WebSocket upgrade expected` when everything else is fine).
    */
-  async _diagnose() {
+  async _diagnose(refusedWith = null) {
     if (!this.fetch) return null;
     try {
-      const res = await this.fetch(this.url().replace(/^ws/, 'http'), { cache: 'no-store' });
+      const res = await this.fetch(this.url().replace(/^ws/, 'http'), {
+        cache: 'no-store',
+        // A gateway (or a proxy) that never answers must not hold the retries.
+        signal: globalThis.AbortSignal?.timeout?.(DIAGNOSE_TIMEOUT_MS),
+      });
       const body = await res.json().catch(() => null);
       const message = body?.error?.message;
       if (message === 'WebSocket upgrade expected') {
-        // Every check passed for a plain request. In a browser what refused
-        // the upgrade is most likely what a plain request does not send, the
-        // page's Origin; elsewhere (no Origin sent) it is a bound only an
-        // upgrade meets, such as the connection limits.
-        return typeof document === 'undefined'
-          ? new EventGateError(0, UPGRADE_REFUSED)
-          : new EventGateError(403, ORIGIN_SUSPECTED);
+        // Every check passed for a plain request: what refused the upgrade
+        // is what only an upgrade meets. A 403 there is the Origin; another
+        // status (the `ws` package reports it) is a bound such as the
+        // connection limits; with no status (a browser shows none) the
+        // Origin, what a page's upgrade carries and a plain GET does not,
+        // is the likely one.
+        if (refusedWith === null || refusedWith === 403) return new EventGateError(403, ORIGIN_SUSPECTED);
+        return new EventGateError(refusedWith, UPGRADE_REFUSED);
       }
       if (!message) return null;
       const retry = res.headers.get('retry-after');
@@ -655,6 +684,9 @@ function detach(socket) {
   socket.onmessage = null;
   socket.onerror = null;
   socket.onclose = null;
+  // An event emitter (the `ws` package) with no 'error' listener throws on
+  // its next error, which would end a Node process.
+  if (typeof socket.on === 'function') socket.on('error', () => {});
 }
 
 function normaliseEvents(events) {

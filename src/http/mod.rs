@@ -134,12 +134,22 @@ pub async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
 /// (also when the request's future is dropped unfinished).
 struct InFlight(web::Data<AppState>);
 
+/// Paths answered while the node drains: the probes and the metrics.
+const ANSWERED_WHILE_DRAINING: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
 impl InFlight {
-    fn new(state: web::Data<AppState>) -> InFlight {
+    /// Counts the request in, or refuses it once the drain has begun (a
+    /// request is either counted before the drain looks, and waited for,
+    /// or sees that it began).
+    fn enter(state: web::Data<AppState>, path: &str) -> Result<InFlight, ApiError> {
         state
             .in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        InFlight(state)
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let entered = InFlight(state);
+        if entered.0.is_shutting_down() && !ANSWERED_WHILE_DRAINING.contains(&path) {
+            return Err(ApiError::ShuttingDown);
+        }
+        Ok(entered)
     }
 }
 
@@ -147,20 +157,21 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0
             .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
-/// Counts requests by route pattern and status, and those being handled.
+/// Counts requests by route pattern and status, and those being handled;
+/// refuses new ones (503 `Server is shutting down`) once the drain began.
 pub async fn count_requests(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
-    let _in_flight = req
-        .app_data::<web::Data<AppState>>()
-        .cloned()
-        .map(InFlight::new);
+    let _in_flight = match req.app_data::<web::Data<AppState>>().cloned() {
+        Some(state) => Some(InFlight::enter(state, req.path())?),
+        None => None,
+    };
     let res = next.call(req).await?;
     if let Some(metrics) = metrics {
         let route = res

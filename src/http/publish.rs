@@ -95,13 +95,11 @@ async fn enabled_in_storage(
     state: &AppState,
     instance: InstanceId,
 ) -> Result<Option<Arc<[crate::webhook::EnabledWebhook]>>, ApiError> {
-    let (pool, webhooks) = (state.pool.clone(), state.registry.webhooks().clone());
-    let read = web::block(move || {
-        let mut conn = pool.get().map_err(crate::storage::StorageError::from)?;
-        crate::webhook::worker::read_enabled(&mut conn, &webhooks, instance)
+    let webhooks = state.registry.webhooks().clone();
+    let read = crate::webhook::worker::db(&state.pool, move |conn| {
+        crate::webhook::worker::read_enabled(conn, &webhooks, instance)
     })
     .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(ApiError::from)?;
     Ok((!read.is_empty()).then(|| read.into()))
 }

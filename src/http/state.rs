@@ -63,7 +63,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
+        self.shutting_down.load(Ordering::SeqCst)
     }
 
     /// Runs blocking storage work on the blocking pool with a pooled

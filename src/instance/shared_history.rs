@@ -65,6 +65,9 @@ const FILTER_HEADER: &str = "Eventgate-Filter";
 /// those positions may have missed the plain events.
 const GAP_HEADER: &str = "Eventgate-Gap";
 
+/// How often a node that owes gap markers tries again while NATS is up.
+pub const GAP_RETRY: Duration = Duration::from_secs(2);
+
 /// Attempts at a publish whose stream was not found (created again between).
 const PUBLISH_ATTEMPTS: usize = 8;
 
@@ -214,18 +217,29 @@ impl SharedHistory {
         }
     }
 
-    /// Appends `id`'s gap marker if one is owed (under its head's lock).
+    /// Whether gap markers are owed (tried again every [`GAP_RETRY`]).
+    pub fn owes_gaps(&self) -> bool {
+        !self.gaps.lock().is_empty()
+    }
+
+    /// Appends `id`'s gap marker if one is owed (under its head's lock). The
+    /// debt is taken out first, so a gap noted while the marker is on its
+    /// way is owed again; a marker that fails is owed again too.
     async fn mark_gap(
         &self,
         id: InstanceId,
         head: &mut Option<u64>,
     ) -> Result<(), SharedHistoryError> {
-        if !self.gaps.lock().contains(&id) {
+        if !self.gaps.lock().remove(&id) {
             return Ok(());
         }
-        self.append(id, head, b"[]".to_vec(), &[(GAP_HEADER, "1")])
-            .await?;
-        self.gaps.lock().remove(&id);
+        if let Err(e) = self
+            .append(id, head, b"[]".to_vec(), &[(GAP_HEADER, "1")])
+            .await
+        {
+            self.note_gap(id);
+            return Err(e);
+        }
         log::info!(
             "instance_id={} gap marker appended: recoveries from before it answer recovered:false",
             id.0
@@ -353,10 +367,9 @@ impl SharedHistory {
         let started = Instant::now();
         let mut fresh = false;
         let mut sent = false;
-        let mut attempts = 0;
+        let (mut contended, mut recreated) = (0, 0);
         let mut backoff = Duration::from_millis(100);
         loop {
-            attempts += 1;
             let stream = match self.stream(fresh).await {
                 Ok(stream) => stream,
                 Err(e) if sent => return Err(self.unsure(&msg_id, e)),
@@ -406,13 +419,15 @@ impl SharedHistory {
                     if started.elapsed() < CONTENDED_FOR =>
                 {
                     *head = None;
-                    tokio::time::sleep(contended_pause(attempts)).await;
+                    contended += 1;
+                    tokio::time::sleep(contended_pause(contended)).await;
                 }
                 jetstream::context::PublishErrorKind::StreamNotFound
-                    if attempts < PUBLISH_ATTEMPTS =>
+                    if recreated < PUBLISH_ATTEMPTS =>
                 {
                     *head = None;
                     fresh = true;
+                    recreated += 1;
                 }
                 jetstream::context::PublishErrorKind::WrongLastSequence
                 | jetstream::context::PublishErrorKind::StreamNotFound => {
@@ -441,6 +456,7 @@ impl SharedHistory {
     /// Forgets a deleted instance's history.
     pub async fn clear(&self, id: InstanceId) -> Result<(), SharedHistoryError> {
         self.heads.lock().remove(&id);
+        self.gaps.lock().remove(&id);
         let stream = self.stream(false).await?;
         stream
             .purge()
@@ -490,7 +506,17 @@ impl SharedHistory {
                 if !actor.connected() {
                     return;
                 }
-                tokio::time::sleep(backoff).await;
+                // NATS coming back ends the pause: the follower starts over
+                // at once, not up to 2 s after the reconnection.
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    Ok(()) = link.changed() => {
+                        if link.borrow_and_update().up {
+                            backoff = Duration::from_millis(100);
+                            continue;
+                        }
+                    }
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         })

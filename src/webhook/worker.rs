@@ -202,7 +202,7 @@ pub fn enabled_from(row: &webhooks::EnabledRow) -> EnabledWebhook {
 }
 
 /// Runs blocking storage work on the blocking pool.
-async fn db<T: Send + 'static>(
+pub(crate) async fn db<T: Send + 'static>(
     pool: &DbPool,
     f: impl FnOnce(&mut DbConn) -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, StorageError> {

@@ -556,3 +556,60 @@ test('connecting anew while a refusal is being looked into leaves one socket, an
   client.close();
   await waitFor(async () => (await gw.clients('race-1')) === 0, { what: 'no client left' });
 });
+
+test('a handshake that never ends is dropped by the watchdog without ending the process', async () => {
+  // Accepts connections and never answers.
+  const held = [];
+  const silent = createServer((c) => held.push(c));
+  await new Promise((ok) => silent.listen(0, '127.0.0.1', ok));
+  const client = new EventGateClient({
+    baseUrl: `http://127.0.0.1:${silent.address().port}`,
+    instance: 'nobody',
+    token: ACCOUNT,
+    WebSocket,
+    heartbeatTimeoutMs: 300,
+    fetch: async () => {
+      throw new Error('unreachable');
+    },
+    backoff: { initialMs: 50, maxMs: 100 },
+  });
+  const closes = [];
+  client.on('close', (c) => closes.push(c));
+  client.connect();
+  await waitFor(() => closes.length >= 2, { what: 'two handshakes given up' });
+  assert.equal(closes[0].reason, 'no heartbeat from the gateway');
+  assert.equal(closes[0].opened, false);
+  // The terminated sockets' late errors reach no one: the process lives on.
+  await new Promise((r) => setTimeout(r, 300));
+  client.close();
+  for (const c of held) c.destroy();
+  silent.close();
+});
+
+test('two refusals looked into at once leave one socket', async () => {
+  await gw.call('POST', '/api/instance/new', { name: 'race-2' });
+  const slowFetch = async (...args) => {
+    await new Promise((r) => setTimeout(r, 600));
+    return fetch(...args);
+  };
+  const { Recording, made } = recordingWebSocket();
+  const client = new EventGateClient({
+    baseUrl: gw.base,
+    instance: 'race-2',
+    token: ACCOUNT,
+    WebSocket: Recording,
+    fetch: slowFetch,
+    backoff: { initialMs: 50, maxMs: 100 },
+  });
+  client.connect();
+  await waitFor(() => made.length === 1 && made[0].readyState === WebSocket.CLOSED, { what: 'the first refusal' });
+  client.setEvents(['call.update']);
+  await waitFor(() => made.length === 2 && made[1].readyState === WebSocket.CLOSED, { what: 'the second refusal' });
+  await gw.call('POST', '/api/events/websocket/race-2', { enabled: true });
+  await waitFor(() => client.state.state === 'live', { what: 'live' });
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.equal(made.filter((s) => s.readyState !== WebSocket.CLOSED).length, 1, 'one socket open');
+  assert.equal(await gw.clients('race-2'), 1);
+  client.close();
+  await waitFor(async () => (await gw.clients('race-2')) === 0, { what: 'no client left' });
+});
