@@ -524,6 +524,7 @@ export class EventGateClient extends Emitter {
       }
       if (Date.now() - last < limit) return;
       clearInterval(timer);
+      const wasOpen = socket.readyState === 1;
       try {
         if (typeof socket.terminate === 'function') socket.terminate();
         else socket.close(4000);
@@ -531,7 +532,7 @@ export class EventGateClient extends Emitter {
         /* already gone */
       }
       // Silent while connecting too: a handshake that never ends.
-      this._dropped(socket, 1006, 'no heartbeat from the gateway', socket.readyState === 1);
+      this._dropped(socket, 1006, 'no heartbeat from the gateway', wasOpen);
     }, Math.max(20, Math.min(limit / 4, 5000)));
     timer.unref?.();
     return heard;

@@ -449,9 +449,10 @@ test('a connection gone silent (no ping, no event) is dropped, reconnected and r
     EVENTGATE_WS_IDLE_TIMEOUT_SECS: '3',
   });
   const relay = await freezableRelay(beating.port);
+  let client;
   try {
     await beating.instance('silent-1');
-    const client = new EventGateClient({
+    client = new EventGateClient({
       baseUrl: relay.base,
       instance: 'silent-1',
       token: ACCOUNT,
@@ -480,8 +481,8 @@ test('a connection gone silent (no ping, no event) is dropped, reconnected and r
     await waitFor(() => got.length === 3, { ms: 10000, what: 'the missed events, recovered' });
     assert.deepEqual(got.map((g) => g.env.data.n), [1, 2, 3]);
     assert.equal(client.state.state, 'live');
-    client.close();
   } finally {
+    client?.close();
     relay.close();
     await beating.close();
   }
