@@ -167,6 +167,23 @@ impl Bus {
             }),
             resync: watch::Sender::new(0),
         });
+        if let Some(history) = bus.history.clone() {
+            // Gap markers this node owes, when the connection comes up and
+            // every few seconds while it is up (JetStream not ready yet, a
+            // flapping connection).
+            let mut link = link.clone();
+            actix_web::rt::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(crate::instance::shared_history::GAP_RETRY) => {}
+                        changed = link.changed() => if changed.is_err() { return },
+                    }
+                    if link.borrow_and_update().up && history.owes_gaps() {
+                        history.mark_gaps().await;
+                    }
+                }
+            });
+        }
         let announcer = bus.clone();
         actix_web::rt::spawn(async move {
             // A connection made before this task ran is still a change.
@@ -177,26 +194,9 @@ impl Bus {
                     ups = now.ups;
                     announcer.resync_here();
                     announcer.send(format!("{}.resync", announcer.prefix), Vec::new());
-                    if let Some(history) = announcer.history.clone() {
-                        actix_web::rt::spawn(async move { history.mark_gaps().await });
-                    }
                 }
             }
         });
-        if let Some(history) = bus.history.clone() {
-            // Gap markers that could not be appended (JetStream not ready
-            // yet, a flapping connection) are tried again while owed.
-            let client = bus.client.clone();
-            actix_web::rt::spawn(async move {
-                loop {
-                    tokio::time::sleep(crate::instance::shared_history::GAP_RETRY).await;
-                    let up = client.connection_state() == async_nats::connection::State::Connected;
-                    if up && history.owes_gaps() {
-                        history.mark_gaps().await;
-                    }
-                }
-            });
-        }
         let sender = bus.clone();
         actix_web::rt::spawn(async move {
             while let Some((subject, history_id, payload)) = rx.recv().await {
