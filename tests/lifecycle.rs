@@ -189,6 +189,12 @@ async fn sigterm_closes_clients_with_1001_refuses_upgrades_and_exits_zero() {
         .raw("GET", &format!("/ws/drain?token={ACCOUNT}"), &upgrade, None)
         .await;
     r.assert_error(503, "Server is shutting down");
+    // Refused by its route, and counted as such.
+    assert_eq!(
+        s.metric("eventgate_ws_upgrades_total{result=\"shutting_down\"}")
+            .await,
+        1.0
+    );
     assert_eq!(b.closed(Duration::from_secs(5)).await, Some(1001));
     let status = p.wait_exit(Duration::from_secs(10)).expect("exited");
     assert!(status.success(), "{status}");

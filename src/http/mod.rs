@@ -134,8 +134,12 @@ pub async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
 /// (also when the request's future is dropped unfinished).
 struct InFlight(web::Data<AppState>);
 
-/// Paths answered while the node drains: the probes and the metrics.
-const ANSWERED_WHILE_DRAINING: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+/// Paths the drain leaves to their handlers: the probes and the metrics,
+/// which answer, and the WebSocket routes, which refuse an upgrade during
+/// the drain themselves and count it among the upgrades.
+fn left_to_the_route_while_draining(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics" | "/test/echo") || path.starts_with("/ws/")
+}
 
 impl InFlight {
     /// Counts the request in, or refuses it once the drain has begun (a
@@ -146,7 +150,7 @@ impl InFlight {
             .in_flight
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let entered = InFlight(state);
-        if entered.0.is_shutting_down() && !ANSWERED_WHILE_DRAINING.contains(&path) {
+        if entered.0.is_shutting_down() && !left_to_the_route_while_draining(path) {
             return Err(ApiError::ShuttingDown);
         }
         Ok(entered)
