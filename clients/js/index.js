@@ -355,18 +355,8 @@ export class EventGateClient extends Emitter {
   /** Closes for good (no reconnection). */
   close() {
     this._stopped = true;
-    this._generation += 1;
+    this._letGo();
     this._clearTimer();
-    const socket = this._socket;
-    this._socket = null;
-    if (socket) {
-      detach(socket);
-      try {
-        socket.close(1000);
-      } catch {
-        /* already closed */
-      }
-    }
     this._setState({ state: 'closed', reason: 'closed by you' });
   }
 
@@ -377,6 +367,17 @@ export class EventGateClient extends Emitter {
   }
 
   _reopenNow(deliberate = false) {
+    this._clearTimer();
+    this._attempt = 0;
+    this._open(deliberate);
+  }
+
+  /**
+   * Closes the current socket, if any, unheard, and makes every retry
+   * decided for it stale (see `_scheduleRetry`).
+   */
+  _letGo() {
+    this._generation += 1;
     const socket = this._socket;
     this._socket = null;
     if (socket) {
@@ -387,9 +388,6 @@ export class EventGateClient extends Emitter {
         /* already closed */
       }
     }
-    this._clearTimer();
-    this._attempt = 0;
-    this._open(deliberate);
   }
 
   _clearTimer() {
@@ -413,17 +411,7 @@ export class EventGateClient extends Emitter {
       attempt: this._attempt + 1,
       recovering,
     });
-    const leftover = this._socket;
-    this._socket = null;
-    if (leftover) {
-      detach(leftover);
-      try {
-        leftover.close(1000);
-      } catch {
-        /* already closed */
-      }
-    }
-    this._generation += 1;
+    this._letGo();
     let socket;
     try {
       socket = new this.WebSocket(this.url());

@@ -527,35 +527,50 @@ test('an upgrade refused by a connection limit is not blamed on an Origin; recon
   }
 });
 
-test('connecting anew while a refusal is being looked into leaves one socket, and close() ends it', async () => {
-  await gw.call('POST', '/api/instance/new', { name: 'race-1' });
-  let slow = true;
+/**
+ * A client of a new instance whose WebSocket is not enabled yet (so its
+ * upgrades are refused), looking into each refusal with a GET that takes
+ * 600 ms while `slow.on`; `made` holds every socket it opened.
+ */
+async function slowlyDiagnosedClient(name) {
+  await gw.call('POST', '/api/instance/new', { name });
+  const slow = { on: true };
   const slowFetch = async (...args) => {
-    if (slow) await new Promise((r) => setTimeout(r, 600));
+    if (slow.on) await new Promise((r) => setTimeout(r, 600));
     return fetch(...args);
   };
   const { Recording, made } = recordingWebSocket();
   const client = new EventGateClient({
     baseUrl: gw.base,
-    instance: 'race-1',
+    instance: name,
     token: ACCOUNT,
     WebSocket: Recording,
     fetch: slowFetch,
     backoff: { initialMs: 50, maxMs: 100 },
   });
+  return { client, made, slow };
+}
+
+/** Exactly one socket is open and counted by the gateway; after close(), none. */
+async function assertOneSocketThenNone(client, made, name) {
+  assert.equal(made.filter((s) => s.readyState !== WebSocket.CLOSED).length, 1, 'one socket open');
+  assert.equal(await gw.clients(name), 1);
+  client.close();
+  await waitFor(async () => (await gw.clients(name)) === 0, { what: 'no client left' });
+}
+
+test('connecting anew while a refusal is being looked into leaves one socket, and close() ends it', async () => {
+  const { client, made, slow } = await slowlyDiagnosedClient('race-1');
   client.connect();
   // The upgrade is refused (not enabled yet) and the slow diagnosis begins.
   await waitFor(() => made.length === 1 && made[0].readyState === WebSocket.CLOSED, { what: 'the refusal' });
   await gw.call('POST', '/api/events/websocket/race-1', { enabled: true });
   client.setEvents(['call.update']);
   await waitFor(() => client.state.state === 'live', { what: 'live' });
-  slow = false;
+  slow.on = false;
   // Past the diagnosis: nothing else was opened.
   await new Promise((r) => setTimeout(r, 1200));
-  assert.equal(made.filter((s) => s.readyState !== WebSocket.CLOSED).length, 1, 'one socket open');
-  assert.equal(await gw.clients('race-1'), 1);
-  client.close();
-  await waitFor(async () => (await gw.clients('race-1')) === 0, { what: 'no client left' });
+  await assertOneSocketThenNone(client, made, 'race-1');
 });
 
 test('a handshake that never ends is dropped by the watchdog without ending the process', async () => {
@@ -588,20 +603,7 @@ test('a handshake that never ends is dropped by the watchdog without ending the 
 });
 
 test('two refusals looked into at once leave one socket', async () => {
-  await gw.call('POST', '/api/instance/new', { name: 'race-2' });
-  const slowFetch = async (...args) => {
-    await new Promise((r) => setTimeout(r, 600));
-    return fetch(...args);
-  };
-  const { Recording, made } = recordingWebSocket();
-  const client = new EventGateClient({
-    baseUrl: gw.base,
-    instance: 'race-2',
-    token: ACCOUNT,
-    WebSocket: Recording,
-    fetch: slowFetch,
-    backoff: { initialMs: 50, maxMs: 100 },
-  });
+  const { client, made } = await slowlyDiagnosedClient('race-2');
   client.connect();
   await waitFor(() => made.length === 1 && made[0].readyState === WebSocket.CLOSED, { what: 'the first refusal' });
   client.setEvents(['call.update']);
@@ -609,8 +611,5 @@ test('two refusals looked into at once leave one socket', async () => {
   await gw.call('POST', '/api/events/websocket/race-2', { enabled: true });
   await waitFor(() => client.state.state === 'live', { what: 'live' });
   await new Promise((r) => setTimeout(r, 1500));
-  assert.equal(made.filter((s) => s.readyState !== WebSocket.CLOSED).length, 1, 'one socket open');
-  assert.equal(await gw.clients('race-2'), 1);
-  client.close();
-  await waitFor(async () => (await gw.clients('race-2')) === 0, { what: 'no client left' });
+  await assertOneSocketThenNone(client, made, 'race-2');
 });
