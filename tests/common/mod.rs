@@ -422,19 +422,20 @@ impl TestDb {
 
     /// Drops the PostgreSQL database under a running server (connections are cut).
     pub fn take_away(&self) {
-        if let Some((admin_url, name)) = &self.pg_admin {
-            let mut admin = admin_connection(admin_url).unwrap();
-            diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut admin)
-                .unwrap();
-        }
+        self.on_the_database("DROP DATABASE IF EXISTS {} WITH (FORCE)");
     }
 
     /// Creates the dropped PostgreSQL database again, empty (no tables).
     pub fn recreate_empty(&self) {
+        self.on_the_database("CREATE DATABASE {}");
+    }
+
+    /// Runs `statement` (`{}` standing for the database's name) on the
+    /// PostgreSQL server's admin connection; nothing on SQLite.
+    fn on_the_database(&self, statement: &str) {
         if let Some((admin_url, name)) = &self.pg_admin {
             let mut admin = admin_connection(admin_url).unwrap();
-            diesel::sql_query(format!("CREATE DATABASE {name}"))
+            diesel::sql_query(statement.replace("{}", name))
                 .execute(&mut admin)
                 .unwrap();
         }
