@@ -1698,8 +1698,11 @@ async fn instance_creation_stores_the_default_webhook_and_list_shows_it() {
     )
     .await;
     s.publish("wi", event("call.update", json!({}))).await;
-    let of_down = "SELECT COUNT(*) AS n FROM webhook_deliveries \
-         WHERE webhook_id IN (SELECT id FROM webhooks WHERE label = 'down')";
+    // Rows, and deliveries still in bundles (not yet claimed).
+    let of_down = "SELECT (SELECT COUNT(*) FROM webhook_deliveries \
+         WHERE webhook_id IN (SELECT id FROM webhooks WHERE label = 'down')) \
+         + (SELECT CAST(COALESCE(SUM(count), 0) AS BIGINT) FROM webhook_bundles \
+         WHERE webhook_id IN (SELECT id FROM webhooks WHERE label = 'down')) AS n";
     execute(
         &s.db.url,
         "INSERT INTO webhook_deliveries (id, webhook_id, event, data, created_at, next_attempt_at, dead_at) \
@@ -1714,7 +1717,8 @@ async fn instance_creation_stores_the_default_webhook_and_list_shows_it() {
         .call("DELETE", "/api/instance/delete/wi", Some(ACCOUNT), None)
         .await;
     assert_eq!(r.status, 200);
-    let all = "SELECT COUNT(*) AS n FROM webhook_deliveries";
+    let all = "SELECT (SELECT COUNT(*) FROM webhook_deliveries) \
+         + (SELECT COUNT(*) FROM webhook_bundles) AS n";
     assert_eq!(count(&s.db.url, all), 0, "deleted with the instance");
     let r = s
         .call(
@@ -2255,8 +2259,10 @@ async fn a_webhook_deleted_or_disabled_while_publishes_are_stored_and_attempts_r
     let port = common::free_port();
     s.instance("race").await;
     let down = json!({"enabled": true, "url": format!("http://127.0.0.1:{port}/")});
-    let orphans = "SELECT COUNT(*) AS n FROM webhook_deliveries d \
-         WHERE NOT EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id)";
+    let orphans = "SELECT (SELECT COUNT(*) FROM webhook_deliveries d \
+         WHERE NOT EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id)) \
+         + (SELECT COUNT(*) FROM webhook_bundles b \
+         WHERE NOT EXISTS (SELECT 1 FROM webhooks w WHERE w.id = b.webhook_id)) AS n";
     for round in 0..6 {
         set_ok(&s, "race", down.clone()).await;
         let batch = json!((0..50)
@@ -2302,7 +2308,8 @@ async fn a_webhook_deleted_or_disabled_while_publishes_are_stored_and_attempts_r
             let pending = async || {
                 let n = count(
                     &s.db.url,
-                    "SELECT COUNT(*) AS n FROM webhook_deliveries WHERE dead_at IS NULL",
+                    "SELECT (SELECT COUNT(*) FROM webhook_deliveries WHERE dead_at IS NULL) \
+                     + (SELECT COUNT(*) FROM webhook_bundles) AS n",
                 );
                 (n == 0).then_some(())
             };

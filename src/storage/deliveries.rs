@@ -1,10 +1,11 @@
 //! Queries on `webhook_deliveries` (contract §11): a delivery is pending
 //! while `dead_at` is NULL and a dead letter after. Publishing enqueues all
 //! of a request's deliveries in one transaction, shared with the requests
-//! that arrived with it (`webhook::intake`), some of them already leased
-//! to the accepting node when it attempts them at once; workers claim due
-//! ones with a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL, inside
-//! SQLite's single write lock there), and record outcomes in batches.
+//! that arrived with it (`webhook::intake`): those the accepting node
+//! attempts at once as rows leased to it, the others in bundles
+//! (`storage::bundles`). Workers claim due ones with a lease (`FOR UPDATE
+//! SKIP LOCKED` on PostgreSQL, inside SQLite's single write lock there),
+//! unpacking bundles as their rooms need, and record outcomes in batches.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Text};
 
+use super::bundles::{self, BundleRows};
 use super::schema::webhook_deliveries as d;
 use super::webhooks::{dialect, hook_locks, id_list, HookId, WebhookRow, COLUMNS};
 use super::{unsynced, with_conn, write_tx, DbConn, StorageError};
@@ -194,26 +196,26 @@ impl PendingCounts {
 
 /// How a new row is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stored {
+pub(super) enum Stored {
     /// Leased to this node, its first attempt counted (as a claim counts it).
     Leased,
-    /// Due, for a claim to take.
+    /// Due, for a claim to take (from the intake: in a bundle).
     Due,
     /// A dead letter at once (`backlog full`).
     Refused,
 }
 
 /// One new row, with its publish's acceptance time and lease.
-struct NewRow<'a> {
-    row: &'a NewDelivery,
-    now: i64,
-    lease_until: i64,
+pub(super) struct NewRow<'a> {
+    pub(super) row: &'a NewDelivery,
+    pub(super) now: i64,
+    pub(super) lease_until: i64,
 }
 
 /// Consecutive new rows of one webhook stored the same way.
-struct Run<'a> {
-    stored: Stored,
-    rows: Vec<NewRow<'a>>,
+pub(super) struct Run<'a> {
+    pub(super) stored: Stored,
+    pub(super) rows: Vec<NewRow<'a>>,
 }
 
 /// Each webhook's new rows of a group, in acceptance order, as runs.
@@ -248,7 +250,7 @@ impl<'a> Runs<'a> {
 
 /// A run's rows, inserted in one statement (returning `(id, seq)` of each
 /// row when they are stored leased, for the node to attempt them).
-trait InsertRun {
+pub(super) trait InsertRun {
     fn insert_run(&mut self, webhook: i64, run: &Run<'_>) -> QueryResult<Vec<(String, i64)>>;
 }
 
@@ -436,11 +438,7 @@ pub fn enqueue(
                 let held = match pending.estimate(*webhook, rows.len(), max_pending) {
                     Some(n) => n,
                     None => {
-                        let n = d::table
-                            .filter(d::webhook_id.eq(webhook))
-                            .filter(d::dead_at.is_null())
-                            .count()
-                            .get_result::<i64>(c)?
+                        let n = c.pending_of(*webhook)?
                             + planned.get(webhook).copied().unwrap_or(0);
                         pending.counted(*webhook, n);
                         n
@@ -468,6 +466,10 @@ pub fn enqueue(
         }
         for (webhook, runs) in &runs.webhooks {
             for run in runs {
+                if run.stored == Stored::Due {
+                    bundles::store(c, *webhook, &run.rows)?;
+                    continue;
+                }
                 let returned = c.insert_run(*webhook, run)?;
                 if run.stored != Stored::Leased {
                     continue;
@@ -509,6 +511,15 @@ const DUE_OF_WEBHOOK: &str = "d.webhook_id = w.id AND d.dead_at IS NULL \
      AND (NOT w.ordered OR d.seq = (SELECT d2.seq FROM webhook_deliveries d2 \
           WHERE d2.webhook_id = w.id AND d2.dead_at IS NULL \
           ORDER BY d2.webhook_id, d2.dead_at, d2.seq LIMIT 1))";
+
+/// A webhook's id and whether it is `ordered`.
+#[derive(QueryableByName)]
+struct HookOrdered {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Bool)]
+    ordered: bool,
+}
 
 /// What a claim took.
 #[derive(Debug)]
@@ -566,28 +577,24 @@ pub fn claim(
     exclude: &[i64],
     rooms: &Rooms,
 ) -> Result<Claim, StorageError> {
-    let (room_ids, room_sizes): (Vec<i64>, Vec<i64>) = rooms
-        .known
-        .iter()
-        .map(|(w, n)| (*w, i64::try_from(*n).unwrap_or(i64::MAX)))
-        .unzip();
     let pg = conn.is_pg();
     let claimable = format!("w.enabled AND w.id NOT IN ({})", id_list(exclude));
     let hooks = format!("SELECT w.id FROM webhooks w WHERE {claimable}");
-    let all_at_once = dialect(
-        conn,
-        &format!(
+    // PostgreSQL: every webhook's due rows in one statement, with each
+    // webhook's room (`$4` for one the node holds nothing of).
+    let all_at_once = |ids: &[i64], sizes: &[i64]| {
+        format!(
             "SELECT d.*, w.ordered FROM webhooks w \
-             LEFT JOIN unnest('{{{}}}'::bigint[], '{{{}}}'::bigint[]) AS r(id, room) ON r.id = w.id \
-             CROSS JOIN LATERAL (SELECT {CLAIMED} FROM webhook_deliveries d \
-                 WHERE {DUE_OF_WEBHOOK} ORDER BY d.next_attempt_at, d.seq \
-                 LIMIT LEAST(COALESCE(r.room, $4), $3) \
-                 FOR UPDATE OF d SKIP LOCKED) d \
-             WHERE {claimable} ORDER BY d.next_attempt_at, d.seq LIMIT $2",
-            id_list(&room_ids),
-            id_list(&room_sizes),
-        ),
-    );
+         LEFT JOIN unnest('{{{}}}'::bigint[], '{{{}}}'::bigint[]) AS r(id, room) ON r.id = w.id \
+         CROSS JOIN LATERAL (SELECT {CLAIMED} FROM webhook_deliveries d \
+             WHERE {DUE_OF_WEBHOOK} ORDER BY d.next_attempt_at, d.seq \
+             LIMIT LEAST(COALESCE(r.room, $4), $3) \
+             FOR UPDATE OF d SKIP LOCKED) d \
+         WHERE {claimable} ORDER BY d.next_attempt_at, d.seq LIMIT $2",
+            id_list(ids),
+            id_list(sizes),
+        )
+    };
     let one_webhook = dialect(
         conn,
         &format!(
@@ -596,10 +603,46 @@ pub fn claim(
         ),
     );
     let most = i64::try_from(rooms.most).unwrap_or(i64::MAX).min(limit);
+    let q_bundled = format!(
+        "SELECT w.id, w.ordered FROM webhooks w WHERE {claimable} \
+         AND EXISTS (SELECT 1 FROM webhook_bundles b WHERE b.webhook_id = w.id) ORDER BY w.id"
+    );
+    let room_of = |w: i64| i64::try_from(rooms.of(w)).unwrap_or(i64::MAX).min(most);
     let (claimed, complete) = unsynced(conn, |conn| {
         Ok(write_tx!(conn, c => {
-            let mut found: Vec<Claimed> = if pg {
-                diesel::sql_query(&all_at_once)
+            // Bundles first, for webhooks whose due rows do not fill their
+            // room: what the room lacks is taken from their oldest bundles,
+            // stored leased, the rest of those bundles as due rows (under
+            // the webhooks' shared locks, as the intake stores, so a delete
+            // misses none of the rows).
+            let bundled: Vec<(i64, bool)> = diesel::sql_query(&q_bundled)
+                .load::<HookOrdered>(c)?
+                .into_iter()
+                .map(|h| (h.id, h.ordered))
+                .collect();
+            let mut unpacked = Vec::new();
+            if !bundled.is_empty() {
+                let ids: Vec<i64> = bundled.iter().map(|h| h.0).collect();
+                if let Some(q) = hook_locks(pg, &ids, true) {
+                    diesel::sql_query(q).execute(c)?;
+                }
+                unpacked = bundles::unpack_for_claim(c, &bundled, now, lease_until, limit, room_of)?;
+            }
+            // What is left of each room, and of the limit, for due rows.
+            let mut left: HashMap<i64, i64> = HashMap::new();
+            for r in &unpacked {
+                *left.entry(r.webhook_id).or_insert_with(|| room_of(r.webhook_id)) -= 1;
+            }
+            let room_left = |w: i64| left.get(&w).copied().unwrap_or_else(|| room_of(w)).max(0);
+            let limit = limit.saturating_sub(i64::try_from(unpacked.len()).unwrap_or(i64::MAX));
+            let mut found: Vec<Claimed> = if limit <= 0 {
+                Vec::new()
+            } else if pg {
+                let mut ids: Vec<i64> = rooms.known.keys().chain(left.keys()).copied().collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let sizes: Vec<i64> = ids.iter().map(|w| room_left(*w)).collect();
+                diesel::sql_query(all_at_once(&ids, &sizes))
                     .bind::<BigInt, _>(now)
                     .bind::<BigInt, _>(limit)
                     .bind::<BigInt, _>(most)
@@ -609,7 +652,7 @@ pub fn claim(
                 let candidates: Vec<HookId> = diesel::sql_query(&hooks).load(c)?;
                 let mut found = Vec::new();
                 for hook in candidates {
-                    let take = i64::try_from(rooms.of(hook.id)).unwrap_or(i64::MAX).min(most);
+                    let take = room_left(hook.id);
                     if take == 0 {
                         continue;
                     }
@@ -624,7 +667,7 @@ pub fn claim(
                 found.sort_unstable_by_key(|r| (r.next_attempt_at, r.seq));
                 found
             };
-            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let limit = usize::try_from(limit).unwrap_or(0);
             let complete = found.len() < limit;
             // Each webhook's query took at most its room: nothing more to drop.
             found.truncate(limit);
@@ -639,6 +682,8 @@ pub fn claim(
                     ))
                     .execute(c)?;
             }
+            found.extend(unpacked);
+            found.sort_unstable_by_key(|r| (r.next_attempt_at, r.seq));
             Ok::<_, diesel::result::Error>((found, complete))
         })?)
     })?;
@@ -954,8 +999,9 @@ pub fn purge_dead(conn: &mut DbConn, before: i64) -> Result<usize, StorageError>
 /// error `webhook disabled` (a publish that raced with the disable).
 pub fn kill_disabled(conn: &mut DbConn, now: i64) -> Result<usize, StorageError> {
     let hooks = HookId::ids(with_conn!(conn, c => diesel::sql_query(
-        "SELECT w.id FROM webhooks w WHERE NOT w.enabled AND EXISTS \
-         (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.dead_at IS NULL)",
+        "SELECT w.id FROM webhooks w WHERE NOT w.enabled AND (EXISTS \
+         (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.dead_at IS NULL) \
+         OR EXISTS (SELECT 1 FROM webhook_bundles b WHERE b.webhook_id = w.id)) ORDER BY w.id",
     )
     .load::<HookId>(c))?);
     if hooks.is_empty() {
@@ -975,13 +1021,16 @@ pub fn kill_disabled(conn: &mut DbConn, now: i64) -> Result<usize, StorageError>
         if let Some(q) = &q_lock {
             diesel::sql_query(q).execute(c)?;
         }
+        for w in &hooks {
+            bundles::unpack_all(c, *w)?;
+        }
         diesel::sql_query(&text).bind::<BigInt, _>(now).execute(c)
     })?)
 }
 
-/// Pending deliveries of every webhook.
+/// Pending deliveries of every webhook, rows and bundles.
 pub fn pending_total(conn: &mut DbConn) -> Result<i64, StorageError> {
-    Ok(with_conn!(conn, c => d::table.filter(d::dead_at.is_null()).count().get_result(c))?)
+    bundles::pending_total(conn)
 }
 
 #[cfg(test)]
@@ -993,9 +1042,8 @@ mod tests {
 
     /// A publish's rows are stored whole and in order, leased and due, at
     /// every length the fixed-size statements cut differently (SQLite).
-    #[test]
-    fn every_row_of_a_run_is_stored_in_order_whatever_its_length() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A SQLite database in `dir` with one enabled webhook.
+    fn one_webhook(dir: &tempfile::TempDir, ordered: bool) -> (DbConn, i64) {
         let url = dir.path().join("d.db").display().to_string();
         let mut conn = pool::open_one(&url).unwrap();
         let account = accounts::create(&mut conn, "a", "h").unwrap();
@@ -1010,12 +1058,140 @@ mod tests {
             by_events: false,
             events: Vec::new(),
             media_base64: false,
-            ordered: false,
+            ordered,
             new_secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
             rotate_secret: false,
         };
         let (hook, _) = upsert(&mut conn, instance.id, &config).unwrap();
+        (conn, hook.id)
+    }
+
+    /// `n` deliveries whose ids start with `tag`, stored due (in bundles).
+    fn publish_due(conn: &mut DbConn, hook: i64, tag: &str, n: usize, now: i64) {
+        let rows: Vec<NewDelivery> = (0..n)
+            .map(|i| NewDelivery {
+                id: format!("msg_{tag}_{i:03}"),
+                event: "message.exchange",
+                data: format!("{{\"i\":{i}}}"),
+            })
+            .collect();
+        let batches = vec![(hook, rows)];
+        let intake = Intake {
+            batches: &batches,
+            leased: &[0],
+            now,
+            lease_until: 0,
+        };
         let mut pending = PendingCounts::default();
+        enqueue(conn, &[intake], i64::MAX, &mut pending).unwrap();
+    }
+
+    fn rooms(n: usize) -> Rooms {
+        Rooms {
+            known: HashMap::new(),
+            default: n,
+            most: n,
+        }
+    }
+
+    /// A claim unpacks whole bundles, oldest first, only as far as its
+    /// room needs, and takes the deliveries in acceptance order; the
+    /// counts see bundled deliveries as pending.
+    #[test]
+    fn a_claim_unpacks_the_oldest_bundles_its_room_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook) = one_webhook(&dir, false);
+        publish_due(&mut conn, hook, "a", 3, 1_000);
+        publish_due(&mut conn, hook, "b", 4, 1_001);
+        publish_due(&mut conn, hook, "c", 2, 1_002);
+        assert_eq!(pending_total(&mut conn).unwrap(), 9);
+        let counts = crate::storage::webhooks::counts(&mut conn, &[hook]).unwrap();
+        assert_eq!((counts[0].pending, counts[0].failed), (9, 0));
+        let rows = || d::table.select(d::id).order(d::seq);
+        assert!(with_conn!(&mut conn, c => rows().load::<String>(c))
+            .unwrap()
+            .is_empty());
+
+        // Room for 5: the first two bundles (7 deliveries) become rows.
+        let taken = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(5)).unwrap();
+        let ids: Vec<&str> = taken.rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "msg_a_000",
+                "msg_a_001",
+                "msg_a_002",
+                "msg_b_000",
+                "msg_b_001"
+            ]
+        );
+        assert_eq!(taken.rows[3].created_at, 1_001);
+        assert_eq!(taken.rows[3].data, "{\"i\":0}");
+        let stored = with_conn!(&mut conn, c => rows().load::<String>(c)).unwrap();
+        assert_eq!(stored.len(), 7, "{stored:?}");
+        assert_eq!(pending_total(&mut conn).unwrap(), 9);
+
+        // Two rows are still due: room for 3 unpacks the last bundle.
+        let taken = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(3)).unwrap();
+        let ids: Vec<&str> = taken.rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["msg_b_002", "msg_b_003", "msg_c_000"]);
+        assert_eq!(
+            with_conn!(&mut conn, c => rows().load::<String>(c))
+                .unwrap()
+                .len(),
+            9
+        );
+    }
+
+    /// An `ordered` webhook's bundle is unpacked only once it has no
+    /// pending row, and disabling a webhook turns bundled deliveries into
+    /// dead letters.
+    #[test]
+    fn ordered_webhooks_unpack_after_their_last_row_and_disabling_kills_bundles() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook) = one_webhook(&dir, true);
+        publish_due(&mut conn, hook, "a", 2, 1_000);
+        publish_due(&mut conn, hook, "b", 2, 1_001);
+        let taken = |conn: &mut DbConn| {
+            claim(conn, 2_000, 9_000, 100, &[], &rooms(8))
+                .unwrap()
+                .rows
+                .into_iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(taken(&mut conn), ["msg_a_000"]);
+        // Leased: nothing more, and the second bundle stays packed.
+        assert!(taken(&mut conn).is_empty());
+        let bundles = "SELECT COUNT(*) AS n FROM webhook_bundles";
+        #[derive(QueryableByName)]
+        struct N {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let count = |conn: &mut DbConn| {
+            with_conn!(conn, c => diesel::sql_query(bundles).get_result::<N>(c))
+                .unwrap()
+                .n
+        };
+        assert_eq!(count(&mut conn), 1);
+
+        let disabled = diesel::sql_query("UPDATE webhooks SET enabled = false");
+        with_conn!(&mut conn, c => disabled.clone().execute(c)).unwrap();
+        assert_eq!(kill_disabled(&mut conn, 3_000).unwrap(), 4);
+        assert_eq!(count(&mut conn), 0);
+        assert_eq!(pending_total(&mut conn).unwrap(), 0);
+        let dead = dead_letters(&mut conn, &[hook], PageStart::AfterSeq(0), 10).unwrap();
+        let ids: Vec<&str> = dead.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["msg_a_000", "msg_a_001", "msg_b_000", "msg_b_001"]);
+    }
+
+    #[test]
+    fn every_row_of_a_run_is_stored_in_order_whatever_its_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook_id) = one_webhook(&dir, false);
+        let mut pending = PendingCounts::default();
+        let mut total = 0;
         for n in [1, 2, 3, 4, 5, 15, 16, 17, 63, 64, 65, 85, 100, 149] {
             let rows: Vec<NewDelivery> = (0..n)
                 .map(|i| NewDelivery {
@@ -1024,7 +1200,7 @@ mod tests {
                     data: format!("{{\"n\":{i}}}"),
                 })
                 .collect();
-            let batches = vec![(hook.id, rows)];
+            let batches = vec![(hook_id, rows)];
             let leased = [n * 2 / 3];
             let intake = Intake {
                 batches: &batches,
@@ -1033,6 +1209,17 @@ mod tests {
                 lease_until: 2_000,
             };
             let out = enqueue(&mut conn, &[intake], i64::MAX, &mut pending).unwrap();
+            // The due ones wait in a bundle until a claim unpacks them.
+            total += n;
+            assert_eq!(
+                pending_total(&mut conn).unwrap(),
+                i64::try_from(total).unwrap()
+            );
+            write_tx!(&mut conn, c => bundles::unpack_all(c, hook_id)).unwrap();
+            assert_eq!(
+                pending_total(&mut conn).unwrap(),
+                i64::try_from(total).unwrap()
+            );
             let stored: Vec<(String, String, i64, i64)> = with_conn!(&mut conn, c => d::table
                 .filter(d::id.like(format!("msg_{n}_%")))
                 .order(d::seq)

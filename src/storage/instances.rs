@@ -264,6 +264,8 @@ pub fn delete(
             diesel::sql_query(q).execute(c)?;
         }
         let ids = id_list(&hooks);
+        diesel::sql_query(format!("DELETE FROM webhook_bundles WHERE webhook_id IN ({ids})"))
+            .execute(c)?;
         diesel::sql_query(format!("DELETE FROM webhook_deliveries WHERE webhook_id IN ({ids})"))
             .execute(c)?;
         diesel::delete(ws_settings::table.filter(ws_settings::instance_id.eq(found.id.0)))

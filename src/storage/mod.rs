@@ -1,6 +1,7 @@
 //! Persistent state: accounts, instances, their WebSocket settings and
-//! webhooks, and webhook deliveries (pending and dead letters), on
-//! SQLite (the default, embedded) or PostgreSQL (when the URL says so).
+//! webhooks, and webhook deliveries (pending, as rows or bundles, and dead
+//! letters), on SQLite (the default, embedded) or PostgreSQL (when the URL
+//! says so).
 //!
 //! Owns the connection pool, migrations and every query. Functions here take
 //! a `&mut DbConn` and block: callers run them inside `web::block` (or on a
@@ -8,6 +9,7 @@
 //! actor's thread.
 
 pub mod accounts;
+mod bundles;
 pub mod deliveries;
 pub mod instances;
 pub mod pool;

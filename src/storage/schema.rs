@@ -56,3 +56,12 @@ diesel::table! {
         dead_at -> Nullable<BigInt>,
     }
 }
+
+diesel::table! {
+    webhook_bundles (seq) {
+        seq -> BigInt,
+        webhook_id -> BigInt,
+        count -> BigInt,
+        deliveries -> Text,
+    }
+}

@@ -259,7 +259,7 @@ pub fn defaults_of(
     Ok(with_conn!(conn, c => diesel::sql_query(&text).load(c))?)
 }
 
-/// Pending and dead-letter counts of these webhooks.
+/// Pending (rows and bundles) and dead-letter counts of these webhooks.
 pub fn counts(conn: &mut DbConn, webhooks: &[i64]) -> Result<Vec<Counts>, StorageError> {
     let text = format!(
         "SELECT webhook_id, \
@@ -268,7 +268,18 @@ pub fn counts(conn: &mut DbConn, webhooks: &[i64]) -> Result<Vec<Counts>, Storag
          FROM webhook_deliveries WHERE webhook_id IN ({}) GROUP BY webhook_id",
         id_list(webhooks)
     );
-    Ok(with_conn!(conn, c => diesel::sql_query(&text).load(c))?)
+    let mut counts: Vec<Counts> = with_conn!(conn, c => diesel::sql_query(&text).load(c))?;
+    for (webhook_id, n) in super::bundles::bundled_of(conn, webhooks)? {
+        match counts.iter_mut().find(|c| c.webhook_id == webhook_id) {
+            Some(c) => c.pending += n,
+            None => counts.push(Counts {
+                webhook_id,
+                pending: n,
+                failed: 0,
+            }),
+        }
+    }
+    Ok(counts)
 }
 
 /// Every enabled webhook of every instance (to fill the in-memory map).
@@ -418,6 +429,7 @@ pub fn upsert(
                     .bind::<BigInt, _>(old.id)
                     .execute(c)?;
                 if !new.enabled {
+                    super::bundles::unpack_all(c, old.id)?;
                     killed = diesel::sql_query(&q_kill)
                         .bind::<BigInt, _>(now)
                         .bind::<BigInt, _>(old.id)
@@ -441,12 +453,15 @@ pub fn delete(conn: &mut DbConn, instance: InstanceId, label: &str) -> Result<bo
         return Ok(false);
     };
     let q_lock = hook_locks(conn.is_pg(), &[found.id], false);
+    let q_bundles = dialect(conn, "DELETE FROM webhook_bundles WHERE webhook_id = $1");
     let q_deliveries = dialect(conn, "DELETE FROM webhook_deliveries WHERE webhook_id = $1");
     let q_hook = dialect(conn, "DELETE FROM webhooks WHERE id = $1");
     let n: usize = write_tx!(conn, c => {
         if let Some(q) = &q_lock {
             diesel::sql_query(q).execute(c)?;
         }
+        // Bundles before rows: a claim unpacking them commits first.
+        diesel::sql_query(&q_bundles).bind::<BigInt, _>(found.id).execute(c)?;
         diesel::sql_query(&q_deliveries).bind::<BigInt, _>(found.id).execute(c)?;
         diesel::sql_query(&q_hook).bind::<BigInt, _>(found.id).execute(c)
     })?;

@@ -4,7 +4,9 @@
 //! thread takes every request waiting at that moment (up to
 //! [`GROUP_ROWS`] rows) into one transaction, so concurrent publishes share
 //! one commit — one flush to disk — instead of queueing for one each. A
-//! request is answered only after its rows are committed. When a shared
+//! request is answered only after its rows are committed. Deliveries left
+//! for a claim are stored as one bundle per webhook (`storage::bundles`),
+//! not one row each. When a shared
 //! transaction fails, each of its requests is tried again alone, so one
 //! request's failure is never another's.
 //!
