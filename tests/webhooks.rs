@@ -2352,3 +2352,83 @@ async fn the_pending_gauge_is_right_from_the_start() {
     })
     .await;
 }
+
+/// Two PostgreSQL nodes claiming one `ordered` webhook whose deliveries
+/// wait in bundles: a node that waited for its turn to unpack them while
+/// the other unpacked (and leased the first) reads the webhook again after
+/// the wait, finds a pending row and unpacks nothing, so one delivery is
+/// in flight, not two.
+#[actix_rt::test]
+async fn an_ordered_webhook_unpacked_by_another_node_meanwhile_is_not_unpacked_again() {
+    use diesel::{Connection, RunQueryDsl};
+    use eventgate::storage::deliveries::{claim, Rooms};
+    let Some(db) = common::require_postgres() else {
+        return;
+    };
+    let url = db.url.clone();
+    let api = TestServer::start_on(db, |s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.deliver = false;
+    })
+    .await;
+    api.instance("turns").await;
+    let down = format!("http://127.0.0.1:{}/", common::free_port());
+    set_ok(
+        &api,
+        "turns",
+        json!({"enabled": true, "url": down, "ordered": true}),
+    )
+    .await;
+    for i in 0..2 {
+        api.publish("turns", event("call.update", json!({"i": i})))
+            .await;
+    }
+    let bundles = "SELECT COUNT(*) AS n FROM webhook_bundles";
+    assert_eq!(count(&url, bundles), 2, "both publishes bundled");
+    let hook = count(&url, "SELECT id AS n FROM webhooks");
+
+    // The other node: its turn to unpack, and the row it unpacked (its
+    // first delivery, leased), committed only after this node has begun
+    // to wait.
+    let (held, wait_for_turn) = std::sync::mpsc::channel();
+    let other = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let c = &mut diesel::PgConnection::establish(&url).unwrap();
+            c.transaction(|c| {
+                diesel::sql_query(format!(
+                    "SELECT pg_advisory_xact_lock({}, {hook})",
+                    0x6567_7570
+                ))
+                .execute(c)?;
+                diesel::sql_query(format!(
+                    "INSERT INTO webhook_deliveries (id, webhook_id, event, data, created_at, \
+                     attempts, next_attempt_at, lease_until) \
+                     VALUES ('msg_other', {hook}, 'call.update', '{{}}', 1, 1, 1, {})",
+                    i64::MAX / 2
+                ))
+                .execute(c)?;
+                held.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(500));
+                Ok::<_, diesel::result::Error>(())
+            })
+            .unwrap();
+        })
+    };
+    wait_for_turn.recv().unwrap();
+    let mut conn = eventgate::storage::pool::open_one(&url).unwrap();
+    let rooms = Rooms {
+        known: Default::default(),
+        default: 8,
+        most: 8,
+    };
+    let now = eventgate::storage::now_millis();
+    let taken = claim(&mut conn, now, now + 60_000, 100, &[], &rooms).unwrap();
+    other.join().unwrap();
+    assert!(
+        taken.rows.is_empty(),
+        "a second delivery in flight: {:?}",
+        taken.rows.iter().map(|r| &r.id).collect::<Vec<_>>()
+    );
+    assert_eq!(count(&url, bundles), 2, "nothing unpacked");
+}

@@ -2,22 +2,25 @@
 //! leaves for a claim, stored as one row per webhook and intake group (a
 //! bundle) rather than one row each, so the 202 waits for a few rows
 //! instead of one per delivery. A bundle holds its deliveries as a JSON
-//! array of `[id, event, accepted at (Unix ms), data]`, `data` exactly as
-//! the publish gave it.
+//! array of `[seq, id, event, accepted at (Unix ms), data]`: `seq` is the
+//! acceptance position reserved for the delivery when it was stored (its
+//! row's `seq` later), `data` exactly as the publish gave it.
 //!
-//! Nothing is ever attempted from a bundle: a claim first unpacks a
-//! webhook's oldest bundles into due rows of `webhook_deliveries` when the
-//! due rows there do not fill the room it claims for (for an `ordered`
-//! webhook, only when it has no pending row at all), and disabling a
-//! webhook unpacks them all to turn them into dead letters. A webhook's
-//! delivery rows are thus always older than its bundles, and everything
-//! after the first attempt (leases, retries, dead letters, paging) works on
-//! rows. Counts of pending deliveries add the bundles' `count`.
+//! Nothing is attempted from a bundle. A claim takes a webhook's due rows
+//! first, then, for what its room still lacks, unpacks the webhook's
+//! oldest bundles: the deliveries it takes as rows leased to it, the rest
+//! of those bundles as due rows (an `ordered` webhook's, only when it has
+//! no pending row). Unpacking is one node at a time per webhook (an
+//! advisory lock on PostgreSQL, the single writer on SQLite), and checks
+//! the webhook again once it holds that turn. Disabling a webhook unpacks
+//! all its bundles to turn them into dead letters. Everything after the
+//! first attempt (leases, retries, dead letters, paging) works on rows.
+//! Counts of pending deliveries add the bundles' `count`.
 
 use std::collections::HashMap;
 
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::{BigInt, Bool, Text};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -28,6 +31,13 @@ use crate::domain::EventKind;
 
 /// Bundles read at a time while unpacking.
 const READ_AT_ONCE: i64 = 16;
+
+/// First key of the advisory lock that makes unpacking a webhook's bundles
+/// one node's turn at a time (PostgreSQL; any fixed number will do).
+const UNPACK_LOCK_CLASS: i32 = 0x6567_7570; // "egup"
+
+/// Deliveries in the bundles a query selects.
+const BUNDLED: &str = "CAST(COALESCE(SUM(count), 0) AS BIGINT)";
 
 /// A bundle, as unpacking reads it.
 #[derive(QueryableByName)]
@@ -46,24 +56,33 @@ struct Count {
     n: i64,
 }
 
+/// A webhook as unpacking finds it once it holds its turn.
+#[derive(QueryableByName)]
+pub(super) struct Standing {
+    #[diesel(sql_type = Bool)]
+    enabled: bool,
+    #[diesel(sql_type = Bool)]
+    pending: bool,
+}
+
 /// The statements on bundles, one implementation per backend (they differ
-/// in placeholders and row locks).
+/// in placeholders and locks).
 pub(super) trait BundleRows {
     /// Stores `count` deliveries of `webhook` packed as `text`; nothing
     /// when the webhook is gone.
     fn insert_bundle(&mut self, webhook: i64, count: i64, text: &str) -> QueryResult<usize>;
-    /// The oldest `limit` bundles of `webhook`, locked on PostgreSQL.
+    /// The oldest `limit` bundles of `webhook`.
     fn oldest_bundles(&mut self, webhook: i64, limit: i64) -> QueryResult<Vec<Bundle>>;
     fn delete_bundles(&mut self, seqs: &[i64]) -> QueryResult<usize>;
     /// `webhook`'s pending deliveries, rows and bundles, counted in one
     /// statement (one snapshot: a claim unpacking bundles meanwhile moves
     /// deliveries from one table to the other).
     fn pending_of(&mut self, webhook: i64) -> QueryResult<i64>;
-    /// Rows of `webhook` a claim at `now` could take, counted up to `limit`:
-    /// due ones, or for an `ordered` webhook pending ones (its oldest
-    /// pending row holds the others back, due or not).
-    fn rows_ready(&mut self, webhook: i64, now: i64, limit: i64, ordered: bool)
-        -> QueryResult<i64>;
+    /// Waits for this transaction's turn to unpack `webhook`'s bundles.
+    fn unpacking_turn(&mut self, webhook: i64) -> QueryResult<()>;
+    /// Whether `webhook` is enabled and has pending rows, as committed now
+    /// (`None`: it is gone).
+    fn standing(&mut self, webhook: i64) -> QueryResult<Option<Standing>>;
 }
 
 /// `sql` with SQLite's placeholders (`?1` for `$1`) unless on PostgreSQL.
@@ -79,14 +98,8 @@ const INSERT: &str = "INSERT INTO webhook_bundles (webhook_id, count, deliveries
      SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = $1)";
 const OLDEST: &str =
     "SELECT seq, count, deliveries FROM webhook_bundles WHERE webhook_id = $1 ORDER BY seq LIMIT $2";
-const PENDING_OF: &str = "SELECT (SELECT COUNT(*) FROM webhook_deliveries \
-     WHERE webhook_id = $1 AND dead_at IS NULL) \
-     + (SELECT CAST(COALESCE(SUM(count), 0) AS BIGINT) FROM webhook_bundles WHERE webhook_id = $1) AS n";
-const DUE: &str = "SELECT COUNT(*) AS n FROM (SELECT 1 FROM webhook_deliveries \
-     WHERE webhook_id = $1 AND dead_at IS NULL AND next_attempt_at <= $2 AND lease_until <= $2 \
-     LIMIT $3) AS d";
-const PENDING: &str = "SELECT COUNT(*) AS n FROM (SELECT 1 FROM webhook_deliveries \
-     WHERE webhook_id = $1 AND dead_at IS NULL LIMIT $2) AS d";
+const STANDING: &str = "SELECT w.enabled, EXISTS (SELECT 1 FROM webhook_deliveries d \
+     WHERE d.webhook_id = w.id AND d.dead_at IS NULL) AS pending FROM webhooks w WHERE w.id = $1";
 
 macro_rules! bundle_rows {
     ($conn:ty, $pg:expr) => {
@@ -105,10 +118,7 @@ macro_rules! bundle_rows {
             }
 
             fn oldest_bundles(&mut self, webhook: i64, limit: i64) -> QueryResult<Vec<Bundle>> {
-                // Two nodes unpacking one webhook take its bundles in turn,
-                // so its rows stay in acceptance order.
-                let lock = if $pg { " FOR UPDATE" } else { "" };
-                diesel::sql_query(format!("{}{lock}", placeholders($pg, OLDEST)))
+                diesel::sql_query(placeholders($pg, OLDEST))
                     .bind::<BigInt, _>(webhook)
                     .bind::<BigInt, _>(limit)
                     .load(self)
@@ -123,32 +133,33 @@ macro_rules! bundle_rows {
             }
 
             fn pending_of(&mut self, webhook: i64) -> QueryResult<i64> {
-                diesel::sql_query(placeholders($pg, PENDING_OF))
+                let text = format!(
+                    "SELECT (SELECT COUNT(*) FROM webhook_deliveries \
+                     WHERE webhook_id = $1 AND dead_at IS NULL) \
+                     + (SELECT {BUNDLED} FROM webhook_bundles WHERE webhook_id = $1) AS n"
+                );
+                diesel::sql_query(placeholders($pg, &text))
                     .bind::<BigInt, _>(webhook)
                     .get_result::<Count>(self)
                     .map(|c| c.n)
             }
 
-            fn rows_ready(
-                &mut self,
-                webhook: i64,
-                now: i64,
-                limit: i64,
-                ordered: bool,
-            ) -> QueryResult<i64> {
-                let counted = if ordered {
-                    diesel::sql_query(placeholders($pg, PENDING))
-                        .bind::<BigInt, _>(webhook)
-                        .bind::<BigInt, _>(limit)
-                        .get_result::<Count>(self)
-                } else {
-                    diesel::sql_query(placeholders($pg, DUE))
-                        .bind::<BigInt, _>(webhook)
-                        .bind::<BigInt, _>(now)
-                        .bind::<BigInt, _>(limit)
-                        .get_result::<Count>(self)
-                };
-                counted.map(|c| c.n)
+            fn unpacking_turn(&mut self, webhook: i64) -> QueryResult<()> {
+                if $pg {
+                    diesel::sql_query(format!(
+                        "SELECT pg_advisory_xact_lock({UNPACK_LOCK_CLASS}, {})",
+                        webhook & 0x7fff_ffff
+                    ))
+                    .execute(self)?;
+                }
+                Ok(())
+            }
+
+            fn standing(&mut self, webhook: i64) -> QueryResult<Option<Standing>> {
+                diesel::sql_query(placeholders($pg, STANDING))
+                    .bind::<BigInt, _>(webhook)
+                    .get_result::<Standing>(self)
+                    .optional()
             }
         }
     };
@@ -159,9 +170,11 @@ bundle_rows!(diesel::pg::PgConnection, true);
 
 /// Pending deliveries of every webhook, rows and bundles (one snapshot).
 pub(super) fn pending_total(conn: &mut DbConn) -> Result<i64, StorageError> {
-    let text = "SELECT (SELECT COUNT(*) FROM webhook_deliveries WHERE dead_at IS NULL) \
-         + (SELECT CAST(COALESCE(SUM(count), 0) AS BIGINT) FROM webhook_bundles) AS n";
-    Ok(with_conn!(conn, c => diesel::sql_query(text).get_result::<Count>(c))?.n)
+    let text = format!(
+        "SELECT (SELECT COUNT(*) FROM webhook_deliveries WHERE dead_at IS NULL) \
+         + (SELECT {BUNDLED} FROM webhook_bundles) AS n"
+    );
+    Ok(with_conn!(conn, c => diesel::sql_query(&text).get_result::<Count>(c))?.n)
 }
 
 /// Deliveries waiting in bundles, per webhook of `hooks` that has any.
@@ -177,7 +190,7 @@ pub(super) fn bundled_of(
         n: i64,
     }
     let text = format!(
-        "SELECT webhook_id, CAST(SUM(count) AS BIGINT) AS n FROM webhook_bundles \
+        "SELECT webhook_id, {BUNDLED} AS n FROM webhook_bundles \
          WHERE webhook_id IN ({}) GROUP BY webhook_id",
         id_list(hooks)
     );
@@ -197,6 +210,13 @@ pub(super) fn store<C: BundleRows>(
     Ok(())
 }
 
+/// One unpacked delivery: its reserved position and acceptance time.
+pub(super) struct Unpacked {
+    seq: i64,
+    row: NewDelivery,
+    at: i64,
+}
+
 /// Unpacks `webhook`'s oldest bundles, whole bundles until at least
 /// `wanted` deliveries (every bundle when `None`): their first `leased`
 /// deliveries are stored leased until `lease_until`, their first attempt
@@ -207,7 +227,7 @@ pub(super) fn unpack<C: BundleRows + InsertRun>(
     wanted: Option<i64>,
     leased: usize,
     lease_until: i64,
-) -> QueryResult<Vec<(NewDelivery, i64, i64)>> {
+) -> QueryResult<Vec<Unpacked>> {
     let mut unpacked = 0;
     let mut taken = Vec::new();
     while wanted.is_none_or(|w| unpacked < w) {
@@ -226,8 +246,8 @@ pub(super) fn unpack<C: BundleRows + InsertRun>(
             unpacked += bundle.count;
         }
         let lease_now = leased.saturating_sub(taken.len()).min(deliveries.len());
-        let (to_lease, due) = deliveries.split_at(lease_now);
-        for (stored, rows) in [(Stored::Leased, to_lease), (Stored::Due, due)] {
+        let due = deliveries.split_off(lease_now);
+        for (stored, rows) in [(Stored::Leased, &deliveries), (Stored::Due, &due)] {
             if rows.is_empty() {
                 continue;
             }
@@ -235,26 +255,17 @@ pub(super) fn unpack<C: BundleRows + InsertRun>(
                 stored,
                 rows: rows
                     .iter()
-                    .map(|(row, now)| NewRow {
-                        row,
-                        now: *now,
+                    .map(|u| NewRow {
+                        seq: u.seq,
+                        row: &u.row,
+                        now: u.at,
                         lease_until,
                     })
                     .collect(),
             };
-            let returned = c.insert_run(webhook, &run)?;
-            if stored == Stored::Leased {
-                let seqs: HashMap<&str, i64> = returned
-                    .iter()
-                    .map(|(id, seq)| (id.as_str(), *seq))
-                    .collect();
-                for (row, now) in rows {
-                    if let Some(seq) = seqs.get(row.id.as_str()) {
-                        taken.push((row.clone(), *now, *seq));
-                    }
-                }
-            }
+            c.insert_run(webhook, &run)?;
         }
+        taken.extend(deliveries);
         c.delete_bundles(&seqs)?;
     }
     Ok(taken)
@@ -265,45 +276,54 @@ pub(super) fn unpack_all<C: BundleRows + InsertRun>(c: &mut C, webhook: i64) -> 
     unpack(c, webhook, None, 0, 0).map(|_| ())
 }
 
-/// Before a claim at `now` of at most `limit` deliveries: for each of
-/// `hooks` (`(id, ordered)`, in id order) whose ready rows do not fill its
-/// room, unpacks enough bundles, and returns what the room lacks leased
-/// until `lease_until` (an `ordered` webhook's room is its one delivery in
-/// flight, when it has no pending row).
+/// After a claim's due rows, at most `limit` deliveries more: for each of
+/// `hooks` (`(id, ordered)`, in id order), what its room (`room_left`)
+/// still lacks is unpacked from its oldest bundles and returned leased
+/// until `lease_until`. An `ordered` webhook's room is its one delivery in
+/// flight, taken only when it has no pending row. A bundle that cannot be
+/// read is logged and its webhook left for this claim; the others go on.
 pub(super) fn unpack_for_claim<C: BundleRows + InsertRun>(
     c: &mut C,
     hooks: &[(i64, bool)],
-    now: i64,
     lease_until: i64,
     limit: i64,
-    room: impl Fn(i64) -> i64,
+    room_left: impl Fn(i64) -> i64,
 ) -> QueryResult<Vec<Claimed>> {
     let mut claimed = Vec::new();
     for &(webhook, ordered) in hooks {
-        let room = if ordered { 1 } else { room(webhook) };
+        let room = if ordered { 1 } else { room_left(webhook) };
         let budget = limit - i64::try_from(claimed.len()).unwrap_or(i64::MAX);
-        if room <= 0 || budget <= 0 {
+        let lacking = room.min(budget);
+        if lacking <= 0 {
             continue;
         }
-        let ready = c.rows_ready(webhook, now, room, ordered)?;
-        if ready >= room {
-            continue;
+        // Another node may have unpacked (and committed) while this one
+        // waited for its turn: what is pending is read again after it.
+        c.unpacking_turn(webhook)?;
+        match c.standing(webhook)? {
+            Some(s) if s.enabled && !(ordered && s.pending) => {}
+            _ => continue,
         }
-        let lacking = (room - ready).min(budget);
         let leased = usize::try_from(lacking).unwrap_or(0);
-        for (row, created_at, seq) in unpack(c, webhook, Some(lacking), leased, lease_until)? {
-            claimed.push(Claimed {
-                seq,
-                id: row.id,
-                webhook_id: webhook,
-                event: row.event.to_string(),
-                data: row.data,
-                created_at,
-                attempts: 0,
-                next_attempt_at: created_at,
-                ordered,
-            });
-        }
+        let taken = match unpack(c, webhook, Some(lacking), leased, lease_until) {
+            Ok(taken) => taken,
+            Err(diesel::result::Error::DeserializationError(e)) => {
+                log::error!("webhook {webhook}: a bundle of its deliveries cannot be read ({e}); its deliveries wait");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        claimed.extend(taken.into_iter().map(|u| Claimed {
+            seq: u.seq,
+            id: u.row.id,
+            webhook_id: webhook,
+            event: u.row.event.to_string(),
+            data: u.row.data,
+            created_at: u.at,
+            attempts: 0,
+            next_attempt_at: u.at,
+            ordered,
+        }));
     }
     Ok(claimed)
 }
@@ -312,7 +332,7 @@ pub(super) fn unpack_for_claim<C: BundleRows + InsertRun>(
 fn pack(rows: &[NewRow<'_>]) -> serde_json::Result<String> {
     let size: usize = rows
         .iter()
-        .map(|n| n.row.id.len() + n.row.event.len() + n.row.data.len() + 32)
+        .map(|n| n.row.id.len() + n.row.event.len() + n.row.data.len() + 48)
         .sum();
     let mut out = String::with_capacity(size + 2);
     out.push('[');
@@ -321,6 +341,8 @@ fn pack(rows: &[NewRow<'_>]) -> serde_json::Result<String> {
             out.push(',');
         }
         out.push('[');
+        out.push_str(&n.seq.to_string());
+        out.push(',');
         out.push_str(&serde_json::to_string(&n.row.id)?);
         out.push(',');
         out.push_str(&serde_json::to_string(n.row.event)?);
@@ -337,26 +359,27 @@ fn pack(rows: &[NewRow<'_>]) -> serde_json::Result<String> {
 
 /// One packed delivery.
 #[derive(Deserialize)]
-struct Packed(String, String, i64, Box<RawValue>);
+struct Packed(i64, String, String, i64, Box<RawValue>);
 
-/// A bundle's deliveries, each with its acceptance time.
-fn unpack_text(text: &str) -> QueryResult<Vec<(NewDelivery, i64)>> {
+/// A bundle's deliveries.
+fn unpack_text(text: &str) -> QueryResult<Vec<Unpacked>> {
     let corrupt = |e: String| diesel::result::Error::DeserializationError(e.into());
     let packed: Vec<Packed> =
         serde_json::from_str(text).map_err(|e| corrupt(format!("a webhook bundle: {e}")))?;
     packed
         .into_iter()
-        .map(|Packed(id, event, now, data)| {
+        .map(|Packed(seq, id, event, at, data)| {
             let event = EventKind::parse(&event)
                 .ok_or_else(|| corrupt(format!("a webhook bundle's event {event:?}")))?;
-            Ok((
-                NewDelivery {
+            Ok(Unpacked {
+                seq,
+                row: NewDelivery {
                     id,
                     event: event.as_str(),
                     data: data.get().to_string(),
                 },
-                now,
-            ))
+                at,
+            })
         })
         .collect()
 }
@@ -385,6 +408,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, row)| NewRow {
+                seq: 50 + i64::try_from(i).unwrap(),
                 row,
                 now: 1_000 + i64::try_from(i).unwrap(),
                 lease_until: 0,
@@ -393,13 +417,13 @@ mod tests {
         let text = pack(&packed).unwrap();
         let back = unpack_text(&text).unwrap();
         assert_eq!(back.len(), 2);
-        for ((got, now), (want, i)) in back.iter().zip(rows.iter().zip(0..)) {
+        for (got, (want, i)) in back.iter().zip(rows.iter().zip(0..)) {
             assert_eq!(
-                (&got.id, got.event, &got.data, *now),
-                (&want.id, want.event, &want.data, 1_000 + i)
+                (got.seq, &got.row.id, got.row.event, &got.row.data, got.at),
+                (50 + i, &want.id, want.event, &want.data, 1_000 + i)
             );
         }
-        assert!(unpack_text(r#"[["msg_3","no.such",1,{}]]"#).is_err());
+        assert!(unpack_text(r#"[[3,"msg_3","no.such",1,{}]]"#).is_err());
         assert!(unpack_text("[[").is_err());
     }
 }

@@ -205,8 +205,10 @@ pub(super) enum Stored {
     Refused,
 }
 
-/// One new row, with its publish's acceptance time and lease.
+/// One new row, with its acceptance position (reserved when its publish
+/// was stored: [`SeqReserve`]), its publish's acceptance time and lease.
 pub(super) struct NewRow<'a> {
+    pub(super) seq: i64,
     pub(super) row: &'a NewDelivery,
     pub(super) now: i64,
     pub(super) lease_until: i64,
@@ -226,13 +228,26 @@ struct Runs<'a> {
 }
 
 impl<'a> Runs<'a> {
-    /// Adds `rows` of `webhook`, of the publish `from`, stored as `stored`.
-    fn push(&mut self, webhook: i64, stored: Stored, rows: &'a [NewDelivery], from: &Intake<'_>) {
-        let rows = rows.iter().map(|row| NewRow {
-            row,
-            now: from.now,
-            lease_until: from.lease_until,
-        });
+    /// Adds `rows` of `webhook`, of the publish `from`, stored as `stored`,
+    /// with the next of `seqs` each.
+    fn push(
+        &mut self,
+        webhook: i64,
+        stored: Stored,
+        rows: &'a [NewDelivery],
+        from: &Intake<'_>,
+        seqs: &mut impl Iterator<Item = i64>,
+    ) {
+        let rows: Vec<NewRow<'a>> = rows
+            .iter()
+            .zip(seqs)
+            .map(|(row, seq)| NewRow {
+                seq,
+                row,
+                now: from.now,
+                lease_until: from.lease_until,
+            })
+            .collect();
         let i = *self.at.entry(webhook).or_insert_with(|| {
             self.webhooks.push((webhook, Vec::new()));
             self.webhooks.len() - 1
@@ -240,18 +255,75 @@ impl<'a> Runs<'a> {
         let runs = &mut self.webhooks[i].1;
         match runs.last_mut() {
             Some(run) if run.stored == stored => run.rows.extend(rows),
-            _ => runs.push(Run {
-                stored,
-                rows: rows.collect(),
-            }),
+            _ => runs.push(Run { stored, rows }),
         }
     }
 }
 
-/// A run's rows, inserted in one statement (returning `(id, seq)` of each
-/// row when they are stored leased, for the node to attempt them).
+/// A run's rows, inserted with their reserved `seq`s; returns how many
+/// were stored (none when the webhook is gone).
 pub(super) trait InsertRun {
-    fn insert_run(&mut self, webhook: i64, run: &Run<'_>) -> QueryResult<Vec<(String, i64)>>;
+    fn insert_run(&mut self, webhook: i64, run: &Run<'_>) -> QueryResult<usize>;
+}
+
+/// Reserves acceptance positions (`webhook_deliveries.seq`) for deliveries
+/// being stored, in order. A delivery left in a bundle keeps the one it
+/// was accepted with, so rows unpacked later still sort by acceptance
+/// (`/failed` is "oldest first by acceptance").
+pub(super) trait SeqReserve {
+    fn reserve_seqs(&mut self, n: usize) -> QueryResult<Vec<i64>>;
+}
+
+#[derive(QueryableByName)]
+struct SeqValue {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+}
+
+/// SQLite: `AUTOINCREMENT` keeps the table's largest `seq` in
+/// `sqlite_sequence`; moving it on by `n` (inside the single writer's
+/// transaction) reserves the `n` after it.
+impl SeqReserve for diesel::sqlite::SqliteConnection {
+    fn reserve_seqs(&mut self, n: usize) -> QueryResult<Vec<i64>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        diesel::sql_query(
+            "INSERT INTO sqlite_sequence (name, seq) \
+             SELECT 'webhook_deliveries', COALESCE((SELECT MAX(seq) FROM webhook_deliveries), 0) \
+             WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'webhook_deliveries')",
+        )
+        .execute(self)?;
+        let count = i64::try_from(n).unwrap_or(i64::MAX);
+        let last = diesel::sql_query(
+            "UPDATE sqlite_sequence SET seq = seq + ?1 WHERE name = 'webhook_deliveries' RETURNING seq",
+        )
+        .bind::<BigInt, _>(count)
+        .get_result::<SeqValue>(self)?
+        .seq;
+        Ok((last - count + 1..=last).collect())
+    }
+}
+
+/// PostgreSQL: `n` values of the column's sequence in one statement (other
+/// nodes' values may fall between them; each is larger than any before it).
+impl SeqReserve for diesel::pg::PgConnection {
+    fn reserve_seqs(&mut self, n: usize) -> QueryResult<Vec<i64>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut seqs: Vec<i64> = diesel::sql_query(
+            "SELECT nextval(pg_get_serial_sequence('webhook_deliveries', 'seq')) AS seq \
+             FROM generate_series(1, $1)",
+        )
+        .bind::<BigInt, _>(i64::try_from(n).unwrap_or(i64::MAX))
+        .load::<SeqValue>(self)?
+        .into_iter()
+        .map(|v| v.seq)
+        .collect();
+        seqs.sort_unstable();
+        Ok(seqs)
+    }
 }
 
 impl Stored {
@@ -272,8 +344,8 @@ impl Stored {
 /// made for each run's row count was parsed anew every time: 14% of the
 /// intake's store (`benches/intake.rs`).
 impl InsertRun for diesel::sqlite::SqliteConnection {
-    fn insert_run(&mut self, webhook: i64, run: &Run<'_>) -> QueryResult<Vec<(String, i64)>> {
-        let mut returned = Vec::new();
+    fn insert_run(&mut self, webhook: i64, run: &Run<'_>) -> QueryResult<usize> {
+        let mut stored = 0;
         let mut rows = run.rows.as_slice();
         while !rows.is_empty() {
             let (n, got) = match rows.len() {
@@ -282,23 +354,23 @@ impl InsertRun for diesel::sqlite::SqliteConnection {
                 4.. => (4, insert_fixed::<4>(self, webhook, run.stored, rows)?),
                 _ => (1, insert_fixed::<1>(self, webhook, run.stored, rows)?),
             };
-            returned.extend(got);
+            stored += got;
             rows = rows.get(n..).unwrap_or_default();
         }
-        Ok(returned)
+        Ok(stored)
     }
 }
 
 /// Inserts the first `N` of `rows` (none when there are fewer) in one
-/// cached statement; returns `(id, seq)` of each when they are stored leased.
+/// cached statement.
 fn insert_fixed<const N: usize>(
     c: &mut diesel::sqlite::SqliteConnection,
     webhook: i64,
     stored: Stored,
     rows: &[NewRow<'_>],
-) -> QueryResult<Vec<(String, i64)>> {
+) -> QueryResult<usize> {
     let Some(rows) = rows.first_chunk::<N>() else {
-        return Ok(Vec::new());
+        return Ok(0);
     };
     let (attempts, leased, dead) = stored.columns();
     // Owned values: a statement is cached by its type, which must then
@@ -306,6 +378,7 @@ fn insert_fixed<const N: usize>(
     let values: [_; N] = std::array::from_fn(|i| {
         let n = &rows[i];
         (
+            d::seq.eq(n.seq),
             d::id.eq(n.row.id.clone()),
             d::webhook_id.eq(webhook),
             d::event.eq(n.row.event),
@@ -318,21 +391,7 @@ fn insert_fixed<const N: usize>(
             d::dead_at.eq(dead.then_some(n.now)),
         )
     });
-    let insert = diesel::insert_into(d::table).values(values);
-    if leased {
-        insert.returning((d::id, d::seq)).get_results(c)
-    } else {
-        insert.execute(c).map(|_| Vec::new())
-    }
-}
-
-/// A stored row's id and acceptance position.
-#[derive(QueryableByName)]
-struct Inserted {
-    #[diesel(sql_type = Text)]
-    id: String,
-    #[diesel(sql_type = BigInt)]
-    seq: i64,
+    diesel::insert_into(d::table).values(values).execute(c)
 }
 
 /// PostgreSQL: the whole run in one statement of one short text, its
@@ -340,44 +399,32 @@ struct Inserted {
 /// planned anew for every statement, with ten parameters per row), and
 /// nothing stored when the webhook is gone (there is no foreign key).
 impl InsertRun for diesel::pg::PgConnection {
-    fn insert_run(&mut self, webhook: i64, run: &Run<'_>) -> QueryResult<Vec<(String, i64)>> {
+    fn insert_run(&mut self, webhook: i64, run: &Run<'_>) -> QueryResult<usize> {
         use diesel::sql_types::{Array, Nullable};
         const INSERT: &str = "INSERT INTO webhook_deliveries \
-             (id, webhook_id, event, data, created_at, attempts, next_attempt_at, lease_until, last_error, dead_at) \
-             SELECT t.id, $1, t.event, t.data, t.at, $2, t.at, t.lease, $3, CASE WHEN $4 THEN t.at END \
-             FROM unnest($5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[]) \
-             WITH ORDINALITY AS t(id, event, data, at, lease, n) \
-             WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = $1) ORDER BY t.n";
+             (seq, id, webhook_id, event, data, created_at, attempts, next_attempt_at, lease_until, last_error, dead_at) \
+             SELECT t.seq, t.id, $1, t.event, t.data, t.at, $2, t.at, t.lease, $3, CASE WHEN $4 THEN t.at END \
+             FROM unnest($5::text[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[]) \
+             AS t(id, event, data, at, lease, seq) \
+             WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = $1) ORDER BY t.seq";
         let (attempts, leased, dead) = run.stored.columns();
         let rows = &run.rows;
-        let query = diesel::sql_query(if leased {
-            format!("{INSERT} RETURNING id, seq")
-        } else {
-            INSERT.to_string()
-        })
-        .bind::<BigInt, _>(webhook)
-        .bind::<BigInt, _>(attempts)
-        .bind::<Nullable<Text>, _>(dead.then_some(BACKLOG_FULL))
-        .bind::<Bool, _>(dead)
-        .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.id.as_str()).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.event).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.data.as_str()).collect::<Vec<_>>())
-        .bind::<Array<BigInt>, _>(rows.iter().map(|n| n.now).collect::<Vec<_>>())
-        .bind::<Array<BigInt>, _>(
-            rows.iter()
-                .map(|n| if leased { n.lease_until } else { 0 })
-                .collect::<Vec<_>>(),
-        );
-        if leased {
-            Ok(query
-                .get_results::<Inserted>(self)?
-                .into_iter()
-                .map(|r| (r.id, r.seq))
-                .collect())
-        } else {
-            query.execute(self)?;
-            Ok(Vec::new())
-        }
+        diesel::sql_query(INSERT)
+            .bind::<BigInt, _>(webhook)
+            .bind::<BigInt, _>(attempts)
+            .bind::<Nullable<Text>, _>(dead.then_some(BACKLOG_FULL))
+            .bind::<Bool, _>(dead)
+            .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.id.as_str()).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.event).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.data.as_str()).collect::<Vec<_>>())
+            .bind::<Array<BigInt>, _>(rows.iter().map(|n| n.now).collect::<Vec<_>>())
+            .bind::<Array<BigInt>, _>(
+                rows.iter()
+                    .map(|n| if leased { n.lease_until } else { 0 })
+                    .collect::<Vec<_>>(),
+            )
+            .bind::<Array<BigInt>, _>(rows.iter().map(|n| n.seq).collect::<Vec<_>>())
+            .execute(self)
     }
 }
 
@@ -425,7 +472,9 @@ pub fn enqueue(
             None => Vec::new(),
         };
         let mut out = Enqueued::default();
-        let mut runs = Runs::default();
+        // What each publish stores, in acceptance order, before the
+        // positions are reserved for them all at once.
+        let mut plan = Vec::new();
         // Pending rows of each webhook this group adds before the inserts:
         // a count made meanwhile does not see them yet.
         let mut planned: HashMap<i64, i64> = HashMap::new();
@@ -456,7 +505,7 @@ pub fn enqueue(
                     (Stored::Refused, over),
                 ] {
                     if !rows.is_empty() {
-                        runs.push(*webhook, stored, rows, intake);
+                        plan.push((*webhook, stored, rows, intake));
                     }
                 }
                 out.for_claims |= !due.is_empty();
@@ -464,23 +513,25 @@ pub fn enqueue(
             }
             out.refused.push(over_total);
         }
+        let total = plan.iter().map(|(_, _, rows, _)| rows.len()).sum();
+        let mut seqs = c.reserve_seqs(total)?.into_iter();
+        let mut runs = Runs::default();
+        for (webhook, stored, rows, intake) in plan {
+            runs.push(webhook, stored, rows, intake, &mut seqs);
+        }
         for (webhook, runs) in &runs.webhooks {
             for run in runs {
                 if run.stored == Stored::Due {
                     bundles::store(c, *webhook, &run.rows)?;
                     continue;
                 }
-                let returned = c.insert_run(*webhook, run)?;
-                if run.stored != Stored::Leased {
+                let stored = c.insert_run(*webhook, run)?;
+                if run.stored != Stored::Leased || stored == 0 {
                     continue;
                 }
-                let seqs: HashMap<String, i64> = returned.into_iter().collect();
                 for n in &run.rows {
-                    let Some(seq) = seqs.get(&n.row.id) else {
-                        continue;
-                    };
                     out.leased.push(Claimed {
-                        seq: *seq,
+                        seq: n.seq,
                         id: n.row.id.clone(),
                         webhook_id: *webhook,
                         event: n.row.event.to_string(),
@@ -610,38 +661,9 @@ pub fn claim(
     let room_of = |w: i64| i64::try_from(rooms.of(w)).unwrap_or(i64::MAX).min(most);
     let (claimed, complete) = unsynced(conn, |conn| {
         Ok(write_tx!(conn, c => {
-            // Bundles first, for webhooks whose due rows do not fill their
-            // room: what the room lacks is taken from their oldest bundles,
-            // stored leased, the rest of those bundles as due rows (under
-            // the webhooks' shared locks, as the intake stores, so a delete
-            // misses none of the rows).
-            let bundled: Vec<(i64, bool)> = diesel::sql_query(&q_bundled)
-                .load::<HookOrdered>(c)?
-                .into_iter()
-                .map(|h| (h.id, h.ordered))
-                .collect();
-            let mut unpacked = Vec::new();
-            if !bundled.is_empty() {
-                let ids: Vec<i64> = bundled.iter().map(|h| h.0).collect();
-                if let Some(q) = hook_locks(pg, &ids, true) {
-                    diesel::sql_query(q).execute(c)?;
-                }
-                unpacked = bundles::unpack_for_claim(c, &bundled, now, lease_until, limit, room_of)?;
-            }
-            // What is left of each room, and of the limit, for due rows.
-            let mut left: HashMap<i64, i64> = HashMap::new();
-            for r in &unpacked {
-                *left.entry(r.webhook_id).or_insert_with(|| room_of(r.webhook_id)) -= 1;
-            }
-            let room_left = |w: i64| left.get(&w).copied().unwrap_or_else(|| room_of(w)).max(0);
-            let limit = limit.saturating_sub(i64::try_from(unpacked.len()).unwrap_or(i64::MAX));
-            let mut found: Vec<Claimed> = if limit <= 0 {
-                Vec::new()
-            } else if pg {
-                let mut ids: Vec<i64> = rooms.known.keys().chain(left.keys()).copied().collect();
-                ids.sort_unstable();
-                ids.dedup();
-                let sizes: Vec<i64> = ids.iter().map(|w| room_left(*w)).collect();
+            let mut found: Vec<Claimed> = if pg {
+                let (ids, sizes): (Vec<i64>, Vec<i64>) =
+                    rooms.known.keys().map(|w| (*w, room_of(*w))).unzip();
                 diesel::sql_query(all_at_once(&ids, &sizes))
                     .bind::<BigInt, _>(now)
                     .bind::<BigInt, _>(limit)
@@ -652,7 +674,7 @@ pub fn claim(
                 let candidates: Vec<HookId> = diesel::sql_query(&hooks).load(c)?;
                 let mut found = Vec::new();
                 for hook in candidates {
-                    let take = room_left(hook.id);
+                    let take = room_of(hook.id);
                     if take == 0 {
                         continue;
                     }
@@ -667,10 +689,8 @@ pub fn claim(
                 found.sort_unstable_by_key(|r| (r.next_attempt_at, r.seq));
                 found
             };
-            let limit = usize::try_from(limit).unwrap_or(0);
-            let complete = found.len() < limit;
             // Each webhook's query took at most its room: nothing more to drop.
-            found.truncate(limit);
+            found.truncate(usize::try_from(limit).unwrap_or(0));
             if !found.is_empty() {
                 let seqs: Vec<i64> = found.iter().map(|r| r.seq).collect();
                 diesel::update(d::table.filter(d::seq.eq_any(&seqs)))
@@ -682,8 +702,34 @@ pub fn claim(
                     ))
                     .execute(c)?;
             }
-            found.extend(unpacked);
-            found.sort_unstable_by_key(|r| (r.next_attempt_at, r.seq));
+            // Then bundles, for what each room still lacks: a webhook's
+            // rows are older than its bundles (under the webhooks' shared
+            // locks, as the intake stores, so a delete misses none of the
+            // rows unpacked).
+            let budget = limit.saturating_sub(i64::try_from(found.len()).unwrap_or(i64::MAX));
+            if budget > 0 {
+                let bundled: Vec<(i64, bool)> = diesel::sql_query(&q_bundled)
+                    .load::<HookOrdered>(c)?
+                    .into_iter()
+                    .map(|h| (h.id, h.ordered))
+                    .collect();
+                if !bundled.is_empty() {
+                    let ids: Vec<i64> = bundled.iter().map(|h| h.0).collect();
+                    if let Some(q) = hook_locks(pg, &ids, true) {
+                        diesel::sql_query(q).execute(c)?;
+                    }
+                    let mut taken: HashMap<i64, i64> = HashMap::new();
+                    for r in &found {
+                        *taken.entry(r.webhook_id).or_insert(0) += 1;
+                    }
+                    let room_left = |w: i64| room_of(w) - taken.get(&w).copied().unwrap_or(0);
+                    let unpacked =
+                        bundles::unpack_for_claim(c, &bundled, lease_until, budget, room_left)?;
+                    found.extend(unpacked);
+                    found.sort_unstable_by_key(|r| (r.next_attempt_at, r.seq));
+                }
+            }
+            let complete = found.len() < usize::try_from(limit).unwrap_or(0);
             Ok::<_, diesel::result::Error>((found, complete))
         })?)
     })?;
@@ -1131,15 +1177,34 @@ mod tests {
         assert_eq!(stored.len(), 7, "{stored:?}");
         assert_eq!(pending_total(&mut conn).unwrap(), 9);
 
+        // A delivery accepted after the bundles, refused at once (backlog
+        // full), sorts after all of theirs however late they are unpacked.
+        let late = vec![(
+            hook,
+            vec![NewDelivery {
+                id: "msg_late".into(),
+                event: "message.exchange",
+                data: "{}".into(),
+            }],
+        )];
+        let refused = Intake {
+            batches: &late,
+            leased: &[0],
+            now: 1_003,
+            lease_until: 0,
+        };
+        enqueue(&mut conn, &[refused], 0, &mut PendingCounts::default()).unwrap();
+
         // Two rows are still due: room for 3 unpacks the last bundle.
         let taken = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(3)).unwrap();
         let ids: Vec<&str> = taken.rows.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["msg_b_002", "msg_b_003", "msg_c_000"]);
+        let stored = with_conn!(&mut conn, c => rows().load::<String>(c)).unwrap();
+        assert_eq!(stored.len(), 10);
         assert_eq!(
-            with_conn!(&mut conn, c => rows().load::<String>(c))
-                .unwrap()
-                .len(),
-            9
+            stored.last().map(String::as_str),
+            Some("msg_late"),
+            "{stored:?}"
         );
     }
 

@@ -460,7 +460,6 @@ pub fn delete(conn: &mut DbConn, instance: InstanceId, label: &str) -> Result<bo
         if let Some(q) = &q_lock {
             diesel::sql_query(q).execute(c)?;
         }
-        // Bundles before rows: a claim unpacking them commits first.
         diesel::sql_query(&q_bundles).bind::<BigInt, _>(found.id).execute(c)?;
         diesel::sql_query(&q_deliveries).bind::<BigInt, _>(found.id).execute(c)?;
         diesel::sql_query(&q_hook).bind::<BigInt, _>(found.id).execute(c)
