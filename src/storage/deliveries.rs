@@ -271,7 +271,9 @@ pub(super) trait InsertRun {
 /// was accepted with, so rows unpacked later still sort by acceptance
 /// (`/failed` is "oldest first by acceptance").
 pub(super) trait SeqReserve {
-    fn reserve_seqs(&mut self, n: usize) -> QueryResult<Vec<i64>>;
+    /// Reserves `n`; on PostgreSQL `locks` (a `hook_locks` statement) is
+    /// taken in the same statement (one round trip for both).
+    fn reserve_seqs(&mut self, n: usize, locks: Option<&str>) -> QueryResult<Vec<i64>>;
 }
 
 #[derive(QueryableByName)]
@@ -284,7 +286,7 @@ struct SeqValue {
 /// `sqlite_sequence`; moving it on by `n` (inside the single writer's
 /// transaction) reserves the `n` after it.
 impl SeqReserve for diesel::sqlite::SqliteConnection {
-    fn reserve_seqs(&mut self, n: usize) -> QueryResult<Vec<i64>> {
+    fn reserve_seqs(&mut self, n: usize, _locks: Option<&str>) -> QueryResult<Vec<i64>> {
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -305,24 +307,41 @@ impl SeqReserve for diesel::sqlite::SqliteConnection {
     }
 }
 
-/// PostgreSQL: `n` values of the column's sequence in one statement (other
-/// nodes' values may fall between them; each is larger than any before it).
+/// Positions in a block reserved at once on PostgreSQL.
+const SEQ_BLOCK_BITS: u32 = 16;
+
+/// PostgreSQL: whole blocks of positions, one `nextval` of
+/// `webhook_delivery_blocks` each (see its migration): a block's number
+/// shifted left by [`SEQ_BLOCK_BITS`] is its first position. Other nodes'
+/// blocks may fall between a transaction's; each is larger than any
+/// before it.
 impl SeqReserve for diesel::pg::PgConnection {
-    fn reserve_seqs(&mut self, n: usize) -> QueryResult<Vec<i64>> {
-        if n == 0 {
-            return Ok(Vec::new());
+    fn reserve_seqs(&mut self, n: usize, locks: Option<&str>) -> QueryResult<Vec<i64>> {
+        #[derive(QueryableByName)]
+        struct Reserved {
+            #[diesel(sql_type = diesel::sql_types::Array<BigInt>)]
+            blocks: Vec<i64>,
         }
-        let mut seqs: Vec<i64> = diesel::sql_query(
-            "SELECT nextval(pg_get_serial_sequence('webhook_deliveries', 'seq')) AS seq \
-             FROM generate_series(1, $1)",
-        )
-        .bind::<BigInt, _>(i64::try_from(n).unwrap_or(i64::MAX))
-        .load::<SeqValue>(self)?
-        .into_iter()
-        .map(|v| v.seq)
-        .collect();
-        seqs.sort_unstable();
-        Ok(seqs)
+        let block = 1_usize << SEQ_BLOCK_BITS;
+        let locked = locks
+            .map(|q| format!(", (SELECT COUNT(*) FROM ({q}) AS l) AS locked"))
+            .unwrap_or_default();
+        let blocks = diesel::sql_query(format!(
+            "SELECT (SELECT COALESCE(array_agg(v ORDER BY v), '{{}}') FROM \
+             (SELECT nextval('webhook_delivery_blocks') AS v FROM generate_series(1, $1)) AS t) \
+             AS blocks{locked}"
+        ))
+        .bind::<BigInt, _>(i64::try_from(n.div_ceil(block)).unwrap_or(i64::MAX))
+        .get_result::<Reserved>(self)?
+        .blocks;
+        Ok(blocks
+            .into_iter()
+            .flat_map(|b| {
+                let first = b << SEQ_BLOCK_BITS;
+                first..first + (1 << SEQ_BLOCK_BITS)
+            })
+            .take(n)
+            .collect())
     }
 }
 
@@ -456,10 +475,14 @@ pub fn enqueue(
     let q_lock = hook_locks(conn.is_pg(), &hooks, true);
     let q_hooks = (!conn.is_pg())
         .then(|| format!("SELECT id FROM webhooks WHERE id IN ({})", id_list(&hooks)));
+    // A position for every delivery of the group, reserved with the locks
+    // (those of a webhook gone meanwhile are left unused).
+    let total: usize = intakes
+        .iter()
+        .flat_map(|i| i.batches.iter().map(|(_, rows)| rows.len()))
+        .sum();
     let stored = write_tx!(conn, c => {
-        if let Some(q) = &q_lock {
-            diesel::sql_query(q).execute(c)?;
-        }
+        let mut seqs = c.reserve_seqs(total, q_lock.as_deref())?.into_iter();
         let gone: Vec<i64> = match &q_hooks {
             Some(q) => {
                 let stored: Vec<HookId> = diesel::sql_query(q).load(c)?;
@@ -513,8 +536,6 @@ pub fn enqueue(
             }
             out.refused.push(over_total);
         }
-        let total = plan.iter().map(|(_, _, rows, _)| rows.len()).sum();
-        let mut seqs = c.reserve_seqs(total)?.into_iter();
         let mut runs = Runs::default();
         for (webhook, stored, rows, intake) in plan {
             runs.push(webhook, stored, rows, intake, &mut seqs);

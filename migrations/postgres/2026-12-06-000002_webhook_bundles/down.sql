@@ -1,1 +1,2 @@
 DROP TABLE webhook_bundles;
+DROP SEQUENCE webhook_delivery_blocks;

@@ -15,3 +15,11 @@ CREATE TABLE webhook_bundles (
 );
 
 CREATE INDEX webhook_bundles_by_webhook ON webhook_bundles (webhook_id, seq);
+
+-- Acceptance positions (webhook_deliveries.seq) are reserved when a
+-- publish's deliveries are stored, bundled or not, a block of 65,536 at a
+-- time: a block number from this sequence, shifted left by 16 bits, is the
+-- first position of the block (one nextval per intake transaction instead
+-- of one per delivery). Blocks start past every position already used.
+CREATE SEQUENCE webhook_delivery_blocks;
+SELECT setval('webhook_delivery_blocks', (SELECT COALESCE(MAX(seq), 0) FROM webhook_deliveries) / 65536 + 1);
