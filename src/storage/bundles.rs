@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::deliveries::{Claimed, InsertRun, NewDelivery, NewRow, Run, Stored};
-use super::webhooks::id_list;
+use super::webhooks::{dialect_of, id_list};
 use super::{with_conn, DbConn, StorageError};
 use crate::domain::EventKind;
 
@@ -85,15 +85,6 @@ pub(super) trait BundleRows {
     fn standing(&mut self, webhook: i64) -> QueryResult<Option<Standing>>;
 }
 
-/// `sql` with SQLite's placeholders (`?1` for `$1`) unless on PostgreSQL.
-fn placeholders(pg: bool, sql: &str) -> String {
-    if pg {
-        sql.to_string()
-    } else {
-        sql.replace('$', "?")
-    }
-}
-
 const INSERT: &str = "INSERT INTO webhook_bundles (webhook_id, count, deliveries) \
      SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = $1)";
 const OLDEST: &str =
@@ -110,7 +101,7 @@ macro_rules! bundle_rows {
                 count: i64,
                 text: &str,
             ) -> QueryResult<usize> {
-                diesel::sql_query(placeholders($pg, INSERT))
+                diesel::sql_query(dialect_of($pg, INSERT))
                     .bind::<BigInt, _>(webhook)
                     .bind::<BigInt, _>(count)
                     .bind::<Text, _>(text)
@@ -118,7 +109,7 @@ macro_rules! bundle_rows {
             }
 
             fn oldest_bundles(&mut self, webhook: i64, limit: i64) -> QueryResult<Vec<Bundle>> {
-                diesel::sql_query(placeholders($pg, OLDEST))
+                diesel::sql_query(dialect_of($pg, OLDEST))
                     .bind::<BigInt, _>(webhook)
                     .bind::<BigInt, _>(limit)
                     .load(self)
@@ -138,7 +129,7 @@ macro_rules! bundle_rows {
                      WHERE webhook_id = $1 AND dead_at IS NULL) \
                      + (SELECT {BUNDLED} FROM webhook_bundles WHERE webhook_id = $1) AS n"
                 );
-                diesel::sql_query(placeholders($pg, &text))
+                diesel::sql_query(dialect_of($pg, &text))
                     .bind::<BigInt, _>(webhook)
                     .get_result::<Count>(self)
                     .map(|c| c.n)
@@ -156,7 +147,7 @@ macro_rules! bundle_rows {
             }
 
             fn standing(&mut self, webhook: i64) -> QueryResult<Option<Standing>> {
-                diesel::sql_query(placeholders($pg, STANDING))
+                diesel::sql_query(dialect_of($pg, STANDING))
                     .bind::<BigInt, _>(webhook)
                     .get_result::<Standing>(self)
                     .optional()
@@ -204,7 +195,7 @@ pub(super) fn store<C: BundleRows>(
     webhook: i64,
     rows: &[NewRow<'_>],
 ) -> QueryResult<()> {
-    let text = pack(rows).map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+    let text = pack(rows).map_err(diesel::result::Error::SerializationError)?;
     let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
     c.insert_bundle(webhook, count, &text)?;
     Ok(())
@@ -328,33 +319,29 @@ pub(super) fn unpack_for_claim<C: BundleRows + InsertRun>(
     Ok(claimed)
 }
 
-/// Packs `rows` as a bundle's `deliveries`.
-fn pack(rows: &[NewRow<'_>]) -> serde_json::Result<String> {
+/// Packs `rows` as a bundle's `deliveries`, written into one buffer (the
+/// intake thread packs every delivery it leaves for a claim).
+fn pack(rows: &[NewRow<'_>]) -> Result<String, Box<dyn std::error::Error + Send + Sync>> {
+    use std::io::Write;
     let size: usize = rows
         .iter()
         .map(|n| n.row.id.len() + n.row.event.len() + n.row.data.len() + 48)
         .sum();
-    let mut out = String::with_capacity(size + 2);
-    out.push('[');
+    let mut out: Vec<u8> = Vec::with_capacity(size + 2);
+    out.push(b'[');
     for (i, n) in rows.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        out.push('[');
-        out.push_str(&n.seq.to_string());
-        out.push(',');
-        out.push_str(&serde_json::to_string(&n.row.id)?);
-        out.push(',');
-        out.push_str(&serde_json::to_string(n.row.event)?);
-        out.push(',');
-        out.push_str(&n.now.to_string());
-        out.push(',');
+        write!(out, "[{},", n.seq)?;
+        serde_json::to_writer(&mut out, &n.row.id)?;
+        out.push(b',');
+        serde_json::to_writer(&mut out, n.row.event)?;
         // `data` is the JSON text of an object (the intake's input).
-        out.push_str(&n.row.data);
-        out.push(']');
+        write!(out, ",{},{}]", n.now, n.row.data)?;
     }
-    out.push(']');
-    Ok(out)
+    out.push(b']');
+    Ok(String::from_utf8(out)?)
 }
 
 /// One packed delivery.

@@ -284,25 +284,32 @@ struct SeqValue {
 
 /// SQLite: `AUTOINCREMENT` keeps the table's largest `seq` in
 /// `sqlite_sequence`; moving it on by `n` (inside the single writer's
-/// transaction) reserves the `n` after it.
+/// transaction) reserves the `n` after it. Its row exists once a row was
+/// ever stored; only the first reservation of a new database adds it.
 impl SeqReserve for diesel::sqlite::SqliteConnection {
     fn reserve_seqs(&mut self, n: usize, _locks: Option<&str>) -> QueryResult<Vec<i64>> {
         if n == 0 {
             return Ok(Vec::new());
         }
-        diesel::sql_query(
-            "INSERT INTO sqlite_sequence (name, seq) \
-             SELECT 'webhook_deliveries', COALESCE((SELECT MAX(seq) FROM webhook_deliveries), 0) \
-             WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'webhook_deliveries')",
-        )
-        .execute(self)?;
         let count = i64::try_from(n).unwrap_or(i64::MAX);
-        let last = diesel::sql_query(
-            "UPDATE sqlite_sequence SET seq = seq + ?1 WHERE name = 'webhook_deliveries' RETURNING seq",
-        )
-        .bind::<BigInt, _>(count)
-        .get_result::<SeqValue>(self)?
-        .seq;
+        let move_on = || {
+            diesel::sql_query(
+                "UPDATE sqlite_sequence SET seq = seq + ?1 \
+                 WHERE name = 'webhook_deliveries' RETURNING seq",
+            )
+            .bind::<BigInt, _>(count)
+        };
+        let last = match move_on().get_result::<SeqValue>(self).optional()? {
+            Some(last) => last.seq,
+            None => {
+                diesel::sql_query(
+                    "INSERT INTO sqlite_sequence (name, seq) SELECT 'webhook_deliveries', \
+                     COALESCE((SELECT MAX(seq) FROM webhook_deliveries), 0)",
+                )
+                .execute(self)?;
+                move_on().get_result::<SeqValue>(self)?.seq
+            }
+        };
         Ok((last - count + 1..=last).collect())
     }
 }
@@ -1107,8 +1114,6 @@ mod tests {
     use crate::storage::webhooks::{upsert, NewConfig};
     use crate::storage::{accounts, instances, pool};
 
-    /// A publish's rows are stored whole and in order, leased and due, at
-    /// every length the fixed-size statements cut differently (SQLite).
     /// A SQLite database in `dir` with one enabled webhook.
     fn one_webhook(dir: &tempfile::TempDir, ordered: bool) -> (DbConn, i64) {
         let url = dir.path().join("d.db").display().to_string();
@@ -1133,24 +1138,41 @@ mod tests {
         (conn, hook.id)
     }
 
-    /// `n` deliveries whose ids start with `tag`, stored due (in bundles).
-    fn publish_due(conn: &mut DbConn, hook: i64, tag: &str, n: usize, now: i64) {
-        let rows: Vec<NewDelivery> = (0..n)
+    /// `n` deliveries with ids `msg_<tag>_000`… and data `{"i":…}`.
+    fn deliveries(tag: &str, n: usize) -> Vec<NewDelivery> {
+        (0..n)
             .map(|i| NewDelivery {
                 id: format!("msg_{tag}_{i:03}"),
                 event: "message.exchange",
                 data: format!("{{\"i\":{i}}}"),
             })
-            .collect();
+            .collect()
+    }
+
+    /// Stores `rows` of `hook` as one publish accepted at `now`: its first
+    /// `leased` leased until `now + 1000`, the rest due (in a bundle), past
+    /// `max_pending` refused.
+    fn publish(
+        conn: &mut DbConn,
+        hook: i64,
+        rows: Vec<NewDelivery>,
+        now: i64,
+        leased: usize,
+        max_pending: i64,
+    ) -> Enqueued {
         let batches = vec![(hook, rows)];
         let intake = Intake {
             batches: &batches,
-            leased: &[0],
+            leased: &[leased],
             now,
-            lease_until: 0,
+            lease_until: now + 1_000,
         };
-        let mut pending = PendingCounts::default();
-        enqueue(conn, &[intake], i64::MAX, &mut pending).unwrap();
+        enqueue(conn, &[intake], max_pending, &mut PendingCounts::default()).unwrap()
+    }
+
+    /// `n` deliveries whose ids start with `tag`, stored due (in bundles).
+    fn publish_due(conn: &mut DbConn, hook: i64, tag: &str, n: usize, now: i64) {
+        publish(conn, hook, deliveries(tag, n), now, 0, i64::MAX);
     }
 
     fn rooms(n: usize) -> Rooms {
@@ -1200,21 +1222,7 @@ mod tests {
 
         // A delivery accepted after the bundles, refused at once (backlog
         // full), sorts after all of theirs however late they are unpacked.
-        let late = vec![(
-            hook,
-            vec![NewDelivery {
-                id: "msg_late".into(),
-                event: "message.exchange",
-                data: "{}".into(),
-            }],
-        )];
-        let refused = Intake {
-            batches: &late,
-            leased: &[0],
-            now: 1_003,
-            lease_until: 0,
-        };
-        enqueue(&mut conn, &[refused], 0, &mut PendingCounts::default()).unwrap();
+        publish(&mut conn, hook, deliveries("late", 1), 1_003, 0, 0);
 
         // Two rows are still due: room for 3 unpacks the last bundle.
         let taken = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(3)).unwrap();
@@ -1224,7 +1232,7 @@ mod tests {
         assert_eq!(stored.len(), 10);
         assert_eq!(
             stored.last().map(String::as_str),
-            Some("msg_late"),
+            Some("msg_late_000"),
             "{stored:?}"
         );
     }
@@ -1272,29 +1280,16 @@ mod tests {
         assert_eq!(ids, ["msg_a_000", "msg_a_001", "msg_b_000", "msg_b_001"]);
     }
 
+    /// A publish's rows are stored whole and in order, leased and due, at
+    /// every length the fixed-size statements cut differently (SQLite).
     #[test]
     fn every_row_of_a_run_is_stored_in_order_whatever_its_length() {
         let dir = tempfile::tempdir().unwrap();
         let (mut conn, hook_id) = one_webhook(&dir, false);
-        let mut pending = PendingCounts::default();
         let mut total = 0;
         for n in [1, 2, 3, 4, 5, 15, 16, 17, 63, 64, 65, 85, 100, 149] {
-            let rows: Vec<NewDelivery> = (0..n)
-                .map(|i| NewDelivery {
-                    id: format!("msg_{n}_{i:03}"),
-                    event: "message.exchange",
-                    data: format!("{{\"n\":{i}}}"),
-                })
-                .collect();
-            let batches = vec![(hook_id, rows)];
-            let leased = [n * 2 / 3];
-            let intake = Intake {
-                batches: &batches,
-                leased: &leased,
-                now: 1_000,
-                lease_until: 2_000,
-            };
-            let out = enqueue(&mut conn, &[intake], i64::MAX, &mut pending).unwrap();
+            let rows = deliveries(&n.to_string(), n);
+            let out = publish(&mut conn, hook_id, rows, 1_000, n * 2 / 3, i64::MAX);
             // The due ones wait in a bundle until a claim unpacks them.
             total += n;
             assert_eq!(
@@ -1317,7 +1312,7 @@ mod tests {
                     let leased = i < n * 2 / 3;
                     (
                         format!("msg_{n}_{i:03}"),
-                        format!("{{\"n\":{i}}}"),
+                        format!("{{\"i\":{i}}}"),
                         i64::from(leased),
                         if leased { 2_000 } else { 0 },
                     )

@@ -20,9 +20,16 @@ pub const MAX_ENABLED: i64 = 3;
 /// The SQL text for the connection's backend: `$n` placeholders become
 /// `?n` on SQLite.
 pub(crate) fn dialect(conn: &DbConn, sql: &str) -> String {
-    match conn {
-        DbConn::Sqlite(_) => sql.replace('$', "?"),
-        DbConn::Pg(_) => sql.to_string(),
+    dialect_of(conn.is_pg(), sql)
+}
+
+/// [`dialect`] for a backend known without its connection (PostgreSQL
+/// when `pg`), as in code written once for both connection types.
+pub(crate) fn dialect_of(pg: bool, sql: &str) -> String {
+    if pg {
+        sql.to_string()
+    } else {
+        sql.replace('$', "?")
     }
 }
 
