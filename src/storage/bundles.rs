@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::deliveries::{Claimed, InsertRun, NewDelivery, NewRow, Run, Stored};
-use super::webhooks::{dialect_of, id_list};
+use super::webhooks::{dialect_of, id_list, try_hook_lock_shared};
 use super::{with_conn, DbConn, StorageError};
 use crate::domain::EventKind;
 
@@ -78,6 +78,9 @@ pub(super) trait BundleRows {
     /// statement (one snapshot: a claim unpacking bundles meanwhile moves
     /// deliveries from one table to the other).
     fn pending_of(&mut self, webhook: i64) -> QueryResult<i64>;
+    /// Takes `webhook`'s shared lock (`webhooks::hook_locks`) if no delete
+    /// or disable holds it, without waiting; whether it was taken.
+    fn try_hook_lock(&mut self, webhook: i64) -> QueryResult<bool>;
     /// Waits for this transaction's turn to unpack `webhook`'s bundles.
     fn unpacking_turn(&mut self, webhook: i64) -> QueryResult<()>;
     /// Whether `webhook` is enabled and has pending rows, as committed now
@@ -133,6 +136,20 @@ macro_rules! bundle_rows {
                     .bind::<BigInt, _>(webhook)
                     .get_result::<Count>(self)
                     .map(|c| c.n)
+            }
+
+            fn try_hook_lock(&mut self, webhook: i64) -> QueryResult<bool> {
+                #[derive(QueryableByName)]
+                struct Got {
+                    #[diesel(sql_type = Bool)]
+                    got: bool,
+                }
+                if !$pg {
+                    return Ok(true);
+                }
+                diesel::sql_query(try_hook_lock_shared(webhook))
+                    .get_result::<Got>(self)
+                    .map(|g| g.got)
             }
 
             fn unpacking_turn(&mut self, webhook: i64) -> QueryResult<()> {
@@ -286,6 +303,11 @@ pub(super) fn unpack_for_claim<C: BundleRows + InsertRun>(
         let budget = limit - i64::try_from(claimed.len()).unwrap_or(i64::MAX);
         let lacking = room.min(budget);
         if lacking <= 0 {
+            continue;
+        }
+        // The claim holds rows already: a webhook being deleted or disabled
+        // is left for the next claim rather than waited for.
+        if !c.try_hook_lock(webhook)? {
             continue;
         }
         // Another node may have unpacked (and committed) while this one

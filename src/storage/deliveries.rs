@@ -731,9 +731,9 @@ pub fn claim(
                     .execute(c)?;
             }
             // Then bundles, for what each room still lacks: a webhook's
-            // rows are older than its bundles (under the webhooks' shared
-            // locks, as the intake stores, so a delete misses none of the
-            // rows unpacked).
+            // rows are older than its bundles (under the webhook's shared
+            // lock, as the intake stores, so a delete misses none of the
+            // rows unpacked; `bundles::unpack_for_claim`).
             let budget = limit.saturating_sub(i64::try_from(found.len()).unwrap_or(i64::MAX));
             if budget > 0 {
                 let bundled: Vec<(i64, bool)> = diesel::sql_query(&q_bundled)
@@ -742,10 +742,6 @@ pub fn claim(
                     .map(|h| (h.id, h.ordered))
                     .collect();
                 if !bundled.is_empty() {
-                    let ids: Vec<i64> = bundled.iter().map(|h| h.0).collect();
-                    if let Some(q) = hook_locks(pg, &ids, true) {
-                        diesel::sql_query(q).execute(c)?;
-                    }
                     let mut taken: HashMap<i64, i64> = HashMap::new();
                     for r in &found {
                         *taken.entry(r.webhook_id).or_insert(0) += 1;

@@ -79,6 +79,17 @@ pub(crate) fn hook_locks(pg: bool, hooks: &[i64], shared: bool) -> Option<String
     ))
 }
 
+/// The statement that tries, without waiting, to take `hook`'s shared
+/// lock of [`hook_locks`] (PostgreSQL); it answers `got`. For a claim that
+/// already holds rows: waiting there for a delete or disable, which takes
+/// the lock first and the rows after, would be a deadlock.
+pub(crate) fn try_hook_lock_shared(hook: i64) -> String {
+    format!(
+        "SELECT pg_try_advisory_xact_lock_shared({HOOK_LOCK_CLASS}, {}) AS got",
+        hook & 0x7fff_ffff
+    )
+}
+
 /// First key of the webhooks' advisory locks (any fixed number will do).
 const HOOK_LOCK_CLASS: i32 = 0x6567_7768; // "egwh"
 
