@@ -7,6 +7,9 @@
 mod common;
 mod webhook_receiver;
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{event, Reply, TestServer, ACCOUNT};
@@ -658,7 +661,7 @@ async fn by_events_filters_and_media_base64_per_label() {
     assert_eq!(got_a[0].path, "/a/message.exchange");
     assert_eq!(got_a[0].query, "x=1");
     assert_eq!(got_a[0].json()["data"], media);
-    let by_event: std::collections::HashMap<String, Value> = got_b
+    let by_event: HashMap<String, Value> = got_b
         .iter()
         .map(|g| (g.json()["event"].as_str().unwrap().to_string(), g.json()))
         .collect();
@@ -679,6 +682,54 @@ async fn by_events_filters_and_media_base64_per_label() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(a.count(), 1, "the filter holds");
+}
+
+/// Deliveries of one publish are attempted together (a bundle leased
+/// whole): one that fails is retried alone, with its id and the next
+/// attempt number, and those that succeeded are not sent again.
+#[actix_rt::test]
+async fn a_failure_among_one_publish_retries_only_that_delivery() {
+    let s = server().await;
+    let rx = Receiver::start();
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let flag = failed_once.clone();
+    rx.answer(move |g, _| {
+        if g.json()["data"]["i"] == 1 && !flag.swap(true, Ordering::SeqCst) {
+            (500, vec![])
+        } else {
+            (200, vec![])
+        }
+    });
+    s.instance("mixed").await;
+    set_ok(&s, "mixed", json!({"enabled": true, "url": rx.url("/m")})).await;
+    let events: Vec<Value> = (0..4)
+        .map(|i| event("call.update", json!({"i": i})))
+        .collect();
+    assert_eq!(s.publish("mixed", json!(events)).await.status, 202);
+    let st = wait_stats(&s, "mixed", "default", |st| st["delivered"] == 4).await;
+    assert_eq!(
+        (st["pending"].clone(), st["failed"].clone()),
+        (json!(0), json!(0))
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = rx.got();
+    let mut by_i: HashMap<i64, Vec<(String, u32)>> = HashMap::new();
+    for g in &got {
+        let i = g.json()["data"]["i"].as_i64().unwrap();
+        by_i.entry(i).or_default().push((g.id(), g.attempt()));
+    }
+    for i in [0, 2, 3] {
+        assert_eq!(by_i[&i].len(), 1, "event {i} sent once: {by_i:?}");
+        assert_eq!(by_i[&i][0].1, 1);
+    }
+    let retried = &by_i[&1];
+    assert_eq!(
+        retried.iter().map(|(_, a)| *a).collect::<Vec<_>>(),
+        [1, 2],
+        "{by_i:?}"
+    );
+    assert_eq!(retried[0].0, retried[1].0, "same webhook-id");
+    assert_eq!(got.len(), 5);
 }
 
 #[actix_rt::test]
@@ -1313,7 +1364,7 @@ async fn deliveries_claimed_ahead_of_a_receiver_turning_slow_are_given_back() {
     assert_eq!(st["failed"], 0, "{st}");
 
     let got = rx.got();
-    let mut attempts: std::collections::HashMap<String, Vec<u32>> = Default::default();
+    let mut attempts: HashMap<String, Vec<u32>> = Default::default();
     for g in &got {
         attempts.entry(g.id()).or_default().push(g.attempt());
     }

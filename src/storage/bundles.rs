@@ -6,16 +6,26 @@
 //! acceptance position reserved for the delivery when it was stored (its
 //! row's `seq` later), `data` exactly as the publish gave it.
 //!
-//! Nothing is attempted from a bundle. A claim takes a webhook's due rows
-//! first, then, for what its room still lacks, unpacks the webhook's
-//! oldest bundles: the deliveries it takes as rows leased to it, the rest
-//! of those bundles as due rows (an `ordered` webhook's, only when it has
-//! no pending row). Unpacking is one node at a time per webhook (an
-//! advisory lock on PostgreSQL, the single writer on SQLite), and checks
-//! the webhook again once it holds that turn. Disabling a webhook unpacks
-//! all its bundles to turn them into dead letters. Everything after the
-//! first attempt (leases, retries, dead letters, paging) works on rows.
-//! Counts of pending deliveries add the bundles' `count`.
+//! A claim takes a webhook's due rows first, then, for what its room
+//! still lacks, the webhook's oldest bundles (one node at a time per
+//! webhook: an advisory lock on PostgreSQL, the single writer on SQLite;
+//! the webhook is checked again once that turn is held):
+//! - while they fit in the room, whole: each bundle is leased to the node
+//!   (`lease_until`) and its deliveries attempted from it; once each has an
+//!   outcome the node closes it ([`close`]): deletes it and stores as rows
+//!   only those that did not succeed, so a delivery that succeeds at once
+//!   costs no row;
+//! - otherwise (an `ordered` webhook, only when it has no pending row nor a
+//!   bundle leased; or what is left of the room when the next bundle is
+//!   larger than the whole room) unpacked: the deliveries it takes as rows
+//!   leased to it, the rest of those bundles as due rows.
+//!
+//! A bundle whose lease ran out (its node died) is taken back into due
+//! rows with their first attempt counted, by the claim that meets it (a
+//! conditional delete: its node may be closing it at that moment). Disabling a webhook unpacks all its
+//! bundles to turn them into dead letters. Everything after the first
+//! attempt (retries, dead letters, paging) works on rows. Counts of pending
+//! deliveries add the bundles' `count`.
 
 use std::collections::HashMap;
 
@@ -24,7 +34,9 @@ use diesel::sql_types::{BigInt, Bool, Text};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::deliveries::{Claimed, InsertRun, NewDelivery, NewRow, Run, Stored};
+use super::deliveries::{
+    Claimed, InsertRun, LeasedBundle, NewDelivery, NewRow, Outcome, Run, Stored,
+};
 use super::webhooks::{dialect_of, id_list, try_hook_lock_shared};
 use super::{with_conn, DbConn, StorageError};
 use crate::domain::EventKind;
@@ -48,6 +60,9 @@ pub(super) struct Bundle {
     count: i64,
     #[diesel(sql_type = Text)]
     deliveries: String,
+    /// Leased until then (Unix ms; 0: never leased).
+    #[diesel(sql_type = BigInt)]
+    lease_until: i64,
 }
 
 #[derive(QueryableByName)]
@@ -71,9 +86,18 @@ pub(super) trait BundleRows {
     /// Stores `count` deliveries of `webhook` packed as `text`; nothing
     /// when the webhook is gone.
     fn insert_bundle(&mut self, webhook: i64, count: i64, text: &str) -> QueryResult<usize>;
-    /// The oldest `limit` bundles of `webhook`.
-    fn oldest_bundles(&mut self, webhook: i64, limit: i64) -> QueryResult<Vec<Bundle>>;
+    /// The oldest `limit` bundles of `webhook` not leased past `free_at`.
+    fn oldest_bundles(
+        &mut self,
+        webhook: i64,
+        free_at: i64,
+        limit: i64,
+    ) -> QueryResult<Vec<Bundle>>;
     fn delete_bundles(&mut self, seqs: &[i64]) -> QueryResult<usize>;
+    fn lease_bundles(&mut self, seqs: &[i64], lease_until: i64) -> QueryResult<usize>;
+    /// Deletes bundle `seq` if it is still leased until `lease_until`;
+    /// its deliveries' text when it was.
+    fn close_bundle(&mut self, seq: i64, lease_until: i64) -> QueryResult<Option<String>>;
     /// `webhook`'s pending deliveries, rows and bundles, counted in one
     /// statement (one snapshot: a claim unpacking bundles meanwhile moves
     /// deliveries from one table to the other).
@@ -83,17 +107,20 @@ pub(super) trait BundleRows {
     fn try_hook_lock(&mut self, webhook: i64) -> QueryResult<bool>;
     /// Waits for this transaction's turn to unpack `webhook`'s bundles.
     fn unpacking_turn(&mut self, webhook: i64) -> QueryResult<()>;
-    /// Whether `webhook` is enabled and has pending rows, as committed now
-    /// (`None`: it is gone).
-    fn standing(&mut self, webhook: i64) -> QueryResult<Option<Standing>>;
+    /// Whether `webhook` is enabled and has pending rows or a bundle leased
+    /// past `now`, as committed now (`None`: it is gone).
+    fn standing(&mut self, webhook: i64, now: i64) -> QueryResult<Option<Standing>>;
 }
 
 const INSERT: &str = "INSERT INTO webhook_bundles (webhook_id, count, deliveries) \
      SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = $1)";
-const OLDEST: &str =
-    "SELECT seq, count, deliveries FROM webhook_bundles WHERE webhook_id = $1 ORDER BY seq LIMIT $2";
-const STANDING: &str = "SELECT w.enabled, EXISTS (SELECT 1 FROM webhook_deliveries d \
-     WHERE d.webhook_id = w.id AND d.dead_at IS NULL) AS pending FROM webhooks w WHERE w.id = $1";
+const OLDEST: &str = "SELECT seq, count, deliveries, lease_until FROM webhook_bundles \
+     WHERE webhook_id = $1 AND lease_until <= $2 ORDER BY seq LIMIT $3";
+const CLOSE: &str =
+    "DELETE FROM webhook_bundles WHERE seq = $1 AND lease_until = $2 RETURNING deliveries";
+const STANDING: &str = "SELECT w.enabled, (EXISTS (SELECT 1 FROM webhook_deliveries d \
+     WHERE d.webhook_id = w.id AND d.dead_at IS NULL) OR EXISTS (SELECT 1 FROM webhook_bundles b \
+     WHERE b.webhook_id = w.id AND b.lease_until > $2)) AS pending FROM webhooks w WHERE w.id = $1";
 
 macro_rules! bundle_rows {
     ($conn:ty, $pg:expr) => {
@@ -111,11 +138,42 @@ macro_rules! bundle_rows {
                     .execute(self)
             }
 
-            fn oldest_bundles(&mut self, webhook: i64, limit: i64) -> QueryResult<Vec<Bundle>> {
+            fn oldest_bundles(
+                &mut self,
+                webhook: i64,
+                free_at: i64,
+                limit: i64,
+            ) -> QueryResult<Vec<Bundle>> {
                 diesel::sql_query(dialect_of($pg, OLDEST))
                     .bind::<BigInt, _>(webhook)
+                    .bind::<BigInt, _>(free_at)
                     .bind::<BigInt, _>(limit)
                     .load(self)
+            }
+
+            fn lease_bundles(&mut self, seqs: &[i64], lease_until: i64) -> QueryResult<usize> {
+                if seqs.is_empty() {
+                    return Ok(0);
+                }
+                diesel::sql_query(format!(
+                    "UPDATE webhook_bundles SET lease_until = {lease_until} WHERE seq IN ({})",
+                    id_list(seqs)
+                ))
+                .execute(self)
+            }
+
+            fn close_bundle(&mut self, seq: i64, lease_until: i64) -> QueryResult<Option<String>> {
+                #[derive(QueryableByName)]
+                struct Closed {
+                    #[diesel(sql_type = Text)]
+                    deliveries: String,
+                }
+                diesel::sql_query(dialect_of($pg, CLOSE))
+                    .bind::<BigInt, _>(seq)
+                    .bind::<BigInt, _>(lease_until)
+                    .get_result::<Closed>(self)
+                    .optional()
+                    .map(|t| t.map(|t| t.deliveries))
             }
 
             fn delete_bundles(&mut self, seqs: &[i64]) -> QueryResult<usize> {
@@ -163,9 +221,10 @@ macro_rules! bundle_rows {
                 Ok(())
             }
 
-            fn standing(&mut self, webhook: i64) -> QueryResult<Option<Standing>> {
+            fn standing(&mut self, webhook: i64, now: i64) -> QueryResult<Option<Standing>> {
                 diesel::sql_query(dialect_of($pg, STANDING))
                     .bind::<BigInt, _>(webhook)
+                    .bind::<BigInt, _>(now)
                     .get_result::<Standing>(self)
                     .optional()
             }
@@ -225,79 +284,207 @@ pub(super) struct Unpacked {
     at: i64,
 }
 
-/// Unpacks `webhook`'s oldest bundles, whole bundles until at least
-/// `wanted` deliveries (every bundle when `None`): their first `leased`
-/// deliveries are stored leased until `lease_until`, their first attempt
-/// counted (as a claim counts it) and returned, the others due.
+/// Stores `rows` of `webhook` as rows stored `stored` (leased until
+/// `lease_until` when leased).
+fn store_rows<C: InsertRun>(
+    c: &mut C,
+    webhook: i64,
+    stored: Stored,
+    rows: &[Unpacked],
+    lease_until: i64,
+) -> QueryResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let run = Run {
+        stored,
+        rows: rows
+            .iter()
+            .map(|u| NewRow {
+                seq: u.seq,
+                row: &u.row,
+                now: u.at,
+                lease_until,
+            })
+            .collect(),
+    };
+    c.insert_run(webhook, &run)?;
+    Ok(())
+}
+
+/// Unpacks `webhook`'s oldest bundles not leased past `free_at`, whole
+/// bundles until at least `wanted` deliveries (every bundle when `None`):
+/// their first `leased` deliveries are stored leased until `lease_until`,
+/// their first attempt counted (as a claim counts it) and returned, the
+/// others due. The deliveries of a bundle leased before (its lease ran
+/// out, or the webhook is being disabled) are all stored due with their
+/// first attempt counted, and added to `retaken`.
 pub(super) fn unpack<C: BundleRows + InsertRun>(
     c: &mut C,
     webhook: i64,
+    free_at: i64,
     wanted: Option<i64>,
-    leased: usize,
-    lease_until: i64,
+    (leased, lease_until): (usize, i64),
+    retaken_n: &mut usize,
 ) -> QueryResult<Vec<Unpacked>> {
     let mut unpacked = 0;
     let mut taken = Vec::new();
     while wanted.is_none_or(|w| unpacked < w) {
-        let bundles = c.oldest_bundles(webhook, READ_AT_ONCE)?;
+        let bundles = c.oldest_bundles(webhook, free_at, READ_AT_ONCE)?;
         if bundles.is_empty() {
             break;
         }
         let mut seqs = Vec::new();
-        let mut deliveries = Vec::new();
+        let mut fresh = Vec::new();
         for bundle in &bundles {
             if wanted.is_some_and(|w| unpacked >= w) {
                 break;
             }
-            deliveries.extend(unpack_text(&bundle.deliveries)?);
-            seqs.push(bundle.seq);
             unpacked += bundle.count;
-        }
-        let lease_now = leased.saturating_sub(taken.len()).min(deliveries.len());
-        let due = deliveries.split_off(lease_now);
-        for (stored, rows) in [(Stored::Leased, &deliveries), (Stored::Due, &due)] {
-            if rows.is_empty() {
+            if bundle.lease_until > 0 {
+                *retaken_n += retake(c, webhook, bundle)?;
                 continue;
             }
-            let run = Run {
-                stored,
-                rows: rows
-                    .iter()
-                    .map(|u| NewRow {
-                        seq: u.seq,
-                        row: &u.row,
-                        now: u.at,
-                        lease_until,
-                    })
-                    .collect(),
-            };
-            c.insert_run(webhook, &run)?;
+            fresh.extend(unpack_text(&bundle.deliveries)?);
+            seqs.push(bundle.seq);
         }
-        taken.extend(deliveries);
-        c.delete_bundles(&seqs)?;
+        let lease_now = leased.saturating_sub(taken.len()).min(fresh.len());
+        let due = fresh.split_off(lease_now);
+        store_rows(c, webhook, Stored::Leased, &fresh, lease_until)?;
+        store_rows(c, webhook, Stored::Due, &due, 0)?;
+        taken.extend(fresh);
+        if !seqs.is_empty() {
+            c.delete_bundles(&seqs)?;
+        }
     }
     Ok(taken)
 }
 
-/// Unpacks every bundle of `webhook` into due rows.
+/// Unpacks every bundle of `webhook` into due rows, leased ones too.
 pub(super) fn unpack_all<C: BundleRows + InsertRun>(c: &mut C, webhook: i64) -> QueryResult<()> {
-    unpack(c, webhook, None, 0, 0).map(|_| ())
+    unpack(c, webhook, i64::MAX, None, (0, 0), &mut 0).map(|_| ())
 }
 
-/// After a claim's due rows, at most `limit` deliveries more: for each of
-/// `hooks` (`(id, ordered)`, in id order), what its room (`room_left`)
-/// still lacks is unpacked from its oldest bundles and returned leased
-/// until `lease_until`. An `ordered` webhook's room is its one delivery in
-/// flight, taken only when it has no pending row. A bundle that cannot be
-/// read is logged and its webhook left for this claim; the others go on.
+/// Takes back `bundle`, whose lease ran out (or whose webhook is being
+/// disabled): deletes it if its lease is still the one read (the node it
+/// was leased to may close it meanwhile) and stores its deliveries as due
+/// rows, their first attempt counted; how many.
+fn retake<C: BundleRows + InsertRun>(
+    c: &mut C,
+    webhook: i64,
+    bundle: &Bundle,
+) -> QueryResult<usize> {
+    let Some(text) = c.close_bundle(bundle.seq, bundle.lease_until)? else {
+        return Ok(0);
+    };
+    let rows = unpack_text(&text)?;
+    store_rows(c, webhook, Stored::Retaken, &rows, 0)?;
+    Ok(rows.len())
+}
+
+/// What [`lease_whole`] took.
+struct Whole {
+    /// The deliveries, each with its bundle's `seq` (0: unpacked into a row).
+    taken: Vec<(Unpacked, i64)>,
+    leased: Vec<LeasedBundle>,
+    /// What is left of the room when the next bundle is larger than the
+    /// whole room (it is then unpacked for it).
+    left_for_rows: i64,
+}
+
+/// Leases `webhook`'s oldest bundles whole until `lease_until` until they
+/// fill `room` deliveries (the last may pass it), none larger than `room`.
+/// It stops early at a bundle whose lease ran out (free at `now`): that
+/// one is taken back into due rows (counted in `retaken`), for the next
+/// claim to take before newer bundles; and at one that cannot be read
+/// once it leased any (else its error is returned).
+fn lease_whole<C: BundleRows + InsertRun>(
+    c: &mut C,
+    webhook: i64,
+    now: i64,
+    (room, lease_until): (i64, i64),
+    retaken_n: &mut usize,
+) -> QueryResult<Whole> {
+    let mut left = room;
+    let mut whole = Whole {
+        taken: Vec::new(),
+        leased: Vec::new(),
+        left_for_rows: 0,
+    };
+    loop {
+        let bundles = c.oldest_bundles(webhook, now, READ_AT_ONCE)?;
+        let mut more = bundles.len() == usize::try_from(READ_AT_ONCE).unwrap_or(usize::MAX);
+        let mut lease = Vec::new();
+        for bundle in &bundles {
+            if bundle.lease_until > 0 {
+                *retaken_n += retake(c, webhook, bundle)?;
+                more = false;
+                break;
+            }
+            if left <= 0 {
+                more = false;
+                break;
+            }
+            if bundle.count > room {
+                whole.left_for_rows = left;
+                more = false;
+                break;
+            }
+            let unpacked = match unpack_text(&bundle.deliveries) {
+                Ok(unpacked) => unpacked,
+                Err(e) if whole.leased.is_empty() && lease.is_empty() => return Err(e),
+                Err(e) => {
+                    log::error!("webhook {webhook}: {e}; its later deliveries wait");
+                    more = false;
+                    break;
+                }
+            };
+            whole.leased.push(LeasedBundle {
+                seq: bundle.seq,
+                webhook_id: webhook,
+                lease_until,
+                count: unpacked.len(),
+            });
+            left -= bundle.count;
+            lease.push(bundle.seq);
+            whole
+                .taken
+                .extend(unpacked.into_iter().map(|u| (u, bundle.seq)));
+        }
+        c.lease_bundles(&lease, lease_until)?;
+        if !more || left <= 0 {
+            return Ok(whole);
+        }
+    }
+}
+
+/// What a claim took from bundles.
+pub(super) struct FromBundles {
+    pub(super) claimed: Vec<Claimed>,
+    /// The bundles leased whole.
+    pub(super) leased: Vec<LeasedBundle>,
+    /// Deliveries of bundles whose lease ran out, stored due (not taken).
+    pub(super) retaken: usize,
+}
+
+/// After a claim's due rows at `now`, at most `limit` deliveries more: for
+/// each of `hooks` (`(id, ordered)`, in id order), what its room
+/// (`room_left`) still lacks is taken from its oldest bundles, leased until
+/// `lease_until`: whole bundles while they fit (returned too), else
+/// unpacked into rows. An `ordered` webhook's room is its one delivery in
+/// flight, unpacked only when it has no pending row. A bundle that cannot
+/// be read is logged and its webhook left for this claim; the others go on.
 pub(super) fn unpack_for_claim<C: BundleRows + InsertRun>(
     c: &mut C,
     hooks: &[(i64, bool)],
+    now: i64,
     lease_until: i64,
     limit: i64,
     room_left: impl Fn(i64) -> i64,
-) -> QueryResult<Vec<Claimed>> {
+) -> QueryResult<FromBundles> {
     let mut claimed = Vec::new();
+    let mut whole = Vec::new();
+    let mut retaken = 0;
     for &(webhook, ordered) in hooks {
         let room = if ordered { 1 } else { room_left(webhook) };
         let budget = limit - i64::try_from(claimed.len()).unwrap_or(i64::MAX);
@@ -313,12 +500,31 @@ pub(super) fn unpack_for_claim<C: BundleRows + InsertRun>(
         // Another node may have unpacked (and committed) while this one
         // waited for its turn: what is pending is read again after it.
         c.unpacking_turn(webhook)?;
-        match c.standing(webhook)? {
+        match c.standing(webhook, now)? {
             Some(s) if s.enabled && !(ordered && s.pending) => {}
             _ => continue,
         }
-        let leased = usize::try_from(lacking).unwrap_or(0);
-        let taken = match unpack(c, webhook, Some(lacking), leased, lease_until) {
+        let mut take = |c: &mut C| -> QueryResult<Whole> {
+            let mut whole = if ordered {
+                Whole {
+                    taken: Vec::new(),
+                    leased: Vec::new(),
+                    left_for_rows: lacking,
+                }
+            } else {
+                lease_whole(c, webhook, now, (lacking, lease_until), &mut retaken)?
+            };
+            // An ordered webhook's bundle, or what is left of the room when
+            // the next bundle is larger than all of it: unpacked into rows.
+            let rows = whole.left_for_rows;
+            if rows > 0 {
+                let leased = (usize::try_from(rows).unwrap_or(0), lease_until);
+                let unpacked = unpack(c, webhook, now, Some(rows), leased, &mut retaken)?;
+                whole.taken.extend(unpacked.into_iter().map(|u| (u, 0)));
+            }
+            Ok(whole)
+        };
+        let Whole { taken, leased, .. } = match take(c) {
             Ok(taken) => taken,
             Err(diesel::result::Error::DeserializationError(e)) => {
                 log::error!("webhook {webhook}: a bundle of its deliveries cannot be read ({e}); its deliveries wait");
@@ -326,7 +532,8 @@ pub(super) fn unpack_for_claim<C: BundleRows + InsertRun>(
             }
             Err(e) => return Err(e),
         };
-        claimed.extend(taken.into_iter().map(|u| Claimed {
+        whole.extend(leased);
+        claimed.extend(taken.into_iter().map(|(u, bundle)| Claimed {
             seq: u.seq,
             id: u.row.id,
             webhook_id: webhook,
@@ -336,9 +543,47 @@ pub(super) fn unpack_for_claim<C: BundleRows + InsertRun>(
             attempts: 0,
             next_attempt_at: u.at,
             ordered,
+            bundle,
         }));
     }
-    Ok(claimed)
+    Ok(FromBundles {
+        claimed,
+        leased: whole,
+        retaken,
+    })
+}
+
+/// Closes bundle `b`, leased to this node, with its deliveries' `outcomes`
+/// (each has one, or the node is stopping): if it is still leased to this
+/// node, deletes it and stores as rows those that did not succeed, their
+/// first attempt counted: due, for their outcomes to be recorded on as on
+/// any row; those without an outcome (being attempted) leased to this node
+/// until the bundle's lease ends. Whether it was still this node's (else
+/// its lease ran out and it was taken back, or its webhook was disabled or
+/// deleted).
+pub(super) fn close<C: BundleRows + InsertRun>(
+    c: &mut C,
+    b: &LeasedBundle,
+    outcomes: &[Outcome],
+) -> QueryResult<bool> {
+    let Some(text) = c.close_bundle(b.seq, b.lease_until)? else {
+        return Ok(false);
+    };
+    let ended: HashMap<i64, bool> = outcomes
+        .iter()
+        .map(|o| (o.seq(), matches!(o, Outcome::Delivered { .. })))
+        .collect();
+    let (mut failed, mut sending) = (Vec::new(), Vec::new());
+    for u in unpack_text(&text)? {
+        match ended.get(&u.seq) {
+            Some(true) => {}
+            Some(false) => failed.push(u),
+            None => sending.push(u),
+        }
+    }
+    store_rows(c, b.webhook_id, Stored::Retaken, &failed, 0)?;
+    store_rows(c, b.webhook_id, Stored::Leased, &sending, b.lease_until)?;
+    Ok(true)
 }
 
 /// Packs `rows` as a bundle's `deliveries`, written into one buffer (the

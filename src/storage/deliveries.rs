@@ -5,7 +5,9 @@
 //! attempts at once as rows leased to it, the others in bundles
 //! (`storage::bundles`). Workers claim due ones with a lease (`FOR UPDATE
 //! SKIP LOCKED` on PostgreSQL, inside SQLite's single write lock there),
-//! unpacking bundles as their rooms need, and record outcomes in batches.
+//! taking bundles as their rooms need (leased whole, or unpacked into
+//! rows), and record outcomes in batches, closing the leased bundles whose
+//! deliveries all have one.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -53,6 +55,30 @@ pub struct Claimed {
     pub next_attempt_at: i64,
     #[diesel(sql_type = Bool)]
     pub ordered: bool,
+    /// The bundle leased whole it is attempted from (its `seq`; 0: a row).
+    #[diesel(sql_type = BigInt)]
+    pub bundle: i64,
+}
+
+/// A bundle leased whole to this node (`storage::bundles`): its deliveries
+/// are attempted from it, and it is closed once each has an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeasedBundle {
+    pub seq: i64,
+    pub webhook_id: i64,
+    pub lease_until: i64,
+    /// Its deliveries.
+    pub count: usize,
+}
+
+/// A leased bundle to close, with the outcome of each of its deliveries
+/// (when the node stops, those being attempted have none yet: they are
+/// stored leased to it until the bundle's lease ends, their outcomes
+/// recorded later as rows').
+#[derive(Debug, Clone)]
+pub struct Closing {
+    pub bundle: LeasedBundle,
+    pub outcomes: Vec<Outcome>,
 }
 
 /// A webhook with its instance's name and token (for envelopes).
@@ -101,6 +127,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The delivery's acceptance position.
+    pub fn seq(&self) -> i64 {
+        match self {
+            Outcome::Delivered { seq, .. }
+            | Outcome::Retry { seq, .. }
+            | Outcome::Dead { seq, .. }
+            | Outcome::Released { seq, .. } => *seq,
+        }
+    }
+
     /// The webhook the delivery belongs to.
     pub fn webhook_id(&self) -> i64 {
         match self {
@@ -203,6 +239,9 @@ pub(super) enum Stored {
     Due,
     /// A dead letter at once (`backlog full`).
     Refused,
+    /// Due, its first attempt counted (from a leased bundle: its lease ran
+    /// out, or it was closed with attempts that did not succeed).
+    Retaken,
 }
 
 /// One new row, with its acceptance position (reserved when its publish
@@ -359,6 +398,7 @@ impl Stored {
             Stored::Leased => (1, true, false),
             Stored::Due => (0, false, false),
             Stored::Refused => (0, false, true),
+            Stored::Retaken => (1, false, false),
         }
     }
 }
@@ -568,6 +608,7 @@ pub fn enqueue(
                         attempts: 0,
                         next_attempt_at: n.now,
                         ordered: false,
+                        bundle: 0,
                     });
                 }
             }
@@ -578,8 +619,8 @@ pub fn enqueue(
 }
 
 /// The columns of a claimed delivery, from `d` (and `w.ordered`).
-const CLAIMED: &str =
-    "d.seq, d.id, d.webhook_id, d.event, d.data, d.created_at, d.attempts, d.next_attempt_at";
+const CLAIMED: &str = "d.seq, d.id, d.webhook_id, d.event, d.data, d.created_at, d.attempts, \
+     d.next_attempt_at, CAST(0 AS BIGINT) AS bundle";
 
 /// The due deliveries of webhook `w` (the first `$3`, in claim order): for
 /// an `ordered` webhook only its oldest pending one (found in the
@@ -607,8 +648,11 @@ pub struct Claim {
     pub rows: Vec<Claimed>,
     /// Their webhooks.
     pub targets: Vec<Target>,
-    /// False when the claim stopped at its limit: due deliveries may remain
-    /// beyond what each webhook's room asked for.
+    /// The bundles leased whole among them.
+    pub bundles: Vec<LeasedBundle>,
+    /// False when the claim stopped at its limit (due deliveries may remain
+    /// beyond what each webhook's room asked for), or made due rows of
+    /// bundles whose lease ran out.
     pub complete: bool,
 }
 
@@ -636,7 +680,8 @@ impl Rooms {
 
 /// Claims up to `limit` due deliveries (oldest first), leasing them until
 /// `lease_until`, skipping webhooks in `exclude` (at their in-flight limit
-/// on this node) and taking at most each webhook's room. An
+/// on this node) and taking at most each webhook's room (bundles leased
+/// whole may pass it by less than one bundle; `storage::bundles`). An
 /// `ordered` webhook's delivery is due only when it is the webhook's oldest
 /// pending one, so one is in flight in the whole cluster and a retrying one
 /// holds back the later ones.
@@ -684,10 +729,11 @@ pub fn claim(
     let most = i64::try_from(rooms.most).unwrap_or(i64::MAX).min(limit);
     let q_bundled = format!(
         "SELECT w.id, w.ordered FROM webhooks w WHERE {claimable} \
-         AND EXISTS (SELECT 1 FROM webhook_bundles b WHERE b.webhook_id = w.id) ORDER BY w.id"
+         AND EXISTS (SELECT 1 FROM webhook_bundles b WHERE b.webhook_id = w.id \
+         AND b.lease_until <= {now}) ORDER BY w.id"
     );
     let room_of = |w: i64| i64::try_from(rooms.of(w)).unwrap_or(i64::MAX).min(most);
-    let (claimed, complete) = unsynced(conn, |conn| {
+    let (claimed, bundles, complete) = unsynced(conn, |conn| {
         Ok(write_tx!(conn, c => {
             let mut found: Vec<Claimed> = if pg {
                 let (ids, sizes): (Vec<i64>, Vec<i64>) =
@@ -735,6 +781,8 @@ pub fn claim(
             // lock, as the intake stores, so a delete misses none of the
             // rows unpacked; `bundles::unpack_for_claim`).
             let budget = limit.saturating_sub(i64::try_from(found.len()).unwrap_or(i64::MAX));
+            let mut whole = Vec::new();
+            let mut retaken = false;
             if budget > 0 {
                 let bundled: Vec<(i64, bool)> = diesel::sql_query(&q_bundled)
                     .load::<HookOrdered>(c)?
@@ -747,20 +795,26 @@ pub fn claim(
                         *taken.entry(r.webhook_id).or_insert(0) += 1;
                     }
                     let room_left = |w: i64| room_of(w) - taken.get(&w).copied().unwrap_or(0);
-                    let unpacked =
-                        bundles::unpack_for_claim(c, &bundled, lease_until, budget, room_left)?;
-                    found.extend(unpacked);
+                    let from = bundles::unpack_for_claim(
+                        c, &bundled, now, lease_until, budget, room_left,
+                    )?;
+                    found.extend(from.claimed);
+                    whole = from.leased;
+                    // Rows of bundles whose lease ran out are due now: the
+                    // next claim, at once, takes them.
+                    retaken = from.retaken > 0;
                     found.sort_unstable_by_key(|r| (r.next_attempt_at, r.seq));
                 }
             }
-            let complete = found.len() < usize::try_from(limit).unwrap_or(0);
-            Ok::<_, diesel::result::Error>((found, complete))
+            let complete = !retaken && found.len() < usize::try_from(limit).unwrap_or(0);
+            Ok::<_, diesel::result::Error>((found, whole, complete))
         })?)
     })?;
     if claimed.is_empty() {
         return Ok(Claim {
             rows: claimed,
             targets: Vec::new(),
+            bundles,
             complete,
         });
     }
@@ -770,6 +824,7 @@ pub fn claim(
     Ok(Claim {
         targets: targets(conn, &hooks)?,
         rows: claimed,
+        bundles,
         complete,
     })
 }
@@ -787,10 +842,15 @@ pub fn targets(conn: &mut DbConn, hooks: &[i64]) -> Result<Vec<Target>, StorageE
     Ok(with_conn!(conn, c => diesel::sql_query(&text).load(c))?)
 }
 
-/// Records attempt outcomes (and the webhooks' counters) in one transaction.
-/// A delivery that became a dead letter meanwhile (its webhook was
-/// disabled) is left as it is.
-pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageError> {
+/// Records attempt outcomes of rows (and the webhooks' counters) and
+/// closes leased bundles (`bundles::close`) in one transaction. A delivery
+/// that became a dead letter meanwhile (its webhook was disabled) is left
+/// as it is, as is a bundle no longer leased to this node.
+pub fn complete(
+    conn: &mut DbConn,
+    outcomes: &[Outcome],
+    closing: &[Closing],
+) -> Result<(), StorageError> {
     let q_success = dialect(
         conn,
         "UPDATE webhooks SET delivered = delivered + $1, last_success_at = $2 WHERE id = $3",
@@ -810,7 +870,10 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
     let mut last_success: HashMap<i64, i64> = HashMap::new();
     // Failures likewise: one update per webhook, with its latest failure.
     let mut last_failure: HashMap<i64, (i64, &str)> = HashMap::new();
-    for o in outcomes {
+    for o in outcomes
+        .iter()
+        .chain(closing.iter().flat_map(|b| &b.outcomes))
+    {
         match o {
             Outcome::Delivered { webhook_id, at, .. } => {
                 let e = last_success.entry(*webhook_id).or_insert(*at);
@@ -836,7 +899,11 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
             Outcome::Released { .. } => {}
         }
     }
-    let hooks: Vec<i64> = outcomes.iter().map(Outcome::webhook_id).collect();
+    let hooks: Vec<i64> = outcomes
+        .iter()
+        .map(Outcome::webhook_id)
+        .chain(closing.iter().map(|b| b.bundle.webhook_id))
+        .collect();
     let q_lock = hook_locks(conn.is_pg(), &hooks, true);
     unsynced(conn, |conn| {
         Ok(write_tx!(conn, c => {
@@ -844,6 +911,20 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
                 diesel::sql_query(q).execute(c)?;
             }
             let mut delivered_per_hook: HashMap<i64, i64> = HashMap::new();
+            // Bundles first: what of them did not succeed becomes rows, which
+            // their outcomes then update as any row's.
+            let mut closed: Vec<&Outcome> = Vec::new();
+            for b in closing {
+                if bundles::close(c, &b.bundle, &b.outcomes)? {
+                    let (succeeded, failed): (Vec<&Outcome>, Vec<&Outcome>) = b
+                        .outcomes
+                        .iter()
+                        .partition(|o| matches!(o, Outcome::Delivered { .. }));
+                    *delivered_per_hook.entry(b.bundle.webhook_id).or_insert(0) +=
+                        i64::try_from(succeeded.len()).unwrap_or(i64::MAX);
+                    closed.extend(failed);
+                }
+            }
             if !delivered.is_empty() {
                 // Not `dead_at IS NULL`: PostgreSQL would read the whole
                 // partial index of pending rows beside the primary key
@@ -859,7 +940,7 @@ pub fn complete(conn: &mut DbConn, outcomes: &[Outcome]) -> Result<(), StorageEr
                     *delivered_per_hook.entry(w).or_insert(0) += 1;
                 }
             }
-            for o in outcomes {
+            for o in outcomes.iter().chain(closed) {
                 match o {
                     Outcome::Delivered { .. } => {}
                     Outcome::Retry { seq, attempts, next_at, status, error, at, .. } => {
@@ -1179,11 +1260,35 @@ mod tests {
         }
     }
 
-    /// A claim unpacks whole bundles, oldest first, only as far as its
-    /// room needs, and takes the deliveries in acceptance order; the
-    /// counts see bundled deliveries as pending.
+    /// The rows of `hook`: id, attempts, next attempt, lease, last status, dead.
+    type RowState = (String, i64, i64, i64, Option<i64>, bool);
+    fn row_states(conn: &mut DbConn) -> Vec<RowState> {
+        with_conn!(conn, c => d::table
+            .order(d::seq)
+            .select((d::id, d::attempts, d::next_attempt_at, d::lease_until, d::last_status, d::dead_at))
+            .load::<(String, i64, i64, i64, Option<i64>, Option<i64>)>(c))
+        .unwrap()
+        .into_iter()
+        .map(|(id, a, n, l, s, dead)| (id, a, n, l, s, dead.is_some()))
+        .collect()
+    }
+
+    fn row(id: &str, attempts: i64, next: i64, lease: i64, status: Option<i64>) -> RowState {
+        (id.to_string(), attempts, next, lease, status, false)
+    }
+
+    fn ids(claim: &Claim) -> Vec<&str> {
+        claim.rows.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    /// A claim leases the oldest bundles whole while its room lasts and
+    /// unpacks one larger than its room into rows; closing a leased bundle
+    /// stores as rows only what did not succeed (a retry, a delivery given
+    /// back, one without an outcome), and a bundle whose lease ran out is
+    /// unpacked with its first attempt counted. The counts see bundled
+    /// deliveries as pending throughout.
     #[test]
-    fn a_claim_unpacks_the_oldest_bundles_its_room_needs() {
+    fn claims_lease_whole_bundles_and_closing_one_keeps_what_did_not_succeed() {
         let dir = tempfile::tempdir().unwrap();
         let (mut conn, hook) = one_webhook(&dir, false);
         publish_due(&mut conn, hook, "a", 3, 1_000);
@@ -1192,45 +1297,221 @@ mod tests {
         assert_eq!(pending_total(&mut conn).unwrap(), 9);
         let counts = crate::storage::webhooks::counts(&mut conn, &[hook]).unwrap();
         assert_eq!((counts[0].pending, counts[0].failed), (9, 0));
-        let rows = || d::table.select(d::id).order(d::seq);
-        assert!(with_conn!(&mut conn, c => rows().load::<String>(c))
-            .unwrap()
-            .is_empty());
+        assert!(row_states(&mut conn).is_empty());
 
-        // Room for 5: the first two bundles (7 deliveries) become rows.
-        let taken = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(5)).unwrap();
-        let ids: Vec<&str> = taken.rows.iter().map(|r| r.id.as_str()).collect();
+        // Room for 2: the oldest bundle (3) does not fit and is unpacked.
+        let taken = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(2)).unwrap();
+        assert_eq!(ids(&taken), ["msg_a_000", "msg_a_001"]);
+        assert!(taken.bundles.is_empty() && taken.rows.iter().all(|r| r.bundle == 0));
         assert_eq!(
-            ids,
+            row_states(&mut conn),
             [
-                "msg_a_000",
-                "msg_a_001",
-                "msg_a_002",
-                "msg_b_000",
-                "msg_b_001"
+                row("msg_a_000", 1, 1_000, 9_000, None),
+                row("msg_a_001", 1, 1_000, 9_000, None),
+                row("msg_a_002", 0, 1_000, 0, None),
             ]
         );
-        assert_eq!(taken.rows[3].created_at, 1_001);
-        assert_eq!(taken.rows[3].data, "{\"i\":0}");
-        let stored = with_conn!(&mut conn, c => rows().load::<String>(c)).unwrap();
-        assert_eq!(stored.len(), 7, "{stored:?}");
-        assert_eq!(pending_total(&mut conn).unwrap(), 9);
 
         // A delivery accepted after the bundles, refused at once (backlog
         // full), sorts after all of theirs however late they are unpacked.
         publish(&mut conn, hook, deliveries("late", 1), 1_003, 0, 0);
 
-        // Two rows are still due: room for 3 unpacks the last bundle.
-        let taken = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(3)).unwrap();
-        let ids: Vec<&str> = taken.rows.iter().map(|r| r.id.as_str()).collect();
-        assert_eq!(ids, ["msg_b_002", "msg_b_003", "msg_c_000"]);
-        let stored = with_conn!(&mut conn, c => rows().load::<String>(c)).unwrap();
-        assert_eq!(stored.len(), 10);
+        // Room for 5: the due row, then bundle b whole (no row for it).
+        let taken = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(5)).unwrap();
         assert_eq!(
-            stored.last().map(String::as_str),
-            Some("msg_late_000"),
-            "{stored:?}"
+            ids(&taken),
+            [
+                "msg_a_002",
+                "msg_b_000",
+                "msg_b_001",
+                "msg_b_002",
+                "msg_b_003"
+            ]
         );
+        let [b] = taken.bundles[..] else {
+            panic!("{:?}", taken.bundles)
+        };
+        assert_eq!((b.webhook_id, b.lease_until, b.count), (hook, 9_000, 4));
+        assert_eq!(taken.rows[0].bundle, 0);
+        assert!(taken.rows[1..]
+            .iter()
+            .all(|r| r.bundle == b.seq && r.attempts == 0));
+        assert_eq!(taken.rows[1].created_at, 1_001);
+        assert_eq!(taken.rows[1].data, "{\"i\":0}");
+        assert_eq!(
+            row_states(&mut conn).len(),
+            4,
+            "a's three and the refused one"
+        );
+        assert_eq!(pending_total(&mut conn).unwrap(), 9);
+
+        // b_000 succeeded, b_001 is to be retried, b_002 was given back,
+        // b_003 has no outcome yet (the node is stopping during its attempt).
+        let r = &taken.rows;
+        let closing = Closing {
+            bundle: b,
+            outcomes: vec![
+                Outcome::Delivered {
+                    seq: r[1].seq,
+                    webhook_id: hook,
+                    at: 2_100,
+                },
+                Outcome::Retry {
+                    seq: r[2].seq,
+                    webhook_id: hook,
+                    attempts: 1,
+                    next_at: 5_000,
+                    status: Some(500),
+                    error: "HTTP 500".into(),
+                    at: 2_100,
+                },
+                Outcome::Released {
+                    seq: r[3].seq,
+                    webhook_id: hook,
+                    attempts: 0,
+                },
+            ],
+        };
+        let a_002 = Outcome::Delivered {
+            seq: r[0].seq,
+            webhook_id: hook,
+            at: 2_100,
+        };
+        complete(&mut conn, &[a_002], std::slice::from_ref(&closing)).unwrap();
+        let states = row_states(&mut conn);
+        assert_eq!(
+            states,
+            [
+                row("msg_a_000", 1, 1_000, 9_000, None),
+                row("msg_a_001", 1, 1_000, 9_000, None),
+                row("msg_b_001", 1, 5_000, 0, Some(500)),
+                row("msg_b_002", 0, 1_001, 0, None),
+                row("msg_b_003", 1, 1_001, 9_000, None),
+                ("msg_late_000".into(), 0, 1_003, 0, None, true),
+            ]
+        );
+        let counts = crate::storage::webhooks::counts(&mut conn, &[hook]).unwrap();
+        assert_eq!((counts[0].pending, counts[0].failed), (7, 1));
+        let delivered: Vec<i64> = targets(&mut conn, &[hook])
+            .unwrap()
+            .iter()
+            .map(|t| t.hook.delivered)
+            .collect();
+        assert_eq!(delivered, [2]);
+
+        // Closed already (as when its lease ran out and it was taken again):
+        // nothing changes.
+        complete(&mut conn, &[], &[closing]).unwrap();
+        assert_eq!(row_states(&mut conn), states);
+
+        // The due row, then bundle c whole.
+        let taken = claim(&mut conn, 2_001, 9_001, 100, &[], &rooms(10)).unwrap();
+        assert_eq!(ids(&taken), ["msg_b_002", "msg_c_000", "msg_c_001"]);
+        assert_eq!(taken.bundles.len(), 1);
+
+        // c is never closed: once its lease has run out, a claim unpacks it
+        // into due rows, its first attempt counted, and the next takes them.
+        let taken = claim(&mut conn, 10_000, 30_000, 100, &[], &rooms(5)).unwrap();
+        assert_eq!(
+            ids(&taken),
+            [
+                "msg_a_000",
+                "msg_a_001",
+                "msg_b_002",
+                "msg_b_003",
+                "msg_b_001"
+            ],
+            "due by next attempt, then acceptance"
+        );
+        assert!(taken.bundles.is_empty());
+        let taken = claim(&mut conn, 10_000, 30_000, 100, &[], &rooms(5)).unwrap();
+        assert!(
+            taken.rows.is_empty() && !taken.complete,
+            "unpacked, not taken"
+        );
+        let taken = claim(&mut conn, 10_000, 30_000, 100, &[], &rooms(5)).unwrap();
+        assert_eq!(ids(&taken), ["msg_c_000", "msg_c_001"]);
+        assert!(taken.complete);
+        assert!(taken.rows.iter().all(|r| r.attempts == 1 && r.bundle == 0));
+        assert_eq!(pending_total(&mut conn).unwrap(), 7);
+    }
+
+    /// Bundles are leased whole while they fit; what is left of the room
+    /// when the next is larger than the whole room is unpacked from it. A
+    /// webhook made `ordered` while a bundle of it is leased whole unpacks
+    /// nothing more until that bundle is closed.
+    #[test]
+    fn a_bundle_larger_than_the_room_fills_what_is_left_as_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook) = one_webhook(&dir, false);
+        publish_due(&mut conn, hook, "x", 2, 1_000);
+        publish_due(&mut conn, hook, "y", 6, 1_001);
+        let taken = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(5)).unwrap();
+        assert_eq!(
+            ids(&taken),
+            [
+                "msg_x_000",
+                "msg_x_001",
+                "msg_y_000",
+                "msg_y_001",
+                "msg_y_002"
+            ]
+        );
+        assert_eq!(taken.bundles.len(), 1);
+        assert!(taken.rows[..2]
+            .iter()
+            .all(|r| r.bundle == taken.bundles[0].seq));
+        assert!(taken.rows[2..].iter().all(|r| r.bundle == 0));
+        assert_eq!(
+            row_states(&mut conn),
+            [
+                row("msg_y_000", 1, 1_001, 9_000, None),
+                row("msg_y_001", 1, 1_001, 9_000, None),
+                row("msg_y_002", 1, 1_001, 9_000, None),
+                row("msg_y_003", 0, 1_001, 0, None),
+                row("msg_y_004", 0, 1_001, 0, None),
+                row("msg_y_005", 0, 1_001, 0, None),
+            ]
+        );
+
+        // Everything delivered: no row, no bundle left.
+        let delivered = |rows: &[Claimed]| -> Vec<Outcome> {
+            rows.iter()
+                .map(|r| Outcome::Delivered {
+                    seq: r.seq,
+                    webhook_id: hook,
+                    at: 2_100,
+                })
+                .collect()
+        };
+        let (x, y) = taken.rows.split_at(2);
+        let closing = Closing {
+            bundle: taken.bundles[0],
+            outcomes: delivered(x),
+        };
+        complete(&mut conn, &delivered(y), &[closing]).unwrap();
+        let rest = claim(&mut conn, 2_100, 9_000, 100, &[], &rooms(5)).unwrap();
+        complete(&mut conn, &delivered(&rest.rows), &[]).unwrap();
+        assert!(row_states(&mut conn).is_empty());
+        assert_eq!(pending_total(&mut conn).unwrap(), 0);
+
+        // Made ordered while a bundle of it is leased whole: the next one
+        // waits until that bundle is closed.
+        publish_due(&mut conn, hook, "p", 2, 3_000);
+        publish_due(&mut conn, hook, "q", 3, 3_001);
+        let taken = claim(&mut conn, 3_100, 9_000, 100, &[], &rooms(2)).unwrap();
+        assert_eq!(ids(&taken), ["msg_p_000", "msg_p_001"]);
+        let ordered = diesel::sql_query("UPDATE webhooks SET ordered = true");
+        with_conn!(&mut conn, c => ordered.clone().execute(c)).unwrap();
+        let none = claim(&mut conn, 3_200, 9_000, 100, &[], &rooms(5)).unwrap();
+        assert!(none.rows.is_empty(), "{:?}", ids(&none));
+        let closing = Closing {
+            bundle: taken.bundles[0],
+            outcomes: delivered(&taken.rows),
+        };
+        complete(&mut conn, &[], &[closing]).unwrap();
+        let next = claim(&mut conn, 3_300, 9_000, 100, &[], &rooms(5)).unwrap();
+        assert_eq!(ids(&next), ["msg_q_000"]);
     }
 
     /// An `ordered` webhook's bundle is unpacked only once it has no

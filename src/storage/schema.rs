@@ -63,5 +63,6 @@ diesel::table! {
         webhook_id -> BigInt,
         count -> BigInt,
         deliveries -> Text,
+        lease_until -> BigInt,
     }
 }

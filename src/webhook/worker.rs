@@ -3,11 +3,12 @@
 //! ([`AttemptThreads`]; never on an HTTP worker), and records
 //! outcomes in batches — success, a retry after the jittered schedule (or a
 //! receiver's `Retry-After`), or a dead letter (attempts used up, 410,
-//! refused address). Each webhook has a lane on this node: at most
+//! refused address); the outcomes of a bundle leased whole are recorded
+//! together, when it is closed. Each webhook has a lane on this node: at most
 //! `webhook.max_in_flight` attempts at once, and claims that run ahead of
-//! them only while its receiver answers fast (a slow receiver holds its own
-//! slots and nothing more; what it cannot attempt within the lease goes
-//! back unattempted). New deliveries of a webhook whose lane has room and
+//! them only while its receiver answers fast (a slow receiver holds about
+//! its own slots, a bundle leased whole at most; what it cannot attempt
+//! within the lease goes back unattempted). New deliveries of a webhook whose lane has room and
 //! has taken every due delivery skip the claim: the intake stores them
 //! leased to this node and hands them to the lane ([`Direct`]). Housekeeping
 //! beside it: the pending gauge,
@@ -38,7 +39,7 @@ use crate::events::{envelope, instance_data_json, Event};
 use crate::instance::change::RefreshTimer;
 use crate::metrics::Metrics;
 use crate::settings::WebhookSettings;
-use crate::storage::deliveries::{self, Claimed, Outcome, Rooms, Target};
+use crate::storage::deliveries::{self, Claimed, Closing, LeasedBundle, Outcome, Rooms, Target};
 use crate::storage::{now_millis, webhooks, DbConn, DbPool, StorageError};
 
 /// Deliveries claimed in one round.
@@ -499,7 +500,7 @@ impl Direct {
 /// (actix system) runtime; returns the intake's way to its lanes.
 pub fn start(env: WorkerEnv) -> Arc<Direct> {
     let lanes: SharedLanes = Arc::default();
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<Outcome>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Record>();
     let (handoff, handoffs) = mpsc::unbounded_channel::<Handoff>();
     let direct = Arc::new(Direct {
         lanes: lanes.clone(),
@@ -578,7 +579,7 @@ async fn take_handoffs(
     env: WorkerEnv,
     lanes: SharedLanes,
     mut handoffs: mpsc::UnboundedReceiver<Handoff>,
-    done: mpsc::UnboundedSender<Outcome>,
+    done: mpsc::UnboundedSender<Record>,
 ) {
     while let Some((rows, lease_until)) = handoffs.recv().await {
         let mut held = lanes.lock();
@@ -601,7 +602,7 @@ async fn take_handoffs(
     }
 }
 
-async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSender<Outcome>) {
+async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSender<Record>) {
     let lease_ms = lease_ms(&env.settings);
     let max = env.settings.max_in_flight;
     let mut failing_since: Option<Instant> = None;
@@ -676,6 +677,10 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
             }
         };
         let full_round = !claim.complete;
+        // Before any of their deliveries starts (and may be recorded).
+        for b in claim.bundles {
+            let _ = done.send(Record::Leased(b));
+        }
         {
             let mut held = lanes.lock();
             for t in claim.targets {
@@ -726,7 +731,7 @@ fn start_attempts(
     shared: &SharedLanes,
     held: &mut Lanes,
     w: i64,
-    done: &mpsc::UnboundedSender<Outcome>,
+    done: &mpsc::UnboundedSender<Record>,
 ) {
     let max = env.settings.max_in_flight;
     let attempt_ms = super::attempt_ms(&env.settings);
@@ -765,7 +770,7 @@ fn start_attempts(
             let outcome = attempt(&env, &row, &target).await;
             let fast =
                 matches!(outcome, Outcome::Delivered { .. }) && started.elapsed() < FAST_ATTEMPT;
-            let _ = done.send(outcome);
+            let _ = done.send(Record::Done(outcome, row.bundle));
             let mut held = shared.lock();
             if let Some(lane) = held.lanes.get_mut(&row.webhook_id) {
                 lane.sending = lane.sending.saturating_sub(1);
@@ -776,17 +781,28 @@ fn start_attempts(
     }
 }
 
-/// The outcome that gives a claimed delivery back without an attempt.
-fn release(row: &Claimed) -> Outcome {
-    Outcome::Released {
+/// What the recorder is told.
+enum Record {
+    /// How an attempt ended (or that a delivery was given back), with the
+    /// leased bundle it was attempted from (0: a row).
+    Done(Outcome, i64),
+    /// A bundle a claim leased whole to this node, told before any of its
+    /// deliveries starts.
+    Leased(LeasedBundle),
+}
+
+/// Gives a claimed delivery back without an attempt.
+fn release(row: &Claimed) -> Record {
+    let outcome = Outcome::Released {
         seq: row.seq,
         webhook_id: row.webhook_id,
         attempts: row.attempts,
-    }
+    };
+    Record::Done(outcome, row.bundle)
 }
 
 /// Gives back every queued delivery (the node is stopping).
-fn release_queued(lanes: &SharedLanes, done: &mpsc::UnboundedSender<Outcome>) {
+fn release_queued(lanes: &SharedLanes, done: &mpsc::UnboundedSender<Record>) {
     let mut held = lanes.lock();
     for lane in held.lanes.values_mut() {
         for (row, _) in lane.queued.drain(..) {
@@ -795,12 +811,24 @@ fn release_queued(lanes: &SharedLanes, done: &mpsc::UnboundedSender<Outcome>) {
     }
 }
 
+/// What the lanes learn of one recorded outcome.
+struct Finished {
+    webhook: i64,
+    delivered: bool,
+    retry_at: Option<i64>,
+}
+
 /// Records outcomes in batches, frees the lanes' room, and wakes the loop.
+/// The outcomes of a leased bundle's deliveries are kept until each has
+/// one, then the bundle is closed with them and their room freed (at a
+/// stop, at once with those it has: its deliveries then are rows, and
+/// later outcomes are recorded as rows').
 async fn record_outcomes(
     env: WorkerEnv,
     lanes: SharedLanes,
-    mut rx: mpsc::UnboundedReceiver<Outcome>,
+    mut rx: mpsc::UnboundedReceiver<Record>,
 ) {
+    let mut open: HashMap<i64, (Closing, Vec<Finished>)> = HashMap::new();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let mut gathered = false;
@@ -814,10 +842,61 @@ async fn record_outcomes(
                 Err(_) => break,
             }
         }
-        let shared = Arc::new(batch);
-        loop {
+        let mut rows = Vec::new();
+        let mut closing = Vec::new();
+        let mut finished = Vec::new();
+        for record in batch {
+            let (outcome, bundle) = match record {
+                Record::Leased(b) => {
+                    let outcomes = Vec::with_capacity(b.count);
+                    let closing = Closing {
+                        bundle: b,
+                        outcomes,
+                    };
+                    open.insert(b.seq, (closing, Vec::with_capacity(b.count)));
+                    continue;
+                }
+                Record::Done(outcome, bundle) => (outcome, bundle),
+            };
+            let f = Finished {
+                webhook: outcome.webhook_id(),
+                delivered: matches!(outcome, Outcome::Delivered { .. }),
+                retry_at: match outcome {
+                    Outcome::Retry { next_at, .. } => Some(next_at),
+                    _ => None,
+                },
+            };
+            match open.get_mut(&bundle) {
+                Some((b, done)) => {
+                    b.outcomes.push(outcome);
+                    done.push(f);
+                    if b.outcomes.len() >= b.bundle.count {
+                        if let Some((b, done)) = open.remove(&bundle) {
+                            closing.push(b);
+                            finished.extend(done);
+                        }
+                    }
+                }
+                None => {
+                    rows.push(outcome);
+                    finished.push(f);
+                }
+            }
+        }
+        if (env.stopping)() {
+            for (_, (b, done)) in open.drain() {
+                closing.push(b);
+                finished.extend(done);
+            }
+        }
+        let shared = Arc::new((rows, closing));
+        while !shared.0.is_empty() || !shared.1.is_empty() {
             let b = shared.clone();
-            match db(&env.pool, move |conn| deliveries::complete(conn, &b)).await {
+            match db(&env.pool, move |conn| {
+                deliveries::complete(conn, &b.0, &b.1)
+            })
+            .await
+            {
                 Ok(()) => break,
                 Err(e) => {
                     log::warn!("webhook outcomes not recorded yet (retrying): {e}");
@@ -833,10 +912,10 @@ async fn record_outcomes(
         // what waits in the database; a caught-up lane has nothing there,
         // unless its webhook is ordered.
         let mut wake = false;
-        for o in shared.iter() {
-            let w = o.webhook_id();
-            if let Outcome::Retry { next_at, .. } = o {
-                held.retry_at(*next_at);
+        for f in finished {
+            let w = f.webhook;
+            if let Some(at) = f.retry_at {
+                held.retry_at(at);
             }
             // An ordered webhook's next delivery is due only now.
             let ordered = held.targets.get(&w).is_some_and(|t| t.target.hook.ordered);
@@ -844,7 +923,7 @@ async fn record_outcomes(
                 wake = true;
                 continue;
             };
-            wake |= ordered || !lane.caught_up || !matches!(o, Outcome::Delivered { .. });
+            wake |= ordered || !lane.caught_up || !f.delivered;
             lane.held = lane.held.saturating_sub(1);
             // A fast or caught-up lane is remembered (its next claim runs
             // ahead; new deliveries skip the claim), with its target.

@@ -1,0 +1,1 @@
+ALTER TABLE webhook_bundles DROP COLUMN lease_until;
