@@ -98,6 +98,8 @@ pub(super) trait BundleRows {
     /// Deletes bundle `seq` if it is still leased until `lease_until`;
     /// its deliveries' text when it was.
     fn close_bundle(&mut self, seq: i64, lease_until: i64) -> QueryResult<Option<String>>;
+    /// The same without reading the text back; whether it was.
+    fn drop_bundle(&mut self, seq: i64, lease_until: i64) -> QueryResult<bool>;
     /// `webhook`'s pending deliveries, rows and bundles, counted in one
     /// statement (one snapshot: a claim unpacking bundles meanwhile moves
     /// deliveries from one table to the other).
@@ -118,6 +120,7 @@ const OLDEST: &str = "SELECT seq, count, deliveries, lease_until FROM webhook_bu
      WHERE webhook_id = $1 AND lease_until <= $2 ORDER BY seq LIMIT $3";
 const CLOSE: &str =
     "DELETE FROM webhook_bundles WHERE seq = $1 AND lease_until = $2 RETURNING deliveries";
+const DROP: &str = "DELETE FROM webhook_bundles WHERE seq = $1 AND lease_until = $2";
 const STANDING: &str = "SELECT w.enabled, (EXISTS (SELECT 1 FROM webhook_deliveries d \
      WHERE d.webhook_id = w.id AND d.dead_at IS NULL) OR EXISTS (SELECT 1 FROM webhook_bundles b \
      WHERE b.webhook_id = w.id AND b.lease_until > $2)) AS pending FROM webhooks w WHERE w.id = $1";
@@ -174,6 +177,14 @@ macro_rules! bundle_rows {
                     .get_result::<Closed>(self)
                     .optional()
                     .map(|t| t.map(|t| t.deliveries))
+            }
+
+            fn drop_bundle(&mut self, seq: i64, lease_until: i64) -> QueryResult<bool> {
+                diesel::sql_query(dialect_of($pg, DROP))
+                    .bind::<BigInt, _>(seq)
+                    .bind::<BigInt, _>(lease_until)
+                    .execute(self)
+                    .map(|n| n > 0)
             }
 
             fn delete_bundles(&mut self, seqs: &[i64]) -> QueryResult<usize> {
@@ -566,13 +577,15 @@ pub(super) fn close<C: BundleRows + InsertRun>(
     b: &LeasedBundle,
     outcomes: &[Outcome],
 ) -> QueryResult<bool> {
+    // Every delivery succeeded (the usual case): nothing to read back.
+    let delivered = |o: &Outcome| matches!(o, Outcome::Delivered { .. });
+    if outcomes.len() >= b.count && outcomes.iter().all(delivered) {
+        return c.drop_bundle(b.seq, b.lease_until);
+    }
     let Some(text) = c.close_bundle(b.seq, b.lease_until)? else {
         return Ok(false);
     };
-    let ended: HashMap<i64, bool> = outcomes
-        .iter()
-        .map(|o| (o.seq(), matches!(o, Outcome::Delivered { .. })))
-        .collect();
+    let ended: HashMap<i64, bool> = outcomes.iter().map(|o| (o.seq(), delivered(o))).collect();
     let (mut failed, mut sending) = (Vec::new(), Vec::new());
     for u in unpack_text(&text)? {
         match ended.get(&u.seq) {

@@ -1494,6 +1494,12 @@ mod tests {
         complete(&mut conn, &delivered(&rest.rows), &[]).unwrap();
         assert!(row_states(&mut conn).is_empty());
         assert_eq!(pending_total(&mut conn).unwrap(), 0);
+        let counted: Vec<i64> = targets(&mut conn, &[hook])
+            .unwrap()
+            .iter()
+            .map(|t| t.hook.delivered)
+            .collect();
+        assert_eq!(counted, [8], "x closed whole, y's rows");
 
         // Made ordered while a bundle of it is leased whole: the next one
         // waits until that bundle is closed.

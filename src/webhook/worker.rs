@@ -820,9 +820,9 @@ struct Finished {
 
 /// Records outcomes in batches, frees the lanes' room, and wakes the loop.
 /// The outcomes of a leased bundle's deliveries are kept until each has
-/// one, then the bundle is closed with them and their room freed (at a
-/// stop, at once with those it has: its deliveries then are rows, and
-/// later outcomes are recorded as rows').
+/// one, then the bundle is closed with them (at a stop, at once with those
+/// it has: its deliveries then are rows, and later outcomes are recorded as
+/// rows'); the room of those that did not succeed is freed then.
 async fn record_outcomes(
     env: WorkerEnv,
     lanes: SharedLanes,
@@ -869,7 +869,14 @@ async fn record_outcomes(
             match open.get_mut(&bundle) {
                 Some((b, done)) => {
                     b.outcomes.push(outcome);
-                    done.push(f);
+                    // A success frees its room at once; the others, once
+                    // they are rows (a claim must not find the lane caught
+                    // up while a given-back delivery is not yet due).
+                    if f.delivered {
+                        finished.push(f);
+                    } else {
+                        done.push(f);
+                    }
                     if b.outcomes.len() >= b.bundle.count {
                         if let Some((b, done)) = open.remove(&bundle) {
                             closing.push(b);
