@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Text};
+use diesel::sql_types::{BigInt, Bool, Nullable, Text};
 
 use super::bundles::{self, BundleRows};
 use super::schema::webhook_deliveries as d;
@@ -851,13 +851,16 @@ pub fn complete(
     outcomes: &[Outcome],
     closing: &[Closing],
 ) -> Result<(), StorageError> {
-    let q_success = dialect(
+    // One update of each webhook's row: on PostgreSQL a second update of a
+    // row in one transaction checks its foreign key (the instance row, FOR
+    // KEY SHARE), which waited for an instance being deleted while that
+    // delete waited for this transaction's webhook lock: a deadlock.
+    let q_counters = dialect(
         conn,
-        "UPDATE webhooks SET delivered = delivered + $1, last_success_at = $2 WHERE id = $3",
-    );
-    let q_failure = dialect(
-        conn,
-        "UPDATE webhooks SET last_failure_at = $1, last_error = $2 WHERE id = $3",
+        "UPDATE webhooks SET delivered = delivered + $1, \
+         last_success_at = COALESCE($2, last_success_at), \
+         last_failure_at = COALESCE($3, last_failure_at), last_error = COALESCE($4, last_error) \
+         WHERE id = $5",
     );
     // Successes in one statement, and one counter update per webhook.
     let delivered: Vec<i64> = outcomes
@@ -984,20 +987,16 @@ pub fn complete(
             hooks.sort_unstable();
             hooks.dedup();
             for w in hooks {
-                if let Some(n) = delivered_per_hook.get(&w) {
-                    diesel::sql_query(&q_success)
-                        .bind::<BigInt, _>(n)
-                        .bind::<BigInt, _>(last_success.get(&w).copied().unwrap_or(0))
-                        .bind::<BigInt, _>(w)
-                        .execute(c)?;
-                }
-                if let Some((at, error)) = last_failure.get(&w) {
-                    diesel::sql_query(&q_failure)
-                        .bind::<BigInt, _>(at)
-                        .bind::<Text, _>(*error)
-                        .bind::<BigInt, _>(w)
-                        .execute(c)?;
-                }
+                let failure = last_failure.get(&w);
+                let delivered = delivered_per_hook.get(&w).copied().unwrap_or(0);
+                let success_at = last_success.get(&w).copied().filter(|_| delivered > 0);
+                diesel::sql_query(&q_counters)
+                    .bind::<BigInt, _>(delivered)
+                    .bind::<Nullable<BigInt>, _>(success_at)
+                    .bind::<Nullable<BigInt>, _>(failure.map(|(at, _)| *at))
+                    .bind::<Nullable<Text>, _>(failure.map(|(_, e)| *e))
+                    .bind::<BigInt, _>(w)
+                    .execute(c)?;
             }
             Ok::<(), diesel::result::Error>(())
         })?)

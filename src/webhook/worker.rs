@@ -4,16 +4,16 @@
 //! outcomes in batches — success, a retry after the jittered schedule (or a
 //! receiver's `Retry-After`), or a dead letter (attempts used up, 410,
 //! refused address); the outcomes of a bundle leased whole are recorded
-//! together, when it is closed. Each webhook has a lane on this node: at most
-//! `webhook.max_in_flight` attempts at once, and claims that run ahead of
-//! them only while its receiver answers fast (a slow receiver holds about
+//! together, when it is closed. Each webhook has a lane on this node: at
+//! most `webhook.max_in_flight` attempts at once, and claims that run ahead
+//! of them only while its receiver answers fast (a slow receiver holds about
 //! its own slots, a bundle leased whole at most; what it cannot attempt
-//! within the lease goes back unattempted). New deliveries of a webhook whose lane has room and
-//! has taken every due delivery skip the claim: the intake stores them
-//! leased to this node and hands them to the lane ([`Direct`]). Housekeeping
-//! beside it: the pending gauge,
-//! dead-letter retention, and a periodic re-read of the enabled webhooks (a
-//! safety net behind the bus).
+//! within the lease goes back unattempted). New deliveries of a webhook
+//! whose lane has room and has taken every due delivery skip the claim: the
+//! intake stores them leased to this node and hands them to the lane
+//! ([`Direct`]). Housekeeping beside it: the pending gauge, dead-letter
+//! retention, and a periodic re-read of the enabled webhooks (a safety net
+//! behind the bus).
 //!
 //! Storage work runs on the blocking pool; this module owns no HTTP route.
 
@@ -867,7 +867,7 @@ async fn record_outcomes(
                 },
             };
             match open.get_mut(&bundle) {
-                Some((b, done)) => {
+                Some((b, held_back)) => {
                     b.outcomes.push(outcome);
                     // A success frees its room at once; the others, once
                     // they are rows (a claim must not find the lane caught
@@ -875,12 +875,12 @@ async fn record_outcomes(
                     if f.delivered {
                         finished.push(f);
                     } else {
-                        done.push(f);
+                        held_back.push(f);
                     }
                     if b.outcomes.len() >= b.bundle.count {
-                        if let Some((b, done)) = open.remove(&bundle) {
+                        if let Some((b, held_back)) = open.remove(&bundle) {
                             closing.push(b);
-                            finished.extend(done);
+                            finished.extend(held_back);
                         }
                     }
                 }
@@ -891,9 +891,9 @@ async fn record_outcomes(
             }
         }
         if (env.stopping)() {
-            for (_, (b, done)) in open.drain() {
+            for (_, (b, held_back)) in open.drain() {
                 closing.push(b);
-                finished.extend(done);
+                finished.extend(held_back);
             }
         }
         let shared = Arc::new((rows, closing));
