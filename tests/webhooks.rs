@@ -692,9 +692,8 @@ async fn a_failure_among_one_publish_retries_only_that_delivery() {
     let s = server().await;
     let rx = Receiver::start();
     let failed_once = Arc::new(AtomicBool::new(false));
-    let flag = failed_once.clone();
     rx.answer(move |g, _| {
-        if g.json()["data"]["i"] == 1 && !flag.swap(true, Ordering::SeqCst) {
+        if g.json()["data"]["i"] == 1 && !failed_once.swap(true, Ordering::SeqCst) {
             (500, vec![])
         } else {
             (200, vec![])

@@ -22,10 +22,11 @@
 //!
 //! A bundle whose lease ran out (its node died) is taken back into due
 //! rows with their first attempt counted, by the claim that meets it (a
-//! conditional delete: its node may be closing it at that moment). Disabling a webhook unpacks all its
-//! bundles to turn them into dead letters. Everything after the first
-//! attempt (retries, dead letters, paging) works on rows. Counts of pending
-//! deliveries add the bundles' `count`.
+//! conditional delete: its node may be closing it at that moment).
+//! Disabling a webhook unpacks all its bundles to turn them into dead
+//! letters. Everything after the first attempt (retries, dead letters,
+//! paging) works on rows. Counts of pending deliveries add the bundles'
+//! `count`.
 
 use std::collections::HashMap;
 
@@ -37,7 +38,7 @@ use serde_json::value::RawValue;
 use super::deliveries::{
     Claimed, InsertRun, LeasedBundle, NewDelivery, NewRow, Outcome, Run, Stored,
 };
-use super::webhooks::{dialect_of, id_list, try_hook_lock_shared};
+use super::webhooks::{dialect_of, id_list, lock_key, try_hook_lock_shared};
 use super::{with_conn, DbConn, StorageError};
 use crate::domain::EventKind;
 
@@ -225,7 +226,7 @@ macro_rules! bundle_rows {
                 if $pg {
                     diesel::sql_query(format!(
                         "SELECT pg_advisory_xact_lock({UNPACK_LOCK_CLASS}, {})",
-                        webhook & 0x7fff_ffff
+                        lock_key(webhook)
                     ))
                     .execute(self)?;
                 }
@@ -443,7 +444,7 @@ fn lease_whole<C: BundleRows + InsertRun>(
             }
             let unpacked = match unpack_text(&bundle.deliveries) {
                 Ok(unpacked) => unpacked,
-                Err(e) if whole.leased.is_empty() && lease.is_empty() => return Err(e),
+                Err(e) if whole.leased.is_empty() => return Err(e),
                 Err(e) => {
                     log::error!("webhook {webhook}: {e}; its later deliveries wait");
                     more = false;

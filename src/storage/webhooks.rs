@@ -63,13 +63,13 @@ impl HookId {
 ///
 /// The locks use PostgreSQL's two-key form, under [`HOOK_LOCK_CLASS`], so
 /// they never meet another application's single-key advisory locks on the
-/// same database; the second key is the id's low 31 bits (two webhooks
-/// 2³¹ ids apart would only share a lock).
+/// same database; the second key is [`lock_key`] (two webhooks 2³¹ ids
+/// apart would only share a lock).
 pub(crate) fn hook_locks(pg: bool, hooks: &[i64], shared: bool) -> Option<String> {
     if !pg {
         return None;
     }
-    let mut keys: Vec<i64> = hooks.iter().map(|id| id & 0x7fff_ffff).collect();
+    let mut keys: Vec<i64> = hooks.iter().copied().map(lock_key).collect();
     keys.sort_unstable();
     keys.dedup();
     let kind = if shared { "_shared" } else { "" };
@@ -86,8 +86,14 @@ pub(crate) fn hook_locks(pg: bool, hooks: &[i64], shared: bool) -> Option<String
 pub(crate) fn try_hook_lock_shared(hook: i64) -> String {
     format!(
         "SELECT pg_try_advisory_xact_lock_shared({HOOK_LOCK_CLASS}, {}) AS got",
-        hook & 0x7fff_ffff
+        lock_key(hook)
     )
+}
+
+/// The second key of a webhook's advisory locks: its id's low 31 bits
+/// (PostgreSQL's two-key form takes two `int4`).
+pub(crate) fn lock_key(hook: i64) -> i64 {
+    hook & 0x7fff_ffff
 }
 
 /// First key of the webhooks' advisory locks (any fixed number will do).
