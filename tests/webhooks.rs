@@ -2238,7 +2238,8 @@ struct Vacuums {
 }
 
 #[actix_rt::test]
-async fn the_deliveries_table_is_vacuumed_on_postgresql_without_autovacuum() {
+async fn the_queue_tables_are_vacuumed_on_postgresql_without_autovacuum() {
+    use diesel::connection::SimpleConnection;
     use diesel::RunQueryDsl;
     let Some(db) = common::require_postgres() else {
         return;
@@ -2257,50 +2258,64 @@ async fn the_deliveries_table_is_vacuumed_on_postgresql_without_autovacuum() {
     )
     .await;
     let pool = eventgate::storage::connect(&url, 1, Duration::from_secs(5)).unwrap();
-    let counts = || {
+    let counts = |table: &str| {
         let mut conn = pool.get().unwrap();
         let eventgate::storage::DbConn::Pg(c) = &mut *conn else {
             panic!("a PostgreSQL test database");
         };
-        diesel::sql_query(
+        diesel::sql_query(format!(
             "SELECT n_dead_tup AS dead, vacuum_count AS manual FROM pg_stat_user_tables \
-             WHERE relname = 'webhook_deliveries'",
-        )
+             WHERE relname = '{table}'"
+        ))
         .get_result::<Vacuums>(c)
         .unwrap()
     };
-    let before = counts().manual;
-    // 30,000 rows delivered and deleted, with autovacuum kept away: only
-    // the gateway's housekeeping can clear their dead versions.
+    let before = [
+        counts("webhook_deliveries").manual,
+        counts("webhook_bundles").manual,
+    ];
+    // 30,000 delivery rows and 30,000 bundles stored and deleted (in one
+    // transaction each, so no claim sees them), with autovacuum kept away:
+    // only the gateway's housekeeping can clear their dead versions.
     {
         let rows = eventgate::storage::connect(&url, 1, Duration::from_secs(5)).unwrap();
         let mut conn = rows.get().unwrap();
         let eventgate::storage::DbConn::Pg(c) = &mut *conn else {
             panic!("a PostgreSQL test database");
         };
-        for sql in [
-            "ALTER TABLE webhook_deliveries SET (autovacuum_enabled = false)",
-            "INSERT INTO webhook_deliveries (id, webhook_id, event, data, created_at, attempts, \
+        c.batch_execute(
+            "ALTER TABLE webhook_deliveries SET (autovacuum_enabled = false); \
+             ALTER TABLE webhook_bundles SET (autovacuum_enabled = false); \
+             BEGIN; \
+             INSERT INTO webhook_deliveries (id, webhook_id, event, data, created_at, attempts, \
              next_attempt_at, lease_until) SELECT 'msg_v' || g, (SELECT MIN(id) FROM webhooks), \
-             'call.update', '{}', 0, 0, 4102444800000, 0 FROM generate_series(1, 30000) g",
-            "DELETE FROM webhook_deliveries WHERE id LIKE 'msg_v%'",
-        ] {
-            diesel::sql_query(sql).execute(c).unwrap();
-        }
+             'call.update', '{}', 0, 0, 4102444800000, 0 FROM generate_series(1, 30000) g; \
+             DELETE FROM webhook_deliveries WHERE id LIKE 'msg_v%'; \
+             INSERT INTO webhook_bundles (webhook_id, count, deliveries) \
+             SELECT (SELECT MIN(id) FROM webhooks), 0, '[]' FROM generate_series(1, 30000); \
+             DELETE FROM webhook_bundles; \
+             COMMIT;",
+        )
+        .unwrap();
         // Dropping the pool ends the backend, which reports its counts.
     }
-    let vacuumed = common::eventually(Duration::from_secs(30), async || {
-        let now = counts();
-        (now.manual > before && now.dead < 1_000).then_some(())
-    })
-    .await;
-    let now = counts();
-    assert!(
-        vacuumed.is_some(),
-        "not vacuumed: {} manual vacuums (before {before}), {} dead row versions",
-        now.manual,
-        now.dead
-    );
+    for (table, before) in ["webhook_deliveries", "webhook_bundles"]
+        .into_iter()
+        .zip(before)
+    {
+        let vacuumed = common::eventually(Duration::from_secs(30), async || {
+            let now = counts(table);
+            (now.manual > before && now.dead < 1_000).then_some(())
+        })
+        .await;
+        let now = counts(table);
+        assert!(
+            vacuumed.is_some(),
+            "{table} not vacuumed: {} manual vacuums (before {before}), {} dead row versions",
+            now.manual,
+            now.dead
+        );
+    }
 }
 
 #[actix_rt::test]

@@ -14,7 +14,8 @@
 //!   (`lease_until`) and its deliveries attempted from it; once each has an
 //!   outcome the node closes it ([`close`]): deletes it and stores as rows
 //!   only those that did not succeed, so a delivery that succeeds at once
-//!   costs no row;
+//!   costs no row (the bundles whose deliveries all succeeded are deleted
+//!   together, `BundleRows::drop_bundles`);
 //! - otherwise (an `ordered` webhook, only when it has no pending row nor a
 //!   bundle leased; or what is left of the room when the next bundle is
 //!   larger than the whole room) unpacked: the deliveries it takes as rows
@@ -99,8 +100,10 @@ pub(super) trait BundleRows {
     /// Deletes bundle `seq` if it is still leased until `lease_until`;
     /// its deliveries' text when it was.
     fn close_bundle(&mut self, seq: i64, lease_until: i64) -> QueryResult<Option<String>>;
-    /// The same without reading the text back; whether it was.
-    fn drop_bundle(&mut self, seq: i64, lease_until: i64) -> QueryResult<bool>;
+    /// Deletes each bundle `(seq, lease_until)` of `leases` still leased
+    /// until then, in one statement, without reading them back; the `seq`
+    /// of those it deleted.
+    fn drop_bundles(&mut self, leases: &[(i64, i64)]) -> QueryResult<Vec<i64>>;
     /// `webhook`'s pending deliveries, rows and bundles, counted in one
     /// statement (one snapshot: a claim unpacking bundles meanwhile moves
     /// deliveries from one table to the other).
@@ -121,7 +124,6 @@ const OLDEST: &str = "SELECT seq, count, deliveries, lease_until FROM webhook_bu
      WHERE webhook_id = $1 AND lease_until <= $2 ORDER BY seq LIMIT $3";
 const CLOSE: &str =
     "DELETE FROM webhook_bundles WHERE seq = $1 AND lease_until = $2 RETURNING deliveries";
-const DROP: &str = "DELETE FROM webhook_bundles WHERE seq = $1 AND lease_until = $2";
 const STANDING: &str = "SELECT w.enabled, (EXISTS (SELECT 1 FROM webhook_deliveries d \
      WHERE d.webhook_id = w.id AND d.dead_at IS NULL) OR EXISTS (SELECT 1 FROM webhook_bundles b \
      WHERE b.webhook_id = w.id AND b.lease_until > $2)) AS pending FROM webhooks w WHERE w.id = $1";
@@ -180,12 +182,26 @@ macro_rules! bundle_rows {
                     .map(|t| t.map(|t| t.deliveries))
             }
 
-            fn drop_bundle(&mut self, seq: i64, lease_until: i64) -> QueryResult<bool> {
-                diesel::sql_query(dialect_of($pg, DROP))
-                    .bind::<BigInt, _>(seq)
-                    .bind::<BigInt, _>(lease_until)
-                    .execute(self)
-                    .map(|n| n > 0)
+            fn drop_bundles(&mut self, leases: &[(i64, i64)]) -> QueryResult<Vec<i64>> {
+                #[derive(QueryableByName)]
+                struct Dropped {
+                    #[diesel(sql_type = BigInt)]
+                    seq: i64,
+                }
+                if leases.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let pairs: Vec<String> = leases
+                    .iter()
+                    .map(|(seq, until)| format!("({seq}, {until})"))
+                    .collect();
+                diesel::sql_query(format!(
+                    "DELETE FROM webhook_bundles WHERE (seq, lease_until) IN (VALUES {}) \
+                     RETURNING seq",
+                    pairs.join(", ")
+                ))
+                .load::<Dropped>(self)
+                .map(|d| d.into_iter().map(|d| d.seq).collect())
             }
 
             fn delete_bundles(&mut self, seqs: &[i64]) -> QueryResult<usize> {
@@ -566,8 +582,10 @@ pub(super) fn unpack_for_claim<C: BundleRows + InsertRun>(
 }
 
 /// Closes bundle `b`, leased to this node, with its deliveries' `outcomes`
-/// (each has one, or the node is stopping): if it is still leased to this
-/// node, deletes it and stores as rows those that did not succeed, their
+/// (each has one, or the node is stopping; a bundle whose deliveries all
+/// succeeded is dropped instead, `BundleRows::drop_bundles`): if it is
+/// still leased to this node, deletes it and stores as rows those that did
+/// not succeed, their
 /// first attempt counted: due, for their outcomes to be recorded on as on
 /// any row; those without an outcome (being attempted) leased to this node
 /// until the bundle's lease ends. Whether it was still this node's (else
@@ -578,11 +596,7 @@ pub(super) fn close<C: BundleRows + InsertRun>(
     b: &LeasedBundle,
     outcomes: &[Outcome],
 ) -> QueryResult<bool> {
-    // Every delivery succeeded (the usual case): nothing to read back.
     let delivered = |o: &Outcome| matches!(o, Outcome::Delivered { .. });
-    if outcomes.len() >= b.count && outcomes.iter().all(delivered) {
-        return c.drop_bundle(b.seq, b.lease_until);
-    }
     let Some(text) = c.close_bundle(b.seq, b.lease_until)? else {
         return Ok(false);
     };

@@ -9,7 +9,7 @@
 //! rows), and record outcomes in batches, closing the leased bundles whose
 //! deliveries all have one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
@@ -79,6 +79,18 @@ pub struct LeasedBundle {
 pub struct Closing {
     pub bundle: LeasedBundle,
     pub outcomes: Vec<Outcome>,
+}
+
+impl Closing {
+    /// Whether every delivery of the bundle succeeded (the usual case: its
+    /// close then reads nothing back and stores no row).
+    fn all_delivered(&self) -> bool {
+        self.outcomes.len() >= self.bundle.count
+            && self
+                .outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Delivered { .. }))
+    }
 }
 
 /// A webhook with its instance's name and token (for envelopes).
@@ -917,7 +929,20 @@ pub fn complete(
             // Bundles first: what of them did not succeed becomes rows, which
             // their outcomes then update as any row's.
             let mut closed: Vec<&Outcome> = Vec::new();
-            for b in closing {
+            let (whole, partly): (Vec<&Closing>, Vec<&Closing>) =
+                closing.iter().partition(|b| b.all_delivered());
+            // Those whose deliveries all succeeded in one statement.
+            let leases: Vec<(i64, i64)> = whole
+                .iter()
+                .map(|b| (b.bundle.seq, b.bundle.lease_until))
+                .collect();
+            let dropped: HashSet<i64> =
+                c.drop_bundles(&leases)?.into_iter().collect();
+            for b in whole.iter().filter(|b| dropped.contains(&b.bundle.seq)) {
+                *delivered_per_hook.entry(b.bundle.webhook_id).or_insert(0) +=
+                    i64::try_from(b.outcomes.len()).unwrap_or(i64::MAX);
+            }
+            for b in partly {
                 if bundles::close(c, &b.bundle, &b.outcomes)? {
                     let (succeeded, failed): (Vec<&Outcome>, Vec<&Outcome>) = b
                         .outcomes
@@ -1101,9 +1126,13 @@ pub fn requeue(
     Ok(n)
 }
 
-/// Dead row versions of `webhook_deliveries` (delivered rows deleted,
-/// leases and attempts updated) past which PostgreSQL's copy is vacuumed.
+/// Dead row versions of a queue table (delivered rows and closed bundles
+/// deleted, leases and attempts updated) past which PostgreSQL's copy is
+/// vacuumed.
 const VACUUM_DEAD_ROWS: i64 = 20_000;
+
+/// The tables that turn over as queues.
+const QUEUE_TABLES: [&str; 2] = ["webhook_deliveries", "webhook_bundles"];
 
 #[derive(QueryableByName)]
 struct RowVersions {
@@ -1113,31 +1142,34 @@ struct RowVersions {
     dead: i64,
 }
 
-/// On PostgreSQL, vacuums and analyses `webhook_deliveries` once its dead
-/// row versions pass [`VACUUM_DEAD_ROWS`] and a fifth of its live rows. A
-/// queue table turns over quickly: without it (autovacuum off, or lagging a
-/// burst) every claim walks the dead entries of the due index and the
-/// planner works from stale statistics, and claims slow to hundreds of
-/// milliseconds. With autovacuum keeping up this never fires. `SKIP_LOCKED`:
-/// a vacuum already running elsewhere is enough. Returns whether it ran.
-pub fn vacuum_if_bloated(conn: &mut DbConn) -> Result<bool, StorageError> {
+/// On PostgreSQL, vacuums and analyses each queue table (`webhook_deliveries`,
+/// `webhook_bundles`) once its dead row versions pass [`VACUUM_DEAD_ROWS`]
+/// and a fifth of its live rows. A queue table turns over quickly: without
+/// it (autovacuum off, or lagging a burst) every claim walks the dead
+/// entries of its indexes and the planner works from stale statistics, and
+/// claims slow to hundreds of milliseconds. With autovacuum keeping up this
+/// never fires. `SKIP_LOCKED`: a vacuum already running elsewhere is
+/// enough. Returns the tables it vacuumed.
+pub fn vacuum_if_bloated(conn: &mut DbConn) -> Result<Vec<&'static str>, StorageError> {
     use diesel::connection::SimpleConnection;
     let DbConn::Pg(c) = conn else {
-        return Ok(false);
+        return Ok(Vec::new());
     };
-    let versions: Option<RowVersions> = diesel::sql_query(
-        "SELECT n_live_tup AS live, n_dead_tup AS dead FROM pg_stat_user_tables \
-         WHERE relname = 'webhook_deliveries' AND schemaname = current_schema()",
-    )
-    .get_result(c)
-    .optional()?;
-    match versions {
-        Some(v) if v.dead >= VACUUM_DEAD_ROWS.max(v.live / 5) => {
-            c.batch_execute("VACUUM (ANALYZE, SKIP_LOCKED) webhook_deliveries")?;
-            Ok(true)
+    let mut vacuumed = Vec::new();
+    for table in QUEUE_TABLES {
+        let versions: Option<RowVersions> = diesel::sql_query(
+            "SELECT n_live_tup AS live, n_dead_tup AS dead FROM pg_stat_user_tables \
+             WHERE relname = $1 AND schemaname = current_schema()",
+        )
+        .bind::<Text, _>(table)
+        .get_result(c)
+        .optional()?;
+        if versions.is_some_and(|v| v.dead >= VACUUM_DEAD_ROWS.max(v.live / 5)) {
+            c.batch_execute(&format!("VACUUM (ANALYZE, SKIP_LOCKED) {table}"))?;
+            vacuumed.push(table);
         }
-        _ => Ok(false),
     }
+    Ok(vacuumed)
 }
 
 /// Deletes dead letters that died before `before`.
@@ -1433,6 +1465,55 @@ mod tests {
         assert!(taken.complete);
         assert!(taken.rows.iter().all(|r| r.attempts == 1 && r.bundle == 0));
         assert_eq!(pending_total(&mut conn).unwrap(), 7);
+    }
+
+    /// Bundles whose deliveries all succeeded are closed in one statement:
+    /// each is deleted only while still leased until the time it was
+    /// leased until, and only those count as delivered; closing them again
+    /// changes nothing.
+    #[test]
+    fn bundles_whose_deliveries_all_succeeded_are_dropped_together_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook) = one_webhook(&dir, false);
+        publish_due(&mut conn, hook, "a", 2, 1_000);
+        publish_due(&mut conn, hook, "b", 3, 1_001);
+        publish_due(&mut conn, hook, "c", 1, 1_002);
+        let taken = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(10)).unwrap();
+        assert_eq!(taken.bundles.len(), 3);
+        let all_delivered = |b: &LeasedBundle| Closing {
+            bundle: *b,
+            outcomes: taken
+                .rows
+                .iter()
+                .filter(|r| r.bundle == b.seq)
+                .map(|r| Outcome::Delivered {
+                    seq: r.seq,
+                    webhook_id: hook,
+                    at: 2_100,
+                })
+                .collect(),
+        };
+        let (a, b) = (
+            all_delivered(&taken.bundles[0]),
+            all_delivered(&taken.bundles[1]),
+        );
+        // c as its lease would be once another node took it back: not ours.
+        let mut c = all_delivered(&taken.bundles[2]);
+        c.bundle.lease_until += 1;
+        let delivered = |conn: &mut DbConn| -> Vec<i64> {
+            targets(conn, &[hook])
+                .unwrap()
+                .iter()
+                .map(|t| t.hook.delivered)
+                .collect()
+        };
+        complete(&mut conn, &[], &[a.clone(), b.clone(), c]).unwrap();
+        assert_eq!(delivered(&mut conn), [5]);
+        assert_eq!(pending_total(&mut conn).unwrap(), 1, "c stays");
+        assert!(row_states(&mut conn).is_empty(), "no row for a success");
+        complete(&mut conn, &[], &[a, b]).unwrap();
+        assert_eq!(delivered(&mut conn), [5]);
+        assert_eq!(pending_total(&mut conn).unwrap(), 1);
     }
 
     /// Bundles are leased whole while they fit; what is left of the room

@@ -965,8 +965,8 @@ async fn housekeeping(env: WorkerEnv) {
             // A publish that raced with a disable may have stored some.
             let killed = deliveries::kill_disabled(conn, now_millis())?;
             let pending = deliveries::pending_total(conn)?;
-            if deliveries::vacuum_if_bloated(conn)? {
-                log::debug!("webhook deliveries table vacuumed");
+            for table in deliveries::vacuum_if_bloated(conn)? {
+                log::debug!("{table} vacuumed");
             }
             Ok((purged, pending, killed))
         })
