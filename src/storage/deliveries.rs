@@ -1308,6 +1308,15 @@ mod tests {
         (id.to_string(), attempts, next, lease, status, false)
     }
 
+    /// The `delivered` counter of `hook`, as its stored row has it.
+    fn delivered_count(conn: &mut DbConn, hook: i64) -> Vec<i64> {
+        targets(conn, &[hook])
+            .unwrap()
+            .iter()
+            .map(|t| t.hook.delivered)
+            .collect()
+    }
+
     fn ids(claim: &Claim) -> Vec<&str> {
         claim.rows.iter().map(|r| r.id.as_str()).collect()
     }
@@ -1423,12 +1432,7 @@ mod tests {
         );
         let counts = crate::storage::webhooks::counts(&mut conn, &[hook]).unwrap();
         assert_eq!((counts[0].pending, counts[0].failed), (7, 1));
-        let delivered: Vec<i64> = targets(&mut conn, &[hook])
-            .unwrap()
-            .iter()
-            .map(|t| t.hook.delivered)
-            .collect();
-        assert_eq!(delivered, [2]);
+        assert_eq!(delivered_count(&mut conn, hook), [2]);
 
         // Closed already (as when its lease ran out and it was taken again):
         // nothing changes.
@@ -1500,19 +1504,12 @@ mod tests {
         // c as its lease would be once another node took it back: not ours.
         let mut c = all_delivered(&taken.bundles[2]);
         c.bundle.lease_until += 1;
-        let delivered = |conn: &mut DbConn| -> Vec<i64> {
-            targets(conn, &[hook])
-                .unwrap()
-                .iter()
-                .map(|t| t.hook.delivered)
-                .collect()
-        };
         complete(&mut conn, &[], &[a.clone(), b.clone(), c]).unwrap();
-        assert_eq!(delivered(&mut conn), [5]);
+        assert_eq!(delivered_count(&mut conn, hook), [5]);
         assert_eq!(pending_total(&mut conn).unwrap(), 1, "c stays");
         assert!(row_states(&mut conn).is_empty(), "no row for a success");
         complete(&mut conn, &[], &[a, b]).unwrap();
-        assert_eq!(delivered(&mut conn), [5]);
+        assert_eq!(delivered_count(&mut conn, hook), [5]);
         assert_eq!(pending_total(&mut conn).unwrap(), 1);
     }
 
@@ -1574,12 +1571,11 @@ mod tests {
         complete(&mut conn, &delivered(&rest.rows), &[]).unwrap();
         assert!(row_states(&mut conn).is_empty());
         assert_eq!(pending_total(&mut conn).unwrap(), 0);
-        let counted: Vec<i64> = targets(&mut conn, &[hook])
-            .unwrap()
-            .iter()
-            .map(|t| t.hook.delivered)
-            .collect();
-        assert_eq!(counted, [8], "x closed whole, y's rows");
+        assert_eq!(
+            delivered_count(&mut conn, hook),
+            [8],
+            "x closed whole, y's rows"
+        );
 
         // Made ordered while a bundle of it is leased whole: the next one
         // waits until that bundle is closed.
