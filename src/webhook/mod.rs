@@ -165,9 +165,15 @@ impl Webhooks {
         self.known.read().enabled.get(&instance).cloned()
     }
 
-    /// Whether any instance has an enabled webhook (else nothing can be due).
-    pub fn any_enabled(&self) -> bool {
-        !self.known.read().enabled.is_empty()
+    /// Whether every enabled webhook's id is in `ids` (sorted), as when
+    /// none is enabled: then a claim that leaves those out can take nothing.
+    pub fn all_among(&self, ids: &[i64]) -> bool {
+        self.known
+            .read()
+            .enabled
+            .values()
+            .flat_map(|hooks| hooks.iter())
+            .all(|h| ids.binary_search(&h.id).is_ok())
     }
 
     /// The count of webhook changes seen on this node.
@@ -305,11 +311,28 @@ mod tests {
         // Once a later full read is in, reads begun before it are ignored.
         let last = w.ticket();
         w.replace_all(last, HashMap::new());
-        assert!(!w.any_enabled());
+        assert!(w.all_among(&[]), "none enabled");
         w.set(i, newer, hooks(&[9]));
-        assert!(!w.any_enabled(), "a read older than the last full one");
+        assert!(w.all_among(&[]), "a read older than the last full one");
         w.set_now(i, hooks(&[4]));
         assert_eq!(ids(&w, i), [4]);
+    }
+
+    /// A claim is skipped only when it would leave out every enabled
+    /// webhook of every instance (none enabled: nothing to leave out).
+    #[test]
+    fn every_enabled_webhook_among_the_excluded() {
+        let w = Webhooks::default();
+        assert!(w.all_among(&[]), "no webhook enabled");
+        w.set_now(InstanceId(1), hooks(&[3, 9]));
+        w.set_now(InstanceId(2), hooks(&[5]));
+        assert!(!w.all_among(&[]));
+        assert!(!w.all_among(&[3, 9]), "webhook 5 of the other instance");
+        assert!(!w.all_among(&[3, 5]));
+        assert!(w.all_among(&[3, 5, 9]));
+        assert!(w.all_among(&[1, 3, 5, 7, 9]), "ids not enabled are ignored");
+        w.set_now(InstanceId(2), hooks(&[]));
+        assert!(w.all_among(&[3, 9]), "webhook 5 disabled");
     }
 
     fn load(var: &'static str, value: &'static str) -> Result<Settings, String> {

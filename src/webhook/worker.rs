@@ -611,15 +611,6 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
             release_queued(&lanes, &done);
             return;
         }
-        if !env.webhooks.any_enabled() {
-            // No enabled webhook anywhere (the map is the cluster's): nothing
-            // can be due, so no claim touches the database.
-            tokio::select! {
-                _ = env.webhooks.wake.notified() => {}
-                _ = tokio::time::sleep(POLL) => {}
-            }
-            continue;
-        }
         let generation = env.webhooks.generation();
         let (exclude, room, mark): (Vec<i64>, Rooms, Option<u64>) = {
             let mut held = lanes.lock();
@@ -633,12 +624,13 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
                 }
                 l.held > 0 || current
             });
-            let exclude = held
+            let mut exclude: Vec<i64> = held
                 .lanes
                 .iter()
                 .filter(|(_, l)| l.skip_claim(max))
                 .map(|(id, _)| *id)
                 .collect();
+            exclude.sort_unstable();
             let room = Rooms {
                 known: held
                     .lanes
@@ -654,10 +646,18 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
             (exclude, room, mark)
         };
         let now = now_millis();
-        let lease_until = now + lease_ms;
-        let (asked, excluded) = (room.clone(), exclude.clone());
         // This claim looks for every retry due by now.
         lanes.lock().claimed_retries(now);
+        if env.webhooks.all_among(&exclude) {
+            // No enabled webhook anywhere (the map is the cluster's), or
+            // every one's lane here is full: a claim could take nothing,
+            // so none touches the database. Room freed in a lane whose
+            // webhook has deliveries left in the database rings.
+            wait_for_work(&env, &lanes).await;
+            continue;
+        }
+        let lease_until = now + lease_ms;
+        let (asked, excluded) = (room.clone(), exclude.clone());
         let claimed = db(&env.pool, move |conn| {
             deliveries::claim(conn, now, lease_until, CLAIM_BATCH, &exclude, &room)
         })
@@ -711,14 +711,18 @@ async fn dispatch(env: WorkerEnv, lanes: SharedLanes, done: mpsc::UnboundedSende
                 start_attempts(&env, &lanes, &mut held, w, &done);
             }
         }
-        if full_round {
-            continue;
+        if !full_round {
+            wait_for_work(&env, &lanes).await;
         }
-        let wait = lanes.lock().until_next_retry(now_millis());
-        tokio::select! {
-            _ = env.webhooks.wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
+    }
+}
+
+/// Waits for a ring of the workers' bell, or the next retry's due time.
+async fn wait_for_work(env: &WorkerEnv, lanes: &SharedLanes) {
+    let wait = lanes.lock().until_next_retry(now_millis());
+    tokio::select! {
+        _ = env.webhooks.wake.notified() => {}
+        _ = tokio::time::sleep(wait) => {}
     }
 }
 
