@@ -585,22 +585,23 @@ pub(super) fn unpack_for_claim<C: BundleRows + InsertRun>(
 /// (each has one, or the node is stopping; a bundle whose deliveries all
 /// succeeded is dropped instead, `BundleRows::drop_bundles`): if it is
 /// still leased to this node, deletes it and stores as rows those that did
-/// not succeed, their
-/// first attempt counted: due, for their outcomes to be recorded on as on
-/// any row; those without an outcome (being attempted) leased to this node
-/// until the bundle's lease ends. Whether it was still this node's (else
-/// its lease ran out and it was taken back, or its webhook was disabled or
-/// deleted).
+/// not succeed, their first attempt counted: due, for their outcomes to be
+/// recorded on as on any row; those without an outcome (being attempted)
+/// leased to this node until the bundle's lease ends. Whether it was still
+/// this node's (else its lease ran out and it was taken back, or its
+/// webhook was disabled or deleted).
 pub(super) fn close<C: BundleRows + InsertRun>(
     c: &mut C,
     b: &LeasedBundle,
     outcomes: &[Outcome],
 ) -> QueryResult<bool> {
-    let delivered = |o: &Outcome| matches!(o, Outcome::Delivered { .. });
     let Some(text) = c.close_bundle(b.seq, b.lease_until)? else {
         return Ok(false);
     };
-    let ended: HashMap<i64, bool> = outcomes.iter().map(|o| (o.seq(), delivered(o))).collect();
+    let ended: HashMap<i64, bool> = outcomes
+        .iter()
+        .map(|o| (o.seq(), o.is_delivered()))
+        .collect();
     let (mut failed, mut sending) = (Vec::new(), Vec::new());
     for u in unpack_text(&text)? {
         match ended.get(&u.seq) {

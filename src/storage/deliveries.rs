@@ -85,11 +85,7 @@ impl Closing {
     /// Whether every delivery of the bundle succeeded (the usual case: its
     /// close then reads nothing back and stores no row).
     fn all_delivered(&self) -> bool {
-        self.outcomes.len() >= self.bundle.count
-            && self
-                .outcomes
-                .iter()
-                .all(|o| matches!(o, Outcome::Delivered { .. }))
+        self.outcomes.len() >= self.bundle.count && self.outcomes.iter().all(Outcome::is_delivered)
     }
 }
 
@@ -157,6 +153,11 @@ impl Outcome {
             | Outcome::Dead { webhook_id, .. }
             | Outcome::Released { webhook_id, .. } => *webhook_id,
         }
+    }
+
+    /// Whether the receiver accepted the delivery.
+    pub fn is_delivered(&self) -> bool {
+        matches!(self, Outcome::Delivered { .. })
     }
 }
 
@@ -947,7 +948,7 @@ pub fn complete(
                     let (succeeded, failed): (Vec<&Outcome>, Vec<&Outcome>) = b
                         .outcomes
                         .iter()
-                        .partition(|o| matches!(o, Outcome::Delivered { .. }));
+                        .partition(|o| o.is_delivered());
                     *delivered_per_hook.entry(b.bundle.webhook_id).or_insert(0) +=
                         i64::try_from(succeeded.len()).unwrap_or(i64::MAX);
                     closed.extend(failed);

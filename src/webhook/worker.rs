@@ -772,8 +772,7 @@ fn start_attempts(
         threads.spawn(async move {
             let started = Instant::now();
             let outcome = attempt(&env, &row, &target).await;
-            let fast =
-                matches!(outcome, Outcome::Delivered { .. }) && started.elapsed() < FAST_ATTEMPT;
+            let fast = outcome.is_delivered() && started.elapsed() < FAST_ATTEMPT;
             let _ = done.send(Record::Done(outcome, row.bundle));
             let mut held = shared.lock();
             if let Some(lane) = held.lanes.get_mut(&row.webhook_id) {
@@ -864,7 +863,7 @@ async fn record_outcomes(
             };
             let f = Finished {
                 webhook: outcome.webhook_id(),
-                delivered: matches!(outcome, Outcome::Delivered { .. }),
+                delivered: outcome.is_delivered(),
                 retry_at: match outcome {
                     Outcome::Retry { next_at, .. } => Some(next_at),
                     _ => None,
