@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the delivery hot path: building an event's envelope
-//! variants, and one publish fanned out by an instance actor to 1, 100 and
-//! 1000 sessions (sink actors that only account for what they receive).
+//! variants (and a webhook attempt's, from the stored event), and one
+//! publish fanned out by an instance actor to 1, 100 and 1000 sessions (sink
+//! actors that only account for what they receive).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use actix::prelude::*;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use eventgate::bus::Bus;
 use eventgate::domain::{AccountId, EventSet, InstanceId, VersionedConfig, WsConfig};
-use eventgate::events::{envelope, instance_data_json, parse_publish, Event};
+use eventgate::events::{envelope, instance_data_json, parse_publish, stored_envelope, Event};
 use eventgate::instance::actor::{FanoutEnv, InstanceActor};
 use eventgate::instance::messages::{Join, Publish, SessionId, SessionShared, ToSession};
 use eventgate::instance::InstanceInfo;
@@ -34,6 +35,41 @@ fn envelopes(c: &mut Criterion) {
     group.bench_function("media_stripped", |b| {
         b.iter(|| envelope(&event, &idata, false))
     });
+    group.finish();
+}
+
+/// A webhook attempt's body from its stored `data` text: checked and put
+/// in as it is (`stored_envelope`), against parsing it and serialising it
+/// again (what each attempt did before).
+fn stored_envelopes(c: &mut Criterion) {
+    let idata = instance_data_json("https://gw.example.com", "sales-1", &"t".repeat(64));
+    let small = parse_publish(
+        br#"{"event":"message.status","data":{"tag":7,"seq":123456,"ts":1795300000123456789}}"#,
+        1,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .remove(0);
+    let mut group = c.benchmark_group("webhook_body");
+    for (name, event) in [("load_tool_event", small), ("message_200b", sample_event())] {
+        let stored = serde_json::to_string(&event.data).unwrap_or_else(|e| panic!("{e}"));
+        group.bench_function(BenchmarkId::new("from_stored", name), |b| {
+            b.iter(|| stored_envelope(event.kind, &stored, &idata, true))
+        });
+        group.bench_function(BenchmarkId::new("parsed_again", name), |b| {
+            b.iter(|| {
+                let data: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_str(&stored).unwrap_or_default();
+                envelope(
+                    &Event {
+                        kind: event.kind,
+                        data,
+                    },
+                    &idata,
+                    true,
+                )
+            })
+        });
+    }
     group.finish();
 }
 
@@ -142,5 +178,5 @@ fn fan_out(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, envelopes, delivery_ids, fan_out);
+criterion_group!(benches, envelopes, stored_envelopes, delivery_ids, fan_out);
 criterion_main!(benches);

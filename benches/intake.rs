@@ -4,8 +4,8 @@
 //! in one transaction, on a file database with the gateway's pragmas
 //! (WAL, `synchronous = FULL`: each group's commit is a flush to disk).
 //! Two ways: left for a claim (one bundle per publish and webhook, what a
-//! backlog is stored as) and leased to the node (a row per delivery, what
-//! it attempts at once). What is stored stays, as a backlog does.
+//! backlog is stored as) and leased to the node (what it attempts at once:
+//! one bundle leased to it). What is stored stays, as a backlog does.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use eventgate::domain::InstanceName;
@@ -46,7 +46,7 @@ fn store(c: &mut Criterion) {
     let mut pending = PendingCounts::default();
     let mut group = c.benchmark_group("intake");
     group.throughput(Throughput::Elements((PUBLISHES * EVENTS) as u64));
-    for (name, leased) in [("for claims (bundles)", 0), ("leased (rows)", EVENTS)] {
+    for (name, leased) in [("for claims (bundles)", 0), ("leased", EVENTS)] {
         group.bench_function(format!("store 4 publishes x 100 deliveries {name}"), |b| {
             b.iter_batched(
                 || {

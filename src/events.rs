@@ -2,9 +2,11 @@
 //! building the envelope clients receive (contract §1, §7).
 //!
 //! An envelope is serialised once per event and mediaBase64 variant; the
-//! resulting text is shared by every client that receives it.
+//! resulting text is shared by every client that receives it. A webhook
+//! attempt's envelope is made from the event's stored text.
 
 use bytestring::ByteString;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::domain::EventKind;
@@ -85,26 +87,55 @@ pub fn strips_media(event: &Event) -> bool {
 pub fn envelope(event: &Event, instance_data: &str, media_base64: bool) -> ByteString {
     let strip =
         !media_base64 && event.kind == EventKind::MessageExchange && has_media_base64(&event.data);
-    let mut out = String::with_capacity(64 + instance_data.len() + 256);
-    out.push_str("{\"event\":\"");
-    out.push_str(event.kind.as_str());
-    out.push_str("\",\"data\":");
     let data = if strip {
         let mut copy = event.data.clone();
         if let Some(Value::Object(media)) = copy.get_mut("message").and_then(|m| m.get_mut("media"))
         {
-            media.remove("base64");
+            // The other fields keep their order.
+            media.shift_remove("base64");
         }
         Value::Object(copy).to_string()
     } else {
         // A Map serialises infallibly: keys are strings and numbers are finite.
         serde_json::to_string(&event.data).unwrap_or_else(|_| "{}".into())
     };
-    out.push_str(&data);
+    ByteString::from(envelope_text(event.kind, &data, instance_data))
+}
+
+/// The envelope of a stored event (a webhook delivery): `data` is the JSON
+/// text of its object as the publish stored it, which is the text
+/// [`envelope`] makes of that object, so it goes in as it is, checked but
+/// not rebuilt. Only a `message.exchange` that may carry a base64 to strip
+/// is parsed. `None`: the text is not a JSON object.
+pub fn stored_envelope(
+    kind: EventKind,
+    data: &str,
+    instance_data: &str,
+    media_base64: bool,
+) -> Option<ByteString> {
+    // Serialised keys are never escaped: a `base64` key is this text.
+    if !media_base64 && kind == EventKind::MessageExchange && data.contains("\"base64\"") {
+        let data: Map<String, Value> = serde_json::from_str(data).ok()?;
+        return Some(envelope(&Event { kind, data }, instance_data, false));
+    }
+    let raw: &RawValue = serde_json::from_str(data).ok()?;
+    let raw = raw.get();
+    raw.starts_with('{')
+        .then(|| ByteString::from(envelope_text(kind, raw, instance_data)))
+}
+
+/// `{"event":…,"data":…,"instanceData":…}` of a `data` and an
+/// `instanceData` already serialised.
+fn envelope_text(kind: EventKind, data: &str, instance_data: &str) -> String {
+    let mut out = String::with_capacity(48 + data.len() + instance_data.len());
+    out.push_str("{\"event\":\"");
+    out.push_str(kind.as_str());
+    out.push_str("\",\"data\":");
+    out.push_str(data);
     out.push_str(",\"instanceData\":");
     out.push_str(instance_data);
     out.push('}');
-    ByteString::from(out)
+    out
 }
 
 #[cfg(test)]
@@ -170,5 +201,55 @@ mod tests {
             json!({"baseUrl":"http://h","instance":"i","token":"t"})
         );
         assert_eq!(stripped["event"], "message.exchange");
+    }
+
+    /// A stored event's envelope is byte for byte the one [`envelope`]
+    /// makes of the published object, with and without mediaBase64.
+    #[test]
+    fn a_stored_event_goes_out_as_envelope_would_make_it() {
+        let idata = instance_data_json("http://h", "i", "t");
+        let bodies: [&[u8]; 5] = [
+            br#"{"event":"message.exchange","data":{"message":{"media":{"base64":"AAA","mime":"x"}},"n":1.5e300}}"#,
+            br#"{"event":"message.exchange","data":{"message":{"text":"no media, \"base64\" quoted"}}}"#,
+            br#"{"event":"message.exchange","data":{"message":{"media":{"mime":"x"}},"base64":1}}"#,
+            "{\"event\":\"call.update\",\"data\":{\"z\":-0.0,\"a\":[1,\"\\u0001\\n\\u00e9\",null],\"\u{1F600}\":18446744073709551615,\"f\":0.1}}".as_bytes(),
+            br#"{"event":"label.update","data":{}}"#,
+        ];
+        for body in bodies {
+            let ev = parse_publish(body, 1).unwrap().remove(0);
+            let stored = serde_json::to_string(&ev.data).unwrap();
+            for media in [true, false] {
+                let made = envelope(&ev, &idata, media);
+                let again = stored_envelope(ev.kind, &stored, &idata, media).unwrap();
+                assert_eq!(again, made, "{stored} (mediaBase64 {media})");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stored_event_that_is_not_an_object_has_no_envelope() {
+        for bad in ["", "not json", "[1]", "\"s\"", "{", "{} {}", "{\"a\":}"] {
+            for kind in [EventKind::CallUpdate, EventKind::MessageExchange] {
+                assert!(stored_envelope(kind, bad, "{}", true).is_none(), "{bad:?}");
+            }
+        }
+        let media = r#"{"message":{"media":{"base64":"A"}},"#;
+        assert!(stored_envelope(EventKind::MessageExchange, media, "{}", false).is_none());
+    }
+
+    /// Stripping the base64 leaves the media's other fields in their order.
+    #[test]
+    fn stripping_keeps_the_order_of_the_other_fields() {
+        let ev = parse_publish(
+            br#"{"event":"message.exchange","data":{"message":{"media":{"base64":"A","mime":"x","caption":"c","size":3}}}}"#,
+            1,
+        )
+        .unwrap()
+        .remove(0);
+        let text = envelope(&ev, "{}", false);
+        assert!(
+            text.contains(r#""media":{"mime":"x","caption":"c","size":3}"#),
+            "{text}"
+        );
     }
 }

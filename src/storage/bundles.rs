@@ -1,7 +1,9 @@
 //! Queries on `webhook_bundles` (contract §11): the deliveries a publish
 //! leaves for a claim, stored as one row per webhook and intake group (a
 //! bundle) rather than one row each, so the 202 waits for a few rows
-//! instead of one per delivery. A bundle holds its deliveries as a JSON
+//! instead of one per delivery; and those the node that stored them
+//! starts at once, as one bundle leased to it from the start (closed like
+//! one a claim leased, below). A bundle holds its deliveries as a JSON
 //! array of `[seq, id, event, accepted at (Unix ms), data]`: `seq` is the
 //! acceptance position reserved for the delivery when it was stored (its
 //! row's `seq` later), `data` exactly as the publish gave it.
@@ -85,9 +87,16 @@ pub(super) struct Standing {
 /// The statements on bundles, one implementation per backend (they differ
 /// in placeholders and locks).
 pub(super) trait BundleRows {
-    /// Stores `count` deliveries of `webhook` packed as `text`; nothing
-    /// when the webhook is gone.
-    fn insert_bundle(&mut self, webhook: i64, count: i64, text: &str) -> QueryResult<usize>;
+    /// Stores `count` deliveries of `webhook` packed as `text`, leased
+    /// until `lease_until` (0: not leased); its `seq`, or nothing when the
+    /// webhook is gone.
+    fn insert_bundle(
+        &mut self,
+        webhook: i64,
+        count: i64,
+        text: &str,
+        lease_until: i64,
+    ) -> QueryResult<Option<i64>>;
     /// The oldest `limit` bundles of `webhook` not leased past `free_at`.
     fn oldest_bundles(
         &mut self,
@@ -118,8 +127,8 @@ pub(super) trait BundleRows {
     fn standing(&mut self, webhook: i64, now: i64) -> QueryResult<Option<Standing>>;
 }
 
-const INSERT: &str = "INSERT INTO webhook_bundles (webhook_id, count, deliveries) \
-     SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = $1)";
+const INSERT: &str = "INSERT INTO webhook_bundles (webhook_id, count, deliveries, lease_until) \
+     SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = $1) RETURNING seq";
 const OLDEST: &str = "SELECT seq, count, deliveries, lease_until FROM webhook_bundles \
      WHERE webhook_id = $1 AND lease_until <= $2 ORDER BY seq LIMIT $3";
 const CLOSE: &str =
@@ -136,12 +145,21 @@ macro_rules! bundle_rows {
                 webhook: i64,
                 count: i64,
                 text: &str,
-            ) -> QueryResult<usize> {
+                lease_until: i64,
+            ) -> QueryResult<Option<i64>> {
+                #[derive(QueryableByName)]
+                struct Inserted {
+                    #[diesel(sql_type = BigInt)]
+                    seq: i64,
+                }
                 diesel::sql_query(dialect_of($pg, INSERT))
                     .bind::<BigInt, _>(webhook)
                     .bind::<BigInt, _>(count)
                     .bind::<Text, _>(text)
-                    .execute(self)
+                    .bind::<BigInt, _>(lease_until)
+                    .get_result::<Inserted>(self)
+                    .optional()
+                    .map(|i| i.map(|i| i.seq))
             }
 
             fn oldest_bundles(
@@ -293,16 +311,18 @@ pub(super) fn bundled_of(
     Ok(rows.into_iter().map(|o| (o.webhook_id, o.n)).collect())
 }
 
-/// Stores `rows` of `webhook` as one bundle.
+/// Stores `rows` of `webhook` as one bundle, leased to this node until
+/// `lease_until` (0: due, for a claim); its `seq`, or nothing when the
+/// webhook is gone.
 pub(super) fn store<C: BundleRows>(
     c: &mut C,
     webhook: i64,
     rows: &[NewRow<'_>],
-) -> QueryResult<()> {
+    lease_until: i64,
+) -> QueryResult<Option<i64>> {
     let text = pack(rows).map_err(diesel::result::Error::SerializationError)?;
     let count = i64::try_from(rows.len()).unwrap_or(i64::MAX);
-    c.insert_bundle(webhook, count, &text)?;
-    Ok(())
+    c.insert_bundle(webhook, count, &text, lease_until)
 }
 
 /// One unpacked delivery: its reserved position and acceptance time.

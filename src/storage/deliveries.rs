@@ -1,9 +1,9 @@
 //! Queries on `webhook_deliveries` (contract §11): a delivery is pending
 //! while `dead_at` is NULL and a dead letter after. Publishing enqueues all
 //! of a request's deliveries in one transaction, shared with the requests
-//! that arrived with it (`webhook::intake`): those the accepting node
-//! attempts at once as rows leased to it, the others in bundles
-//! (`storage::bundles`). Workers claim due ones with a lease (`FOR UPDATE
+//! that arrived with it (`webhook::intake`) as bundles
+//! (`storage::bundles`): those the accepting node attempts at once in one
+//! leased to it, the others in one for a claim. Workers claim due ones with a lease (`FOR UPDATE
 //! SKIP LOCKED` on PostgreSQL, inside SQLite's single write lock there),
 //! taking bundles as their rooms need (leased whole, or unpacked into
 //! rows), and record outcomes in batches, closing the leased bundles whose
@@ -180,8 +180,8 @@ pub struct DeadLetter {
 pub struct Intake<'a> {
     pub batches: &'a [(i64, Vec<NewDelivery>)],
     /// Per batch: how many of its first rows this node attempts at once,
-    /// without a claim (stored leased until `lease_until`, their first
-    /// attempt counted, as a claim would).
+    /// without a claim (stored in a bundle leased until `lease_until`,
+    /// their first attempt counted, as a claim would).
     pub leased: &'a [usize],
     pub now: i64,
     pub lease_until: i64,
@@ -192,8 +192,11 @@ pub struct Intake<'a> {
 pub struct Enqueued {
     /// Per publish, how many became dead letters at once (`backlog full`).
     pub refused: Vec<u64>,
-    /// The rows stored leased to this node, as a claim returns them.
+    /// The deliveries stored leased to this node, as a claim returns them
+    /// (each from one of `leased_bundles`).
     pub leased: Vec<Claimed>,
+    /// The bundles they were stored in, leased to this node.
+    pub leased_bundles: Vec<LeasedBundle>,
     /// Whether any row was stored for a claim to take.
     pub for_claims: bool,
 }
@@ -528,10 +531,13 @@ pub fn enqueue(
     // its webhook itself (no round trip more; a publish's `refused` may
     // then count rows of a webhook deleted at that moment), on SQLite,
     // whose foreign key would refuse them, a query asks first.
-    let hooks: Vec<i64> = intakes
+    let mut hooks: Vec<i64> = intakes
         .iter()
         .flat_map(|i| i.batches.iter().map(|(w, _)| *w))
         .collect();
+    // Each once: a group's publishes mostly name the same webhooks.
+    hooks.sort_unstable();
+    hooks.dedup();
     let q_lock = hook_locks(conn.is_pg(), &hooks, true);
     let q_hooks = (!conn.is_pg())
         .then(|| format!("SELECT id FROM webhooks WHERE id IN ({})", id_list(&hooks)));
@@ -602,27 +608,43 @@ pub fn enqueue(
         }
         for (webhook, runs) in &runs.webhooks {
             for run in runs {
-                if run.stored == Stored::Due {
-                    bundles::store(c, *webhook, &run.rows)?;
-                    continue;
-                }
-                let stored = c.insert_run(*webhook, run)?;
-                if run.stored != Stored::Leased || stored == 0 {
-                    continue;
-                }
-                for n in &run.rows {
-                    out.leased.push(Claimed {
-                        seq: n.seq,
-                        id: n.row.id.clone(),
-                        webhook_id: *webhook,
-                        event: n.row.event.to_string(),
-                        data: n.row.data.clone(),
-                        created_at: n.now,
-                        attempts: 0,
-                        next_attempt_at: n.now,
-                        ordered: false,
-                        bundle: 0,
-                    });
+                match run.stored {
+                    Stored::Due => {
+                        bundles::store(c, *webhook, &run.rows, 0)?;
+                    }
+                    // Started at once by this node: one bundle leased to
+                    // it, closed as one a claim leased (no row is written
+                    // for a delivery that succeeds at its first attempt).
+                    Stored::Leased => {
+                        // The group's lease (every publish of it has the same).
+                        let lease_until =
+                            run.rows.iter().map(|n| n.lease_until).max().unwrap_or(0);
+                        let Some(seq) = bundles::store(c, *webhook, &run.rows, lease_until)?
+                        else {
+                            continue;
+                        };
+                        out.leased_bundles.push(LeasedBundle {
+                            seq,
+                            webhook_id: *webhook,
+                            lease_until,
+                            count: run.rows.len(),
+                        });
+                        out.leased.extend(run.rows.iter().map(|n| Claimed {
+                            seq: n.seq,
+                            id: n.row.id.clone(),
+                            webhook_id: *webhook,
+                            event: n.row.event.to_string(),
+                            data: n.row.data.clone(),
+                            created_at: n.now,
+                            attempts: 0,
+                            next_attempt_at: n.now,
+                            ordered: false,
+                            bundle: seq,
+                        }));
+                    }
+                    Stored::Refused | Stored::Retaken => {
+                        c.insert_run(*webhook, run)?;
+                    }
                 }
             }
         }
@@ -1318,6 +1340,19 @@ mod tests {
             .collect()
     }
 
+    /// A first attempt at `at` answered 500: retried at 5,000.
+    fn answered_500(seq: i64, hook: i64, at: i64) -> Outcome {
+        Outcome::Retry {
+            seq,
+            webhook_id: hook,
+            attempts: 1,
+            next_at: 5_000,
+            status: Some(500),
+            error: "HTTP 500".into(),
+            at,
+        }
+    }
+
     fn ids(claim: &Claim) -> Vec<&str> {
         claim.rows.iter().map(|r| r.id.as_str()).collect()
     }
@@ -1397,15 +1432,7 @@ mod tests {
                     webhook_id: hook,
                     at: 2_100,
                 },
-                Outcome::Retry {
-                    seq: r[2].seq,
-                    webhook_id: hook,
-                    attempts: 1,
-                    next_at: 5_000,
-                    status: Some(500),
-                    error: "HTTP 500".into(),
-                    at: 2_100,
-                },
+                answered_500(r[2].seq, hook, 2_100),
                 Outcome::Released {
                     seq: r[3].seq,
                     webhook_id: hook,
@@ -1640,6 +1667,49 @@ mod tests {
         assert_eq!(ids, ["msg_a_000", "msg_a_001", "msg_b_000", "msg_b_001"]);
     }
 
+    /// What a node starts at once is one bundle leased to it: no row, no
+    /// claim takes it, and it is closed as a bundle a claim leased (only
+    /// the delivery that did not succeed becomes a row).
+    #[test]
+    fn deliveries_started_at_once_are_one_leased_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook) = one_webhook(&dir, false);
+        let out = publish(&mut conn, hook, deliveries("d", 3), 1_000, 3, i64::MAX);
+        let [b] = out.leased_bundles[..] else {
+            panic!("{:?}", out.leased_bundles)
+        };
+        assert_eq!((b.webhook_id, b.lease_until, b.count), (hook, 2_000, 3));
+        let r = &out.leased;
+        assert_eq!(r.len(), 3);
+        assert!(r.iter().all(|c| c.bundle == b.seq && c.attempts == 0));
+        assert!(!out.for_claims);
+        assert!(row_states(&mut conn).is_empty());
+        assert_eq!(pending_total(&mut conn).unwrap(), 3);
+        let taken = claim(&mut conn, 1_500, 9_000, 100, &[], &rooms(8)).unwrap();
+        assert!(ids(&taken).is_empty() && taken.bundles.is_empty());
+
+        let delivered = |c: &Claimed| Outcome::Delivered {
+            seq: c.seq,
+            webhook_id: hook,
+            at: 1_100,
+        };
+        let closing = Closing {
+            bundle: b,
+            outcomes: vec![
+                delivered(&r[0]),
+                delivered(&r[1]),
+                answered_500(r[2].seq, hook, 1_100),
+            ],
+        };
+        complete(&mut conn, &[], &[closing]).unwrap();
+        assert_eq!(
+            row_states(&mut conn),
+            [row("msg_d_002", 1, 5_000, 0, Some(500))]
+        );
+        assert_eq!(pending_total(&mut conn).unwrap(), 1);
+        assert_eq!(delivered_count(&mut conn, hook), [2]);
+    }
+
     /// A publish's rows are stored whole and in order, leased and due, at
     /// every length the fixed-size statements cut differently (SQLite).
     #[test]
@@ -1667,6 +1737,8 @@ mod tests {
                 .select((d::id, d::data, d::attempts, d::lease_until))
                 .load(c))
             .unwrap();
+            // The leased ones were one bundle leased to this node: taken
+            // back, their first attempt counted.
             let expected: Vec<(String, String, i64, i64)> = (0..n)
                 .map(|i| {
                     let leased = i < n * 2 / 3;
@@ -1674,7 +1746,7 @@ mod tests {
                         format!("msg_{n}_{i:03}"),
                         format!("{{\"i\":{i}}}"),
                         i64::from(leased),
-                        if leased { 2_000 } else { 0 },
+                        0,
                     )
                 })
                 .collect();
@@ -1683,6 +1755,15 @@ mod tests {
             let leased_ids: Vec<&str> =
                 expected[..n * 2 / 3].iter().map(|r| r.0.as_str()).collect();
             assert_eq!(returned, leased_ids, "{n} rows: the leased ones returned");
+            match out.leased_bundles.as_slice() {
+                [] => assert!(leased_ids.is_empty(), "{n} rows"),
+                [b] => {
+                    assert_eq!((b.webhook_id, b.lease_until), (hook_id, 2_000));
+                    assert_eq!(b.count, leased_ids.len(), "{n} rows");
+                    assert!(out.leased.iter().all(|c| c.bundle == b.seq), "{n} rows");
+                }
+                more => panic!("{n} rows: {more:?}"),
+            }
             assert_eq!(out.for_claims, n * 2 / 3 < n, "{n} rows");
         }
     }

@@ -11,9 +11,10 @@
 //! request's failure is never another's.
 //!
 //! Where a webhook's lane on this node has room and nothing older is due,
-//! the thread stores its new deliveries leased to this node and hands them
-//! to the lane after the commit ([`Direct`]): they start at once, with no
-//! claim.
+//! the thread stores its new deliveries as one bundle leased to this node
+//! and hands them to the lane after the commit ([`Direct`]): they start at
+//! once, with no claim, and no row is written for them unless an attempt
+//! fails.
 
 use std::sync::{Arc, OnceLock};
 
@@ -213,7 +214,7 @@ fn store(
     }
     let stored = stored?;
     let out = answers(&stored);
-    direct.hand_over(stored.leased, lease_until);
+    direct.hand_over(stored.leased, stored.leased_bundles);
     Ok(out)
 }
 

@@ -10,10 +10,10 @@
 //! its own slots, a bundle leased whole at most; what it cannot attempt
 //! within the lease goes back unattempted). New deliveries of a webhook
 //! whose lane has room and has taken every due delivery skip the claim: the
-//! intake stores them leased to this node and hands them to the lane
-//! ([`Direct`]). Housekeeping beside it: the pending gauge, dead-letter
-//! retention, and a periodic re-read of the enabled webhooks (a safety net
-//! behind the bus).
+//! intake stores them in a bundle leased to this node and hands them to
+//! the lane ([`Direct`]). Housekeeping beside it: the pending gauge,
+//! dead-letter retention, and a periodic re-read of the enabled webhooks (a
+//! safety net behind the bus).
 //!
 //! Storage work runs on the blocking pool; this module owns no HTTP route.
 
@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use parking_lot::Mutex;
 use rand::Rng;
-use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use super::address::AddressPolicy;
@@ -35,7 +34,7 @@ use super::sealing::Sealer;
 use super::signature::{secret_key, signature_header, ROTATION_OVERLAP_MS};
 use super::{EnabledWebhook, Webhooks};
 use crate::domain::{EventKind, InstanceId};
-use crate::events::{envelope, instance_data_json, Event};
+use crate::events::{instance_data_json, stored_envelope};
 use crate::instance::change::RefreshTimer;
 use crate::metrics::Metrics;
 use crate::settings::WebhookSettings;
@@ -410,14 +409,15 @@ impl Lanes {
 
 type SharedLanes = Arc<Mutex<Lanes>>;
 
-/// Deliveries stored leased to this node, on their way to their lanes.
-type Handoff = (Vec<Claimed>, i64);
+/// Deliveries stored leased to this node, on their way to their lanes,
+/// with the bundles they were stored in.
+type Handoff = (Vec<Claimed>, Vec<LeasedBundle>);
 
 /// How the intake gives new deliveries straight to this node's lanes: it
-/// reserves room in a lane, stores that many deliveries leased to this
-/// node in the publish's transaction, and hands them over once committed.
-/// The lease keeps other nodes off them; if this node dies they come due
-/// when it ends, as claimed ones do.
+/// reserves room in a lane, stores that many deliveries in one bundle
+/// leased to this node in the publish's transaction, and hands them over
+/// once committed. The lease keeps other nodes off them; if this node dies
+/// they come due when it ends, as claimed ones do.
 pub struct Direct {
     lanes: SharedLanes,
     webhooks: Arc<Webhooks>,
@@ -487,11 +487,11 @@ impl Direct {
         }
     }
 
-    /// Hands deliveries stored leased until `lease_until` to their lanes.
-    pub fn hand_over(&self, rows: Vec<Claimed>, lease_until: i64) {
+    /// Hands deliveries stored leased in `bundles` to their lanes.
+    pub fn hand_over(&self, rows: Vec<Claimed>, bundles: Vec<LeasedBundle>) {
         if !rows.is_empty() {
             // Closed only when the loop stopped: the leases then run out.
-            let _ = self.handoff.send((rows, lease_until));
+            let _ = self.handoff.send((rows, bundles));
         }
     }
 }
@@ -581,11 +581,17 @@ async fn take_handoffs(
     mut handoffs: mpsc::UnboundedReceiver<Handoff>,
     done: mpsc::UnboundedSender<Record>,
 ) {
-    while let Some((rows, lease_until)) = handoffs.recv().await {
+    while let Some((rows, bundles)) = handoffs.recv().await {
+        let leases: HashMap<i64, i64> = bundles.iter().map(|b| (b.seq, b.lease_until)).collect();
+        // Before any of their deliveries starts (and may be recorded).
+        for b in bundles {
+            let _ = done.send(Record::Leased(b));
+        }
         let mut held = lanes.lock();
         let mut touched = Vec::new();
         for row in rows {
             let w = row.webhook_id;
+            let lease_until = leases.get(&row.bundle).copied().unwrap_or(0);
             // The room was reserved (held) before the rows were stored.
             held.lanes
                 .entry(w)
@@ -1100,8 +1106,8 @@ async fn send(
     let hook = &prepared.target.hook;
     let kind = EventKind::parse(&row.event)
         .ok_or_else(|| Failure::new(None, "stored event is invalid"))?;
-    let data: Map<String, Value> = serde_json::from_str(&row.data)
-        .map_err(|_| Failure::new(None, "stored event is invalid"))?;
+    let body = stored_envelope(kind, &row.data, &prepared.instance_data, hook.media_base64)
+        .ok_or_else(|| Failure::new(None, "stored event is invalid"))?;
     let Some(to) = prepared.destinations.get(kind.index()) else {
         return Err(Failure {
             final_: true,
@@ -1124,11 +1130,6 @@ async fn send(
         .url
         .as_ref()
         .ok_or_else(|| Failure::new(None, "request failed"))?;
-    let body = envelope(
-        &Event { kind, data },
-        &prepared.instance_data,
-        hook.media_base64,
-    );
     let ts = now / 1000;
     let signature = signature_header(&keys.current, previous, &row.id, ts, body.as_bytes());
     let mut headers = HeaderMap::new();
