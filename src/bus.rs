@@ -73,6 +73,14 @@ pub struct Link {
     pub up: bool,
 }
 
+/// Whether `client` is connected to NATS at this moment.
+pub fn connected(client: &Client) -> bool {
+    matches!(
+        client.connection_state(),
+        async_nats::connection::State::Connected
+    )
+}
+
 /// The bus chosen by settings.
 #[derive(Clone)]
 pub enum Bus {
@@ -225,10 +233,8 @@ impl Bus {
     pub fn readiness(&self) -> Result<(), &'static str> {
         match self {
             Bus::Local => Ok(()),
-            Bus::Nats(bus) => match bus.client.connection_state() {
-                async_nats::connection::State::Connected => Ok(()),
-                _ => Err("NATS unreachable"),
-            },
+            Bus::Nats(bus) if connected(&bus.client) => Ok(()),
+            Bus::Nats(_) => Err("NATS unreachable"),
         }
     }
 

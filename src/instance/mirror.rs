@@ -63,10 +63,12 @@ impl InstanceActor {
     }
 
     /// Whether the mirror can answer a recovery: loaded, and not unsure of
-    /// the shared epoch (a local numbering answers at once: it is this
-    /// node's own).
+    /// the shared epoch — neither told so by its follower nor, before the
+    /// follower has heard, with NATS down now (a local numbering answers at
+    /// once: it is this node's own).
     fn mirror_sure(&self) -> bool {
-        self.synced && (!self.unsure || self.degraded)
+        let linked = self.shared.as_ref().is_none_or(|s| s.connected());
+        self.synced && (self.degraded || (!self.unsure && linked))
     }
 
     /// Whether `join` must wait for the mirror: it is loading, or the join

@@ -199,6 +199,14 @@ impl SharedHistory {
         }
     }
 
+    /// Whether this node's NATS connection is up at this moment. Followers
+    /// hear of a drop a little later (`Unsure`); a recovery decided
+    /// meanwhile asks this, so it is never answered from a mirror that a
+    /// node already reporting NATS unreachable cannot vouch for.
+    pub fn connected(&self) -> bool {
+        self.link.borrow().up && crate::bus::connected(&self.js.client())
+    }
+
     /// Remembers that events of `id` took the plain way: a gap marker goes
     /// into its history before its next message (or when NATS is back).
     pub fn note_gap(&self, id: InstanceId) {
