@@ -495,6 +495,95 @@ fn next_in_order<const P: usize>(seen: &mut [u64; P], got: &Value) {
     seen[p] += 1;
 }
 
+/// A fan-out to many idle clients on a quiet node writes their sockets
+/// directly: every client gets every event once and in order, both while
+/// publishes come alone (written directly) and while they come together
+/// (a publish arriving sends the rest of a fan-out through the mailboxes,
+/// behind what was written). The clients read raw bytes and decode them
+/// afterwards.
+#[actix_rt::test]
+async fn a_wide_fan_out_written_directly_delivers_everything_in_order() {
+    use tokio::io::AsyncReadExt;
+    const CLIENTS: usize = 300;
+    const ALONE: u64 = 20;
+    const PUBLISHERS: usize = 4;
+    const REQUESTS: usize = 30;
+    const BATCH: usize = 5;
+    const TOTAL: usize = ALONE as usize + PUBLISHERS * REQUESTS * BATCH;
+    let s = TestServer::start_with(|st| st.server.direct_writes = true).await;
+    s.instance("wide").await;
+    let mut readers = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut socket = raw_ws_client(s.addr, &format!("/ws/wide?token={ACCOUNT}")).await;
+        readers.push(actix_rt::spawn(async move {
+            let (mut bytes, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let texts = |bytes: &[u8]| {
+                server_frames(bytes)
+                    .into_iter()
+                    .filter(|(op, _)| *op == 1)
+                    .map(|(_, payload)| serde_json::from_slice::<Value>(&payload).unwrap())
+                    .collect::<Vec<_>>()
+            };
+            // Until every event is here and a quiet moment shows no more.
+            loop {
+                match tokio::time::timeout(QUIET, socket.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => panic!("the server closed a client"),
+                    Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+                    Err(_) if texts(&bytes).len() >= TOTAL => break texts(&bytes),
+                    Err(_) => assert!(std::time::Instant::now() < deadline, "events missing"),
+                }
+            }
+        }));
+    }
+    s.wait_clients("wide", Some(CLIENTS as u64)).await;
+    // Alone and spaced past the node's 5 ms gate: written directly.
+    for seq in 0..ALONE {
+        let body = event("message.status", json!({"p": 0, "seq": seq}));
+        assert_eq!(s.publish("wide", body).await.status, 202);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let whole = s
+        .metric("eventgate_direct_writes_total{written=\"whole\"}")
+        .await;
+    assert!(
+        whole >= (CLIENTS * ALONE as usize / 2) as f64,
+        "{whole} direct writes"
+    );
+    // Then rounds of publishes together: each round's first one, spaced
+    // past the gate, starts writing directly, and the others arrive 1 ms
+    // later, while it writes (most rounds: the timing is not enforced).
+    for round in 0..REQUESTS {
+        let publish = |p: usize| {
+            let base = (round * BATCH) as u64 + if p == 0 { ALONE } else { 0 };
+            let events: Vec<_> = (base..base + BATCH as u64)
+                .map(|seq| event("message.status", json!({"p": p, "seq": seq})))
+                .collect();
+            let s = &s;
+            async move { assert_eq!(s.publish("wide", json!(events)).await.status, 202) }
+        };
+        let others = async {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            futures_util::future::join_all((1..PUBLISHERS).map(publish)).await;
+        };
+        futures_util::future::join(publish(0), others).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for reader in readers {
+        let texts = reader.await.unwrap();
+        assert_eq!(texts.len(), TOTAL, "lost or extra events");
+        let mut seen = [0u64; PUBLISHERS];
+        for got in &texts {
+            next_in_order(&mut seen, got);
+        }
+    }
+    assert_eq!(
+        s.metric("eventgate_clients_evicted_total{reason=\"slow_consumer\"}")
+            .await,
+        0.0
+    );
+}
+
 /// While most of an instance's sessions have several batches waiting and
 /// their clients take all they are sent, this node is behind: publishers
 /// are answered only once the sessions caught up, so at full speed the
