@@ -127,9 +127,11 @@ pub fn stored_envelope(
 /// `{"event":…,"data":…,"instanceData":…}` of a `data` and an
 /// `instanceData` already serialised.
 fn envelope_text(kind: EventKind, data: &str, instance_data: &str) -> String {
-    let mut out = String::with_capacity(48 + data.len() + instance_data.len());
+    // The four literal pieces below take 36 bytes: one allocation, exact.
+    let kind = kind.as_str();
+    let mut out = String::with_capacity(36 + kind.len() + data.len() + instance_data.len());
     out.push_str("{\"event\":\"");
-    out.push_str(kind.as_str());
+    out.push_str(kind);
     out.push_str("\",\"data\":");
     out.push_str(data);
     out.push_str(",\"instanceData\":");
@@ -235,6 +237,16 @@ mod tests {
         }
         let media = r#"{"message":{"media":{"base64":"A"}},"#;
         assert!(stored_envelope(EventKind::MessageExchange, media, "{}", false).is_none());
+    }
+
+    /// An envelope's text is allocated once, at its exact size, for every
+    /// event type.
+    #[test]
+    fn an_envelope_is_allocated_once() {
+        for kind in EventKind::ALL {
+            let text = envelope_text(kind, r#"{"a":1}"#, r#"{"b":2}"#);
+            assert_eq!(text.capacity(), text.len(), "{}", kind.as_str());
+        }
     }
 
     /// Stripping the base64 leaves the media's other fields in their order.
