@@ -330,7 +330,10 @@ async fn wrong_epoch_empty_epoch_and_since_past_the_latest_are_not_recovered() {
 
 #[actix_rt::test]
 async fn recovery_parameters_that_are_not_valid_are_400_before_the_upgrade() {
-    let s = server(100, |_| {}).await;
+    let s = server(100, |s| {
+        s.ws.allowed_origins = vec!["https://app.example".into()];
+    })
+    .await;
     s.instance("bad").await;
     s.instance_with("off", json!({"name": "off", "websocketEnabled": false}))
         .await;
@@ -373,11 +376,36 @@ async fn recovery_parameters_that_are_not_valid_are_400_before_the_upgrade() {
             r.assert_error(400, "Invalid request body");
         }
     }
-    // After `?events=` (its own 400, the same literal), before the
-    // settings check; a valid query reaches the settings check.
-    get(format!("/ws/bad?token={ACCOUNT}&events=nope&since=x"))
+    // After `?events=` (its own 400, the same literal: its details say
+    // which), before the settings check; a valid query reaches the settings
+    // check. The checks of §2 and the Origin come first.
+    let r = get(format!("/ws/bad?token={ACCOUNT}&events=nope&since=x")).await;
+    r.assert_error(400, "Invalid request body");
+    let details = r.body["error"]["details"].as_str().unwrap_or_default();
+    assert!(details.contains("`events`"), "{}", r.body);
+    let r = get(format!(
+        "/ws/bad?token={ACCOUNT}&events=call.update&since=x"
+    ))
+    .await;
+    r.assert_error(400, "Invalid request body");
+    let details = r.body["error"]["details"].as_str().unwrap_or_default();
+    assert!(details.contains("`since`"), "{}", r.body);
+    get("/ws/bad?token=wrong-token-000000000000000000000&since=x".into())
         .await
-        .assert_error(400, "Invalid request body");
+        .assert_error(401, "Invalid token");
+    get(format!("/ws/nobody?token={ACCOUNT}&since=x"))
+        .await
+        .assert_error(404, "Instance not found");
+    let mut from_elsewhere = upgrade.to_vec();
+    from_elsewhere.push(("origin", "https://elsewhere.example"));
+    s.raw(
+        "GET",
+        &format!("/ws/bad?token={ACCOUNT}&since=x"),
+        &from_elsewhere,
+        None,
+    )
+    .await
+    .assert_error(403, "Origin not allowed");
     get(format!("/ws/off?token={ACCOUNT}&recover=true&since=1&epoch=e"))
         .await
         .assert_error(

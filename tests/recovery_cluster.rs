@@ -1,7 +1,8 @@
 //! Recovery on reconnect in a cluster (contract §12): nodes on one
 //! PostgreSQL database and one NATS server with JetStream share the history,
 //! so every node shows the same offsets and epoch and a client recovers on
-//! any node, also after the node it was on was killed; a NATS outage turns
+//! any node, also after the node it was on was killed, or at once on a node
+//! that has not heard of its `since` yet; a NATS outage turns
 //! recovery into `recovered: false` while live delivery goes on, and a node
 //! cut off while JetStream lost the history never answers from the lost
 //! epoch and delivers what the new one holds.
@@ -543,6 +544,48 @@ async fn a_node_cut_off_while_jetstream_lost_the_history_delivers_what_the_new_o
     assert_eq!(first["epoch"], json!(new_epoch));
 }
 
+/// A client that saw events on one node and reconnects at once to a node
+/// that has not heard of them yet (its NATS connection is late) waits there
+/// for them: they are in the shared history, so it is told `recovered:
+/// true` and gets what followed its `since`. A `since` above anything the
+/// epoch holds is still `recovered: false`.
+#[actix_rt::test]
+async fn a_recovery_on_a_node_not_yet_as_far_as_its_since_waits_for_it() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(nats) = Nats::start() else {
+        return;
+    };
+    let relay = Relay::delaying(nats.port, Duration::from_millis(300));
+    let cluster = Cluster::own(&nats);
+    let a = cluster.node(&db).await;
+    let b = cluster.node_via(&db, relay.url()).await;
+    a.instance("late").await;
+    // B follows the instance's history while it has a client.
+    let (_wb, on_b) = open(&b, "late", "&recover=true").await;
+    let (mut wa, first) = open(&a, "late", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    assert_eq!(on_b["epoch"], first["epoch"]);
+    for i in 1..=2 {
+        assert_eq!(a.publish("late", ev(i)).await.status, 202);
+    }
+    let on_a = read_until(&mut wa, 2).await;
+    let (one, two) = (offset(&on_a[0]), offset(&on_a[1]));
+
+    let (mut wr, recovery) = resume(&b, "late", &epoch, one, "").await;
+    assert_eq!(recovery["recovered"], true, "{recovery}");
+    assert!(recovery["offset"].as_u64().unwrap() >= one, "{recovery}");
+    // Replayed, or live if B's mirror had only reached `one`.
+    let next = wr.envelope().await;
+    assert_eq!((n(&next), offset(&next)), (2, two), "{next}");
+    assert_eq!(a.publish("late", ev(3)).await.status, 202);
+    assert_eq!(n(&wr.envelope().await), 3, "then live");
+
+    let (_, beyond) = resume(&b, "late", &epoch, two + (1 << 40), "").await;
+    assert_eq!(beyond["recovered"], false, "{beyond}");
+}
+
 /// Waits until `/readyz` of `s` answers `status`.
 async fn wait_ready(s: &TestServer, status: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -553,7 +596,8 @@ async fn wait_ready(s: &TestServer, status: u16) {
 }
 
 /// A TCP relay in front of NATS that a test can cut: the connections
-/// through it drop, and new ones are refused until it is restored.
+/// through it drop, and new ones are refused until it is restored. It may
+/// also hold what NATS sends back for a while (a node that hears late).
 struct Relay {
     port: u16,
     open: Arc<AtomicBool>,
@@ -562,6 +606,11 @@ struct Relay {
 
 impl Relay {
     fn start(to: u16) -> Relay {
+        Self::delaying(to, Duration::ZERO)
+    }
+
+    /// A relay that passes each chunk NATS sends `delay` after it came.
+    fn delaying(to: u16, delay: Duration) -> Relay {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let open = Arc::new(AtomicBool::new(true));
@@ -581,14 +630,15 @@ impl Relay {
                 held.push(client.try_clone().unwrap());
                 held.push(server.try_clone().unwrap());
                 let ways = [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        Duration::ZERO,
+                    ),
+                    (server, client, delay),
                 ];
-                for (mut from, mut into) in ways {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut into);
-                        let _ = into.shutdown(Shutdown::Both);
-                    });
+                for (from, into, delay) in ways {
+                    std::thread::spawn(move || copy_late(from, into, delay));
                 }
             }
         });
@@ -613,6 +663,32 @@ impl Relay {
     fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
+}
+
+/// Copies `from` into `into`, each chunk `delay` after it was read, and
+/// shuts both ways of `into` when `from` ends.
+fn copy_late(mut from: TcpStream, mut into: TcpStream, delay: Duration) {
+    use std::io::{Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = std::thread::spawn(move || {
+        for (read_at, chunk) in rx {
+            if let Some(wait) = (read_at + delay).checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if into.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = into.shutdown(Shutdown::Both);
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(read) = from.read(&mut buf) {
+        if read == 0 || tx.send((Instant::now(), buf[..read].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
 }
 
 /// Appends `payload` to instance `id`'s history subject as a node would

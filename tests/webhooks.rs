@@ -602,6 +602,57 @@ async fn rotation_signs_with_both_secrets() {
         .unwrap()
         .verify(&got.body, &only_first)
         .expect("first is the new one");
+    // Rotating again within the 24 hours keeps the two newest.
+    let newest = set_ok(
+        &s,
+        "rot2",
+        json!({"enabled": true, "url": rx.url("/"), "rotateSecret": true}),
+    )
+    .await["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.publish("rot2", event("group.flow", json!({"again": true})))
+        .await;
+    let again = rx.wait_count(2, WAIT).await.remove(1);
+    let sig = again.header("webhook-signature").unwrap();
+    let parts: Vec<&str> = sig.split(' ').collect();
+    assert_eq!(parts.len(), 2, "{sig}");
+    let mut only_first = again.header_map();
+    only_first.insert("webhook-signature", parts[0].parse().unwrap());
+    standardwebhooks::Webhook::new(&newest)
+        .unwrap()
+        .verify(&again.body, &only_first)
+        .expect("first is the newest");
+    standardwebhooks::Webhook::new(&new)
+        .unwrap()
+        .verify(&again.body, &again.header_map())
+        .expect("the one before still signs");
+    assert!(standardwebhooks::Webhook::new(&old)
+        .unwrap()
+        .verify(&again.body, &again.header_map())
+        .is_err());
+    let new = newest;
+    // `rotateSecret` on a label's first store makes one secret.
+    let fresh = Receiver::start();
+    let first_secret = set_ok(
+        &s,
+        "rot2",
+        json!({"label": "fresh", "enabled": true, "url": fresh.url("/"), "rotateSecret": true}),
+    )
+    .await["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.publish("rot2", event("group.flow", json!({"fresh": true})))
+        .await;
+    let got = fresh.wait_count(1, WAIT).await.remove(0);
+    let sig = got.header("webhook-signature").unwrap();
+    assert!(!sig.contains(' '), "{sig}");
+    standardwebhooks::Webhook::new(&first_secret)
+        .unwrap()
+        .verify(&got.body, &got.header_map())
+        .unwrap();
     // 24 hours after the rotation only the new secret signs.
     let day_ago = eventgate::storage::now_millis() - 25 * 3_600_000;
     execute(
@@ -611,7 +662,12 @@ async fn rotation_signs_with_both_secrets() {
     outlast_read_of_webhook().await;
     s.publish("rot2", event("group.flow", json!({"later": true})))
         .await;
-    let later = rx.wait_count(2, WAIT).await.remove(1);
+    let later = rx
+        .wait_count(4, WAIT)
+        .await
+        .into_iter()
+        .find(|d| String::from_utf8_lossy(&d.body).contains(r#""later":true"#))
+        .expect("the later delivery");
     let sig = later.header("webhook-signature").unwrap();
     assert!(!sig.contains(' '), "{sig}");
     standardwebhooks::Webhook::new(&new)
@@ -969,7 +1025,7 @@ async fn dead_letters_page_and_retry_validates() {
 
 #[actix_rt::test]
 async fn retry_after_is_honoured_and_410_ends_retries() {
-    let s = server_with(&[1, 1, 1]).await;
+    let s = server_with(&[1, 1, 1, 1, 1]).await;
     let rx = Receiver::start();
     rx.answer(|_, n| match n {
         0 => (503, vec![("Retry-After", "3".to_string())]),
@@ -979,12 +1035,16 @@ async fn retry_after_is_honoured_and_410_ends_retries() {
         ),
         // Not whole seconds as written: another form, ignored.
         2 => (503, vec![("Retry-After", "+30".to_string())]),
+        // Over 3600: ignored (honoured, the next attempt would be in an hour).
+        3 => (503, vec![("Retry-After", "3601".to_string())]),
+        // Only a 429 or a 503 carries it.
+        4 => (500, vec![("Retry-After", "3".to_string())]),
         _ => (200, vec![]),
     });
     s.instance("ra").await;
     set_ok(&s, "ra", json!({"enabled": true, "url": rx.url("/")})).await;
     s.publish("ra", event("call.update", json!({}))).await;
-    let got = rx.wait_count(4, WAIT).await;
+    let got = rx.wait_count(6, WAIT).await;
     let first_gap = got[1].at - got[0].at;
     assert!(
         first_gap >= Duration::from_millis(2900),
@@ -1000,7 +1060,18 @@ async fn retry_after_is_honoured_and_410_ends_retries() {
         third_gap < Duration::from_secs(5),
         "a signed number is ignored: {third_gap:?}"
     );
-    assert_eq!(got[3].attempt(), 4);
+    let over_the_cap = got[4].at - got[3].at;
+    assert!(
+        over_the_cap < Duration::from_secs(5),
+        "more than 3600 s is ignored: {over_the_cap:?}"
+    );
+    // The interval (1 s ± 20%), not the 3 s asked for.
+    let on_a_500 = got[5].at - got[4].at;
+    assert!(
+        on_a_500 < Duration::from_millis(2500),
+        "Retry-After on a 500 is ignored: {on_a_500:?}"
+    );
+    assert_eq!(got[5].attempt(), 6);
 
     let gone = Receiver::start();
     gone.answer(|_, _| (410, vec![]));

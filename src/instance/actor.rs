@@ -176,7 +176,7 @@ pub struct InstanceActor {
     /// Whether NATS dropped or came back since the follower last looked at
     /// JetStream: recoveries wait (see `mirror`).
     unsure: bool,
-    /// Joins waiting for the mirror to load, with when they arrived.
+    /// Joins waiting for the mirror (see `mirror`), with when they arrived.
     parked: Vec<(Join, Instant)>,
     /// The shared epoch and the last stream sequence the follower delivered.
     shared_seen: Option<(Arc<str>, u64)>,

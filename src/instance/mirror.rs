@@ -6,7 +6,10 @@
 //! delivery, as on a single node.
 //!
 //! Joins that arrive while the mirror loads wait (are parked) until it has
-//! caught up, or until [`SYNC_WAIT`] passes; events that did not go through
+//! caught up, or until [`SYNC_WAIT`] passes; so do joins that recover from
+//! an offset of the shared epoch the mirror has not reached yet (a client
+//! that saw it on another node a moment before), until the mirror reaches it
+//! or, past [`SYNC_WAIT`], with `recovered: false`. Events that did not go through
 //! the shared history (NATS unreachable) make the actor fall back to a
 //! local numbering with its own epoch until the shared one is back, so
 //! recoveries across it answer `recovered: false` while live delivery goes on.
@@ -72,12 +75,27 @@ impl InstanceActor {
     }
 
     /// Whether `join` must wait for the mirror: it is loading, or the join
-    /// recovers and the mirror is not sure.
+    /// recovers and the mirror is not sure, or not yet as far as its `since`.
     pub(super) fn waits_for_mirror(&self, join: &Join) -> bool {
-        !self.synced || (join.recovery.is_some() && !self.mirror_sure())
+        !self.synced || (join.recovery.is_some() && !self.mirror_sure()) || self.behind_since(join)
     }
 
-    /// Holds a join until the mirror is loaded (and sure).
+    /// Whether `join` recovers from an offset of the shared epoch that this
+    /// node's mirror has not reached yet: the client saw it on another node,
+    /// whose events reach this one a moment later. Answered at once, it would
+    /// be `recovered: false` for an event that is in the shared history.
+    fn behind_since(&self, join: &Join) -> bool {
+        let since = join.recovery.as_ref().and_then(|r| r.since.as_ref());
+        match (since, &self.history) {
+            (Some((epoch, since)), Some(history)) if self.shared.is_some() && !self.degraded => {
+                epoch == history.epoch() && *since > history.latest()
+            }
+            _ => false,
+        }
+    }
+
+    /// Holds a join until the mirror is loaded (and sure, and as far as its
+    /// `since`), for at most [`SYNC_WAIT`].
     pub(super) fn park(&mut self, msg: Join, ctx: &mut Context<Self>) {
         self.parked.push((msg, Instant::now()));
         self.update_interest(ctx);
@@ -89,7 +107,27 @@ impl InstanceActor {
                 );
                 act.degrade(ctx);
             }
+            // A `since` still ahead of the mirror is above the epoch's
+            // latest offset as far as this node can tell: `recovered: false`.
+            act.admit_parked(ctx, Some(SYNC_WAIT));
         });
+    }
+
+    /// Admits the parked joins that no longer wait for the mirror, and those
+    /// that have waited `expired` or longer.
+    fn admit_parked(&mut self, ctx: &mut Context<Self>, expired: Option<Duration>) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|(join, arrived)| {
+                !self.waits_for_mirror(join) || expired.is_some_and(|e| arrived.elapsed() >= e)
+            });
+        self.parked = waiting;
+        for (join, arrived) in ready {
+            self.admit(join, Some(arrived), ctx);
+        }
     }
 
     /// Numbers locally from now on (a fresh epoch), until the shared
@@ -104,12 +142,11 @@ impl InstanceActor {
         self.set_synced(ctx);
     }
 
-    /// The mirror is usable: parked joins are admitted.
+    /// The mirror is usable: parked joins are admitted (but those whose
+    /// `since` it has not reached yet).
     fn set_synced(&mut self, ctx: &mut Context<Self>) {
         self.synced = true;
-        for (join, arrived) in std::mem::take(&mut self.parked) {
-            self.admit(join, Some(arrived), ctx);
-        }
+        self.admit_parked(ctx, None);
     }
 
     /// What a session that waited for the mirror missed meanwhile: kept
@@ -258,11 +295,15 @@ impl Handler<Sequenced> for InstanceActor {
                 self.set_synced(ctx);
             }
         }
+        if self.synced {
+            // Joins waiting for a `since` this message may have reached.
+            self.admit_parked(ctx, None);
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::bus::Bus;
     use crate::domain::{AccountId, InstanceId};
@@ -272,7 +313,8 @@ mod tests {
     use crate::instance::InstanceInfo;
     use crate::ws::session::SessionLimits;
 
-    fn actor_with_history() -> Addr<InstanceActor> {
+    /// An instance actor of one node (no cluster) keeping a history.
+    pub(in crate::instance::actor) fn actor_with_history() -> Addr<InstanceActor> {
         let env = FanoutEnv {
             base_url: "http://h".into(),
             client_buffer_bytes: 1 << 20,

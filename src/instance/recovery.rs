@@ -79,7 +79,11 @@ impl InstanceActor {
                 recovery_frame(true, history.epoch(), history.latest()),
             ),
             (Some(history), Some((epoch, since))) => {
-                let recovered = epoch == history.epoch() && history.covers(*since, Instant::now());
+                // While the WebSocket is disabled nothing is delivered (§7):
+                // a client that missed events is told so, not sent them.
+                let recovered = epoch == history.epoch()
+                    && history.covers(*since, Instant::now())
+                    && (config.is_some() || *since >= history.latest());
                 if let (true, Some(config)) = (recovered, config) {
                     let filter = config.event_set();
                     for kept in history
@@ -112,5 +116,112 @@ impl InstanceActor {
         let frames: Arc<[ByteString]> = frames.into();
         let bytes = frames.iter().map(|f| f.len()).sum();
         Batch { frames, bytes }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use actix::prelude::*;
+    use serde_json::{json, Value};
+    use tokio::sync::mpsc;
+
+    use super::super::mirror::tests::actor_with_history;
+    use super::super::InstanceActor;
+    use crate::domain::{EventKind, EventSet, VersionedConfig, WsConfig};
+    use crate::events::Event;
+    use crate::instance::messages::{
+        Join, Publish, Recovery, SessionId, SessionShared, ToSession, UpdateSettings,
+    };
+
+    /// A session as the instance sees it: what it is sent goes to the test.
+    struct Sink(mpsc::UnboundedSender<ToSession>);
+
+    impl Actor for Sink {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<ToSession> for Sink {
+        type Result = ();
+
+        fn handle(&mut self, msg: ToSession, _: &mut Self::Context) {
+            let _ = self.0.send(msg);
+        }
+    }
+
+    async fn set_enabled(actor: &Addr<InstanceActor>, enabled: bool, version: i64) {
+        let config = WsConfig::normalized(enabled, Vec::new(), false);
+        actor
+            .send(UpdateSettings(Some(VersionedConfig { config, version })))
+            .await
+            .unwrap();
+    }
+
+    /// Joins session `id` recovering `since` (epoch, offset); returns the
+    /// frames of its recovery: the first frame, then the replay.
+    async fn recover(
+        actor: &Addr<InstanceActor>,
+        id: u64,
+        since: Option<(String, u64)>,
+    ) -> Vec<Value> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = Sink(tx).start();
+        actor.do_send(Join {
+            session: SessionId(id),
+            recipient: sink.recipient(),
+            narrowing: EventSet::default(),
+            shared: Arc::new(SessionShared::default()),
+            recovery: Some(Recovery { since }),
+        });
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(ToSession::Replay(batch))) => batch
+                .frames
+                .iter()
+                .map(|f| serde_json::from_str(f).unwrap())
+                .collect(),
+            other => panic!("expected the recovery, got {other:?}"),
+        }
+    }
+
+    /// A client whose recovery lands while the WebSocket is disabled (it was
+    /// enabled when the client's upgrade was checked) is told it missed
+    /// events, since none is delivered while disabled; one that missed
+    /// nothing is still told `recovered: true`.
+    #[actix_rt::test]
+    async fn a_recovery_while_disabled_says_what_was_missed_is_not_coming() {
+        let actor = actor_with_history();
+        set_enabled(&actor, true, 1).await;
+        let start = recover(&actor, 1, None).await;
+        let epoch = start[0]["data"]["epoch"].as_str().unwrap().to_string();
+        let before = start[0]["data"]["offset"].as_u64().unwrap();
+        for i in 0..2 {
+            let event = Event {
+                kind: EventKind::MessageStatus,
+                data: json!({ "i": i }).as_object().unwrap().clone(),
+            };
+            actor.send(Publish::new(vec![event].into())).await.unwrap();
+        }
+
+        let enabled = recover(&actor, 2, Some((epoch.clone(), before))).await;
+        assert_eq!(enabled[0]["data"]["recovered"], true, "{enabled:?}");
+        assert_eq!(
+            enabled.len(),
+            3,
+            "the first frame and both events: {enabled:?}"
+        );
+        let latest = enabled[0]["data"]["offset"].as_u64().unwrap();
+
+        set_enabled(&actor, false, 2).await;
+        let disabled = recover(&actor, 3, Some((epoch.clone(), before))).await;
+        assert_eq!(disabled[0]["data"]["recovered"], false, "{disabled:?}");
+        assert_eq!(disabled.len(), 1, "nothing replayed: {disabled:?}");
+        let nothing_missed = recover(&actor, 4, Some((epoch, latest))).await;
+        assert_eq!(
+            nothing_missed[0]["data"]["recovered"], true,
+            "{nothing_missed:?}"
+        );
+        assert_eq!(nothing_missed.len(), 1);
     }
 }
