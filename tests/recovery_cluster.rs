@@ -12,7 +12,7 @@ mod common;
 
 use std::net::{Shutdown, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -557,13 +557,15 @@ async fn a_recovery_on_a_node_not_yet_as_far_as_its_since_waits_for_it() {
     let Some(nats) = Nats::start() else {
         return;
     };
-    let relay = Relay::delaying(nats.port, Duration::from_millis(300));
+    let relay = Relay::start(nats.port);
     let cluster = Cluster::own(&nats);
     let a = cluster.node(&db).await;
     let b = cluster.node_via(&db, relay.url()).await;
     a.instance("late").await;
-    // B follows the instance's history while it has a client.
+    // B follows the instance's history while it has a client; then it hears
+    // NATS a second late.
     let (_wb, on_b) = open(&b, "late", "&recover=true").await;
+    relay.delay(Duration::from_secs(1));
     let (mut wa, first) = open(&a, "late", "&recover=true").await;
     let epoch = first["epoch"].as_str().unwrap().to_string();
     assert_eq!(on_b["epoch"], first["epoch"]);
@@ -586,6 +588,51 @@ async fn a_recovery_on_a_node_not_yet_as_far_as_its_since_waits_for_it() {
     assert_eq!(beyond["recovered"], false, "{beyond}");
 }
 
+/// A join that waited for its `since` leaves nothing behind: when NATS
+/// drops after it was answered, the node does not fall back to numbering
+/// locally when that join's wait would have ended, so once NATS is back a
+/// position from before the drop still recovers there.
+#[actix_rt::test]
+async fn a_join_that_waited_for_its_since_does_not_make_a_later_drop_number_locally() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(nats) = Nats::start() else {
+        return;
+    };
+    let relay = Relay::start(nats.port);
+    let cluster = Cluster::own(&nats);
+    let a = cluster.node(&db).await;
+    let b = cluster.node_via(&db, relay.url()).await;
+    a.instance("blip").await;
+    let (_wb, _) = open(&b, "blip", "&recover=true").await;
+    let (mut wa, first) = open(&a, "blip", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    assert_eq!(a.publish("blip", ev(1)).await.status, 202);
+    let one = offset(&read_until(&mut wa, 1).await[0]);
+
+    relay.delay(Duration::from_secs(1));
+    assert_eq!(a.publish("blip", ev(2)).await.status, 202);
+    let two = offset(&read_until(&mut wa, 2).await[0]);
+    let asked = Instant::now();
+    let (_wr, waited) = resume(&b, "blip", &epoch, two, "").await;
+    assert_eq!(waited["recovered"], true, "{waited}");
+    // B's NATS connection drops before that join's wait (3 s) would have
+    // ended, and comes back after.
+    relay.cut();
+    wait_ready(&b, 503).await;
+    tokio::time::sleep(
+        (asked + Duration::from_millis(3500)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    relay.delay(Duration::ZERO);
+    relay.restore();
+    wait_ready(&b, 200).await;
+    let (_, again) = resume(&b, "blip", &epoch, one, "").await;
+    assert_eq!(again["recovered"], true, "{again}");
+    assert_eq!(again["epoch"], json!(epoch));
+}
+
 /// Waits until `/readyz` of `s` answers `status`.
 async fn wait_ready(s: &TestServer, status: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -602,20 +649,18 @@ struct Relay {
     port: u16,
     open: Arc<AtomicBool>,
     streams: Arc<Mutex<Vec<TcpStream>>>,
+    /// How long what NATS sends is held, in ms (see [`Relay::delay`]).
+    delay: Arc<AtomicU64>,
 }
 
 impl Relay {
     fn start(to: u16) -> Relay {
-        Self::delaying(to, Duration::ZERO)
-    }
-
-    /// A relay that passes each chunk NATS sends `delay` after it came.
-    fn delaying(to: u16, delay: Duration) -> Relay {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let open = Arc::new(AtomicBool::new(true));
         let streams = Arc::new(Mutex::new(Vec::new()));
-        let (is_open, held) = (open.clone(), streams.clone());
+        let delay = Arc::new(AtomicU64::new(0));
+        let (is_open, held, late) = (open.clone(), streams.clone(), delay.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 // Dropped at once while cut: the connection is refused.
@@ -633,12 +678,12 @@ impl Relay {
                     (
                         client.try_clone().unwrap(),
                         server.try_clone().unwrap(),
-                        Duration::ZERO,
+                        Arc::new(AtomicU64::new(0)),
                     ),
-                    (server, client, delay),
+                    (server, client, late.clone()),
                 ];
                 for (from, into, delay) in ways {
-                    std::thread::spawn(move || copy_late(from, into, delay));
+                    std::thread::spawn(move || copy_late(from, into, &delay));
                 }
             }
         });
@@ -646,7 +691,14 @@ impl Relay {
             port,
             open,
             streams,
+            delay,
         }
+    }
+
+    /// From now on, each chunk NATS sends passes `delay` after it came.
+    fn delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap();
+        self.delay.store(ms, Ordering::SeqCst);
     }
 
     fn url(&self) -> String {
@@ -665,14 +717,14 @@ impl Relay {
     }
 }
 
-/// Copies `from` into `into`, each chunk `delay` after it was read, and
-/// shuts both ways of `into` when `from` ends.
-fn copy_late(mut from: TcpStream, mut into: TcpStream, delay: Duration) {
+/// Copies `from` into `into`, each chunk `delay` ms (as it is when the chunk
+/// is read) after it was read, and shuts both ways of `into` when `from` ends.
+fn copy_late(mut from: TcpStream, mut into: TcpStream, delay: &AtomicU64) {
     use std::io::{Read, Write};
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
     let writer = std::thread::spawn(move || {
-        for (read_at, chunk) in rx {
-            if let Some(wait) = (read_at + delay).checked_duration_since(Instant::now()) {
+        for (due, chunk) in rx {
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
             if into.write_all(&chunk).is_err() {
@@ -683,7 +735,8 @@ fn copy_late(mut from: TcpStream, mut into: TcpStream, delay: Duration) {
     });
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(read) = from.read(&mut buf) {
-        if read == 0 || tx.send((Instant::now(), buf[..read].to_vec())).is_err() {
+        let due = Instant::now() + Duration::from_millis(delay.load(Ordering::SeqCst));
+        if read == 0 || tx.send((due, buf[..read].to_vec())).is_err() {
             break;
         }
     }

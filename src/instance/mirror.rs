@@ -77,17 +77,26 @@ impl InstanceActor {
     /// Whether `join` must wait for the mirror: it is loading, or the join
     /// recovers and the mirror is not sure, or not yet as far as its `since`.
     pub(super) fn waits_for_mirror(&self, join: &Join) -> bool {
-        !self.synced || (join.recovery.is_some() && !self.mirror_sure()) || self.behind_since(join)
+        self.waits_for_sure_mirror(join) || self.behind_since(join)
+    }
+
+    /// Whether `join` waits for the mirror to load, or to be sure.
+    fn waits_for_sure_mirror(&self, join: &Join) -> bool {
+        !self.synced || (join.recovery.is_some() && !self.mirror_sure())
     }
 
     /// Whether `join` recovers from an offset of the shared epoch that this
     /// node's mirror has not reached yet: the client saw it on another node,
     /// whose events reach this one a moment later. Answered at once, it would
     /// be `recovered: false` for an event that is in the shared history.
+    /// (Not while a mirror that numbered locally loads again: what it loads
+    /// is not delivered live, so it answers as before.)
     fn behind_since(&self, join: &Join) -> bool {
         let since = join.recovery.as_ref().and_then(|r| r.since.as_ref());
         match (since, &self.history) {
-            (Some((epoch, since)), Some(history)) if self.shared.is_some() && !self.degraded => {
+            (Some((epoch, since)), Some(history))
+                if self.shared.is_some() && !self.degraded && !self.loading =>
+            {
                 epoch == history.epoch() && *since > history.latest()
             }
             _ => false,
@@ -100,7 +109,12 @@ impl InstanceActor {
         self.parked.push((msg, Instant::now()));
         self.update_interest(ctx);
         ctx.run_later(SYNC_WAIT, |act, ctx| {
-            if !act.mirror_sure() {
+            // Only for a join still waiting for the mirror to load or be
+            // sure: this timer outlives the join it was set for.
+            let overdue = act.parked.iter().any(|(join, arrived)| {
+                arrived.elapsed() >= SYNC_WAIT && act.waits_for_sure_mirror(join)
+            });
+            if overdue {
                 log::warn!(
                     "instance={} shared history not loaded in time; numbering locally",
                     act.info.name
@@ -125,9 +139,14 @@ impl InstanceActor {
                 !self.waits_for_mirror(join) || expired.is_some_and(|e| arrived.elapsed() >= e)
             });
         self.parked = waiting;
+        if ready.is_empty() {
+            return;
+        }
         for (join, arrived) in ready {
             self.admit(join, Some(arrived), ctx);
         }
+        // A join whose session is gone meanwhile is not admitted.
+        self.update_interest(ctx);
     }
 
     /// Numbers locally from now on (a fresh epoch), until the shared
@@ -295,7 +314,7 @@ impl Handler<Sequenced> for InstanceActor {
                 self.set_synced(ctx);
             }
         }
-        if self.synced {
+        if self.synced && !self.loading {
             // Joins waiting for a `since` this message may have reached.
             self.admit_parked(ctx, None);
         }
