@@ -5,7 +5,8 @@
 //! that has not heard of its `since` yet; a NATS outage turns
 //! recovery into `recovered: false` while live delivery goes on, and a node
 //! cut off while JetStream lost the history never answers from the lost
-//! epoch and delivers what the new one holds.
+//! epoch and delivers what the new one holds; a node whose first load is
+//! slower than a join waits delivers what was accepted after it admitted it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -631,6 +632,43 @@ async fn a_join_that_waited_for_its_since_does_not_make_a_later_drop_number_loca
     let (_, again) = resume(&b, "blip", &epoch, one, "").await;
     assert_eq!(again["recovered"], true, "{again}");
     assert_eq!(again["epoch"], json!(epoch));
+}
+
+/// A node whose first load of an instance's history takes longer than a
+/// join may wait numbers locally and admits the join; what the load then
+/// brings that was accepted after that is delivered to it live, and what
+/// was accepted before is not (it is history).
+#[actix_rt::test]
+async fn a_client_admitted_while_the_history_still_loads_gets_what_was_accepted_since() {
+    let Some(db) = require_postgres() else {
+        return;
+    };
+    let Some(nats) = Nats::start() else {
+        return;
+    };
+    let relay = Relay::start(nats.port);
+    let cluster = Cluster::own(&nats);
+    let a = cluster.node(&db).await;
+    let b = cluster.node_via(&db, relay.url()).await;
+    a.instance("slowload").await;
+    let (mut wa, first) = open(&a, "slowload", "&recover=true").await;
+    assert_eq!(a.publish("slowload", ev(1)).await.status, 202);
+    assert_eq!(n(&wa.envelope().await), 1);
+
+    // B hears NATS 1.5 s late: its load takes longer than a join waits (3 s).
+    relay.delay(Duration::from_millis(1500));
+    let (mut wb, on_b) = open(&b, "slowload", "&recover=true").await;
+    assert_ne!(on_b["epoch"], first["epoch"], "B numbered locally: {on_b}");
+    assert_eq!(a.publish("slowload", ev(2)).await.status, 202);
+    assert_eq!(n(&wa.envelope().await), 2);
+    let got = wb.next_within(Duration::from_secs(20)).await;
+    let Got::Text(two) = got else {
+        panic!("expected event 2 on B, got {got:?}");
+    };
+    assert_eq!(n(&two), 2, "{two}");
+    relay.delay(Duration::ZERO);
+    assert_eq!(a.publish("slowload", ev(3)).await.status, 202);
+    assert_eq!(n(&wb.envelope().await), 3);
 }
 
 /// Waits until `/readyz` of `s` answers `status`.

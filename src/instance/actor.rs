@@ -173,6 +173,11 @@ pub struct InstanceActor {
     /// Whether the mirror is loading what the shared history holds (those
     /// events are kept, not delivered).
     loading: bool,
+    /// When the actor first numbered locally (and admitted the joins
+    /// waiting) since it began following: while its mirror loads, what the
+    /// load brings that was accepted since is delivered live, to sessions
+    /// admitted meanwhile.
+    numbered_locally_at: Option<Instant>,
     /// Whether NATS dropped or came back since the follower last looked at
     /// JetStream: recoveries wait (see `mirror`).
     unsure: bool,
@@ -225,6 +230,7 @@ impl InstanceActor {
             degraded: false,
             parked: Vec::new(),
             loading: false,
+            numbered_locally_at: None,
             unsure: false,
             shared_seen: None,
             mirror_task: None,

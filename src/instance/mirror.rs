@@ -59,6 +59,7 @@ impl InstanceActor {
             self.history = None;
             self.synced = false;
             self.loading = false;
+            self.numbered_locally_at = None;
             self.unsure = false;
             self.degraded = false;
             self.shared_seen = None;
@@ -80,23 +81,23 @@ impl InstanceActor {
         self.waits_for_sure_mirror(join) || self.behind_since(join)
     }
 
-    /// Whether `join` waits for the mirror to load, or to be sure.
+    /// Whether `join` waits for the mirror to load, or to be sure. (A
+    /// mirror that numbered locally while it loaded and follows the shared
+    /// history again is synced but still loading: a recovery waits for the
+    /// end of the load, since what it loads is history, not live events.)
     fn waits_for_sure_mirror(&self, join: &Join) -> bool {
-        !self.synced || (join.recovery.is_some() && !self.mirror_sure())
+        let reloading = self.loading && !self.degraded;
+        !self.synced || (join.recovery.is_some() && (!self.mirror_sure() || reloading))
     }
 
     /// Whether `join` recovers from an offset of the shared epoch that this
     /// node's mirror has not reached yet: the client saw it on another node,
     /// whose events reach this one a moment later. Answered at once, it would
     /// be `recovered: false` for an event that is in the shared history.
-    /// (Not while a mirror that numbered locally loads again: what it loads
-    /// is not delivered live, so it answers as before.)
     fn behind_since(&self, join: &Join) -> bool {
         let since = join.recovery.as_ref().and_then(|r| r.since.as_ref());
         match (since, &self.history) {
-            (Some((epoch, since)), Some(history))
-                if self.shared.is_some() && !self.degraded && !self.loading =>
-            {
+            (Some((epoch, since)), Some(history)) if self.shared.is_some() && !self.degraded => {
                 epoch == history.epoch() && *since > history.latest()
             }
             _ => false,
@@ -157,6 +158,9 @@ impl InstanceActor {
                 self.history = Some(History::new(limits));
                 self.degraded = true;
             }
+        }
+        if self.numbered_locally_at.is_none() {
+            self.numbered_locally_at = Some(Instant::now());
         }
         self.set_synced(ctx);
     }
@@ -224,6 +228,7 @@ impl Handler<SyncStart> for InstanceActor {
             // mirror is still loading, kept until it has caught up).
             if msg.caught_up {
                 self.loading = false;
+                self.numbered_locally_at = None;
             }
             if msg.caught_up || self.synced {
                 self.set_synced(ctx);
@@ -263,8 +268,10 @@ impl Handler<Sequenced> for InstanceActor {
         let now = Instant::now();
         let at = now.checked_sub(msg.age).unwrap_or(now);
         let config = self.config.as_ref().map(|c| &c.config);
-        // While loading, what arrives is history: kept, not delivered.
-        let live = !self.loading && !self.sessions.is_empty() && !msg.delivered;
+        // While loading, what arrives is history: kept, not delivered (but
+        // what was accepted after the sessions were admitted meanwhile).
+        let loaded = self.loading && self.numbered_locally_at.is_none_or(|t| at < t);
+        let live = !loaded && !self.sessions.is_empty() && !msg.delivered;
         // Filtered as accepted (a change of `events` or `mediaBase64` made
         // after their 202 does not apply to them); none is delivered while
         // the WebSocket is disabled now (contract §7).
@@ -310,6 +317,7 @@ impl Handler<Sequenced> for InstanceActor {
         }
         if msg.caught_up {
             self.loading = false;
+            self.numbered_locally_at = None;
             if !self.synced {
                 self.set_synced(ctx);
             }
