@@ -615,15 +615,15 @@ async fn a_join_that_waited_for_its_since_does_not_make_a_later_drop_number_loca
     relay.delay(Duration::from_secs(1));
     assert_eq!(a.publish("blip", ev(2)).await.status, 202);
     let two = offset(&read_until(&mut wa, 2).await[0]);
-    let asked = Instant::now();
     let (_wr, waited) = resume(&b, "blip", &epoch, two, "").await;
+    let answered = Instant::now();
     assert_eq!(waited["recovered"], true, "{waited}");
-    // B's NATS connection drops before that join's wait (3 s) would have
-    // ended, and comes back after.
+    // B's NATS connection drops before that join's wait (3 s from before
+    // its answer) would have ended, and comes back after.
     relay.cut();
     wait_ready(&b, 503).await;
     tokio::time::sleep(
-        (asked + Duration::from_millis(3500)).saturating_duration_since(Instant::now()),
+        (answered + Duration::from_millis(3200)).saturating_duration_since(Instant::now()),
     )
     .await;
     relay.delay(Duration::ZERO);
@@ -655,20 +655,33 @@ async fn a_client_admitted_while_the_history_still_loads_gets_what_was_accepted_
     assert_eq!(a.publish("slowload", ev(1)).await.status, 202);
     assert_eq!(n(&wa.envelope().await), 1);
 
-    // B hears NATS 1.5 s late: its load takes longer than a join waits (3 s).
-    relay.delay(Duration::from_millis(1500));
-    let (mut wb, on_b) = open(&b, "slowload", "&recover=true").await;
-    assert_ne!(on_b["epoch"], first["epoch"], "B numbered locally: {on_b}");
+    // B hears NATS 2.5 s late: its load takes longer than a join waits
+    // (3 s), and what is published now is in it.
+    relay.delay(Duration::from_millis(2500));
+    let url = b.ws_url(&format!("/ws/slowload?token={ACCOUNT}"));
+    let (inner, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut plain = common::Ws { inner };
     assert_eq!(a.publish("slowload", ev(2)).await.status, 202);
     assert_eq!(n(&wa.envelope().await), 2);
-    let got = wb.next_within(Duration::from_secs(20)).await;
-    let Got::Text(two) = got else {
-        panic!("expected event 2 on B, got {got:?}");
-    };
-    assert_eq!(n(&two), 2, "{two}");
-    relay.delay(Duration::ZERO);
+    let (mut wb, on_b) = open(&b, "slowload", "&recover=true").await;
+    assert_ne!(on_b["epoch"], first["epoch"], "B numbered locally: {on_b}");
     assert_eq!(a.publish("slowload", ev(3)).await.status, 202);
-    assert_eq!(n(&wb.envelope().await), 3);
+    assert_eq!(n(&wa.envelope().await), 3);
+    // The plain client arrived before 2 was accepted: it gets 2 and 3, not
+    // 1; so does the other, admitted with it.
+    for ws in [&mut plain, &mut wb] {
+        for expected in [2, 3] {
+            let got = ws.next_within(Duration::from_secs(20)).await;
+            let Got::Text(v) = got else {
+                panic!("expected event {expected} on B, got {got:?}");
+            };
+            assert_eq!(n(&v), expected, "{v}");
+        }
+    }
+    relay.delay(Duration::ZERO);
+    assert_eq!(a.publish("slowload", ev(4)).await.status, 202);
+    assert_eq!(n(&plain.envelope().await), 4);
+    assert_eq!(n(&wb.envelope().await), 4);
 }
 
 /// Waits until `/readyz` of `s` answers `status`.

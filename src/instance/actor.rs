@@ -173,10 +173,10 @@ pub struct InstanceActor {
     /// Whether the mirror is loading what the shared history holds (those
     /// events are kept, not delivered).
     loading: bool,
-    /// When the actor first numbered locally (and admitted the joins
-    /// waiting) since it began following: while its mirror loads, what the
-    /// load brings that was accepted since is delivered live, to sessions
-    /// admitted meanwhile.
+    /// Set when the actor first numbers locally since it began following
+    /// (admitting the joins waiting): when the first of them arrived, or
+    /// then. While its mirror loads, what the load brings that was accepted
+    /// since is delivered live, to the sessions admitted meanwhile.
     numbered_locally_at: Option<Instant>,
     /// Whether NATS dropped or came back since the follower last looked at
     /// JetStream: recoveries wait (see `mirror`).

@@ -105,31 +105,44 @@ impl InstanceActor {
     }
 
     /// Holds a join until the mirror is loaded (and sure, and as far as its
-    /// `since`), for at most [`SYNC_WAIT`].
+    /// `since`); see `check_parked`.
     pub(super) fn park(&mut self, msg: Join, ctx: &mut Context<Self>) {
         self.parked.push((msg, Instant::now()));
         self.update_interest(ctx);
-        ctx.run_later(SYNC_WAIT, |act, ctx| {
-            // Only for a join still waiting for the mirror to load or be
-            // sure: this timer outlives the join it was set for.
-            let overdue = act.parked.iter().any(|(join, arrived)| {
-                arrived.elapsed() >= SYNC_WAIT && act.waits_for_sure_mirror(join)
-            });
-            if overdue {
+        ctx.run_later(SYNC_WAIT, Self::check_parked);
+    }
+
+    /// Runs [`SYNC_WAIT`] after a join was parked. A join that has waited
+    /// that long for the mirror to load or be sure makes the actor number
+    /// locally — unless the mirror is sure and finishing a load it began
+    /// after numbering locally: a recovery then waits for the load's end
+    /// (what it loads is history, not yet all there), looked at again every
+    /// [`SYNC_WAIT`]. A join whose `since` the mirror has not reached by
+    /// then is answered (`recovered: false`).
+    fn check_parked(&mut self, ctx: &mut Context<Self>) {
+        // Set for one join, this timer may outlive it: only joins still
+        // waiting count.
+        let overdue = self.parked.iter().any(|(join, arrived)| {
+            arrived.elapsed() >= SYNC_WAIT && self.waits_for_sure_mirror(join)
+        });
+        if overdue {
+            let finishing_load =
+                self.loading && !self.degraded && self.synced && self.mirror_sure();
+            if finishing_load {
+                ctx.run_later(SYNC_WAIT, Self::check_parked);
+            } else {
                 log::warn!(
                     "instance={} shared history not loaded in time; numbering locally",
-                    act.info.name
+                    self.info.name
                 );
-                act.degrade(ctx);
+                self.degrade(ctx);
             }
-            // A `since` still ahead of the mirror is above the epoch's
-            // latest offset as far as this node can tell: `recovered: false`.
-            act.admit_parked(ctx, Some(SYNC_WAIT));
-        });
+        }
+        self.admit_parked(ctx, Some(SYNC_WAIT));
     }
 
     /// Admits the parked joins that no longer wait for the mirror, and those
-    /// that have waited `expired` or longer.
+    /// waiting only for their `since` that have waited `expired` or longer.
     fn admit_parked(&mut self, ctx: &mut Context<Self>, expired: Option<Duration>) {
         if self.parked.is_empty() {
             return;
@@ -137,13 +150,18 @@ impl InstanceActor {
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked)
             .into_iter()
             .partition(|(join, arrived)| {
-                !self.waits_for_mirror(join) || expired.is_some_and(|e| arrived.elapsed() >= e)
+                let expired = expired.is_some_and(|e| arrived.elapsed() >= e);
+                !self.waits_for_mirror(join) || (expired && !self.waits_for_sure_mirror(join))
             });
         self.parked = waiting;
-        if ready.is_empty() {
+        self.admit_all(ready, ctx);
+    }
+
+    fn admit_all(&mut self, joins: Vec<(Join, Instant)>, ctx: &mut Context<Self>) {
+        if joins.is_empty() {
             return;
         }
-        for (join, arrived) in ready {
+        for (join, arrived) in joins {
             self.admit(join, Some(arrived), ctx);
         }
         // A join whose session is gone meanwhile is not admitted.
@@ -153,14 +171,25 @@ impl InstanceActor {
     /// Numbers locally from now on (a fresh epoch), until the shared
     /// history is heard from again.
     pub(super) fn degrade(&mut self, ctx: &mut Context<Self>) {
+        // While a load goes on, what it brings that was accepted since the
+        // first of the joins waiting arrived is delivered live (`Sequenced`).
+        let first_waiting = self.parked.iter().map(|(_, arrived)| *arrived).min();
+        self.numbered_locally_at
+            .get_or_insert(first_waiting.unwrap_or_else(Instant::now));
         if !self.degraded {
             if let Some(limits) = self.env.history {
+                if self.loading {
+                    // Before the part loaded is replaced: joins that do not
+                    // recover get what it holds since they arrived.
+                    let (plain, recovering) = std::mem::take(&mut self.parked)
+                        .into_iter()
+                        .partition(|(join, _)| join.recovery.is_none());
+                    self.parked = recovering;
+                    self.admit_all(plain, ctx);
+                }
                 self.history = Some(History::new(limits));
                 self.degraded = true;
             }
-        }
-        if self.numbered_locally_at.is_none() {
-            self.numbered_locally_at = Some(Instant::now());
         }
         self.set_synced(ctx);
     }
