@@ -393,6 +393,16 @@ async fn invalid_bodies_name_their_key() {
         )
         .await;
     r.assert_error(400, "Invalid request body");
+    // No Content-Type at all: not a JSON object as the contract asks.
+    let r = s
+        .raw(
+            "POST",
+            "/api/events/webhook/v",
+            &[("token", ACCOUNT)],
+            Some(br#"{"enabled":false}"#),
+        )
+        .await;
+    r.assert_error(400, "Invalid request body");
     let r = s
         .raw(
             "POST",
