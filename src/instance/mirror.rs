@@ -126,8 +126,7 @@ impl InstanceActor {
             arrived.elapsed() >= SYNC_WAIT && self.waits_for_sure_mirror(join)
         });
         if overdue {
-            let finishing_load =
-                self.loading && !self.degraded && self.synced && self.mirror_sure();
+            let finishing_load = self.loading && !self.degraded && self.mirror_sure();
             if finishing_load {
                 ctx.run_later(SYNC_WAIT, Self::check_parked);
             } else {
@@ -157,6 +156,7 @@ impl InstanceActor {
         self.admit_all(ready, ctx);
     }
 
+    /// Admits `joins` (parked, with when they arrived), in order.
     fn admit_all(&mut self, joins: Vec<(Join, Instant)>, ctx: &mut Context<Self>) {
         if joins.is_empty() {
             return;
