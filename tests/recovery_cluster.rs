@@ -661,6 +661,9 @@ async fn a_client_admitted_while_the_history_still_loads_gets_what_was_accepted_
     let url = b.ws_url(&format!("/ws/slowload?token={ACCOUNT}"));
     let (inner, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let mut plain = common::Ws { inner };
+    // Its join reaches B's instance (and waits there, not counted as a
+    // client) right behind the upgrade: well before event 2 is accepted.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(a.publish("slowload", ev(2)).await.status, 202);
     assert_eq!(n(&wa.envelope().await), 2);
     let (mut wb, on_b) = open(&b, "slowload", "&recover=true").await;
