@@ -534,10 +534,7 @@ async fn a_node_cut_off_while_jetstream_lost_the_history_delivers_what_the_new_o
     relay.restore();
     let mut got = Vec::new();
     while got.len() < 2 {
-        match ws.next_within(Duration::from_secs(20)).await {
-            Got::Text(v) => got.push(v),
-            other => panic!("expected 2 and 3 once A is back, got {other:?} after {got:?}"),
-        }
+        got.push(ws.envelope_within(Duration::from_secs(20)).await);
     }
     assert_eq!(positions(&got), positions(&on_b), "live, in the new epoch");
     let (_, first) = resume(&a, "cut", &epoch, since, "").await;
@@ -552,17 +549,16 @@ async fn a_node_cut_off_while_jetstream_lost_the_history_delivers_what_the_new_o
 /// epoch holds is still `recovered: false`.
 #[actix_rt::test]
 async fn a_recovery_on_a_node_not_yet_as_far_as_its_since_waits_for_it() {
-    let Some(db) = require_postgres() else {
+    let Some(RelayedPair {
+        a,
+        b,
+        relay,
+        _nats,
+        _db,
+    }) = relayed_pair("late").await
+    else {
         return;
     };
-    let Some(nats) = Nats::start() else {
-        return;
-    };
-    let relay = Relay::start(nats.port);
-    let cluster = Cluster::own(&nats);
-    let a = cluster.node(&db).await;
-    let b = cluster.node_via(&db, relay.url()).await;
-    a.instance("late").await;
     // B follows the instance's history while it has a client; then it hears
     // NATS a second late.
     let (_wb, on_b) = open(&b, "late", "&recover=true").await;
@@ -595,17 +591,16 @@ async fn a_recovery_on_a_node_not_yet_as_far_as_its_since_waits_for_it() {
 /// position from before the drop still recovers there.
 #[actix_rt::test]
 async fn a_join_that_waited_for_its_since_does_not_make_a_later_drop_number_locally() {
-    let Some(db) = require_postgres() else {
+    let Some(RelayedPair {
+        a,
+        b,
+        relay,
+        _nats,
+        _db,
+    }) = relayed_pair("blip").await
+    else {
         return;
     };
-    let Some(nats) = Nats::start() else {
-        return;
-    };
-    let relay = Relay::start(nats.port);
-    let cluster = Cluster::own(&nats);
-    let a = cluster.node(&db).await;
-    let b = cluster.node_via(&db, relay.url()).await;
-    a.instance("blip").await;
     let (_wb, _) = open(&b, "blip", "&recover=true").await;
     let (mut wa, first) = open(&a, "blip", "&recover=true").await;
     let epoch = first["epoch"].as_str().unwrap().to_string();
@@ -640,17 +635,16 @@ async fn a_join_that_waited_for_its_since_does_not_make_a_later_drop_number_loca
 /// was accepted before is not (it is history).
 #[actix_rt::test]
 async fn a_client_admitted_while_the_history_still_loads_gets_what_was_accepted_since() {
-    let Some(db) = require_postgres() else {
+    let Some(RelayedPair {
+        a,
+        b,
+        relay,
+        _nats,
+        _db,
+    }) = relayed_pair("slowload").await
+    else {
         return;
     };
-    let Some(nats) = Nats::start() else {
-        return;
-    };
-    let relay = Relay::start(nats.port);
-    let cluster = Cluster::own(&nats);
-    let a = cluster.node(&db).await;
-    let b = cluster.node_via(&db, relay.url()).await;
-    a.instance("slowload").await;
     let (mut wa, first) = open(&a, "slowload", "&recover=true").await;
     assert_eq!(a.publish("slowload", ev(1)).await.status, 202);
     assert_eq!(n(&wa.envelope().await), 1);
@@ -674,10 +668,7 @@ async fn a_client_admitted_while_the_history_still_loads_gets_what_was_accepted_
     // 1; so does the other, admitted with it.
     for ws in [&mut plain, &mut wb] {
         for expected in [2, 3] {
-            let got = ws.next_within(Duration::from_secs(20)).await;
-            let Got::Text(v) = got else {
-                panic!("expected event {expected} on B, got {got:?}");
-            };
+            let v = ws.envelope_within(Duration::from_secs(20)).await;
             assert_eq!(n(&v), expected, "{v}");
         }
     }
@@ -685,6 +676,34 @@ async fn a_client_admitted_while_the_history_still_loads_gets_what_was_accepted_
     assert_eq!(a.publish("slowload", ev(4)).await.status, 202);
     assert_eq!(n(&plain.envelope().await), 4);
     assert_eq!(n(&wb.envelope().await), 4);
+}
+
+/// Two nodes on a NATS of the test's own, B reaching it through a relay the
+/// test can slow down or cut, with instance `name` created on A.
+struct RelayedPair {
+    a: TestServer,
+    b: TestServer,
+    relay: Relay,
+    _nats: Nats,
+    _db: TestDb,
+}
+
+/// `None`, after the skip line, without PostgreSQL or NATS.
+async fn relayed_pair(name: &str) -> Option<RelayedPair> {
+    let db = require_postgres()?;
+    let nats = Nats::start()?;
+    let relay = Relay::start(nats.port);
+    let cluster = Cluster::own(&nats);
+    let a = cluster.node(&db).await;
+    let b = cluster.node_via(&db, relay.url()).await;
+    a.instance(name).await;
+    Some(RelayedPair {
+        a,
+        b,
+        relay,
+        _nats: nats,
+        _db: db,
+    })
 }
 
 /// Waits until `/readyz` of `s` answers `status`.

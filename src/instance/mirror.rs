@@ -81,13 +81,17 @@ impl InstanceActor {
         self.waits_for_sure_mirror(join) || self.behind_since(join)
     }
 
-    /// Whether `join` waits for the mirror to load, or to be sure. (A
-    /// mirror that numbered locally while it loaded and follows the shared
-    /// history again is synced but still loading: a recovery waits for the
-    /// end of the load, since what it loads is history, not live events.)
+    /// Whether `join` waits for the mirror to load, or to be sure (a
+    /// recovery also waits while the mirror is `finishing_load`: what it
+    /// loads is history, not live events).
     fn waits_for_sure_mirror(&self, join: &Join) -> bool {
-        let reloading = self.loading && !self.degraded;
-        !self.synced || (join.recovery.is_some() && (!self.mirror_sure() || reloading))
+        !self.synced || (join.recovery.is_some() && (!self.mirror_sure() || self.finishing_load()))
+    }
+
+    /// Whether the mirror numbered locally while it loaded (so it is synced)
+    /// and, following the shared history again, is still loading.
+    fn finishing_load(&self) -> bool {
+        self.synced && self.loading && !self.degraded
     }
 
     /// Whether `join` recovers from an offset of the shared epoch that this
@@ -126,8 +130,7 @@ impl InstanceActor {
             arrived.elapsed() >= SYNC_WAIT && self.waits_for_sure_mirror(join)
         });
         if overdue {
-            let finishing_load = self.loading && !self.degraded && self.mirror_sure();
-            if finishing_load {
+            if self.finishing_load() && self.mirror_sure() {
                 ctx.run_later(SYNC_WAIT, Self::check_parked);
             } else {
                 log::warn!(

@@ -833,9 +833,14 @@ impl Ws {
 
     /// The next envelope (panics on anything else within 5 s).
     pub async fn envelope(&mut self) -> Value {
-        match self.next_within(Duration::from_secs(5)).await {
+        self.envelope_within(Duration::from_secs(5)).await
+    }
+
+    /// The next text frame, which must come within `wait`.
+    pub async fn envelope_within(&mut self, wait: Duration) -> Value {
+        match self.next_within(wait).await {
             Got::Text(v) => v,
-            other => panic!("expected an envelope, got {other:?}"),
+            other => panic!("expected an envelope within {wait:?}, got {other:?}"),
         }
     }
 
