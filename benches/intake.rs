@@ -12,7 +12,6 @@ use eventgate::domain::InstanceName;
 use eventgate::storage::deliveries::{self, Intake, NewDelivery, PendingCounts};
 use eventgate::storage::webhooks::{self, NewConfig};
 use eventgate::storage::{accounts, instances, now_millis, pool};
-use eventgate::webhook::signature::new_delivery_id;
 
 /// Publishes in a group, and events in each.
 const PUBLISHES: usize = 4;
@@ -54,7 +53,7 @@ fn store(c: &mut Criterion) {
                         .map(|_| {
                             let rows = (0..EVENTS)
                                 .map(|_| NewDelivery {
-                                    id: new_delivery_id(),
+                                    id: None,
                                     event: "message.exchange",
                                     data: DATA.to_string(),
                                 })

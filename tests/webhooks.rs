@@ -994,35 +994,45 @@ async fn dead_letters_page_and_retry_validates() {
         "{}",
         r.body
     );
-    let first = all.body["deliveries"][0]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id_of = |i: usize| {
+        all.body["deliveries"][i]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // The second is the cursor of a first page of two.
+    let (first, second) = (id_of(0), id_of(1));
     rx.answer(|_, _| (204, vec![]));
     let r = s
         .call(
             "POST",
             path,
             Some(ACCOUNT),
-            Some(json!({"ids": [first, "msg_x"]})),
+            Some(json!({"ids": [second, "msg_x"]})),
         )
         .await;
     assert_eq!(r.body["requeued"], 1);
     // A cursor whose dead letter was replayed and delivered (gone): the page
-    // after it still holds the four accepted after it.
+    // after it holds exactly the three accepted after it, although all five
+    // were accepted in the same millisecond.
     wait_stats(&s, "pg", "x", |st| {
         st["delivered"] == 1 && st["failed"] == 4
     })
     .await;
-    let r = failed(&s, "pg", &format!("?label=x&after={first}")).await;
-    let rest: Vec<i64> = r.body["deliveries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["envelope"]["data"]["i"].as_i64().unwrap())
-        .collect();
-    assert_eq!(rest, [1, 2, 3, 4], "{}", r.body);
+    let data_of = |r: &Reply| -> Vec<i64> {
+        r.body["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["envelope"]["data"]["i"].as_i64().unwrap())
+            .collect()
+    };
+    let r = failed(&s, "pg", &format!("?label=x&after={second}")).await;
+    assert_eq!(data_of(&r), [2, 3, 4], "{}", r.body);
     assert_eq!(r.body["next"], Value::Null);
+    let r = failed(&s, "pg", &format!("?label=x&after={first}&limit=1")).await;
+    assert_eq!(data_of(&r), [2], "{}", r.body);
+    assert_eq!(r.body["next"], r.body["deliveries"][0]["id"]);
     let r = s.raw("POST", path, &[("token", ACCOUNT)], None).await;
     assert_eq!(r.status, 202, "{}", r.body);
     let got = rx.wait_count(10, WAIT).await;
@@ -1031,6 +1041,74 @@ async fn dead_letters_page_and_retry_validates() {
         st["delivered"] == 5 && st["failed"] == 0
     })
     .await;
+}
+
+/// Dead letters stored before delivery ids carried their acceptance
+/// position (`msg_` + 8 characters of time + 16 random ones) still page:
+/// a cursor still there resumes after its position, one gone resumes at
+/// its time, and an id of neither form that no dead letter has is an
+/// empty last page.
+#[actix_rt::test]
+async fn dead_letters_with_ids_of_the_earlier_form_still_page() {
+    let s = server_with(&[]).await;
+    s.instance("old").await;
+    set_ok(&s, "old", json!({"label": "x", "enabled": false})).await;
+    /// An id of the earlier form made at `millis`.
+    fn earlier_id(millis: i64, tail: char) -> String {
+        let digits = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        let mut time = [b'0'; 8];
+        let mut t = millis;
+        for slot in time.iter_mut().rev() {
+            *slot = digits[(t % 62) as usize];
+            t /= 62;
+        }
+        format!(
+            "msg_{}{}",
+            String::from_utf8_lossy(&time),
+            tail.to_string().repeat(16)
+        )
+    }
+    // Recent times: older dead letters would be past their retention.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let ids: Vec<String> = [(now - 3_000, 'a'), (now - 2_000, 'b'), (now - 1_000, 'c')]
+        .iter()
+        .map(|(at, tail)| {
+            let id = earlier_id(*at, *tail);
+            execute(
+                &s.db.url,
+                &format!(
+                    "INSERT INTO webhook_deliveries (id, webhook_id, event, data, created_at, \
+                     next_attempt_at, attempts, last_error, dead_at) SELECT '{id}', id, \
+                     'call.update', '{{\"n\":{at}}}', {at}, {at}, 1, 'HTTP 500', {at} \
+                     FROM webhooks WHERE label = 'x'"
+                ),
+            );
+            id
+        })
+        .collect();
+    let page = |r: &Reply| -> Vec<String> {
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let r = failed(&s, "old", &format!("?after={}", ids[0])).await;
+    assert_eq!(page(&r), ids[1..]);
+    execute(
+        &s.db.url,
+        &format!("DELETE FROM webhook_deliveries WHERE id = '{}'", ids[1]),
+    );
+    let r = failed(&s, "old", &format!("?after={}", ids[1])).await;
+    assert_eq!(page(&r), ids[2..], "resumed at the gone one's time");
+    let r = failed(&s, "old", "?after=msg_neverstored").await;
+    assert_eq!(page(&r), Vec::<String>::new());
+    assert_eq!(r.body["next"], Value::Null);
 }
 
 #[actix_rt::test]

@@ -9,6 +9,7 @@
 //! rows), and record outcomes in batches, closing the leased bundles whose
 //! deliveries all have one.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use super::bundles::{self, BundleRows};
 use super::schema::webhook_deliveries as d;
 use super::webhooks::{dialect, hook_locks, id_list, HookId, WebhookRow, COLUMNS};
 use super::{unsynced, with_conn, write_tx, DbConn, StorageError};
+use crate::webhook::signature::delivery_id;
 
 /// Error of a delivery refused because its webhook's backlog is full.
 pub const BACKLOG_FULL: &str = "backlog full";
@@ -26,7 +28,10 @@ pub const BACKLOG_FULL: &str = "backlog full";
 /// One delivery to store.
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
-    pub id: String,
+    /// Its id when it has one already (a delivery stored again); `None`
+    /// for a new one, whose id is made from its acceptance position when
+    /// it is stored ([`crate::webhook::signature::delivery_id`]).
+    pub id: Option<String>,
     pub event: &'static str,
     /// The event's `data` object, as JSON text.
     pub data: String,
@@ -264,7 +269,11 @@ pub(super) enum Stored {
 /// was stored: [`SeqReserve`]), its publish's acceptance time and lease.
 pub(super) struct NewRow<'a> {
     pub(super) seq: i64,
-    pub(super) row: &'a NewDelivery,
+    /// Its delivery id (`webhook-id`).
+    pub(super) id: Cow<'a, str>,
+    pub(super) event: &'static str,
+    /// The event's `data` object, as JSON text.
+    pub(super) data: &'a str,
     pub(super) now: i64,
     pub(super) lease_until: i64,
 }
@@ -298,7 +307,12 @@ impl<'a> Runs<'a> {
             .zip(seqs)
             .map(|(row, seq)| NewRow {
                 seq,
-                row,
+                id: match &row.id {
+                    Some(id) => Cow::Borrowed(id),
+                    None => Cow::Owned(delivery_id(from.now, seq)),
+                },
+                event: row.event,
+                data: &row.data,
                 now: from.now,
                 lease_until: from.lease_until,
             })
@@ -461,10 +475,10 @@ fn insert_fixed<const N: usize>(
         let n = &rows[i];
         (
             d::seq.eq(n.seq),
-            d::id.eq(n.row.id.clone()),
+            d::id.eq(n.id.clone().into_owned()),
             d::webhook_id.eq(webhook),
-            d::event.eq(n.row.event),
-            d::data.eq(n.row.data.clone()),
+            d::event.eq(n.event),
+            d::data.eq(n.data.to_string()),
             d::created_at.eq(n.now),
             d::attempts.eq(attempts),
             d::next_attempt_at.eq(n.now),
@@ -496,9 +510,9 @@ impl InsertRun for diesel::pg::PgConnection {
             .bind::<BigInt, _>(attempts)
             .bind::<Nullable<Text>, _>(dead.then_some(BACKLOG_FULL))
             .bind::<Bool, _>(dead)
-            .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.id.as_str()).collect::<Vec<_>>())
-            .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.event).collect::<Vec<_>>())
-            .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.data.as_str()).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(rows.iter().map(|n| n.id.as_ref()).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(rows.iter().map(|n| n.event).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(rows.iter().map(|n| n.data).collect::<Vec<_>>())
             .bind::<Array<BigInt>, _>(rows.iter().map(|n| n.now).collect::<Vec<_>>())
             .bind::<Array<BigInt>, _>(
                 rows.iter()
@@ -631,10 +645,10 @@ pub fn enqueue(
                         });
                         out.leased.extend(run.rows.iter().map(|n| Claimed {
                             seq: n.seq,
-                            id: n.row.id.clone(),
+                            id: n.id.to_string(),
                             webhook_id: *webhook,
-                            event: n.row.event.to_string(),
-                            data: n.row.data.clone(),
+                            event: n.event.to_string(),
+                            data: n.data.to_string(),
                             created_at: n.now,
                             attempts: 0,
                             next_attempt_at: n.now,
@@ -1273,7 +1287,7 @@ mod tests {
     fn deliveries(tag: &str, n: usize) -> Vec<NewDelivery> {
         (0..n)
             .map(|i| NewDelivery {
-                id: format!("msg_{tag}_{i:03}"),
+                id: Some(format!("msg_{tag}_{i:03}")),
                 event: "message.exchange",
                 data: format!("{{\"i\":{i}}}"),
             })
