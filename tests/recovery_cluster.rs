@@ -678,6 +678,65 @@ async fn a_client_admitted_while_the_history_still_loads_gets_what_was_accepted_
     assert_eq!(n(&wb.envelope().await), 4);
 }
 
+/// A node that numbered locally because its first load of an instance's
+/// history was slow, and then follows the shared history again while that
+/// load goes on, holds a recovering client until the load has ended, however
+/// long past the 3 s a join waits: numbering locally once more would drop
+/// what was loaded. The client then recovers in the shared epoch.
+#[actix_rt::test]
+async fn a_recovery_during_the_rest_of_a_slow_load_waits_for_its_end() {
+    let Some(RelayedPair {
+        a,
+        b,
+        relay,
+        _nats,
+        _db,
+    }) = relayed_pair("rest").await
+    else {
+        return;
+    };
+    // 300 events of about 2 KB in the history: a load of about 700 KB.
+    let (mut wa, first) = open(&a, "rest", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    let filler = "x".repeat(2000);
+    for i in 1..=300 {
+        let e = common::event("call.update", json!({"n": i, "filler": filler}));
+        assert_eq!(a.publish("rest", e).await.status, 202);
+    }
+    let on_a = read_until(&mut wa, 300).await;
+    let since = offset(&on_a[298]);
+    assert_eq!(n(&on_a[298]), 299);
+
+    // B's first load stops after about a third: a plain client's join
+    // waits 3 s, then B numbers locally and admits it.
+    relay.pass_only(250_000);
+    let url = b.ws_url(&format!("/ws/rest?token={ACCOUNT}"));
+    let (_plain, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (_local, on_b) = open(&b, "rest", "&recover=true").await;
+    assert_ne!(on_b["epoch"], json!(epoch), "B numbered locally: {on_b}");
+    // More of the load: B follows the shared history again, still loading.
+    relay.pass_more(120_000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A client that saw 299 on A comes to B: it waits past 3 s, until the
+    // load has ended, and recovers what came after 299.
+    let url = b.ws_url(&format!(
+        "/ws/rest?token={ACCOUNT}&recover=true&epoch={epoch}&since={since}"
+    ));
+    let (inner, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut wr = common::Ws { inner };
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(3600)).await;
+        relay.pass_all();
+    };
+    let (recovery, ()) = tokio::join!(wr.envelope_within(Duration::from_secs(20)), release);
+    common::recovery::assert_recovery_frame(&recovery);
+    assert_eq!(recovery["data"]["recovered"], true, "{recovery}");
+    assert_eq!(recovery["data"]["epoch"], json!(epoch), "{recovery}");
+    let replayed = wr.envelope().await;
+    assert_eq!((n(&replayed), offset(&replayed)), (300, offset(&on_a[299])));
+}
+
 /// Two nodes on a NATS of the test's own, B reaching it through a relay the
 /// test can slow down or cut, with instance `name` created on A.
 struct RelayedPair {
@@ -724,6 +783,9 @@ struct Relay {
     streams: Arc<Mutex<Vec<TcpStream>>>,
     /// How long what NATS sends is held, in ms (see [`Relay::delay`]).
     delay: Arc<AtomicU64>,
+    /// How many more bytes of what NATS sends pass (`u64::MAX`: all; see
+    /// [`Relay::pass_only`]).
+    budget: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -733,7 +795,9 @@ impl Relay {
         let open = Arc::new(AtomicBool::new(true));
         let streams = Arc::new(Mutex::new(Vec::new()));
         let delay = Arc::new(AtomicU64::new(0));
-        let (is_open, held, late) = (open.clone(), streams.clone(), delay.clone());
+        let budget = Arc::new(AtomicU64::new(u64::MAX));
+        let (is_open, held, late, passing) =
+            (open.clone(), streams.clone(), delay.clone(), budget.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 // Dropped at once while cut: the connection is refused.
@@ -752,11 +816,12 @@ impl Relay {
                         client.try_clone().unwrap(),
                         server.try_clone().unwrap(),
                         Arc::new(AtomicU64::new(0)),
+                        Arc::new(AtomicU64::new(u64::MAX)),
                     ),
-                    (server, client, late.clone()),
+                    (server, client, late.clone(), passing.clone()),
                 ];
-                for (from, into, delay) in ways {
-                    std::thread::spawn(move || copy_late(from, into, &delay));
+                for (from, into, delay, budget) in ways {
+                    std::thread::spawn(move || copy_late(from, into, &delay, &budget));
                 }
             }
         });
@@ -765,7 +830,22 @@ impl Relay {
             open,
             streams,
             delay,
+            budget,
         }
+    }
+
+    /// From now on, only `bytes` more of what NATS sends pass; the rest is
+    /// held (in order) until [`Relay::pass_more`] or [`Relay::pass_all`].
+    fn pass_only(&self, bytes: u64) {
+        self.budget.store(bytes, Ordering::SeqCst);
+    }
+
+    fn pass_more(&self, bytes: u64) {
+        self.budget.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    fn pass_all(&self) {
+        self.budget.store(u64::MAX, Ordering::SeqCst);
     }
 
     /// From now on, each chunk NATS sends passes `delay` after it came.
@@ -791,17 +871,29 @@ impl Relay {
 }
 
 /// Copies `from` into `into`, each chunk `delay` ms (as it is when the chunk
-/// is read) after it was read, and shuts both ways of `into` when `from` ends.
-fn copy_late(mut from: TcpStream, mut into: TcpStream, delay: &AtomicU64) {
+/// is read) after it was read and within what `budget` lets pass, and
+/// shuts both ways of `into` when `from` ends.
+fn copy_late(mut from: TcpStream, mut into: TcpStream, delay: &AtomicU64, budget: &Arc<AtomicU64>) {
     use std::io::{Read, Write};
     let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let budget = budget.clone();
     let writer = std::thread::spawn(move || {
         for (due, chunk) in rx {
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
-            if into.write_all(&chunk).is_err() {
-                break;
+            let mut rest = chunk.as_slice();
+            while !rest.is_empty() {
+                let n = take_budget(&budget, rest.len());
+                if n == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                if into.write_all(&rest[..n]).is_err() {
+                    let _ = into.shutdown(Shutdown::Both);
+                    return;
+                }
+                rest = &rest[n..];
             }
         }
         let _ = into.shutdown(Shutdown::Both);
@@ -815,6 +907,17 @@ fn copy_late(mut from: TcpStream, mut into: TcpStream, delay: &AtomicU64) {
     }
     drop(tx);
     let _ = writer.join();
+}
+
+/// Takes up to `want` bytes from `budget` (`u64::MAX`: no limit): how many.
+fn take_budget(budget: &AtomicU64, want: usize) -> usize {
+    let want = want as u64;
+    let before = budget
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+            (left != u64::MAX).then(|| left - left.min(want))
+        })
+        .unwrap_or_else(|left| left);
+    before.min(want) as usize
 }
 
 /// Appends `payload` to instance `id`'s history subject as a node would
