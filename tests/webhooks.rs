@@ -2112,6 +2112,42 @@ async fn an_ip_literal_is_checked_again_when_connecting() {
     assert_eq!(rx.count(), 0);
 }
 
+/// An address refused only on a retry (the first attempt was made by a
+/// node that allowed it): the delivery becomes a dead letter at once,
+/// `attempts` counting the attempts made, `lastStatus` null.
+#[actix_rt::test]
+async fn an_address_refused_on_a_retry_counts_the_attempts_made() {
+    let db = common::TestDb::fresh();
+    let rx = Receiver::start();
+    rx.answer(|_, _| (500, vec![]));
+    let env = [
+        (
+            "EVENTGATE_WEBHOOK_ALLOWED_NETWORKS",
+            "127.0.0.0/8".to_string(),
+        ),
+        ("EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS", "4".to_string()),
+    ];
+    let mut allowing = common::Process::start(&db, &["serve"], &env);
+    let first = allowing.client(&eventgate::settings::Settings::default());
+    first.instance("re").await;
+    set_ok(&first, "re", json!({"enabled": true, "url": rx.url("/r")})).await;
+    first.publish("re", event("call.update", json!({}))).await;
+    wait_stats(&first, "re", "default", |st| st["lastError"] == "HTTP 500").await;
+    // Gone before the retry is due (at least 3.2 s after the attempt).
+    allowing.signal("KILL");
+    allowing.wait_exit(Duration::from_secs(5)).expect("killed");
+    let strict = TestServer::start_on(db.shared(), |_| {}).await;
+    let st = wait_stats(&strict, "re", "default", |st| st["failed"] == 1).await;
+    assert_eq!(st["lastError"], "refused address");
+    let d = failed(&strict, "re", "").await.body["deliveries"][0].clone();
+    assert_eq!(
+        (d["attempts"].clone(), d["lastStatus"].clone()),
+        (json!(2), Value::Null),
+        "{d}"
+    );
+    assert_eq!(rx.count(), 1, "the second attempt never connected");
+}
+
 #[actix_rt::test]
 async fn storage_failures_answer_the_contract_500s_and_publish_is_not_acknowledged() {
     let Some(db) = common::require_postgres() else {
