@@ -717,7 +717,7 @@ async fn a_recovery_during_the_rest_of_a_slow_load_waits_for_its_end() {
     assert_ne!(on_b["epoch"], json!(epoch), "B numbered locally: {on_b}");
     // More of the load: B follows the shared history again, still loading.
     relay.pass_more(120_000);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     // A client that saw 299 on A comes to B: it waits past 3 s, until the
     // load has ended, and recovers what came after 299.
     let url = b.ws_url(&format!(
@@ -725,11 +725,23 @@ async fn a_recovery_during_the_rest_of_a_slow_load_waits_for_its_end() {
     ));
     let (inner, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let mut wr = common::Ws { inner };
+    let released = AtomicBool::new(false);
     let release = async {
         tokio::time::sleep(Duration::from_millis(3600)).await;
+        released.store(true, Ordering::SeqCst);
         relay.pass_all();
     };
-    let (recovery, ()) = tokio::join!(wr.envelope_within(Duration::from_secs(20)), release);
+    let answer = async {
+        let recovery = wr.envelope_within(Duration::from_secs(20)).await;
+        (recovery, released.load(Ordering::SeqCst))
+    };
+    let ((recovery, after_release), ()) = tokio::join!(answer, release);
+    // Answered once the rest of the load came (not before: the load was
+    // still going on when its 3 s were up).
+    assert!(
+        after_release,
+        "answered before the rest of the load: {recovery}"
+    );
     common::recovery::assert_recovery_frame(&recovery);
     assert_eq!(recovery["data"]["recovered"], true, "{recovery}");
     assert_eq!(recovery["data"]["epoch"], json!(epoch), "{recovery}");
