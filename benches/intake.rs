@@ -12,6 +12,7 @@ use eventgate::domain::InstanceName;
 use eventgate::storage::deliveries::{self, Intake, NewDelivery, PendingCounts};
 use eventgate::storage::webhooks::{self, NewConfig};
 use eventgate::storage::{accounts, instances, now_millis, pool};
+use eventgate::webhook::signature::new_delivery_id;
 
 /// Publishes in a group, and events in each.
 const PUBLISHES: usize = 4;
@@ -53,7 +54,7 @@ fn store(c: &mut Criterion) {
                         .map(|_| {
                             let rows = (0..EVENTS)
                                 .map(|_| NewDelivery {
-                                    id: None,
+                                    id: new_delivery_id(),
                                     event: "message.exchange",
                                     data: DATA.to_string(),
                                 })

@@ -1043,18 +1043,17 @@ async fn dead_letters_page_and_retry_validates() {
     .await;
 }
 
-/// Dead letters stored before delivery ids carried their acceptance
-/// position (`msg_` + 8 characters of time + 16 random ones) still page:
-/// a cursor still there resumes after its position, one gone resumes at
-/// its time, and an id of neither form that no dead letter has is an
-/// empty last page.
+/// A cursor whose dead letter was removed without being put back by
+/// `/retry` (its webhook's dead letters past retention, or deleted by hand)
+/// resumes at its creation time, kept in the id; an id of another form that
+/// no dead letter has is an empty last page.
 #[actix_rt::test]
-async fn dead_letters_with_ids_of_the_earlier_form_still_page() {
+async fn a_cursor_whose_dead_letter_was_removed_resumes_at_its_time() {
     let s = server_with(&[]).await;
     s.instance("old").await;
     set_ok(&s, "old", json!({"label": "x", "enabled": false})).await;
-    /// An id of the earlier form made at `millis`.
-    fn earlier_id(millis: i64, tail: char) -> String {
+    /// An id of the gateway's form made at `millis`.
+    fn id_at(millis: i64, tail: char) -> String {
         let digits = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
         let mut time = [b'0'; 8];
         let mut t = millis;
@@ -1076,7 +1075,7 @@ async fn dead_letters_with_ids_of_the_earlier_form_still_page() {
     let ids: Vec<String> = [(now - 3_000, 'a'), (now - 2_000, 'b'), (now - 1_000, 'c')]
         .iter()
         .map(|(at, tail)| {
-            let id = earlier_id(*at, *tail);
+            let id = id_at(*at, *tail);
             execute(
                 &s.db.url,
                 &format!(
@@ -1578,6 +1577,57 @@ async fn deliveries_start_in_acceptance_order_whether_claimed_or_handed_over() {
     }
     assert_eq!(order.len(), total);
     assert_eq!(rx.max_in_flight(), 1);
+}
+
+/// A dead letter of an `ordered` webhook put back by `/retry` while a
+/// later delivery of that webhook is in flight waits for it: one in flight
+/// at a time.
+#[actix_rt::test]
+async fn a_dead_letter_put_back_waits_for_the_ordered_delivery_in_flight() {
+    let s = server_with(&[]).await; // one attempt, no retry
+    let rx = Receiver::start();
+    // Only the first request fails: the replay is attempt 1 again.
+    rx.answer(|_, n| (if n == 0 { 500 } else { 200 }, vec![]));
+    s.instance("ordr").await;
+    set_ok(
+        &s,
+        "ordr",
+        json!({"enabled": true, "url": rx.url("/"), "ordered": true}),
+    )
+    .await;
+    s.publish("ordr", event("call.update", json!({"i": 0})))
+        .await;
+    wait_stats(&s, "ordr", "default", |st| st["failed"] == 1).await;
+    let dead = failed(&s, "ordr", "").await.body["deliveries"][0]["id"].clone();
+    // 1 is held by the receiver, in flight, when 0 is put back.
+    rx.hold(true);
+    s.publish("ordr", event("call.update", json!({"i": 1})))
+        .await;
+    rx.wait_count(2, WAIT).await;
+    let r = s
+        .call(
+            "POST",
+            "/api/events/webhook/ordr/retry",
+            Some(ACCOUNT),
+            Some(json!({ "ids": [dead] })),
+        )
+        .await;
+    assert_eq!(r.body["requeued"], 1, "{}", r.body);
+    // Time for a claim (within 20 ms of a retry coming due on this node).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(rx.count(), 2, "0 was attempted again while 1 was in flight");
+    rx.hold(false);
+    let got = rx.wait_count(3, WAIT).await;
+    let order: Vec<(i64, u32)> = got
+        .iter()
+        .map(|g| (g.json()["data"]["i"].as_i64().unwrap(), g.attempt()))
+        .collect();
+    assert_eq!(order, [(0, 1), (1, 1), (0, 1)]);
+    assert_eq!(rx.max_in_flight(), 1);
+    wait_stats(&s, "ordr", "default", |st| {
+        st["failed"] == 0 && st["pending"] == 0 && st["delivered"] == 2
+    })
+    .await;
 }
 
 #[actix_rt::test]
@@ -2125,7 +2175,7 @@ async fn an_address_refused_on_a_retry_counts_the_attempts_made() {
             "EVENTGATE_WEBHOOK_ALLOWED_NETWORKS",
             "127.0.0.0/8".to_string(),
         ),
-        ("EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS", "4".to_string()),
+        ("EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS", "3600".to_string()),
     ];
     let mut allowing = common::Process::start(&db, &["serve"], &env);
     let first = allowing.client(&eventgate::settings::Settings::default());
@@ -2133,9 +2183,10 @@ async fn an_address_refused_on_a_retry_counts_the_attempts_made() {
     set_ok(&first, "re", json!({"enabled": true, "url": rx.url("/r")})).await;
     first.publish("re", event("call.update", json!({}))).await;
     wait_stats(&first, "re", "default", |st| st["lastError"] == "HTTP 500").await;
-    // Gone before the retry is due (at least 3.2 s after the attempt).
     allowing.signal("KILL");
     allowing.wait_exit(Duration::from_secs(5)).expect("killed");
+    // The retry comes due now, on a node that does not allow the address.
+    execute(&db.url, "UPDATE webhook_deliveries SET next_attempt_at = 0");
     let strict = TestServer::start_on(db.shared(), |_| {}).await;
     let st = wait_stats(&strict, "re", "default", |st| st["failed"] == 1).await;
     assert_eq!(st["lastError"], "refused address");
@@ -2266,7 +2317,16 @@ async fn dead_letters_past_retention_are_removed() {
         .as_str()
         .unwrap()
         .to_string();
-    let hours_ago = eventgate::storage::now_millis() - 169 * 3_600_000;
+    let now = eventgate::storage::now_millis();
+    let hours_ago = now - 169 * 3_600_000;
+    // Where two letters put back by /retry stood: one 169 hours ago.
+    execute(
+        &s.db.url,
+        &format!(
+            "INSERT INTO webhook_requeued (id, seq, at) VALUES \
+             ('msg_putbackold', 1, {hours_ago}), ('msg_putbacknew', 2, {now})"
+        ),
+    );
     execute(
         &s.db.url,
         &format!("UPDATE webhook_deliveries SET dead_at = {hours_ago} WHERE id = '{first}'"),
@@ -2275,6 +2335,18 @@ async fn dead_letters_past_retention_are_removed() {
     assert_eq!(st["pending"], 0);
     let left = failed(&s, "old", "").await;
     assert_eq!(left.body["deliveries"][0]["envelope"]["data"]["a"], 2);
+    assert_eq!(
+        count(
+            &s.db.url,
+            "SELECT COUNT(*) AS n FROM webhook_requeued WHERE id = 'msg_putbacknew'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(&s.db.url, "SELECT COUNT(*) AS n FROM webhook_requeued"),
+        1,
+        "the position kept 169 hours ago is gone with the dead letters of then"
+    );
 }
 
 #[derive(diesel::QueryableByName)]

@@ -16,6 +16,7 @@ use crate::events::{parse_publish, Event};
 use crate::instance::shared_history::SharedHistoryError;
 use crate::instance::{Change, InstanceInfo};
 use crate::storage::deliveries::NewDelivery;
+use crate::webhook::signature::new_delivery_id;
 
 /// When a `backlog full` refusal was last logged (at most every 10 s).
 static BACKLOG_LOGGED: parking_lot::Mutex<Option<std::time::Instant>> =
@@ -45,7 +46,7 @@ async fn enqueue_webhooks(
                 .iter()
                 .filter(|e| h.wants(e.kind))
                 .map(|e| NewDelivery {
-                    id: None,
+                    id: new_delivery_id(),
                     event: e.kind.as_str(),
                     // A Map serialises infallibly: keys are strings, numbers finite.
                     data: serde_json::to_string(&e.data).unwrap_or_else(|_| "{}".into()),

@@ -24,7 +24,7 @@ use crate::webhook::config::{
     is_valid_label, label_or_default, parse_fields, WebhookInput, DEFAULT_LABEL, SET_KEYS,
 };
 use crate::webhook::sealing::Sealer;
-use crate::webhook::signature::{delivery_id_seq, delivery_id_time, is_delivery_id, new_secret};
+use crate::webhook::signature::{delivery_id_time, is_delivery_id, new_secret};
 use crate::webhook::worker::read_enabled;
 
 /// 500 message of the set endpoint.
@@ -341,16 +341,11 @@ pub async fn failed(
         .db(move |conn| {
             let start = match &after {
                 None => PageStart::AfterSeq(0),
-                // Where it stood, whether or not its delivery is still there.
-                Some(a) => match delivery_id_seq(a) {
-                    Some(seq) => PageStart::AfterSeq(seq),
-                    // An id made before ids carried their position.
-                    None => match (deliveries::seq_of(conn, a)?, delivery_id_time(a)) {
-                        (Some(seq), _) => PageStart::AfterSeq(seq),
-                        // Gone since: resume where it stood, by its time.
-                        (None, Some(at)) => PageStart::Since(at),
-                        (None, None) => return Ok(Vec::new()),
-                    },
+                Some(a) => match (deliveries::seq_of(conn, a)?, delivery_id_time(a)) {
+                    (Some(seq), _) => PageStart::AfterSeq(seq),
+                    // Gone since: resume where it stood, by its time.
+                    (None, Some(at)) => PageStart::Since(at),
+                    (None, None) => return Ok(Vec::new()),
                 },
             };
             deliveries::dead_letters(conn, &ids, start, limit + 1)

@@ -31,7 +31,6 @@
 //! paging) works on rows. Counts of pending deliveries add the bundles'
 //! `count`.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use diesel::prelude::*;
@@ -39,7 +38,9 @@ use diesel::sql_types::{BigInt, Bool, Text};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::deliveries::{Claimed, InsertRun, LeasedBundle, NewRow, Outcome, Run, Stored};
+use super::deliveries::{
+    Claimed, InsertRun, LeasedBundle, NewDelivery, NewRow, Outcome, Run, Stored,
+};
 use super::webhooks::{dialect_of, id_list, lock_key, try_hook_lock_shared};
 use super::{with_conn, DbConn, StorageError};
 use crate::domain::EventKind;
@@ -327,10 +328,7 @@ pub(super) fn store<C: BundleRows>(
 /// One unpacked delivery: its reserved position and acceptance time.
 pub(super) struct Unpacked {
     seq: i64,
-    id: String,
-    event: &'static str,
-    /// The event's `data` object, as JSON text.
-    data: String,
+    row: NewDelivery,
     at: i64,
 }
 
@@ -352,9 +350,7 @@ fn store_rows<C: InsertRun>(
             .iter()
             .map(|u| NewRow {
                 seq: u.seq,
-                id: Cow::Borrowed(&u.id),
-                event: u.event,
-                data: &u.data,
+                row: &u.row,
                 now: u.at,
                 lease_until,
             })
@@ -587,10 +583,10 @@ pub(super) fn unpack_for_claim<C: BundleRows + InsertRun>(
         whole.extend(leased);
         claimed.extend(taken.into_iter().map(|(u, bundle)| Claimed {
             seq: u.seq,
-            id: u.id,
+            id: u.row.id,
             webhook_id: webhook,
-            event: u.event.to_string(),
-            data: u.data,
+            event: u.row.event.to_string(),
+            data: u.row.data,
             created_at: u.at,
             attempts: 0,
             next_attempt_at: u.at,
@@ -645,7 +641,7 @@ fn pack(rows: &[NewRow<'_>]) -> Result<String, Box<dyn std::error::Error + Send 
     use std::io::Write;
     let size: usize = rows
         .iter()
-        .map(|n| n.id.len() + n.event.len() + n.data.len() + 48)
+        .map(|n| n.row.id.len() + n.row.event.len() + n.row.data.len() + 48)
         .sum();
     let mut out: Vec<u8> = Vec::with_capacity(size + 2);
     out.push(b'[');
@@ -654,11 +650,11 @@ fn pack(rows: &[NewRow<'_>]) -> Result<String, Box<dyn std::error::Error + Send 
             out.push(b',');
         }
         write!(out, "[{},", n.seq)?;
-        serde_json::to_writer(&mut out, n.id.as_ref())?;
+        serde_json::to_writer(&mut out, &n.row.id)?;
         out.push(b',');
-        serde_json::to_writer(&mut out, n.event)?;
+        serde_json::to_writer(&mut out, n.row.event)?;
         // `data` is the JSON text of an object (the intake's input).
-        write!(out, ",{},{}]", n.now, n.data)?;
+        write!(out, ",{},{}]", n.now, n.row.data)?;
     }
     out.push(b']');
     Ok(String::from_utf8(out)?)
@@ -680,9 +676,11 @@ fn unpack_text(text: &str) -> QueryResult<Vec<Unpacked>> {
                 .ok_or_else(|| corrupt(format!("a webhook bundle's event {event:?}")))?;
             Ok(Unpacked {
                 seq,
-                id,
-                event: event.as_str(),
-                data: data.get().to_string(),
+                row: NewDelivery {
+                    id,
+                    event: event.as_str(),
+                    data: data.get().to_string(),
+                },
                 at,
             })
         })
@@ -697,38 +695,35 @@ mod tests {
     #[test]
     fn a_bundle_unpacks_to_what_was_packed() {
         let rows = [
-            (
-                "msg_1",
-                "call.update",
-                r#"{"a":1.50,"b":"x\"\u00e9\n","c":[1,{"d":null}],"n":12345678901234567890}"#,
-            ),
-            ("msg_2", "label.update", "{}"),
+            NewDelivery {
+                id: "msg_1".into(),
+                event: "call.update",
+                data: r#"{"a":1.50,"b":"x\"\u00e9\n","c":[1,{"d":null}],"n":12345678901234567890}"#
+                    .into(),
+            },
+            NewDelivery {
+                id: "msg_2".into(),
+                event: "label.update",
+                data: "{}".into(),
+            },
         ];
         let packed: Vec<NewRow<'_>> = rows
             .iter()
-            .zip(0..)
-            .map(|((id, event, data), i)| NewRow {
-                seq: 50 + i,
-                id: Cow::Borrowed(id),
-                event,
-                data,
-                now: 1_000 + i,
+            .enumerate()
+            .map(|(i, row)| NewRow {
+                seq: 50 + i64::try_from(i).unwrap(),
+                row,
+                now: 1_000 + i64::try_from(i).unwrap(),
                 lease_until: 0,
             })
             .collect();
         let text = pack(&packed).unwrap();
         let back = unpack_text(&text).unwrap();
         assert_eq!(back.len(), 2);
-        for (got, ((id, event, data), i)) in back.iter().zip(rows.iter().zip(0..)) {
+        for (got, (want, i)) in back.iter().zip(rows.iter().zip(0..)) {
             assert_eq!(
-                (
-                    got.seq,
-                    got.id.as_str(),
-                    got.event,
-                    got.data.as_str(),
-                    got.at
-                ),
-                (50 + i, *id, *event, *data, 1_000 + i)
+                (got.seq, &got.row.id, got.row.event, &got.row.data, got.at),
+                (50 + i, &want.id, want.event, &want.data, 1_000 + i)
             );
         }
         assert!(unpack_text(r#"[[3,"msg_3","no.such",1,{}]]"#).is_err());

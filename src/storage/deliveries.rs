@@ -9,7 +9,6 @@
 //! rows), and record outcomes in batches, closing the leased bundles whose
 //! deliveries all have one.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -18,9 +17,9 @@ use diesel::sql_types::{BigInt, Bool, Nullable, Text};
 
 use super::bundles::{self, BundleRows};
 use super::schema::webhook_deliveries as d;
+use super::schema::webhook_requeued as r;
 use super::webhooks::{dialect, hook_locks, id_list, HookId, WebhookRow, COLUMNS};
 use super::{unsynced, with_conn, write_tx, DbConn, StorageError};
-use crate::webhook::signature::delivery_id;
 
 /// Error of a delivery refused because its webhook's backlog is full.
 pub const BACKLOG_FULL: &str = "backlog full";
@@ -28,10 +27,7 @@ pub const BACKLOG_FULL: &str = "backlog full";
 /// One delivery to store.
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
-    /// Its id when it has one already (a delivery stored again); `None`
-    /// for a new one, whose id is made from its acceptance position when
-    /// it is stored ([`crate::webhook::signature::delivery_id`]).
-    pub id: Option<String>,
+    pub id: String,
     pub event: &'static str,
     /// The event's `data` object, as JSON text.
     pub data: String,
@@ -269,11 +265,7 @@ pub(super) enum Stored {
 /// was stored: [`SeqReserve`]), its publish's acceptance time and lease.
 pub(super) struct NewRow<'a> {
     pub(super) seq: i64,
-    /// Its delivery id (`webhook-id`).
-    pub(super) id: Cow<'a, str>,
-    pub(super) event: &'static str,
-    /// The event's `data` object, as JSON text.
-    pub(super) data: &'a str,
+    pub(super) row: &'a NewDelivery,
     pub(super) now: i64,
     pub(super) lease_until: i64,
 }
@@ -307,12 +299,7 @@ impl<'a> Runs<'a> {
             .zip(seqs)
             .map(|(row, seq)| NewRow {
                 seq,
-                id: match &row.id {
-                    Some(id) => Cow::Borrowed(id),
-                    None => Cow::Owned(delivery_id(from.now, seq)),
-                },
-                event: row.event,
-                data: &row.data,
+                row,
                 now: from.now,
                 lease_until: from.lease_until,
             })
@@ -475,10 +462,10 @@ fn insert_fixed<const N: usize>(
         let n = &rows[i];
         (
             d::seq.eq(n.seq),
-            d::id.eq(n.id.clone().into_owned()),
+            d::id.eq(n.row.id.clone()),
             d::webhook_id.eq(webhook),
-            d::event.eq(n.event),
-            d::data.eq(n.data.to_string()),
+            d::event.eq(n.row.event),
+            d::data.eq(n.row.data.clone()),
             d::created_at.eq(n.now),
             d::attempts.eq(attempts),
             d::next_attempt_at.eq(n.now),
@@ -510,9 +497,9 @@ impl InsertRun for diesel::pg::PgConnection {
             .bind::<BigInt, _>(attempts)
             .bind::<Nullable<Text>, _>(dead.then_some(BACKLOG_FULL))
             .bind::<Bool, _>(dead)
-            .bind::<Array<Text>, _>(rows.iter().map(|n| n.id.as_ref()).collect::<Vec<_>>())
-            .bind::<Array<Text>, _>(rows.iter().map(|n| n.event).collect::<Vec<_>>())
-            .bind::<Array<Text>, _>(rows.iter().map(|n| n.data).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.id.as_str()).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.event).collect::<Vec<_>>())
+            .bind::<Array<Text>, _>(rows.iter().map(|n| n.row.data.as_str()).collect::<Vec<_>>())
             .bind::<Array<BigInt>, _>(rows.iter().map(|n| n.now).collect::<Vec<_>>())
             .bind::<Array<BigInt>, _>(
                 rows.iter()
@@ -645,10 +632,10 @@ pub fn enqueue(
                         });
                         out.leased.extend(run.rows.iter().map(|n| Claimed {
                             seq: n.seq,
-                            id: n.id.to_string(),
+                            id: n.row.id.clone(),
                             webhook_id: *webhook,
-                            event: n.event.to_string(),
-                            data: n.data.to_string(),
+                            event: n.row.event.to_string(),
+                            data: n.row.data.clone(),
                             created_at: n.now,
                             attempts: 0,
                             next_attempt_at: n.now,
@@ -674,12 +661,19 @@ const CLAIMED: &str = "d.seq, d.id, d.webhook_id, d.event, d.data, d.created_at,
 /// The due deliveries of webhook `w` (the first `$3`, in claim order): for
 /// an `ordered` webhook only its oldest pending one (found in the
 /// `(webhook_id, dead_at, seq)` index: as `MIN(seq)`, PostgreSQL walked the
-/// primary key from the oldest row of any webhook).
+/// primary key from the oldest row of any webhook), and only while none of
+/// its deliveries is leased (a dead letter put back by `/retry` is the
+/// oldest while a later one may be in flight). The leased ones of all
+/// webhooks are read once, from the small partial index
+/// `webhook_deliveries_leased` (whose condition the query repeats):
+/// correlated with `w`, SQLite searched every pending row of the webhook.
 const DUE_OF_WEBHOOK: &str = "d.webhook_id = w.id AND d.dead_at IS NULL \
      AND d.next_attempt_at <= $1 AND d.lease_until <= $1 \
-     AND (NOT w.ordered OR d.seq = (SELECT d2.seq FROM webhook_deliveries d2 \
+     AND (NOT w.ordered OR (d.seq = (SELECT d2.seq FROM webhook_deliveries d2 \
           WHERE d2.webhook_id = w.id AND d2.dead_at IS NULL \
-          ORDER BY d2.webhook_id, d2.dead_at, d2.seq LIMIT 1))";
+          ORDER BY d2.webhook_id, d2.dead_at, d2.seq LIMIT 1) \
+          AND w.id NOT IN (SELECT d3.webhook_id FROM webhook_deliveries d3 \
+          WHERE d3.dead_at IS NULL AND d3.lease_until > 0 AND d3.lease_until > $1)))";
 
 /// A webhook's id and whether it is `ordered`.
 #[derive(QueryableByName)]
@@ -1065,13 +1059,15 @@ pub fn complete(
     })
 }
 
-/// The acceptance position of a delivery id (pending or dead).
+/// The acceptance position of a delivery id: pending or dead, or put back
+/// by `/retry` since (and perhaps delivered and gone).
 pub fn seq_of(conn: &mut DbConn, id: &str) -> Result<Option<i64>, StorageError> {
-    Ok(with_conn!(conn, c => d::table
-        .filter(d::id.eq(id))
-        .select(d::seq)
-        .first::<i64>(c)
-        .optional())?)
+    Ok(with_conn!(conn, c => {
+        match d::table.filter(d::id.eq(id)).select(d::seq).first::<i64>(c).optional()? {
+            Some(seq) => Ok(Some(seq)),
+            None => r::table.filter(r::id.eq(id)).select(r::seq).first::<i64>(c).optional(),
+        }
+    })?)
 }
 
 /// Where a page of dead letters starts.
@@ -1121,8 +1117,15 @@ pub fn dead_letters(
 /// Ids of dead letters requeued per statement.
 const REQUEUE_CHUNK: usize = 1_000;
 
+/// Positions kept per statement (three bound values each: SQLite takes at
+/// most 32,766 in a statement).
+const POSITIONS_CHUNK: usize = 5_000;
+
 /// Puts dead letters of these webhooks (all, or those of `ids`) back as
-/// pending from the first attempt; returns how many.
+/// pending from the first attempt; returns how many. Where each stood is
+/// kept (`webhook_requeued`), for a `/failed` cursor that names one after
+/// it was delivered. A lease is left as it is: a letter made dead while an
+/// attempt of it was in flight (its webhook disabled) waits for it.
 pub fn requeue(
     conn: &mut DbConn,
     webhooks: &[i64],
@@ -1133,34 +1136,44 @@ pub fn requeue(
         d::dead_at.eq(None::<i64>),
         d::attempts.eq(0_i64),
         d::next_attempt_at.eq(now),
-        d::lease_until.eq(0_i64),
     );
-    let n = match ids {
-        // In chunks: SQLite takes at most 32,766 bound values in a statement,
-        // and a request may name more ids (unknown ones are ignored).
-        Some(ids) => write_tx!(conn, c => {
-            let mut n = 0;
-            for chunk in ids.chunks(REQUEUE_CHUNK) {
-                n += diesel::update(
-                    d::table
-                        .filter(d::webhook_id.eq_any(webhooks))
-                        .filter(d::dead_at.is_not_null())
-                        .filter(d::id.eq_any(chunk)),
-                )
-                .set(changes)
-                .execute(c)?;
+    let letters = d::table
+        .filter(d::webhook_id.eq_any(webhooks))
+        .filter(d::dead_at.is_not_null());
+    Ok(write_tx!(conn, c => {
+        let put_back: Vec<(String, i64)> = match ids {
+            // In chunks: SQLite takes at most 32,766 bound values in a
+            // statement, and a request may name more ids (unknown ones are
+            // ignored).
+            Some(ids) => {
+                let mut put_back = Vec::new();
+                for chunk in ids.chunks(REQUEUE_CHUNK) {
+                    put_back.extend(
+                        diesel::update(letters.clone().filter(d::id.eq_any(chunk)))
+                            .set(changes)
+                            .returning((d::id, d::seq))
+                            .get_results::<(String, i64)>(c)?,
+                    );
+                }
+                put_back
             }
-            Ok::<usize, diesel::result::Error>(n)
-        })?,
-        None => write_tx!(conn, c => diesel::update(
-            d::table
-                .filter(d::webhook_id.eq_any(webhooks))
-                .filter(d::dead_at.is_not_null()),
-        )
-        .set(changes)
-        .execute(c))?,
-    };
-    Ok(n)
+            None => diesel::update(letters)
+                .set(changes)
+                .returning((d::id, d::seq))
+                .get_results(c)?,
+        };
+        for chunk in put_back.chunks(POSITIONS_CHUNK) {
+            let rows: Vec<_> = chunk
+                .iter()
+                .map(|(id, seq)| (r::id.eq(id), r::seq.eq(seq), r::at.eq(now)))
+                .collect();
+            diesel::insert_into(r::table)
+                .values(&rows)
+                .on_conflict_do_nothing()
+                .execute(c)?;
+        }
+        Ok::<usize, diesel::result::Error>(put_back.len())
+    })?)
 }
 
 /// Dead row versions of a queue table (delivered rows and closed bundles
@@ -1209,9 +1222,13 @@ pub fn vacuum_if_bloated(conn: &mut DbConn) -> Result<Vec<&'static str>, Storage
     Ok(vacuumed)
 }
 
-/// Deletes dead letters that died before `before`.
+/// Deletes dead letters that died before `before`, and the positions of
+/// those put back before it.
 pub fn purge_dead(conn: &mut DbConn, before: i64) -> Result<usize, StorageError> {
-    Ok(write_tx!(conn, c => diesel::delete(d::table.filter(d::dead_at.lt(before))).execute(c))?)
+    Ok(write_tx!(conn, c => {
+        diesel::delete(r::table.filter(r::at.lt(before))).execute(c)?;
+        diesel::delete(d::table.filter(d::dead_at.lt(before))).execute(c)
+    })?)
 }
 
 /// Turns pending deliveries of disabled webhooks into dead letters with
@@ -1287,7 +1304,7 @@ mod tests {
     fn deliveries(tag: &str, n: usize) -> Vec<NewDelivery> {
         (0..n)
             .map(|i| NewDelivery {
-                id: Some(format!("msg_{tag}_{i:03}")),
+                id: format!("msg_{tag}_{i:03}"),
                 event: "message.exchange",
                 data: format!("{{\"i\":{i}}}"),
             })

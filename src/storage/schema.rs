@@ -66,3 +66,11 @@ diesel::table! {
         lease_until -> BigInt,
     }
 }
+
+diesel::table! {
+    webhook_requeued (id) {
+        id -> Text,
+        seq -> BigInt,
+        at -> BigInt,
+    }
+}

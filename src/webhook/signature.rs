@@ -28,87 +28,53 @@ pub fn new_secret() -> String {
 /// with the same length sort as their numbers do).
 const ID_ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
-/// Characters of an id that encode its acceptance time in milliseconds
+/// Characters of an id that encode its creation time in milliseconds
 /// (62^8 ms is about 6,900 years).
 const ID_TIME_CHARS: usize = 8;
 
-/// Characters of an id that encode its acceptance position (62^11 > 2^63).
-const ID_SEQ_CHARS: usize = 11;
+/// A new delivery id: `msg_` + 24 characters of `A-Z a-z 0-9`: 8 of the
+/// creation time in milliseconds, then 16 random ones (95 bits, from the
+/// thread's CSPRNG). Ids made later sort after earlier ones, so storing them
+/// appends to the id index instead of writing all over it.
+pub fn new_delivery_id() -> String {
+    delivery_id_at(crate::storage::now_millis())
+}
 
-/// Random characters at the end of an id.
-const ID_RANDOM_CHARS: usize = 16;
-
-/// A delivery id: `msg_` + 35 characters of `A-Z a-z 0-9`: 8 of the
-/// acceptance time in milliseconds, 11 of the acceptance position (the
-/// delivery's `seq`), then 16 random ones (95 bits, from the thread's
-/// CSPRNG, so an id is never made twice, not even by a new database).
-/// Ids made later sort after earlier ones, so storing them appends to the
-/// id index instead of writing all over it; and a dead-letter page's
-/// cursor says where it stood even once its delivery is gone.
-pub fn delivery_id(millis: i64, seq: i64) -> String {
-    let mut out = [0u8; 4 + ID_TIME_CHARS + ID_SEQ_CHARS + ID_RANDOM_CHARS];
+fn delivery_id_at(millis: i64) -> String {
+    let base = ID_ALPHABET.len() as u64;
+    let mut out = [0u8; 4 + ID_TIME_CHARS + 16];
     out[..4].copy_from_slice(b"msg_");
-    let (time, rest) = out[4..].split_at_mut(ID_TIME_CHARS);
-    let (position, random) = rest.split_at_mut(ID_SEQ_CHARS);
-    put_base62(time, u64::try_from(millis).unwrap_or(0));
-    put_base62(position, u64::try_from(seq).unwrap_or(0));
+    let mut t = u64::try_from(millis).unwrap_or(0);
+    for slot in out[4..4 + ID_TIME_CHARS].iter_mut().rev() {
+        *slot = ID_ALPHABET[(t % base) as usize];
+        t /= base;
+    }
     // Two draws from the thread's CSPRNG, 8 characters from each (62^8 <
     // 2^64: a draw's reduction favours some tails by at most 1 in 84,000).
     let mut rng = rand::thread_rng();
-    for tail in random.chunks_mut(8) {
-        let r: u64 = rng.gen();
-        put_base62(tail, r % 62_u64.pow(8));
+    for tail in out[4 + ID_TIME_CHARS..].chunks_mut(8) {
+        let mut r: u64 = rng.gen();
+        for slot in tail {
+            *slot = ID_ALPHABET[(r % base) as usize];
+            r /= base;
+        }
     }
     // Every byte is ASCII: nothing is replaced.
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Writes `v` into `slots` in base 62, most significant first (`v` must
-/// fit; higher digits are dropped).
-fn put_base62(slots: &mut [u8], mut v: u64) {
-    let base = ID_ALPHABET.len() as u64;
-    for slot in slots.iter_mut().rev() {
-        *slot = ID_ALPHABET[(v % base) as usize];
-        v /= base;
+/// When a delivery id made by [`new_delivery_id`] was made (Unix
+/// milliseconds); `None` for an id of another form.
+pub fn delivery_id_time(id: &str) -> Option<i64> {
+    let tail = id.strip_prefix("msg_")?.as_bytes();
+    if tail.len() != ID_TIME_CHARS + 16 {
+        return None;
     }
-}
-
-/// The number `chars` spell in base 62; `None` for another character or
-/// one too large.
-fn base62(chars: &[u8]) -> Option<i64> {
     let base = ID_ALPHABET.len() as i64;
-    chars.iter().try_fold(0i64, |t, c| {
+    tail[..ID_TIME_CHARS].iter().try_fold(0i64, |t, c| {
         let digit = ID_ALPHABET.iter().position(|a| a == c)?;
         t.checked_mul(base)?.checked_add(digit as i64)
     })
-}
-
-/// The tail of an id made by [`delivery_id`], or by the gateway before it
-/// (8 characters of time, 16 random ones, no position).
-fn made_tail(id: &str) -> Option<&[u8]> {
-    let tail = id.strip_prefix("msg_")?.as_bytes();
-    [
-        ID_TIME_CHARS + ID_SEQ_CHARS + ID_RANDOM_CHARS,
-        ID_TIME_CHARS + ID_RANDOM_CHARS,
-    ]
-    .contains(&tail.len())
-    .then_some(tail)
-}
-
-/// When a delivery id made by the gateway was made (Unix milliseconds);
-/// `None` for an id of another form.
-pub fn delivery_id_time(id: &str) -> Option<i64> {
-    base62(&made_tail(id)?[..ID_TIME_CHARS])
-}
-
-/// The acceptance position a delivery id made by [`delivery_id`] carries;
-/// `None` for an id of another form (also one made before ids carried it).
-pub fn delivery_id_seq(id: &str) -> Option<i64> {
-    let tail = made_tail(id)?;
-    if tail.len() != ID_TIME_CHARS + ID_SEQ_CHARS + ID_RANDOM_CHARS {
-        return None;
-    }
-    base62(&tail[ID_TIME_CHARS..ID_TIME_CHARS + ID_SEQ_CHARS])
 }
 
 /// Whether `id` has the form of a delivery id.
@@ -171,7 +137,7 @@ mod tests {
         assert!(s.starts_with("whsec_"));
         assert_eq!(s.len(), 6 + 44);
         assert_eq!(secret_key(&s).unwrap().len(), 32);
-        let id = delivery_id(1_764_900_000_123, 42);
+        let id = new_delivery_id();
         assert!(is_delivery_id(&id), "{id}");
         assert!(!is_delivery_id("msg_"));
         assert!(!is_delivery_id("msg_a-b"));
@@ -179,27 +145,20 @@ mod tests {
     }
 
     #[test]
-    fn ids_carry_their_time_and_position_and_sort_by_them() {
-        let id = delivery_id(1_764_900_000_123, 9_876_543_210);
-        assert_eq!(id.len(), 4 + 35);
-        assert_eq!(delivery_id_time(&id), Some(1_764_900_000_123));
-        assert_eq!(delivery_id_seq(&id), Some(9_876_543_210));
-        assert_eq!(delivery_id_seq(&delivery_id(5, i64::MAX)), Some(i64::MAX));
-        // An id made before ids carried their position: its time, no position.
-        let before = "msg_0WEkF5Ul9yLmH2cTd8sPqR3a";
-        assert_eq!(delivery_id_time(before), base62(b"0WEkF5Ul"));
-        assert_eq!(delivery_id_seq(before), None);
+    fn ids_sort_by_creation_time() {
+        assert_eq!(
+            delivery_id_time(&delivery_id_at(1_764_900_000_123)),
+            Some(1_764_900_000_123)
+        );
         assert_eq!(delivery_id_time("msg_x"), None);
-        assert_eq!(delivery_id_seq("msg_x"), None);
         assert_eq!(delivery_id_time(&format!("msg_{}", "!".repeat(24))), None);
-        assert_eq!(delivery_id_seq(&format!("msg_{}", "!".repeat(35))), None);
-        let earlier = delivery_id(1_764_900_000_000, 7);
-        let later = delivery_id(1_764_900_000_001, 3);
+        let earlier = delivery_id_at(1_764_900_000_000);
+        let later = delivery_id_at(1_764_900_000_001);
         assert!(is_delivery_id(&earlier) && is_delivery_id(&later));
+        assert_eq!(earlier.len(), 28);
         assert!(earlier < later, "{earlier} {later}");
-        assert!(delivery_id(5, 1) < delivery_id(5, 62_i64.pow(10)));
-        assert!(delivery_id(1, 0) < delivery_id(62_i64.pow(7), 0));
-        assert_ne!(delivery_id(5, 1), delivery_id(5, 1));
+        assert!(delivery_id_at(1) < delivery_id_at(62_i64.pow(7)));
+        assert_ne!(delivery_id_at(5), delivery_id_at(5));
     }
 
     #[test]
