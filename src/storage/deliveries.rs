@@ -885,10 +885,23 @@ pub fn targets(conn: &mut DbConn, hooks: &[i64]) -> Result<Vec<Target>, StorageE
     Ok(with_conn!(conn, c => diesel::sql_query(&text).load(c))?)
 }
 
+/// The pending row at `seq` as the claim that counted its attempt
+/// `attempts` left it (not claimed again since).
+#[diesel::dsl::auto_type]
+fn held(seq: i64, attempts: i64) -> _ {
+    d::table
+        .filter(d::seq.eq(seq))
+        .filter(d::dead_at.is_null())
+        .filter(d::attempts.eq(attempts))
+}
+
 /// Records attempt outcomes of rows (and the webhooks' counters) and
 /// closes leased bundles (`bundles::close`) in one transaction. A delivery
 /// that became a dead letter meanwhile (its webhook was disabled) is left
-/// as it is, as is a bundle no longer leased to this node.
+/// as it is, as is a bundle no longer leased to this node, and a row
+/// claimed again since (its lease ran out while the outcome waited to be
+/// recorded: the other claim counted one attempt more, and the row is that
+/// node's now). A success is recorded all the same.
 pub fn complete(
     conn: &mut DbConn,
     outcomes: &[Outcome],
@@ -1003,7 +1016,7 @@ pub fn complete(
                 match o {
                     Outcome::Delivered { .. } => {}
                     Outcome::Retry { seq, attempts, next_at, status, error, at, .. } => {
-                        diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
+                        diesel::update(held(*seq, *attempts))
                             .set((
                                 d::attempts.eq(attempts),
                                 d::next_attempt_at.eq(next_at),
@@ -1015,12 +1028,12 @@ pub fn complete(
                             .execute(c)?;
                     }
                     Outcome::Released { seq, attempts, .. } => {
-                        diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
+                        diesel::update(held(*seq, attempts + 1))
                             .set((d::attempts.eq(attempts), d::lease_until.eq(0_i64)))
                             .execute(c)?;
                     }
                     Outcome::Dead { seq, attempts, status, error, at, .. } => {
-                        diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::dead_at.is_null()))
+                        diesel::update(held(*seq, *attempts))
                             .set((
                                 d::attempts.eq(attempts),
                                 d::lease_until.eq(0_i64),
@@ -1386,6 +1399,59 @@ mod tests {
 
     fn ids(claim: &Claim) -> Vec<&str> {
         claim.rows.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    /// An outcome recorded after its lease ran out and another node claimed
+    /// the delivery again (counting its attempt again) leaves the row to
+    /// that node; the other node's own outcome is recorded.
+    #[test]
+    fn an_outcome_recorded_after_another_claim_leaves_the_row_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook) = one_webhook(&dir, false);
+        publish_due(&mut conn, hook, "a", 3, 1_000);
+        // Node A claims a_000 until 9,000; its outcomes come late.
+        let a = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(1)).unwrap();
+        assert_eq!(ids(&a), ["msg_a_000"]);
+        let seq = a.rows[0].seq;
+        // Node B claims it again once A's lease has run out.
+        let b = claim(&mut conn, 9_001, 20_000, 100, &[], &rooms(1)).unwrap();
+        assert_eq!(ids(&b), ["msg_a_000"]);
+        let b_holds = row("msg_a_000", 2, 1_000, 20_000, None);
+        assert_eq!(row_states(&mut conn)[0], b_holds);
+        let late = [
+            answered_500(seq, hook, 2_100),
+            Outcome::Released {
+                seq,
+                webhook_id: hook,
+                attempts: 0,
+            },
+            Outcome::Dead {
+                seq,
+                webhook_id: hook,
+                attempts: 1,
+                status: Some(410),
+                error: "HTTP 410".into(),
+                at: 2_100,
+            },
+        ];
+        for outcome in late {
+            complete(&mut conn, std::slice::from_ref(&outcome), &[]).unwrap();
+            assert_eq!(row_states(&mut conn)[0], b_holds, "{outcome:?}");
+        }
+        let own = Outcome::Retry {
+            seq,
+            webhook_id: hook,
+            attempts: 2,
+            next_at: 30_000,
+            status: Some(503),
+            error: "HTTP 503".into(),
+            at: 9_100,
+        };
+        complete(&mut conn, &[own], &[]).unwrap();
+        assert_eq!(
+            row_states(&mut conn)[0],
+            row("msg_a_000", 2, 30_000, 0, Some(503))
+        );
     }
 
     /// A claim leases the oldest bundles whole while its room lasts and
