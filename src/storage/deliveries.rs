@@ -663,17 +663,17 @@ const CLAIMED: &str = "d.seq, d.id, d.webhook_id, d.event, d.data, d.created_at,
 /// `(webhook_id, dead_at, seq)` index: as `MIN(seq)`, PostgreSQL walked the
 /// primary key from the oldest row of any webhook), and only while none of
 /// its deliveries is leased (a dead letter put back by `/retry` is the
-/// oldest while a later one may be in flight). The leased ones of all
-/// webhooks are read once, from the small partial index
-/// `webhook_deliveries_leased` (whose condition the query repeats):
-/// correlated with `w`, SQLite searched every pending row of the webhook.
+/// oldest while a later one may be in flight). That looks at the webhook's
+/// pending rows in the same index, once its oldest row is due; no index
+/// holds `lease_until`, so that a claim's lease stays a HOT update on
+/// PostgreSQL.
 const DUE_OF_WEBHOOK: &str = "d.webhook_id = w.id AND d.dead_at IS NULL \
      AND d.next_attempt_at <= $1 AND d.lease_until <= $1 \
      AND (NOT w.ordered OR (d.seq = (SELECT d2.seq FROM webhook_deliveries d2 \
           WHERE d2.webhook_id = w.id AND d2.dead_at IS NULL \
           ORDER BY d2.webhook_id, d2.dead_at, d2.seq LIMIT 1) \
-          AND w.id NOT IN (SELECT d3.webhook_id FROM webhook_deliveries d3 \
-          WHERE d3.dead_at IS NULL AND d3.lease_until > 0 AND d3.lease_until > $1)))";
+          AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d3 \
+          WHERE d3.webhook_id = w.id AND d3.dead_at IS NULL AND d3.lease_until > $1)))";
 
 /// A webhook's id and whether it is `ordered`.
 #[derive(QueryableByName)]
@@ -1136,9 +1136,8 @@ const POSITIONS_CHUNK: usize = 5_000;
 
 /// Puts dead letters of these webhooks (all, or those of `ids`) back as
 /// pending from the first attempt; returns how many. Where each stood is
-/// kept (`webhook_requeued`), for a `/failed` cursor that names one after
-/// it was delivered. A lease is left as it is: a letter made dead while an
-/// attempt of it was in flight (its webhook disabled) waits for it.
+/// kept (`webhook_requeued`, the time of its latest put-back), for a
+/// `/failed` cursor that names one after it was delivered.
 pub fn requeue(
     conn: &mut DbConn,
     webhooks: &[i64],
@@ -1149,6 +1148,7 @@ pub fn requeue(
         d::dead_at.eq(None::<i64>),
         d::attempts.eq(0_i64),
         d::next_attempt_at.eq(now),
+        d::lease_until.eq(0_i64),
     );
     let letters = d::table
         .filter(d::webhook_id.eq_any(webhooks))
@@ -1182,7 +1182,9 @@ pub fn requeue(
                 .collect();
             diesel::insert_into(r::table)
                 .values(&rows)
-                .on_conflict_do_nothing()
+                .on_conflict(r::id)
+                .do_update()
+                .set(r::at.eq(diesel::upsert::excluded(r::at)))
                 .execute(c)?;
         }
         Ok::<usize, diesel::result::Error>(put_back.len())
@@ -1399,6 +1401,55 @@ mod tests {
 
     fn ids(claim: &Claim) -> Vec<&str> {
         claim.rows.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    /// A dead letter put back twice keeps its position with the time of the
+    /// latest put-back (the positions are purged with the dead letters of
+    /// then); the position is found once it is delivered and gone.
+    #[test]
+    fn a_put_back_dead_letter_keeps_its_position_from_its_latest_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook) = one_webhook(&dir, false);
+        // Refused at once (no room): a dead letter.
+        publish(&mut conn, hook, deliveries("a", 1), 1_000, 0, 0);
+        let seq = seq_of(&mut conn, "msg_a_000").unwrap().unwrap();
+        let kept = |conn: &mut DbConn| {
+            with_conn!(conn, c => r::table
+                .select((r::id, r::seq, r::at))
+                .load::<(String, i64, i64)>(c))
+            .unwrap()
+        };
+        assert_eq!(requeue(&mut conn, &[hook], None, 3_000).unwrap(), 1);
+        assert_eq!(kept(&mut conn), [("msg_a_000".to_string(), seq, 3_000)]);
+        // Dead again, and put back again.
+        let taken = claim(&mut conn, 3_000, 8_000, 100, &[], &rooms(1)).unwrap();
+        assert_eq!(ids(&taken), ["msg_a_000"]);
+        let dead = Outcome::Dead {
+            seq,
+            webhook_id: hook,
+            attempts: 1,
+            status: Some(500),
+            error: "HTTP 500".into(),
+            at: 3_500,
+        };
+        complete(&mut conn, &[dead], &[]).unwrap();
+        assert_eq!(requeue(&mut conn, &[hook], None, 6_000).unwrap(), 1);
+        assert_eq!(kept(&mut conn), [("msg_a_000".to_string(), seq, 6_000)]);
+        // Delivered: its row is gone, its position is not.
+        let taken = claim(&mut conn, 6_000, 11_000, 100, &[], &rooms(1)).unwrap();
+        assert_eq!(ids(&taken), ["msg_a_000"]);
+        let delivered = Outcome::Delivered {
+            seq,
+            webhook_id: hook,
+            at: 6_100,
+        };
+        complete(&mut conn, &[delivered], &[]).unwrap();
+        assert!(row_states(&mut conn).is_empty());
+        assert_eq!(seq_of(&mut conn, "msg_a_000").unwrap(), Some(seq));
+        purge_dead(&mut conn, 6_000).unwrap();
+        assert_eq!(kept(&mut conn).len(), 1, "put back at 6,000, not before");
+        purge_dead(&mut conn, 6_001).unwrap();
+        assert_eq!(seq_of(&mut conn, "msg_a_000").unwrap(), None);
     }
 
     /// An outcome recorded after its lease ran out and another node claimed
