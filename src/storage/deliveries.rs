@@ -1255,25 +1255,39 @@ pub fn kill_disabled(conn: &mut DbConn, now: i64) -> Result<usize, StorageError>
          OR EXISTS (SELECT 1 FROM webhook_bundles b WHERE b.webhook_id = w.id)) ORDER BY w.id",
     )
     .load::<HookId>(c))?);
+    kill_disabled_of(conn, &hooks, now)
+}
+
+/// [`kill_disabled`] for `hooks`, read as disabled before their locks were
+/// taken: only those still disabled once they are held are unpacked (one
+/// enabled again meanwhile keeps its bundles, leased to a live node too).
+/// Enabling takes no such lock on PostgreSQL: one enabled between that
+/// read and the unpack, one statement apart, is still unpacked (its
+/// deliveries stay pending; only a leased bundle's may be attempted twice).
+fn kill_disabled_of(conn: &mut DbConn, hooks: &[i64], now: i64) -> Result<usize, StorageError> {
     if hooks.is_empty() {
         return Ok(0);
     }
-    let q_lock = hook_locks(conn.is_pg(), &hooks, false);
+    let q_lock = hook_locks(conn.is_pg(), hooks, false);
+    let q_still = format!(
+        "SELECT id FROM webhooks WHERE NOT enabled AND id IN ({}) ORDER BY id",
+        id_list(hooks)
+    );
     let text = dialect(
         conn,
         &format!(
             "UPDATE webhook_deliveries SET dead_at = $1, last_error = 'webhook disabled' \
              WHERE dead_at IS NULL AND webhook_id IN ({}) \
              AND webhook_id IN (SELECT id FROM webhooks WHERE NOT enabled)",
-            id_list(&hooks)
+            id_list(hooks)
         ),
     );
     Ok(write_tx!(conn, c => {
         if let Some(q) = &q_lock {
             diesel::sql_query(q).execute(c)?;
         }
-        for w in &hooks {
-            bundles::unpack_all(c, *w)?;
+        for w in HookId::ids(diesel::sql_query(&q_still).load::<HookId>(c)?) {
+            bundles::unpack_all(c, w)?;
         }
         diesel::sql_query(&text).bind::<BigInt, _>(now).execute(c)
     })?)
@@ -1288,6 +1302,7 @@ pub fn pending_total(conn: &mut DbConn) -> Result<i64, StorageError> {
 mod tests {
     use super::*;
     use crate::domain::InstanceName;
+    use crate::storage::schema::webhook_bundles as bundles_table;
     use crate::storage::webhooks::{upsert, NewConfig};
     use crate::storage::{accounts, instances, pool};
 
@@ -1813,6 +1828,28 @@ mod tests {
         let dead = dead_letters(&mut conn, &[hook], PageStart::AfterSeq(0), 10).unwrap();
         let ids: Vec<&str> = dead.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["msg_a_000", "msg_a_001", "msg_b_000", "msg_b_001"]);
+    }
+
+    /// A webhook read as disabled and enabled again before its lock was
+    /// taken keeps its bundles, leased ones too: they are not taken back
+    /// from the node attempting them.
+    #[test]
+    fn a_webhook_enabled_again_before_the_kill_keeps_its_bundles() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook) = one_webhook(&dir, false);
+        let out = publish(&mut conn, hook, deliveries("d", 3), 1_000, 3, i64::MAX);
+        assert_eq!(out.leased_bundles.len(), 1);
+        publish_due(&mut conn, hook, "e", 2, 1_001);
+        // Read as disabled; enabled again by the time the kill holds it.
+        assert_eq!(kill_disabled_of(&mut conn, &[hook], 1_500).unwrap(), 0);
+        let bundles: Vec<(i64, i64)> = with_conn!(&mut conn, c => bundles_table::table
+            .select((bundles_table::count, bundles_table::lease_until))
+            .order(bundles_table::seq)
+            .load(c))
+        .unwrap();
+        assert_eq!(bundles, [(3, 2_000), (2, 0)]);
+        assert!(row_states(&mut conn).is_empty());
+        assert_eq!(pending_total(&mut conn).unwrap(), 5);
     }
 
     /// What a node starts at once is one bundle leased to it: no row, no
