@@ -268,6 +268,8 @@ pub fn delete(
             .execute(c)?;
         diesel::sql_query(format!("DELETE FROM webhook_deliveries WHERE webhook_id IN ({ids})"))
             .execute(c)?;
+        diesel::sql_query(format!("DELETE FROM webhook_in_flight WHERE webhook_id IN ({ids})"))
+            .execute(c)?;
         diesel::delete(ws_settings::table.filter(ws_settings::instance_id.eq(found.id.0)))
             .execute(c)?;
         diesel::delete(instances::table.filter(instances::id.eq(found.id.0))).execute(c)

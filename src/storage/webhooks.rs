@@ -398,6 +398,18 @@ pub fn upsert(
         "UPDATE webhook_deliveries SET dead_at = $1, last_error = 'webhook disabled' \
          WHERE webhook_id = $2 AND dead_at IS NULL",
     );
+    // Made ordered while deliveries of it may be in flight: its next one
+    // waits until their leases end (they are not known one by one).
+    let q_now_ordered = dialect(
+        conn,
+        "INSERT INTO webhook_in_flight (webhook_id, seq, until) \
+         SELECT $1, 0, MAX(u) FROM (\
+             SELECT COALESCE(MAX(lease_until), 0) AS u FROM webhook_deliveries \
+             WHERE webhook_id = $1 AND dead_at IS NULL \
+             UNION ALL SELECT COALESCE(MAX(lease_until), 0) FROM webhook_bundles \
+             WHERE webhook_id = $1) AS leases WHERE true \
+         ON CONFLICT (webhook_id) DO UPDATE SET seq = excluded.seq, until = excluded.until",
+    );
     let lock = lock.map(|l| dialect(conn, l));
     #[derive(QueryableByName)]
     struct N {
@@ -452,6 +464,9 @@ pub fn upsert(
                     .bind::<BigInt, _>(now)
                     .bind::<BigInt, _>(old.id)
                     .execute(c)?;
+                if new.ordered && !old.ordered {
+                    diesel::sql_query(&q_now_ordered).bind::<BigInt, _>(old.id).execute(c)?;
+                }
                 if !new.enabled {
                     super::bundles::unpack_all(c, old.id)?;
                     killed = diesel::sql_query(&q_kill)
@@ -479,6 +494,7 @@ pub fn delete(conn: &mut DbConn, instance: InstanceId, label: &str) -> Result<bo
     let q_lock = hook_locks(conn.is_pg(), &[found.id], false);
     let q_bundles = dialect(conn, "DELETE FROM webhook_bundles WHERE webhook_id = $1");
     let q_deliveries = dialect(conn, "DELETE FROM webhook_deliveries WHERE webhook_id = $1");
+    let q_in_flight = dialect(conn, "DELETE FROM webhook_in_flight WHERE webhook_id = $1");
     let q_hook = dialect(conn, "DELETE FROM webhooks WHERE id = $1");
     let n: usize = write_tx!(conn, c => {
         if let Some(q) = &q_lock {
@@ -486,6 +502,7 @@ pub fn delete(conn: &mut DbConn, instance: InstanceId, label: &str) -> Result<bo
         }
         diesel::sql_query(&q_bundles).bind::<BigInt, _>(found.id).execute(c)?;
         diesel::sql_query(&q_deliveries).bind::<BigInt, _>(found.id).execute(c)?;
+        diesel::sql_query(&q_in_flight).bind::<BigInt, _>(found.id).execute(c)?;
         diesel::sql_query(&q_hook).bind::<BigInt, _>(found.id).execute(c)
     })?;
     Ok(n > 0)
