@@ -605,9 +605,10 @@ pub(super) fn unpack_for_claim<C: BundleRows + InsertRun>(
 /// (each has one, or the node is stopping; a bundle whose deliveries all
 /// succeeded is dropped instead, `BundleRows::drop_bundles`): if it is
 /// still leased to this node, deletes it and stores as rows those that did
-/// not succeed, their first attempt counted: due, for their outcomes to be
-/// recorded on as on any row; those without an outcome (being attempted)
-/// leased to this node until the bundle's lease ends. Whether it was still
+/// not succeed, their first attempt counted, leased to this node until the
+/// bundle's lease ends (under which they were attempted): their outcomes
+/// are then recorded on them as on any row's, and those without one
+/// (being attempted) stay this node's. Whether it was still
 /// this node's (else its lease ran out and it was taken back, or its
 /// webhook was disabled or deleted).
 pub(super) fn close<C: BundleRows + InsertRun>(
@@ -622,16 +623,11 @@ pub(super) fn close<C: BundleRows + InsertRun>(
         .iter()
         .map(|o| (o.seq(), o.is_delivered()))
         .collect();
-    let (mut failed, mut sending) = (Vec::new(), Vec::new());
-    for u in unpack_text(&text)? {
-        match ended.get(&u.seq) {
-            Some(true) => {}
-            Some(false) => failed.push(u),
-            None => sending.push(u),
-        }
-    }
-    store_rows(c, b.webhook_id, Stored::Retaken, &failed, 0)?;
-    store_rows(c, b.webhook_id, Stored::Leased, &sending, b.lease_until)?;
+    let left: Vec<Unpacked> = unpack_text(&text)?
+        .into_iter()
+        .filter(|u| ended.get(&u.seq) != Some(&true))
+        .collect();
+    store_rows(c, b.webhook_id, Stored::Leased, &left, b.lease_until)?;
     Ok(true)
 }
 

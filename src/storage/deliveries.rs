@@ -102,7 +102,10 @@ pub struct Target {
     pub instance_token: String,
 }
 
-/// How an attempt ended, as recorded.
+/// How an attempt ended, as recorded. `lease` is the end of the lease
+/// the delivery was attempted under (its claim's, or its bundle's): the
+/// row holds it while it is this node's, and an outcome recorded once it
+/// no longer does (claimed again) is not applied to it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Delivered {
@@ -114,6 +117,7 @@ pub enum Outcome {
         seq: i64,
         webhook_id: i64,
         attempts: i64,
+        lease: i64,
         next_at: i64,
         status: Option<i64>,
         error: String,
@@ -123,6 +127,7 @@ pub enum Outcome {
         seq: i64,
         webhook_id: i64,
         attempts: i64,
+        lease: i64,
         status: Option<i64>,
         error: String,
         at: i64,
@@ -133,6 +138,7 @@ pub enum Outcome {
         seq: i64,
         webhook_id: i64,
         attempts: i64,
+        lease: i64,
     },
 }
 
@@ -937,13 +943,16 @@ pub fn targets(conn: &mut DbConn, hooks: &[i64]) -> Result<Vec<Target>, StorageE
 }
 
 /// The pending row at `seq` as the claim that counted its attempt
-/// `attempts` left it (not claimed again since).
+/// `attempts` and leased it until `lease` left it (not claimed again
+/// since, nor put back and claimed again with the same count, nor
+/// already given its outcome: each of those changes its lease).
 #[diesel::dsl::auto_type]
-fn held(seq: i64, attempts: i64) -> _ {
+fn held(seq: i64, attempts: i64, lease: i64) -> _ {
     d::table
         .filter(d::seq.eq(seq))
         .filter(d::dead_at.is_null())
         .filter(d::attempts.eq(attempts))
+        .filter(d::lease_until.eq(lease))
 }
 
 /// Records attempt outcomes of rows (and the webhooks' counters) and
@@ -1066,8 +1075,8 @@ pub fn complete(
             for o in outcomes.iter().chain(closed) {
                 match o {
                     Outcome::Delivered { .. } => {}
-                    Outcome::Retry { seq, attempts, next_at, status, error, at, .. } => {
-                        diesel::update(held(*seq, *attempts))
+                    Outcome::Retry { seq, attempts, lease, next_at, status, error, at, .. } => {
+                        diesel::update(held(*seq, *attempts, *lease))
                             .set((
                                 d::attempts.eq(attempts),
                                 d::next_attempt_at.eq(next_at),
@@ -1078,13 +1087,13 @@ pub fn complete(
                             ))
                             .execute(c)?;
                     }
-                    Outcome::Released { seq, attempts, .. } => {
-                        diesel::update(held(*seq, attempts + 1))
+                    Outcome::Released { seq, attempts, lease, .. } => {
+                        diesel::update(held(*seq, attempts + 1, *lease))
                             .set((d::attempts.eq(attempts), d::lease_until.eq(0_i64)))
                             .execute(c)?;
                     }
-                    Outcome::Dead { seq, attempts, status, error, at, .. } => {
-                        diesel::update(held(*seq, *attempts))
+                    Outcome::Dead { seq, attempts, lease, status, error, at, .. } => {
+                        diesel::update(held(*seq, *attempts, *lease))
                             .set((
                                 d::attempts.eq(attempts),
                                 d::lease_until.eq(0_i64),
@@ -1456,12 +1465,14 @@ mod tests {
             .collect()
     }
 
-    /// A first attempt at `at` answered 500: retried at 5,000.
-    fn answered_500(seq: i64, hook: i64, at: i64) -> Outcome {
+    /// A first attempt at `at`, leased until `lease`, answered 500:
+    /// retried at 5,000.
+    fn answered_500(seq: i64, hook: i64, lease: i64, at: i64) -> Outcome {
         Outcome::Retry {
             seq,
             webhook_id: hook,
             attempts: 1,
+            lease,
             next_at: 5_000,
             status: Some(500),
             error: "HTTP 500".into(),
@@ -1498,6 +1509,7 @@ mod tests {
             seq,
             webhook_id: hook,
             attempts: 1,
+            lease: 8_000,
             status: Some(500),
             error: "HTTP 500".into(),
             at: 3_500,
@@ -1540,16 +1552,18 @@ mod tests {
         let b_holds = row("msg_a_000", 2, 1_000, 20_000, None);
         assert_eq!(row_states(&mut conn)[0], b_holds);
         let late = [
-            answered_500(seq, hook, 2_100),
+            answered_500(seq, hook, 9_000, 2_100),
             Outcome::Released {
                 seq,
                 webhook_id: hook,
                 attempts: 0,
+                lease: 9_000,
             },
             Outcome::Dead {
                 seq,
                 webhook_id: hook,
                 attempts: 1,
+                lease: 9_000,
                 status: Some(410),
                 error: "HTTP 410".into(),
                 at: 2_100,
@@ -1563,6 +1577,7 @@ mod tests {
             seq,
             webhook_id: hook,
             attempts: 2,
+            lease: 20_000,
             next_at: 30_000,
             status: Some(503),
             error: "HTTP 503".into(),
@@ -1573,6 +1588,84 @@ mod tests {
             row_states(&mut conn)[0],
             row("msg_a_000", 2, 30_000, 0, Some(503))
         );
+    }
+
+    /// An outcome that finds the row with the attempt count its claim left
+    /// but under another lease is not applied either: the delivery became
+    /// a dead letter, was put back by `/retry` (its count starts again)
+    /// and was claimed again; or the outcome was recorded once already (a
+    /// commit whose reply was lost, recorded again) and the row was
+    /// claimed again since.
+    #[test]
+    fn an_outcome_under_an_older_lease_leaves_the_row_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook) = one_webhook(&dir, false);
+        // A row of its own: refused at once (no room), then put back.
+        publish(&mut conn, hook, deliveries("a", 1), 1_000, 0, 0);
+        assert_eq!(requeue(&mut conn, &[hook], None, 1_500).unwrap(), 1);
+        let at = |conn: &mut DbConn, now: i64, lease: i64| {
+            let taken = claim(conn, now, lease, 100, &[], &rooms(1)).unwrap();
+            assert_eq!(ids(&taken), ["msg_a_000"], "claimed at {now}");
+            taken.rows[0].seq
+        };
+        // Node A: attempt 1, leased until 9,000; its outcomes come late.
+        let seq = at(&mut conn, 2_000, 9_000);
+        // Node B: attempt 2 once A's lease ran out, and a dead letter.
+        at(&mut conn, 9_001, 20_000);
+        let dead = Outcome::Dead {
+            seq,
+            webhook_id: hook,
+            attempts: 2,
+            lease: 20_000,
+            status: Some(500),
+            error: "HTTP 500".into(),
+            at: 9_100,
+        };
+        complete(&mut conn, &[dead], &[]).unwrap();
+        // Put back, and claimed by node C: attempt 1 again, as A's was.
+        assert_eq!(requeue(&mut conn, &[hook], None, 10_000).unwrap(), 1);
+        at(&mut conn, 10_001, 21_000);
+        let c_holds = row_states(&mut conn)[0].clone();
+        assert_eq!((c_holds.1, c_holds.3), (1, 21_000));
+        let late = [
+            answered_500(seq, hook, 9_000, 2_100),
+            Outcome::Released {
+                seq,
+                webhook_id: hook,
+                attempts: 0,
+                lease: 9_000,
+            },
+            Outcome::Dead {
+                seq,
+                webhook_id: hook,
+                attempts: 1,
+                lease: 9_000,
+                status: Some(410),
+                error: "HTTP 410".into(),
+                at: 2_100,
+            },
+        ];
+        for outcome in late {
+            complete(&mut conn, std::slice::from_ref(&outcome), &[]).unwrap();
+            assert_eq!(row_states(&mut conn)[0], c_holds, "{outcome:?}");
+        }
+        // C gives it back; node D claims it; C's record is applied again.
+        let released = Outcome::Released {
+            seq,
+            webhook_id: hook,
+            attempts: 0,
+            lease: 21_000,
+        };
+        complete(&mut conn, std::slice::from_ref(&released), &[]).unwrap();
+        assert_eq!(
+            (row_states(&mut conn)[0].1, row_states(&mut conn)[0].3),
+            (0, 0)
+        );
+        at(&mut conn, 10_002, 22_000);
+        let d_holds = row_states(&mut conn)[0].clone();
+        complete(&mut conn, &[released], &[]).unwrap();
+        assert_eq!(row_states(&mut conn)[0], d_holds);
+        assert_eq!((d_holds.1, d_holds.3), (1, 22_000));
     }
 
     /// A claim leases the oldest bundles whole while its room lasts and
@@ -1650,11 +1743,12 @@ mod tests {
                     webhook_id: hook,
                     at: 2_100,
                 },
-                answered_500(r[2].seq, hook, 2_100),
+                answered_500(r[2].seq, hook, b.lease_until, 2_100),
                 Outcome::Released {
                     seq: r[3].seq,
                     webhook_id: hook,
                     attempts: 0,
+                    lease: b.lease_until,
                 },
             ],
         };
@@ -1914,7 +2008,7 @@ mod tests {
         // still in flight when the webhook is made ordered.
         complete(
             &mut conn,
-            &[answered_500(taken.rows[0].seq, hook, 2_100)],
+            &[answered_500(taken.rows[0].seq, hook, 9_000, 2_100)],
             &[],
         )
         .unwrap();
@@ -1951,6 +2045,7 @@ mod tests {
             seq: first[0].seq,
             webhook_id: hook,
             attempts: 1,
+            lease: 12_000,
             status: Some(410),
             error: "HTTP 410".into(),
             at: 2_100,
@@ -2056,7 +2151,7 @@ mod tests {
             outcomes: vec![
                 delivered(&r[0]),
                 delivered(&r[1]),
-                answered_500(r[2].seq, hook, 1_100),
+                answered_500(r[2].seq, hook, b.lease_until, 1_100),
             ],
         };
         complete(&mut conn, &[], &[closing]).unwrap();

@@ -768,7 +768,7 @@ fn start_attempts(
             break;
         };
         if give_back || lease_until - now_millis() < attempt_ms + RECORD_MARGIN_MS {
-            let _ = done.send(release(&row));
+            let _ = done.send(release(&row, lease_until));
             continue;
         }
         lane.sending += 1;
@@ -777,7 +777,7 @@ fn start_attempts(
             (env.clone(), done.clone(), shared.clone(), target.clone());
         threads.spawn(async move {
             let started = Instant::now();
-            let outcome = attempt(&env, &row, &target).await;
+            let outcome = attempt(&env, &row, lease_until, &target).await;
             let fast = outcome.is_delivered() && started.elapsed() < FAST_ATTEMPT;
             let _ = done.send(Record::Done(outcome, row.bundle));
             let mut held = shared.lock();
@@ -800,12 +800,13 @@ enum Record {
     Leased(LeasedBundle),
 }
 
-/// Gives a claimed delivery back without an attempt.
-fn release(row: &Claimed) -> Record {
+/// Gives a claimed delivery, leased until `lease`, back without an attempt.
+fn release(row: &Claimed, lease: i64) -> Record {
     let outcome = Outcome::Released {
         seq: row.seq,
         webhook_id: row.webhook_id,
         attempts: row.attempts,
+        lease,
     };
     Record::Done(outcome, row.bundle)
 }
@@ -814,8 +815,8 @@ fn release(row: &Claimed) -> Record {
 fn release_queued(lanes: &SharedLanes, done: &mpsc::UnboundedSender<Record>) {
     let mut held = lanes.lock();
     for lane in held.lanes.values_mut() {
-        for (row, _) in lane.queued.drain(..) {
-            let _ = done.send(release(&row));
+        for (row, lease) in lane.queued.drain(..) {
+            let _ = done.send(release(&row, lease));
         }
     }
 }
@@ -1022,8 +1023,8 @@ impl Failure {
     }
 }
 
-/// One attempt of one claimed delivery.
-async fn attempt(env: &WorkerEnv, row: &Claimed, target: &Prepared) -> Outcome {
+/// One attempt of one claimed delivery, leased until `lease`.
+async fn attempt(env: &WorkerEnv, row: &Claimed, lease: i64, target: &Prepared) -> Outcome {
     let attempt_no = row.attempts + 1;
     let started = now_millis();
     let result = send(env, row, target, attempt_no, started).await;
@@ -1061,6 +1062,7 @@ async fn attempt(env: &WorkerEnv, row: &Claimed, target: &Prepared) -> Outcome {
                         seq: row.seq,
                         webhook_id: row.webhook_id,
                         attempts: attempt_no,
+                        lease,
                         // Saturating (`as` does too): an interval too long
                         // for the clock is a retry that never comes due.
                         next_at: at.saturating_add(delay_ms as i64),
@@ -1078,6 +1080,7 @@ async fn attempt(env: &WorkerEnv, row: &Claimed, target: &Prepared) -> Outcome {
                         seq: row.seq,
                         webhook_id: row.webhook_id,
                         attempts: attempt_no,
+                        lease,
                         status: f.status,
                         error: f.error,
                         at,
