@@ -4,8 +4,8 @@
 
 use crate::ws::close::CloseCode;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Most instances reported by name in the per-instance gauge; the rest are
@@ -34,6 +34,8 @@ pub struct Metrics {
     pub webhook_deliveries: IntCounterVec,
     pub webhook_pending: IntGauge,
     pub webhook_delivery_seconds: Histogram,
+    /// This node's clock minus PostgreSQL's (`storage::clock`).
+    pub clock_offset: Gauge,
     /// Recovery on reconnect (contract §12): attempts by outcome, events replayed.
     pub recoveries: IntCounterVec,
     pub replayed_events: IntCounter,
@@ -157,6 +159,13 @@ impl Metrics {
         registry.register(Box::new(webhook_deliveries.clone()))?;
         registry.register(Box::new(webhook_pending.clone()))?;
         registry.register(Box::new(webhook_delivery_seconds.clone()))?;
+        let clock_offset = Gauge::new(
+            "eventgate_clock_offset_seconds",
+            "This node's clock minus PostgreSQL's, read every 5 s (webhook leases compare \
+             node clocks); NaN until read, and on SQLite",
+        )?;
+        clock_offset.set(f64::NAN);
+        registry.register(Box::new(clock_offset.clone()))?;
         let recoveries = IntCounterVec::new(
             Opts::new(
                 "eventgate_recoveries_total",
@@ -220,6 +229,7 @@ impl Metrics {
             webhook_deliveries,
             webhook_pending,
             webhook_delivery_seconds,
+            clock_offset,
             recoveries,
             replayed_events,
         })

@@ -577,6 +577,28 @@ async fn delivery_carries_the_envelope_every_header_and_a_verifiable_signature()
     );
 }
 
+/// On PostgreSQL the node reads its clock against the database's at
+/// start-up and every 5 s (`eventgate_clock_offset_seconds`: on one
+/// machine, well under a second); on SQLite there is nothing to compare
+/// and the gauge stays NaN.
+#[actix_rt::test]
+async fn the_clock_offset_is_read_against_postgresql() {
+    let s = server().await;
+    if !s.db.is_postgres() {
+        assert!(s.metric("eventgate_clock_offset_seconds").await.is_nan());
+        return;
+    }
+    let offset = eventually(WAIT, "the clock read", || {
+        let s = &s;
+        async move {
+            let v = s.metric("eventgate_clock_offset_seconds").await;
+            (!v.is_nan()).then_some(v)
+        }
+    })
+    .await;
+    assert!(offset.abs() < 1.0, "{offset}");
+}
+
 /// Whether `secret` verifies `got` as sent, or with `signature` in place
 /// of its `webhook-signature` (the Standard Webhooks library, not ours).
 fn verifies(secret: &str, got: &webhook_receiver::Got, signature: Option<&str>) -> bool {

@@ -10,6 +10,7 @@
 
 pub mod accounts;
 mod bundles;
+pub mod clock;
 pub mod deliveries;
 pub mod instances;
 pub mod pool;

@@ -39,7 +39,7 @@ use crate::instance::change::RefreshTimer;
 use crate::metrics::Metrics;
 use crate::settings::WebhookSettings;
 use crate::storage::deliveries::{self, Claimed, Closing, LeasedBundle, Outcome, Rooms, Target};
-use crate::storage::{now_millis, webhooks, DbConn, DbPool, StorageError};
+use crate::storage::{clock, now_millis, webhooks, DbConn, DbPool, StorageError};
 
 /// Deliveries claimed in one round.
 const CLAIM_BATCH: i64 = 1024;
@@ -957,10 +957,13 @@ async fn record_outcomes(
 }
 
 /// The pending gauge, dead-letter retention, the vacuum of the deliveries
-/// table on PostgreSQL, and closing receivers' connections left unused.
+/// table on PostgreSQL, this node's clock against PostgreSQL's (logged
+/// when it goes out of step and back), and closing receivers' connections
+/// left unused.
 async fn housekeeping(env: WorkerEnv) {
     let mut timer = RefreshTimer::new(HOUSEKEEPING, env.resync.clone());
     let mut asked = false;
+    let mut out_of_step = false;
     // At once, then every period: the gauge is right from the start.
     loop {
         if (env.stopping)() {
@@ -978,11 +981,18 @@ async fn housekeeping(env: WorkerEnv) {
             for table in deliveries::vacuum_if_bloated(conn)? {
                 log::debug!("{table} vacuumed");
             }
-            Ok((purged, pending, killed))
+            Ok((purged, pending, killed, clock::offset(conn)?))
         })
         .await;
         match done {
-            Ok((purged, pending, killed)) => {
+            Ok((purged, pending, killed, offset)) => {
+                if let Some(offset) = offset {
+                    env.metrics.clock_offset.set(offset.ms as f64 / 1000.0);
+                    if offset.out_of_step() != out_of_step {
+                        out_of_step = !out_of_step;
+                        log_clock(offset, out_of_step);
+                    }
+                }
                 env.metrics
                     .webhook_deliveries
                     .with_label_values(&["dead_letter"])
@@ -1000,6 +1010,22 @@ async fn housekeeping(env: WorkerEnv) {
             Err(e) => log::warn!("webhook housekeeping skipped: {e}"),
         }
         asked |= timer.tick().await;
+    }
+}
+
+/// Logs this node's clock going out of step with PostgreSQL's, or back.
+fn log_clock(offset: clock::Offset, out_of_step: bool) {
+    let (ms, within) = (offset.ms, offset.within_ms);
+    if out_of_step {
+        let side = if ms > 0 { "ahead of" } else { "behind" };
+        log::warn!(
+            "this node's clock is {} ms (± {within}) {side} PostgreSQL's: webhook leases \
+             compare node clocks, so a node ahead can take over a delivery still being \
+             attempted; keep the nodes' clocks in step (NTP)",
+            ms.saturating_abs()
+        );
+    } else {
+        log::info!("this node's clock is in step with PostgreSQL's again ({ms} ms ± {within})");
     }
 }
 
