@@ -365,8 +365,8 @@ fn store_rows<C: InsertRun>(
 /// their first `leased` deliveries are stored leased until `lease_until`,
 /// their first attempt counted (as a claim counts it) and returned, the
 /// others due. The deliveries of a bundle leased before (its lease ran
-/// out, or the webhook is being disabled) are all stored due with their
-/// first attempt counted, and added to `retaken`.
+/// out, or the webhook is being disabled) are all stored under that lease
+/// with their first attempt counted ([`retake`]), and added to `retaken`.
 pub(super) fn unpack<C: BundleRows + InsertRun>(
     c: &mut C,
     webhook: i64,
@@ -408,15 +408,19 @@ pub(super) fn unpack<C: BundleRows + InsertRun>(
     Ok(taken)
 }
 
-/// Unpacks every bundle of `webhook` into due rows, leased ones too.
+/// Unpacks every bundle of `webhook` into rows: due, and those of a
+/// leased bundle under its lease ([`retake`]).
 pub(super) fn unpack_all<C: BundleRows + InsertRun>(c: &mut C, webhook: i64) -> QueryResult<()> {
     unpack(c, webhook, i64::MAX, None, (0, 0), &mut 0).map(|_| ())
 }
 
 /// Takes back `bundle`, whose lease ran out (or whose webhook is being
 /// disabled): deletes it if its lease is still the one read (the node it
-/// was leased to may close it meanwhile) and stores its deliveries as due
-/// rows, their first attempt counted; how many.
+/// was leased to may close it meanwhile) and stores its deliveries as rows
+/// under the bundle's lease, their first attempt counted: due once it has
+/// ended (at once when it ran out), and a delivery of a disabled webhook
+/// put back by `/retry` while its node may still be attempting it waits
+/// for the end of that attempt. How many.
 fn retake<C: BundleRows + InsertRun>(
     c: &mut C,
     webhook: i64,
@@ -426,7 +430,7 @@ fn retake<C: BundleRows + InsertRun>(
         return Ok(0);
     };
     let rows = unpack_text(&text)?;
-    store_rows(c, webhook, Stored::Retaken, &rows, 0)?;
+    store_rows(c, webhook, Stored::Leased, &rows, bundle.lease_until)?;
     Ok(rows.len())
 }
 

@@ -111,6 +111,7 @@ pub enum Outcome {
     Delivered {
         seq: i64,
         webhook_id: i64,
+        lease: i64,
         at: i64,
     },
     Retry {
@@ -257,15 +258,13 @@ impl PendingCounts {
 /// How a new row is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Stored {
-    /// Leased to this node, its first attempt counted (as a claim counts it).
+    /// Leased (to this node, or as the bundle it comes from was), its first
+    /// attempt counted (as a claim counts it).
     Leased,
     /// Due, for a claim to take (from the intake: in a bundle).
     Due,
     /// A dead letter at once (`backlog full`).
     Refused,
-    /// Due, its first attempt counted (from a leased bundle: its lease ran
-    /// out, or it was closed with attempts that did not succeed).
-    Retaken,
 }
 
 /// One new row, with its acceptance position (reserved when its publish
@@ -422,7 +421,6 @@ impl Stored {
             Stored::Leased => (1, true, false),
             Stored::Due => (0, false, false),
             Stored::Refused => (0, false, true),
-            Stored::Retaken => (1, false, false),
         }
     }
 }
@@ -650,7 +648,7 @@ pub fn enqueue(
                             bundle: seq,
                         }));
                     }
-                    Stored::Refused | Stored::Retaken => {
+                    Stored::Refused => {
                         c.insert_run(*webhook, run)?;
                     }
                 }
@@ -961,7 +959,9 @@ fn held(seq: i64, attempts: i64, lease: i64) -> _ {
 /// as it is, as is a bundle no longer leased to this node, and a row
 /// claimed again since (its lease ran out while the outcome waited to be
 /// recorded: the other claim counted one attempt more, and the row is that
-/// node's now). A success is recorded all the same.
+/// node's now). A success is recorded all the same. Where the row still
+/// holds the lease the attempt ran under (made a dead letter, or put back
+/// by `/retry`, meanwhile), that lease is ended.
 pub fn complete(
     conn: &mut DbConn,
     outcomes: &[Outcome],
@@ -979,10 +979,10 @@ pub fn complete(
          WHERE id = $5",
     );
     // Successes in one statement, and one counter update per webhook.
-    let delivered: Vec<i64> = outcomes
+    let delivered: HashMap<i64, i64> = outcomes
         .iter()
         .filter_map(|o| match o {
-            Outcome::Delivered { seq, .. } => Some(*seq),
+            Outcome::Delivered { seq, lease, .. } => Some((*seq, *lease)),
             _ => None,
         })
         .collect();
@@ -1042,12 +1042,27 @@ pub fn complete(
                 .collect();
             let dropped: HashSet<i64> =
                 c.drop_bundles(&leases)?.into_iter().collect();
-            for b in whole.iter().filter(|b| dropped.contains(&b.bundle.seq)) {
-                *delivered_per_hook.entry(b.bundle.webhook_id).or_insert(0) +=
-                    i64::try_from(b.outcomes.len()).unwrap_or(i64::MAX);
+            // Attempts whose outcome found no row held under their lease:
+            // its delivery was made a dead letter (its webhook disabled),
+            // put back by `/retry`, or taken back with its bundle, while
+            // they ran. Their lease is ended, so that a delivery put back
+            // meanwhile waits for the attempt, not for the lease.
+            let mut unheld: Vec<(i64, i64)> = Vec::new();
+            let mut bundle_gone = |b: &Closing| {
+                unheld.extend(b.outcomes.iter().map(|o| (o.seq(), b.bundle.lease_until)));
+            };
+            for b in &whole {
+                if dropped.contains(&b.bundle.seq) {
+                    *delivered_per_hook.entry(b.bundle.webhook_id).or_insert(0) +=
+                        i64::try_from(b.outcomes.len()).unwrap_or(i64::MAX);
+                } else {
+                    bundle_gone(b);
+                }
             }
             for b in partly {
-                if bundles::close(c, &b.bundle, &b.outcomes)? {
+                if !bundles::close(c, &b.bundle, &b.outcomes)? {
+                    bundle_gone(b);
+                } else {
                     let (succeeded, failed): (Vec<&Outcome>, Vec<&Outcome>) = b
                         .outcomes
                         .iter()
@@ -1061,22 +1076,26 @@ pub fn complete(
                 // Not `dead_at IS NULL`: PostgreSQL would read the whole
                 // partial index of pending rows beside the primary key
                 // (a BitmapAnd) whenever its statistics lag a burst.
-                let gone: Vec<i64> = diesel::delete(
+                let seqs: Vec<i64> = delivered.keys().copied().collect();
+                let gone: Vec<(i64, i64)> = diesel::delete(
                     d::table
-                        .filter(d::seq.eq_any(&delivered))
+                        .filter(d::seq.eq_any(&seqs))
                         .filter(diesel::dsl::sql::<Bool>("COALESCE(dead_at, -1) < 0")),
                 )
-                .returning(d::webhook_id)
+                .returning((d::seq, d::webhook_id))
                 .get_results(c)?;
-                for w in gone {
+                let mut left = delivered.clone();
+                for (seq, w) in gone {
                     *delivered_per_hook.entry(w).or_insert(0) += 1;
+                    left.remove(&seq);
                 }
+                unheld.extend(left);
             }
             for o in outcomes.iter().chain(closed) {
                 match o {
                     Outcome::Delivered { .. } => {}
                     Outcome::Retry { seq, attempts, lease, next_at, status, error, at, .. } => {
-                        diesel::update(held(*seq, *attempts, *lease))
+                        let n = diesel::update(held(*seq, *attempts, *lease))
                             .set((
                                 d::attempts.eq(attempts),
                                 d::next_attempt_at.eq(next_at),
@@ -1086,14 +1105,20 @@ pub fn complete(
                                 d::last_attempt_at.eq(at),
                             ))
                             .execute(c)?;
+                        if n == 0 {
+                            unheld.push((*seq, *lease));
+                        }
                     }
                     Outcome::Released { seq, attempts, lease, .. } => {
-                        diesel::update(held(*seq, attempts + 1, *lease))
+                        let n = diesel::update(held(*seq, attempts + 1, *lease))
                             .set((d::attempts.eq(attempts), d::lease_until.eq(0_i64)))
                             .execute(c)?;
+                        if n == 0 {
+                            unheld.push((*seq, *lease));
+                        }
                     }
                     Outcome::Dead { seq, attempts, lease, status, error, at, .. } => {
-                        diesel::update(held(*seq, *attempts, *lease))
+                        let n = diesel::update(held(*seq, *attempts, *lease))
                             .set((
                                 d::attempts.eq(attempts),
                                 d::lease_until.eq(0_i64),
@@ -1103,8 +1128,16 @@ pub fn complete(
                                 d::dead_at.eq(at),
                             ))
                             .execute(c)?;
+                        if n == 0 {
+                            unheld.push((*seq, *lease));
+                        }
                     }
                 }
+            }
+            for (seq, lease) in unheld {
+                diesel::update(d::table.filter(d::seq.eq(seq)).filter(d::lease_until.eq(lease)))
+                    .set(d::lease_until.eq(0_i64))
+                    .execute(c)?;
             }
             // The webhooks' rows last, in id order: two nodes recording
             // outcomes of the same webhooks lock them in one order (no deadlock).
@@ -1204,11 +1237,13 @@ pub fn requeue(
     ids: Option<&[String]>,
     now: i64,
 ) -> Result<usize, StorageError> {
+    // The lease is left: a letter made dead while an attempt of it ran
+    // (its webhook disabled) waits for that attempt to end, whose outcome
+    // ends the lease (`complete`), or for the lease to run out.
     let changes = (
         d::dead_at.eq(None::<i64>),
         d::attempts.eq(0_i64),
         d::next_attempt_at.eq(now),
-        d::lease_until.eq(0_i64),
     );
     let letters = d::table
         .filter(d::webhook_id.eq_any(webhooks))
@@ -1523,6 +1558,7 @@ mod tests {
         let delivered = Outcome::Delivered {
             seq,
             webhook_id: hook,
+            lease: 11_000,
             at: 6_100,
         };
         complete(&mut conn, &[delivered], &[]).unwrap();
@@ -1741,6 +1777,7 @@ mod tests {
                 Outcome::Delivered {
                     seq: r[1].seq,
                     webhook_id: hook,
+                    lease: b.lease_until,
                     at: 2_100,
                 },
                 answered_500(r[2].seq, hook, b.lease_until, 2_100),
@@ -1755,6 +1792,7 @@ mod tests {
         let a_002 = Outcome::Delivered {
             seq: r[0].seq,
             webhook_id: hook,
+            lease: 9_000,
             at: 2_100,
         };
         complete(&mut conn, &[a_002], std::slice::from_ref(&closing)).unwrap();
@@ -1833,6 +1871,7 @@ mod tests {
                 .map(|r| Outcome::Delivered {
                     seq: r.seq,
                     webhook_id: hook,
+                    lease: b.lease_until,
                     at: 2_100,
                 })
                 .collect(),
@@ -1897,6 +1936,7 @@ mod tests {
                 .map(|r| Outcome::Delivered {
                     seq: r.seq,
                     webhook_id: hook,
+                    lease: 9_000,
                     at: 2_100,
                 })
                 .collect()
@@ -1979,8 +2019,10 @@ mod tests {
         assert_eq!(ids, ["msg_a_000", "msg_a_001", "msg_b_000", "msg_b_001"]);
     }
 
-    /// Makes the one webhook of [`one_webhook`] `ordered`, as a set request does.
-    fn make_ordered(conn: &mut DbConn) {
+    /// Sets the one webhook of [`one_webhook`] again, as a set request
+    /// does, with `change` made to its configuration; how many of its
+    /// deliveries became dead letters.
+    fn reconfigure(conn: &mut DbConn, change: impl FnOnce(&mut NewConfig)) -> usize {
         #[derive(QueryableByName)]
         struct Instance {
             #[diesel(sql_type = BigInt)]
@@ -1988,11 +2030,85 @@ mod tests {
         }
         let q = diesel::sql_query("SELECT instance_id FROM webhooks");
         let instance = with_conn!(conn, c => q.clone().get_result::<Instance>(c)).unwrap();
-        let config = NewConfig {
-            ordered: true,
-            ..config(false)
+        let mut config = config(false);
+        change(&mut config);
+        upsert(conn, InstanceId(instance.instance_id), &config)
+            .unwrap()
+            .1
+    }
+
+    /// Makes the one webhook of [`one_webhook`] `ordered`.
+    fn make_ordered(conn: &mut DbConn) {
+        reconfigure(conn, |c| c.ordered = true);
+    }
+
+    /// A delivery made a dead letter while it is attempted (its webhook
+    /// disabled) and put back by `/retry` waits for that attempt, whose
+    /// outcome ends its lease; then it starts again from the first attempt.
+    #[test]
+    fn a_letter_killed_while_attempted_and_put_back_waits_for_that_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook) = one_webhook(&dir, false);
+        publish_due(&mut conn, hook, "a", 3, 1_000);
+        let a = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(1)).unwrap();
+        assert_eq!(ids(&a), ["msg_a_000"]);
+        assert_eq!(reconfigure(&mut conn, |c| c.enabled = false), 3);
+        reconfigure(&mut conn, |_| {});
+        assert_eq!(requeue(&mut conn, &[hook], None, 3_000).unwrap(), 3);
+        let taken = claim(&mut conn, 3_100, 20_000, 100, &[], &rooms(8)).unwrap();
+        assert_eq!(
+            ids(&taken),
+            ["msg_a_001", "msg_a_002"],
+            "a_000 is attempted"
+        );
+        complete(
+            &mut conn,
+            &[answered_500(a.rows[0].seq, hook, 9_000, 3_200)],
+            &[],
+        )
+        .unwrap();
+        let again = claim(&mut conn, 3_300, 20_000, 100, &[], &rooms(8)).unwrap();
+        assert_eq!(ids(&again), ["msg_a_000"]);
+        assert_eq!(again.rows[0].attempts, 0, "from the first attempt");
+    }
+
+    /// The deliveries of a bundle leased whole, made dead letters while
+    /// attempted and put back, wait for their node to close the bundle
+    /// (gone by then: their leases end).
+    #[test]
+    fn a_bundle_killed_while_attempted_and_put_back_waits_for_its_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook) = one_webhook(&dir, false);
+        let out = publish(&mut conn, hook, deliveries("d", 2), 1_000, 2, i64::MAX);
+        let [b] = out.leased_bundles[..] else {
+            panic!("{:?}", out.leased_bundles)
         };
-        upsert(conn, InstanceId(instance.instance_id), &config).unwrap();
+        assert_eq!(reconfigure(&mut conn, |c| c.enabled = false), 2);
+        reconfigure(&mut conn, |_| {});
+        assert_eq!(requeue(&mut conn, &[hook], None, 1_500).unwrap(), 2);
+        let taken = claim(&mut conn, 1_600, 9_000, 100, &[], &rooms(8)).unwrap();
+        assert!(ids(&taken).is_empty(), "attempted until 2,000");
+        let r = &out.leased;
+        let closing = Closing {
+            bundle: b,
+            outcomes: vec![
+                Outcome::Delivered {
+                    seq: r[0].seq,
+                    webhook_id: hook,
+                    lease: b.lease_until,
+                    at: 1_650,
+                },
+                Outcome::Released {
+                    seq: r[1].seq,
+                    webhook_id: hook,
+                    attempts: 0,
+                    lease: b.lease_until,
+                },
+            ],
+        };
+        complete(&mut conn, &[], &[closing]).unwrap();
+        let taken = claim(&mut conn, 1_700, 9_000, 100, &[], &rooms(8)).unwrap();
+        assert_eq!(ids(&taken), ["msg_d_000", "msg_d_001"]);
     }
 
     /// A webhook made `ordered` while deliveries of it are in flight starts
@@ -2058,6 +2174,7 @@ mod tests {
         let delivered = Outcome::Delivered {
             seq: second[0].seq,
             webhook_id: hook,
+            lease: 12_200,
             at: 2_500,
         };
         complete(&mut conn, &[delivered], &[]).unwrap();
@@ -2144,6 +2261,7 @@ mod tests {
         let delivered = |c: &Claimed| Outcome::Delivered {
             seq: c.seq,
             webhook_id: hook,
+            lease: b.lease_until,
             at: 1_100,
         };
         let closing = Closing {
@@ -2191,7 +2309,7 @@ mod tests {
                 .load(c))
             .unwrap();
             // The leased ones were one bundle leased to this node: taken
-            // back, their first attempt counted.
+            // back under its lease, their first attempt counted.
             let expected: Vec<(String, String, i64, i64)> = (0..n)
                 .map(|i| {
                     let leased = i < n * 2 / 3;
@@ -2199,7 +2317,7 @@ mod tests {
                         format!("msg_{n}_{i:03}"),
                         format!("{{\"i\":{i}}}"),
                         i64::from(leased),
-                        0,
+                        if leased { 2_000 } else { 0 },
                     )
                 })
                 .collect();

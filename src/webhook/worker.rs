@@ -1066,6 +1066,7 @@ async fn attempt(env: &WorkerEnv, row: &Claimed, lease: i64, target: &Prepared) 
             Outcome::Delivered {
                 seq: row.seq,
                 webhook_id: row.webhook_id,
+                lease,
                 at,
             }
         }

@@ -10,3 +10,8 @@ CREATE TABLE webhook_in_flight (
     seq BIGINT NOT NULL,
     until BIGINT NOT NULL
 );
+
+-- A partial index on leased rows briefly made by an earlier build under the
+-- version 2026-12-07-000002 (its migration is gone): any index holding
+-- lease_until turns a claim's lease into a non-HOT update on PostgreSQL.
+DROP INDEX IF EXISTS webhook_deliveries_leased;
