@@ -674,21 +674,27 @@ const DUE_OF_WEBHOOK: &str = "d.webhook_id = w.id AND d.dead_at IS NULL \
 /// any webhook), if it is due and not leased, and while nothing holds the
 /// webhook back in `webhook_in_flight`: the delivery claimed last, still
 /// pending and leased (a dead letter put back by `/retry` is the oldest
-/// while a later one may be in flight), or a time set when the webhook
-/// was made ordered with deliveries in flight. Each step is a lookup by
-/// key, however many deliveries wait behind (before, every claim looked
-/// at every due row of the webhook: with 200,000 behind a retrying one,
-/// 70 ms on PostgreSQL and 220 ms of SQLite's write lock). No index holds
-/// `lease_until`, so that a claim's lease stays a HOT update on
-/// PostgreSQL.
+/// while a later one may be in flight); or, until the time kept there
+/// when the webhook was made ordered, any delivery of it leased, as a row
+/// or a bundle (those started before are not known one by one). Each step
+/// is a lookup by key, however many deliveries wait behind (before, every
+/// claim looked at every due row of the webhook: with 200,000 behind a
+/// retrying one, 70 ms on PostgreSQL and 220 ms of SQLite's write lock);
+/// only in that time after a change to ordered are its pending rows read.
+/// No index holds `lease_until`, so that a claim's lease stays a HOT
+/// update on PostgreSQL.
 const NEXT_OF_ORDERED: &str = "d.seq = (SELECT d2.seq FROM webhook_deliveries d2 \
           WHERE d2.webhook_id = w.id AND d2.dead_at IS NULL \
           ORDER BY d2.webhook_id, d2.dead_at, d2.seq LIMIT 1) \
      AND d.dead_at IS NULL AND d.next_attempt_at <= $1 AND d.lease_until <= $1 \
      AND NOT EXISTS (SELECT 1 FROM webhook_in_flight f WHERE f.webhook_id = w.id \
-          AND (f.until > $1 OR EXISTS (SELECT 1 FROM webhook_deliveries y \
+          AND (EXISTS (SELECT 1 FROM webhook_deliveries y \
                WHERE y.seq = f.seq AND y.webhook_id = w.id AND y.dead_at IS NULL \
-               AND y.lease_until > $1)))";
+               AND y.lease_until > $1) \
+          OR (f.until > $1 AND (EXISTS (SELECT 1 FROM webhook_deliveries y \
+               WHERE y.webhook_id = w.id AND y.dead_at IS NULL AND y.lease_until > $1) \
+               OR EXISTS (SELECT 1 FROM webhook_bundles b \
+               WHERE b.webhook_id = w.id AND b.lease_until > $1)))))";
 
 /// SQLite's claim of webhook `?3`: the first `?2` rows (due at `?1`) that
 /// `next` selects.
@@ -2112,9 +2118,10 @@ mod tests {
     }
 
     /// A webhook made `ordered` while deliveries of it are in flight starts
-    /// its next one only once their leases end, then one at a time.
+    /// its next one only once they have ended (here: a lease runs out),
+    /// then one at a time.
     #[test]
-    fn a_webhook_made_ordered_with_deliveries_in_flight_waits_for_their_leases() {
+    fn a_webhook_made_ordered_with_deliveries_in_flight_waits_for_them() {
         let dir = tempfile::tempdir().unwrap();
         let (mut conn, hook) = one_webhook(&dir, false);
         publish_due(&mut conn, hook, "a", 3, 1_000);
@@ -2141,6 +2148,55 @@ mod tests {
         );
         assert_eq!(at(&mut conn, 9_001), ["msg_a_000"]);
         assert!(at(&mut conn, 9_002).is_empty(), "a_000 is in flight");
+    }
+
+    /// A webhook made `ordered` while deliveries of it are in flight starts
+    /// its next one as soon as they have ended, before their leases do.
+    #[test]
+    fn a_webhook_made_ordered_goes_on_once_its_deliveries_in_flight_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut conn, hook) = one_webhook(&dir, false);
+        publish_due(&mut conn, hook, "a", 3, 1_000);
+        let taken = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(2)).unwrap();
+        assert_eq!(ids(&taken), ["msg_a_000", "msg_a_001"]);
+        let out = publish(&mut conn, hook, deliveries("b", 1), 2_000, 1, i64::MAX);
+        let [b] = out.leased_bundles[..] else {
+            panic!("{:?}", out.leased_bundles)
+        };
+        make_ordered(&mut conn);
+        let at = |conn: &mut DbConn, now: i64| {
+            ids(&claim(conn, now, now + 10_000, 100, &[], &rooms(8)).unwrap())
+                .into_iter()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let done = |r: &Claimed, lease: i64| Outcome::Delivered {
+            seq: r.seq,
+            webhook_id: hook,
+            lease,
+            at: 2_100,
+        };
+        // a_000 failed and is due again at once; the others are in flight.
+        let again = Outcome::Retry {
+            seq: taken.rows[0].seq,
+            webhook_id: hook,
+            attempts: 1,
+            lease: 9_000,
+            next_at: 2_150,
+            status: Some(500),
+            error: "HTTP 500".into(),
+            at: 2_100,
+        };
+        complete(&mut conn, &[again], &[]).unwrap();
+        assert!(at(&mut conn, 2_200).is_empty(), "a_001 is in flight");
+        complete(&mut conn, &[done(&taken.rows[1], 9_000)], &[]).unwrap();
+        assert!(at(&mut conn, 2_300).is_empty(), "b_000 is in flight");
+        let closing = Closing {
+            bundle: b,
+            outcomes: vec![done(&out.leased[0], b.lease_until)],
+        };
+        complete(&mut conn, &[], &[closing]).unwrap();
+        assert_eq!(at(&mut conn, 2_400), ["msg_a_000"]);
     }
 
     /// A dead letter of an `ordered` webhook put back while a later

@@ -398,8 +398,9 @@ pub fn upsert(
         "UPDATE webhook_deliveries SET dead_at = $1, last_error = 'webhook disabled' \
          WHERE webhook_id = $2 AND dead_at IS NULL",
     );
-    // Made ordered while deliveries of it may be in flight: its next one
-    // waits until their leases end (they are not known one by one).
+    // Made ordered while deliveries of it may be in flight: until their
+    // leases end, a claim looks for any of them still leased (they are not
+    // known one by one; `deliveries::NEXT_OF_ORDERED`).
     let q_now_ordered = dialect(
         conn,
         "INSERT INTO webhook_in_flight (webhook_id, seq, until) \

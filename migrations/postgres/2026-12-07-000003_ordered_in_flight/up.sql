@@ -2,9 +2,9 @@
 -- in flight on all nodes together), found by one key instead of a look at
 -- every pending row of the webhook: `seq`, its delivery claimed last (it
 -- holds the webhook back while it is pending and leased), and `until`
--- (Unix ms), a time before which nothing is claimed (set when a webhook
--- is made ordered while deliveries of it are in flight). No foreign key:
--- a row left by a deleted webhook holds nothing back.
+-- (Unix ms): set when a webhook is made ordered, the end of the leases of
+-- its deliveries then; until then any of its deliveries leased holds it
+-- back. No foreign key: a row left by a deleted webhook holds nothing back.
 CREATE TABLE webhook_in_flight (
     webhook_id BIGINT PRIMARY KEY,
     seq BIGINT NOT NULL,
