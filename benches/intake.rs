@@ -42,7 +42,7 @@ fn store(c: &mut Criterion) {
         rotate_secret: false,
     };
     let (hook, _) =
-        webhooks::upsert(&mut conn, instance.id, &config).unwrap_or_else(|e| panic!("{e}"));
+        webhooks::upsert(&mut conn, instance.id, &config, 0).unwrap_or_else(|e| panic!("{e}"));
     let mut pending = PendingCounts::default();
     let mut group = c.benchmark_group("intake");
     group.throughput(Throughput::Elements((PUBLISHES * EVENTS) as u64));

@@ -1623,6 +1623,59 @@ async fn a_dead_letter_put_back_waits_for_the_ordered_delivery_in_flight() {
     .await;
 }
 
+/// A webhook set to `ordered` while a delivery of it is in flight starts
+/// the next one (here a retry that came due meanwhile) only once that one
+/// has ended, and then at once, not when its lease would have ended (25 s
+/// here).
+#[actix_rt::test]
+async fn a_webhook_made_ordered_waits_for_the_delivery_in_flight() {
+    let s = TestServer::start_with(|s| {
+        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        s.webhook.retry_schedule_secs = vec![2];
+        s.webhook.timeout_secs = 10;
+    })
+    .await;
+    let rx = Receiver::start();
+    // Only 0's first attempt fails: it is retried 1.6–2.4 s later.
+    rx.answer(|got, _| {
+        let first = got.json()["data"]["i"] == 0 && got.attempt() == 1;
+        (if first { 500 } else { 200 }, vec![])
+    });
+    s.instance("mko").await;
+    set_ok(&s, "mko", json!({"enabled": true, "url": rx.url("/")})).await;
+    s.publish("mko", event("call.update", json!({"i": 0})))
+        .await;
+    wait_stats(&s, "mko", "default", |st| st["lastFailureAt"].is_i64()).await;
+    // 1 is held by the receiver, in flight, when the webhook is made ordered.
+    rx.hold(true);
+    s.publish("mko", event("call.update", json!({"i": 1})))
+        .await;
+    rx.wait_count(2, WAIT).await;
+    set_ok(
+        &s,
+        "mko",
+        json!({"enabled": true, "url": rx.url("/"), "ordered": true}),
+    )
+    .await;
+    // Past 0's retry time.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert_eq!(rx.count(), 2, "0 was retried beside 1 in flight");
+    rx.hold(false);
+    let released = std::time::Instant::now();
+    let got = rx.wait_count(3, WAIT).await;
+    assert!(
+        released.elapsed() < Duration::from_secs(8),
+        "0 waited {:?} after 1 ended",
+        released.elapsed()
+    );
+    let order: Vec<(i64, u32)> = got
+        .iter()
+        .map(|g| (g.json()["data"]["i"].as_i64().unwrap(), g.attempt()))
+        .collect();
+    assert_eq!(order, [(0, 1), (1, 1), (0, 2)]);
+    assert_eq!(rx.max_in_flight(), 1);
+}
+
 #[actix_rt::test]
 async fn ordered_holds_back_later_deliveries_until_the_first_succeeds() {
     let s = server_with(&[1, 1]).await;

@@ -105,11 +105,12 @@ async fn store(
     input: WebhookInput,
 ) -> Result<WebhookRow, ApiError> {
     let new = new_config(state, input);
+    let hold_ms = crate::webhook::worker::ordered_hold_ms(&state.settings.webhook);
     // Every storage failure, the connection's checkout too, is `SET_FAILED`.
     let hooks = state.registry.webhooks().clone();
     let (row, enabled, killed) = state
         .db(move |conn| {
-            let stored = webhooks::upsert(conn, instance, &new).map_err(|e| match e {
+            let stored = webhooks::upsert(conn, instance, &new, hold_ms).map_err(|e| match e {
                 SetError::TooManyEnabled => ApiError::TooManyWebhooks,
                 SetError::Storage(cause) => ApiError::Storage {
                     message: SET_FAILED,

@@ -960,14 +960,16 @@ fn held(seq: i64, attempts: i64, lease: i64) -> _ {
 }
 
 /// Records attempt outcomes of rows (and the webhooks' counters) and
-/// closes leased bundles (`bundles::close`) in one transaction. A delivery
-/// that became a dead letter meanwhile (its webhook was disabled) is left
-/// as it is, as is a bundle no longer leased to this node, and a row
+/// closes leased bundles (`bundles::close`) in one transaction. An outcome
+/// is applied only to a row its attempt's claim left as it is: not to a
+/// delivery that became a dead letter meanwhile (its webhook was
+/// disabled), nor to a bundle no longer leased to this node, nor to a row
 /// claimed again since (its lease ran out while the outcome waited to be
 /// recorded: the other claim counted one attempt more, and the row is that
-/// node's now). A success is recorded all the same. Where the row still
+/// node's now); a success is recorded all the same. Where such a row still
 /// holds the lease the attempt ran under (made a dead letter, or put back
-/// by `/retry`, meanwhile), that lease is ended.
+/// by `/retry`, or taken back with its bundle, meanwhile), only that lease
+/// is ended: the attempt is over.
 pub fn complete(
     conn: &mut DbConn,
     outcomes: &[Outcome],
@@ -1407,6 +1409,11 @@ mod tests {
     use crate::storage::webhooks::{upsert, NewConfig};
     use crate::storage::{accounts, instances, pool};
 
+    /// How long a webhook made ordered here waits for deliveries started
+    /// before at most: `upsert` stamps the real time, and the tests' clock
+    /// is made up (thousands of ms), so for the whole test.
+    const HOLD_MS: i64 = 0;
+
     /// A SQLite database in `dir` with one enabled webhook.
     fn one_webhook(dir: &tempfile::TempDir, ordered: bool) -> (DbConn, i64) {
         let url = dir.path().join("d.db").display().to_string();
@@ -1415,7 +1422,7 @@ mod tests {
         let name = InstanceName::parse("i").unwrap();
         let (instance, _) =
             instances::create(&mut conn, account, &name, "t", "th", None, None).unwrap();
-        let (hook, _) = upsert(&mut conn, instance.id, &config(ordered)).unwrap();
+        let (hook, _) = upsert(&mut conn, instance.id, &config(ordered), HOLD_MS).unwrap();
         (conn, hook.id)
     }
 
@@ -2038,7 +2045,7 @@ mod tests {
         let instance = with_conn!(conn, c => q.clone().get_result::<Instance>(c)).unwrap();
         let mut config = config(false);
         change(&mut config);
-        upsert(conn, InstanceId(instance.instance_id), &config)
+        upsert(conn, InstanceId(instance.instance_id), &config, HOLD_MS)
             .unwrap()
             .1
     }
@@ -2050,71 +2057,116 @@ mod tests {
 
     /// A delivery made a dead letter while it is attempted (its webhook
     /// disabled) and put back by `/retry` waits for that attempt, whose
-    /// outcome ends its lease; then it starts again from the first attempt.
+    /// outcome, whichever it is, ends its lease; then it starts again from
+    /// the first attempt. An attempt that ended before the put-back (its
+    /// outcome found a dead letter) ended the lease then.
     #[test]
     fn a_letter_killed_while_attempted_and_put_back_waits_for_that_attempt() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut conn, hook) = one_webhook(&dir, false);
-        publish_due(&mut conn, hook, "a", 3, 1_000);
-        let a = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(1)).unwrap();
-        assert_eq!(ids(&a), ["msg_a_000"]);
-        assert_eq!(reconfigure(&mut conn, |c| c.enabled = false), 3);
-        reconfigure(&mut conn, |_| {});
-        assert_eq!(requeue(&mut conn, &[hook], None, 3_000).unwrap(), 3);
-        let taken = claim(&mut conn, 3_100, 20_000, 100, &[], &rooms(8)).unwrap();
-        assert_eq!(
-            ids(&taken),
-            ["msg_a_001", "msg_a_002"],
-            "a_000 is attempted"
-        );
-        complete(
-            &mut conn,
-            &[answered_500(a.rows[0].seq, hook, 9_000, 3_200)],
-            &[],
-        )
-        .unwrap();
-        let again = claim(&mut conn, 3_300, 20_000, 100, &[], &rooms(8)).unwrap();
-        assert_eq!(ids(&again), ["msg_a_000"]);
-        assert_eq!(again.rows[0].attempts, 0, "from the first attempt");
+        for (case, ends_before) in [
+            ("retry", false),
+            ("dead", false),
+            ("released", false),
+            ("delivered", true),
+            ("retry", true),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut conn, hook) = one_webhook(&dir, false);
+            publish_due(&mut conn, hook, "a", 3, 1_000);
+            let a = claim(&mut conn, 2_000, 9_000, 100, &[], &rooms(1)).unwrap();
+            assert_eq!(ids(&a), ["msg_a_000"]);
+            let (seq, lease) = (a.rows[0].seq, 9_000);
+            let ended = match case {
+                "retry" => answered_500(seq, hook, lease, 2_500),
+                "dead" => Outcome::Dead {
+                    seq,
+                    webhook_id: hook,
+                    attempts: 1,
+                    lease,
+                    status: Some(410),
+                    error: "HTTP 410".into(),
+                    at: 2_500,
+                },
+                "released" => Outcome::Released {
+                    seq,
+                    webhook_id: hook,
+                    attempts: 0,
+                    lease,
+                },
+                _ => Outcome::Delivered {
+                    seq,
+                    webhook_id: hook,
+                    lease,
+                    at: 2_500,
+                },
+            };
+            assert_eq!(reconfigure(&mut conn, |c| c.enabled = false), 3);
+            reconfigure(&mut conn, |_| {});
+            if ends_before {
+                complete(&mut conn, std::slice::from_ref(&ended), &[]).unwrap();
+            }
+            assert_eq!(requeue(&mut conn, &[hook], None, 3_000).unwrap(), 3);
+            let taken = claim(&mut conn, 3_100, 20_000, 100, &[], &rooms(8)).unwrap();
+            if ends_before {
+                assert_eq!(
+                    ids(&taken),
+                    ["msg_a_000", "msg_a_001", "msg_a_002"],
+                    "{case}"
+                );
+                continue;
+            }
+            assert_eq!(
+                ids(&taken),
+                ["msg_a_001", "msg_a_002"],
+                "{case}: a_000 is attempted"
+            );
+            complete(&mut conn, &[ended], &[]).unwrap();
+            let again = claim(&mut conn, 3_300, 20_000, 100, &[], &rooms(8)).unwrap();
+            assert_eq!(ids(&again), ["msg_a_000"], "{case}");
+            assert_eq!(again.rows[0].attempts, 0, "{case}: from the first attempt");
+        }
     }
 
     /// The deliveries of a bundle leased whole, made dead letters while
     /// attempted and put back, wait for their node to close the bundle
-    /// (gone by then: their leases end).
+    /// (gone by then: their leases end), whatever their outcomes.
     #[test]
     fn a_bundle_killed_while_attempted_and_put_back_waits_for_its_node() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut conn, hook) = one_webhook(&dir, false);
-        let out = publish(&mut conn, hook, deliveries("d", 2), 1_000, 2, i64::MAX);
-        let [b] = out.leased_bundles[..] else {
-            panic!("{:?}", out.leased_bundles)
-        };
-        assert_eq!(reconfigure(&mut conn, |c| c.enabled = false), 2);
-        reconfigure(&mut conn, |_| {});
-        assert_eq!(requeue(&mut conn, &[hook], None, 1_500).unwrap(), 2);
-        let taken = claim(&mut conn, 1_600, 9_000, 100, &[], &rooms(8)).unwrap();
-        assert!(ids(&taken).is_empty(), "attempted until 2,000");
-        let r = &out.leased;
-        let closing = Closing {
-            bundle: b,
-            outcomes: vec![
-                Outcome::Delivered {
-                    seq: r[0].seq,
-                    webhook_id: hook,
-                    lease: b.lease_until,
-                    at: 1_650,
-                },
+        for all_delivered in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut conn, hook) = one_webhook(&dir, false);
+            let out = publish(&mut conn, hook, deliveries("d", 2), 1_000, 2, i64::MAX);
+            let [b] = out.leased_bundles[..] else {
+                panic!("{:?}", out.leased_bundles)
+            };
+            assert_eq!(reconfigure(&mut conn, |c| c.enabled = false), 2);
+            reconfigure(&mut conn, |_| {});
+            assert_eq!(requeue(&mut conn, &[hook], None, 1_500).unwrap(), 2);
+            let taken = claim(&mut conn, 1_600, 9_000, 100, &[], &rooms(8)).unwrap();
+            assert!(ids(&taken).is_empty(), "attempted until 2,000");
+            let delivered = |r: &Claimed| Outcome::Delivered {
+                seq: r.seq,
+                webhook_id: hook,
+                lease: b.lease_until,
+                at: 1_650,
+            };
+            let second = if all_delivered {
+                delivered(&out.leased[1])
+            } else {
                 Outcome::Released {
-                    seq: r[1].seq,
+                    seq: out.leased[1].seq,
                     webhook_id: hook,
                     attempts: 0,
                     lease: b.lease_until,
-                },
-            ],
-        };
-        complete(&mut conn, &[], &[closing]).unwrap();
-        let taken = claim(&mut conn, 1_700, 9_000, 100, &[], &rooms(8)).unwrap();
-        assert_eq!(ids(&taken), ["msg_d_000", "msg_d_001"]);
+                }
+            };
+            let closing = Closing {
+                bundle: b,
+                outcomes: vec![delivered(&out.leased[0]), second],
+            };
+            complete(&mut conn, &[], &[closing]).unwrap();
+            let taken = claim(&mut conn, 1_700, 9_000, 100, &[], &rooms(8)).unwrap();
+            assert_eq!(ids(&taken), ["msg_d_000", "msg_d_001"], "{all_delivered}");
+        }
     }
 
     /// A webhook made `ordered` while deliveries of it are in flight starts

@@ -182,3 +182,66 @@ pub fn run_migrations(conn: &mut DbConn) -> Result<usize, StorageError> {
     };
     applied.map_err(|e| StorageError::Migration(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::migration::{MigrationConnection, MigrationSource};
+    use diesel::sqlite::Sqlite;
+    use diesel::RunQueryDsl;
+
+    /// The migration that keeps what holds back an `ordered` webhook gives
+    /// every webhook already ordered the end of its deliveries' leases.
+    #[test]
+    fn webhooks_already_ordered_wait_for_their_leased_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().join("m.db").display().to_string();
+        let mut c = SqliteConnection::establish(&url).unwrap();
+        c.setup().unwrap();
+        let all = MigrationSource::<Sqlite>::migrations(&SQLITE_MIGRATIONS).unwrap();
+        let before = all
+            .iter()
+            .position(|m| m.name().to_string().starts_with("2026-12-07-000003"))
+            .unwrap();
+        for m in &all[..before] {
+            c.run_migration(m.as_ref()).unwrap();
+        }
+        c.batch_execute(
+            "INSERT INTO accounts (id, name, token_hash, created_at) VALUES (1, 'a', 'h', 0);
+             INSERT INTO instances (id, account_id, name, token, token_hash, created_at)
+                 VALUES (1, 1, 'i', 't', 'th', 0);
+             INSERT INTO webhooks (id, instance_id, label, enabled, url, by_events, events,
+                 media_base64, ordered, secret, created_at, updated_at)
+                 VALUES (1, 1, 'o', 1, 'http://x', 0, '[]', 0, 1, 's', 0, 0),
+                        (2, 1, 'p', 1, 'http://x', 0, '[]', 0, 0, 's', 0, 0),
+                        (3, 1, 'q', 1, 'http://x', 0, '[]', 0, 1, 's', 0, 0);
+             INSERT INTO webhook_deliveries (id, webhook_id, event, data, created_at,
+                 attempts, next_attempt_at, lease_until)
+                 VALUES ('msg_1', 1, 'call.update', '{}', 0, 1, 0, 9000),
+                        ('msg_2', 1, 'call.update', '{}', 0, 0, 0, 0),
+                        ('msg_3', 2, 'call.update', '{}', 0, 1, 0, 7000);",
+        )
+        .unwrap();
+        c.run_pending_migrations(SQLITE_MIGRATIONS).unwrap();
+        #[derive(diesel::QueryableByName, Debug, PartialEq)]
+        struct Held {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            webhook_id: i64,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            seq: i64,
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            until: i64,
+        }
+        let stored: Vec<Held> = diesel::sql_query(
+            "SELECT webhook_id, seq, until FROM webhook_in_flight ORDER BY webhook_id",
+        )
+        .load(&mut c)
+        .unwrap();
+        let held = |webhook_id, until| Held {
+            webhook_id,
+            seq: 0,
+            until,
+        };
+        assert_eq!(stored, [held(1, 9_000), held(3, 0)]);
+    }
+}

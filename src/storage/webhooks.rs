@@ -370,12 +370,16 @@ pub(crate) use insert_webhook;
 /// Stores a set request: insert or replace the label's configuration (its
 /// secret kept unless rotating), refusing a fourth enabled webhook; a
 /// disabled webhook's pending deliveries become dead letters with error
-/// `webhook disabled` (their number is returned). One transaction; on PostgreSQL the instance row is
-/// locked so concurrent enables cannot pass the limit together.
+/// `webhook disabled` (their number is returned). A webhook made `ordered`
+/// is held back, for `hold_ms` (how long a delivery started before may
+/// still be in flight), while any delivery of it is leased. One
+/// transaction; on PostgreSQL the instance row is locked so concurrent
+/// enables cannot pass the limit together.
 pub fn upsert(
     conn: &mut DbConn,
     instance: InstanceId,
     new: &NewConfig,
+    hold_ms: i64,
 ) -> Result<(WebhookRow, usize), SetError> {
     let now = now_millis();
     let events = encode_events(&new.events);
@@ -398,17 +402,13 @@ pub fn upsert(
         "UPDATE webhook_deliveries SET dead_at = $1, last_error = 'webhook disabled' \
          WHERE webhook_id = $2 AND dead_at IS NULL",
     );
-    // Made ordered while deliveries of it may be in flight: until their
-    // leases end, a claim looks for any of them still leased (they are not
-    // known one by one; `deliveries::NEXT_OF_ORDERED`).
+    // Made ordered while deliveries of it may be in flight (claimed or
+    // stored leased on any node, also by a claim running now): until they
+    // may all have ended, a claim looks for any of them still leased (they
+    // are not known one by one; `deliveries::NEXT_OF_ORDERED`).
     let q_now_ordered = dialect(
         conn,
-        "INSERT INTO webhook_in_flight (webhook_id, seq, until) \
-         SELECT $1, 0, MAX(u) FROM (\
-             SELECT COALESCE(MAX(lease_until), 0) AS u FROM webhook_deliveries \
-             WHERE webhook_id = $1 AND dead_at IS NULL \
-             UNION ALL SELECT COALESCE(MAX(lease_until), 0) FROM webhook_bundles \
-             WHERE webhook_id = $1) AS leases WHERE true \
+        "INSERT INTO webhook_in_flight (webhook_id, seq, until) VALUES ($1, 0, $2) \
          ON CONFLICT (webhook_id) DO UPDATE SET seq = excluded.seq, until = excluded.until",
     );
     let lock = lock.map(|l| dialect(conn, l));
@@ -465,14 +465,19 @@ pub fn upsert(
                     .bind::<BigInt, _>(now)
                     .bind::<BigInt, _>(old.id)
                     .execute(c)?;
-                if new.ordered && !old.ordered {
-                    diesel::sql_query(&q_now_ordered).bind::<BigInt, _>(old.id).execute(c)?;
-                }
                 if !new.enabled {
                     super::bundles::unpack_all(c, old.id)?;
                     killed = diesel::sql_query(&q_kill)
                         .bind::<BigInt, _>(now)
                         .bind::<BigInt, _>(old.id)
+                        .execute(c)?;
+                }
+                // After the deliveries' rows: a claim locks those first,
+                // then this row (one order, no deadlock).
+                if new.ordered && !old.ordered {
+                    diesel::sql_query(&q_now_ordered)
+                        .bind::<BigInt, _>(old.id)
+                        .bind::<BigInt, _>(now.saturating_add(hold_ms))
                         .execute(c)?;
                 }
             }

@@ -574,6 +574,14 @@ fn lease_ms(settings: &WebhookSettings) -> i64 {
     super::attempt_ms(settings) + LEASE_MARGIN_MS
 }
 
+/// How long after a webhook is made `ordered` a delivery of it started as
+/// unordered may still be in flight: a lease taken at that moment by the
+/// node that hears of the change last (changes reach every node within
+/// 1 s, and an intake trusts what it read for [`TARGET_FRESH`] more).
+pub fn ordered_hold_ms(settings: &WebhookSettings) -> i64 {
+    lease_ms(settings) + 2_000
+}
+
 /// Puts deliveries the intake stored leased into their lanes and starts them.
 async fn take_handoffs(
     env: WorkerEnv,

@@ -11,6 +11,13 @@ CREATE TABLE webhook_in_flight (
     until BIGINT NOT NULL
 );
 
+-- Webhooks already ordered: a delivery of theirs leased now (by a node of
+-- the earlier version) holds them back until its lease ends.
+INSERT INTO webhook_in_flight (webhook_id, seq, until)
+SELECT w.id, 0, COALESCE((SELECT MAX(d.lease_until) FROM webhook_deliveries d
+                          WHERE d.webhook_id = w.id AND d.dead_at IS NULL), 0)
+FROM webhooks w WHERE w.ordered;
+
 -- A partial index on leased rows briefly made by an earlier build under the
 -- version 2026-12-07-000002 (its migration is gone): any index holding
 -- lease_until turns a claim's lease into a non-HOT update on PostgreSQL.
