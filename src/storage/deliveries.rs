@@ -17,7 +17,6 @@ use diesel::sql_types::{BigInt, Bool, Nullable, Text};
 
 use super::bundles::{self, BundleRows};
 use super::schema::webhook_deliveries as d;
-use super::schema::webhook_in_flight as f;
 use super::schema::webhook_requeued as r;
 use super::webhooks::{dialect, dialect_of, hook_locks, id_list, HookId, WebhookRow, COLUMNS};
 use super::{unsynced, with_conn, write_tx, DbConn, StorageError};
@@ -696,6 +695,13 @@ const NEXT_OF_ORDERED: &str = "d.seq = (SELECT d2.seq FROM webhook_deliveries d2
                OR EXISTS (SELECT 1 FROM webhook_bundles b \
                WHERE b.webhook_id = w.id AND b.lease_until > $1)))))";
 
+/// Records what holds `ordered` webhook `$1` back (`NEXT_OF_ORDERED`): its
+/// delivery claimed last (`$2`), and a time until which any delivery of it
+/// leased does (`$3`, set when it is made ordered).
+pub(super) const HOLD_BACK: &str = "INSERT INTO webhook_in_flight (webhook_id, seq, until) \
+     VALUES ($1, $2, $3) \
+     ON CONFLICT (webhook_id) DO UPDATE SET seq = excluded.seq, until = excluded.until";
+
 /// SQLite's claim of webhook `?3`: the first `?2` rows (due at `?1`) that
 /// `next` selects.
 fn claim_one(next: &str) -> String {
@@ -813,6 +819,7 @@ pub fn claim(
         id_list(&no_room)
     );
     let (q_unordered, q_ordered) = (claim_one(DUE_OF_WEBHOOK), claim_one(NEXT_OF_ORDERED));
+    let q_hold = dialect(conn, HOLD_BACK);
     let most = i64::try_from(rooms.most).unwrap_or(i64::MAX).min(limit);
     let q_bundled = format!(
         "SELECT w.id, w.ordered FROM webhooks w WHERE {claimable} \
@@ -903,11 +910,10 @@ pub fn claim(
             // An ordered webhook's delivery taken now holds the webhook
             // back while it is pending and leased (`NEXT_OF_ORDERED`).
             for r in found.iter().filter(|r| r.ordered) {
-                diesel::insert_into(f::table)
-                    .values((f::webhook_id.eq(r.webhook_id), f::seq.eq(r.seq), f::until.eq(0_i64)))
-                    .on_conflict(f::webhook_id)
-                    .do_update()
-                    .set((f::seq.eq(r.seq), f::until.eq(0_i64)))
+                diesel::sql_query(&q_hold)
+                    .bind::<BigInt, _>(r.webhook_id)
+                    .bind::<BigInt, _>(r.seq)
+                    .bind::<BigInt, _>(0_i64)
                     .execute(c)?;
             }
             let complete = !retaken && found.len() < usize::try_from(limit).unwrap_or(0);
@@ -987,7 +993,7 @@ pub fn complete(
          WHERE id = $5",
     );
     // Successes in one statement, and one counter update per webhook.
-    let delivered: HashMap<i64, i64> = outcomes
+    let delivered: Vec<(i64, i64)> = outcomes
         .iter()
         .filter_map(|o| match o {
             Outcome::Delivered { seq, lease, .. } => Some((*seq, *lease)),
@@ -1084,7 +1090,7 @@ pub fn complete(
                 // Not `dead_at IS NULL`: PostgreSQL would read the whole
                 // partial index of pending rows beside the primary key
                 // (a BitmapAnd) whenever its statistics lag a burst.
-                let seqs: Vec<i64> = delivered.keys().copied().collect();
+                let seqs: Vec<i64> = delivered.iter().map(|(seq, _)| *seq).collect();
                 let gone: Vec<(i64, i64)> = diesel::delete(
                     d::table
                         .filter(d::seq.eq_any(&seqs))
@@ -1092,12 +1098,14 @@ pub fn complete(
                 )
                 .returning((d::seq, d::webhook_id))
                 .get_results(c)?;
-                let mut left = delivered.clone();
-                for (seq, w) in gone {
-                    *delivered_per_hook.entry(w).or_insert(0) += 1;
-                    left.remove(&seq);
+                for (_, w) in &gone {
+                    *delivered_per_hook.entry(*w).or_insert(0) += 1;
                 }
-                unheld.extend(left);
+                // Rarely: successes whose row was not there to delete.
+                if gone.len() < delivered.len() {
+                    let gone: HashSet<i64> = gone.iter().map(|(seq, _)| *seq).collect();
+                    unheld.extend(delivered.iter().filter(|(seq, _)| !gone.contains(seq)));
+                }
             }
             for o in outcomes.iter().chain(closed) {
                 match o {
@@ -1513,6 +1521,51 @@ mod tests {
             .collect()
     }
 
+    /// An attempt of `seq`, leased until `lease`, that succeeded at `at`.
+    fn delivered_at(seq: i64, hook: i64, lease: i64, at: i64) -> Outcome {
+        Outcome::Delivered {
+            seq,
+            webhook_id: hook,
+            lease,
+            at,
+        }
+    }
+
+    /// A claim of `seq` (after `attempts` attempts), leased until `lease`,
+    /// given back unattempted.
+    fn given_back(seq: i64, hook: i64, attempts: i64, lease: i64) -> Outcome {
+        Outcome::Released {
+            seq,
+            webhook_id: hook,
+            attempts,
+            lease,
+        }
+    }
+
+    /// Attempt `attempts` of `seq`, leased until `lease`, answered 410 at
+    /// `at`: a dead letter.
+    fn answered_410(seq: i64, hook: i64, attempts: i64, lease: i64, at: i64) -> Outcome {
+        Outcome::Dead {
+            seq,
+            webhook_id: hook,
+            attempts,
+            lease,
+            status: Some(410),
+            error: "HTTP 410".into(),
+            at,
+        }
+    }
+
+    /// What a node records late of a first attempt of `seq` it made under
+    /// `lease`: a retry, a give-back, a dead letter.
+    fn late_of_first_attempt(seq: i64, hook: i64, lease: i64) -> [Outcome; 3] {
+        [
+            answered_500(seq, hook, lease, 2_100),
+            given_back(seq, hook, 0, lease),
+            answered_410(seq, hook, 1, lease, 2_100),
+        ]
+    }
+
     /// A first attempt at `at`, leased until `lease`, answered 500:
     /// retried at 5,000.
     fn answered_500(seq: i64, hook: i64, lease: i64, at: i64) -> Outcome {
@@ -1568,12 +1621,7 @@ mod tests {
         // Delivered: its row is gone, its position is not.
         let taken = claim(&mut conn, 6_000, 11_000, 100, &[], &rooms(1)).unwrap();
         assert_eq!(ids(&taken), ["msg_a_000"]);
-        let delivered = Outcome::Delivered {
-            seq,
-            webhook_id: hook,
-            lease: 11_000,
-            at: 6_100,
-        };
+        let delivered = delivered_at(seq, hook, 11_000, 6_100);
         complete(&mut conn, &[delivered], &[]).unwrap();
         assert!(row_states(&mut conn).is_empty());
         assert_eq!(seq_of(&mut conn, "msg_a_000").unwrap(), Some(seq));
@@ -1600,25 +1648,7 @@ mod tests {
         assert_eq!(ids(&b), ["msg_a_000"]);
         let b_holds = row("msg_a_000", 2, 1_000, 20_000, None);
         assert_eq!(row_states(&mut conn)[0], b_holds);
-        let late = [
-            answered_500(seq, hook, 9_000, 2_100),
-            Outcome::Released {
-                seq,
-                webhook_id: hook,
-                attempts: 0,
-                lease: 9_000,
-            },
-            Outcome::Dead {
-                seq,
-                webhook_id: hook,
-                attempts: 1,
-                lease: 9_000,
-                status: Some(410),
-                error: "HTTP 410".into(),
-                at: 2_100,
-            },
-        ];
-        for outcome in late {
+        for outcome in late_of_first_attempt(seq, hook, 9_000) {
             complete(&mut conn, std::slice::from_ref(&outcome), &[]).unwrap();
             assert_eq!(row_states(&mut conn)[0], b_holds, "{outcome:?}");
         }
@@ -1676,35 +1706,12 @@ mod tests {
         at(&mut conn, 10_001, 21_000);
         let c_holds = row_states(&mut conn)[0].clone();
         assert_eq!((c_holds.1, c_holds.3), (1, 21_000));
-        let late = [
-            answered_500(seq, hook, 9_000, 2_100),
-            Outcome::Released {
-                seq,
-                webhook_id: hook,
-                attempts: 0,
-                lease: 9_000,
-            },
-            Outcome::Dead {
-                seq,
-                webhook_id: hook,
-                attempts: 1,
-                lease: 9_000,
-                status: Some(410),
-                error: "HTTP 410".into(),
-                at: 2_100,
-            },
-        ];
-        for outcome in late {
+        for outcome in late_of_first_attempt(seq, hook, 9_000) {
             complete(&mut conn, std::slice::from_ref(&outcome), &[]).unwrap();
             assert_eq!(row_states(&mut conn)[0], c_holds, "{outcome:?}");
         }
         // C gives it back; node D claims it; C's record is applied again.
-        let released = Outcome::Released {
-            seq,
-            webhook_id: hook,
-            attempts: 0,
-            lease: 21_000,
-        };
+        let released = given_back(seq, hook, 0, 21_000);
         complete(&mut conn, std::slice::from_ref(&released), &[]).unwrap();
         assert_eq!(
             (row_states(&mut conn)[0].1, row_states(&mut conn)[0].3),
@@ -1787,27 +1794,12 @@ mod tests {
         let closing = Closing {
             bundle: b,
             outcomes: vec![
-                Outcome::Delivered {
-                    seq: r[1].seq,
-                    webhook_id: hook,
-                    lease: b.lease_until,
-                    at: 2_100,
-                },
+                delivered_at(r[1].seq, hook, b.lease_until, 2_100),
                 answered_500(r[2].seq, hook, b.lease_until, 2_100),
-                Outcome::Released {
-                    seq: r[3].seq,
-                    webhook_id: hook,
-                    attempts: 0,
-                    lease: b.lease_until,
-                },
+                given_back(r[3].seq, hook, 0, b.lease_until),
             ],
         };
-        let a_002 = Outcome::Delivered {
-            seq: r[0].seq,
-            webhook_id: hook,
-            lease: 9_000,
-            at: 2_100,
-        };
+        let a_002 = delivered_at(r[0].seq, hook, 9_000, 2_100);
         complete(&mut conn, &[a_002], std::slice::from_ref(&closing)).unwrap();
         let states = row_states(&mut conn);
         assert_eq!(
@@ -1881,12 +1873,7 @@ mod tests {
                 .rows
                 .iter()
                 .filter(|r| r.bundle == b.seq)
-                .map(|r| Outcome::Delivered {
-                    seq: r.seq,
-                    webhook_id: hook,
-                    lease: b.lease_until,
-                    at: 2_100,
-                })
+                .map(|r| delivered_at(r.seq, hook, b.lease_until, 2_100))
                 .collect(),
         };
         let (a, b) = (
@@ -1946,12 +1933,7 @@ mod tests {
         // Everything delivered: no row, no bundle left.
         let delivered = |rows: &[Claimed]| -> Vec<Outcome> {
             rows.iter()
-                .map(|r| Outcome::Delivered {
-                    seq: r.seq,
-                    webhook_id: hook,
-                    lease: 9_000,
-                    at: 2_100,
-                })
+                .map(|r| delivered_at(r.seq, hook, 9_000, 2_100))
                 .collect()
         };
         let (x, y) = taken.rows.split_at(2);
@@ -2077,27 +2059,9 @@ mod tests {
             let (seq, lease) = (a.rows[0].seq, 9_000);
             let ended = match case {
                 "retry" => answered_500(seq, hook, lease, 2_500),
-                "dead" => Outcome::Dead {
-                    seq,
-                    webhook_id: hook,
-                    attempts: 1,
-                    lease,
-                    status: Some(410),
-                    error: "HTTP 410".into(),
-                    at: 2_500,
-                },
-                "released" => Outcome::Released {
-                    seq,
-                    webhook_id: hook,
-                    attempts: 0,
-                    lease,
-                },
-                _ => Outcome::Delivered {
-                    seq,
-                    webhook_id: hook,
-                    lease,
-                    at: 2_500,
-                },
+                "dead" => answered_410(seq, hook, 1, lease, 2_500),
+                "released" => given_back(seq, hook, 0, lease),
+                _ => delivered_at(seq, hook, lease, 2_500),
             };
             assert_eq!(reconfigure(&mut conn, |c| c.enabled = false), 3);
             reconfigure(&mut conn, |_| {});
@@ -2143,21 +2107,11 @@ mod tests {
             assert_eq!(requeue(&mut conn, &[hook], None, 1_500).unwrap(), 2);
             let taken = claim(&mut conn, 1_600, 9_000, 100, &[], &rooms(8)).unwrap();
             assert!(ids(&taken).is_empty(), "attempted until 2,000");
-            let delivered = |r: &Claimed| Outcome::Delivered {
-                seq: r.seq,
-                webhook_id: hook,
-                lease: b.lease_until,
-                at: 1_650,
-            };
+            let delivered = |r: &Claimed| delivered_at(r.seq, hook, b.lease_until, 1_650);
             let second = if all_delivered {
                 delivered(&out.leased[1])
             } else {
-                Outcome::Released {
-                    seq: out.leased[1].seq,
-                    webhook_id: hook,
-                    attempts: 0,
-                    lease: b.lease_until,
-                }
+                given_back(out.leased[1].seq, hook, 0, b.lease_until)
             };
             let closing = Closing {
                 bundle: b,
@@ -2222,12 +2176,7 @@ mod tests {
                 .map(str::to_string)
                 .collect::<Vec<_>>()
         };
-        let done = |r: &Claimed, lease: i64| Outcome::Delivered {
-            seq: r.seq,
-            webhook_id: hook,
-            lease,
-            at: 2_100,
-        };
+        let done = |r: &Claimed, lease: i64| delivered_at(r.seq, hook, lease, 2_100);
         // a_000 failed and is due again at once; the others are in flight.
         let again = Outcome::Retry {
             seq: taken.rows[0].seq,
@@ -2265,26 +2214,13 @@ mod tests {
         };
         let first = at(&mut conn, 2_000);
         assert_eq!(first.len(), 1);
-        let gone = Outcome::Dead {
-            seq: first[0].seq,
-            webhook_id: hook,
-            attempts: 1,
-            lease: 12_000,
-            status: Some(410),
-            error: "HTTP 410".into(),
-            at: 2_100,
-        };
+        let gone = answered_410(first[0].seq, hook, 1, 12_000, 2_100);
         complete(&mut conn, &[gone], &[]).unwrap();
         let second = at(&mut conn, 2_200);
         assert_eq!(second[0].id, "msg_a_001");
         assert_eq!(requeue(&mut conn, &[hook], None, 2_300).unwrap(), 1);
         assert!(at(&mut conn, 2_400).is_empty(), "a_001 is in flight");
-        let delivered = Outcome::Delivered {
-            seq: second[0].seq,
-            webhook_id: hook,
-            lease: 12_200,
-            at: 2_500,
-        };
+        let delivered = delivered_at(second[0].seq, hook, 12_200, 2_500);
         complete(&mut conn, &[delivered], &[]).unwrap();
         let third = at(&mut conn, 2_600);
         assert_eq!(third[0].id, "msg_a_000");
@@ -2366,12 +2302,7 @@ mod tests {
         let taken = claim(&mut conn, 1_500, 9_000, 100, &[], &rooms(8)).unwrap();
         assert!(ids(&taken).is_empty() && taken.bundles.is_empty());
 
-        let delivered = |c: &Claimed| Outcome::Delivered {
-            seq: c.seq,
-            webhook_id: hook,
-            lease: b.lease_until,
-            at: 1_100,
-        };
+        let delivered = |c: &Claimed| delivered_at(c.seq, hook, b.lease_until, 1_100);
         let closing = Closing {
             bundle: b,
             outcomes: vec![

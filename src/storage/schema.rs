@@ -68,14 +68,6 @@ diesel::table! {
 }
 
 diesel::table! {
-    webhook_in_flight (webhook_id) {
-        webhook_id -> BigInt,
-        seq -> BigInt,
-        until -> BigInt,
-    }
-}
-
-diesel::table! {
     webhook_requeued (id) {
         id -> Text,
         seq -> BigInt,

@@ -402,15 +402,7 @@ pub fn upsert(
         "UPDATE webhook_deliveries SET dead_at = $1, last_error = 'webhook disabled' \
          WHERE webhook_id = $2 AND dead_at IS NULL",
     );
-    // Made ordered while deliveries of it may be in flight (claimed or
-    // stored leased on any node, also by a claim running now): until they
-    // may all have ended, a claim looks for any of them still leased (they
-    // are not known one by one; `deliveries::NEXT_OF_ORDERED`).
-    let q_now_ordered = dialect(
-        conn,
-        "INSERT INTO webhook_in_flight (webhook_id, seq, until) VALUES ($1, 0, $2) \
-         ON CONFLICT (webhook_id) DO UPDATE SET seq = excluded.seq, until = excluded.until",
-    );
+    let q_now_ordered = dialect(conn, super::deliveries::HOLD_BACK);
     let lock = lock.map(|l| dialect(conn, l));
     #[derive(QueryableByName)]
     struct N {
@@ -472,11 +464,16 @@ pub fn upsert(
                         .bind::<BigInt, _>(old.id)
                         .execute(c)?;
                 }
-                // After the deliveries' rows: a claim locks those first,
-                // then this row (one order, no deadlock).
+                // Made ordered while deliveries of it may be in flight
+                // (claimed or stored leased on any node, also by a claim
+                // running now): until they may all have ended, a claim
+                // looks for any of them still leased (they are not known
+                // one by one). After the deliveries' rows: a claim locks
+                // those first, then this row (one order, no deadlock).
                 if new.ordered && !old.ordered {
                     diesel::sql_query(&q_now_ordered)
                         .bind::<BigInt, _>(old.id)
+                        .bind::<BigInt, _>(0_i64)
                         .bind::<BigInt, _>(now.saturating_add(hold_ms))
                         .execute(c)?;
                 }

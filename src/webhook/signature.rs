@@ -32,6 +32,9 @@ const ID_ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmno
 /// (62^8 ms is about 6,900 years).
 const ID_TIME_CHARS: usize = 8;
 
+/// Random characters at the end of an id.
+const ID_RANDOM_CHARS: usize = 16;
+
 /// A new delivery id: `msg_` + 24 characters of `A-Z a-z 0-9`: 8 of the
 /// creation time in milliseconds, then 16 random ones (95 bits, from the
 /// thread's CSPRNG). Ids made later sort after earlier ones, so storing them
@@ -41,33 +44,35 @@ pub fn new_delivery_id() -> String {
 }
 
 fn delivery_id_at(millis: i64) -> String {
-    let base = ID_ALPHABET.len() as u64;
-    let mut out = [0u8; 4 + ID_TIME_CHARS + 16];
+    let mut out = [0u8; 4 + ID_TIME_CHARS + ID_RANDOM_CHARS];
     out[..4].copy_from_slice(b"msg_");
-    let mut t = u64::try_from(millis).unwrap_or(0);
-    for slot in out[4..4 + ID_TIME_CHARS].iter_mut().rev() {
-        *slot = ID_ALPHABET[(t % base) as usize];
-        t /= base;
-    }
+    let (time, random) = out[4..].split_at_mut(ID_TIME_CHARS);
+    put_base62(time, u64::try_from(millis).unwrap_or(0));
     // Two draws from the thread's CSPRNG, 8 characters from each (62^8 <
     // 2^64: a draw's reduction favours some tails by at most 1 in 84,000).
     let mut rng = rand::thread_rng();
-    for tail in out[4 + ID_TIME_CHARS..].chunks_mut(8) {
-        let mut r: u64 = rng.gen();
-        for slot in tail {
-            *slot = ID_ALPHABET[(r % base) as usize];
-            r /= base;
-        }
+    for tail in random.chunks_mut(8) {
+        put_base62(tail, rng.gen());
     }
     // Every byte is ASCII: nothing is replaced.
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Writes `v` into `slots` in base 62, most significant first (higher
+/// digits than fit are dropped).
+fn put_base62(slots: &mut [u8], mut v: u64) {
+    let base = ID_ALPHABET.len() as u64;
+    for slot in slots.iter_mut().rev() {
+        *slot = ID_ALPHABET[(v % base) as usize];
+        v /= base;
+    }
 }
 
 /// When a delivery id made by [`new_delivery_id`] was made (Unix
 /// milliseconds); `None` for an id of another form.
 pub fn delivery_id_time(id: &str) -> Option<i64> {
     let tail = id.strip_prefix("msg_")?.as_bytes();
-    if tail.len() != ID_TIME_CHARS + 16 {
+    if tail.len() != ID_TIME_CHARS + ID_RANDOM_CHARS {
         return None;
     }
     let base = ID_ALPHABET.len() as i64;
