@@ -151,7 +151,11 @@ async fn byte_bound_evicts_before_the_message_bound() {
 
 /// However many of an instance's clients stall, its producer is not held
 /// back: a session whose socket is full is the client's lag, not the
-/// node's, so the instance never counts as behind (see `instance::inbox`).
+/// node's, so the instance does not stay behind (see `instance::inbox`).
+/// It may count as behind for a moment, before the sessions' writers have
+/// run and met the full sockets (a writer that has not run yet is the
+/// node's lag); were full sockets counted, the publishes would wait for
+/// ever (the client's request times out after 20 s) and none would evict.
 #[actix_rt::test]
 async fn clients_that_all_stall_never_hold_their_producer_back() {
     let s = TestServer::start_with(small_client_bounds).await;
@@ -163,8 +167,6 @@ async fn clients_that_all_stall_never_hold_their_producer_back() {
     s.wait_clients("stuck", Some(3)).await;
     // 300 × 32 KiB: more than the kernel's socket buffers and the clients' bounds.
     publish_padded(&s, "stuck", 300).await;
-    assert_eq!(s.metric("eventgate_publish_lag_total").await, 0.0);
-    assert_eq!(s.metric("eventgate_publish_waits_total").await, 0.0);
     // They were behind their bounds, not the node: evicted, all three.
     let series = "eventgate_clients_evicted_total{reason=\"slow_consumer\"}";
     let evicted = common::eventually(common::DEADLINE, async || {
@@ -175,6 +177,12 @@ async fn clients_that_all_stall_never_hold_their_producer_back() {
         evicted.is_some(),
         "the stalled clients were not all evicted"
     );
+    // Once they are gone, nothing is waited for: a publish is answered.
+    s.wait_clients("stuck", Some(0)).await;
+    let r = s
+        .publish("stuck", event("message.status", json!({"seq": 300})))
+        .await;
+    assert_eq!(r.status, 202);
 }
 
 #[actix_rt::test]
