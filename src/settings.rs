@@ -159,8 +159,9 @@ settings_table! {
         publish_queue: usize = 1024;
         /// Publishes a session may have waiting, while its client takes all
         /// it is sent, before this node counts as behind with it; when most
-        /// of an instance's sessions are, its publishers wait for them.
-        /// 0 = never.
+        /// of an instance's sessions are, its publishers wait for them. Also
+        /// the publishes waiting for an instance's fan-out past which the
+        /// next publisher waits for its own. 0 = never.
         publish_lag: usize = 6;
         /// WebSocket clients on this node; 0 = unlimited (503 over it).
         max_connections: usize = 0, env "EVENTGATE_MAX_CONNECTIONS";

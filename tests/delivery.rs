@@ -677,6 +677,54 @@ async fn publishers_wait_while_the_node_is_behind_and_lose_nothing() {
     );
 }
 
+/// With `limits.publish_lag` publishes already waiting for an instance's
+/// fan-out, the next publisher is answered only once its own events are
+/// fanned out, whether or not any session lags: here there is none (the
+/// instance keeps a history, so its actor handles every publish), and
+/// the queue bound is out of reach. Every event is kept, each publisher's
+/// in its order.
+#[actix_rt::test]
+async fn publishers_wait_while_publishes_queue_for_the_fan_out() {
+    use common::recovery::{open, resume};
+    const PUBLISHERS: usize = 8;
+    const REQUESTS: usize = 10;
+    const BATCH: usize = 20;
+    let s = TestServer::start_with(|st| {
+        st.limits.publish_lag = 1;
+        st.limits.publish_queue = 1 << 20;
+        st.ws.history_size = 1 << 20;
+        st.ws.history_bytes = 256 << 20;
+    })
+    .await;
+    s.instance("queue").await;
+    let (ws, first) = open(&s, "queue", "&recover=true").await;
+    let epoch = first["epoch"].as_str().unwrap().to_string();
+    drop(ws);
+    s.wait_clients("queue", Some(0)).await;
+    let mut next = [0u64; PUBLISHERS];
+    let mut rounds = 0;
+    while s.metric("eventgate_publish_waits_total").await == 0.0 {
+        assert!(rounds < 20, "no publisher ever waited for the fan-out");
+        publish_concurrently(&s, "queue", next, REQUESTS, BATCH).await;
+        for n in &mut next {
+            *n += (REQUESTS * BATCH) as u64;
+        }
+        rounds += 1;
+    }
+    assert_eq!(
+        s.metric("eventgate_publish_lag_total").await,
+        0.0,
+        "no session to lag"
+    );
+    // Everything was kept, in each publisher's order.
+    let (mut ws, _) = resume(&s, "queue", &epoch, 0, "").await;
+    let mut seen = [0u64; PUBLISHERS];
+    for _ in 0..next.iter().sum::<u64>() {
+        next_in_order(&mut seen, &ws.envelope().await);
+    }
+    assert_eq!(seen, next);
+}
+
 /// Past `limits.publish_queue` publishes waiting for one instance, the next
 /// publisher is answered only once its events are fanned out (backpressure):
 /// every publish is still accepted and every event delivered, each

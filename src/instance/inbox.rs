@@ -7,12 +7,17 @@
 //! clients are keeping up again, when either
 //! - `limits.publish_queue` publishes already wait for the actor (a bound on
 //!   the actor's mailbox), or
+//! - `limits.publish_lag` publishes already wait for the actor: the actor,
+//!   not its sessions, is behind (its thread had less of the machine for a
+//!   while), and every publish waiting is a fan-out to wait for, or
 //! - this node is *behind* with the instance's sessions: most of them have
 //!   `limits.publish_lag` or more batches in their mailboxes while their clients
 //!   take all they are sent (`SessionShared::lagging`; the actor looks at
 //!   every fan-out, and every millisecond while publishers wait). This keeps the
 //!   sessions' queues a few publishes long at full speed instead of their
-//!   mailboxes' length, which at full speed is latency.
+//!   mailboxes' length, which at full speed is latency; the previous rule
+//!   does the same for the actor's own queue, where the sessions, having
+//!   caught up meanwhile, would not hold anyone.
 //!
 //! Slow clients never cause that wait (contract §6): a session whose socket
 //! is full does not count as lagging, and it is evicted when its bounds are
@@ -151,10 +156,14 @@ pub struct Inbox {
     addr: Arc<SharedAddr>,
     pressure: Arc<Pressure>,
     bound: usize,
+    /// `limits.publish_lag`: publishes waiting for the actor from which a
+    /// publisher waits too (0 = never).
+    lag: usize,
 }
 
 impl Inbox {
-    /// The inbox of the actor at `addr`, bounded by `env.publish_queue`.
+    /// The inbox of the actor at `addr`, bounded by `env.publish_queue` (and
+    /// `env.publish_lag`, for local publishers).
     pub fn new(
         addr: Addr<InstanceActor>,
         name: &str,
@@ -165,6 +174,7 @@ impl Inbox {
             addr: Arc::new(SharedAddr::new(addr, name, env)),
             pressure,
             bound: env.publish_queue,
+            lag: env.publish_lag,
         }
     }
 
@@ -189,11 +199,14 @@ impl Inbox {
     }
 
     /// Hands published `events` to the actor, in order behind every earlier
-    /// publish. Returns at once unless the actor's mailbox is at its bound or
-    /// the instance is behind; then once these events are fanned out and the
-    /// instance is no longer behind. `true` when it waited.
+    /// publish. Returns at once unless the actor's mailbox is at its bound,
+    /// the actor is behind with its publishes or the instance with its
+    /// sessions; then once these events are fanned out and the instance is
+    /// no longer behind. `true` when it waited.
     pub async fn publish(&self, events: Arc<[Event]>) -> bool {
-        let over = self.over_bound() || self.pressure.behind.load(Ordering::Acquire);
+        let over = self.over_bound()
+            || self.actor_behind()
+            || self.pressure.behind.load(Ordering::Acquire);
         self.hand(events, over).await
     }
 
@@ -205,6 +218,11 @@ impl Inbox {
 
     fn over_bound(&self) -> bool {
         self.pressure.waiting.load(Ordering::Acquire) >= self.bound
+    }
+
+    /// Whether `limits.publish_lag` publishes already wait for the actor.
+    fn actor_behind(&self) -> bool {
+        self.lag > 0 && self.pressure.waiting.load(Ordering::Acquire) >= self.lag
     }
 
     async fn hand(&self, events: Arc<[Event]>, wait: bool) -> bool {
