@@ -267,6 +267,13 @@ test('pause keeps counting ("N new while paused"), resume shows them; search nar
   assert.match(await page.locator('#events li').first().textContent(), /haystack-late/);
   await page.locator('#search').fill('');
   await until((n) => document.querySelectorAll('#events li').length === n + 4, rows, 'all rows again');
+
+  // The instance's token is masked on the page, so a search does not find it.
+  const instanceToken = (await gw.call('GET', '/api/instance/list')).body.instances.find((i) => i.name === 'shop-1').token;
+  await page.locator('#search').fill(instanceToken.slice(-12));
+  await until(() => document.querySelector('#events-empty') && document.querySelectorAll('#events li').length === 0, null, 'no match inside the masked token');
+  await page.locator('#search').fill('');
+  await until((n) => document.querySelectorAll('#events li').length === n + 4, rows, 'all rows again');
 });
 
 test('keyboard focus stays on an instance across the list\'s refresh', async () => {

@@ -487,8 +487,9 @@ function flush() {
   renderMore();
 }
 
+/** The text a search looks in: the envelope as shown, its token masked (a search must not find what the page hides). */
 function envelopeText(entry) {
-  if (entry.text === null) entry.text = JSON.stringify(entry.envelope).toLowerCase();
+  if (entry.text === null) entry.text = JSON.stringify(shownEnvelope(entry.envelope)).toLowerCase();
   return entry.text;
 }
 
@@ -506,10 +507,15 @@ function summary(envelope) {
   return text.length > 160 ? `${text.slice(0, 157)}…` : text;
 }
 
+/** The envelope as the page shows it: `instanceData.token` masked. */
+function shownEnvelope(envelope) {
+  const token = envelope.instanceData?.token;
+  if (typeof token !== 'string') return envelope;
+  return { ...envelope, instanceData: { ...envelope.instanceData, token: mask(token) } };
+}
+
 function maskedEnvelope(envelope) {
-  const copy = structuredClone(envelope);
-  if (copy.instanceData && typeof copy.instanceData.token === 'string') copy.instanceData.token = mask(copy.instanceData.token);
-  return JSON.stringify(copy, null, 2);
+  return JSON.stringify(shownEnvelope(envelope), null, 2);
 }
 
 function row(entry) {
