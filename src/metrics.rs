@@ -119,7 +119,7 @@ impl Metrics {
         )?;
         let publish_waits = IntCounter::new(
             "eventgate_publish_waits_total",
-            "Publishes answered only once fanned out: their instance had limits.publish_queue waiting, or its sessions were behind on this node",
+            "Publishes answered only once fanned out: their instance had limits.publish_lag or limits.publish_queue publishes waiting for its fan-out, or its sessions were behind on this node",
         )?;
         let publish_lag = IntCounter::new(
             "eventgate_publish_lag_total",

@@ -154,14 +154,16 @@ settings_table! {
         /// Most events in one publish request (at most 1048576: a publish's
         /// events are numbered in 20 bits of their shared-history offsets).
         publish_batch: usize = 1000;
-        /// Publish requests waiting for one instance's fan-out past which the
-        /// next publisher is answered only once its events are fanned out.
+        /// Publish requests waiting for one instance's fan-out from which the
+        /// next publisher is answered only once its events are fanned out
+        /// (with `publish_lag` below it, this bound applies to events from
+        /// other nodes, or when `publish_lag` is 0).
         publish_queue: usize = 1024;
         /// Publishes a session may have waiting, while its client takes all
         /// it is sent, before this node counts as behind with it; when most
         /// of an instance's sessions are, its publishers wait for them. Also
-        /// the publishes waiting for an instance's fan-out past which the
-        /// next publisher waits for its own. 0 = never.
+        /// the publishes waiting for an instance's fan-out from which the
+        /// next local publisher waits for its own. 0 = never.
         publish_lag: usize = 6;
         /// WebSocket clients on this node; 0 = unlimited (503 over it).
         max_connections: usize = 0, env "EVENTGATE_MAX_CONNECTIONS";

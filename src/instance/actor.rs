@@ -72,11 +72,12 @@ pub struct FanoutEnv {
     pub metrics: Arc<Metrics>,
     /// Where this instance's events from other nodes come from.
     pub bus: crate::bus::Bus,
-    /// Publishes waiting for an instance actor past which publishers wait
-    /// (`limits.publish_queue`; see `Inbox`).
+    /// Publishes waiting for an instance actor from which every publisher
+    /// waits (`limits.publish_queue`; see `Inbox`).
     pub publish_queue: usize,
-    /// Publishes waiting in a session from which it lags (`limits.publish_lag`;
-    /// see `Inbox`); 0 = never.
+    /// Publishes waiting in a session from which it lags, and waiting for
+    /// the actor from which local publishers wait (`limits.publish_lag`; see
+    /// `Inbox`); 0 = never.
     pub publish_lag: usize,
     /// Whether the fan-out writes idle sessions' sockets itself (`ws::direct`).
     pub direct_writes: bool,
