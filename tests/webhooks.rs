@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{event, Reply, TestServer, ACCOUNT};
+use eventgate::settings::Settings;
 use serde_json::{json, Value};
 use webhook_receiver::{eventually, Receiver};
 
@@ -37,11 +38,25 @@ macro_rules! on_db {
     }};
 }
 
+/// A server that may deliver to the tests' receivers on 127.0.0.0/8, with
+/// `tweak` made to its settings.
+async fn loopback_server(tweak: impl FnOnce(&mut Settings)) -> TestServer {
+    TestServer::start_with(|s| {
+        allow_loopback(s);
+        tweak(s);
+    })
+    .await
+}
+
+/// Lets the server deliver to the tests' receivers on 127.0.0.0/8.
+fn allow_loopback(s: &mut Settings) {
+    s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+}
+
 /// A server that may deliver to 127.0.0.0/8, with a short retry schedule.
 async fn server_with(schedule: &[u64]) -> TestServer {
     let schedule = schedule.to_vec();
-    TestServer::start_with(move |s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    loopback_server(move |s| {
         s.webhook.retry_schedule_secs = schedule;
         s.webhook.timeout_secs = 3;
     })
@@ -1171,8 +1186,7 @@ async fn retry_after_is_honoured_and_410_ends_retries() {
 /// at once nor made a dead letter.
 #[actix_rt::test]
 async fn the_largest_timeout_and_interval_neither_panic_nor_wrap() {
-    let s = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let s = loopback_server(|s| {
         s.webhook.retry_schedule_secs = vec![u64::MAX];
         s.webhook.timeout_secs = u64::MAX;
     })
@@ -1387,8 +1401,7 @@ async fn a_name_resolving_to_loopback_is_refused_at_delivery_unless_allowed() {
 /// the attempt starts (§11), not as it was when the delivery was claimed.
 #[actix_rt::test]
 async fn queued_deliveries_start_with_the_configuration_of_their_start() {
-    let s = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let s = loopback_server(|s| {
         s.webhook.timeout_secs = 60;
     })
     .await;
@@ -1425,8 +1438,7 @@ async fn queued_deliveries_start_with_the_configuration_of_their_start() {
 async fn a_slow_receiver_does_not_delay_another_label() {
     // Held attempts must not time out (and make room for more) while the
     // fast label's 20 arrive, however busy the machine.
-    let s = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let s = loopback_server(|s| {
         s.webhook.timeout_secs = 60;
     })
     .await;
@@ -1474,8 +1486,7 @@ async fn a_slow_receiver_does_not_delay_another_label() {
 /// numbers a receiver sees run 1, 2, 3… without a gap or a repeat.
 #[actix_rt::test]
 async fn deliveries_claimed_ahead_of_a_receiver_turning_slow_are_given_back() {
-    let s = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let s = loopback_server(|s| {
         s.webhook.retry_schedule_secs = vec![1; 20];
         s.webhook.timeout_secs = 1;
         s.webhook.max_in_flight = 2;
@@ -1535,8 +1546,7 @@ async fn deliveries_claimed_ahead_of_a_receiver_turning_slow_are_given_back() {
 /// With one in flight, the receiver sees the start order.
 #[actix_rt::test]
 async fn deliveries_start_in_acceptance_order_whether_claimed_or_handed_over() {
-    let s = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let s = loopback_server(|s| {
         s.webhook.max_in_flight = 1;
     })
     .await;
@@ -1629,8 +1639,7 @@ async fn a_dead_letter_put_back_waits_for_the_ordered_delivery_in_flight() {
 /// here).
 #[actix_rt::test]
 async fn a_webhook_made_ordered_waits_for_the_delivery_in_flight() {
-    let s = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let s = loopback_server(|s| {
         s.webhook.retry_schedule_secs = vec![2];
         s.webhook.timeout_secs = 10;
     })
@@ -1771,8 +1780,7 @@ async fn a_dead_receiver_never_refuses_a_producer_nor_websocket_clients() {
 
 #[actix_rt::test]
 async fn backlog_bound_makes_dead_letters_and_still_accepts() {
-    let s = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let s = loopback_server(|s| {
         s.webhook.max_pending = 3;
         s.webhook.retry_schedule_secs = vec![3600];
     })
@@ -1808,8 +1816,7 @@ async fn backlog_bound_makes_dead_letters_and_still_accepts() {
 
 #[actix_rt::test]
 async fn concurrent_publishes_stored_together_keep_the_backlog_bound() {
-    let s = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let s = loopback_server(|s| {
         s.webhook.max_pending = 10;
         s.webhook.retry_schedule_secs = vec![3600];
     })
@@ -2038,8 +2045,7 @@ async fn instance_creation_stores_the_default_webhook_and_list_shows_it() {
 async fn secrets_are_encrypted_at_rest_and_a_wrong_key_fails_with_cannot_decrypt() {
     use base64::Engine;
     let key = base64::engine::general_purpose::STANDARD.encode([42u8; 32]);
-    let s = TestServer::start_with(move |s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let s = loopback_server(move |s| {
         s.webhook.retry_schedule_secs = vec![];
         s.webhook.encryption_key = key;
     })
@@ -2115,8 +2121,7 @@ fn overwrite_auth(url: &str, value: &str) {
 
 #[actix_rt::test]
 async fn an_api_only_node_stores_deliveries_that_another_node_delivers() {
-    let api = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let api = loopback_server(|s| {
         s.webhook.deliver = false;
     })
     .await;
@@ -2126,10 +2131,7 @@ async fn an_api_only_node_stores_deliveries_that_another_node_delivers() {
     api.publish("split", event("call.update", json!({"k": 1})))
         .await;
     assert_eq!(stats(&api, "split", "default").await["pending"], 1);
-    let worker = TestServer::start_on(api.db.shared(), |s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
-    })
-    .await;
+    let worker = TestServer::start_on(api.db.shared(), allow_loopback).await;
     let got = rx.wait_count(1, WAIT).await;
     assert_eq!(got[0].json()["data"], json!({"k": 1}));
     wait_stats(&worker, "split", "default", |st| {
@@ -2144,17 +2146,13 @@ async fn an_api_only_node_stores_deliveries_that_another_node_delivers() {
 /// publishes store deliveries for it from then on.
 #[actix_rt::test]
 async fn an_api_only_node_reads_the_enabled_webhooks_again() {
-    let api = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let api = loopback_server(|s| {
         s.webhook.deliver = false;
         s.cluster.refresh_secs = 1;
     })
     .await;
     api.instance("later").await;
-    let worker = TestServer::start_on(api.db.shared(), |s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
-    })
-    .await;
+    let worker = TestServer::start_on(api.db.shared(), allow_loopback).await;
     let rx = Receiver::start();
     set_ok(
         &worker,
@@ -2180,8 +2178,7 @@ async fn an_api_only_node_reads_the_enabled_webhooks_again() {
 #[actix_rt::test]
 async fn an_ip_literal_is_checked_again_when_connecting() {
     // Set where 127.0.0.0/8 was allowed; delivered by a node where it is not.
-    let setter = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let setter = loopback_server(|s| {
         s.webhook.deliver = false;
     })
     .await;
@@ -2221,7 +2218,7 @@ async fn an_address_refused_on_a_retry_counts_the_attempts_made() {
         ("EVENTGATE_WEBHOOK_RETRY_SCHEDULE_SECS", "3600".to_string()),
     ];
     let mut allowing = common::Process::start(&db, &["serve"], &env);
-    let first = allowing.client(&eventgate::settings::Settings::default());
+    let first = allowing.client(&Settings::default());
     first.instance("re").await;
     set_ok(&first, "re", json!({"enabled": true, "url": rx.url("/r")})).await;
     first.publish("re", event("call.update", json!({}))).await;
@@ -2248,7 +2245,7 @@ async fn storage_failures_answer_the_contract_500s_and_publish_is_not_acknowledg
         return;
     };
     let s = TestServer::start_on(db, |s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        allow_loopback(s);
         s.storage.connect_timeout_secs = 1;
     })
     .await;
@@ -2336,8 +2333,7 @@ async fn webhook_endpoints_count_against_the_general_bucket() {
 
 #[actix_rt::test]
 async fn dead_letters_past_retention_are_removed() {
-    let s = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let s = loopback_server(|s| {
         s.webhook.retry_schedule_secs = vec![];
         s.webhook.dead_letter_hours = 168;
     })
@@ -2410,8 +2406,7 @@ fn execute(url: &str, sql: &str) {
 
 #[actix_rt::test]
 async fn redirects_are_not_followed_and_a_slow_reply_is_a_timeout() {
-    let s = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let s = loopback_server(|s| {
         // Room for the test to release the held receiver between the
         // timed-out attempt and its retry.
         s.webhook.retry_schedule_secs = vec![3];
@@ -2461,8 +2456,7 @@ async fn redirects_are_not_followed_and_a_slow_reply_is_a_timeout() {
 
 #[actix_rt::test]
 async fn deliveries_reuse_connections_and_reconnect_after_the_receiver_closes_them() {
-    let s =
-        TestServer::start_with(|s| s.webhook.allowed_networks = vec!["127.0.0.0/8".into()]).await;
+    let s = loopback_server(|_| {}).await;
     let rx = Receiver::start();
     s.instance("keep").await;
     set_ok(&s, "keep", json!({"enabled": true, "url": rx.url("/k")})).await;
@@ -2514,8 +2508,7 @@ async fn an_https_receiver_is_spoken_to_in_tls_under_its_name() {
             let _ = tx.send(buf);
         }
     });
-    let s = TestServer::start_with(|s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+    let s = loopback_server(|s| {
         s.webhook.retry_schedule_secs = vec![];
     })
     .await;
@@ -2549,10 +2542,7 @@ async fn the_queue_tables_are_vacuumed_on_postgresql_without_autovacuum() {
         return;
     };
     let url = db.url.clone();
-    let s = TestServer::start_on(db, |s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
-    })
-    .await;
+    let s = TestServer::start_on(db, allow_loopback).await;
     s.instance("churn").await;
     let port = common::free_port();
     set_ok(
@@ -2712,7 +2702,7 @@ async fn the_pending_gauge_is_right_from_the_start() {
     wait_stats(&s, "gauge", "default", |st| st["pending"] == 3).await;
     // A second node on the same database, starting now.
     let again = TestServer::start_on(s.db.shared(), |st| {
-        st.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        allow_loopback(st);
         st.webhook.retry_schedule_secs = vec![3600];
     })
     .await;
@@ -2736,7 +2726,7 @@ async fn an_ordered_webhook_unpacked_by_another_node_meanwhile_is_not_unpacked_a
     };
     let url = db.url.clone();
     let api = TestServer::start_on(db, |s| {
-        s.webhook.allowed_networks = vec!["127.0.0.0/8".into()];
+        allow_loopback(s);
         s.webhook.deliver = false;
     })
     .await;

@@ -1542,16 +1542,23 @@ mod tests {
         }
     }
 
-    /// Attempt `attempts` of `seq`, leased until `lease`, answered 410 at
-    /// `at`: a dead letter.
-    fn answered_410(seq: i64, hook: i64, attempts: i64, lease: i64, at: i64) -> Outcome {
+    /// Attempt `attempts` of `seq`, leased until `lease`, answered `status`
+    /// at `at` and made a dead letter (a 410, or the schedule's last).
+    fn dead_letter(
+        seq: i64,
+        hook: i64,
+        attempts: i64,
+        lease: i64,
+        status: i64,
+        at: i64,
+    ) -> Outcome {
         Outcome::Dead {
             seq,
             webhook_id: hook,
             attempts,
             lease,
-            status: Some(410),
-            error: "HTTP 410".into(),
+            status: Some(status),
+            error: format!("HTTP {status}"),
             at,
         }
     }
@@ -1562,7 +1569,7 @@ mod tests {
         [
             answered_500(seq, hook, lease, 2_100),
             given_back(seq, hook, 0, lease),
-            answered_410(seq, hook, 1, lease, 2_100),
+            dead_letter(seq, hook, 1, lease, 410, 2_100),
         ]
     }
 
@@ -1606,15 +1613,7 @@ mod tests {
         // Dead again, and put back again.
         let taken = claim(&mut conn, 3_000, 8_000, 100, &[], &rooms(1)).unwrap();
         assert_eq!(ids(&taken), ["msg_a_000"]);
-        let dead = Outcome::Dead {
-            seq,
-            webhook_id: hook,
-            attempts: 1,
-            lease: 8_000,
-            status: Some(500),
-            error: "HTTP 500".into(),
-            at: 3_500,
-        };
+        let dead = dead_letter(seq, hook, 1, 8_000, 500, 3_500);
         complete(&mut conn, &[dead], &[]).unwrap();
         assert_eq!(requeue(&mut conn, &[hook], None, 6_000).unwrap(), 1);
         assert_eq!(kept(&mut conn), [("msg_a_000".to_string(), seq, 6_000)]);
@@ -1691,15 +1690,7 @@ mod tests {
         let seq = at(&mut conn, 2_000, 9_000);
         // Node B: attempt 2 once A's lease ran out, and a dead letter.
         at(&mut conn, 9_001, 20_000);
-        let dead = Outcome::Dead {
-            seq,
-            webhook_id: hook,
-            attempts: 2,
-            lease: 20_000,
-            status: Some(500),
-            error: "HTTP 500".into(),
-            at: 9_100,
-        };
+        let dead = dead_letter(seq, hook, 2, 20_000, 500, 9_100);
         complete(&mut conn, &[dead], &[]).unwrap();
         // Put back, and claimed by node C: attempt 1 again, as A's was.
         assert_eq!(requeue(&mut conn, &[hook], None, 10_000).unwrap(), 1);
@@ -2059,7 +2050,7 @@ mod tests {
             let (seq, lease) = (a.rows[0].seq, 9_000);
             let ended = match case {
                 "retry" => answered_500(seq, hook, lease, 2_500),
-                "dead" => answered_410(seq, hook, 1, lease, 2_500),
+                "dead" => dead_letter(seq, hook, 1, lease, 410, 2_500),
                 "released" => given_back(seq, hook, 0, lease),
                 _ => delivered_at(seq, hook, lease, 2_500),
             };
@@ -2214,7 +2205,7 @@ mod tests {
         };
         let first = at(&mut conn, 2_000);
         assert_eq!(first.len(), 1);
-        let gone = answered_410(first[0].seq, hook, 1, 12_000, 2_100);
+        let gone = dead_letter(first[0].seq, hook, 1, 12_000, 410, 2_100);
         complete(&mut conn, &[gone], &[]).unwrap();
         let second = at(&mut conn, 2_200);
         assert_eq!(second[0].id, "msg_a_001");
