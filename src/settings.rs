@@ -159,7 +159,8 @@ settings_table! {
         /// (with `publish_lag` below it, this bound applies to events from
         /// other nodes, or when `publish_lag` is 0).
         publish_queue: usize = 1024;
-        /// Publishes a session may have waiting, while its client takes all
+        /// Publishes a session may have waiting (less those waiting for the
+        /// instance's fan-out, at least one), while its client takes all
         /// it is sent, before this node counts as behind with it; when most
         /// of an instance's sessions are, its publishers wait for them. Also
         /// the publishes waiting for an instance's fan-out from which the

@@ -524,8 +524,8 @@ impl Handler<Publish> for InstanceActor {
         // one's ticket included): the node is busy, and the sessions'
         // writers, which gather several publishes into one write, keep up
         // better than a write per publish here.
-        let alone = self.node_quiet(1).then_some(1);
-        self.fan_out(&frames, alone, ctx);
+        let quiet = self.node_quiet(1);
+        self.fan_out(&frames, 1, quiet, ctx);
         self.env
             .metrics
             .fanout_seconds
@@ -552,6 +552,13 @@ impl InstanceActor {
             .is_none_or(|n| n.waiting.load(Ordering::Acquire) <= own)
     }
 
+    /// The batches a session holds from which it lags, now (see
+    /// [`lag_threshold`]); `own` publishes are being handled here.
+    fn lag_threshold(&self, own: usize) -> usize {
+        let waiting = self.pressure.waiting.load(Ordering::Acquire);
+        lag_threshold(self.env.publish_lag, waiting.saturating_sub(own))
+    }
+
     /// Whether this fan-out may write idle sessions' sockets itself: `alone`,
     /// at least [`DIRECT_SPACING`] after the node's previous one (of any
     /// instance), and this instance's previous one found the writers idle.
@@ -564,24 +571,26 @@ impl InstanceActor {
         alone && spaced && self.writers_idle
     }
 
-    /// Queues `frames` to every session, evicting those past their bounds.
-    /// With `server.direct_writes`, when the node is quiet (`alone` is
-    /// `Some(own)`: nothing but the `own` publishes being handled here waits
-    /// for this actor or any other of the node; and see
-    /// `may_write_directly`), an idle session's socket is written here at
+    /// Queues `frames` to every session, evicting those past their bounds;
+    /// `own` publishes (0 or 1) are being handled here and still counted as
+    /// waiting for this actor.
+    /// With `server.direct_writes`, when the node is `quiet` (nothing but
+    /// the `own` publishes waits for this actor or any other of the node;
+    /// and see `may_write_directly`), an idle session's socket is written here at
     /// once instead (`ws::direct`), until another publish arrives for the
     /// node: from then on the rest take their mailboxes, so a publish never
     /// waits behind a whole fan-out of socket writes.
-    fn fan_out(&mut self, frames: &[Frame], alone: Option<usize>, ctx: &mut Context<Self>) {
+    fn fan_out(&mut self, frames: &[Frame], own: usize, quiet: bool, ctx: &mut Context<Self>) {
         if frames.is_empty() {
             return;
         }
+        let alone = quiet.then_some(own);
         // Sessions with the same narrowing and opt-in share one batch (and
         // its encoding, made when a session is first written directly).
         let mut batches: Vec<((EventSet, bool), Batch, Option<Bytes>)> = Vec::new();
         let mut dropped = Vec::new();
         let mut delivered = 0u64;
-        let mut lag = Lag::new(self.env.publish_lag);
+        let mut lag = Lag::new(self.lag_threshold(own));
         // Batches written directly, whole and in part (`ws::direct`).
         let mut written = [0u64; 2];
         let mut direct = self.env.direct_writes && self.may_write_directly(alone.is_some());
@@ -655,6 +664,19 @@ impl InstanceActor {
             counter.with_label_values(&["partly"]).inc_by(written[1]);
         }
     }
+}
+
+/// The batches a session holds from which it lags (see `Lag`):
+/// `publish_lag` (`limits.publish_lag`) less the `waiting` publishes queued
+/// for the instance's actor behind the one being fanned out, at least 1
+/// (0: the rule is off). A publish crosses both queues, the actor's and
+/// then its sessions', so together, not each, they hold about `publish_lag`
+/// publishes.
+fn lag_threshold(publish_lag: usize, waiting: usize) -> usize {
+    if publish_lag == 0 {
+        return 0;
+    }
+    publish_lag.saturating_sub(waiting).max(1)
 }
 
 /// How many sessions are lagging, of how many (see `SessionShared::lagging`).
@@ -756,7 +778,7 @@ impl InstanceActor {
             return;
         }
         self.lag_watch = Some(ctx.run_interval(LAG_POLL, |act, ctx| {
-            let mut lag = Lag::new(act.env.publish_lag);
+            let mut lag = Lag::new(act.lag_threshold(0));
             for entry in act.sessions.values().take(LAG_SAMPLE) {
                 lag.count(&entry.shared);
             }
@@ -778,4 +800,23 @@ fn batch_of(frames: &[Frame], narrowing: EventSet, stamped: bool) -> Batch {
         .collect();
     let bytes = frames.iter().map(|f| f.len()).sum();
     Batch { frames, bytes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lag_threshold;
+
+    #[test]
+    fn the_actors_queue_and_the_sessions_share_one_lag() {
+        // Nothing waits for the actor: the sessions may hold all of it.
+        assert_eq!(lag_threshold(6, 0), 6);
+        // Publishes waiting for the actor count against the sessions' part.
+        assert_eq!(lag_threshold(6, 2), 4);
+        // However many wait, a session with a batch waiting still lags.
+        assert_eq!(lag_threshold(6, 6), 1);
+        assert_eq!(lag_threshold(6, 1000), 1);
+        // 0 turns the rule off, whatever waits.
+        assert_eq!(lag_threshold(0, 0), 0);
+        assert_eq!(lag_threshold(0, 3), 0);
+    }
 }

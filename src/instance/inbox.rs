@@ -11,9 +11,11 @@
 //!   not its sessions, is behind (its thread had less of the machine for a
 //!   while), and every publish waiting is a fan-out to wait for, or
 //! - this node is *behind* with the instance's sessions: most of them have
-//!   `limits.publish_lag` or more batches in their mailboxes while their clients
+//!   `limits.publish_lag` or more batches in their mailboxes, less the
+//!   publishes waiting for the actor (at least one), while their clients
 //!   take all they are sent (`SessionShared::lagging`; the actor looks at
-//!   every fan-out, and every millisecond while publishers wait). This keeps the
+//!   every fan-out, and every millisecond while publishers wait). A publish
+//!   crosses both queues, so together they hold about `publish_lag`. This keeps the
 //!   sessions' queues a few publishes long at full speed instead of their
 //!   mailboxes' length, which at full speed is latency; the previous rule
 //!   does the same for the actor's own queue, where the sessions, having

@@ -344,8 +344,8 @@ impl Handler<Sequenced> for InstanceActor {
         if !frames.is_empty() {
             // Nothing more pending in the stream, and no publish waiting for
             // any instance of the node: nothing waits behind these.
-            let alone = (msg.caught_up && self.node_quiet(0)).then_some(0);
-            self.fan_out(&frames, alone, ctx);
+            let quiet = msg.caught_up && self.node_quiet(0);
+            self.fan_out(&frames, 0, quiet, ctx);
         }
         if msg.caught_up {
             self.loading = false;
