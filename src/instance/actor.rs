@@ -681,7 +681,7 @@ fn lag_threshold(publish_lag: usize, waiting: usize) -> usize {
 
 /// How many sessions are lagging, of how many (see `SessionShared::lagging`).
 struct Lag {
-    /// `limits.publish_lag`.
+    /// The batches from which a session lags ([`lag_threshold`]; 0: never).
     threshold: usize,
     lagging: usize,
     sessions: usize,
