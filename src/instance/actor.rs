@@ -559,32 +559,31 @@ impl InstanceActor {
         lag_threshold(self.env.publish_lag, waiting.saturating_sub(own))
     }
 
-    /// Whether this fan-out may write idle sessions' sockets itself: `alone`,
-    /// at least [`DIRECT_SPACING`] after the node's previous one (of any
-    /// instance), and this instance's previous one found the writers idle.
-    fn may_write_directly(&self, alone: bool) -> bool {
+    /// Whether this fan-out may write idle sessions' sockets itself: the
+    /// node `quiet`, at least [`DIRECT_SPACING`] after its previous one (of
+    /// any instance), and this instance's previous one found the writers idle.
+    fn may_write_directly(&self, quiet: bool) -> bool {
         let spaced = self
             .pressure
             .node
             .as_ref()
             .is_some_and(|n| n.fan_out_spaced(DIRECT_SPACING));
-        alone && spaced && self.writers_idle
+        quiet && spaced && self.writers_idle
     }
 
     /// Queues `frames` to every session, evicting those past their bounds;
     /// `own` publishes (0 or 1) are being handled here and still counted as
-    /// waiting for this actor.
-    /// With `server.direct_writes`, when the node is `quiet` (nothing but
-    /// the `own` publishes waits for this actor or any other of the node;
-    /// and see `may_write_directly`), an idle session's socket is written here at
-    /// once instead (`ws::direct`), until another publish arrives for the
-    /// node: from then on the rest take their mailboxes, so a publish never
-    /// waits behind a whole fan-out of socket writes.
+    /// waiting for this actor. With `server.direct_writes`, when the node is
+    /// `quiet` (nothing but the `own` publishes waits for this actor or any
+    /// other of the node; and see `may_write_directly`), an idle session's
+    /// socket is written here at once instead (`ws::direct`), until another
+    /// publish arrives for the node: from then on the rest take their
+    /// mailboxes, so a publish never waits behind a whole fan-out of socket
+    /// writes.
     fn fan_out(&mut self, frames: &[Frame], own: usize, quiet: bool, ctx: &mut Context<Self>) {
         if frames.is_empty() {
             return;
         }
-        let alone = quiet.then_some(own);
         // Sessions with the same narrowing and opt-in share one batch (and
         // its encoding, made when a session is first written directly).
         let mut batches: Vec<((EventSet, bool), Batch, Option<Bytes>)> = Vec::new();
@@ -593,8 +592,7 @@ impl InstanceActor {
         let mut lag = Lag::new(self.lag_threshold(own));
         // Batches written directly, whole and in part (`ws::direct`).
         let mut written = [0u64; 2];
-        let mut direct = self.env.direct_writes && self.may_write_directly(alone.is_some());
-        let own = alone.unwrap_or(0);
+        let mut direct = self.env.direct_writes && self.may_write_directly(quiet);
         // Sessions given frames, and those of them with some still waiting.
         let (mut given, mut busy) = (0usize, 0usize);
         for (id, entry) in &self.sessions {
