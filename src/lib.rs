@@ -35,9 +35,10 @@
 //! [`run`] takes settings and an already-bound listener, so tests bind
 //! `127.0.0.1:0` and run exactly what production runs.
 //!
-//! Unsafe code is denied crate-wide. Two calls need it, each allowed where
-//! it is made with a `// SAFETY:` note: `malloc_trim` in [`memory`], and
-//! `_exit` in the binary's `main.rs`.
+//! Unsafe code is denied crate-wide. Four calls need it, each allowed where
+//! it is made with a `// SAFETY:` note: `malloc_trim` in [`memory`],
+//! `_exit` in the binary's `main.rs`, and on the fan-out's path a socket's
+//! descriptor borrowed in `ws::direct` and a prefetch in `instance::actor`.
 
 #![deny(unsafe_code)]
 

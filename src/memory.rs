@@ -36,7 +36,7 @@ async fn after_departures(limits: Arc<ConnectionLimits>, period: Duration, relea
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)] // One of the crate's two unsafe calls (see `lib.rs`).
+#[allow(unsafe_code)] // One of the crate's unsafe calls (see `lib.rs`).
 fn release_free_pages() {
     // SAFETY: malloc_trim takes each glibc arena's own lock while it walks
     // it; it may be called from any thread at any time.

@@ -14,8 +14,8 @@ use crate::domain::{EventSet, VersionedConfig};
 use crate::events::Event;
 use crate::ws::close::CloseCode;
 
-/// A session's identity within its node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A session's identity within its node; later sessions have larger ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SessionId(pub u64);
 
 impl std::fmt::Display for SessionId {
