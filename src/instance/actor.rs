@@ -131,9 +131,10 @@ pub struct InstanceActor {
     config: Option<VersionedConfig>,
     /// `instanceData` of this instance's envelopes, serialised once.
     instance_data: String,
-    /// By id, so in the order they joined: the fan-out then visits their
-    /// sockets in the order the kernel made them, which its caches follow
-    /// (a hash order costs the kernel about a sixth more per write).
+    /// By id, that is in the order their connections came: the fan-out
+    /// then writes their sockets in the order the kernel made them, which
+    /// its caches follow (in a hash's order each write cost the kernel
+    /// about a sixth more; BENCHMARKS, "Fan-out in join order").
     sessions: BTreeMap<SessionId, SessionEntry>,
     env: FanoutEnv,
     registry: std::sync::Weak<Registry>,
