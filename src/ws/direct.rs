@@ -12,7 +12,7 @@
 //! (`instance::actor::take_heartbeat_turns`).
 //!
 //! A direct write goes to the socket's descriptor, kept beside it: a
-//! fan-out to 1000 sessions that read tokio's stream and its readiness
+//! fan-out to 1000 sessions that reads tokio's stream and its readiness
 //! state first waits on two cache misses per socket (BENCHMARKS, "Fan-out
 //! in join order"). tokio's readiness is only a hint, so a write past it is
 //! sound: a write the socket refuses leaves the kernel to signal when it
