@@ -58,10 +58,9 @@ pub struct DirectWay {
 
 #[derive(Debug, Default)]
 struct Way {
-    /// The connection's socket, from its start until the session closes.
-    socket: Option<Arc<TcpStream>>,
-    /// `socket`'s descriptor (meaningless while `socket` is `None`).
-    fd: RawFd,
+    /// The connection's socket and its descriptor (written to directly),
+    /// from the connection's start until the session closes.
+    socket: Option<(Arc<TcpStream>, RawFd)>,
     /// Whether the writer is stopped with nothing to write.
     open: bool,
     /// What a direct write left unwritten, for the writer to send first.
@@ -71,9 +70,8 @@ struct Way {
 impl DirectWay {
     /// The connection's socket is here (the way stays closed until `idle`).
     pub fn attach(&self, socket: Arc<TcpStream>) {
-        let mut way = self.inner.lock();
-        way.fd = socket.as_raw_fd();
-        way.socket = Some(socket);
+        let fd = socket.as_raw_fd();
+        self.inner.lock().socket = Some((socket, fd));
     }
 
     /// Closes the way for good: the session is closing or its connection ended.
@@ -99,13 +97,13 @@ impl DirectWay {
     /// Writes `wire` (encoded frames) if the way is open.
     pub fn write(&self, wire: &Bytes) -> Direct {
         let mut way = self.inner.lock();
-        if way.socket.is_none() || !way.open {
+        let Some(&(_, fd)) = way.socket.as_ref().filter(|_| way.open) else {
             return Direct::Refused;
-        }
-        // SAFETY: `fd` is the descriptor of `socket` (`attach`), which this
+        };
+        // SAFETY: `fd` is the descriptor of the socket beside it, which this
         // locked way holds, so it stays open until this borrow ends.
         #[allow(unsafe_code)] // One of the crate's unsafe calls (see `lib.rs`).
-        let fd = unsafe { BorrowedFd::borrow_raw(way.fd) };
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
         let sent = socket2::SockRef::from(&fd).send_with_flags(wire, libc::MSG_NOSIGNAL);
         let written = match sent {
             Ok(n) => n,
