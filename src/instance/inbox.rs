@@ -206,8 +206,9 @@ impl Inbox {
     /// sessions; then once these events are fanned out and the instance is
     /// no longer behind. `true` when it waited.
     pub async fn publish(&self, events: Arc<[Event]>) -> bool {
-        let over = self.over_bound()
-            || self.actor_behind()
+        let waiting = self.waiting();
+        let over = self.over_bound(waiting)
+            || self.actor_behind(waiting)
             || self.pressure.behind.load(Ordering::Acquire);
         self.hand(events, over).await
     }
@@ -215,16 +216,22 @@ impl Inbox {
     /// Hands events from another node to the actor: like [`Inbox::publish`],
     /// but waits only at the mailbox bound.
     pub async fn forward(&self, events: Arc<[Event]>) -> bool {
-        self.hand(events, self.over_bound()).await
+        self.hand(events, self.over_bound(self.waiting())).await
     }
 
-    fn over_bound(&self) -> bool {
-        self.pressure.waiting.load(Ordering::Acquire) >= self.bound
+    /// Publishes sent to the actor and not yet handled.
+    fn waiting(&self) -> usize {
+        self.pressure.waiting.load(Ordering::Acquire)
     }
 
-    /// Whether `limits.publish_lag` publishes already wait for the actor.
-    fn actor_behind(&self) -> bool {
-        self.lag > 0 && self.pressure.waiting.load(Ordering::Acquire) >= self.lag
+    /// Whether `waiting` publishes fill the actor's mailbox (`limits.publish_queue`).
+    fn over_bound(&self, waiting: usize) -> bool {
+        waiting >= self.bound
+    }
+
+    /// Whether `waiting` publishes are `limits.publish_lag` or more.
+    fn actor_behind(&self, waiting: usize) -> bool {
+        self.lag > 0 && waiting >= self.lag
     }
 
     async fn hand(&self, events: Arc<[Event]>, wait: bool) -> bool {
