@@ -6,7 +6,8 @@
 #
 #   bash bench/webhook-ab.sh <gateway binary> <out.jsonl> <label> [sqlite|postgres]
 #
-# SECS (10) as in bench/run.sh; the backlog phase queues 10,000 deliveries
+# SECS (10) as in bench/run.sh; PUBLISHERS (4) publishing connections
+# (the raw POSTs use as many); the backlog phase queues 10,000 deliveries
 # and no SIGKILL restarts are made (bench/run.sh does those). PostgreSQL:
 # a fresh database on PG_URL's server, dropped afterwards.
 set -u
@@ -30,7 +31,7 @@ env EVENTGATE_BIND=127.0.0.1:8093 EVENTGATE_DATABASE_URL="$DB" EVENTGATE_ACCOUNT
     "$BIN" serve >>"$OUT.eventgate.log" 2>&1 &
 pid=$!
 for _ in $(seq 200); do ss -ltnH "sport = :8093" | grep -q LISTEN && break; sleep 0.05; done
-"$BENCH" webhook --url http://127.0.0.1:8093 --secs "${SECS:-10}" --publishers 4 --backlog 10000 --kills 0 \
+"$BENCH" webhook --url http://127.0.0.1:8093 --secs "${SECS:-10}" --publishers "${PUBLISHERS:-4}" --backlog 10000 --kills 0 \
     --target eventgate --token $TOKEN --server-pid $pid --label "$LABEL" --json >>"$OUT"
 kill $pid; wait $pid 2>/dev/null
 if [ "$BACKEND" != sqlite ]; then
